@@ -1,0 +1,23 @@
+"""blasst_jax: Skip-Softmax (BLASST) attention for JAX and Pallas.
+
+    import blasst_jax as bj
+    out, stats = bj.attention(q, k, v, threshold=1e-2, causal=True,
+                              return_stats=True)
+    print(stats.sparsity)           # skipped / visited blocks per (batch, head)
+"""
+
+from blasst_jax import reference
+from blasst_jax.api import attention
+from blasst_jax.api import default_implementation
+from blasst_jax.config import SkipSoftmaxConfig
+from blasst_jax.config import SkipStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SkipSoftmaxConfig",
+    "SkipStats",
+    "attention",
+    "default_implementation",
+    "reference",
+]

@@ -1,0 +1,208 @@
+"""Public entry point: validation and dispatch to an implementation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blasst_jax import config as config_lib
+from blasst_jax import reference
+from blasst_jax.config import SkipSoftmaxConfig, SkipStats
+
+IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
+AVAILABLE_IMPLEMENTATIONS = ("reference", "pallas_triton")
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# The Triton kernel keeps a [block_q, head_dim] accumulator in registers.
+MAX_TRITON_HEAD_DIM = 256
+
+
+def default_implementation(backend: str | None = None) -> str:
+  """The best implementation for a backend ("gpu" -> Pallas kernel)."""
+  backend = backend or jax.default_backend()
+  return "pallas_triton" if backend in ("gpu", "cuda", "rocm") else "reference"
+
+
+def _shape_of(name: str, x: Any) -> tuple[int, ...]:
+  shape = getattr(x, "shape", None)
+  if shape is None:
+    raise ValueError(f"`{name}` must be an array, got {type(x).__name__}.")
+  return tuple(shape)
+
+
+def _check_qkv(q, k, v):
+  qs, ks, vs = _shape_of("q", q), _shape_of("k", k), _shape_of("v", v)
+  for name, s in (("q", qs), ("k", ks), ("v", vs)):
+    if len(s) != 4:
+      raise ValueError(
+          f"`{name}` must have rank 4 [batch, seq_len, heads, head_dim], got "
+          f"shape {s}. For a single sequence add a batch axis with x[None]; "
+          "for decoding with q [batch, heads, head_dim] use "
+          "bj.decode_attention.")
+  if ks != vs:
+    raise ValueError(f"`k` and `v` must have the same shape, got {ks} and {vs}.")
+  if qs[0] != ks[0]:
+    raise ValueError(
+        f"`q` and `k` must have the same batch size, got {qs[0]} and {ks[0]}.")
+  if qs[3] != ks[3]:
+    raise ValueError(
+        f"`q` and `k` must have the same head_dim, got {qs[3]} and {ks[3]}.")
+  if ks[2] == 0 or qs[2] % ks[2]:
+    raise ValueError(
+        f"num_q_heads ({qs[2]}) must be a multiple of num_kv_heads ({ks[2]}) "
+        "(MHA: equal, GQA: a divisor, MQA: 1).")
+  if min(qs[1], ks[1], qs[3]) == 0:
+    raise ValueError(f"Empty input: q {qs}, k {ks}.")
+  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+  if len(dtypes) != 1:
+    raise ValueError(
+        "`q`, `k` and `v` must share one dtype, got "
+        f"{q.dtype}, {k.dtype}, {v.dtype}; cast them with .astype().")
+  (dtype,) = dtypes
+  if dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+    raise ValueError(
+        f"dtype {dtype} is not supported; use float32, bfloat16 or float16.")
+
+
+def _check_kv_lengths(kv_lengths, batch: int):
+  if kv_lengths is None:
+    return
+  shape = _shape_of("kv_lengths", kv_lengths)
+  if shape != (batch,):
+    raise ValueError(
+        f"`kv_lengths` must have shape [batch]=({batch},), got {shape}.")
+  if not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
+    raise ValueError(
+        f"`kv_lengths` must be an integer array, got {kv_lengths.dtype}.")
+
+
+def _check_block_mask(block_mask, expected: tuple[int, ...]):
+  if block_mask is None:
+    return
+  shape = _shape_of("block_mask", block_mask)
+  if shape != expected:
+    raise ValueError(
+        f"`block_mask` must have shape [batch, q_heads, n_q_tiles, "
+        f"n_kv_blocks]={expected} for these block sizes, got {shape}.")
+  if block_mask.dtype != jnp.bool_:
+    raise ValueError(f"`block_mask` must be bool, got {block_mask.dtype}.")
+
+
+def _check_sm_scale(sm_scale):
+  if sm_scale is None:
+    return
+  if not isinstance(sm_scale, (int, float, np.floating)) or not (
+      math.isfinite(sm_scale) and sm_scale > 0):
+    raise ValueError(
+        f"`sm_scale` must be a positive finite Python float, got {sm_scale!r}.")
+
+
+def _check_threshold(threshold, batch: int):
+  if isinstance(threshold, SkipSoftmaxConfig):
+    return
+  config_lib.check_threshold(threshold)
+  shape = np.shape(threshold)
+  if shape not in ((), (1,), (batch,)):
+    raise ValueError(
+        f"`threshold` must be a scalar or have shape [batch]=({batch},), got "
+        f"shape {shape}.")
+
+
+def attention(q, k, v, *, threshold=0.0, causal: bool = False,
+              sm_scale: float | None = None, kv_lengths=None, block_mask=None,
+              implementation: str | None = None, return_stats: bool = False,
+              block_q: int | None = None, block_kv: int | None = None,
+              interpret: bool | None = None, kernel_config=None):
+  """Skip-softmax attention (prefill).
+
+  Args:
+    q: [batch, q_len, q_heads, head_dim], float32/bfloat16/float16.
+    k, v: [batch, kv_len, kv_heads, head_dim], same dtype;
+      q_heads % kv_heads == 0 (MHA, GQA, MQA).
+    threshold: λ in [0, 1) (0 = dense), an f32 array [batch], or a
+      `SkipSoftmaxConfig`. May be a traced value under `jax.jit`.
+    causal: top-left aligned causal mask (query i sees keys j <= i), as
+      `jax.nn.dot_product_attention(is_causal=True)`.
+    sm_scale: score scale, default 1/sqrt(head_dim).
+    kv_lengths: optional int [batch]: keys at positions >= kv_lengths[b] are
+      padding. Rows that see no key return 0.
+    block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks]: only
+      selected blocks are visited ("reference" only for now).
+    implementation: "reference", "pallas_triton", "pallas_mosaic" or None for
+      the best one on the current backend.
+    return_stats: also return a `SkipStats`.
+    block_q, block_kv: tile sizes (powers of two >= 16), default 128/128.
+      They define the skip granularity.
+    interpret: run Pallas kernels in interpret mode; default True when no GPU
+      is present.
+    kernel_config: implementation-specific speed knobs, e.g.
+      `blasst_jax.kernels.pallas_triton.TritonConfig`.
+
+  Returns:
+    out [batch, q_len, q_heads, head_dim] in q's dtype, or (out, SkipStats).
+
+  Raises:
+    ValueError: on bad shapes, dtypes, thresholds, block sizes or
+      implementation names, before any kernel is traced.
+  """
+  _check_qkv(q, k, v)
+  b, lq, hq, d = q.shape
+  lk = k.shape[1]
+  _check_kv_lengths(kv_lengths, b)
+  _check_sm_scale(sm_scale)
+  _check_threshold(threshold, b)
+  block_q, block_kv = config_lib.effective_block_sizes(lq, lk, block_q,
+                                                       block_kv)
+  _check_block_mask(block_mask, (b, hq, -(-lq // block_q), -(-lk // block_kv)))
+  if implementation is None:
+    implementation = default_implementation()
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"`implementation` must be one of {IMPLEMENTATIONS} or None, got "
+        f"{implementation!r}.")
+  if implementation not in AVAILABLE_IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation={implementation!r} is not available in this version;"
+        f" use one of {AVAILABLE_IMPLEMENTATIONS}.")
+  sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
+      sm_scale)
+
+  if implementation == "reference":
+    result = reference.blockwise_attention(
+        q, k, v, block_q=block_q, block_kv=block_kv, threshold=threshold,
+        causal=causal, sm_scale=sm_scale, kv_lengths=kv_lengths,
+        block_mask=block_mask)
+    return (result.out, result.stats) if return_stats else result.out
+
+  # implementation == "pallas_triton"
+  from blasst_jax.kernels import pallas_triton  # pylint: disable=g-import-not-at-top
+  if block_mask is not None:
+    raise ValueError(
+        "`block_mask` is supported by implementation='reference' only in "
+        "this version.")
+  if d > MAX_TRITON_HEAD_DIM:
+    raise ValueError(
+        f"head_dim {d} is too large for implementation='pallas_triton' "
+        f"(max {MAX_TRITON_HEAD_DIM}); use implementation='reference'.")
+  if kernel_config is None:
+    kernel_config = pallas_triton.TritonConfig()
+  elif not isinstance(kernel_config, pallas_triton.TritonConfig):
+    raise ValueError(
+        "`kernel_config` for 'pallas_triton' must be a TritonConfig, got "
+        f"{type(kernel_config).__name__}.")
+  if interpret is None:
+    interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
+  kv_lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
+  log_thr = config_lib.log_threshold(
+      config_lib.resolve_threshold(threshold, kv_lengths, lk, b))
+  out, _, skipped, visited = pallas_triton.attention_forward(
+      q, k, v, kv_lengths, log_thr, causal=causal, sm_scale=sm_scale,
+      block_q=block_q, block_kv=block_kv, config=kernel_config,
+      interpret=bool(interpret))
+  if not return_stats:
+    return out
+  return out, SkipStats(skipped_blocks=jnp.sum(skipped, axis=-1),
+                        visited_blocks=jnp.sum(visited, axis=-1))

@@ -1,0 +1,200 @@
+"""Portable skip-softmax prefill kernel (Pallas, Triton lowering).
+
+One program per (q-tile, batch, q-head). The program keeps its q tile in
+registers and walks over KV blocks in increasing order with a running row
+max in base 2 (the scale `sm_scale * log2(e)` is folded into the scores so
+that `exp2` is used). For each block it computes the scores, the block row
+max, and the skip decision `max_rows(m_blk - m_prev) < log2(λ)`; a skipped
+block costs one q·kᵀ product and a row max: its exponentials, row sum, V load
+and P·V product are inside the branch that is not taken.
+
+KV blocks are walked in two loops: first the blocks that no mask touches
+(no per-element masking), then the blocks crossed by the causal diagonal or
+the end of `kv_lengths`. Query rows past `q_len` (padding of the last tile)
+take no part in the decision.
+
+On CPU the kernel runs through Pallas interpret mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+  """Performance knobs of the Triton kernel (no effect on results).
+
+  Attributes:
+    num_warps: warps per program; default 4 for head_dim <= 64, else 8.
+    num_stages: software-pipelining depth of the KV loop.
+    load_v_in_branch: load V only for blocks that are kept. Loading inside
+      the conditional saves bandwidth on skipped blocks but may cost Triton's
+      pipelining of the V load; benchmark both.
+  """
+
+  num_warps: int | None = None
+  num_stages: int = 2
+  load_v_in_branch: bool = True
+
+
+def _cdiv(a, b):
+  return (a + b - 1) // b
+
+
+def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
+            o_ref, lse_ref, skipped_ref, visited_ref, *,
+            sm_scale: float, causal: bool, block_q: int, block_kv: int,
+            q_len: int, load_v_in_branch: bool):
+  # q_ref [block_q, d]; k_ref, v_ref [kv_len_padded, d]; o_ref [block_q, d];
+  # lse_ref [block_q]; kv_len_ref, log2_thr_ref, skipped_ref, visited_ref [].
+  q_start = pl.program_id(0) * block_q
+  kv_len = kv_len_ref[...]
+  log2_thr = log2_thr_ref[...]
+  scale = sm_scale * LOG2E
+  q = q_ref[...]
+  rows = q_start + jnp.arange(block_q)                  # [block_q]
+  row_real = rows < q_len
+
+  # Blocks with at least one visible key: [0, n_visit); blocks no mask
+  # touches: [0, n_full).
+  n_visit = _cdiv(kv_len, block_kv)
+  n_full = kv_len // block_kv
+  if causal:
+    last_row = jnp.minimum(q_start + block_q, q_len) - 1
+    n_visit = jnp.minimum(n_visit, last_row // block_kv + 1)
+    n_full = jnp.minimum(n_full, (q_start + 1) // block_kv)
+  n_full = jnp.minimum(n_full, n_visit)
+
+  def load_v(j):
+    return v_ref[pl.ds(j * block_kv, block_kv), :]      # [block_kv, d]
+
+  def step(j, carry, *, masked: bool):
+    acc, l, m, n_skipped = carry                        # [bq, d], [bq], [bq], []
+    k = k_ref[pl.ds(j * block_kv, block_kv), :]         # [block_kv, d]
+    s = plgpu.dot(q, k, trans_b=True) * scale              # [bq, bkv], log2 units
+    if masked:
+      keys = j * block_kv + jnp.arange(block_kv)
+      visible = keys[None, :] < kv_len
+      if causal:
+        visible = visible & (keys[None, :] <= rows[:, None])
+      s = jnp.where(visible, s, -jnp.inf)
+    m_blk = jnp.max(s, axis=1)                          # [bq]
+    gap = jnp.where(row_real & (m_blk > -jnp.inf), m_blk - m, -jnp.inf)
+    skip = (j > 0) & (jnp.max(gap) < log2_thr)
+    v_early = None if load_v_in_branch else load_v(j)
+
+    def keep():
+      m_new = jnp.maximum(m, m_blk)
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+      alpha = jnp.exp2(m - m_safe)
+      p = jnp.exp2(s - m_safe[:, None])
+      v = load_v(j) if v_early is None else v_early
+      if masked:  # Padding keys may hold NaN: 0 * NaN must not reach acc.
+        v = jnp.where((j * block_kv + jnp.arange(block_kv) < kv_len)[:, None],
+                      v, jnp.zeros_like(v))
+      pv = plgpu.dot(p.astype(v.dtype), v)
+      return acc * alpha[:, None] + pv, l * alpha + jnp.sum(p, axis=1), m_new, n_skipped
+
+    def drop():
+      return acc, l, m, n_skipped + 1
+
+    return lax.cond(skip, drop, keep)
+
+  d = q_ref.shape[-1]
+  init = (jnp.zeros((block_q, d), jnp.float32),
+          jnp.zeros((block_q,), jnp.float32),
+          jnp.full((block_q,), -jnp.inf, jnp.float32),
+          jnp.int32(0))
+  carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
+  acc, l, m, n_skipped = lax.fori_loop(
+      n_full, n_visit, functools.partial(step, masked=True), carry)
+
+  has_mass = l > 0
+  l_safe = jnp.where(has_mass, l, 1.0)
+  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(has_mass, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+  skipped_ref[...] = n_skipped
+  visited_ref[...] = n_visit.astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
+                     "interpret"))
+def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
+                      sm_scale: float, block_q: int, block_kv: int,
+                      config: TritonConfig = TritonConfig(),
+                      interpret: bool = False):
+  """Skip-softmax forward pass.
+
+  Inputs are expected validated (see `blasst_jax.api`); block sizes are the
+  effective ones (`config.effective_block_sizes`).
+
+  Args:
+    q: [batch, q_len, q_heads, head_dim].
+    k, v: [batch, kv_len, kv_heads, head_dim].
+    kv_lengths: int32 [batch], valid keys per sequence (<= kv_len).
+    log_threshold: f32 [batch], natural log of λ (-inf: never skip).
+
+  Returns:
+    out [batch, q_len, q_heads, head_dim] (q's dtype),
+    lse f32 [batch, q_heads, q_len] (natural log),
+    skipped, visited: int32 [batch, q_heads, n_q_tiles].
+  """
+  b, lq, hq, d = q.shape
+  _, lk, hkv, _ = k.shape
+  group = hq // hkv
+  nq, nk = _cdiv(lq, block_q), _cdiv(lk, block_kv)
+  # Triton tiles need power-of-two sizes >= 16: pad head_dim and lengths.
+  # Zero padding of head_dim changes no dot product; padded keys lie past
+  # kv_lengths and padded query rows are dropped.
+  dp = max(16, 1 << (d - 1).bit_length())
+  q = jnp.pad(q, ((0, 0), (0, nq * block_q - lq), (0, 0), (0, dp - d)))
+  k = jnp.pad(k, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, dp - d)))
+  v = jnp.pad(v, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, dp - d)))
+  log2_thr = (log_threshold * LOG2E).astype(jnp.float32)
+
+  num_warps = config.num_warps or (4 if dp <= 64 else 8)
+  kernel = functools.partial(
+      _kernel, sm_scale=sm_scale, causal=causal, block_q=block_q,
+      block_kv=block_kv, q_len=lq, load_v_in_branch=config.load_v_in_branch)
+  kv_spec = pl.BlockSpec((None, nk * block_kv, None, dp),
+                         lambda i, bi, h: (bi, 0, h // group, 0))
+  per_batch = pl.BlockSpec((None,), lambda i, bi, h: (bi,))
+  per_program = pl.BlockSpec((None, None, None), lambda i, bi, h: (bi, h, i))
+  out, lse, skipped, visited = pl.pallas_call(
+      kernel,
+      grid=(nq, b, hq),
+      in_specs=[
+          pl.BlockSpec((None, block_q, None, dp), lambda i, bi, h: (bi, i, h, 0)),
+          kv_spec, kv_spec, per_batch, per_batch,
+      ],
+      out_specs=[
+          pl.BlockSpec((None, block_q, None, dp), lambda i, bi, h: (bi, i, h, 0)),
+          pl.BlockSpec((None, None, block_q), lambda i, bi, h: (bi, h, i)),
+          per_program, per_program,
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct(q.shape, q.dtype),
+          jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32),
+          jax.ShapeDtypeStruct((b, hq, nq), jnp.int32),
+          jax.ShapeDtypeStruct((b, hq, nq), jnp.int32),
+      ],
+      compiler_params=plgpu.CompilerParams(
+          num_warps=num_warps, num_stages=config.num_stages),
+      interpret=interpret,
+      name="blasst_prefill_triton",
+  )(q, k, v, kv_lengths.astype(jnp.int32), log2_thr)
+  return out[:, :lq, :, :d], lse[:, :, :lq], skipped, visited

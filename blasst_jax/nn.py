@@ -1,0 +1,290 @@
+"""Flax integration: a drop-in `attention_fn` and a self-attention layer.
+
+    from flax import nnx
+    import blasst_jax.nn as bjnn
+
+    mha = nnx.MultiHeadAttention(
+        num_heads=8, in_features=512, decode=False, rngs=nnx.Rngs(0),
+        attention_fn=bjnn.make_attention_fn(threshold=1e-3))
+    y = mha(x, is_causal=True)
+
+    layer = bjnn.SkipSelfAttention(8, 512, num_kv_heads=2, threshold=1e-3,
+                                   rngs=nnx.Rngs(0))
+    y, stats = layer(x, kv_lengths=lengths, return_stats=True)
+
+Flax's attention functions take arbitrary boolean masks and additive biases;
+the skip-softmax kernels only know a causal mask and per-sequence key
+lengths, which is what lets them skip whole blocks. `make_attention_fn`
+therefore rejects `mask` and `bias` rather than silently dropping them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import linen
+from flax import nnx
+
+from blasst_jax import api
+from blasst_jax import config as config_lib
+from blasst_jax.config import SkipSoftmaxConfig, SkipStats
+
+__all__ = ["SkipSelfAttention", "make_attention_fn"]
+
+
+def _check_threshold(threshold: Any) -> None:
+  """λ in [0, 1) or a SkipSoftmaxConfig (validated at construction)."""
+  if not isinstance(threshold, SkipSoftmaxConfig):
+    config_lib.check_threshold(threshold)
+
+
+def _check_options(threshold, implementation, block_q, block_kv,
+                   sm_scale) -> None:
+  """Validates factory/constructor arguments before any call is traced."""
+  _check_threshold(threshold)
+  if implementation is not None and (
+      implementation not in api.AVAILABLE_IMPLEMENTATIONS):
+    raise ValueError(
+        f"`implementation` must be one of {api.AVAILABLE_IMPLEMENTATIONS} or "
+        f"None, got {implementation!r}.")
+  # Shape-independent part of the block size check (power of two >= 16).
+  config_lib.effective_block_sizes(1, 1, block_q, block_kv)
+  if sm_scale is not None and (
+      not isinstance(sm_scale, (int, float, np.floating))
+      or not (math.isfinite(sm_scale) and sm_scale > 0)):
+    raise ValueError(
+        f"`sm_scale` must be a positive finite Python float, got {sm_scale!r}.")
+
+
+def _sow(module: Any, stats: SkipStats) -> None:
+  if isinstance(module, nnx.Module):
+    module.sow(nnx.Intermediate, "skip_stats", stats)
+  elif isinstance(module, linen.Module):
+    module.sow("intermediates", "skip_stats", stats)
+  else:
+    raise TypeError(
+        "sow_stats=True needs a flax.linen or flax.nnx Module as `module`, "
+        f"got {type(module).__name__}.")
+
+
+def make_attention_fn(threshold=0.0, *, causal: bool = False,
+                      implementation: str | None = None,
+                      block_q: int | None = None, block_kv: int | None = None,
+                      sm_scale: float | None = None, sow_stats: bool = False,
+                      interpret: bool | None = None,
+                      kernel_config=None) -> Callable[..., Any]:
+  """Skip-softmax attention with Flax's `attention_fn` signature.
+
+  The result plugs into `flax.linen.MultiHeadDotProductAttention` and
+  `flax.nnx.MultiHeadAttention` (`attention_fn=...`).
+
+  Args:
+    threshold: λ in [0, 1) (0 = dense) or a `SkipSoftmaxConfig`.
+    causal: always apply a top-left aligned causal mask. linen never passes
+      `is_causal`, so set this there; nnx's `is_causal=True` also works.
+    implementation: "reference", "pallas_triton" or None (best for backend).
+    block_q, block_kv: tile sizes (powers of two >= 16), see `attention`.
+    sm_scale: score scale, default 1/sqrt(head_dim) as in Flax.
+    sow_stats: record a `SkipStats` ([*batch, q_heads] counts) under the name
+      'skip_stats' of the calling module: the 'intermediates' collection for
+      linen, `nnx.Intermediate` for nnx. Flax hands `module` to the
+      attention_fn only when the layer is called with `sow_weights=True`.
+    interpret, kernel_config: passed to `blasst_jax.attention`.
+
+  Returns:
+    `fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
+    dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
+    precision=None, module=None, is_causal=False, **unused_kwargs)` with
+    query [*batch, q_len, q_heads, head_dim], key/value
+    [*batch, kv_len, kv_heads, head_dim], returning
+    [*batch, q_len, q_heads, head_dim]. `precision` is ignored (scores and
+    softmax are always f32); `broadcast_dropout`, `dropout_rng` are unused
+    since attention dropout is not supported.
+
+  Raises:
+    ValueError: on an invalid threshold, implementation, block size or
+      sm_scale (here), and at call time on `mask`, `bias` or active dropout.
+  """
+  _check_options(threshold, implementation, block_q, block_kv, sm_scale)
+
+  def skip_softmax_attention(query, key, value, bias=None, mask=None,
+                             broadcast_dropout=True, dropout_rng=None,
+                             dropout_rate=0.0, deterministic=False, dtype=None,
+                             precision=None, module=None, is_causal=False,
+                             **unused_kwargs):
+    del broadcast_dropout, dropout_rng, precision, unused_kwargs
+    if bias is not None or mask is not None:
+      given = " and ".join(n for n, x in (("bias", bias), ("mask", mask))
+                           if x is not None)
+      raise ValueError(
+          f"The skip-softmax attention_fn takes no bias/mask (got {given}): "
+          "arbitrary masks would defeat block skipping. For causal attention "
+          "use make_attention_fn(causal=True) (or is_causal=True when calling "
+          "an nnx.MultiHeadAttention); for padding pass `kv_lengths` through "
+          "blasst_jax.nn.SkipSelfAttention.")
+    if dropout_rate > 0 and not deterministic:
+      raise ValueError(
+          "Attention dropout is not supported by the skip-softmax "
+          f"attention_fn (dropout_rate={dropout_rate}); set dropout_rate=0 "
+          "or deterministic=True.")
+    # Flax promotes q/k/v to one dtype; the kernels require a shared dtype.
+    if dtype is None:
+      dtype = jnp.result_type(query.dtype, key.dtype, value.dtype)
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
+
+    # Flax allows any number of leading batch dims (including none).
+    for name, x in (("query", query), ("key", key), ("value", value)):
+      if x.ndim < 3:
+        raise ValueError(
+            f"`{name}` must have shape [*batch, length, heads, head_dim], got "
+            f"{x.shape}.")
+    batch_shape = query.shape[:-3]
+    if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
+      raise ValueError(
+          "query, key and value must share their batch dims, got "
+          f"{query.shape}, {key.shape}, {value.shape}.")
+    n = math.prod(batch_shape)
+    q, k, v = (x.reshape((n,) + x.shape[-3:]) for x in (query, key, value))
+
+    want_stats = sow_stats and module is not None
+    result = api.attention(
+        q, k, v, threshold=threshold, causal=causal,
+        sm_scale=sm_scale, implementation=implementation,
+        return_stats=want_stats, block_q=block_q, block_kv=block_kv,
+        interpret=interpret, kernel_config=kernel_config)
+    out, stats = result if want_stats else (result, None)
+    if stats is not None:
+      heads = stats.skipped_blocks.shape[-1]
+      _sow(module, SkipStats(
+          skipped_blocks=stats.skipped_blocks.reshape(batch_shape + (heads,)),
+          visited_blocks=stats.visited_blocks.reshape(batch_shape + (heads,))))
+    return out.reshape(batch_shape + out.shape[1:])
+
+  return skip_softmax_attention
+
+
+class SkipSelfAttention(nnx.Module):
+  """Multi-head self-attention (MHA/GQA/MQA) with skip-softmax.
+
+  Projects x [batch, seq_len, in_features] to q [batch, seq_len, num_heads,
+  head_dim] and k, v [batch, seq_len, num_kv_heads, head_dim], runs
+  `blasst_jax.attention`, and projects back to in_features. Unlike Flax's
+  MultiHeadAttention it accepts per-sequence `kv_lengths` for padded batches.
+
+  Attributes:
+    q_proj, k_proj, v_proj, out_proj: the `nnx.Linear` projections.
+  """
+
+  def __init__(self, num_heads: int, in_features: int, *,
+               num_kv_heads: int | None = None, head_dim: int | None = None,
+               threshold=0.0, causal: bool = True, use_bias: bool = False,
+               implementation: str | None = None, block_q: int | None = None,
+               block_kv: int | None = None, dtype=None,
+               param_dtype=jnp.float32, interpret: bool | None = None,
+               kernel_config=None, rngs: nnx.Rngs):
+    """Builds the layer.
+
+    Args:
+      num_heads: query heads.
+      in_features: width of x and of the output.
+      num_kv_heads: key/value heads, a divisor of num_heads (default
+        num_heads: MHA; 1: MQA; otherwise GQA).
+      head_dim: per-head width, default in_features // num_heads.
+      threshold: default λ in [0, 1) or a `SkipSoftmaxConfig`; a call may
+        override it.
+      causal: top-left aligned causal mask.
+      use_bias: biases in the projections.
+      implementation, block_q, block_kv, interpret, kernel_config: passed to
+        `blasst_jax.attention`.
+      dtype: computation dtype of the projections (and so of attention).
+      param_dtype: dtype of the parameters.
+      rngs: initialisation randomness.
+    """
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    for name, value in (("num_heads", num_heads),
+                        ("num_kv_heads", num_kv_heads),
+                        ("in_features", in_features)):
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    if num_heads % num_kv_heads:
+      raise ValueError(
+          f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
+          f"({num_kv_heads}) (MHA: equal, GQA: a divisor, MQA: 1).")
+    if head_dim is None:
+      if in_features % num_heads:
+        raise ValueError(
+            f"in_features ({in_features}) must be divisible by num_heads "
+            f"({num_heads}) when head_dim is not given.")
+      head_dim = in_features // num_heads
+    elif not isinstance(head_dim, (int, np.integer)) or head_dim <= 0:
+      raise ValueError(f"`head_dim` must be a positive int, got {head_dim!r}.")
+    _check_options(threshold, implementation, block_q, block_kv, None)
+
+    self.num_heads = int(num_heads)
+    self.num_kv_heads = int(num_kv_heads)
+    self.head_dim = int(head_dim)
+    self.in_features = int(in_features)
+    self.threshold = threshold
+    self.causal = causal
+    self.implementation = implementation
+    self.block_q = block_q
+    self.block_kv = block_kv
+    self.interpret = interpret
+    self.kernel_config = kernel_config
+
+    def linear(fin, fout):
+      return nnx.Linear(fin, fout, use_bias=use_bias, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs)
+
+    self.q_proj = linear(in_features, num_heads * head_dim)
+    self.k_proj = linear(in_features, num_kv_heads * head_dim)
+    self.v_proj = linear(in_features, num_kv_heads * head_dim)
+    self.out_proj = linear(num_heads * head_dim, in_features)
+
+  def project_qkv(self, x):
+    """x [batch, seq_len, in_features] -> q, k, v in the attention layout.
+
+    q: [batch, seq_len, num_heads, head_dim]; k, v: [batch, seq_len,
+    num_kv_heads, head_dim].
+    """
+    b, t = x.shape[:2]
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    return q, k, v
+
+  def __call__(self, x, *, kv_lengths=None, threshold=None,
+               return_stats: bool = False):
+    """Self-attention over x.
+
+    Args:
+      x: [batch, seq_len, in_features].
+      kv_lengths: optional int [batch]; tokens at positions >= kv_lengths[b]
+        are padding and are never attended to. Outputs at padded positions
+        are computed but meaningless.
+      threshold: overrides the layer's λ for this call (float, f32 [batch],
+        or `SkipSoftmaxConfig`; may be traced).
+      return_stats: also return a `SkipStats` ([batch, num_heads] counts).
+
+    Returns:
+      [batch, seq_len, in_features], or (that, SkipStats).
+    """
+    if x.ndim != 3 or x.shape[-1] != self.in_features:
+      raise ValueError(
+          f"`x` must have shape [batch, seq_len, {self.in_features}], got "
+          f"{x.shape}.")
+    threshold = self.threshold if threshold is None else threshold
+    q, k, v = self.project_qkv(x)
+    result = api.attention(
+        q, k, v, threshold=threshold, causal=self.causal,
+        kv_lengths=None, implementation=self.implementation,
+        return_stats=return_stats, block_q=self.block_q,
+        block_kv=self.block_kv, interpret=self.interpret,
+        kernel_config=self.kernel_config)
+    out, stats = result if return_stats else (result, None)
+    b, t = x.shape[:2]
+    y = self.out_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+    return (y, stats) if return_stats else y

@@ -1,0 +1,276 @@
+"""Pure-JAX oracles: dense attention and blockwise skip-softmax attention.
+
+`blockwise_attention` is the semantic contract of the library: every kernel
+must produce its outputs *and* its skip decisions. It runs on any backend.
+
+Layout (as `jax.nn.dot_product_attention`):
+  q: [batch, q_len, q_heads, head_dim]
+  k, v: [batch, kv_len, kv_heads, head_dim], q_heads % kv_heads == 0.
+Query head `h` reads KV head `h // (q_heads // kv_heads)`.
+
+Masks: `causal` is top-left aligned (query `i` sees keys `j <= i`), as in
+`jax.nn.dot_product_attention(is_causal=True)`. `kv_lengths` [batch] marks
+keys at positions `>= kv_lengths[b]` as padding. A query row with no visible
+key gives output 0 and log-sum-exp -inf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from blasst_jax import config as config_lib
+from blasst_jax.config import SkipStats
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockwiseResult:
+  """Everything the oracle knows about one call.
+
+  Attributes:
+    out: [batch, q_len, q_heads, head_dim], dtype of q.
+    lse: f32 [batch, q_heads, q_len], natural-log log-sum-exp of the kept
+      scores (-inf for rows with no visible key).
+    skip_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks], skipped blocks.
+    visited_mask: bool, same shape, blocks not removed by masks.
+    block_gap: f32, same shape: max over the tile's rows of
+      `block_max - running_max`, the statistic compared with log λ
+      (-inf where no row of the tile sees the block).
+    stats: per (batch, q-head) counts.
+  """
+
+  out: jax.Array
+  lse: jax.Array
+  skip_mask: jax.Array
+  visited_mask: jax.Array
+  block_gap: jax.Array
+  stats: SkipStats
+
+
+def default_sm_scale(head_dim: int) -> float:
+  return 1.0 / math.sqrt(head_dim)
+
+
+def kv_lengths_or_full(kv_lengths, batch: int, kv_len: int) -> jax.Array:
+  if kv_lengths is None:
+    return jnp.full((batch,), kv_len, jnp.int32)
+  return jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), kv_len)
+
+
+def _group_q(q: jax.Array, num_kv_heads: int) -> jax.Array:
+  """[b, t, hq, d] -> [b, t, hkv, g, d]: q heads grouped by their KV head."""
+  b, t, hq, d = q.shape
+  return q.reshape(b, t, num_kv_heads, hq // num_kv_heads, d)
+
+
+def key_mask(q_len: int, kv_len: int, kv_lengths: jax.Array, causal: bool,
+             q_offset: int = 0, k_offset: int = 0) -> jax.Array:
+  """bool [batch, q_len, kv_len]: True where query i may see key j."""
+  qi = q_offset + jnp.arange(q_len)[:, None]
+  kj = k_offset + jnp.arange(kv_len)[None, :]
+  mask = kj[None] < kv_lengths[:, None, None]
+  if causal:
+    mask = mask & (kj <= qi)[None]
+  return mask
+
+
+def attention_scores(q, k, *, causal=False, sm_scale=None, kv_lengths=None):
+  """Masked scores f32 [batch, q_heads, q_len, kv_len] (-inf where masked)."""
+  b, lq, hq, d = q.shape
+  _, lk, hkv, _ = k.shape
+  sm_scale = default_sm_scale(d) if sm_scale is None else sm_scale
+  qg = _group_q(q, hkv)
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k,
+                 preferred_element_type=jnp.float32,
+                 precision=jax.lax.Precision.HIGHEST)
+  s = s.reshape(b, hq, lq, lk) * sm_scale
+  mask = key_mask(lq, lk, kv_lengths_or_full(kv_lengths, b, lk), causal)
+  return jnp.where(mask[:, None], s, -jnp.inf)
+
+
+def attention_probabilities(q, k, *, causal=False, sm_scale=None,
+                            kv_lengths=None) -> jax.Array:
+  """Dense softmax f32 [batch, q_heads, q_len, kv_len]; 0 for masked rows."""
+  s = attention_scores(q, k, causal=causal, sm_scale=sm_scale,
+                       kv_lengths=kv_lengths)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  return p / jnp.where(denom > 0, denom, 1.0)
+
+
+def dense_attention(q, k, v, *, causal=False, sm_scale=None, kv_lengths=None,
+                    return_lse=False):
+  """Plain softmax attention with f32 math.
+
+  Args:
+    q: [batch, q_len, q_heads, head_dim].
+    k, v: [batch, kv_len, kv_heads, head_dim].
+    causal: top-left aligned causal mask.
+    sm_scale: score scale, default 1/sqrt(head_dim).
+    kv_lengths: optional int [batch], valid keys per sequence.
+    return_lse: also return f32 [batch, q_heads, q_len] log-sum-exp.
+
+  Returns:
+    out [batch, q_len, q_heads, head_dim] in q's dtype (and lse).
+  """
+  b, lq, hq, d = q.shape
+  hkv = k.shape[2]
+  s = attention_scores(q, k, causal=causal, sm_scale=sm_scale,
+                       kv_lengths=kv_lengths)
+  p = attention_probabilities(q, k, causal=causal, sm_scale=sm_scale,
+                              kv_lengths=kv_lengths)
+  p = p.reshape(b, hkv, hq // hkv, lq, -1)
+  key_valid = jnp.arange(k.shape[1])[None, :] < kv_lengths_or_full(
+      kv_lengths, b, k.shape[1])[:, None]
+  v = jnp.where(key_valid[:, :, None, None], v, 0)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  out = out.reshape(b, lq, hq, d).astype(q.dtype)
+  if not return_lse:
+    return out
+  m = jnp.max(s, axis=-1)
+  safe_m = jnp.where(jnp.isfinite(m), m, 0.0)
+  lse = safe_m + jnp.log(jnp.sum(jnp.exp(s - safe_m[..., None]), axis=-1))
+  return out, jnp.where(jnp.isfinite(m), lse, -jnp.inf)
+
+
+def visited_blocks_mask(q_len: int, kv_len: int, block_q: int, block_kv: int,
+                        kv_lengths: jax.Array, causal: bool,
+                        block_mask: jax.Array | None = None) -> jax.Array:
+  """bool [batch, 1 or q_heads, n_q_tiles, n_kv_blocks].
+
+  A (q-tile, kv-block) pair is visited when at least one real query row of
+  the tile may see at least one key of the block (and, with a block mask,
+  when the mask selects it).
+  """
+  nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
+  # Keys visible at all per batch element: below kv_lengths.
+  first_key = jnp.arange(nk) * block_kv                       # [nk]
+  visited = first_key[None, None, :] < kv_lengths[:, None, None]  # [b,1,nk]
+  if causal:
+    last_row = jnp.minimum((jnp.arange(nq) + 1) * block_q, q_len) - 1  # [nq]
+    visited = visited & (first_key[None, :] <= last_row[:, None])[None]
+  visited = jnp.broadcast_to(visited, (kv_lengths.shape[0], nq, nk))[:, None]
+  if block_mask is not None:
+    visited = visited & block_mask
+  return visited
+
+
+def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
+                        threshold=0.0, causal=False, sm_scale=None,
+                        kv_lengths=None, block_mask=None) -> BlockwiseResult:
+  """Online-softmax attention over KV blocks with the exact skip rule.
+
+  For each (batch, q-head, q-tile of `block_q` rows), KV blocks of
+  `block_kv` keys are visited in increasing order. With scores
+  `s = sm_scale * q·kᵀ` (f32, masked entries -inf), block j is skipped when
+  it is not the first visited block and
+  `max_rows(rowmax(s_j) - m_prev) < log(λ)`; rows that see no key of the
+  block take no part. A skipped block leaves the running (acc, l, m)
+  unchanged.
+
+  Args:
+    q: [batch, q_len, q_heads, head_dim].
+    k, v: [batch, kv_len, kv_heads, head_dim].
+    block_q, block_kv: tile sizes, the same as the kernel being checked.
+    threshold: λ in [0, 1): a float, f32 [batch], or a `SkipSoftmaxConfig`.
+    causal: top-left aligned causal mask.
+    sm_scale: default 1/sqrt(head_dim).
+    kv_lengths: optional int [batch].
+    block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks];
+      unselected blocks are not visited.
+
+  Returns:
+    A `BlockwiseResult`.
+  """
+  b, lq, hq, d = q.shape
+  _, lk, hkv, _ = k.shape
+  g = hq // hkv
+  block_q, block_kv = config_lib.effective_block_sizes(lq, lk, block_q,
+                                                       block_kv)
+  sm_scale = default_sm_scale(d) if sm_scale is None else sm_scale
+  kv_lengths = kv_lengths_or_full(kv_lengths, b, lk)
+  log_thr = config_lib.log_threshold(
+      config_lib.resolve_threshold(threshold, kv_lengths, lk, b))  # [b]
+  nq, nk = -(-lq // block_q), -(-lk // block_kv)
+
+  # [b, nq, bq, hkv, g, d] q tiles; padded rows are masked out below.
+  qp = jnp.pad(q, ((0, 0), (0, nq * block_q - lq), (0, 0), (0, 0)))
+  qt = qp.reshape(b, nq, block_q, hkv, g, d)
+  kp = jnp.pad(k, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, 0)))
+  vp = jnp.pad(v, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, 0)))
+  # Padding keys may hold garbage (even NaN): zero their values so that
+  # 0-weight · NaN cannot reach the output.
+  key_valid = jnp.arange(nk * block_kv)[None, :] < kv_lengths[:, None]
+  vp = jnp.where(key_valid[:, :, None, None], vp, 0)
+  kb = kp.reshape(b, nk, block_kv, hkv, d).swapaxes(0, 1)  # [nk, b, bkv, h, d]
+  vb = vp.reshape(b, nk, block_kv, hkv, d).swapaxes(0, 1)
+
+  visited = visited_blocks_mask(lq, lk, block_q, block_kv, kv_lengths, causal,
+                                block_mask)
+  visited = jnp.broadcast_to(visited, (b, hq, nq, nk))
+  row_ids = jnp.arange(nq * block_q).reshape(nq, block_q)       # [nq, bq]
+
+  def step(carry, xs):
+    acc, l, m, seen = carry           # [b,hq,nq,bq,d], [b,hq,nq,bq] x2, [b,hq,nq]
+    j, k_j, v_j, visited_j = xs       # k_j [b, bkv, hkv, d], visited_j [b,hq,nq]
+    s = jnp.einsum("bnqhgd,bkhd->bhgnqk", qt, k_j,
+                   preferred_element_type=jnp.float32,
+                   precision=jax.lax.Precision.HIGHEST)
+    s = s.reshape(b, hq, nq, block_q, block_kv) * sm_scale
+    key_ids = j * block_kv + jnp.arange(block_kv)                # [bkv]
+    mask = key_ids[None, None, None, :] < kv_lengths[:, None, None, None]
+    mask = mask & (row_ids < lq)[None, :, :, None]               # [b,nq,bq,bkv]
+    if causal:
+      mask = mask & (key_ids[None, None, :] <= row_ids[:, :, None])[None]
+    s = jnp.where(mask[:, None], s, -jnp.inf)
+
+    m_blk = jnp.max(s, axis=-1)                                   # [b,hq,nq,bq]
+    gap = jnp.where(m_blk == -jnp.inf, -jnp.inf, m_blk - m)
+    max_gap = jnp.max(gap, axis=-1)                               # [b,hq,nq]
+    max_gap = jnp.where(visited_j, max_gap, -jnp.inf)
+    skip = visited_j & seen & (max_gap < log_thr[:, None, None])
+    update = visited_j & ~skip
+
+    m_new = jnp.maximum(m, m_blk)
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m - m_safe)
+    p = jnp.exp(s - m_safe[..., None])
+    l_new = alpha * l + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bhgnqk,bkhd->bhgnqd",
+                    p.reshape(b, hkv, g, nq, block_q, block_kv),
+                    v_j.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+    acc_new = alpha[..., None] * acc + pv.reshape(acc.shape)
+    upd = update[..., None]
+    carry = (jnp.where(upd[..., None], acc_new, acc),
+             jnp.where(upd, l_new, l),
+             jnp.where(upd, m_new, m),
+             seen | visited_j)
+    return carry, (skip, max_gap)
+
+  init = (jnp.zeros((b, hq, nq, block_q, d), jnp.float32),
+          jnp.zeros((b, hq, nq, block_q), jnp.float32),
+          jnp.full((b, hq, nq, block_q), -jnp.inf, jnp.float32),
+          jnp.zeros((b, hq, nq), bool))
+  xs = (jnp.arange(nk), kb, vb, jnp.moveaxis(visited, -1, 0))
+  (acc, l, m, _), (skip, gap) = jax.lax.scan(step, init, xs)
+
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]             # [b,hq,nq,bq,d]
+  out = out.reshape(b, hq, nq * block_q, d)[:, :, :lq]
+  out = out.transpose(0, 2, 1, 3).astype(q.dtype)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  lse = lse.reshape(b, hq, nq * block_q)[:, :, :lq]
+  skip_mask = jnp.moveaxis(skip, 0, -1)
+  stats = SkipStats(
+      skipped_blocks=jnp.sum(skip_mask, axis=(2, 3), dtype=jnp.int32),
+      visited_blocks=jnp.sum(visited, axis=(2, 3), dtype=jnp.int32))
+  return BlockwiseResult(out=out, lse=lse, skip_mask=skip_mask,
+                         visited_mask=visited,
+                         block_gap=jnp.moveaxis(gap, 0, -1), stats=stats)

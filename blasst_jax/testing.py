@@ -1,0 +1,64 @@
+"""Shapes and inputs shared by the test suite and the benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from blasst_jax import patterns
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+  """One attention problem: q [batch, q_len, q_heads, head_dim],
+  k/v [batch, kv_len, kv_heads, head_dim]."""
+
+  batch: int
+  q_len: int
+  kv_len: int
+  q_heads: int
+  kv_heads: int
+  head_dim: int
+
+  @property
+  def name(self) -> str:
+    return (f"b{self.batch}_q{self.q_len}_kv{self.kv_len}_h{self.q_heads}"
+            f"x{self.kv_heads}_d{self.head_dim}")
+
+  def flops(self, causal: bool) -> float:
+    """4·B·Hq·Sq·Skv·D, halved for causal (as every FA benchmark counts)."""
+    f = 4.0 * self.batch * self.q_heads * self.q_len * self.kv_len * self.head_dim
+    return f / 2 if causal else f
+
+  def inputs(self, key, *, pattern: str = "sink_local", dtype=jnp.float32,
+             **pattern_kwargs):
+    """(q, k, v) with a named score pattern: "sink_local" or "random"."""
+    common = dict(batch=self.batch, seq_len=self.q_len, kv_len=self.kv_len,
+                  q_heads=self.q_heads, kv_heads=self.kv_heads,
+                  head_dim=self.head_dim, dtype=dtype)
+    if pattern == "sink_local":
+      return patterns.sink_local_qkv(key, **common, **pattern_kwargs)
+    if pattern == "random":
+      return patterns.random_qkv(key, **common, **pattern_kwargs)
+    raise ValueError(f"Unknown pattern {pattern!r}; use 'sink_local' or "
+                     "'random'.")
+
+
+# Small problems every implementation is tested on (CPU, interpret mode):
+# odd lengths, q_len != kv_len, MHA/GQA/MQA, head_dim not a power of two.
+CPU_TEST_SHAPES = (
+    AttentionShape(batch=2, q_len=128, kv_len=128, q_heads=2, kv_heads=2, head_dim=32),
+    AttentionShape(batch=1, q_len=100, kv_len=200, q_heads=4, kv_heads=2, head_dim=32),
+    AttentionShape(batch=2, q_len=77, kv_len=77, q_heads=4, kv_heads=1, head_dim=16),
+    AttentionShape(batch=1, q_len=96, kv_len=160, q_heads=3, kv_heads=3, head_dim=40),
+)
+
+# Prefill benchmark problems (H100, bf16, head_dim 128): batch·heads keep the
+# GPU full at every length.
+PREFILL_BENCH_SHAPES = (
+    AttentionShape(batch=8, q_len=4096, kv_len=4096, q_heads=16, kv_heads=16, head_dim=128),
+    AttentionShape(batch=4, q_len=8192, kv_len=8192, q_heads=16, kv_heads=16, head_dim=128),
+    AttentionShape(batch=2, q_len=16384, kv_len=16384, q_heads=16, kv_heads=16, head_dim=128),
+)

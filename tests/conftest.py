@@ -1,0 +1,30 @@
+"""Test setup: the `gpu` marker, and hypothesis profiles."""
+
+import os
+
+import hypothesis
+import jax
+import pytest
+
+# Numerics tests compare against f32 oracles: keep XLA's dots exact on CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+hypothesis.settings.register_profile(
+    "ci", max_examples=12, deadline=None, derandomize=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.register_profile("dev", max_examples=40, deadline=None)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  if jax.default_backend() == "gpu":
+    return
+  skip = pytest.mark.skip(reason="needs a GPU")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)

@@ -1,0 +1,69 @@
+"""GPU checks (marker `gpu`): the compiled kernel against the oracle and cuDNN.
+
+Run on a GPU machine with `pytest -m gpu tests/`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blasst_jax as bj
+from blasst_jax import config as config_lib
+from blasst_jax import testing
+from blasst_jax.kernels import pallas_triton
+from tests import test_base
+
+pytestmark = pytest.mark.gpu
+
+GPU_SHAPES = (
+    testing.AttentionShape(batch=2, q_len=2048, kv_len=2048, q_heads=8, kv_heads=8, head_dim=128),
+    testing.AttentionShape(batch=1, q_len=1000, kv_len=3000, q_heads=8, kv_heads=2, head_dim=128),
+    testing.AttentionShape(batch=2, q_len=777, kv_len=777, q_heads=4, kv_heads=1, head_dim=64),
+)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("threshold", [0.0, 1e-2])
+def test_kernel_matches_oracle_on_gpu(shape, causal, dtype, threshold):
+  q, k, v = shape.inputs(test_base.key_for("gpu", shape, causal, dtype),
+                         dtype=dtype)
+  kv_lengths = jnp.array([shape.kv_len - 13 * i for i in range(shape.batch)],
+                         jnp.int32)
+  bq, bkv = config_lib.effective_block_sizes(shape.q_len, shape.kv_len, 128, 64)
+  lam = jnp.full((shape.batch,), threshold, jnp.float32)
+  out, lse, skipped, visited = pallas_triton.attention_forward(
+      q, k, v, kv_lengths, config_lib.log_threshold(lam), causal=causal,
+      sm_scale=shape.head_dim ** -0.5, block_q=bq, block_kv=bkv)
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=bq, block_kv=bkv, threshold=threshold, causal=causal,
+      kv_lengths=kv_lengths)
+  np.testing.assert_array_equal(np.asarray(visited),
+                                np.asarray(jnp.sum(oracle.visited_mask, -1)))
+  test_base.assert_skips_match(skipped, oracle, threshold, dtype)
+  test_base.assert_close(out, oracle.out, dtype)
+  finite = jnp.isfinite(oracle.lse)
+  np.testing.assert_allclose(np.asarray(jnp.where(finite, lse, 0)),
+                             np.asarray(jnp.where(finite, oracle.lse, 0)),
+                             atol=5e-2, rtol=1e-2)
+  if threshold == 0.0:
+    assert int(jnp.sum(skipped)) == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_kernel_matches_cudnn(causal):
+  shape = testing.AttentionShape(batch=2, q_len=4096, kv_len=4096, q_heads=8,
+                                 kv_heads=8, head_dim=128)
+  q, k, v = shape.inputs(test_base.key_for("cudnn", causal),
+                         dtype=jnp.bfloat16)
+  out = bj.attention(q, k, v, causal=causal, implementation="pallas_triton")
+  expected = jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                          implementation="cudnn")
+  diff = jnp.abs(out.astype(jnp.float32) - expected.astype(jnp.float32))
+  assert float(jnp.max(diff)) < 3e-2
+
+
+def test_default_implementation_on_gpu_is_a_kernel():
+  assert bj.default_implementation() == "pallas_triton"

@@ -1,0 +1,69 @@
+"""The portable Pallas kernel (interpret mode on CPU): the shared suite, and
+per-tile skip decisions against the oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blasst_jax as bj
+from blasst_jax import config as config_lib
+from blasst_jax import testing
+from blasst_jax.kernels import pallas_triton
+from tests import test_base
+
+
+class TestPallasTriton(test_base.AttentionTestBase):
+  implementation = "pallas_triton"
+
+
+def run_kernel(q, k, v, threshold, *, causal, block_q, block_kv,
+               kv_lengths=None, config=pallas_triton.TritonConfig()):
+  b, lk = q.shape[0], k.shape[1]
+  kv_lengths = bj.reference.kv_lengths_or_full(kv_lengths, b, lk)
+  lam = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (b,))
+  return pallas_triton.attention_forward(
+      q, k, v, kv_lengths, config_lib.log_threshold(lam), causal=causal,
+      sm_scale=q.shape[-1] ** -0.5, block_q=block_q, block_kv=block_kv,
+      config=config, interpret=True)
+
+
+@pytest.mark.parametrize("load_v_in_branch", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_tile_skips_and_lse_match_oracle(causal, load_v_in_branch):
+  shape = testing.AttentionShape(batch=2, q_len=120, kv_len=250, q_heads=4,
+                                 kv_heads=2, head_dim=32)
+  q, k, v = shape.inputs(test_base.key_for("tiles", causal),
+                         sharpness=(4.0, 10.0, 18.0), window=12)
+  kv_lengths = jnp.array([250, 131], jnp.int32)
+  threshold = jnp.array([0.03, 0.003])
+  out, lse, skipped, visited = run_kernel(
+      q, k, v, threshold, causal=causal, block_q=32, block_kv=16,
+      kv_lengths=kv_lengths,
+      config=pallas_triton.TritonConfig(load_v_in_branch=load_v_in_branch))
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=32, block_kv=16, threshold=threshold, causal=causal,
+      kv_lengths=kv_lengths)
+  np.testing.assert_array_equal(visited, jnp.sum(oracle.visited_mask, -1))
+  assert int(jnp.sum(skipped)) > 0
+  test_base.assert_skips_match(skipped, oracle, threshold, jnp.float32)
+  if not bool(jnp.any(test_base.near_tie_tiles(oracle, threshold, 1e-3))):
+    test_base.assert_close(out, oracle.out, jnp.float32)
+    np.testing.assert_allclose(lse, oracle.lse, atol=1e-4, rtol=1e-5)
+
+
+def test_head_dim_padding_and_short_sequences():
+  # head_dim 24 is padded to 32; 5 queries and 9 keys fit one 16-row tile.
+  q, k, v = testing.AttentionShape(1, 5, 9, 2, 1, 24).inputs(
+      test_base.key_for("tiny"), pattern="random")
+  out = bj.attention(q, k, v, implementation="pallas_triton", causal=True)
+  expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  test_base.assert_close(out, expected, jnp.float32)
+
+
+def test_interpret_flag_is_explicit():
+  q, k, v = testing.CPU_TEST_SHAPES[0].inputs(test_base.key_for("interp"))
+  out = bj.attention(q, k, v, implementation="pallas_triton", interpret=True,
+                     block_q=64, block_kv=64)
+  test_base.assert_close(out, bj.reference.dense_attention(q, k, v),
+                         jnp.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -94,7 +95,8 @@ def _check_block_mask(block_mask, expected: tuple[int, ...]):
 def _check_sm_scale(sm_scale):
   if sm_scale is None:
     return
-  if not isinstance(sm_scale, (int, float, np.floating)) or not (
+  if isinstance(sm_scale, bool) or not isinstance(
+      sm_scale, (int, float, np.floating)) or not (
       math.isfinite(sm_scale) and sm_scale > 0):
     raise ValueError(
         f"`sm_scale` must be a positive finite Python float, got {sm_scale!r}.")
@@ -134,7 +136,7 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
     implementation: "reference", "pallas_triton", "pallas_mosaic" or None for
       the best one on the current backend.
     return_stats: also return a `SkipStats`.
-    block_q, block_kv: tile sizes (powers of two >= 16), default 128/128.
+    block_q, block_kv: tile sizes (powers of two >= 16), default 128/64.
       They define the skip granularity.
     interpret: run Pallas kernels in interpret mode; default True when no GPU
       is present.
@@ -171,6 +173,10 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       sm_scale)
 
   if implementation == "reference":
+    if kernel_config is not None:
+      raise ValueError(
+          "`kernel_config` tunes a Pallas kernel; implementation='reference' "
+          "takes none (pass kernel_config=None).")
     result = reference.blockwise_attention(
         q, k, v, block_q=block_q, block_kv=block_kv, threshold=threshold,
         causal=causal, sm_scale=sm_scale, kv_lengths=kv_lengths,
@@ -198,11 +204,49 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
   kv_lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
   log_thr = config_lib.log_threshold(
       config_lib.resolve_threshold(threshold, kv_lengths, lk, b))
-  out, _, skipped, visited = pallas_triton.attention_forward(
-      q, k, v, kv_lengths, log_thr, causal=causal, sm_scale=sm_scale,
-      block_q=block_q, block_kv=block_kv, config=kernel_config,
-      interpret=bool(interpret))
+  static = dict(causal=causal, sm_scale=sm_scale, block_q=block_q,
+                block_kv=block_kv, config=kernel_config,
+                interpret=bool(interpret))
+  out, skipped, visited = _triton_with_vjp(
+      q, k, v, kv_lengths, log_thr, tuple(sorted(static.items())))
   if not return_stats:
     return out
   return out, SkipStats(skipped_blocks=jnp.sum(skipped, axis=-1),
                         visited_blocks=jnp.sum(visited, axis=-1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _triton_with_vjp(q, k, v, kv_lengths, log_thr, static):
+  """The Triton forward, differentiable.
+
+  The backward differentiates the oracle with the same skip rule, i.e. the
+  gradient of the sparse forward (skipped blocks carry zero probability).
+  It recomputes the forward in pure JAX: correct, not fast.
+  """
+  from blasst_jax.kernels import pallas_triton  # pylint: disable=g-import-not-at-top
+  out, _, skipped, visited = pallas_triton.attention_forward(
+      q, k, v, kv_lengths, log_thr, **dict(static))
+  return out, skipped, visited
+
+
+def _triton_fwd(q, k, v, kv_lengths, log_thr, static):
+  return (_triton_with_vjp(q, k, v, kv_lengths, log_thr, static),
+          (q, k, v, kv_lengths, log_thr))
+
+
+def _triton_bwd(static, residuals, cotangents):
+  q, k, v, kv_lengths, log_thr = residuals
+  opts = dict(static)
+
+  def sparse_forward(q, k, v):
+    return reference.blockwise_attention(
+        q, k, v, block_q=opts["block_q"], block_kv=opts["block_kv"],
+        causal=opts["causal"], sm_scale=opts["sm_scale"],
+        kv_lengths=kv_lengths, log_threshold=log_thr).out
+
+  _, vjp = jax.vjp(sparse_forward, q, k, v)
+  dq, dk, dv = vjp(cotangents[0])
+  return dq, dk, dv, None, jnp.zeros_like(log_thr)
+
+
+_triton_with_vjp.defvjp(_triton_fwd, _triton_bwd)

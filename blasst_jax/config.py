@@ -25,7 +25,7 @@ Phase = Literal["prefill", "decode"]
 # block sizes are part of the semantics: the oracle and every kernel take the
 # same values.
 DEFAULT_BLOCK_Q = 128
-DEFAULT_BLOCK_KV = 128
+DEFAULT_BLOCK_KV = 64
 # Triton's dot needs every tile dimension to be at least 16.
 MIN_BLOCK = 16
 # λ derived from a scale factor is clipped here so that short contexts stay
@@ -188,9 +188,11 @@ class SkipStats:
     return jnp.sum(self.skipped_blocks) / visited.astype(jnp.float32)
 
   def __repr__(self):
-    try:
-      return (f"SkipStats(sparsity={float(self.total_sparsity):.3f}, "
-              f"skipped={int(jnp.sum(self.skipped_blocks))}, "
-              f"visited={int(jnp.sum(self.visited_blocks))})")
-    except Exception:  # Traced values.
-      return "SkipStats(<traced>)"
+    fields = (self.skipped_blocks, self.visited_blocks)
+    if any(isinstance(f, jax.core.Tracer) for f in fields) or not all(
+        hasattr(f, "dtype") for f in fields):
+      return (f"SkipStats(skipped_blocks={self.skipped_blocks!r}, "
+              f"visited_blocks={self.visited_blocks!r})")
+    return (f"SkipStats(sparsity={float(self.total_sparsity):.3f}, "
+            f"skipped={int(jnp.sum(self.skipped_blocks))}, "
+            f"visited={int(jnp.sum(self.visited_blocks))})")

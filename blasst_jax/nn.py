@@ -16,6 +16,9 @@ Flax's attention functions take arbitrary boolean masks and additive biases;
 the skip-softmax kernels only know a causal mask and per-sequence key
 lengths, which is what lets them skip whole blocks. `make_attention_fn`
 therefore rejects `mask` and `bias` rather than silently dropping them.
+
+Training: only implementation="reference" is differentiable for now; the
+"pallas_triton" kernel (the default on GPU) has no backward pass yet.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ def make_attention_fn(threshold=0.0, *, causal: bool = False,
 
     want_stats = sow_stats and module is not None
     result = api.attention(
-        q, k, v, threshold=threshold, causal=causal,
+        q, k, v, threshold=threshold, causal=causal or is_causal,
         sm_scale=sm_scale, implementation=implementation,
         return_stats=want_stats, block_q=block_q, block_kv=block_kv,
         interpret=interpret, kernel_config=kernel_config)
@@ -280,7 +283,7 @@ class SkipSelfAttention(nnx.Module):
     q, k, v = self.project_qkv(x)
     result = api.attention(
         q, k, v, threshold=threshold, causal=self.causal,
-        kv_lengths=None, implementation=self.implementation,
+        kv_lengths=kv_lengths, implementation=self.implementation,
         return_stats=return_stats, block_q=self.block_q,
         block_kv=self.block_kv, interpret=self.interpret,
         kernel_config=self.kernel_config)

@@ -44,8 +44,8 @@ def sink_local_qkv(key: jax.Array, *, batch: int, seq_len: int,
     key: PRNG key.
     batch, seq_len, q_heads, kv_heads, head_dim: shapes; q is
       [batch, seq_len, q_heads, head_dim], k and v are
-      [batch, kv_len, kv_heads, head_dim]. Query i sits at position
-      `kv_len - seq_len + i` (queries are the last tokens).
+      [batch, kv_len, kv_heads, head_dim]. Query i sits at position i,
+      matching the top-left causal mask of `bj.attention`.
     kv_len: key length, default `seq_len`.
     sharpness: peak score of the local window, per head (cycled).
     sink: score of the sink tokens per head; default `0.75 * sharpness`.
@@ -70,7 +70,7 @@ def sink_local_qkv(key: jax.Array, *, batch: int, seq_len: int,
   omega = jax.random.uniform(k_freq, (n_freq,), minval=0.0,
                              maxval=math.pi / window)        # [f]
   k_pos = jnp.arange(kv_len, dtype=jnp.float32)
-  q_pos = k_pos[kv_len - seq_len:]
+  q_pos = jnp.arange(seq_len, dtype=jnp.float32)
 
   def features(pos):                                         # [t, 2f]
     ang = pos[:, None] * omega[None, :]

@@ -164,7 +164,8 @@ def visited_blocks_mask(q_len: int, kv_len: int, block_q: int, block_kv: int,
 
 def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
                         threshold=0.0, causal=False, sm_scale=None,
-                        kv_lengths=None, block_mask=None) -> BlockwiseResult:
+                        kv_lengths=None, block_mask=None,
+                        log_threshold=None) -> BlockwiseResult:
   """Online-softmax attention over KV blocks with the exact skip rule.
 
   For each (batch, q-head, q-tile of `block_q` rows), KV blocks of
@@ -185,6 +186,7 @@ def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
     kv_lengths: optional int [batch].
     block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks];
       unselected blocks are not visited.
+    log_threshold: optional f32 [batch], log λ; overrides `threshold`.
 
   Returns:
     A `BlockwiseResult`.
@@ -196,8 +198,11 @@ def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
                                                        block_kv)
   sm_scale = default_sm_scale(d) if sm_scale is None else sm_scale
   kv_lengths = kv_lengths_or_full(kv_lengths, b, lk)
-  log_thr = config_lib.log_threshold(
-      config_lib.resolve_threshold(threshold, kv_lengths, lk, b))  # [b]
+  if log_threshold is None:
+    log_thr = config_lib.log_threshold(
+        config_lib.resolve_threshold(threshold, kv_lengths, lk, b))  # [b]
+  else:
+    log_thr = jnp.broadcast_to(jnp.asarray(log_threshold, jnp.float32), (b,))
   nq, nk = -(-lq // block_q), -(-lk // block_kv)
 
   # [b, nq, bq, hkv, g, d] q tiles; padded rows are masked out below.

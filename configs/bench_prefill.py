@@ -20,9 +20,9 @@ def get_config(variant: str = "h100"):
   c.impls = ["cudnn", "xla", "pallas_triton"]
   c.xla_max_seq_len = 8192          # XLA materializes [B, H, S, S] scores
   c.block_q = 128
-  c.block_kv = 128
-  c.num_warps = 8
-  c.num_stages = 2
+  c.block_kv = 64
+  c.num_warps = 4
+  c.num_stages = 3
   c.load_v_in_branch = True
   # Score pattern (blasst_jax.patterns.sink_local_qkv).
   c.pattern = ml_collections.ConfigDict(dict(
@@ -34,9 +34,10 @@ def get_config(variant: str = "h100"):
   # Kernel tuning sweep at one shape: (block_q, block_kv, num_warps,
   # num_stages, load_v_in_branch), dense and at thresholds[2].
   c.tuning_shape = (4, 8192, 16, 16, 128)
-  c.tuning = [(128, 128, 8, 2, True), (128, 64, 8, 2, True),
-              (128, 64, 4, 3, True), (64, 64, 4, 3, True),
-              (128, 128, 8, 3, True), (128, 128, 8, 2, False)]
+  c.tuning = [(128, 64, 4, 3, True), (128, 64, 4, 3, False),
+              (128, 64, 4, 4, True), (128, 64, 8, 3, True),
+              (128, 128, 4, 3, True), (128, 128, 8, 2, True),
+              (128, 32, 4, 3, True), (64, 64, 4, 3, True)]
   # Correctness against the oracle and cuDNN on a slice that fits the oracle.
   c.check_shape = (1, 4096, 4, 4, 128)
   c.output = "benchmarks/results/prefill_triton_h100.json"

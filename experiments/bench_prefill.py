@@ -226,7 +226,8 @@ def plot(rows, path):
   ax.set_xticklabels([f"{s // 1024}k{' causal' if c else ''}"
                       for s, c in groups])
   ax.set_ylabel("TFLOP/s (dense-equivalent)")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08),
+            ncol=2)
   ax.set_title("Prefill forward")
   ax = axes[1]
   for s, c in groups:

@@ -67,3 +67,19 @@ def test_dense_kernel_matches_cudnn(causal):
 
 def test_default_implementation_on_gpu_is_a_kernel():
   assert bj.default_implementation() == "pallas_triton"
+
+
+def test_gradients_on_gpu():
+  shape = testing.AttentionShape(batch=1, q_len=512, kv_len=512, q_heads=4,
+                                 kv_heads=2, head_dim=64)
+  q, k, v = shape.inputs(test_base.key_for("gpu_grad"), dtype=jnp.float32)
+
+  def loss(impl, q, k, v):
+    return jnp.sum(bj.attention(q, k, v, threshold=1e-2, causal=True,
+                                implementation=impl) ** 2)
+
+  g = jax.grad(lambda *a: loss("pallas_triton", *a), argnums=(0, 1, 2))(q, k, v)
+  e = jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g, e):
+    rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    assert rel < 1e-2, rel

@@ -67,3 +67,28 @@ def test_interpret_flag_is_explicit():
                      block_q=64, block_kv=64)
   test_base.assert_close(out, bj.reference.dense_attention(q, k, v),
                          jnp.float32)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.02])
+def test_gradients_of_the_sparse_forward(threshold):
+  shape = testing.CPU_TEST_SHAPES[1]
+  q, k, v = shape.inputs(test_base.key_for("grad", threshold),
+                         sharpness=10.0, window=8)
+
+  def loss(impl, q, k, v):
+    out = bj.attention(q, k, v, threshold=threshold, causal=True,
+                       implementation=impl, block_q=32, block_kv=32)
+    return jnp.sum(jnp.sin(out))
+
+  grads = jax.jit(jax.grad(lambda *a: loss("pallas_triton", *a),
+                           argnums=(0, 1, 2)))(q, k, v)
+  expected = jax.grad(lambda *a: loss("reference", *a), argnums=(0, 1, 2))(
+      q, k, v)
+  for g, e in zip(grads, expected):
+    np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
+  if threshold == 0.0:
+    dense = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(
+        jax.nn.dot_product_attention(q, k, v, is_causal=True))),
+                     argnums=(0, 1, 2))(q, k, v)
+    for g, e in zip(grads, dense):
+      np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)

@@ -37,15 +37,17 @@ class TritonConfig:
   """Performance knobs of the Triton kernel (no effect on results).
 
   Attributes:
-    num_warps: warps per program; default 4 for head_dim <= 64, else 8.
+    num_warps: warps per program.
     num_stages: software-pipelining depth of the KV loop.
+    (Defaults from the tuning sweep in benchmarks/results/
+    prefill_triton_h100.json: 128x64 tiles, 4 warps, 3 stages.)
     load_v_in_branch: load V only for blocks that are kept. Loading inside
       the conditional saves bandwidth on skipped blocks but may cost Triton's
       pipelining of the V load; benchmark both.
   """
 
-  num_warps: int | None = None
-  num_stages: int = 2
+  num_warps: int | None = 4
+  num_stages: int = 3
   load_v_in_branch: bool = True
 
 
@@ -59,7 +61,10 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
             q_len: int, load_v_in_branch: bool):
   # q_ref [block_q, d]; k_ref, v_ref [kv_len_padded, d]; o_ref [block_q, d];
   # lse_ref [block_q]; kv_len_ref, log2_thr_ref, skipped_ref, visited_ref [].
-  q_start = pl.program_id(0) * block_q
+  tile = pl.program_id(0)
+  if causal:  # Heavy (late) tiles first: a shorter tail in the last wave.
+    tile = pl.num_programs(0) - 1 - tile
+  q_start = tile * block_q
   kv_len = kv_len_ref[...]
   log2_thr = log2_thr_ref[...]
   scale = sm_scale * LOG2E
@@ -83,14 +88,16 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
   def step(j, carry, *, masked: bool):
     acc, l, m, n_skipped = carry                        # [bq, d], [bq], [bq], []
     k = k_ref[pl.ds(j * block_kv, block_kv), :]         # [block_kv, d]
-    s = plgpu.dot(q, k, trans_b=True) * scale              # [bq, bkv], log2 units
+    # Raw scores; the scale is applied as max(s) * scale and inside
+    # exp2(s * scale - m), which compiles to one FMA per element.
+    s = plgpu.dot(q, k, trans_b=True)                   # [bq, bkv]
     if masked:
       keys = j * block_kv + jnp.arange(block_kv)
       visible = keys[None, :] < kv_len
       if causal:
         visible = visible & (keys[None, :] <= rows[:, None])
       s = jnp.where(visible, s, -jnp.inf)
-    m_blk = jnp.max(s, axis=1)                          # [bq]
+    m_blk = jnp.max(s, axis=1) * scale                  # [bq], log2 units
     gap = jnp.where(row_real & (m_blk > -jnp.inf), m_blk - m, -jnp.inf)
     skip = (j > 0) & (jnp.max(gap) < log2_thr)
     v_early = None if load_v_in_branch else load_v(j)
@@ -99,13 +106,14 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
       m_new = jnp.maximum(m, m_blk)
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
       alpha = jnp.exp2(m - m_safe)
-      p = jnp.exp2(s - m_safe[:, None])
+      p = jnp.exp2(s * scale - m_safe[:, None])
       v = load_v(j) if v_early is None else v_early
       if masked:  # Padding keys may hold NaN: 0 * NaN must not reach acc.
         v = jnp.where((j * block_kv + jnp.arange(block_kv) < kv_len)[:, None],
                       v, jnp.zeros_like(v))
       pv = plgpu.dot(p.astype(v.dtype), v)
-      return acc * alpha[:, None] + pv, l * alpha + jnp.sum(p, axis=1), m_new, n_skipped
+      return (acc * alpha[:, None] + pv, l * alpha + jnp.sum(p, axis=1),
+              m_new, n_skipped)
 
     def drop():
       return acc, l, m, n_skipped + 1
@@ -166,24 +174,30 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
   v = jnp.pad(v, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, dp - d)))
   log2_thr = (log_threshold * LOG2E).astype(jnp.float32)
 
-  num_warps = config.num_warps or (4 if dp <= 64 else 8)
+  num_warps = config.num_warps or 4
   kernel = functools.partial(
       _kernel, sm_scale=sm_scale, causal=causal, block_q=block_q,
       block_kv=block_kv, q_len=lq, load_v_in_branch=config.load_v_in_branch)
+  def tile_of(i):  # The kernel walks causal q tiles in reverse.
+    return nq - 1 - i if causal else i
+
   kv_spec = pl.BlockSpec((None, nk * block_kv, None, dp),
                          lambda i, bi, h: (bi, 0, h // group, 0))
   per_batch = pl.BlockSpec((None,), lambda i, bi, h: (bi,))
-  per_program = pl.BlockSpec((None, None, None), lambda i, bi, h: (bi, h, i))
+  per_program = pl.BlockSpec((None, None, None),
+                             lambda i, bi, h: (bi, h, tile_of(i)))
+  q_spec = pl.BlockSpec((None, block_q, None, dp),
+                        lambda i, bi, h: (bi, tile_of(i), h, 0))
   out, lse, skipped, visited = pl.pallas_call(
       kernel,
       grid=(nq, b, hq),
       in_specs=[
-          pl.BlockSpec((None, block_q, None, dp), lambda i, bi, h: (bi, i, h, 0)),
-          kv_spec, kv_spec, per_batch, per_batch,
+          q_spec, kv_spec, kv_spec, per_batch, per_batch,
       ],
       out_specs=[
-          pl.BlockSpec((None, block_q, None, dp), lambda i, bi, h: (bi, i, h, 0)),
-          pl.BlockSpec((None, None, block_q), lambda i, bi, h: (bi, h, i)),
+          q_spec,
+          pl.BlockSpec((None, None, block_q),
+                       lambda i, bi, h: (bi, h, tile_of(i))),
           per_program, per_program,
       ],
       out_shape=[

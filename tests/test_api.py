@@ -1,0 +1,119 @@
+"""Bad input gets a ValueError naming the argument, before any kernel runs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blasst_jax as bj
+from blasst_jax.kernels import pallas_triton
+from tests import test_base
+
+B, L, H, D = 2, 40, 4, 16
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_tracing(monkeypatch):
+  """Validation must fail before the kernel is traced."""
+  def fail(*args, **kwargs):
+    raise AssertionError("kernel traced before validation")
+  monkeypatch.setattr(pallas_triton, "attention_forward", fail)
+
+
+def qkv(dtype=jnp.float32, hkv=2):
+  key = test_base.key_for("api")
+  q = jax.random.normal(key, (B, L, H, D), dtype)
+  k = jax.random.normal(key, (B, L, hkv, D), dtype)
+  return q, k, k
+
+
+BAD_CALLS = {
+    "rank": (lambda q, k, v: (q[0], k, v), {}, r"`q` must have rank 4"),
+    "kv_rank": (lambda q, k, v: (q, k[..., None], v), {}, r"`k` must have rank 4"),
+    "kv_shapes": (lambda q, k, v: (q, k, v[:, :-1]), {}, r"`k` and `v`"),
+    "batch": (lambda q, k, v: (q[:1], k, v), {}, r"batch size"),
+    "head_dim": (lambda q, k, v: (q[..., :8], k, v), {}, r"head_dim"),
+    "heads": (lambda q, k, v: (q[:, :, :3], k, v), {}, r"multiple of num_kv_heads"),
+    "dtype_mix": (lambda q, k, v: (q.astype(jnp.bfloat16), k, v), {}, r"share one dtype"),
+    "dtype_int": (lambda q, k, v: tuple(x.astype(jnp.int32) for x in (q, k, v)), {},
+                  r"not supported"),
+    "not_array": (lambda q, k, v: (q.tolist(), k, v), {}, r"`q` must be an array"),
+    "lambda_neg": (None, dict(threshold=-0.1), r"`threshold`.*\[0, 1\)"),
+    "lambda_one": (None, dict(threshold=1.0), r"`threshold`.*\[0, 1\)"),
+    "lambda_nan": (None, dict(threshold=float("nan")), r"`threshold`"),
+    "lambda_shape": (None, dict(threshold=jnp.zeros((3,))), r"`threshold`.*shape"),
+    "block_q": (None, dict(block_q=48), r"`block_q` must be a power of two"),
+    "block_kv_small": (None, dict(block_kv=8), r"`block_kv` must be a power of two"),
+    "implementation": (None, dict(implementation="cuda"), r"`implementation` must be"),
+    "mosaic_missing": (None, dict(implementation="pallas_mosaic"), r"not available"),
+    "kv_lengths_shape": (None, dict(kv_lengths=jnp.array([3])), r"`kv_lengths`.*shape"),
+    "kv_lengths_dtype": (None, dict(kv_lengths=jnp.array([3.0, 4.0])), r"`kv_lengths`.*integer"),
+    "block_mask_shape": (None, dict(block_mask=jnp.ones((B, H, 2, 2), bool)),
+                         r"`block_mask` must have shape"),
+    "block_mask_dtype": (None, dict(block_mask=jnp.ones((B, H, 1, 1), jnp.int32),
+                                    block_q=64, block_kv=64), r"`block_mask` must be bool"),
+    "sm_scale": (None, dict(sm_scale=-1.0), r"`sm_scale`"),
+    "sm_scale_bool": (None, dict(sm_scale=True), r"`sm_scale`"),
+}
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+@pytest.mark.parametrize("case", sorted(BAD_CALLS))
+def test_bad_input_raises_value_error(case, implementation):
+  transform, kwargs, pattern = BAD_CALLS[case]
+  q, k, v = qkv()
+  if transform is not None:
+    q, k, v = transform(q, k, v)
+  kwargs = {"implementation": implementation, **kwargs}
+  with pytest.raises(ValueError, match=pattern):
+    bj.attention(q, k, v, **kwargs)
+
+
+def test_kernel_specific_errors():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match="`kernel_config`"):
+    bj.attention(q, k, v, implementation="reference",
+                 kernel_config=pallas_triton.TritonConfig())
+  with pytest.raises(ValueError, match="`kernel_config`"):
+    bj.attention(q, k, v, implementation="pallas_triton", kernel_config=3)
+  with pytest.raises(ValueError, match="`block_mask`"):
+    bj.attention(q, k, v, implementation="pallas_triton",
+                 block_mask=jnp.ones((B, H, 1, 1), bool))
+  big = jnp.zeros((1, 16, 1, 512))
+  with pytest.raises(ValueError, match="head_dim 512"):
+    bj.attention(big, big, big, implementation="pallas_triton")
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="either `threshold` or"):
+    bj.SkipSoftmaxConfig(threshold=0.1, threshold_scale_factor=1.0)
+  with pytest.raises(ValueError, match="keys must be"):
+    bj.SkipSoftmaxConfig(threshold_scale_factor={"train": 1.0})
+  with pytest.raises(ValueError, match="non-negative"):
+    bj.SkipSoftmaxConfig(threshold_scale_factor=-2.0)
+  with pytest.raises(ValueError, match=r"\[0, 1\)"):
+    bj.SkipSoftmaxConfig(threshold=1.5)
+
+
+def test_config_thresholds():
+  cfg = bj.SkipSoftmaxConfig(threshold_scale_factor={"prefill": 100.0,
+                                                      "decode": 10.0})
+  assert cfg.threshold_for(1000) == pytest.approx(0.1)
+  assert cfg.threshold_for(1000, "decode") == pytest.approx(0.01)
+  assert cfg.threshold_for(10) == 0.5          # clipped for short contexts
+  np.testing.assert_allclose(cfg.threshold_for(jnp.array([1000, 2000])),
+                             [0.1, 0.05], rtol=1e-6)
+  assert hash(cfg) == hash(bj.SkipSoftmaxConfig(
+      threshold_scale_factor={"decode": 10.0, "prefill": 100.0}))
+  assert bj.SkipSoftmaxConfig().threshold_for(5) == 0.0
+  with pytest.raises(ValueError, match="phase"):
+    cfg.threshold_for(10, "train")
+
+
+def test_stats_sparsity_and_repr():
+  stats = bj.SkipStats(jnp.array([[1, 0]]), jnp.array([[4, 0]]))
+  np.testing.assert_allclose(stats.sparsity, [[0.25, 0.0]])
+  assert float(stats.total_sparsity) == 0.25
+  assert "sparsity=0.250" in repr(stats)
+  leaves = jax.tree.leaves(jax.jit(lambda s: s)(stats))
+  assert len(leaves) == 2

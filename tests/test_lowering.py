@@ -1,0 +1,46 @@
+"""The Triton kernel lowers for CUDA on a machine without a GPU."""
+
+import jax
+import jax.numpy as jnp
+from jax._src import mesh as mesh_lib
+import pytest
+
+from blasst_jax.kernels import pallas_triton
+
+H100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                               num_cores=132, platform="cuda")
+
+
+def lower_for_h100(fn, *specs):
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,),
+      abstract_device=H100)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize(
+    "dtype,causal,hq,hkv,d,lq,lk,bq,bkv,load_v_in_branch",
+    [(jnp.bfloat16, True, 8, 2, 128, 1000, 1000, 128, 64, True),
+     (jnp.bfloat16, False, 4, 4, 128, 4096, 4096, 128, 128, False),
+     (jnp.float16, True, 4, 1, 64, 300, 500, 64, 64, True),
+     (jnp.float32, False, 2, 2, 256, 256, 256, 64, 32, True),
+     (jnp.bfloat16, False, 2, 1, 80, 77, 130, 32, 16, True)])
+def test_kernel_lowers_for_cuda(dtype, causal, hq, hkv, d, lq, lk, bq, bkv,
+                                load_v_in_branch):
+  b = 2
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, kv_lengths, log_thr):
+    return pallas_triton.attention_forward(
+        q, k, v, kv_lengths, log_thr, causal=causal, sm_scale=d ** -0.5,
+        block_q=bq, block_kv=bkv,
+        config=pallas_triton.TritonConfig(load_v_in_branch=load_v_in_branch))
+
+  lowered = lower_for_h100(fn, sds((b, lq, hq, d), dtype),
+                           sds((b, lk, hkv, d), dtype),
+                           sds((b, lk, hkv, d), dtype),
+                           sds((b,), jnp.int32), sds((b,), jnp.float32))
+  text = lowered.as_text()
+  assert "xla.gpu.triton" in text
+  assert text.count("blasst_prefill_triton") >= 1

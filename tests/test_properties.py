@@ -1,0 +1,90 @@
+"""Property tests (hypothesis): error bounds and oracle agreement on random
+shapes, masks and score sharpness."""
+
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import blasst_jax as bj
+from blasst_jax import analysis
+from blasst_jax import testing
+from tests import test_base
+
+
+@st.composite
+def problems(draw):
+  hkv = draw(st.sampled_from([1, 2]))
+  shape = testing.AttentionShape(
+      batch=draw(st.integers(1, 2)), q_len=draw(st.integers(1, 70)),
+      kv_len=draw(st.integers(1, 90)), q_heads=hkv * draw(st.integers(1, 2)),
+      kv_heads=hkv, head_dim=draw(st.sampled_from([16, 24, 32])))
+  return dict(
+      shape=shape, causal=draw(st.booleans()),
+      block_q=draw(st.sampled_from([16, 32])),
+      block_kv=draw(st.sampled_from([16, 32])),
+      threshold=draw(st.sampled_from([0.0, 1e-4, 1e-2, 0.1, 0.5])),
+      sharpness=draw(st.floats(1.0, 30.0)), window=draw(st.integers(2, 24)),
+      short=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+def make(p):
+  shape = p["shape"]
+  q, k, v = shape.inputs(jax.random.PRNGKey(p["seed"]),
+                         sharpness=p["sharpness"], window=p["window"])
+  kv_lengths = None
+  if p["short"]:
+    kv_lengths = jnp.maximum(shape.kv_len - 7 * jnp.arange(shape.batch), 0)
+  return q, k, v, kv_lengths
+
+
+@hypothesis.given(problems())
+@hypothesis.settings(max_examples=20)
+def test_error_against_dense_is_bounded_by_lambda(p):
+  q, k, v, kv_lengths = make(p)
+  r = bj.reference.blockwise_attention(
+      q, k, v, block_q=p["block_q"], block_kv=p["block_kv"],
+      threshold=p["threshold"], causal=p["causal"], kv_lengths=kv_lengths)
+  dense = bj.reference.dense_attention(q, k, v, causal=p["causal"],
+                                       kv_lengths=kv_lengths)
+  assert not bool(jnp.any(jnp.isnan(r.out)))
+  if p["threshold"] == 0.0:
+    assert int(jnp.sum(r.stats.skipped_blocks)) == 0
+  bq, bkv = bj.config.effective_block_sizes(p["shape"].q_len,
+                                            p["shape"].kv_len, p["block_q"],
+                                            p["block_kv"])
+  bound = analysis.skip_error_bound(v, r.skip_mask, p["threshold"],
+                                    block_q=bq, block_kv=bkv,
+                                    q_len=p["shape"].q_len)
+  err = jnp.max(jnp.abs(r.out - dense), axis=-1).transpose(0, 2, 1)
+  assert bool(jnp.all(err <= bound + 1e-5)), float(jnp.max(err - bound))
+  # The dropped mass obeys the same bound: δ <= D / (1 + D).
+  mass = analysis.dropped_attention_mass(
+      q, k, r.skip_mask, block_q=bq, block_kv=bkv, causal=p["causal"],
+      kv_lengths=kv_lengths)
+  n_skip = jnp.sum(r.skip_mask, -1).astype(jnp.float32)
+  dropped = jnp.repeat(n_skip * bkv * p["threshold"], bq, axis=-1)
+  dropped = dropped[..., :p["shape"].q_len]
+  assert bool(jnp.all(mass <= dropped / (1 + dropped) + 1e-6))
+  assert int(jnp.sum(r.skip_mask & ~r.visited_mask)) == 0
+
+
+@hypothesis.given(problems())
+@hypothesis.settings(max_examples=6)
+def test_kernel_agrees_with_oracle(p):
+  q, k, v, kv_lengths = make(p)
+  common = dict(block_q=p["block_q"], block_kv=p["block_kv"],
+                threshold=p["threshold"], causal=p["causal"],
+                kv_lengths=kv_lengths, return_stats=True)
+  out, stats = bj.attention(q, k, v, implementation="pallas_triton", **common)
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=p["block_q"], block_kv=p["block_kv"],
+      threshold=p["threshold"], causal=p["causal"], kv_lengths=kv_lengths)
+  np.testing.assert_array_equal(stats.visited_blocks,
+                                oracle.stats.visited_blocks)
+  near = test_base.near_tie_tiles(oracle, p["threshold"], 1e-3)
+  if not bool(jnp.any(near)):
+    np.testing.assert_array_equal(stats.skipped_blocks,
+                                  oracle.stats.skipped_blocks)
+    test_base.assert_close(out, oracle.out, jnp.float32)

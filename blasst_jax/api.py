@@ -113,6 +113,21 @@ def _check_threshold(threshold, batch: int):
         f"shape {shape}.")
 
 
+def _is_static_zero(threshold) -> bool:
+  """λ known at trace time to be 0: the dense kernel build can be used."""
+  if isinstance(threshold, SkipSoftmaxConfig):
+    return (threshold.threshold == 0.0 or (
+        threshold.threshold is None
+        and not any(threshold.scale_factors.values())))
+  if isinstance(threshold, jax.core.Tracer):
+    return False
+  try:
+    return bool(np.all(np.asarray(threshold) == 0))
+  except (TypeError, jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    return False
+
+
 def attention(q, k, v, *, threshold=0.0, causal: bool = False,
               sm_scale: float | None = None, kv_lengths=None, block_mask=None,
               implementation: str | None = None, return_stats: bool = False,
@@ -125,7 +140,10 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
     k, v: [batch, kv_len, kv_heads, head_dim], same dtype;
       q_heads % kv_heads == 0 (MHA, GQA, MQA).
     threshold: λ in [0, 1) (0 = dense), an f32 array [batch], or a
-      `SkipSoftmaxConfig`. May be a traced value under `jax.jit`.
+      `SkipSoftmaxConfig`. May be a traced value under `jax.jit` (one
+      compile serves a whole λ sweep; a traced λ is not range-checked). A λ
+      known to be 0 at trace time runs the kernel built without the skip
+      check.
     causal: top-left aligned causal mask (query i sees keys j <= i), as
       `jax.nn.dot_product_attention(is_causal=True)`.
     sm_scale: score scale, default 1/sqrt(head_dim).
@@ -206,7 +224,8 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       config_lib.resolve_threshold(threshold, kv_lengths, lk, b))
   static = dict(causal=causal, sm_scale=sm_scale, block_q=block_q,
                 block_kv=block_kv, config=kernel_config,
-                interpret=bool(interpret))
+                interpret=bool(interpret),
+                skip_enabled=not _is_static_zero(threshold))
   out, skipped, visited = _triton_with_vjp(
       q, k, v, kv_lengths, log_thr, tuple(sorted(static.items())))
   if not return_stats:

@@ -92,3 +92,19 @@ def test_gradients_of_the_sparse_forward(threshold):
                      argnums=(0, 1, 2))(q, k, v)
     for g, e in zip(grads, dense):
       np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_static_zero_threshold_uses_the_dense_build():
+  q, k, v = testing.CPU_TEST_SHAPES[1].inputs(test_base.key_for("static0"))
+  common = dict(causal=True, block_q=32, block_kv=32, return_stats=True,
+                implementation="pallas_triton")
+  out_static, stats_static = bj.attention(q, k, v, threshold=0.0, **common)
+  out_traced, stats_traced = jax.jit(
+      lambda t: bj.attention(q, k, v, threshold=t, **common))(jnp.float32(0))
+  test_base.assert_close(out_static, out_traced, jnp.float32)
+  assert int(jnp.sum(stats_static.skipped_blocks)) == 0
+  np.testing.assert_array_equal(stats_static.visited_blocks,
+                                stats_traced.visited_blocks)
+  text = jax.jit(lambda: bj.attention(q, k, v, threshold=0.0, **common)
+                 ).trace().jaxpr.pretty_print()
+  assert " cond[" not in text and "while[" in text

@@ -58,7 +58,7 @@ def _cdiv(a, b):
 def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
             o_ref, lse_ref, skipped_ref, visited_ref, *,
             sm_scale: float, causal: bool, block_q: int, block_kv: int,
-            q_len: int, load_v_in_branch: bool):
+            q_len: int, load_v_in_branch: bool, skip_enabled: bool):
   # q_ref [block_q, d]; k_ref, v_ref [kv_len_padded, d]; o_ref [block_q, d];
   # lse_ref [block_q]; kv_len_ref, log2_thr_ref, skipped_ref, visited_ref [].
   tile = pl.program_id(0)
@@ -98,9 +98,7 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
         visible = visible & (keys[None, :] <= rows[:, None])
       s = jnp.where(visible, s, -jnp.inf)
     m_blk = jnp.max(s, axis=1) * scale                  # [bq], log2 units
-    gap = jnp.where(row_real & (m_blk > -jnp.inf), m_blk - m, -jnp.inf)
-    skip = (j > 0) & (jnp.max(gap) < log2_thr)
-    v_early = None if load_v_in_branch else load_v(j)
+    v_early = None if (load_v_in_branch and skip_enabled) else load_v(j)
 
     def keep():
       m_new = jnp.maximum(m, m_blk)
@@ -118,6 +116,10 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
     def drop():
       return acc, l, m, n_skipped + 1
 
+    if not skip_enabled:  # Dense build: no decision, no branch.
+      return keep()
+    gap = jnp.where(row_real & (m_blk > -jnp.inf), m_blk - m, -jnp.inf)
+    skip = (j > 0) & (jnp.max(gap) < log2_thr)
     return lax.cond(skip, drop, keep)
 
   d = q_ref.shape[-1]
@@ -140,11 +142,11 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
-                     "interpret"))
+                     "interpret", "skip_enabled"))
 def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
                       sm_scale: float, block_q: int, block_kv: int,
                       config: TritonConfig = TritonConfig(),
-                      interpret: bool = False):
+                      interpret: bool = False, skip_enabled: bool = True):
   """Skip-softmax forward pass.
 
   Inputs are expected validated (see `blasst_jax.api`); block sizes are the
@@ -155,6 +157,8 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
     k, v: [batch, kv_len, kv_heads, head_dim].
     kv_lengths: int32 [batch], valid keys per sequence (<= kv_len).
     log_threshold: f32 [batch], natural log of λ (-inf: never skip).
+    skip_enabled: False builds the plain dense kernel (no skip decision and
+      no branch); `log_threshold` is then ignored.
 
   Returns:
     out [batch, q_len, q_heads, head_dim] (q's dtype),
@@ -177,7 +181,9 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
   num_warps = config.num_warps or 4
   kernel = functools.partial(
       _kernel, sm_scale=sm_scale, causal=causal, block_q=block_q,
-      block_kv=block_kv, q_len=lq, load_v_in_branch=config.load_v_in_branch)
+      block_kv=block_kv, q_len=lq, load_v_in_branch=config.load_v_in_branch,
+      skip_enabled=skip_enabled)
+
   def tile_of(i):  # The kernel walks causal q tiles in reverse.
     return nq - 1 - i if causal else i
 

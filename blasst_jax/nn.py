@@ -17,8 +17,10 @@ the skip-softmax kernels only know a causal mask and per-sequence key
 lengths, which is what lets them skip whole blocks. `make_attention_fn`
 therefore rejects `mask` and `bias` rather than silently dropping them.
 
-Training: only implementation="reference" is differentiable for now; the
-"pallas_triton" kernel (the default on GPU) has no backward pass yet.
+Training: every implementation is differentiable. The gradient is that of
+the sparse forward (skipped blocks carry zero probability); for
+"pallas_triton" the backward recomputes the forward in pure JAX (correct,
+not yet fast).
 """
 
 from __future__ import annotations

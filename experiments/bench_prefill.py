@@ -207,6 +207,10 @@ def run_checks(cfg, on_gpu):
   return checks
 
 
+DENSE_LABELS = {"pallas_triton": "pallas_triton, λ=0 (skip check on)",
+                "pallas_triton_noskip": "pallas_triton, built without check"}
+
+
 def plot(rows, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -224,7 +228,7 @@ def plot(rows, path):
       if dense:
         xs.append(g + n * width)
         ys.append(dense[0]["dense_equiv_tflops"])
-    ax.bar(xs, ys, width, label=f"{impl} (dense)")
+    ax.bar(xs, ys, width, label=DENSE_LABELS.get(impl, f"{impl} (dense)"))
   best = []
   for g, (s, c) in enumerate(groups):
     sk = [r for r in rows if r["impl"] == "pallas_triton" and r["seq_len"] == s

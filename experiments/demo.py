@@ -64,7 +64,7 @@ def sweep(cfg, q, k, v):
                 mean_err=err.mean(axis=(0, 1, 3)),
                 mass_mean=mass.mean(axis=(0, 2)),
                 mass_max=mass.max(axis=(0, 2)),
-                skip_mask=r.skip_mask[0])
+                skip_mask=r.skip_mask[0], visited_mask=r.visited_mask[0])
 
   results = []
   for i, thr in enumerate(cfg.thresholds):
@@ -131,9 +131,14 @@ def plot(cfg, results, path):
     ax.legend(fontsize=7)
   thr, r = min(results, key=lambda x: abs(x[0] - cfg.heatmap_threshold))
   h = len(cfg.sharpness) - 1
-  axes[1, 1].imshow(r["skip_mask"][h], cmap="Greys", interpolation="nearest")
+  # 0: not visited (masked), 1: computed, 2: skipped.
+  state = r["visited_mask"][h].astype(int) + r["skip_mask"][h].astype(int)
+  cmap = matplotlib.colors.ListedColormap(["white", "tab:blue", "black"])
+  axes[1, 1].imshow(state, cmap=cmap, vmin=0, vmax=2,
+                    interpolation="nearest")
   axes[1, 1].set(xlabel="kv block", ylabel="q tile",
-                 title=f"Skipped blocks (black), head {h}, λ={thr:g}")
+                 title=f"Head {h}, λ={thr:g}: skipped (black), computed "
+                 "(blue)")
   fig.suptitle(f"Skip-softmax on sink + local-window scores: seq "
                f"{cfg.seq_len}, blocks {cfg.block_q}x{cfg.block_kv}, "
                f"{'causal' if cfg.causal else 'non-causal'}")
@@ -159,7 +164,7 @@ def main(argv):
   png = os.path.join(cfg.output_dir, "demo_sparsity_error.png")
   plot(cfg, results, png)
   table = [dict(threshold=float(t), **{k_: np.asarray(v_).tolist() for k_, v_
-                                       in r.items() if k_ != "skip_mask"})
+                                       in r.items() if k_ not in ("skip_mask", "visited_mask")})
            for t, r in results]
   with open(os.path.join(cfg.output_dir, "demo_sweep.json"), "w") as f:
     json.dump(dict(config=cfg.to_dict(), sweep=table), f, indent=1)

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 COMPUTE_WGS = 2
+# 32 words = 128 bytes: the alignment TMA needs for shared-memory slots.
+SLOT = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +70,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     plgpu.barrier_arrive(sched_bar)
     plgpu.barrier_wait(sched_bar)
 
-  # Per-sequence scalars: [kv_len, log2(λ), 0, 0] (16 bytes, one TMA per
-  # warpgroup into its own slot).
+  # Per-sequence scalars [kv_len, log2(λ), 0...]: one TMA per warpgroup into
+  # its own 128-byte slot (TMA needs 128-byte aligned shared memory).
   my_params = params_smem.at[wg]
   plgpu.copy_gmem_to_smem(params_ref.at[batch], my_params, params_bar.at[wg])
   plgpu.barrier_wait(params_bar.at[wg])
@@ -220,8 +222,6 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     stats = stats_smem2.at[wg]
     stats[0] = n_skipped
     stats[1] = n_steps.astype(jnp.int32)
-    stats[2] = jnp.int32(0)
-    stats[3] = jnp.int32(0)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(qo_smem,
                             out_ref.at[batch, pl.ds(q_base, block_q), q_head])
@@ -285,9 +285,9 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
               mode="edge")
   k = jnp.pad(k, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, 0)))
   v = jnp.pad(v, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, 0)))
-  params = jnp.stack([
-      kv_lengths.astype(jnp.float32), log_threshold * LOG2E,
-      jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32)], axis=1)
+  params = jnp.zeros((b, SLOT), jnp.float32)
+  params = params.at[:, 0].set(kv_lengths.astype(jnp.float32))
+  params = params.at[:, 1].set(log_threshold * LOG2E)
   dtype = q.dtype
   num_stages = config.num_stages
 
@@ -298,8 +298,8 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
         plgpu.SMEM((num_stages, block_kv, d), dtype, transforms=swizzled),
         plgpu.SMEM((num_stages, block_kv, d), dtype, transforms=swizzled),
         plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
-        plgpu.SMEM((COMPUTE_WGS, 4), jnp.int32),
-        plgpu.SMEM((COMPUTE_WGS + 1, 4), jnp.float32),
+        plgpu.SMEM((COMPUTE_WGS, SLOT), jnp.int32),
+        plgpu.SMEM((COMPUTE_WGS + 1, SLOT), jnp.float32),
     )
     barriers = (
         (plgpu.Barrier(num_barriers=num_stages),
@@ -325,7 +325,8 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
       out_type=(
           jax.ShapeDtypeStruct(q.shape, dtype),
           jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32),
-          jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, 4), jnp.int32),
+          jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, SLOT),
+                               jnp.int32),
       ),
       grid=(hq, n_pairs, b),
       grid_names=("heads", "q_seq", "batch"),

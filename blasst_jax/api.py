@@ -15,7 +15,7 @@ from blasst_jax import reference
 from blasst_jax.config import SkipSoftmaxConfig, SkipStats
 
 IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
-AVAILABLE_IMPLEMENTATIONS = ("reference", "pallas_triton")
+AVAILABLE_IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # The Triton kernel keeps a [block_q, head_dim] accumulator in registers.
 MAX_TRITON_HEAD_DIM = 256
@@ -151,11 +151,13 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       padding. Rows that see no key return 0.
     block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks]: only
       selected blocks are visited ("reference" only for now).
-    implementation: "reference", "pallas_triton", "pallas_mosaic" or None for
-      the best one on the current backend.
+    implementation: "reference", "pallas_triton", "pallas_mosaic" (Hopper,
+      bf16/f16, head_dim 64/128/256; experimental) or None for the best one
+      on the current backend.
     return_stats: also return a `SkipStats`.
-    block_q, block_kv: tile sizes (powers of two >= 16), default 128/64.
-      They define the skip granularity.
+    block_q, block_kv: tile sizes (powers of two >= 16). They define the
+      skip granularity. Default 128/64; for "pallas_mosaic" 64/128 (64/64
+      at head_dim 256), block_q being the rows of one compute warpgroup.
     interpret: run Pallas kernels in interpret mode; default True when no GPU
       is present.
     kernel_config: implementation-specific speed knobs, e.g.
@@ -174,6 +176,7 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
   _check_kv_lengths(kv_lengths, b)
   _check_sm_scale(sm_scale)
   _check_threshold(threshold, b)
+  block_q_arg, block_kv_arg = block_q, block_kv
   block_q, block_kv = config_lib.effective_block_sizes(lq, lk, block_q,
                                                        block_kv)
   _check_block_mask(block_mask, (b, hq, -(-lq // block_q), -(-lk // block_kv)))
@@ -201,16 +204,38 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
         block_mask=block_mask)
     return (result.out, result.stats) if return_stats else result.out
 
-  # implementation == "pallas_triton"
-  from blasst_jax.kernels import pallas_triton  # pylint: disable=g-import-not-at-top
   if block_mask is not None:
     raise ValueError(
         "`block_mask` is supported by implementation='reference' only in "
         "this version.")
-  if d > MAX_TRITON_HEAD_DIM:
+  if implementation == "pallas_triton":
+    kernel_config, interpret = _triton_options(d, kernel_config, interpret)
+  else:
+    block_q, block_kv, kernel_config = _mosaic_options(
+        q, lq, lk, block_q, block_kv, kernel_config, interpret,
+        requested=(block_q_arg, block_kv_arg))
+  kv_lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
+  log_thr = config_lib.log_threshold(
+      config_lib.resolve_threshold(threshold, kv_lengths, lk, b))
+  static = dict(kernel=implementation, causal=causal, sm_scale=sm_scale,
+                block_q=block_q, block_kv=block_kv, config=kernel_config,
+                skip_enabled=not _is_static_zero(threshold))
+  if implementation == "pallas_triton":
+    static["interpret"] = bool(interpret)
+  out, skipped, visited = _kernel_with_vjp(
+      q, k, v, kv_lengths, log_thr, tuple(sorted(static.items())))
+  if not return_stats:
+    return out
+  return out, SkipStats(skipped_blocks=jnp.sum(skipped, axis=-1),
+                        visited_blocks=jnp.sum(visited, axis=-1))
+
+
+def _triton_options(head_dim, kernel_config, interpret):
+  from blasst_jax.kernels import pallas_triton  # pylint: disable=g-import-not-at-top
+  if head_dim > MAX_TRITON_HEAD_DIM:
     raise ValueError(
-        f"head_dim {d} is too large for implementation='pallas_triton' "
-        f"(max {MAX_TRITON_HEAD_DIM}); use implementation='reference'.")
+        f"head_dim {head_dim} is too large for implementation='pallas_triton'"
+        f" (max {MAX_TRITON_HEAD_DIM}); use implementation='reference'.")
   if kernel_config is None:
     kernel_config = pallas_triton.TritonConfig()
   elif not isinstance(kernel_config, pallas_triton.TritonConfig):
@@ -219,41 +244,85 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
         f"{type(kernel_config).__name__}.")
   if interpret is None:
     interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
-  kv_lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
-  log_thr = config_lib.log_threshold(
-      config_lib.resolve_threshold(threshold, kv_lengths, lk, b))
-  static = dict(causal=causal, sm_scale=sm_scale, block_q=block_q,
-                block_kv=block_kv, config=kernel_config,
-                interpret=bool(interpret),
-                skip_enabled=not _is_static_zero(threshold))
-  out, skipped, visited = _triton_with_vjp(
-      q, k, v, kv_lengths, log_thr, tuple(sorted(static.items())))
-  if not return_stats:
-    return out
-  return out, SkipStats(skipped_blocks=jnp.sum(skipped, axis=-1),
-                        visited_blocks=jnp.sum(visited, axis=-1))
+  return kernel_config, interpret
+
+
+def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
+                    interpret, requested):
+  """Checks what the Hopper kernel supports; returns its block sizes."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  if interpret:
+    raise ValueError(
+        "implementation='pallas_mosaic' has no interpret mode; use "
+        "'pallas_triton' (interpret=True) or 'reference' on CPU.")
+  if jax.default_backend() != "gpu":
+    raise ValueError(
+        "implementation='pallas_mosaic' needs an NVIDIA Hopper GPU; on "
+        f"{jax.default_backend()!r} use 'pallas_triton' or 'reference'.")
+  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16),
+                                jnp.dtype(jnp.float16)):
+    raise ValueError(
+        f"implementation='pallas_mosaic' takes bfloat16 or float16, got "
+        f"{q.dtype}; cast q, k, v or use 'pallas_triton'.")
+  d = q.shape[-1]
+  if d not in (64, 128, 256):
+    raise ValueError(
+        f"implementation='pallas_mosaic' supports head_dim 64, 128 or 256, "
+        f"got {d}; use 'pallas_triton'.")
+  req_q, req_kv = requested
+  block_q = pallas_mosaic.DEFAULT_BLOCK_Q if req_q is None else block_q
+  block_kv = (pallas_mosaic.default_block_kv(d) if req_kv is None
+              else block_kv)
+  block_q, block_kv = config_lib.effective_block_sizes(q_len, kv_len, block_q,
+                                                       block_kv)
+  # Tiles smaller than 64 only arise for short sequences, where widening
+  # them to one wgmma tile changes no decision (one tile either way).
+  block_q, block_kv = max(block_q, 64), max(block_kv, 64)
+  if kernel_config is None:
+    kernel_config = pallas_mosaic.MosaicConfig()
+  elif not isinstance(kernel_config, pallas_mosaic.MosaicConfig):
+    raise ValueError(
+        "`kernel_config` for 'pallas_mosaic' must be a MosaicConfig, got "
+        f"{type(kernel_config).__name__}.")
+  smem = pallas_mosaic.shared_memory_bytes(block_q, block_kv, d,
+                                           kernel_config.num_stages)
+  if smem > pallas_mosaic.MAX_SHARED_MEMORY:
+    raise ValueError(
+        f"block_q={block_q}, block_kv={block_kv}, head_dim={d}, "
+        f"num_stages={kernel_config.num_stages} need {smem} bytes of shared "
+        f"memory (max {pallas_mosaic.MAX_SHARED_MEMORY}); lower `block_kv` "
+        "or num_stages.")
+  return block_q, block_kv, kernel_config
+
+
+def _forward_kernel(name):
+  if name == "pallas_triton":
+    from blasst_jax.kernels import pallas_triton  # pylint: disable=g-import-not-at-top
+    return pallas_triton.attention_forward
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  return pallas_mosaic.attention_forward
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _triton_with_vjp(q, k, v, kv_lengths, log_thr, static):
-  """The Triton forward, differentiable.
+def _kernel_with_vjp(q, k, v, kv_lengths, log_thr, static):
+  """A Pallas forward, differentiable.
 
   The backward differentiates the oracle with the same skip rule, i.e. the
   gradient of the sparse forward (skipped blocks carry zero probability).
   It recomputes the forward in pure JAX: correct, not fast.
   """
-  from blasst_jax.kernels import pallas_triton  # pylint: disable=g-import-not-at-top
-  out, _, skipped, visited = pallas_triton.attention_forward(
-      q, k, v, kv_lengths, log_thr, **dict(static))
+  opts = dict(static)
+  forward = _forward_kernel(opts.pop("kernel"))
+  out, _, skipped, visited = forward(q, k, v, kv_lengths, log_thr, **opts)
   return out, skipped, visited
 
 
-def _triton_fwd(q, k, v, kv_lengths, log_thr, static):
-  return (_triton_with_vjp(q, k, v, kv_lengths, log_thr, static),
+def _kernel_fwd(q, k, v, kv_lengths, log_thr, static):
+  return (_kernel_with_vjp(q, k, v, kv_lengths, log_thr, static),
           (q, k, v, kv_lengths, log_thr))
 
 
-def _triton_bwd(static, residuals, cotangents):
+def _kernel_bwd(static, residuals, cotangents):
   q, k, v, kv_lengths, log_thr = residuals
   opts = dict(static)
 
@@ -268,4 +337,4 @@ def _triton_bwd(static, residuals, cotangents):
   return dq, dk, dv, None, jnp.zeros_like(log_thr)
 
 
-_triton_with_vjp.defvjp(_triton_fwd, _triton_bwd)
+_kernel_with_vjp.defvjp(_kernel_fwd, _kernel_bwd)

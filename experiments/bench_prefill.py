@@ -14,6 +14,8 @@ blocks); `dense_equiv_tflops` is dense FLOPs / time.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import statistics
@@ -31,7 +33,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import blasst_jax as bj  # pylint: disable=g-import-not-at-top
 from blasst_jax import analysis
 from blasst_jax import testing
+from blasst_jax.kernels import pallas_mosaic
 from blasst_jax.kernels import pallas_triton
+
+KERNELS = ("pallas_triton", "pallas_mosaic")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_prefill.py")
 
@@ -86,10 +91,19 @@ def row(impl, causal, shape, dtype, threshold, sparsity, t_ms, *, skip=True):
               dense_equiv_tflops=round(dense / t_ms / 1e9, 2))
 
 
+def kernel_options(cfg, impl):
+  """(block_q, block_kv, kernel_config) of one of our implementations."""
+  if impl == "pallas_triton":
+    return cfg.block_q, cfg.block_kv, pallas_triton.TritonConfig(
+        cfg.num_warps, cfg.num_stages, cfg.load_v_in_branch)
+  if impl == "pallas_mosaic":
+    return cfg.mosaic_block_q, cfg.mosaic_block_kv, pallas_mosaic.MosaicConfig(
+        num_stages=cfg.mosaic_num_stages)
+  return cfg.block_q, cfg.block_kv, None
+
+
 def run_speed(cfg, on_gpu):
   rows = []
-  kcfg = pallas_triton.TritonConfig(cfg.num_warps, cfg.num_stages,
-                                    cfg.load_v_in_branch)
   for i, t in enumerate(cfg.shapes):
     shape = shape_of(t)
     q, k, v = make_inputs(cfg, shape, cfg.seed + i)
@@ -114,17 +128,19 @@ def run_speed(cfg, on_gpu):
           print(f"{tag}: {t_ms:.3f} ms  {rows[-1]['tflops']} TFLOP/s",
                 flush=True)
           continue
-        fn = ours(cfg, causal, block_q=cfg.block_q, block_kv=cfg.block_kv,
-                  kernel_config=kcfg if impl == "pallas_triton" else None,
+        if impl == "pallas_mosaic" and not on_gpu:
+          print(f"{tag}: skipped (no GPU)")
+          continue
+        bq, bkv, kcfg = kernel_options(cfg, impl)
+        fn = ours(cfg, causal, block_q=bq, block_kv=bkv, kernel_config=kcfg,
                   implementation=impl)
-        if impl == "pallas_triton":
+        if impl in KERNELS:
           # λ = 0 known at trace time: the build without the skip check.
-          dense_fn = jax.jit(lambda q, k, v: bj.attention(
-              q, k, v, threshold=0.0, causal=causal,  # pylint: disable=cell-var-from-loop
-              implementation="pallas_triton", block_q=cfg.block_q,
-              block_kv=cfg.block_kv, kernel_config=kcfg))
+          dense_fn = jax.jit(functools.partial(
+              bj.attention, threshold=0.0, causal=causal, implementation=impl,
+              block_q=bq, block_kv=bkv, kernel_config=kcfg))
           t_ms = time_ms(dense_fn, q, k, v, warmup=cfg.warmup, iters=cfg.iters)
-          rows.append(row("pallas_triton_noskip", causal, shape, cfg.dtype,
+          rows.append(row(f"{impl}_noskip", causal, shape, cfg.dtype,
                           0.0, 0.0, t_ms, skip=False))
           print(f"{tag} built without skip check: {t_ms:.3f} ms  "
                 f"{rows[-1]['tflops']} TFLOP/s", flush=True)
@@ -142,7 +158,7 @@ def run_speed(cfg, on_gpu):
 
 
 def run_tuning(cfg):
-  if not cfg.tuning:
+  if not cfg.run_tuning or not cfg.tuning:
     return []
   shape = shape_of(cfg.tuning_shape)
   q, k, v = make_inputs(cfg, shape, cfg.seed)
@@ -178,16 +194,19 @@ def run_checks(cfg, on_gpu):
   shape = shape_of(cfg.check_shape)
   q, k, v = make_inputs(cfg, shape, cfg.seed + 100)
   checks = []
-  for causal in cfg.causal:
+  kernels = [i for i in cfg.impls if i in KERNELS
+             and (on_gpu or i == "pallas_triton")]
+  for impl, causal in itertools.product(kernels, cfg.causal):
     for thr in (0.0, cfg.thresholds[min(2, len(cfg.thresholds) - 1)]):
+      bq, bkv, kcfg = kernel_options(cfg, impl)
       common = dict(threshold=thr, causal=causal, return_stats=True,
-                    block_q=cfg.block_q, block_kv=cfg.block_kv)
-      out, stats = bj.attention(q, k, v, implementation="pallas_triton",
-                                **common)
+                    block_q=bq, block_kv=bkv)
+      out, stats = bj.attention(q, k, v, implementation=impl,
+                                kernel_config=kcfg, **common)
       ref, ref_stats = bj.attention(q, k, v, implementation="reference",
                                     **common)
       dense = bj.reference.dense_attention(q, k, v, causal=causal)
-      c = dict(causal=causal, threshold=thr, shape=shape.name,
+      c = dict(impl=impl, causal=causal, threshold=thr, shape=shape.name,
                sparsity=float(stats.total_sparsity),
                oracle_sparsity=float(ref_stats.total_sparsity),
                skip_count_mismatch=int(jnp.sum(jnp.abs(
@@ -207,8 +226,11 @@ def run_checks(cfg, on_gpu):
   return checks
 
 
-DENSE_LABELS = {"pallas_triton": "pallas_triton, λ=0 (skip check on)",
-                "pallas_triton_noskip": "pallas_triton, built without check"}
+DENSE_LABELS = {
+    "pallas_triton": "pallas_triton, λ=0 (skip check on)",
+    "pallas_triton_noskip": "pallas_triton, built without check",
+    "pallas_mosaic": "pallas_mosaic, λ=0 (skip check on)",
+    "pallas_mosaic_noskip": "pallas_mosaic, built without check"}
 
 
 def plot(rows, path):
@@ -219,7 +241,7 @@ def plot(rows, path):
   ax = axes[0]
   groups = sorted({(r["seq_len"], r["causal"]) for r in rows})
   impls = sorted({r["impl"] for r in rows})
-  width = 0.8 / max(1, len(impls) + 1)
+  width = 0.8 / max(1, len(impls) + 2)
   for n, impl in enumerate(impls):
     xs, ys = [], []
     for g, (s, c) in enumerate(groups):
@@ -229,14 +251,16 @@ def plot(rows, path):
         xs.append(g + n * width)
         ys.append(dense[0]["dense_equiv_tflops"])
     ax.bar(xs, ys, width, label=DENSE_LABELS.get(impl, f"{impl} (dense)"))
-  best = []
-  for g, (s, c) in enumerate(groups):
-    sk = [r for r in rows if r["impl"] == "pallas_triton" and r["seq_len"] == s
-          and r["causal"] == c and 0.5 <= r["sparsity"] <= 0.8]
-    best.append(max(sk, key=lambda r: r["sparsity"]) if sk else None)
-  ax.bar([g + len(impls) * width for g, b in enumerate(best) if b],
-         [b["dense_equiv_tflops"] for b in best if b], width,
-         label="pallas_triton, 50-80% sparse (dense-equiv)")
+  kernels = [k_ for k_ in KERNELS if any(r["impl"] == k_ for r in rows)]
+  for n, kernel in enumerate(kernels):
+    best = []
+    for g, (s, c) in enumerate(groups):
+      sk = [r for r in rows if r["impl"] == kernel and r["seq_len"] == s
+            and r["causal"] == c and 0.5 <= r["sparsity"] <= 0.8]
+      best.append(max(sk, key=lambda r: r["sparsity"]) if sk else None)
+    ax.bar([g + (len(impls) + n) * width for g, b in enumerate(best) if b],
+           [b["dense_equiv_tflops"] for b in best if b], width,
+           label=f"{kernel}, 50-80% sparse (dense-equiv)")
   ax.set_xticks([g + 0.4 for g in range(len(groups))])
   ax.set_xticklabels([f"{s // 1024}k{' causal' if c else ''}"
                       for s, c in groups])
@@ -245,23 +269,26 @@ def plot(rows, path):
             ncol=2)
   ax.set_title("Prefill forward")
   ax = axes[1]
-  for s, c in groups:
-    pts = [r for r in rows if r["impl"] == "pallas_triton"
-           and r["seq_len"] == s and r["causal"] == c]
-    dense = [r for r in pts if r["threshold"] == 0.0]
-    cud = [r for r in rows if r["impl"] == "cudnn" and r["seq_len"] == s
-           and r["causal"] == c]
-    if not dense:
-      continue
-    base = cud[0]["time_ms"] if cud else dense[0]["time_ms"]
-    pts = sorted(pts, key=lambda r: r["sparsity"])
-    ax.plot([r["sparsity"] for r in pts], [base / r["time_ms"] for r in pts],
-            "o-", label=f"{s // 1024}k{' causal' if c else ''}")
+  for kernel, style in zip(kernels, ("o-", "s--")):
+    for s, c in groups:
+      pts = [r for r in rows if r["impl"] == kernel
+             and r["seq_len"] == s and r["causal"] == c]
+      dense = [r for r in pts if r["threshold"] == 0.0]
+      cud = [r for r in rows if r["impl"] == "cudnn" and r["seq_len"] == s
+             and r["causal"] == c]
+      if not dense:
+        continue
+      base = cud[0]["time_ms"] if cud else dense[0]["time_ms"]
+      pts = sorted(pts, key=lambda r: r["sparsity"])
+      ax.plot([r["sparsity"] for r in pts],
+              [base / r["time_ms"] for r in pts], style,
+              label=f"{kernel.removeprefix('pallas_')} "
+              f"{s // 1024}k{' causal' if c else ''}")
   ax.axhline(1.0, color="gray", lw=0.8)
   ax.set_xlabel("block sparsity (skipped / visited)")
   ax.set_ylabel("speedup over cuDNN dense (or own dense on CPU)")
   ax.set_title("Skip-softmax speedup vs sparsity\n(sink + local-window scores)")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

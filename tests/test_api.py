@@ -45,7 +45,6 @@ BAD_CALLS = {
     "block_q": (None, dict(block_q=48), r"`block_q` must be a power of two"),
     "block_kv_small": (None, dict(block_kv=8), r"`block_kv` must be a power of two"),
     "implementation": (None, dict(implementation="cuda"), r"`implementation` must be"),
-    "mosaic_missing": (None, dict(implementation="pallas_mosaic"), r"not available"),
     "kv_lengths_shape": (None, dict(kv_lengths=jnp.array([3])), r"`kv_lengths`.*shape"),
     "kv_lengths_dtype": (None, dict(kv_lengths=jnp.array([3.0, 4.0])), r"`kv_lengths`.*integer"),
     "block_mask_shape": (None, dict(block_mask=jnp.ones((B, H, 2, 2), bool)),
@@ -117,3 +116,35 @@ def test_stats_sparsity_and_repr():
   assert "sparsity=0.250" in repr(stats)
   leaves = jax.tree.leaves(jax.jit(lambda s: s)(stats))
   assert len(leaves) == 2
+
+
+def test_mosaic_needs_a_gpu_and_supported_inputs():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match="needs an NVIDIA Hopper GPU"):
+    bj.attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                 v.astype(jnp.bfloat16), implementation="pallas_mosaic")
+  with pytest.raises(ValueError, match="no interpret mode"):
+    bj.attention(q, k, v, implementation="pallas_mosaic", interpret=True)
+
+
+def test_mosaic_shared_memory_check(monkeypatch):
+  from blasst_jax import api  # pylint: disable=g-import-not-at-top
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q = jnp.zeros((1, 1024, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="shared memory"):
+    api._mosaic_options(q, 1024, 1024, 64, 128,  # pylint: disable=protected-access
+                        pallas_mosaic.MosaicConfig(num_stages=3), None,
+                        requested=(64, 128))
+  with pytest.raises(ValueError, match="head_dim 64, 128 or 256"):
+    api._mosaic_options(q[..., :96], 1024, 1024, 64, 128, None, None,  # pylint: disable=protected-access
+                        requested=(None, None))
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    api._mosaic_options(q.astype(jnp.float32), 1024, 1024, 64, 128, None,  # pylint: disable=protected-access
+                        None, requested=(None, None))
+  bq, bkv, _ = api._mosaic_options(q, 1024, 1024, 128, 64, None, None,  # pylint: disable=protected-access
+                                   requested=(None, None))
+  assert (bq, bkv) == (64, 128)
+  bq, bkv, _ = api._mosaic_options(q, 20, 20, 128, 64, None, None,  # pylint: disable=protected-access
+                                   requested=(None, None))
+  assert (bq, bkv) == (64, 64)

@@ -48,3 +48,24 @@ def test_mosaic_matches_oracle(shape, causal, threshold):
   np.testing.assert_allclose(np.asarray(jnp.where(finite, lse, 0)),
                              np.asarray(jnp.where(finite, oracle.lse, 0)),
                              atol=5e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_mosaic_through_the_api(causal):
+  shape = testing.AttentionShape(batch=2, q_len=1024, kv_len=1024, q_heads=4,
+                                 kv_heads=2, head_dim=128)
+  q, k, v = shape.inputs(test_base.key_for("mosaic_api", causal),
+                         dtype=jnp.bfloat16)
+  common = dict(threshold=1e-2, causal=causal, return_stats=True)
+  out, stats = bj.attention(q, k, v, implementation="pallas_mosaic", **common)
+  ref, ref_stats = bj.attention(q, k, v, implementation="reference",
+                                block_q=64, block_kv=128, **common)
+  test_base.assert_close(out, ref, jnp.bfloat16)
+  np.testing.assert_array_equal(stats.visited_blocks,
+                                ref_stats.visited_blocks)
+  assert int(jnp.sum(jnp.abs(stats.skipped_blocks
+                             - ref_stats.skipped_blocks))) <= 2
+  g = jax.grad(lambda q: jnp.sum(bj.attention(
+      q, k, v, threshold=1e-2, causal=causal,
+      implementation="pallas_mosaic").astype(jnp.float32) ** 2))(q)
+  assert g.shape == q.shape and bool(jnp.all(jnp.isfinite(g)))

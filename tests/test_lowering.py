@@ -44,3 +44,28 @@ def test_kernel_lowers_for_cuda(dtype, causal, hq, hkv, d, lq, lk, bq, bkv,
   text = lowered.as_text()
   assert "xla.gpu.triton" in text
   assert text.count("blasst_prefill_triton") >= 1
+
+
+@pytest.mark.parametrize(
+    "dtype,causal,hq,hkv,d,lq,lk,bkv,skip",
+    [(jnp.bfloat16, False, 4, 4, 128, 1024, 1024, 128, True),
+     (jnp.bfloat16, True, 8, 2, 128, 1000, 1000, 128, True),
+     (jnp.float16, True, 4, 1, 64, 300, 700, 128, True),
+     (jnp.bfloat16, False, 2, 2, 256, 512, 512, 64, True),
+     (jnp.float16, False, 2, 2, 128, 512, 512, 128, False)])
+def test_mosaic_kernel_lowers_for_cuda(dtype, causal, hq, hkv, d, lq, lk,
+                                       bkv, skip):
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  b = 2
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, kv_lengths, log_thr):
+    return pallas_mosaic.attention_forward(
+        q, k, v, kv_lengths, log_thr, causal=causal, sm_scale=d ** -0.5,
+        block_q=64, block_kv=bkv, skip_enabled=skip)
+
+  lowered = lower_for_h100(fn, sds((b, lq, hq, d), dtype),
+                           sds((b, lk, hkv, d), dtype),
+                           sds((b, lk, hkv, d), dtype),
+                           sds((b,), jnp.int32), sds((b,), jnp.float32))
+  assert "mosaic_gpu" in lowered.as_text()

@@ -306,7 +306,7 @@ def test_error_dropout():
 
 @pytest.mark.parametrize("kwargs", [
     dict(threshold=1.0), dict(threshold=-0.1), dict(threshold=float("nan")),
-    dict(implementation="cuda"), dict(implementation="pallas_mosaic"),
+    dict(implementation="cuda"), dict(implementation="mosaic"),
     dict(block_q=24), dict(sm_scale=-1.0)])
 def test_error_factory_arguments(kwargs):
   with pytest.raises(ValueError):

@@ -15,7 +15,6 @@ from blasst_jax import reference
 from blasst_jax.config import SkipSoftmaxConfig, SkipStats
 
 IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
-AVAILABLE_IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # The Triton kernel keeps a [block_q, head_dim] accumulator in registers.
 MAX_TRITON_HEAD_DIM = 256
@@ -92,7 +91,8 @@ def _check_block_mask(block_mask, expected: tuple[int, ...]):
     raise ValueError(f"`block_mask` must be bool, got {block_mask.dtype}.")
 
 
-def _check_sm_scale(sm_scale):
+def check_sm_scale(sm_scale):
+  """Raises ValueError unless `sm_scale` is None or a positive finite float."""
   if sm_scale is None:
     return
   if isinstance(sm_scale, bool) or not isinstance(
@@ -111,6 +111,14 @@ def _check_threshold(threshold, batch: int):
     raise ValueError(
         f"`threshold` must be a scalar or have shape [batch]=({batch},), got "
         f"shape {shape}.")
+
+
+def check_implementation(implementation):
+  """Raises ValueError unless `implementation` is a known name or None."""
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"`implementation` must be one of {IMPLEMENTATIONS} or None, got "
+        f"{implementation!r}.")
 
 
 def _is_static_zero(threshold) -> bool:
@@ -174,22 +182,15 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
   b, lq, hq, d = q.shape
   lk = k.shape[1]
   _check_kv_lengths(kv_lengths, b)
-  _check_sm_scale(sm_scale)
+  check_sm_scale(sm_scale)
   _check_threshold(threshold, b)
   block_q_arg, block_kv_arg = block_q, block_kv
   block_q, block_kv = config_lib.effective_block_sizes(lq, lk, block_q,
                                                        block_kv)
   _check_block_mask(block_mask, (b, hq, -(-lq // block_q), -(-lk // block_kv)))
+  check_implementation(implementation)
   if implementation is None:
     implementation = default_implementation()
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"`implementation` must be one of {IMPLEMENTATIONS} or None, got "
-        f"{implementation!r}.")
-  if implementation not in AVAILABLE_IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation={implementation!r} is not available in this version;"
-        f" use one of {AVAILABLE_IMPLEMENTATIONS}.")
   sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
       sm_scale)
 
@@ -212,8 +213,7 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
     kernel_config, interpret = _triton_options(d, kernel_config, interpret)
   else:
     block_q, block_kv, kernel_config = _mosaic_options(
-        q, lq, lk, block_q, block_kv, kernel_config, interpret,
-        requested=(block_q_arg, block_kv_arg))
+        q, lq, lk, block_q_arg, block_kv_arg, kernel_config, interpret)
   kv_lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
   log_thr = config_lib.log_threshold(
       config_lib.resolve_threshold(threshold, kv_lengths, lk, b))
@@ -236,20 +236,29 @@ def _triton_options(head_dim, kernel_config, interpret):
     raise ValueError(
         f"head_dim {head_dim} is too large for implementation='pallas_triton'"
         f" (max {MAX_TRITON_HEAD_DIM}); use implementation='reference'.")
-  if kernel_config is None:
-    kernel_config = pallas_triton.TritonConfig()
-  elif not isinstance(kernel_config, pallas_triton.TritonConfig):
-    raise ValueError(
-        "`kernel_config` for 'pallas_triton' must be a TritonConfig, got "
-        f"{type(kernel_config).__name__}.")
+  kernel_config = _kernel_config_or_default(
+      kernel_config, pallas_triton.TritonConfig, "pallas_triton")
   if interpret is None:
     interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
   return kernel_config, interpret
 
 
+def _kernel_config_or_default(kernel_config, config_class, implementation):
+  if kernel_config is None:
+    return config_class()
+  if not isinstance(kernel_config, config_class):
+    raise ValueError(
+        f"`kernel_config` for {implementation!r} must be a "
+        f"{config_class.__name__}, got {type(kernel_config).__name__}.")
+  return kernel_config
+
+
 def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
-                    interpret, requested):
-  """Checks what the Hopper kernel supports; returns its block sizes."""
+                    interpret):
+  """Checks what the Hopper kernel supports; returns its block sizes.
+
+  `block_q`, `block_kv` are the caller's (None: the kernel's defaults).
+  """
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   if interpret:
     raise ValueError(
@@ -269,21 +278,17 @@ def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
     raise ValueError(
         f"implementation='pallas_mosaic' supports head_dim 64, 128 or 256, "
         f"got {d}; use 'pallas_triton'.")
-  req_q, req_kv = requested
-  block_q = pallas_mosaic.DEFAULT_BLOCK_Q if req_q is None else block_q
-  block_kv = (pallas_mosaic.default_block_kv(d) if req_kv is None
-              else block_kv)
+  if block_q is None:
+    block_q = pallas_mosaic.DEFAULT_BLOCK_Q
+  if block_kv is None:
+    block_kv = pallas_mosaic.default_block_kv(d)
   block_q, block_kv = config_lib.effective_block_sizes(q_len, kv_len, block_q,
                                                        block_kv)
   # Tiles smaller than 64 only arise for short sequences, where widening
   # them to one wgmma tile changes no decision (one tile either way).
   block_q, block_kv = max(block_q, 64), max(block_kv, 64)
-  if kernel_config is None:
-    kernel_config = pallas_mosaic.MosaicConfig()
-  elif not isinstance(kernel_config, pallas_mosaic.MosaicConfig):
-    raise ValueError(
-        "`kernel_config` for 'pallas_mosaic' must be a MosaicConfig, got "
-        f"{type(kernel_config).__name__}.")
+  kernel_config = _kernel_config_or_default(
+      kernel_config, pallas_mosaic.MosaicConfig, "pallas_mosaic")
   smem = pallas_mosaic.shared_memory_bytes(block_q, block_kv, d,
                                            kernel_config.num_stages)
   if smem > pallas_mosaic.MAX_SHARED_MEMORY:

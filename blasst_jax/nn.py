@@ -18,9 +18,9 @@ lengths, which is what lets them skip whole blocks. `make_attention_fn`
 therefore rejects `mask` and `bias` rather than silently dropping them.
 
 Training: every implementation is differentiable. The gradient is that of
-the sparse forward (skipped blocks carry zero probability); for
-"pallas_triton" the backward recomputes the forward in pure JAX (correct,
-not yet fast).
+the sparse forward (skipped blocks carry zero probability); for the Pallas
+kernels the backward recomputes the forward in pure JAX (correct, not yet
+fast).
 """
 
 from __future__ import annotations
@@ -50,18 +50,10 @@ def _check_options(threshold, implementation, block_q, block_kv,
                    sm_scale) -> None:
   """Validates factory/constructor arguments before any call is traced."""
   _check_threshold(threshold)
-  if implementation is not None and (
-      implementation not in api.AVAILABLE_IMPLEMENTATIONS):
-    raise ValueError(
-        f"`implementation` must be one of {api.AVAILABLE_IMPLEMENTATIONS} or "
-        f"None, got {implementation!r}.")
+  api.check_implementation(implementation)
   # Shape-independent part of the block size check (power of two >= 16).
   config_lib.effective_block_sizes(1, 1, block_q, block_kv)
-  if sm_scale is not None and (
-      not isinstance(sm_scale, (int, float, np.floating))
-      or not (math.isfinite(sm_scale) and sm_scale > 0)):
-    raise ValueError(
-        f"`sm_scale` must be a positive finite Python float, got {sm_scale!r}.")
+  api.check_sm_scale(sm_scale)
 
 
 def _sow(module: Any, stats: SkipStats) -> None:

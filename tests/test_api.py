@@ -134,17 +134,13 @@ def test_mosaic_shared_memory_check(monkeypatch):
   q = jnp.zeros((1, 1024, 2, 128), jnp.bfloat16)
   with pytest.raises(ValueError, match="shared memory"):
     api._mosaic_options(q, 1024, 1024, 64, 128,  # pylint: disable=protected-access
-                        pallas_mosaic.MosaicConfig(num_stages=3), None,
-                        requested=(64, 128))
+                        pallas_mosaic.MosaicConfig(num_stages=3), None)
   with pytest.raises(ValueError, match="head_dim 64, 128 or 256"):
-    api._mosaic_options(q[..., :96], 1024, 1024, 64, 128, None, None,  # pylint: disable=protected-access
-                        requested=(None, None))
+    api._mosaic_options(q[..., :96], 1024, 1024, None, None, None, None)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="bfloat16 or float16"):
-    api._mosaic_options(q.astype(jnp.float32), 1024, 1024, 64, 128, None,  # pylint: disable=protected-access
-                        None, requested=(None, None))
-  bq, bkv, _ = api._mosaic_options(q, 1024, 1024, 128, 64, None, None,  # pylint: disable=protected-access
-                                   requested=(None, None))
+    api._mosaic_options(q.astype(jnp.float32), 1024, 1024, None, None, None,  # pylint: disable=protected-access
+                        None)
+  bq, bkv, _ = api._mosaic_options(q, 1024, 1024, None, None, None, None)  # pylint: disable=protected-access
   assert (bq, bkv) == (64, 128)
-  bq, bkv, _ = api._mosaic_options(q, 20, 20, 128, 64, None, None,  # pylint: disable=protected-access
-                                   requested=(None, None))
+  bq, bkv, _ = api._mosaic_options(q, 20, 20, None, None, None, None)  # pylint: disable=protected-access
   assert (bq, bkv) == (64, 64)

@@ -39,6 +39,14 @@ def assert_close(actual, expected, dtype, scale=1.0):
   np.testing.assert_allclose(a, e, atol=tol, rtol=tol)
 
 
+def assert_lse_close(lse, expected, *, atol, rtol):
+  """Log-sum-exp equal to `expected` wherever `expected` is finite."""
+  finite = jnp.isfinite(expected)
+  np.testing.assert_allclose(np.asarray(jnp.where(finite, lse, 0)),
+                             np.asarray(jnp.where(finite, expected, 0)),
+                             atol=atol, rtol=rtol)
+
+
 def near_tie_tiles(result, threshold, tol) -> jax.Array:
   """bool [batch, q_heads, n_q_tiles]: a visited block sits near log λ."""
   lam = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32),

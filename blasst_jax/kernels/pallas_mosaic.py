@@ -77,8 +77,7 @@ class MosaicConfig:
 
 def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
             scoped, *, sm_scale, block_q, block_kv, head_dim, dtype, causal,
-            q_len,
-            group, num_stages, compute_registers, skip_enabled):
+            q_len, group, num_stages, compute_registers, skip_enabled):
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
@@ -333,8 +332,7 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
         lambda *scoped: _kernel(
             q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
             (scoped[:6], scoped[6:]), sm_scale=sm_scale, block_q=block_q,
-            block_kv=block_kv,
-            head_dim=d, dtype=dtype, causal=causal, q_len=lq,
+            block_kv=block_kv, head_dim=d, dtype=dtype, causal=causal, q_len=lq,
             group=hq // hkv, num_stages=num_stages,
             compute_registers=config.compute_registers,
             skip_enabled=skip_enabled),

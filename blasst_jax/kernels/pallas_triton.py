@@ -36,11 +36,13 @@ LN2 = math.log(2.0)
 class TritonConfig:
   """Performance knobs of the Triton kernel (no effect on results).
 
+  The defaults come from the tuning sweep in
+  benchmarks/results/prefill_triton_h100.json (128x64 tiles, 4 warps,
+  3 stages were fastest on an H100).
+
   Attributes:
     num_warps: warps per program.
     num_stages: software-pipelining depth of the KV loop.
-    (Defaults from the tuning sweep in benchmarks/results/
-    prefill_triton_h100.json: 128x64 tiles, 4 warps, 3 stages.)
     load_v_in_branch: load V only for blocks that are kept. Loading inside
       the conditional saves bandwidth on skipped blocks but may cost Triton's
       pipelining of the V load; benchmark both.

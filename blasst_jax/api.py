@@ -20,10 +20,38 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_TRITON_HEAD_DIM = 256
 
 
-def default_implementation(backend: str | None = None) -> str:
-  """The best implementation for a backend ("gpu" -> Pallas kernel)."""
+MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)
+MOSAIC_HEAD_DIMS = (64, 128, 256)
+
+
+def is_hopper(device=None) -> bool:
+  """True for an NVIDIA Hopper GPU (H100, H200, H800, GH200: sm_90)."""
+  device = device or jax.devices()[0]
+  if device.platform not in ("gpu", "cuda"):
+    return False
+  capability = getattr(device, "compute_capability", None)
+  if capability is not None:
+    return str(capability).split(".")[0] == "9"
+  return any(name in device.device_kind for name in ("H100", "H200", "H800"))
+
+
+def default_implementation(backend: str | None = None, *, dtype=None,
+                           head_dim: int | None = None) -> str:
+  """The best implementation for a backend and problem.
+
+  "pallas_mosaic" on a Hopper GPU for bf16/f16 and head_dim 64/128/256,
+  "pallas_triton" on other GPUs (and other dtypes or head dims), and
+  "reference" off GPU.
+  """
   backend = backend or jax.default_backend()
-  return "pallas_triton" if backend in ("gpu", "cuda", "rocm") else "reference"
+  if backend not in ("gpu", "cuda", "rocm"):
+    return "reference"
+  mosaic_fits = (
+      (dtype is None or jnp.dtype(dtype) in map(jnp.dtype, MOSAIC_DTYPES))
+      and (head_dim is None or head_dim in MOSAIC_HEAD_DIMS))
+  if mosaic_fits and backend == jax.default_backend() and is_hopper():
+    return "pallas_mosaic"
+  return "pallas_triton"
 
 
 def _shape_of(name: str, x: Any) -> tuple[int, ...]:
@@ -160,14 +188,15 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
     block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks]: only
       selected blocks are visited ("reference" only for now).
     implementation: "reference", "pallas_triton", "pallas_mosaic" (Hopper,
-      bf16/f16, head_dim 64/128/256; experimental) or None for the best one
-      on the current backend.
+      bf16/f16, head_dim 64/128/256) or None for the best one for the
+      current backend and problem (`default_implementation`).
     return_stats: also return a `SkipStats`.
     block_q, block_kv: tile sizes (powers of two >= 16). They define the
       skip granularity. Default 128/64; for "pallas_mosaic" 64/128 (64/64
       at head_dim 256), block_q being the rows of one compute warpgroup.
     interpret: run Pallas kernels in interpret mode; default True when no GPU
-      is present.
+      is present for "pallas_triton". For "pallas_mosaic", True runs Pallas'
+      GPU interpret mode (barriers and TMA simulated on CPU; slow).
     kernel_config: implementation-specific speed knobs, e.g.
       `blasst_jax.kernels.pallas_triton.TritonConfig`.
 
@@ -190,7 +219,10 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
   _check_block_mask(block_mask, (b, hq, -(-lq // block_q), -(-lk // block_kv)))
   check_implementation(implementation)
   if implementation is None:
-    implementation = default_implementation()
+    implementation = default_implementation(dtype=q.dtype, head_dim=d)
+    if implementation == "pallas_mosaic" and (
+        interpret or block_mask is not None):
+      implementation = "pallas_triton"
   sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
       sm_scale)
 
@@ -222,6 +254,8 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
                 skip_enabled=not _is_static_zero(threshold))
   if implementation == "pallas_triton":
     static["interpret"] = bool(interpret)
+  elif interpret:
+    static["interpret"] = _mosaic_interpret_params()
   out, skipped, visited = _kernel_with_vjp(
       q, k, v, kv_lengths, log_thr, tuple(sorted(static.items())))
   if not return_stats:
@@ -260,21 +294,17 @@ def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
   `block_q`, `block_kv` are the caller's (None: the kernel's defaults).
   """
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  if interpret:
+  if not interpret and not is_hopper():
     raise ValueError(
-        "implementation='pallas_mosaic' has no interpret mode; use "
-        "'pallas_triton' (interpret=True) or 'reference' on CPU.")
-  if jax.default_backend() != "gpu":
-    raise ValueError(
-        "implementation='pallas_mosaic' needs an NVIDIA Hopper GPU; on "
-        f"{jax.default_backend()!r} use 'pallas_triton' or 'reference'.")
-  if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16),
-                                jnp.dtype(jnp.float16)):
+        "implementation='pallas_mosaic' needs an NVIDIA Hopper GPU (sm_90), "
+        f"this is {jax.devices()[0].device_kind!r}; use 'pallas_triton', "
+        "'reference', or interpret=True (a slow simulation, for debugging).")
+  if jnp.dtype(q.dtype) not in map(jnp.dtype, MOSAIC_DTYPES):
     raise ValueError(
         f"implementation='pallas_mosaic' takes bfloat16 or float16, got "
         f"{q.dtype}; cast q, k, v or use 'pallas_triton'.")
   d = q.shape[-1]
-  if d not in (64, 128, 256):
+  if d not in MOSAIC_HEAD_DIMS:
     raise ValueError(
         f"implementation='pallas_mosaic' supports head_dim 64, 128 or 256, "
         f"got {d}; use 'pallas_triton'.")
@@ -298,6 +328,12 @@ def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
         f"memory (max {pallas_mosaic.MAX_SHARED_MEMORY}); lower `block_kv` "
         "or num_stages.")
   return block_q, block_kv, kernel_config
+
+
+def _mosaic_interpret_params():
+  """GPU interpret mode for the Mosaic kernel (CPU simulation)."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  return plgpu.InterpretGPUParams()
 
 
 def _forward_kernel(name):

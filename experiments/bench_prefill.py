@@ -102,7 +102,8 @@ def kernel_options(cfg, impl):
   return cfg.block_q, cfg.block_kv, None
 
 
-def run_speed(cfg, on_gpu):
+def run_speed(cfg, on_gpu, save=lambda rows: None):
+  """Times every implementation; `save(rows)` after each shape."""
   rows = []
   for i, t in enumerate(cfg.shapes):
     shape = shape_of(t)
@@ -154,6 +155,7 @@ def run_speed(cfg, on_gpu):
           print(f"{tag} λ={thr:g}: sparsity {sparsity:.3f}  {t_ms:.3f} ms  "
                 f"{rows[-1]['dense_equiv_tflops']} dense-equiv TFLOP/s",
                 flush=True)
+    save(rows)
   return rows
 
 
@@ -233,11 +235,19 @@ DENSE_LABELS = {
     "pallas_mosaic_noskip": "pallas_mosaic, built without check"}
 
 
+def seq_label(seq_len: int, causal: bool) -> str:
+  size = f"{seq_len // 1024}k" if seq_len >= 1024 else str(seq_len)
+  return size + (" causal" if causal else "")
+
+
 def plot(rows, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+  kernels = [k_ for k_ in KERNELS if any(r["impl"] == k_ for r in rows)]
+  fig, axes = plt.subplots(1, 1 + len(kernels),
+                           figsize=(6.5 * (1 + len(kernels)), 5))
+  axes = list(np.atleast_1d(axes))
   ax = axes[0]
   groups = sorted({(r["seq_len"], r["causal"]) for r in rows})
   impls = sorted({r["impl"] for r in rows})
@@ -250,8 +260,8 @@ def plot(rows, path):
       if dense:
         xs.append(g + n * width)
         ys.append(dense[0]["dense_equiv_tflops"])
-    ax.bar(xs, ys, width, label=DENSE_LABELS.get(impl, f"{impl} (dense)"))
-  kernels = [k_ for k_ in KERNELS if any(r["impl"] == k_ for r in rows)]
+    ax.bar(xs, ys, width, color=f"C{n}",
+           label=DENSE_LABELS.get(impl, f"{impl} (dense)"))
   for n, kernel in enumerate(kernels):
     best = []
     for g, (s, c) in enumerate(groups):
@@ -260,16 +270,14 @@ def plot(rows, path):
       best.append(max(sk, key=lambda r: r["sparsity"]) if sk else None)
     ax.bar([g + (len(impls) + n) * width for g, b in enumerate(best) if b],
            [b["dense_equiv_tflops"] for b in best if b], width,
-           label=f"{kernel}, 50-80% sparse (dense-equiv)")
+           color=f"C{len(impls) + n}", label=f"{kernel}, 50-80% sparse (dense-equiv)")
   ax.set_xticks([g + 0.4 for g in range(len(groups))])
-  ax.set_xticklabels([f"{s // 1024}k{' causal' if c else ''}"
-                      for s, c in groups])
+  ax.set_xticklabels([seq_label(s, c) for s, c in groups])
   ax.set_ylabel("TFLOP/s (dense-equivalent)")
   ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08),
             ncol=2)
   ax.set_title("Prefill forward")
-  ax = axes[1]
-  for kernel, style in zip(kernels, ("o-", "s--")):
+  for ax, kernel in zip(axes[1:], kernels):
     for s, c in groups:
       pts = [r for r in rows if r["impl"] == kernel
              and r["seq_len"] == s and r["causal"] == c]
@@ -281,14 +289,15 @@ def plot(rows, path):
       base = cud[0]["time_ms"] if cud else dense[0]["time_ms"]
       pts = sorted(pts, key=lambda r: r["sparsity"])
       ax.plot([r["sparsity"] for r in pts],
-              [base / r["time_ms"] for r in pts], style,
-              label=f"{kernel.removeprefix('pallas_')} "
-              f"{s // 1024}k{' causal' if c else ''}")
-  ax.axhline(1.0, color="gray", lw=0.8)
-  ax.set_xlabel("block sparsity (skipped / visited)")
-  ax.set_ylabel("speedup over cuDNN dense (or own dense on CPU)")
-  ax.set_title("Skip-softmax speedup vs sparsity\n(sink + local-window scores)")
-  ax.legend(fontsize=6, ncol=2)
+              [base / r["time_ms"] for r in pts], "--" if c else "-",
+              marker="o", ms=3,
+              label=seq_label(s, c))
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("block sparsity (skipped / visited)")
+    ax.set_ylabel("speedup over cuDNN dense (own dense off GPU)")
+    ax.set_title(f"{kernel}: speedup vs sparsity (λ sweep)\n"
+                 "sink + local-window scores")
+    ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -309,11 +318,15 @@ def main(argv):
                        "FLOPs / time; times are medians of "
                        f"{cfg.iters} runs after {cfg.warmup} warm-ups."))
   result["checks"] = run_checks(cfg, on_gpu)
-  result["rows"] = run_speed(cfg, on_gpu)
-  result["tuning"] = run_tuning(cfg)
   os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-  with open(cfg.output, "w") as f:
-    json.dump(result, f, indent=1)
+
+  def save(rows, tuning=()):
+    result.update(rows=rows, tuning=list(tuning))
+    with open(cfg.output, "w") as f:
+      json.dump(result, f, indent=1)
+
+  result["rows"] = run_speed(cfg, on_gpu, save)
+  save(result["rows"], run_tuning(cfg))
   png = os.path.splitext(cfg.output)[0] + ".png"
   plot(result["rows"], png)
   print(f"\nwrote {cfg.output} and {png}")

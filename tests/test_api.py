@@ -123,14 +123,28 @@ def test_mosaic_needs_a_gpu_and_supported_inputs():
   with pytest.raises(ValueError, match="needs an NVIDIA Hopper GPU"):
     bj.attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
                  v.astype(jnp.bfloat16), implementation="pallas_mosaic")
-  with pytest.raises(ValueError, match="no interpret mode"):
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
     bj.attention(q, k, v, implementation="pallas_mosaic", interpret=True)
+
+
+def test_default_implementation_follows_device_and_problem(monkeypatch):
+  from blasst_jax import api  # pylint: disable=g-import-not-at-top
+  assert bj.default_implementation("cpu") == "reference"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(api, "is_hopper", lambda: True)
+  assert bj.default_implementation() == "pallas_mosaic"
+  assert bj.default_implementation(dtype=jnp.bfloat16,
+                                   head_dim=128) == "pallas_mosaic"
+  assert bj.default_implementation(dtype=jnp.float32) == "pallas_triton"
+  assert bj.default_implementation(head_dim=96) == "pallas_triton"
+  monkeypatch.setattr(api, "is_hopper", lambda: False)
+  assert bj.default_implementation(dtype=jnp.bfloat16) == "pallas_triton"
 
 
 def test_mosaic_shared_memory_check(monkeypatch):
   from blasst_jax import api  # pylint: disable=g-import-not-at-top
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(api, "is_hopper", lambda: True)
   q = jnp.zeros((1, 1024, 2, 128), jnp.bfloat16)
   with pytest.raises(ValueError, match="shared memory"):
     api._mosaic_options(q, 1024, 1024, 64, 128,  # pylint: disable=protected-access

@@ -63,7 +63,9 @@ def test_dense_kernel_matches_cudnn(causal):
 
 
 def test_default_implementation_on_gpu_is_a_kernel():
-  assert bj.default_implementation() == "pallas_triton"
+  expected = "pallas_mosaic" if bj.api.is_hopper() else "pallas_triton"
+  assert bj.default_implementation(dtype=jnp.bfloat16) == expected
+  assert bj.default_implementation(dtype=jnp.float32) == "pallas_triton"
 
 
 def test_gradients_on_gpu():

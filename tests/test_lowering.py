@@ -46,17 +46,16 @@ def test_kernel_lowers_for_cuda(dtype, causal, hq, hkv, d, lq, lk, bq, bkv,
   assert text.count("blasst_prefill_triton") >= 1
 
 
-@pytest.mark.parametrize(
-    "dtype,causal,hq,hkv,d,lq,lk,bkv,skip",
-    [(jnp.bfloat16, False, 4, 4, 128, 1024, 1024, 128, True),
-     (jnp.bfloat16, True, 8, 2, 128, 1000, 1000, 128, True),
-     (jnp.float16, True, 4, 1, 64, 300, 700, 128, True),
-     (jnp.bfloat16, False, 2, 2, 256, 512, 512, 64, True),
-     (jnp.float16, False, 2, 2, 128, 512, 512, 128, False)])
-def test_mosaic_kernel_lowers_for_cuda(dtype, causal, hq, hkv, d, lq, lk,
-                                       bkv, skip):
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bf16", "f16"])
+def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, skip):
+  """Every configuration the Hopper kernel supports, with GQA, ragged sizes."""
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  b = 2
+  b, hq, hkv, lq, lk = 2, 4, 2, 1000, 700
+  bkv = pallas_mosaic.default_block_kv(d)
   sds = jax.ShapeDtypeStruct
 
   def fn(q, k, v, kv_lengths, log_thr):
@@ -68,4 +67,21 @@ def test_mosaic_kernel_lowers_for_cuda(dtype, causal, hq, hkv, d, lq, lk,
                            sds((b, lk, hkv, d), dtype),
                            sds((b, lk, hkv, d), dtype),
                            sds((b,), jnp.int32), sds((b,), jnp.float32))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_mosaic_mqa_lowers_with_three_stages():
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, kv_lengths, log_thr):
+    return pallas_mosaic.attention_forward(
+        q, k, v, kv_lengths, log_thr, causal=True, sm_scale=0.125,
+        block_q=64, block_kv=64,
+        config=pallas_mosaic.MosaicConfig(num_stages=3))
+
+  lowered = lower_for_h100(fn, sds((1, 300, 8, 128), jnp.bfloat16),
+                           sds((1, 300, 1, 128), jnp.bfloat16),
+                           sds((1, 300, 1, 128), jnp.bfloat16),
+                           sds((1,), jnp.int32), sds((1,), jnp.float32))
   assert "mosaic_gpu" in lowered.as_text()

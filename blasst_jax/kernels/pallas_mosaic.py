@@ -1,7 +1,9 @@
 """Hopper skip-softmax prefill kernel (Pallas Mosaic GPU), FA3 style.
 
-Experimental: `bj.attention(..., implementation="pallas_mosaic")` runs it;
-the default on GPU is still the Triton kernel.
+`bj.attention` runs it by default on Hopper GPUs for bf16/f16 and head_dim
+64/128/256 (`implementation="pallas_mosaic"`). With `interpret=` it runs on
+CPU in Pallas' GPU interpret mode, which simulates the warpgroups, TMA and
+barriers and detects shared-memory races (tests/test_mosaic_interpret.py).
 
 Each program owns two q tiles of `block_q` rows, one per compute warpgroup,
 and a third (memory) warpgroup that streams K and V blocks into a ring of
@@ -77,7 +79,8 @@ class MosaicConfig:
 
 def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
             scoped, *, sm_scale, block_q, block_kv, head_dim, dtype, causal,
-            q_len, group, num_stages, compute_registers, skip_enabled):
+            q_len, group, num_stages, compute_registers, skip_enabled,
+            p_smem2):
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
@@ -191,11 +194,26 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
             (acc_scaled, l_new, m_new, p16))
         end_softmax()
 
-        def pv_product(acc_ref):
-          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-          wait_next_k()
+        if p_smem2 is None:
+          def pv_product(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            wait_next_k()
 
-        acc_out = pl.run_state(pv_product)(plgpu.ACC.init(acc_scaled))
+          acc_out = pl.run_state(pv_product)(plgpu.ACC.init(acc_scaled))
+        else:
+          # Interpret-mode variant: P goes through shared memory (the
+          # interpreter has no register-operand wgmma nor run_state).
+          p_smem = p_smem2.at[wg]
+          p_smem[...] = p16
+          plgpu.commit_smem()
+
+          def pv_product(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+            wait_next_k()
+            return acc_ref[...]
+
+          acc_out = acc_scaled + pl.run_scoped(
+              pv_product, plgpu.ACC((block_q, head_dim), jnp.float32))
         return acc_out, m_new2, l_new, n_skipped
 
       if not skip_enabled:
@@ -222,8 +240,11 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     def flush(kv_step, _):
       # This tile is done; release the slots streamed for the other tile and
       # keep taking turns so the other warpgroup is never left waiting.
+      # Waiting on the copies too keeps every barrier phase observed.
       slot = lax.rem(kv_step, jnp.array(num_stages, kv_step.dtype))
+      plgpu.barrier_wait(k_bars.at[slot])
       plgpu.barrier_arrive(k_free.at[slot])
+      plgpu.barrier_wait(v_bars.at[slot])
       plgpu.barrier_arrive(v_free.at[slot])
       schedule_turn()
       schedule_turn()
@@ -272,15 +293,23 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       plgpu.barrier_wait(v_free.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bars.at[slot])
 
+    # Observe the last releases too, so every barrier phase this warpgroup
+    # took part in is seen before the barriers are freed.
+    @pl.loop(jnp.maximum(max_steps - num_stages, 0), max_steps)
+    def _drain(step):
+      slot = lax.rem(step, jnp.array(num_stages, step.dtype))
+      plgpu.barrier_wait(k_free.at[slot])
+      plgpu.barrier_wait(v_free.at[slot])
+
 
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
-                     "skip_enabled"))
+                     "skip_enabled", "interpret"))
 def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
                       sm_scale: float, block_q: int = 64, block_kv: int = 128,
                       config: MosaicConfig = MosaicConfig(),
-                      skip_enabled: bool = True):
+                      skip_enabled: bool = True, interpret=None):
   """Skip-softmax forward on Hopper; same contract as the Triton kernel.
 
   Args:
@@ -288,6 +317,9 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
       {64, 128, 256}.
     k, v: [batch, kv_len, kv_heads, head_dim].
     kv_lengths: int32 [batch]; log_threshold: f32 [batch] (natural log).
+    interpret: None on a GPU, or a `plgpu.InterpretGPUParams` to run on CPU
+      in Pallas' GPU interpret mode (barriers, TMA and races simulated; P·V
+      then reads P from shared memory instead of registers). Slow: tests only.
 
   Returns:
     out [batch, q_len, q_heads, head_dim], lse f32 [batch, q_heads, q_len],
@@ -310,7 +342,8 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
   dtype = q.dtype
   num_stages = config.num_stages
 
-  def entry(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref):
+  def blasst_prefill_mosaic(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref,
+                            stats_ref):
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = (
         plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=swizzled),
@@ -320,6 +353,10 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
         plgpu.SMEM((COMPUTE_WGS, SLOT), jnp.int32),
         plgpu.SMEM((COMPUTE_WGS + 1, SLOT), jnp.float32),
     )
+    if interpret is not None:
+      scratch += (plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype,
+                             transforms=swizzled),)
+    n_smem = len(scratch)
     barriers = (
         (plgpu.Barrier(num_barriers=num_stages),
          plgpu.Barrier(num_barriers=num_stages),
@@ -331,15 +368,16 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
     pl.run_scoped(
         lambda *scoped: _kernel(
             q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
-            (scoped[:6], scoped[6:]), sm_scale=sm_scale, block_q=block_q,
+            (scoped[:6], scoped[n_smem:]), sm_scale=sm_scale, block_q=block_q,
             block_kv=block_kv, head_dim=d, dtype=dtype, causal=causal, q_len=lq,
             group=hq // hkv, num_stages=num_stages,
             compute_registers=config.compute_registers,
-            skip_enabled=skip_enabled),
+            skip_enabled=skip_enabled,
+            p_smem2=scoped[6] if interpret is not None else None),
         *scratch, *barriers, collective_axes="wg")
 
   out, lse, stats = plgpu.kernel(
-      entry,
+      blasst_prefill_mosaic,
       out_type=(
           jax.ShapeDtypeStruct(q.shape, dtype),
           jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32),
@@ -351,6 +389,7 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
   )(q, k, v, params)
   nq = -(-lq // block_q)   # Tiles past q_len only hold padding rows.
   return (out[:, :lq], lse[:, :, :lq], stats[..., :nq, 0],

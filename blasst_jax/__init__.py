@@ -10,14 +10,20 @@ from blasst_jax import reference
 from blasst_jax.api import attention
 from blasst_jax.api import default_implementation
 from blasst_jax.config import SkipSoftmaxConfig
+from blasst_jax.decode import DecodeStats
+from blasst_jax.decode import decode_attention
+from blasst_jax.decode import paged_decode_attention
 from blasst_jax.config import SkipStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecodeStats",
     "SkipSoftmaxConfig",
     "SkipStats",
     "attention",
+    "decode_attention",
     "default_implementation",
+    "paged_decode_attention",
     "reference",
 ]

@@ -28,12 +28,14 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen
 from flax import nnx
 
 from blasst_jax import api
+from blasst_jax import decode as decode_lib
 from blasst_jax import config as config_lib
 from blasst_jax.config import SkipSoftmaxConfig, SkipStats
 
@@ -284,4 +286,56 @@ class SkipSelfAttention(nnx.Module):
     out, stats = result if return_stats else (result, None)
     b, t = x.shape[:2]
     y = self.out_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+    return (y, stats) if return_stats else y
+
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> None:
+    """Allocates a KV cache in NNX state (`nnx.Cache` variables).
+
+    k_cache, v_cache: [batch, max_len, num_kv_heads, head_dim];
+    cache_lengths: int32 [batch], tokens stored per sequence.
+    """
+    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+    self.k_cache = nnx.Cache(jnp.zeros(shape, dtype))
+    self.v_cache = nnx.Cache(jnp.zeros(shape, dtype))
+    self.cache_lengths = nnx.Cache(jnp.zeros((batch,), jnp.int32))
+
+  def decode(self, x, *, threshold=None, num_splits: int | None = None,
+             shared_max: bool = False, return_stats: bool = False):
+    """One generation step: append x's token to the cache and attend.
+
+    Args:
+      x: [batch, 1, in_features], the new token of every sequence.
+      threshold: overrides the layer's λ (a `SkipSoftmaxConfig` uses its
+        "decode" scale factor).
+      num_splits, shared_max: passed to `blasst_jax.decode_attention`.
+      return_stats: also return its `DecodeStats`.
+
+    Returns:
+      [batch, 1, in_features], or (that, DecodeStats).
+    """
+    if not hasattr(self, "k_cache"):
+      raise ValueError("Call `init_cache(batch, max_len)` before `decode`.")
+    b, max_len = self.k_cache[...].shape[:2]
+    if x.shape != (b, 1, self.in_features):
+      raise ValueError(f"`x` must have shape [batch, 1, in_features]="
+                       f"{(b, 1, self.in_features)}, got {x.shape}.")
+    q, k, v = self.project_qkv(x)            # [b, 1, h, d], [b, 1, hkv, d]
+    pos = self.cache_lengths[...]           # [b]
+    write = jax.vmap(lambda cache, new, p: jax.lax.dynamic_update_slice(
+        cache, new.astype(cache.dtype), (p, 0, 0)))
+    self.k_cache[...] = write(self.k_cache[...], k, pos)
+    self.v_cache[...] = write(self.v_cache[...], v, pos)
+    lengths = jnp.minimum(pos + 1, max_len)
+    self.cache_lengths[...] = lengths
+    threshold = self.threshold if threshold is None else threshold
+    impl = self.implementation
+    result = decode_lib.decode_attention(
+        q.astype(self.k_cache[...].dtype), self.k_cache[...],
+        self.v_cache[...], lengths, threshold=threshold,
+        num_splits=num_splits, shared_max=shared_max,
+        implementation=None if impl == "pallas_mosaic" else impl,
+        return_stats=return_stats, interpret=self.interpret)
+    out, stats = result if return_stats else (result, None)
+    y = self.out_proj(out.reshape(b, 1, self.num_heads * self.head_dim)
+                      .astype(x.dtype))
     return (y, stats) if return_stats else y

@@ -279,3 +279,159 @@ def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
   return BlockwiseResult(out=out, lse=lse, skip_mask=skip_mask,
                          visited_mask=visited,
                          block_gap=jnp.moveaxis(gap, 0, -1), stats=stats)
+
+
+# ----------------------------------------------------------------------------
+# Decode: one query row per head against a KV cache.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeResult:
+  """What the decode oracle knows about one call.
+
+  A decode tile is the `group = q_heads // kv_heads` query heads that share
+  a KV head (one row each); the skip decision is taken per (batch, kv-head,
+  kv-block) over those rows, because skipping a block means not reading its
+  V, which every head of the group shares.
+
+  Attributes:
+    out: [batch, q_heads, head_dim], dtype of q.
+    lse: f32 [batch, q_heads], natural-log log-sum-exp of the kept scores.
+    skip_mask: bool [batch, kv_heads, n_kv_blocks].
+    visited_mask: bool [batch, kv_heads, n_kv_blocks]: blocks holding at
+      least one key below `kv_lengths`.
+    block_gap: f32 [batch, kv_heads, n_kv_blocks]: max over the group's rows
+      of `block_max - reference_max`, compared with log λ.
+    stats: `SkipStats` per (batch, q-head) (every head of a group reports
+      its group's counts).
+  """
+
+  out: jax.Array
+  lse: jax.Array
+  skip_mask: jax.Array
+  visited_mask: jax.Array
+  block_gap: jax.Array
+  stats: SkipStats
+
+
+def decode_split_starts(kv_lengths, num_blocks: int, block_kv: int,
+                        num_splits: int) -> jax.Array:
+  """bool [batch, num_blocks]: the blocks that start a split.
+
+  A sequence's `ceil(kv_len / block_kv)` blocks are cut into `num_splits`
+  contiguous runs of `ceil(n_blocks / num_splits)` blocks (the last runs may
+  be shorter or empty), so ragged batches share the work evenly.
+  """
+  n_blocks = -(-kv_lengths // block_kv)                          # [b]
+  per_split = jnp.maximum(-(-n_blocks // num_splits), 1)         # [b]
+  j = jnp.arange(num_blocks)[None, :]
+  return (j % per_split[:, None]) == 0
+
+
+def blockwise_decode_attention(q, k, v, kv_lengths, *, block_kv: int,
+                               threshold=0.0, num_splits: int = 1,
+                               shared_max: bool = False, sm_scale=None,
+                               log_threshold=None) -> DecodeResult:
+  """Decode attention with the exact skip rule of the decode kernels.
+
+  Scores `s = sm_scale * q·kᵀ` (f32), keys at positions >= kv_lengths[b]
+  masked. Blocks of `block_kv` keys are split as in `decode_split_starts`.
+
+  - `shared_max=False` (one pass, split-K): within each split, blocks are
+    visited in order with a running max that starts at -inf at the split's
+    first block; block j is skipped when
+    `max_rows(rowmax(s_j) - m_prev) < log λ` (the first block of a split is
+    never skipped). More splits mean weaker running maxima, less skipping.
+  - `shared_max=True` (two passes): every block is compared with the global
+    row max `m*` over all keys, `max_rows(rowmax(s_j) - m*) < log λ`, the
+    same for every split count. The block holding a row's max is never
+    skipped.
+
+  The output is softmax attention restricted to the kept blocks (the split
+  partials merge exactly).
+
+  Args:
+    q: [batch, q_heads, head_dim].
+    k, v: [batch, max_len, kv_heads, head_dim].
+    kv_lengths: int [batch], 0 <= kv_lengths <= max_len.
+    block_kv: keys per block (the kernel's).
+    threshold: λ: a float, f32 [batch] or a `SkipSoftmaxConfig` ("decode"
+      scale factor).
+    num_splits: split-K factor (only matters when `shared_max=False`).
+    shared_max: decide against the global row max (see above).
+    sm_scale: default 1/sqrt(head_dim).
+    log_threshold: optional f32 [batch], log λ; overrides `threshold`.
+
+  Returns:
+    A `DecodeResult`.
+  """
+  b, hq, d = q.shape
+  _, lk, hkv, _ = k.shape
+  g = hq // hkv
+  sm_scale = default_sm_scale(d) if sm_scale is None else sm_scale
+  kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+  if log_threshold is None:
+    log_thr = config_lib.log_threshold(config_lib.resolve_threshold(
+        threshold, kv_lengths, lk, b, phase="decode"))
+  else:
+    log_thr = jnp.broadcast_to(jnp.asarray(log_threshold, jnp.float32), (b,))
+  nk = -(-lk // block_kv)
+
+  qg = q.reshape(b, hkv, g, d)
+  s = jnp.einsum("bhgd,bkhd->bhgk", qg, k, preferred_element_type=jnp.float32,
+                 precision=jax.lax.Precision.HIGHEST) * sm_scale
+  key_valid = jnp.arange(lk)[None, :] < kv_lengths[:, None]      # [b, lk]
+  s = jnp.where(key_valid[:, None, None, :], s, -jnp.inf)        # [b,hkv,g,lk]
+  s_blocks = jnp.pad(s, ((0, 0), (0, 0), (0, 0), (0, nk * block_kv - lk)),
+                     constant_values=-jnp.inf)
+  m_blk = jnp.max(s_blocks.reshape(b, hkv, g, nk, block_kv), axis=-1)
+  visited = jnp.arange(nk)[None, :] * block_kv < kv_lengths[:, None]  # [b,nk]
+  visited = jnp.broadcast_to(visited[:, None, :], (b, hkv, nk))
+
+  def gap_to(reference_max, blk):                                # -> [b,hkv]
+    gap = jnp.where(blk == -jnp.inf, -jnp.inf, blk - reference_max)
+    return jnp.max(gap, axis=2)
+
+  if shared_max:
+    m_star = jnp.max(s, axis=-1)                                 # [b,hkv,g]
+    gaps = jax.vmap(lambda blk: gap_to(m_star, blk), in_axes=3,
+                    out_axes=2)(m_blk)                           # [b,hkv,nk]
+    skip = visited & (gaps < log_thr[:, None, None])
+  else:
+    starts = decode_split_starts(kv_lengths, nk, block_kv, num_splits)
+
+    def step(m_run, xs):                                         # [b,hkv,g]
+      blk, start, visited_j = xs        # [b,hkv,g], [b], [b,hkv]
+      m_prev = jnp.where(start[:, None, None], -jnp.inf, m_run)
+      gap = gap_to(m_prev, blk)
+      skip_j = visited_j & ~start[:, None] & (gap < log_thr[:, None])
+      keep = (visited_j & ~skip_j)[..., None]
+      return jnp.where(keep, jnp.maximum(m_prev, blk), m_prev), (skip_j, gap)
+
+    init = jnp.full((b, hkv, g), -jnp.inf, jnp.float32)
+    _, (skip, gaps) = jax.lax.scan(
+        step, init, (jnp.moveaxis(m_blk, 3, 0), starts.T,
+                     jnp.moveaxis(visited, 2, 0)))
+    skip, gaps = jnp.moveaxis(skip, 0, 2), jnp.moveaxis(gaps, 0, 2)
+  gaps = jnp.where(visited, gaps, -jnp.inf)
+
+  kept_keys = jnp.repeat(visited & ~skip, block_kv, axis=2)[..., :lk]
+  s_kept = jnp.where(kept_keys[:, :, None, :], s, -jnp.inf)
+  m = jnp.max(s_kept, axis=-1, keepdims=True)
+  m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+  p = jnp.exp(s_kept - m_safe)                                   # [b,hkv,g,lk]
+  l = jnp.sum(p, axis=-1)
+  v_safe = jnp.where(key_valid[:, :, None, None], v, 0).astype(jnp.float32)
+  acc = jnp.einsum("bhgk,bkhd->bhgd", p, v_safe,
+                   precision=jax.lax.Precision.HIGHEST)
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+  lse = jnp.where(l > 0, m_safe[..., 0] + jnp.log(jnp.where(l > 0, l, 1.0)),
+                  -jnp.inf)
+  per_head = lambda x: jnp.repeat(jnp.sum(x, axis=-1, dtype=jnp.int32), g,  # pylint: disable=g-long-lambda
+                                  axis=1)
+  stats = SkipStats(skipped_blocks=per_head(skip),
+                    visited_blocks=per_head(visited))
+  return DecodeResult(out=out.reshape(b, hq, d).astype(q.dtype),
+                      lse=lse.reshape(b, hq), skip_mask=skip,
+                      visited_mask=visited, block_gap=gaps, stats=stats)

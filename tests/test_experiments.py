@@ -44,3 +44,24 @@ def test_bench_prefill_smoke(tmp_path):
   assert result["rows"] and all(fields <= set(r) for r in result["rows"])
   assert all(c["skip_count_mismatch"] == 0 for c in result["checks"])
   assert (tmp_path / "prefill.png").stat().st_size > 10_000
+
+
+def test_bench_decode_smoke(tmp_path):
+  output = tmp_path / "decode.json"
+  run(["experiments/bench_decode.py", "--config=configs/bench_decode.py:smoke",
+       f"--config.output={output}"], tmp_path)
+  result = json.loads(output.read_text())
+  fields = {"impl", "batch", "q_heads", "kv_heads", "seq_len", "head_dim",
+            "dtype", "threshold", "sparsity", "splits", "time_us",
+            "bytes_read", "effective_tbps", "read_tbps"}
+  rows = result["rows"]
+  assert rows and all(fields <= set(r) for r in rows)
+  ours = [r for r in rows if r["impl"] == "pallas_triton"]
+  assert {r["mode"] for r in ours} == {"one_pass", "shared_max"}
+  # Skipping reads fewer bytes than the dense run of the same mode.
+  for mode in ("one_pass", "shared_max"):
+    rs = [r for r in ours if r["mode"] == mode and r["splits"] == 2]
+    dense = [r for r in rs if r["threshold"] == 0][0]
+    sparse = [r for r in rs if r["threshold"] > 0][0]
+    assert sparse["bytes_read"] <= dense["bytes_read"]
+  assert (tmp_path / "decode.png").stat().st_size > 10_000

@@ -326,3 +326,36 @@ def test_error_layer_arguments():
     layer(_x(), threshold=2.0)
   with pytest.raises(ValueError, match="in_features|shape"):
     layer(_x(shape=(2, 8, 16)))
+
+
+def test_decode_step_with_kv_cache_in_nnx_state_matches_full_attention():
+  """Token-by-token generation through the decode kernel equals one causal
+  pass over the whole sequence (λ = 0), and skips blocks with λ > 0."""
+  b, t, features = 2, 40, 64
+  layer = SkipSelfAttention(4, features, num_kv_heads=2, causal=True,
+                                 implementation="pallas_triton",
+                                 rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(3), (b, t, features))
+  full = layer(x)
+
+  @nnx.jit
+  def step(layer, token):
+    return layer.decode(token, num_splits=2, return_stats=True)
+
+  layer.init_cache(b, max_len=48)
+  outs = []
+  for i in range(t):
+    y, stats = step(layer, x[:, i:i + 1])
+    outs.append(y)
+  np.testing.assert_array_equal(layer.cache_lengths[...], [t, t])
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5,
+                             rtol=2e-5)
+  np.testing.assert_array_equal(stats.visited_blocks, 1)  # 40 keys, 1 block
+
+  layer.threshold = 0.5
+  layer.init_cache(b, max_len=48)
+  for i in range(t):
+    y, stats = layer.decode(x[:, i:i + 1], num_splits=1, return_stats=True)
+  assert bool(jnp.all(jnp.isfinite(y)))
+  with pytest.raises(ValueError, match="shape"):
+    layer.decode(x[:, :2])

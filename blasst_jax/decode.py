@@ -1,0 +1,287 @@
+"""Decode attention: one new token per sequence against a KV cache.
+
+    out = bj.decode_attention(q, k_cache, v_cache, kv_lengths, threshold=1e-3)
+    out = bj.paged_decode_attention(q, k_pages, v_pages, page_table,
+                                    kv_lengths, threshold=1e-3)
+
+Skipping is decided per (sequence, KV head, KV block) over the query heads
+of the group (semantics: `reference.blockwise_decode_attention`); a skipped
+block's V is not read from memory, which is where decode gains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blasst_jax import api
+from blasst_jax import config as config_lib
+from blasst_jax import reference
+from blasst_jax.config import SkipStats
+
+IMPLEMENTATIONS = ("reference", "pallas_triton")
+# 128-key blocks read the cache fastest (tuning in decode_h100.json).
+DEFAULT_BLOCK_KV = 128
+# Programs to aim for when choosing the split count: two waves of an H100.
+TARGET_PROGRAMS = 2 * 132
+MIN_BLOCKS_PER_SPLIT = 4
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeStats(SkipStats):
+  """`SkipStats` per (batch, q-head) plus the cache bytes read.
+
+  Attributes:
+    bytes_read: f32 [batch]: K bytes of every visited block, V bytes of every
+      kept block, and in shared-max mode the scores written and read back
+      (block granularity).
+  """
+
+  bytes_read: jax.Array = None
+
+  def __repr__(self):
+    return (super().__repr__()[:-1].replace("SkipStats", "DecodeStats")
+            + (f", bytes_read={float(jnp.sum(self.bytes_read)):.4g})"
+               if not isinstance(self.bytes_read, jax.core.Tracer) else ")"))
+
+
+def default_num_splits(batch: int, kv_heads: int, max_len: int,
+                       block_kv: int) -> int:
+  """Enough (batch, kv-head, split) programs to fill the GPU twice, with at
+  least MIN_BLOCKS_PER_SPLIT blocks per split."""
+  blocks = -(-max_len // block_kv)
+  want = -(-TARGET_PROGRAMS // (batch * kv_heads))
+  return int(max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT)))
+
+
+def _check_decode_inputs(q, k, v, kv_lengths, *, cache_name: str):
+  q_shape = api._shape_of("q", q)  # pylint: disable=protected-access
+  if len(q_shape) == 4 and q_shape[1] != 1:
+    raise ValueError(
+        f"`q` [batch, 1, q_heads, head_dim] must hold one token, got shape "
+        f"{q_shape}; for several query tokens use bj.attention.")
+  if len(q_shape) not in (3, 4):
+    raise ValueError(
+        f"`q` must be [batch, q_heads, head_dim] (or [batch, 1, q_heads, "
+        f"head_dim]), got shape {q_shape}.")
+  ks = api._shape_of(f"k_{cache_name}", k)  # pylint: disable=protected-access
+  vs = api._shape_of(f"v_{cache_name}", v)  # pylint: disable=protected-access
+  if ks != vs or len(ks) != 4:
+    raise ValueError(
+        f"`k_{cache_name}` and `v_{cache_name}` must have the same rank-4 "
+        f"shape, got {ks} and {vs}.")
+  hq, d = q_shape[-2], q_shape[-1]
+  if ks[3] != d:
+    raise ValueError(f"head_dim of q ({d}) and of the cache ({ks[3]}) differ.")
+  if ks[2] == 0 or hq % ks[2]:
+    raise ValueError(
+        f"num_q_heads ({hq}) must be a multiple of num_kv_heads ({ks[2]}).")
+  if len({jnp.dtype(x.dtype) for x in (q, k, v)}) != 1:
+    raise ValueError(
+        f"`q` and the caches must share one dtype, got {q.dtype}, {k.dtype}, "
+        f"{v.dtype}; cast q with .astype(cache.dtype).")
+  if jnp.dtype(q.dtype) not in [jnp.dtype(t) for t in api.SUPPORTED_DTYPES]:
+    raise ValueError(f"dtype {q.dtype} is not supported; use float32, "
+                     "bfloat16 or float16.")
+  if kv_lengths is None:
+    raise ValueError("`kv_lengths` int [batch] is required for decoding: the "
+                     "number of valid tokens in each sequence's cache.")
+  shape = api._shape_of("kv_lengths", kv_lengths)  # pylint: disable=protected-access
+  if shape != (q_shape[0],) or not jnp.issubdtype(kv_lengths.dtype,
+                                                  jnp.integer):
+    raise ValueError(f"`kv_lengths` must be int [batch]=({q_shape[0]},), got "
+                     f"{kv_lengths.dtype}{list(shape)}.")
+
+
+def _check_options(implementation, num_splits, block_kv, head_dim):
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS} or "
+                     f"None, got {implementation!r}.")
+  if num_splits is not None and (not isinstance(num_splits, (int, np.integer))
+                                 or num_splits < 1):
+    raise ValueError(f"`num_splits` must be a positive int, got {num_splits!r}.")
+  if (not isinstance(block_kv, (int, np.integer)) or block_kv < 16
+      or block_kv & (block_kv - 1)):
+    raise ValueError(f"`block_kv` (the page size for paged caches) must be a "
+                     f"power of two >= 16, got {block_kv!r}.")
+  if implementation == "pallas_triton" and (head_dim < 16
+                                            or head_dim & (head_dim - 1)):
+    raise ValueError(f"The decode kernel needs head_dim a power of two >= 16, "
+                     f"got {head_dim}; use implementation='reference'.")
+
+
+def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
+                     sm_scale: float | None = None,
+                     block_kv: int = DEFAULT_BLOCK_KV,
+                     num_splits: int | None = None, shared_max: bool = False,
+                     implementation: str | None = None,
+                     return_stats: bool = False, interpret: bool | None = None,
+                     kernel_config=None):
+  """Skip-softmax attention of one new token against a contiguous KV cache.
+
+  Args:
+    q: [batch, q_heads, head_dim] or [batch, 1, q_heads, head_dim].
+    k_cache, v_cache: [batch, max_len, kv_heads, head_dim], same dtype as q
+      (f32, bf16, f16); q_heads % kv_heads == 0 (GQA: the heads of a group
+      are processed together; MQA: kv_heads = 1).
+    kv_lengths: int [batch], valid tokens per sequence (0..max_len); the
+      new token's key and value are expected to be in the cache already.
+    threshold: λ in [0, 1), f32 [batch], or a `SkipSoftmaxConfig` (its
+      "decode" scale factor gives λ = c / kv_length per sequence).
+    sm_scale: default 1/sqrt(head_dim).
+    block_kv: keys per block: the skip granularity (power of two >= 16).
+    num_splits: split-K factor; default fills the GPU
+      (`default_num_splits`). With `shared_max=False` each split has its own
+      running max, so more splits skip less.
+    shared_max: two passes: find the global row max first (reading K once
+      and keeping the scores), then decide every block against it; sparsity
+      no longer depends on the split count.
+    implementation: "pallas_triton" (GPU, or CPU in interpret mode),
+      "reference", or None (the kernel on GPU, the oracle elsewhere).
+    return_stats: also return a `DecodeStats`.
+    interpret: run the Pallas kernel in interpret mode (default: off GPU).
+    kernel_config: a `kernels.decode_triton.DecodeConfig`.
+
+  Returns:
+    out with q's shape and dtype, or (out, DecodeStats).
+
+  Raises:
+    ValueError: on bad shapes, dtypes, lengths, thresholds or options.
+  """
+  _check_decode_inputs(q, k_cache, v_cache, kv_lengths, cache_name="cache")
+  b, max_len, hkv, d = k_cache.shape
+  pad = -max_len % block_kv
+  if pad:  # A copy of the cache: allocate max_len as a multiple of block_kv.
+    k_cache = jnp.pad(k_cache, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    v_cache = jnp.pad(v_cache, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  pages_per_seq = (max_len + pad) // block_kv
+  # [batch * pages, block_kv, kv_heads, d]: a free reshape of the cache.
+  to_pages = lambda x: x.reshape(b * pages_per_seq, block_kv, hkv, d)  # pylint: disable=g-long-lambda
+  page_table = (jnp.arange(b, dtype=jnp.int32)[:, None] * pages_per_seq
+                + jnp.arange(pages_per_seq, dtype=jnp.int32)[None, :])
+  return _decode(q, to_pages(k_cache), to_pages(v_cache), page_table,
+                 kv_lengths, threshold=threshold, sm_scale=sm_scale,
+                 num_splits=num_splits, shared_max=shared_max,
+                 implementation=implementation, return_stats=return_stats,
+                 interpret=interpret, kernel_config=kernel_config)
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
+                           threshold=0.0, sm_scale: float | None = None,
+                           num_splits: int | None = None,
+                           shared_max: bool = False,
+                           implementation: str | None = None,
+                           return_stats: bool = False,
+                           interpret: bool | None = None, kernel_config=None):
+  """`decode_attention` over a paged KV cache, as serving engines keep it.
+
+  Args:
+    q: [batch, q_heads, head_dim] or [batch, 1, q_heads, head_dim].
+    k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim]: the page
+      pool; page_size (a power of two >= 16) is the skip block.
+    page_table: int32 [batch, pages_per_seq]: the pool page holding each
+      sequence's logical block; entries past a sequence's length are never
+      read.
+    kv_lengths: int [batch] <= pages_per_seq * page_size.
+    (other arguments as `decode_attention`)
+  """
+  _check_decode_inputs(q, k_pages, v_pages, kv_lengths, cache_name="pages")
+  table_shape = api._shape_of("page_table", page_table)  # pylint: disable=protected-access
+  if (len(table_shape) != 2 or table_shape[0] != q.shape[0]
+      or not jnp.issubdtype(page_table.dtype, jnp.integer)):
+    raise ValueError(f"`page_table` must be int [batch, pages_per_seq] with "
+                     f"batch={q.shape[0]}, got {page_table.dtype}"
+                     f"{list(table_shape)}.")
+  return _decode(q, k_pages, v_pages, page_table.astype(jnp.int32),
+                 kv_lengths, threshold=threshold, sm_scale=sm_scale,
+                 num_splits=num_splits, shared_max=shared_max,
+                 implementation=implementation, return_stats=return_stats,
+                 interpret=interpret, kernel_config=kernel_config)
+
+
+def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
+            sm_scale, num_splits, shared_max, implementation, return_stats,
+            interpret, kernel_config):
+  q_shape = q.shape
+  q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])       # [b, hq, d]
+  b, hq, d = q.shape
+  _, block_kv, hkv, _ = k_pages.shape
+  group = hq // hkv
+  max_len = page_table.shape[1] * block_kv
+  _check_options(implementation, num_splits, block_kv, d)
+  api.check_sm_scale(sm_scale)
+  if implementation is None:
+    implementation = ("pallas_triton" if jax.default_backend() == "gpu"
+                      and not (d < 16 or d & (d - 1)) else "reference")
+  if num_splits is None:
+    num_splits = default_num_splits(b, hkv, max_len, block_kv)
+  sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
+      sm_scale)
+  kv_lengths = kv_lengths.astype(jnp.int32)
+  log_thr = config_lib.log_threshold(config_lib.resolve_threshold(
+      threshold, kv_lengths, max_len, b, phase="decode"))
+  skip_enabled = not api._is_static_zero(threshold)  # pylint: disable=protected-access
+
+  if implementation == "reference":
+    gather = lambda pages: pages[page_table].reshape(b, max_len, hkv, d)  # pylint: disable=g-long-lambda
+    res = reference.blockwise_decode_attention(
+        q, gather(k_pages), gather(v_pages), kv_lengths, block_kv=block_kv,
+        num_splits=num_splits, shared_max=shared_max, sm_scale=sm_scale,
+        log_threshold=log_thr)
+    out = res.out
+    skipped = jnp.sum(res.skip_mask, axis=-1, dtype=jnp.int32)   # [b, hkv]
+    visited = jnp.sum(res.visited_mask, axis=-1, dtype=jnp.int32)
+  else:
+    from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
+    if kernel_config is None:
+      kernel_config = decode_triton.DecodeConfig()
+    elif not isinstance(kernel_config, decode_triton.DecodeConfig):
+      raise ValueError("`kernel_config` for 'pallas_triton' decode must be a "
+                       f"DecodeConfig, got {type(kernel_config).__name__}.")
+    if interpret is None:
+      interpret = jax.default_backend() != "gpu"
+    rows = decode_triton.padded_rows(group)
+    qg = jnp.pad(q.reshape(b, hkv, group, d),
+                 ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    acc, m, l, skipped, visited = decode_triton.decode_partials(
+        qg, k_pages, v_pages, page_table, kv_lengths, log_thr, group=group,
+        sm_scale=sm_scale, num_splits=num_splits, shared_max=shared_max,
+        config=kernel_config, interpret=bool(interpret),
+        skip_enabled=skip_enabled)
+    out = merge_partials(acc, m, l)[:, :, :group].reshape(b, hq, d)
+    out = out.astype(q.dtype)
+    skipped, visited = skipped.sum(axis=2), visited.sum(axis=2)  # [b, hkv]
+  out = out.reshape(q_shape)
+  if not return_stats:
+    return out
+  itemsize = jnp.dtype(q.dtype).itemsize
+  block_bytes = block_kv * d * itemsize
+  bytes_read = (visited * block_bytes + (visited - skipped) * block_bytes)
+  if shared_max:   # Scores of the real rows, written once and read once.
+    bytes_read = bytes_read + visited * (2 * block_kv * group * 4)
+  per_head = lambda x: jnp.repeat(x, group, axis=1)  # pylint: disable=g-long-lambda
+  return out, DecodeStats(
+      skipped_blocks=per_head(skipped), visited_blocks=per_head(visited),
+      bytes_read=jnp.sum(bytes_read.astype(jnp.float32), axis=1))
+
+
+def merge_partials(acc, m, l):
+  """Combines split-K partials.
+
+  Args:
+    acc: f32 [..., splits, rows, d] unnormalized accumulators; m, l: f32
+      [..., splits, rows] row max (log2 units) and row sums.
+
+  Returns:
+    f32 [..., rows, d]; rows with no kept key give 0.
+  """
+  m_all = jnp.max(m, axis=-2, keepdims=True)
+  m_all = jnp.where(m_all == -jnp.inf, 0.0, m_all)
+  w = jnp.where(m == -jnp.inf, 0.0, jnp.exp2(m - m_all))         # [..., s, r]
+  l_all = jnp.sum(w * l, axis=-2)
+  acc_all = jnp.sum(w[..., None] * acc, axis=-3)
+  return acc_all / jnp.where(l_all > 0, l_all, 1.0)[..., None]

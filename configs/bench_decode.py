@@ -1,0 +1,49 @@
+"""Decode benchmark: skip-softmax decode kernel against cuDNN, XLA, jax's
+Pallas decode example and a plain copy of the cache.
+
+    python experiments/bench_decode.py --config=configs/bench_decode.py
+    python experiments/bench_decode.py --config=configs/bench_decode.py:smoke
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "h100"):
+  c = ml_collections.ConfigDict()
+  # (batch, q_heads, kv_heads, seq_len, head_dim); every sequence is full.
+  c.shapes = [(8, 32, 8, 32768, 128), (1, 32, 8, 131072, 128),
+              (64, 32, 8, 4096, 128)]
+  c.dtype = "bfloat16"
+  c.thresholds = [1e-4, 1e-3, 1e-2, 1e-1]
+  c.block_kv = 128
+  # Split counts for the one-pass mode (None: the default that fills the
+  # GPU); the shared-max mode runs with the default.
+  c.splits = [None, 1]
+  c.impls = ["copy", "cudnn", "xla", "jax_pallas", "pallas_triton"]
+  # Score pattern of the cache (blasst_jax.patterns.sink_local_qkv); the
+  # query is the last position's.
+  c.pattern = ml_collections.ConfigDict(dict(
+      sharpness=(10.0, 14.0, 18.0, 22.0), sink_tokens=4, window=64,
+      noise=1.0))
+  c.warmup = 3
+  c.iters = 20
+  c.reps = 10          # calls per timed launch batch (hides dispatch)
+  c.seed = 0
+  # Dense one-pass tuning sweep on shapes[i] for i in tuning_shapes:
+  # (block_kv, num_warps, num_stages).
+  c.tuning_shapes = [0, 1]
+  c.tuning = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 3),
+              (128, 8, 3), (128, 4, 4), (32, 4, 3)]
+  c.output = "benchmarks/results/decode_h100.json"
+  if variant == "smoke":
+    c.shapes = [(2, 4, 2, 256, 32)]
+    c.thresholds = [1e-2]
+    c.block_kv = 32
+    c.splits = [None, 2]
+    c.impls = ["copy", "xla", "reference", "pallas_triton"]
+    c.tuning_shapes = []
+    c.warmup, c.iters, c.reps = 1, 2, 1
+    c.output = "/tmp/blasst_bench_smoke/decode.json"
+  elif variant != "h100":
+    raise ValueError(f"Unknown variant {variant!r}: use 'h100' or 'smoke'.")
+  return c

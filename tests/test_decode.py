@@ -1,0 +1,188 @@
+"""Decode attention: kernels against the decode oracle, on CPU (interpret)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import blasst_jax as bj
+from blasst_jax import patterns
+from tests import test_base
+
+IMPLS = ["pallas_triton", "reference"]
+
+
+def cache_inputs(key, *, batch=3, max_len=320, q_heads=8, kv_heads=2,
+                 head_dim=32, dtype=jnp.float32):
+  """q [b, hq, d] for the last position, caches with sink + local scores."""
+  q, k, v = patterns.sink_local_qkv(
+      key, batch=batch, seq_len=max_len, q_heads=q_heads, kv_heads=kv_heads,
+      head_dim=head_dim, window=16, sharpness=(16.0, 24.0), dtype=dtype)
+  return q[:, -1], k, v
+
+
+def assert_matches_oracle(out, stats, oracle, threshold, dtype):
+  test_base.assert_close(out, oracle.out, dtype)
+  np.testing.assert_array_equal(stats.visited_blocks,
+                                oracle.stats.visited_blocks)
+  differ = np.asarray(stats.skipped_blocks != oracle.stats.skipped_blocks)
+  lam = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32),
+                         (oracle.block_gap.shape[0],))
+  near = jnp.abs(oracle.block_gap - jnp.log(jnp.maximum(lam, 1e-38))[
+      :, None, None]) < test_base.NEAR_TIE[dtype]
+  near = np.asarray(jnp.repeat(jnp.any(near & oracle.visited_mask, -1),
+                               stats.skipped_blocks.shape[1]
+                               // near.shape[1], axis=1))
+  assert not (differ & ~near).any(), (stats.skipped_blocks,
+                                      oracle.stats.skipped_blocks)
+
+
+@pytest.mark.parametrize("shared_max", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_kernel_matches_oracle(kv_heads, num_splits, shared_max):
+  q, k, v = cache_inputs(test_base.key_for("decode", kv_heads), kv_heads=kv_heads)
+  # Ragged: full, not a multiple of the block, a single token.
+  kv_lengths = jnp.array([320, 177, 1], jnp.int32)
+  threshold = 1e-2
+  out, stats = bj.decode_attention(
+      q, k, v, kv_lengths, threshold=threshold, block_kv=32,
+      num_splits=num_splits, shared_max=shared_max,
+      implementation="pallas_triton", return_stats=True)
+  oracle = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, block_kv=32, threshold=threshold,
+      num_splits=num_splits, shared_max=shared_max)
+  assert_matches_oracle(out, stats, oracle, threshold, jnp.float32)
+  assert int(jnp.sum(stats.skipped_blocks)) > 0
+  # Skipped V blocks are not read.
+  dense_bytes = 2 * jnp.sum(oracle.visited_mask, axis=(1, 2)) * 32 * 32 * 4
+  if not shared_max:
+    assert bool(jnp.all(stats.bytes_read <= dense_bytes))
+    assert float(jnp.sum(stats.bytes_read)) < float(jnp.sum(dense_bytes))
+
+
+def test_more_splits_skip_less_unless_the_max_is_shared():
+  q, k, v = cache_inputs(test_base.key_for("decode_splits"), max_len=512)
+  lengths = jnp.array([512, 400, 300], jnp.int32)
+  sparsity = {}
+  for shared in (False, True):
+    for splits in (1, 8):
+      _, stats = bj.decode_attention(
+          q, k, v, lengths, threshold=1e-2, block_kv=32, num_splits=splits,
+          shared_max=shared, implementation="reference", return_stats=True)
+      sparsity[shared, splits] = float(stats.total_sparsity)
+  assert sparsity[False, 8] < sparsity[False, 1]
+  assert sparsity[True, 8] == sparsity[True, 1] >= sparsity[False, 1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shared_max", [False, True])
+def test_zero_threshold_is_dense_attention(impl, shared_max):
+  q, k, v = cache_inputs(test_base.key_for("decode_dense", impl), kv_heads=4,
+                         max_len=200)
+  kv_lengths = jnp.array([200, 63, 64], jnp.int32)
+  out, stats = bj.decode_attention(q, k, v, kv_lengths, threshold=0.0,
+                                   shared_max=shared_max, num_splits=2,
+                                   implementation=impl, return_stats=True)
+  dense = bj.reference.dense_attention(q[:, None], k, v,
+                                       kv_lengths=kv_lengths)[:, 0]
+  test_base.assert_close(out, dense, jnp.float32)
+  assert int(jnp.sum(stats.skipped_blocks)) == 0
+
+
+def test_bf16_and_four_dim_query():
+  q, k, v = cache_inputs(test_base.key_for("decode_bf16"), dtype=jnp.bfloat16,
+                         head_dim=64)
+  kv_lengths = jnp.array([320, 250, 100], jnp.int32)
+  out = bj.decode_attention(q[:, None], k, v, kv_lengths, threshold=1e-3,
+                            implementation="pallas_triton")
+  assert out.shape == (3, 1, 8, 64) and out.dtype == jnp.bfloat16
+  oracle = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, block_kv=128, threshold=1e-3,
+      num_splits=bj.decode.default_num_splits(3, 2, 320, 128))
+  test_base.assert_close(out[:, 0], oracle.out, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paged_cache_equals_contiguous(impl):
+  q, k, v = cache_inputs(test_base.key_for("decode_paged", impl), max_len=256)
+  b, page, hkv, d = 3, 32, 2, 32
+  pages_per_seq = 256 // page
+  # Scatter every sequence's pages at random places of a larger pool.
+  perm = jax.random.permutation(jax.random.PRNGKey(1), b * pages_per_seq + 5)
+  table = perm[: b * pages_per_seq].reshape(b, pages_per_seq).astype(jnp.int32)
+  pool_k = jnp.full((b * pages_per_seq + 5, page, hkv, d), jnp.nan)
+  pool_v = jnp.full_like(pool_k, jnp.nan)
+  pool_k = pool_k.at[table].set(k.reshape(b, pages_per_seq, page, hkv, d))
+  pool_v = pool_v.at[table].set(v.reshape(b, pages_per_seq, page, hkv, d))
+  kv_lengths = jnp.array([256, 100, 33], jnp.int32)
+  common = dict(threshold=1e-2, num_splits=2, implementation=impl,
+                return_stats=True)
+  out, stats = bj.paged_decode_attention(q, pool_k, pool_v, table, kv_lengths,
+                                         **common)
+  ref, ref_stats = bj.decode_attention(q, k, v, kv_lengths, block_kv=page,
+                                       **common)
+  test_base.assert_close(out, ref, jnp.float32)
+  np.testing.assert_array_equal(stats.skipped_blocks, ref_stats.skipped_blocks)
+
+
+def test_scale_factor_config_uses_the_decode_phase():
+  q, k, v = cache_inputs(test_base.key_for("decode_cfg"))
+  kv_lengths = jnp.array([320, 160, 40], jnp.int32)
+  cfg = bj.SkipSoftmaxConfig(threshold_scale_factor={"prefill": 0.0,
+                                                     "decode": 3.0})
+  out = bj.decode_attention(q, k, v, kv_lengths, threshold=cfg,
+                            implementation="pallas_triton", block_kv=32)
+  oracle = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, block_kv=32,
+      threshold=3.0 / kv_lengths.astype(jnp.float32),
+      num_splits=bj.decode.default_num_splits(3, 2, 320, 32))
+  test_base.assert_close(out, oracle.out, jnp.float32)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(q=jnp.zeros((2, 3, 4, 32))), "one token"),
+    (dict(q=jnp.zeros((2, 32))), r"\[batch, q_heads, head_dim\]"),
+    (dict(kv_lengths=None), "kv_lengths.*required"),
+    (dict(kv_lengths=jnp.zeros((3,), jnp.int32)), "kv_lengths"),
+    (dict(kv_lengths=jnp.zeros((2,), jnp.float32)), "kv_lengths"),
+    (dict(k=jnp.zeros((2, 64, 3, 32))), "multiple of num_kv_heads"),
+    (dict(q=jnp.zeros((2, 4, 32), jnp.bfloat16)), "dtype"),
+    (dict(threshold=1.5), "threshold"),
+    (dict(num_splits=0), "num_splits"),
+    (dict(block_kv=48), "block_kv"),
+    (dict(implementation="pallas_mosaic"), "implementation"),
+])
+def test_bad_input_raises_clear_errors(kwargs, match):
+  args = dict(q=jnp.zeros((2, 4, 32)), k=jnp.zeros((2, 64, 2, 32)),
+              v=jnp.zeros((2, 64, 2, 32)), kv_lengths=jnp.array([64, 3]))
+  opts = {n: kwargs.pop(n) for n in list(kwargs) if n not in args}
+  args.update(kwargs)
+  if args["k"].shape != args["v"].shape:
+    args["v"] = jnp.zeros(args["k"].shape)
+  with pytest.raises(ValueError, match=match):
+    bj.decode_attention(args["q"], args["k"], args["v"], args["kv_lengths"],
+                        implementation=opts.pop("implementation",
+                                                "pallas_triton"), **opts)
+
+
+def test_bad_page_table_raises():
+  with pytest.raises(ValueError, match="page_table"):
+    bj.paged_decode_attention(jnp.zeros((2, 4, 32)), jnp.zeros((8, 16, 2, 32)),
+                              jnp.zeros((8, 16, 2, 32)),
+                              jnp.zeros((2, 4), jnp.float32),
+                              jnp.array([10, 20]))
+
+
+def test_decode_kernel_lowers_for_cuda():
+  from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
+  from tests.test_lowering import lower_for_h100  # pylint: disable=g-import-not-at-top
+  sds = jax.ShapeDtypeStruct
+  for shared in (False, True):
+    fn = lambda *a, shared=shared: decode_triton.decode_partials(  # pylint: disable=g-long-lambda
+        *a, group=4, sm_scale=0.1, num_splits=4, shared_max=shared)
+    lowered = lower_for_h100(
+        fn, sds((2, 8, 16, 128), jnp.bfloat16),
+        sds((64, 64, 8, 128), jnp.bfloat16), sds((64, 64, 8, 128), jnp.bfloat16),
+        sds((2, 32), jnp.int32), sds((2,), jnp.int32), sds((2,), jnp.float32))
+    assert lowered.as_text().count("blasst_decode") >= 1

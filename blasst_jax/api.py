@@ -49,7 +49,7 @@ def default_implementation(backend: str | None = None, *, dtype=None,
   mosaic_fits = (
       (dtype is None or jnp.dtype(dtype) in map(jnp.dtype, MOSAIC_DTYPES))
       and (head_dim is None or head_dim in MOSAIC_HEAD_DIMS))
-  if mosaic_fits and backend == jax.default_backend() and is_hopper():
+  if mosaic_fits and is_hopper():
     return "pallas_mosaic"
   return "pallas_triton"
 

@@ -90,11 +90,12 @@ def _check_decode_inputs(q, k, v, kv_lengths, *, cache_name: str):
   if kv_lengths is None:
     raise ValueError("`kv_lengths` int [batch] is required for decoding: the "
                      "number of valid tokens in each sequence's cache.")
-  shape = api._shape_of("kv_lengths", kv_lengths)  # pylint: disable=protected-access
-  if shape != (q_shape[0],) or not jnp.issubdtype(kv_lengths.dtype,
-                                                  jnp.integer):
-    raise ValueError(f"`kv_lengths` must be int [batch]=({q_shape[0]},), got "
-                     f"{kv_lengths.dtype}{list(shape)}.")
+  api._check_kv_lengths(kv_lengths, q_shape[0])  # pylint: disable=protected-access
+
+
+def _kernel_head_dim(head_dim: int) -> bool:
+  """Head dims the decode kernel takes (Triton tiles: powers of two >= 16)."""
+  return head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
 def _check_options(implementation, num_splits, block_kv, head_dim):
@@ -108,8 +109,7 @@ def _check_options(implementation, num_splits, block_kv, head_dim):
       or block_kv & (block_kv - 1)):
     raise ValueError(f"`block_kv` (the page size for paged caches) must be a "
                      f"power of two >= 16, got {block_kv!r}.")
-  if implementation == "pallas_triton" and (head_dim < 16
-                                            or head_dim & (head_dim - 1)):
+  if implementation == "pallas_triton" and not _kernel_head_dim(head_dim):
     raise ValueError(f"The decode kernel needs head_dim a power of two >= 16, "
                      f"got {head_dim}; use implementation='reference'.")
 
@@ -216,7 +216,7 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
   api.check_sm_scale(sm_scale)
   if implementation is None:
     implementation = ("pallas_triton" if jax.default_backend() == "gpu"
-                      and not (d < 16 or d & (d - 1)) else "reference")
+                      and _kernel_head_dim(d) else "reference")
   if num_splits is None:
     num_splits = default_num_splits(b, hkv, max_len, block_kv)
   sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(

@@ -1,8 +1,10 @@
-"""Shapes and inputs shared by the test suite and the benchmarks."""
+"""Shapes, inputs and timing shared by the test suite and the benchmarks."""
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +64,19 @@ PREFILL_BENCH_SHAPES = (
     AttentionShape(batch=4, q_len=8192, kv_len=8192, q_heads=16, kv_heads=16, head_dim=128),
     AttentionShape(batch=2, q_len=16384, kv_len=16384, q_heads=16, kv_heads=16, head_dim=128),
 )
+
+
+def median_time_ms(fn, *args, warmup: int, iters: int, reps: int = 1) -> float:
+  """Median wall time of one `fn(*args)` call in ms, synchronised on the
+  device. With `reps > 1`, each sample queues `reps` calls before waiting, so
+  host dispatch overlaps device work (for calls of ~100 µs)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) * 1e3 / reps)
+  return statistics.median(samples)

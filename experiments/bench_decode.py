@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
-import time
 
 from absl import app
 import jax
@@ -25,23 +23,14 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import blasst_jax as bj  # pylint: disable=g-import-not-at-top
 from blasst_jax import patterns
+from blasst_jax import testing
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_decode.py")
 
 
 def time_us(fn, *args, warmup: int, iters: int, reps: int) -> float:
-  """Median time of one call in µs; `reps` calls are queued per sample so
-  that host dispatch overlaps device work."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) * 1e6 / reps)
-  return statistics.median(samples)
+  return 1e3 * testing.median_time_ms(fn, *args, warmup=warmup, iters=iters,
+                                      reps=reps)
 
 
 def make_cache(cfg, shape, seed):

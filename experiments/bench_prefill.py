@@ -18,9 +18,7 @@ import functools
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -39,18 +37,6 @@ from blasst_jax.kernels import pallas_triton
 KERNELS = ("pallas_triton", "pallas_mosaic")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_prefill.py")
-
-
-def time_ms(fn, *args, warmup: int, iters: int) -> float:
-  """Median wall time of `fn(*args)` in ms, synchronised on the device."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def shape_of(t) -> testing.AttentionShape:
@@ -119,7 +105,7 @@ def run_speed(cfg, on_gpu, save=lambda rows: None):
             print(f"{tag}: skipped (seq_len > xla_max_seq_len)")
             continue
           try:
-            t_ms = time_ms(baseline(impl, causal), q, k, v,
+            t_ms = testing.median_time_ms(baseline(impl, causal), q, k, v,
                            warmup=cfg.warmup, iters=cfg.iters)
           except Exception as e:  # e.g. XLA out of memory at long lengths.
             print(f"{tag}: failed: {type(e).__name__}: {str(e)[:200]}")
@@ -140,7 +126,7 @@ def run_speed(cfg, on_gpu, save=lambda rows: None):
           dense_fn = jax.jit(functools.partial(
               bj.attention, threshold=0.0, causal=causal, implementation=impl,
               block_q=bq, block_kv=bkv, kernel_config=kcfg))
-          t_ms = time_ms(dense_fn, q, k, v, warmup=cfg.warmup, iters=cfg.iters)
+          t_ms = testing.median_time_ms(dense_fn, q, k, v, warmup=cfg.warmup, iters=cfg.iters)
           rows.append(row(f"{impl}_noskip", causal, shape, cfg.dtype,
                           0.0, 0.0, t_ms, skip=False))
           print(f"{tag} built without skip check: {t_ms:.3f} ms  "
@@ -149,7 +135,7 @@ def run_speed(cfg, on_gpu, save=lambda rows: None):
           thr_arr = jnp.float32(thr)
           _, stats = fn(q, k, v, thr_arr)
           sparsity = float(stats.total_sparsity)
-          t_ms = time_ms(fn, q, k, v, thr_arr, warmup=cfg.warmup,
+          t_ms = testing.median_time_ms(fn, q, k, v, thr_arr, warmup=cfg.warmup,
                          iters=cfg.iters)
           rows.append(row(impl, causal, shape, cfg.dtype, thr, sparsity, t_ms))
           print(f"{tag} λ={thr:g}: sparsity {sparsity:.3f}  {t_ms:.3f} ms  "
@@ -174,7 +160,7 @@ def run_tuning(cfg):
         thr_arr = jnp.float32(thr)
         try:
           _, stats = fn(q, k, v, thr_arr)
-          t_ms = time_ms(fn, q, k, v, thr_arr, warmup=cfg.warmup,
+          t_ms = testing.median_time_ms(fn, q, k, v, thr_arr, warmup=cfg.warmup,
                          iters=cfg.iters)
         except Exception as e:  # A config Triton cannot compile.
           print(f"tuning {bq}x{bkv} w{warps} s{stages} vin={vin}: failed: "

@@ -1,17 +1,12 @@
-"""Quick timing of the experimental Mosaic kernel against cuDNN and Triton."""
-import statistics, sys, os, time
+"""Quick tile sweep of the Mosaic kernel against cuDNN."""
+import sys, os, functools
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax, jax.numpy as jnp
 import blasst_jax as bj
 from blasst_jax import config as config_lib, testing
 from blasst_jax.kernels import pallas_mosaic, pallas_triton
 
-def t_ms(fn, *a):
-  for _ in range(3): jax.block_until_ready(fn(*a))
-  ts = []
-  for _ in range(15):
-    t0 = time.perf_counter(); jax.block_until_ready(fn(*a)); ts.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(ts)
+t_ms = functools.partial(testing.median_time_ms, warmup=3, iters=15)
 
 print(jax.devices()[0].device_kind, jax.__version__)
 for b, s in [(4, 8192), (2, 16384)]:

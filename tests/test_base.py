@@ -48,10 +48,12 @@ def assert_lse_close(lse, expected, *, atol, rtol):
 
 
 def near_tie_tiles(result, threshold, tol) -> jax.Array:
-  """bool [batch, q_heads, n_q_tiles]: a visited block sits near log λ."""
-  lam = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32),
-                         (result.block_gap.shape[0],))
-  log_thr = config_lib.log_threshold(lam)[:, None, None, None]
+  """bool, `result.block_gap` less its last axis: a visited block sits near
+  log λ ([batch, q_heads, n_q_tiles] for prefill, [batch, kv_heads] for a
+  decode result)."""
+  gap = result.block_gap
+  lam = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (gap.shape[0],))
+  log_thr = config_lib.log_threshold(lam).reshape((-1,) + (1,) * (gap.ndim - 1))
   near = result.visited_mask & (jnp.abs(result.block_gap - log_thr) < tol)
   return jnp.any(near, axis=-1)
 

@@ -23,10 +23,17 @@ from blasst_jax import reference
 from blasst_jax.config import SkipStats
 
 IMPLEMENTATIONS = ("reference", "pallas_triton")
+MAX_MODES = reference.DECODE_MAX_MODES
+# One pass with the running max started at the sink and recent blocks:
+# skips nearly what the two-pass global max does, at one-pass speed.
+DEFAULT_MAX_MODE = "anchored"
 # 128-key blocks read the cache fastest (tuning in decode_h100.json).
 DEFAULT_BLOCK_KV = 128
-# Programs to aim for when choosing the split count: two waves of an H100.
-TARGET_PROGRAMS = 2 * 132
+# The kernel holds 2 programs per SM (registers; Nsight Compute), so a grid
+# of at most 2 * SMs programs runs as one wave: a few programs more would
+# add a second, nearly empty wave (+15% time at B8 32k, 5 vs 4 splits).
+PROGRAMS_PER_SM = 2
+H100_SMS = 132
 MIN_BLOCKS_PER_SPLIT = 4
 
 
@@ -37,8 +44,10 @@ class DecodeStats(SkipStats):
 
   Attributes:
     bytes_read: f32 [batch]: K bytes of every visited block, V bytes of every
-      kept block, and in shared-max mode the scores written and read back
-      (block granularity).
+      kept block, and in "global" mode the scores written and read back
+      (block granularity). The anchor blocks every split of "anchored" mode
+      re-reads are part of the visited blocks and not counted again (their
+      repeats are L2 hits).
   """
 
   bytes_read: jax.Array = None
@@ -49,12 +58,22 @@ class DecodeStats(SkipStats):
                if not isinstance(self.bytes_read, jax.core.Tracer) else ")"))
 
 
+def _num_sms() -> int:
+  device = jax.devices()[0]
+  return int(getattr(device, "core_count", 0) or H100_SMS)
+
+
 def default_num_splits(batch: int, kv_heads: int, max_len: int,
-                       block_kv: int) -> int:
-  """Enough (batch, kv-head, split) programs to fill the GPU twice, with at
-  least MIN_BLOCKS_PER_SPLIT blocks per split."""
+                       block_kv: int, num_sms: int | None = None) -> int:
+  """The most splits whose (batch, kv-head, split) programs still run in
+  one wave (PROGRAMS_PER_SM per SM), with at least MIN_BLOCKS_PER_SPLIT
+  blocks per split; 1 when batch * kv_heads alone fills the GPU.
+
+  `num_sms` defaults to the current device's (132 off GPU: an H100)."""
+  if num_sms is None:
+    num_sms = _num_sms() if jax.default_backend() == "gpu" else H100_SMS
   blocks = -(-max_len // block_kv)
-  want = -(-TARGET_PROGRAMS // (batch * kv_heads))
+  want = PROGRAMS_PER_SM * num_sms // (batch * kv_heads)
   return int(max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT)))
 
 
@@ -98,10 +117,13 @@ def _kernel_head_dim(head_dim: int) -> bool:
   return head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
-def _check_options(implementation, num_splits, block_kv, head_dim):
+def _check_options(implementation, num_splits, block_kv, head_dim, max_mode):
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS} or "
                      f"None, got {implementation!r}.")
+  if max_mode not in MAX_MODES:
+    raise ValueError(f"`max_mode` must be one of {MAX_MODES}, got "
+                     f"{max_mode!r}.")
   if num_splits is not None and (not isinstance(num_splits, (int, np.integer))
                                  or num_splits < 1):
     raise ValueError(f"`num_splits` must be a positive int, got {num_splits!r}.")
@@ -117,7 +139,8 @@ def _check_options(implementation, num_splits, block_kv, head_dim):
 def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
                      sm_scale: float | None = None,
                      block_kv: int = DEFAULT_BLOCK_KV,
-                     num_splits: int | None = None, shared_max: bool = False,
+                     num_splits: int | None = None,
+                     max_mode: str = DEFAULT_MAX_MODE,
                      implementation: str | None = None,
                      return_stats: bool = False, interpret: bool | None = None,
                      kernel_config=None):
@@ -135,11 +158,13 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
     sm_scale: default 1/sqrt(head_dim).
     block_kv: keys per block: the skip granularity (power of two >= 16).
     num_splits: split-K factor; default fills the GPU
-      (`default_num_splits`). With `shared_max=False` each split has its own
-      running max, so more splits skip less.
-    shared_max: two passes: find the global row max first (reading K once
-      and keeping the scores), then decide every block against it; sparsity
-      no longer depends on the split count.
+      (`default_num_splits`).
+    max_mode: the row max each block is compared with (exact rules in
+      `reference.blockwise_decode_attention`): "split" (each split's own
+      running max: more splits skip less), "anchored" (the running max
+      starts at the max over the sequence's first and last block; one pass,
+      the default) or "global" (two passes: K is read once to find the
+      global max and the scores are kept; the split count does not matter).
     implementation: "pallas_triton" (GPU, or CPU in interpret mode),
       "reference", or None (the kernel on GPU, the oracle elsewhere).
     return_stats: also return a `DecodeStats`.
@@ -165,7 +190,7 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
                 + jnp.arange(pages_per_seq, dtype=jnp.int32)[None, :])
   return _decode(q, to_pages(k_cache), to_pages(v_cache), page_table,
                  kv_lengths, threshold=threshold, sm_scale=sm_scale,
-                 num_splits=num_splits, shared_max=shared_max,
+                 num_splits=num_splits, max_mode=max_mode,
                  implementation=implementation, return_stats=return_stats,
                  interpret=interpret, kernel_config=kernel_config)
 
@@ -173,7 +198,7 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
 def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
                            threshold=0.0, sm_scale: float | None = None,
                            num_splits: int | None = None,
-                           shared_max: bool = False,
+                           max_mode: str = DEFAULT_MAX_MODE,
                            implementation: str | None = None,
                            return_stats: bool = False,
                            interpret: bool | None = None, kernel_config=None):
@@ -198,13 +223,13 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
                      f"{list(table_shape)}.")
   return _decode(q, k_pages, v_pages, page_table.astype(jnp.int32),
                  kv_lengths, threshold=threshold, sm_scale=sm_scale,
-                 num_splits=num_splits, shared_max=shared_max,
+                 num_splits=num_splits, max_mode=max_mode,
                  implementation=implementation, return_stats=return_stats,
                  interpret=interpret, kernel_config=kernel_config)
 
 
 def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
-            sm_scale, num_splits, shared_max, implementation, return_stats,
+            sm_scale, num_splits, max_mode, implementation, return_stats,
             interpret, kernel_config):
   q_shape = q.shape
   q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])       # [b, hq, d]
@@ -212,7 +237,7 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
   _, block_kv, hkv, _ = k_pages.shape
   group = hq // hkv
   max_len = page_table.shape[1] * block_kv
-  _check_options(implementation, num_splits, block_kv, d)
+  _check_options(implementation, num_splits, block_kv, d, max_mode)
   api.check_sm_scale(sm_scale)
   if implementation is None:
     implementation = ("pallas_triton" if jax.default_backend() == "gpu"
@@ -230,7 +255,7 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
     gather = lambda pages: pages[page_table].reshape(b, max_len, hkv, d)  # pylint: disable=g-long-lambda
     res = reference.blockwise_decode_attention(
         q, gather(k_pages), gather(v_pages), kv_lengths, block_kv=block_kv,
-        num_splits=num_splits, shared_max=shared_max, sm_scale=sm_scale,
+        num_splits=num_splits, max_mode=max_mode, sm_scale=sm_scale,
         log_threshold=log_thr)
     out = res.out
     skipped = jnp.sum(res.skip_mask, axis=-1, dtype=jnp.int32)   # [b, hkv]
@@ -249,7 +274,7 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
                  ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     acc, m, l, skipped, visited = decode_triton.decode_partials(
         qg, k_pages, v_pages, page_table, kv_lengths, log_thr, group=group,
-        sm_scale=sm_scale, num_splits=num_splits, shared_max=shared_max,
+        sm_scale=sm_scale, num_splits=num_splits, max_mode=max_mode,
         config=kernel_config, interpret=bool(interpret),
         skip_enabled=skip_enabled)
     out = merge_partials(acc, m, l)[:, :, :group].reshape(b, hq, d)
@@ -261,7 +286,7 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
   itemsize = jnp.dtype(q.dtype).itemsize
   block_bytes = block_kv * d * itemsize
   bytes_read = (visited * block_bytes + (visited - skipped) * block_bytes)
-  if shared_max:   # Scores of the real rows, written once and read once.
+  if max_mode == "global":  # Real rows' scores, written once and read once.
     bytes_read = bytes_read + visited * (2 * block_kv * group * 4)
   per_head = lambda x: jnp.repeat(x, group, axis=1)  # pylint: disable=g-long-lambda
   return out, DecodeStats(

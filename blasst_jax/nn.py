@@ -300,14 +300,14 @@ class SkipSelfAttention(nnx.Module):
     self.cache_lengths = nnx.Cache(jnp.zeros((batch,), jnp.int32))
 
   def decode(self, x, *, threshold=None, num_splits: int | None = None,
-             shared_max: bool = False, return_stats: bool = False):
+             max_mode: str = decode_lib.DEFAULT_MAX_MODE, return_stats: bool = False):
     """One generation step: append x's token to the cache and attend.
 
     Args:
       x: [batch, 1, in_features], the new token of every sequence.
       threshold: overrides the layer's λ (a `SkipSoftmaxConfig` uses its
         "decode" scale factor).
-      num_splits, shared_max: passed to `blasst_jax.decode_attention`.
+      num_splits, max_mode: passed to `blasst_jax.decode_attention`.
       return_stats: also return its `DecodeStats`.
 
     Returns:
@@ -332,7 +332,7 @@ class SkipSelfAttention(nnx.Module):
     result = decode_lib.decode_attention(
         q.astype(self.k_cache[...].dtype), self.k_cache[...],
         self.v_cache[...], lengths, threshold=threshold,
-        num_splits=num_splits, shared_max=shared_max,
+        num_splits=num_splits, max_mode=max_mode,
         implementation=None if impl == "pallas_mosaic" else impl,
         return_stats=return_stats, interpret=self.interpret)
     out, stats = result if return_stats else (result, None)

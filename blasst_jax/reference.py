@@ -315,6 +315,9 @@ class DecodeResult:
   stats: SkipStats
 
 
+DECODE_MAX_MODES = ("split", "anchored", "global")
+
+
 def decode_split_starts(kv_lengths, num_blocks: int, block_kv: int,
                         num_splits: int) -> jax.Array:
   """bool [batch, num_blocks]: the blocks that start a split.
@@ -329,27 +332,49 @@ def decode_split_starts(kv_lengths, num_blocks: int, block_kv: int,
   return (j % per_split[:, None]) == 0
 
 
+def decode_anchor_max(m_blk, kv_lengths, block_kv: int) -> jax.Array:
+  """Row max over each sequence's first and last block ("anchored" mode).
+
+  Args:
+    m_blk: f32 [batch, kv_heads, group, n_blocks], block row maxima (keys
+      past the length at -inf).
+    kv_lengths: int [batch].
+
+  Returns:
+    f32 [batch, kv_heads, group]; -inf for empty sequences.
+  """
+  last = jnp.maximum(-(-kv_lengths // block_kv) - 1, 0)          # [b]
+  m_last = jnp.take_along_axis(m_blk, last[:, None, None, None], axis=3)
+  return jnp.maximum(m_blk[..., 0], m_last[..., 0])
+
+
 def blockwise_decode_attention(q, k, v, kv_lengths, *, block_kv: int,
                                threshold=0.0, num_splits: int = 1,
-                               shared_max: bool = False, sm_scale=None,
+                               max_mode: str = "split", sm_scale=None,
                                log_threshold=None) -> DecodeResult:
   """Decode attention with the exact skip rule of the decode kernels.
 
   Scores `s = sm_scale * q·kᵀ` (f32), keys at positions >= kv_lengths[b]
   masked. Blocks of `block_kv` keys are split as in `decode_split_starts`.
+  A block j is skipped when `max_rows(rowmax(s_j) - m_ref) < log λ`, with
+  the reference max `m_ref` set by `max_mode`:
 
-  - `shared_max=False` (one pass, split-K): within each split, blocks are
-    visited in order with a running max that starts at -inf at the split's
-    first block; block j is skipped when
-    `max_rows(rowmax(s_j) - m_prev) < log λ` (the first block of a split is
-    never skipped). More splits mean weaker running maxima, less skipping.
-  - `shared_max=True` (two passes): every block is compared with the global
-    row max `m*` over all keys, `max_rows(rowmax(s_j) - m*) < log λ`, the
-    same for every split count. The block holding a row's max is never
-    skipped.
+  - "split" (one pass, split-K): within each split, blocks are visited in
+    order with a running max that starts at -inf at the split's first block
+    (which is therefore never skipped). More splits mean weaker running
+    maxima, less skipping.
+  - "anchored" (one pass): as "split", but each split's running max starts
+    at the row max over two anchor blocks, the sequence's first block
+    (attention sinks) and its last (the most recent tokens), where the
+    largest scores usually are. A lower bound of the global max: it skips
+    at most what "global" skips, and nearly as much when the anchors hold
+    the maximum; no split's first block is forced in.
+  - "global" (two passes): every block is compared with the global row max
+    `m*` over all keys, the same for every split count.
 
-  The output is softmax attention restricted to the kept blocks (the split
-  partials merge exactly).
+  The block holding a row's reference max is never skipped, and the output
+  is softmax attention restricted to the kept blocks (the split partials
+  merge exactly).
 
   Args:
     q: [batch, q_heads, head_dim].
@@ -358,14 +383,17 @@ def blockwise_decode_attention(q, k, v, kv_lengths, *, block_kv: int,
     block_kv: keys per block (the kernel's).
     threshold: λ: a float, f32 [batch] or a `SkipSoftmaxConfig` ("decode"
       scale factor).
-    num_splits: split-K factor (only matters when `shared_max=False`).
-    shared_max: decide against the global row max (see above).
+    num_splits: split-K factor (no effect when `max_mode="global"`).
+    max_mode: "split", "anchored" or "global" (see above).
     sm_scale: default 1/sqrt(head_dim).
     log_threshold: optional f32 [batch], log λ; overrides `threshold`.
 
   Returns:
     A `DecodeResult`.
   """
+  if max_mode not in DECODE_MAX_MODES:
+    raise ValueError(f"`max_mode` must be one of {DECODE_MAX_MODES}, got "
+                     f"{max_mode!r}.")
   b, hq, d = q.shape
   _, lk, hkv, _ = k.shape
   g = hq // hkv
@@ -393,26 +421,30 @@ def blockwise_decode_attention(q, k, v, kv_lengths, *, block_kv: int,
     gap = jnp.where(blk == -jnp.inf, -jnp.inf, blk - reference_max)
     return jnp.max(gap, axis=2)
 
-  if shared_max:
+  if max_mode == "global":
     m_star = jnp.max(s, axis=-1)                                 # [b,hkv,g]
     gaps = jax.vmap(lambda blk: gap_to(m_star, blk), in_axes=3,
                     out_axes=2)(m_blk)                           # [b,hkv,nk]
     skip = visited & (gaps < log_thr[:, None, None])
   else:
     starts = decode_split_starts(kv_lengths, nk, block_kv, num_splits)
+    if max_mode == "anchored":
+      m_start = decode_anchor_max(m_blk, kv_lengths, block_kv)  # [b,hkv,g]
+    else:
+      m_start = jnp.full((b, hkv, g), -jnp.inf, jnp.float32)
 
     def step(m_run, xs):                                         # [b,hkv,g]
       blk, start, visited_j = xs        # [b,hkv,g], [b], [b,hkv]
-      m_prev = jnp.where(start[:, None, None], -jnp.inf, m_run)
+      m_prev = jnp.where(start[:, None, None], m_start, m_run)
       gap = gap_to(m_prev, blk)
-      skip_j = visited_j & ~start[:, None] & (gap < log_thr[:, None])
+      # With m_prev = -inf the gap is +inf: a split's first block is kept.
+      skip_j = visited_j & (gap < log_thr[:, None])
       keep = (visited_j & ~skip_j)[..., None]
       return jnp.where(keep, jnp.maximum(m_prev, blk), m_prev), (skip_j, gap)
 
-    init = jnp.full((b, hkv, g), -jnp.inf, jnp.float32)
     _, (skip, gaps) = jax.lax.scan(
-        step, init, (jnp.moveaxis(m_blk, 3, 0), starts.T,
-                     jnp.moveaxis(visited, 2, 0)))
+        step, m_start, (jnp.moveaxis(m_blk, 3, 0), starts.T,
+                        jnp.moveaxis(visited, 2, 0)))
     skip, gaps = jnp.moveaxis(skip, 0, 2), jnp.moveaxis(gaps, 0, 2)
   gaps = jnp.where(visited, gaps, -jnp.inf)
 

@@ -14,11 +14,13 @@ def get_config(variant: str = "h100"):
   c.shapes = [(8, 32, 8, 32768, 128), (1, 32, 8, 131072, 128),
               (64, 32, 8, 4096, 128)]
   c.dtype = "bfloat16"
-  c.thresholds = [1e-4, 1e-3, 1e-2, 1e-1]
+  c.thresholds = [1e-4, 3e-4, 1e-3, 1e-2, 1e-1]
   c.block_kv = 128
-  # Split counts for the one-pass mode (None: the default that fills the
-  # GPU); the shared-max mode runs with the default.
-  c.splits = [None, 1]
+  # (max_mode, num_splits) runs of our kernel; None: the default split count
+  # (fills the GPU). Each runs the dense build, λ = 0 with the check, and
+  # every threshold.
+  c.variants = [("split", None), ("split", 1), ("anchored", None),
+                ("global", None)]
   c.impls = ["copy", "cudnn", "xla", "jax_pallas", "pallas_triton"]
   # Score pattern of the cache (blasst_jax.patterns.sink_local_qkv); the
   # query is the last position's.
@@ -29,17 +31,25 @@ def get_config(variant: str = "h100"):
   c.iters = 20
   c.reps = 10          # calls per timed launch batch (hides dispatch)
   c.seed = 0
-  # Dense one-pass tuning sweep on shapes[i] for i in tuning_shapes:
-  # (block_kv, num_warps, num_stages).
-  c.tuning_shapes = [0, 1]
-  c.tuning = [(64, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 3),
-              (128, 8, 3), (128, 4, 4), (32, 4, 3)]
+  # Kernel knobs on shapes[i] for i in tuning_shapes, dense build and
+  # "anchored" at tuning_thresholds.
+  c.tuning_shapes = [0, 1, 2]
+  # (block_kv, num_warps, num_stages, prefetch_v).
+  c.tuning = [(128, 4, 4, True), (128, 4, 4, False), (128, 4, 3, True),
+              (128, 4, 2, True), (64, 4, 4, True), (128, 8, 4, True)]
+  c.tuning_thresholds = [3e-4, 1e-3]
+  # Time against the split count (dense build, and skipping at λ).
+  c.split_sweep = ml_collections.ConfigDict(dict(
+      shapes=[0, 1], splits=[4, 8, 16, 24, 33, 48, 66, 132],
+      thresholds=[0.0, 1e-3], mode="anchored"))
   c.output = "benchmarks/results/decode_h100.json"
   if variant == "smoke":
     c.shapes = [(2, 4, 2, 256, 32)]
     c.thresholds = [1e-2]
     c.block_kv = 32
-    c.splits = [None, 2]
+    c.variants = [("split", None), ("split", 2), ("anchored", 2),
+                  ("global", 2)]
+    c.split_sweep.shapes = []
     c.impls = ["copy", "xla", "reference", "pallas_triton"]
     c.tuning_shapes = []
     c.warmup, c.iters, c.reps = 1, 2, 1

@@ -59,46 +59,86 @@ def baselines(name):
 
 
 def row(impl, shape, dtype, threshold, mode, splits, sparsity, t_us,
-        bytes_read):
+        bytes_read, skip_check=False):
   b, hq, hkv, s, d = shape
   dense = 2 * b * s * hkv * d * jnp.dtype(dtype).itemsize
   return dict(impl=impl, batch=b, q_heads=hq, kv_heads=hkv, seq_len=s,
               head_dim=d, dtype=dtype, threshold=threshold, mode=mode,
-              splits=splits, sparsity=round(float(sparsity), 4),
+              splits=splits, skip_check=skip_check,
+              sparsity=round(float(sparsity), 4),
               time_us=round(t_us, 2), bytes_read=float(bytes_read),
               effective_tbps=round(dense / t_us / 1e6, 3),
               read_tbps=round(float(bytes_read) / t_us / 1e6, 3))
 
 
-def ours(cfg, impl, splits, shared_max, block_kv=None, kernel_config=None):
+def ours(cfg, impl, splits, max_mode, block_kv=None, kernel_config=None,
+         dense=False):
+  """Jitted decode; `dense` builds the kernel without the skip check (λ is a
+  static 0 then, and the threshold argument is ignored)."""
   def fn(q, k, v, lengths, thr):
-    return bj.decode_attention(q, k, v, lengths, threshold=thr,
+    return bj.decode_attention(q, k, v, lengths,
+                               threshold=0.0 if dense else thr,
                                block_kv=block_kv or cfg.block_kv,
-                               num_splits=splits, shared_max=shared_max,
+                               num_splits=splits, max_mode=max_mode,
                                implementation=impl, return_stats=True,
                                kernel_config=kernel_config)
   return jax.jit(fn)
 
 
+def run_split_sweep(cfg):
+  """Time against the split count, dense and skipping ("anchored")."""
+  out = []
+  for i in cfg.split_sweep.shapes:
+    shape = tuple(cfg.shapes[i])
+    q, k, v, lengths = make_cache(cfg, shape, cfg.seed + i)
+    for splits in cfg.split_sweep.splits:
+      if splits > -(-shape[3] // cfg.block_kv):
+        continue
+      for thr in cfg.split_sweep.thresholds:
+        fn = ours(cfg, "pallas_triton", splits, cfg.split_sweep.mode,
+                  dense=thr == 0)
+        thr_arr = jnp.float32(thr)
+        _, stats = fn(q, k, v, lengths, thr_arr)
+        t = time_us(fn, q, k, v, lengths, thr_arr, warmup=cfg.warmup,
+                    iters=cfg.iters, reps=cfg.reps)
+        r = row("pallas_triton", shape, cfg.dtype, thr, cfg.split_sweep.mode,
+                splits, stats.total_sparsity, t, jnp.sum(stats.bytes_read),
+                skip_check=thr != 0)
+        out.append(r)
+        print(f"splits s{shape[3]} b{shape[0]} splits={splits} λ={thr:g}: "
+              f"sparsity {r['sparsity']:.3f} {t:.1f} us "
+              f"{r['effective_tbps']} TB/s", flush=True)
+  return out
+
+
 def run_tuning(cfg):
-  """Dense one-pass kernel over (block_kv, num_warps, num_stages)."""
+  """Kernel knobs (block_kv, num_warps, num_stages, prefetch_v) on the dense
+  build and on "anchored" skipping at cfg.tuning_thresholds."""
   from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
   out = []
   for i in cfg.tuning_shapes:
     shape = tuple(cfg.shapes[i])
     q, k, v, lengths = make_cache(cfg, shape, cfg.seed + i)
-    for bkv, warps, stages in cfg.tuning:
-      fn = ours(cfg, "pallas_triton", None, False, block_kv=bkv,
-                kernel_config=decode_triton.DecodeConfig(warps, stages))
-      t = time_us(fn, q, k, v, lengths, jnp.float32(0.0), warmup=cfg.warmup,
-                  iters=cfg.iters, reps=cfg.reps)
-      r = row("pallas_triton", shape, cfg.dtype, 0.0, "one_pass",
-              bj.decode.default_num_splits(shape[0], shape[2], shape[3], bkv),
-              0.0, t, 2 * k.size * k.dtype.itemsize)
-      r.update(block_kv=bkv, num_warps=warps, num_stages=stages)
-      out.append(r)
-      print(f"tuning s{shape[3]} b{shape[0]} bkv={bkv} w{warps} s{stages}: "
-            f"{t:.1f} us {r['effective_tbps']} TB/s", flush=True)
+    for bkv, warps, stages, prefetch in cfg.tuning:
+      kernel_config = decode_triton.DecodeConfig(warps, stages, prefetch)
+      for thr in [0.0, *cfg.tuning_thresholds]:
+        fn = ours(cfg, "pallas_triton", None, "anchored", block_kv=bkv,
+                  kernel_config=kernel_config, dense=thr == 0)
+        thr_arr = jnp.float32(thr)
+        _, stats = fn(q, k, v, lengths, thr_arr)
+        t = time_us(fn, q, k, v, lengths, thr_arr, warmup=cfg.warmup,
+                    iters=cfg.iters, reps=cfg.reps)
+        r = row("pallas_triton", shape, cfg.dtype, thr, "anchored",
+                bj.decode.default_num_splits(shape[0], shape[2], shape[3],
+                                             bkv),
+                stats.total_sparsity, t, jnp.sum(stats.bytes_read),
+                skip_check=thr != 0)
+        r.update(block_kv=bkv, num_warps=warps, num_stages=stages,
+                 prefetch_v=prefetch)
+        out.append(r)
+        print(f"tuning s{shape[3]} b{shape[0]} bkv={bkv} w{warps} s{stages} "
+              f"prefetch={prefetch} λ={thr:g}: sparsity {r['sparsity']:.3f} "
+              f"{t:.1f} us {r['effective_tbps']} TB/s", flush=True)
   return out
 
 
@@ -124,22 +164,30 @@ def run(cfg, on_gpu):
         print(f"{tag} {impl}: {t:.1f} us  effective {rows[-1]['effective_tbps']}"
               f" TB/s  read {rows[-1]['read_tbps']} TB/s", flush=True)
         continue
-      modes = [(s, False) for s in cfg.splits] + [(None, True)]
-      for splits, shared in modes:
-        fn = ours(cfg, impl, splits, shared)
+      done = set()
+      for mode, splits in cfg.variants:
         n_splits = splits or bj.decode.default_num_splits(
             shape[0], shape[2], shape[3], cfg.block_kv)
-        mode = "shared_max" if shared else "one_pass"
-        for thr in [0.0, *cfg.thresholds]:
+        if (mode, n_splits) in done:   # The default may be 1 split.
+          continue
+        done.add((mode, n_splits))
+        # "dense": the build without the skip check; then λ = 0 with it.
+        points = [(0.0, False), (0.0, True)] + [(t, True)
+                                                for t in cfg.thresholds]
+        fns = {check: ours(cfg, impl, splits, mode, dense=not check)
+               for check in (False, True)}
+        for thr, check in points:
+          fn = fns[check]
           thr_arr = jnp.float32(thr)
           _, stats = fn(q, k, v, lengths, thr_arr)
           t = time_us(fn, q, k, v, lengths, thr_arr, warmup=cfg.warmup,
                       iters=cfg.iters, reps=cfg.reps)
           rows.append(row(impl, shape, cfg.dtype, thr, mode, n_splits,
                           stats.total_sparsity, t,
-                          jnp.sum(stats.bytes_read)))
+                          jnp.sum(stats.bytes_read), skip_check=check))
           r = rows[-1]
-          print(f"{tag} {impl} {mode} splits={n_splits} λ={thr:g}: sparsity "
+          print(f"{tag} {impl} {mode} splits={n_splits} λ={thr:g} check="
+                f"{check}: sparsity "
                 f"{r['sparsity']:.3f} {t:.1f} us effective "
                 f"{r['effective_tbps']} TB/s read {r['read_tbps']} TB/s",
                 flush=True)
@@ -147,31 +195,52 @@ def run(cfg, on_gpu):
 
 
 def plot(rows, path):
+  """Top: effective TB/s against sparsity, baselines as lines. Bottom:
+  speedup over our dense build, with the ceiling when K is always read."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   shapes = sorted({(r["batch"], r["seq_len"]) for r in rows})
-  fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5),
+  fig, axes = plt.subplots(2, len(shapes), figsize=(6 * len(shapes), 8.5),
                            squeeze=False)
-  for ax, (b, s) in zip(axes[0], shapes):
+  colors = {"copy": "k", "cudnn": "C3", "xla": "C4", "jax_pallas": "C5"}
+  for col, (b, s) in enumerate(shapes):
+    top, bottom = axes[0, col], axes[1, col]
     rs = [r for r in rows if r["batch"] == b and r["seq_len"] == s]
     for r in rs:
-      if r["mode"] == "dense":
-        ax.axhline(r["effective_tbps"], ls=":", lw=1,
-                   color={"copy": "k", "cudnn": "C3", "xla": "C4",
-                          "jax_pallas": "C5"}.get(r["impl"], "gray"),
-                   label=f"{r['impl']} (dense)")
-    for n, key in enumerate(sorted({(r["impl"], r["mode"], r["splits"])
-                                    for r in rs if r["mode"] != "dense"})):
+      if r["mode"] == "dense":   # copy: its read + write rate, the ceiling.
+        value = r["read_tbps"] if r["impl"] == "copy" else r["effective_tbps"]
+        top.axhline(value, ls=":", lw=1, color=colors.get(r["impl"], "gray"),
+                    label=f"{r['impl']} (dense)" + (
+                        " read+write" if r["impl"] == "copy" else ""))
+    dense_build = [r["time_us"] for r in rs
+                   if r["impl"] == "pallas_triton" and not r.get(
+                       "skip_check", True)]
+    base = min(dense_build) if dense_build else None
+    keys = sorted({(r["impl"], r["mode"], r["splits"]) for r in rs
+                   if r["mode"] != "dense"})
+    for n, key in enumerate(keys):
       pts = sorted([r for r in rs if (r["impl"], r["mode"], r["splits"])
-                    == key], key=lambda r: r["sparsity"])
-      ax.plot([r["sparsity"] for r in pts],
-              [r["effective_tbps"] for r in pts], "o-", color=f"C{n}",
-              label=f"{key[0]} {key[1]} splits={key[2]}")
-    ax.set_title(f"decode b{b} seq {s // 1024}k")
-    ax.set_xlabel("block sparsity")
-    ax.set_ylabel("effective TB/s (dense K+V bytes / time)")
-    ax.legend(fontsize=6)
+                    == key and r.get("skip_check", True)],
+                   key=lambda r: r["sparsity"])
+      label = f"{key[0]} {key[1]} splits={key[2]}"
+      x = [r["sparsity"] for r in pts]
+      top.plot(x, [r["effective_tbps"] for r in pts], "o-", color=f"C{n}",
+               label=label)
+      if base:
+        bottom.plot(x, [base / r["time_us"] for r in pts], "o-",
+                    color=f"C{n}", label=label)
+    grid = np.linspace(0, 1, 101)
+    bottom.plot(grid, 1 / (0.5 + 0.5 * (1 - grid)), "k--", lw=1,
+                label="ceiling: K always read, V of kept blocks")
+    bottom.axhline(1.0, color="gray", lw=0.5)
+    top.set_title(f"decode b{b} seq {s // 1024}k")
+    top.set_ylabel("effective TB/s (dense K+V bytes / time)")
+    bottom.set_ylabel("speedup over our dense build (fastest split count)")
+    for ax in (top, bottom):
+      ax.set_xlabel("block sparsity")
+      ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -185,7 +254,8 @@ def main(argv):
   print(f"device_kind={device.device_kind} jax={jax.__version__}", flush=True)
   rows = run(cfg, on_gpu)
   tuning = run_tuning(cfg) if on_gpu else []
-  result = dict(tuning=tuning, device_kind=device.device_kind, jax_version=jax.__version__,
+  split_sweep = run_split_sweep(cfg) if on_gpu else []
+  result = dict(tuning=tuning, split_sweep=split_sweep, device_kind=device.device_kind, jax_version=jax.__version__,
                 pattern=dict(name="sink_local", **cfg.pattern.to_dict()),
                 block_kv=cfg.block_kv, rows=rows,
                 notes=("effective_tbps = dense K+V bytes / time; read_tbps = "

@@ -31,52 +31,116 @@ def assert_matches_oracle(out, stats, oracle, threshold, dtype):
                                threshold, dtype)
 
 
-@pytest.mark.parametrize("shared_max", [False, True])
+MODES = bj.decode.MAX_MODES
+
+
+@pytest.mark.parametrize("max_mode", MODES)
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
-def test_kernel_matches_oracle(kv_heads, num_splits, shared_max):
+def test_kernel_matches_oracle(kv_heads, num_splits, max_mode):
   q, k, v = cache_inputs(test_base.key_for("decode", kv_heads), kv_heads=kv_heads)
   # Ragged: full, not a multiple of the block, a single token.
   kv_lengths = jnp.array([320, 177, 1], jnp.int32)
   threshold = 1e-2
   out, stats = bj.decode_attention(
       q, k, v, kv_lengths, threshold=threshold, block_kv=32,
-      num_splits=num_splits, shared_max=shared_max,
+      num_splits=num_splits, max_mode=max_mode,
       implementation="pallas_triton", return_stats=True)
   oracle = bj.reference.blockwise_decode_attention(
       q, k, v, kv_lengths, block_kv=32, threshold=threshold,
-      num_splits=num_splits, shared_max=shared_max)
+      num_splits=num_splits, max_mode=max_mode)
   assert_matches_oracle(out, stats, oracle, threshold, jnp.float32)
   assert int(jnp.sum(stats.skipped_blocks)) > 0
   # Skipped V blocks are not read.
   dense_bytes = 2 * jnp.sum(oracle.visited_mask, axis=(1, 2)) * 32 * 32 * 4
-  if not shared_max:
+  if max_mode != "global":
     assert bool(jnp.all(stats.bytes_read <= dense_bytes))
     assert float(jnp.sum(stats.bytes_read)) < float(jnp.sum(dense_bytes))
+
+
+@pytest.mark.parametrize("batch,kv_heads,max_len", [
+    (8, 8, 32768), (1, 8, 131072), (64, 8, 4096), (3, 2, 1000), (1, 1, 256)])
+def test_default_splits_fill_one_wave(batch, kv_heads, max_len):
+  splits = bj.decode.default_num_splits(batch, kv_heads, max_len, 128,
+                                        num_sms=132)
+  slots = bj.decode.PROGRAMS_PER_SM * 132
+  blocks = -(-max_len // 128)
+  assert splits >= 1 and splits * bj.decode.MIN_BLOCKS_PER_SPLIT <= max(
+      blocks, bj.decode.MIN_BLOCKS_PER_SPLIT)
+  if batch * kv_heads <= slots:
+    assert batch * kv_heads * splits <= slots
+    # One more split would overflow the wave or the blocks.
+    assert (batch * kv_heads * (splits + 1) > slots
+            or (splits + 1) * bj.decode.MIN_BLOCKS_PER_SPLIT > blocks)
+  else:
+    assert splits == 1
+
+
+def test_v_prefetch_and_branch_loads_agree():
+  """The software-pipelined skip loop against the plain one (both kernels)."""
+  from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
+  q, k, v = cache_inputs(test_base.key_for("decode_prefetch"), max_len=288)
+  v = v.at[2, 150:].set(jnp.nan)   # Garbage past the length must not leak.
+  kv_lengths = jnp.array([288, 31, 150], jnp.int32)
+  results = [bj.decode_attention(
+      q, k, v, kv_lengths, threshold=3e-2, block_kv=32, num_splits=2,
+      max_mode="anchored", implementation="pallas_triton", return_stats=True,
+      kernel_config=decode_triton.DecodeConfig(prefetch_v=prefetch))
+             for prefetch in (False, True)]
+  (out_a, stats_a), (out_b, stats_b) = results
+  assert bool(jnp.all(jnp.isfinite(out_b)))
+  np.testing.assert_allclose(out_a, out_b, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(stats_a.skipped_blocks, stats_b.skipped_blocks)
+  assert int(jnp.sum(stats_b.skipped_blocks)) > 0
 
 
 def test_more_splits_skip_less_unless_the_max_is_shared():
   q, k, v = cache_inputs(test_base.key_for("decode_splits"), max_len=512)
   lengths = jnp.array([512, 400, 300], jnp.int32)
   sparsity = {}
-  for shared in (False, True):
+  for mode in MODES:
     for splits in (1, 8):
       _, stats = bj.decode_attention(
           q, k, v, lengths, threshold=1e-2, block_kv=32, num_splits=splits,
-          shared_max=shared, implementation="reference", return_stats=True)
-      sparsity[shared, splits] = float(stats.total_sparsity)
-  assert sparsity[False, 8] < sparsity[False, 1]
-  assert sparsity[True, 8] == sparsity[True, 1] >= sparsity[False, 1]
+          max_mode=mode, implementation="reference", return_stats=True)
+      sparsity[mode, splits] = float(stats.total_sparsity)
+  assert sparsity["split", 8] < sparsity["split", 1]
+  assert (sparsity["global", 8] == sparsity["global", 1]
+          >= sparsity["split", 1])
+  # The sink and the recent tokens hold every row's max here: the anchors
+  # give every split the global max.
+  assert sparsity["anchored", 8] == sparsity["global", 8]
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_skip_sets_nest_split_anchored_global(num_splits):
+  """Each mode's reference max bounds the next one's from below, so its skips
+  are a subset: split ⊆ anchored ⊆ global, for any inputs."""
+  key = test_base.key_for("decode_nest", num_splits)
+  kq, kk, kv, kl = jax.random.split(key, 4)
+  # Unstructured scores: the anchors usually do not hold the max.
+  q = jax.random.normal(kq, (4, 6, 16)) * 3.0
+  k = jax.random.normal(kk, (4, 200, 3, 16))
+  v = jax.random.normal(kv, (4, 200, 3, 16))
+  lengths = jax.random.randint(kl, (4,), 0, 201).at[0].set(200)
+  masks = {
+      mode: bj.reference.blockwise_decode_attention(
+          q, k, v, lengths, block_kv=16, threshold=0.05,
+          num_splits=num_splits, max_mode=mode).skip_mask
+      for mode in MODES}
+  assert not bool(jnp.any(masks["split"] & ~masks["anchored"]))
+  assert not bool(jnp.any(masks["anchored"] & ~masks["global"]))
+  assert int(masks["global"].sum()) > 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shared_max", [False, True])
-def test_zero_threshold_is_dense_attention(impl, shared_max):
+@pytest.mark.parametrize("max_mode", MODES)
+def test_zero_threshold_is_dense_attention(impl, max_mode):
   q, k, v = cache_inputs(test_base.key_for("decode_dense", impl), kv_heads=4,
                          max_len=200)
   kv_lengths = jnp.array([200, 63, 64], jnp.int32)
   out, stats = bj.decode_attention(q, k, v, kv_lengths, threshold=0.0,
-                                   shared_max=shared_max, num_splits=2,
+                                   max_mode=max_mode, num_splits=2,
                                    implementation=impl, return_stats=True)
   dense = bj.reference.dense_attention(q[:, None], k, v,
                                        kv_lengths=kv_lengths)[:, 0]
@@ -92,7 +156,7 @@ def test_bf16_and_four_dim_query():
                             implementation="pallas_triton")
   assert out.shape == (3, 1, 8, 64) and out.dtype == jnp.bfloat16
   oracle = bj.reference.blockwise_decode_attention(
-      q, k, v, kv_lengths, block_kv=128, threshold=1e-3,
+      q, k, v, kv_lengths, block_kv=128, threshold=1e-3, max_mode="anchored",
       num_splits=bj.decode.default_num_splits(3, 2, 320, 128))
   test_base.assert_close(out[:, 0], oracle.out, jnp.bfloat16)
 
@@ -129,7 +193,7 @@ def test_scale_factor_config_uses_the_decode_phase():
                             implementation="pallas_triton", block_kv=32)
   oracle = bj.reference.blockwise_decode_attention(
       q, k, v, kv_lengths, block_kv=32,
-      threshold=3.0 / kv_lengths.astype(jnp.float32),
+      threshold=3.0 / kv_lengths.astype(jnp.float32), max_mode="anchored",
       num_splits=bj.decode.default_num_splits(3, 2, 320, 32))
   test_base.assert_close(out, oracle.out, jnp.float32)
 
@@ -145,6 +209,7 @@ def test_scale_factor_config_uses_the_decode_phase():
     (dict(threshold=1.5), "threshold"),
     (dict(num_splits=0), "num_splits"),
     (dict(block_kv=48), "block_kv"),
+    (dict(max_mode="shared"), "max_mode"),
     (dict(implementation="pallas_mosaic"), "implementation"),
 ])
 def test_bad_input_raises_clear_errors(kwargs, match):
@@ -172,9 +237,9 @@ def test_decode_kernel_lowers_for_cuda():
   from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
   from tests.test_lowering import lower_for_h100  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct
-  for shared in (False, True):
-    fn = lambda *a, shared=shared: decode_triton.decode_partials(  # pylint: disable=g-long-lambda
-        *a, group=4, sm_scale=0.1, num_splits=4, shared_max=shared)
+  for mode in MODES:
+    fn = lambda *a, mode=mode: decode_triton.decode_partials(  # pylint: disable=g-long-lambda
+        *a, group=4, sm_scale=0.1, num_splits=4, max_mode=mode)
     lowered = lower_for_h100(
         fn, sds((2, 8, 16, 128), jnp.bfloat16),
         sds((64, 64, 8, 128), jnp.bfloat16), sds((64, 64, 8, 128), jnp.bfloat16),

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import blasst_jax as bj
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -57,11 +59,12 @@ def test_bench_decode_smoke(tmp_path):
   rows = result["rows"]
   assert rows and all(fields <= set(r) for r in rows)
   ours = [r for r in rows if r["impl"] == "pallas_triton"]
-  assert {r["mode"] for r in ours} == {"one_pass", "shared_max"}
+  assert {r["mode"] for r in ours} == set(bj.decode.MAX_MODES)
   # Skipping reads fewer bytes than the dense run of the same mode.
-  for mode in ("one_pass", "shared_max"):
+  for mode in bj.decode.MAX_MODES:
     rs = [r for r in ours if r["mode"] == mode and r["splits"] == 2]
-    dense = [r for r in rs if r["threshold"] == 0][0]
+    dense = [r for r in rs if not r["skip_check"]][0]
+    assert dense["threshold"] == 0 and dense["sparsity"] == 0
     sparse = [r for r in rs if r["threshold"] > 0][0]
     assert sparse["bytes_read"] <= dense["bytes_read"]
   assert (tmp_path / "decode.png").stat().st_size > 10_000

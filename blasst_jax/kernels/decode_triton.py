@@ -7,11 +7,14 @@ its split's KV blocks; the cache is paged (`pages [n_pages, block_kv,
 kv_heads, head_dim]` with a page table per sequence), and a contiguous cache
 is the special case of an identity page table (a free reshape).
 
-Two modes (semantics in `reference.blockwise_decode_attention`):
+Three modes (`max_mode`, semantics in `reference.blockwise_decode_attention`):
 
-- one pass (`decode_partials`): split-K with a running max per split; a
-  skipped block is never multiplied with V *and its V page is never read*;
-- shared max, two passes: `decode_scores` reads K once and writes the scaled
+- "split", one pass: split-K with a running max per split; a skipped block
+  is never multiplied with V *and its V page is never read*;
+- "anchored", one pass: as "split", but every split first scores the
+  sequence's first and last blocks (K reads that every split of a head
+  shares, so they come from L2) and starts its running max there;
+- "global", two passes: `decode_scores` reads K once and writes the scaled
   scores of the real rows (f32, 1/16 of the K bytes at group 4, head_dim
   128) and each split's row max; the global max follows from those; then
   `decode_from_scores` decides every block against the global max, reads V
@@ -42,7 +45,13 @@ class DecodeConfig:
   """Speed knobs of the decode kernels (no effect on results)."""
 
   num_warps: int = 4
-  num_stages: int = 4
+  # Triton pipeline depth of the K (and dense V) loads; None: 4 for the dense
+  # build, 2 with the skip check (both best in the H100 sweep).
+  num_stages: int | None = None
+  # Skipping kernels: request block j's V (masked by its decision) before
+  # block j-1's exponentials and P·V, so that a kept block's V load overlaps
+  # work instead of stalling in a branch.
+  prefetch_v: bool = True
 
 
 def padded_rows(group: int) -> int:
@@ -75,18 +84,64 @@ def _pv(p, v, visible):
   return plgpu.dot(p.astype(v.dtype), v)
 
 
+def _anchor_max(q, table_ref, k_ref, kv_len, block_kv, scale):
+  """[rows] row max over the sequence's first and last block (-inf if empty)."""
+  def scores_max():
+    last = (kv_len + block_kv - 1) // block_kv - 1
+    m = jnp.full((q.shape[0],), -jnp.inf, jnp.float32)
+    for j in (0, last):
+      s, _ = _masked_scores(q, _page(table_ref, k_ref, j), j, kv_len,
+                            block_kv, scale)
+      m = jnp.maximum(m, jnp.max(s, axis=1))
+    return m
+  # An empty sequence's page table entries may point anywhere: read none.
+  return lax.cond(kv_len > 0, scores_max,
+                  lambda: jnp.full((q.shape[0],), -jnp.inf, jnp.float32))
+
+
 def _one_pass_kernel(q_ref, k_ref, v_ref, table_ref, kv_len_ref, log2_thr_ref,
                      acc_ref, m_ref, l_ref, skipped_ref, visited_ref, *,
-                     sm_scale, block_kv, group, num_splits, skip_enabled):
+                     sm_scale, block_kv, group, num_splits, skip_enabled,
+                     anchored, prefetch_v):
   # q_ref [rows, d]; k_ref, v_ref [n_pages, block_kv, d]; table_ref [pages];
   # acc_ref [rows, d]; m_ref, l_ref [rows]; the rest [].
   kv_len = kv_len_ref[...]
   start, end = _split_range(kv_len, pl.program_id(2), num_splits, block_kv)
   q = q_ref[...]
-  rows = q.shape[0]
-  row_real = jnp.arange(rows) < group
+  rows, d = q.shape
   scale = sm_scale * LOG2E
-  log2_thr = log2_thr_ref[...]
+  if anchored and skip_enabled:
+    m_init = _anchor_max(q, table_ref, k_ref, kv_len, block_kv, scale)
+  else:
+    m_init = jnp.full((rows,), -jnp.inf, jnp.float32)
+  blocks = functools.partial(
+      _skip_prefetch_loop if skip_enabled and prefetch_v else _block_loop,
+      q=q, k_ref=k_ref, v_ref=v_ref, table_ref=table_ref, kv_len=kv_len,
+      start=start, end=end, m_init=m_init, block_kv=block_kv, scale=scale)
+  if skip_enabled:
+    acc, l, m, n_skipped = blocks(row_real=jnp.arange(rows) < group,
+                                  log2_thr=log2_thr_ref[...])
+  else:
+    acc, l, m, n_skipped = blocks(row_real=None, log2_thr=None)
+  acc_ref[...] = acc
+  m_ref[...] = m
+  l_ref[...] = l
+  skipped_ref[...] = n_skipped
+  visited_ref[...] = jnp.maximum(end - start, 0).astype(jnp.int32)
+
+
+def _accumulate(acc, l, m_old, m_new, s, pv_fn):
+  """Online-softmax update with a block's scores s [rows, bkv]."""
+  alpha = jnp.exp2(m_old - m_new)       # 0 while m_old = -inf.
+  p = jnp.exp2(s - m_new[:, None])
+  return acc * alpha[:, None] + pv_fn(p), l * alpha + p.sum(axis=1)
+
+
+def _block_loop(*, q, k_ref, v_ref, table_ref, kv_len, start, end, m_init,
+                block_kv, scale, row_real, log2_thr):
+  """Blocks [start, end) in order, V read inside the kept branch (dense when
+  row_real is None). Returns acc [rows, d], l, m [rows], skipped count."""
+  rows, d = q.shape
 
   def step(j, carry):
     acc, l, m, n_skipped = carry
@@ -96,27 +151,66 @@ def _one_pass_kernel(q_ref, k_ref, v_ref, table_ref, kv_len_ref, log2_thr_ref,
 
     def keep():
       m_new = jnp.maximum(m, m_blk)   # Finite: the block has a visible key.
-      alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s - m_new[:, None])
-      pv = _pv(p, _page(table_ref, v_ref, j), visible)
-      return acc * alpha[:, None] + pv, l * alpha + p.sum(axis=1), m_new, \
-          n_skipped
+      pv = lambda p: _pv(p, _page(table_ref, v_ref, j), visible)  # pylint: disable=g-long-lambda
+      return (*_accumulate(acc, l, m, m_new, s, pv), m_new, n_skipped)
 
-    if not skip_enabled:
+    if row_real is None:
       return keep()
+    # m = -inf (a split's first block without anchors) gives gap +inf.
     gap = jnp.where(row_real, m_blk - m, -jnp.inf)
-    skip = (j > start) & (jnp.max(gap) < log2_thr)
-    return lax.cond(skip, lambda: (acc, l, m, n_skipped + 1), keep)
+    return lax.cond(jnp.max(gap) < log2_thr,
+                    lambda: (acc, l, m, n_skipped + 1), keep)
 
-  d = q_ref.shape[-1]
   init = (jnp.zeros((rows, d), jnp.float32), jnp.zeros((rows,), jnp.float32),
-          jnp.full((rows,), -jnp.inf, jnp.float32), jnp.int32(0))
-  acc, l, m, n_skipped = lax.fori_loop(start, end, step, init)
-  acc_ref[...] = acc
-  m_ref[...] = m
-  l_ref[...] = l
-  skipped_ref[...] = n_skipped
-  visited_ref[...] = jnp.maximum(end - start, 0).astype(jnp.int32)
+          m_init, jnp.int32(0))
+  return lax.fori_loop(start, end, step, init)
+
+
+def _skip_prefetch_loop(*, q, k_ref, v_ref, table_ref, kv_len, start, end,
+                        m_init, block_kv, scale, row_real, log2_thr):
+  """`_block_loop` with skipping, software-pipelined by one block.
+
+  Iteration j scores block j, decides it against the running max (which
+  already holds block j-1's max: the decision needs no exponentials), and
+  issues block j's V load masked by that decision (a skipped block's V is
+  never requested); then it accumulates block j-1, whose V was requested
+  one iteration earlier. The last pending block is accumulated after the
+  loop. Same decisions and sums as `_block_loop`.
+  """
+  rows, d = q.shape
+  bkv = block_kv
+
+  def accumulate_pending(acc, l, m_acc, m, pending):
+    s_p, keep_p, v_p = pending
+    return lax.cond(
+        keep_p,
+        lambda: (*_accumulate(acc, l, m_acc, m, s_p, lambda p: plgpu.dot(
+            p.astype(v_p.dtype), v_p)), m),
+        lambda: (acc, l, m_acc))
+
+  def step(j, carry):
+    acc, l, m_acc, m, n_skipped, pending = carry
+    s, visible = _masked_scores(q, _page(table_ref, k_ref, j), j, kv_len,
+                                bkv, scale)
+    m_blk = jnp.max(s, axis=1)
+    gap = jnp.where(row_real, m_blk - m, -jnp.inf)
+    keep = jnp.max(gap) >= log2_thr
+    # Past kv_len the cache may hold NaN: those rows load as 0.
+    v = plgpu.load(v_ref.at[table_ref[j]],
+                   mask=jnp.broadcast_to((visible & keep)[:, None], (bkv, d)),
+                   other=0.0)
+    acc, l, m_acc = accumulate_pending(acc, l, m_acc, m, pending)
+    m_next = jnp.where(keep, jnp.maximum(m, m_blk), m)
+    return (acc, l, m_acc, m_next, n_skipped + 1 - keep.astype(jnp.int32),
+            (s, keep, v))
+
+  nothing = (jnp.full((rows, bkv), -jnp.inf, jnp.float32), jnp.bool_(False),
+             jnp.zeros((bkv, d), v_ref.dtype))
+  init = (jnp.zeros((rows, d), jnp.float32), jnp.zeros((rows,), jnp.float32),
+          m_init, m_init, jnp.int32(0), nothing)
+  acc, l, m_acc, m, n_skipped, pending = lax.fori_loop(start, end, step, init)
+  acc, l, m_acc = accumulate_pending(acc, l, m_acc, m, pending)
+  return acc, l, m_acc, n_skipped
 
 
 def _scores_kernel(q_ref, k_ref, table_ref, kv_len_ref, s_ref, m_ref, *,
@@ -206,12 +300,12 @@ def _out_shapes(b, hkv, splits, rows, d):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("group", "sm_scale", "num_splits", "shared_max",
+    jax.jit, static_argnames=("group", "sm_scale", "num_splits", "max_mode",
                               "config", "interpret", "skip_enabled"))
 def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
                     log_threshold, *, group: int, sm_scale: float,
                     num_splits: int,
-                    shared_max: bool = False,
+                    max_mode: str = "split",
                     config: DecodeConfig = DecodeConfig(),
                     interpret: bool = False, skip_enabled: bool = True):
   """Per-split partials of skip-softmax decode attention.
@@ -224,12 +318,12 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
     page_table: int32 [batch, pages_per_seq]: page of each logical block.
     kv_lengths: int32 [batch]; log_threshold: f32 [batch] (natural log).
     num_splits: split-K factor.
-    shared_max: the two-pass mode (decisions against the global max).
+    max_mode: "split", "anchored" (one pass) or "global" (two passes).
     skip_enabled: False builds the dense kernels (no decision, no branch).
 
   Returns:
     acc f32 [batch, kv_heads, splits, rows, head_dim] (unnormalized),
-    m f32 [batch, kv_heads, splits, rows] (row max, log2 units; in shared
+    m f32 [batch, kv_heads, splits, rows] (row max, log2 units; in "global"
     mode the global max for every split), l f32 (row sums, same shape),
     skipped, visited int32 [batch, kv_heads, splits].
   """
@@ -239,14 +333,16 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   specs = _specs(rows, d, n_pages, block_kv, pages_per_seq)
   shapes = _out_shapes(b, hkv, num_splits, rows, d)
   grid = (b, hkv, num_splits)
-  params = plgpu.CompilerParams(num_warps=config.num_warps,
-                                num_stages=config.num_stages)
+  stages = config.num_stages or (2 if skip_enabled else 4)
+  params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=stages)
   log2_thr = (log_threshold * LOG2E).astype(jnp.float32)
   common = dict(block_kv=block_kv, group=group, num_splits=num_splits)
 
-  if not shared_max:
+  if max_mode != "global":
     kernel = functools.partial(_one_pass_kernel, sm_scale=sm_scale,
-                               skip_enabled=skip_enabled, **common)
+                               skip_enabled=skip_enabled,
+                               anchored=max_mode == "anchored",
+                               prefetch_v=config.prefetch_v, **common)
     return pl.pallas_call(
         kernel, grid=grid,
         in_specs=[specs["q"], specs["pages"], specs["pages"], specs["table"],

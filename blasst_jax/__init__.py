@@ -7,6 +7,7 @@
 """
 
 from blasst_jax import reference
+from blasst_jax import xattention
 from blasst_jax.api import attention
 from blasst_jax.api import default_implementation
 from blasst_jax.config import SkipSoftmaxConfig
@@ -26,4 +27,5 @@ __all__ = [
     "default_implementation",
     "paged_decode_attention",
     "reference",
+    "xattention",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -114,9 +115,26 @@ def _check_block_mask(block_mask, expected: tuple[int, ...]):
   if shape != expected:
     raise ValueError(
         f"`block_mask` must have shape [batch, q_heads, n_q_tiles, "
-        f"n_kv_blocks]={expected} for these block sizes, got {shape}.")
+        f"n_kv_blocks]={expected} for these block sizes, got {shape}; its "
+        "blocks are the kernel tiles (pass block_q/block_kv equal to the "
+        "mask's block size, or leave both None to infer them).")
   if block_mask.dtype != jnp.bool_:
-    raise ValueError(f"`block_mask` must be bool, got {block_mask.dtype}.")
+    raise ValueError(f"`block_mask` must be bool, got {block_mask.dtype}; "
+                     "use mask.astype(bool).")
+
+
+def _block_size_for(length: int, n_blocks: int, name: str) -> int:
+  """The smallest power-of-two tile >= 16 that cuts `length` into
+  `n_blocks` tiles (a block mask's block size)."""
+  size = config_lib.MIN_BLOCK
+  while size < 2 * max(length, 1):
+    if -(-length // size) == n_blocks:
+      return size
+    size *= 2
+  raise ValueError(
+      f"`block_mask` has {n_blocks} blocks along {name} of length {length}: "
+      "no power-of-two block size gives that; build it with the kernel's "
+      "block sizes (e.g. bj.xattention.select_blocks(block_size=128)).")
 
 
 def check_sm_scale(sm_scale):
@@ -185,8 +203,12 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
     sm_scale: score scale, default 1/sqrt(head_dim).
     kv_lengths: optional int [batch]: keys at positions >= kv_lengths[b] are
       padding. Rows that see no key return 0.
-    block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks]: only
-      selected blocks are visited ("reference" only for now).
+    block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks]
+      (e.g. `bj.xattention.select_blocks`): only selected blocks are
+      visited (the kernel walks per-tile lists of them: unselected blocks
+      cost no K/V reads) and skipping applies on top. Its blocks are the
+      tiles; with block_q and block_kv None they are inferred from its
+      shape. Not supported by "pallas_mosaic" (None picks "pallas_triton").
     implementation: "reference", "pallas_triton", "pallas_mosaic" (Hopper,
       bf16/f16, head_dim 64/128/256) or None for the best one for the
       current backend and problem (`default_implementation`).
@@ -213,6 +235,11 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
   _check_kv_lengths(kv_lengths, b)
   check_sm_scale(sm_scale)
   _check_threshold(threshold, b)
+  if block_mask is not None and block_q is None and block_kv is None:
+    mask_shape = _shape_of("block_mask", block_mask)
+    if len(mask_shape) == 4:
+      block_q = _block_size_for(lq, mask_shape[2], "q_len")
+      block_kv = _block_size_for(lk, mask_shape[3], "kv_len")
   block_q_arg, block_kv_arg = block_q, block_kv
   block_q, block_kv = config_lib.effective_block_sizes(lq, lk, block_q,
                                                        block_kv)
@@ -235,12 +262,16 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
         q, k, v, block_q=block_q, block_kv=block_kv, threshold=threshold,
         causal=causal, sm_scale=sm_scale, kv_lengths=kv_lengths,
         block_mask=block_mask)
-    return (result.out, result.stats) if return_stats else result.out
+    if not return_stats:
+      return result.out
+    return result.out, _with_masked_count(
+        result.stats, block_mask, lq, lk, block_q, block_kv, kv_lengths,
+        causal)
 
-  if block_mask is not None:
+  if block_mask is not None and implementation == "pallas_mosaic":
     raise ValueError(
-        "`block_mask` is supported by implementation='reference' only in "
-        "this version.")
+        "`block_mask` is not supported by implementation='pallas_mosaic' "
+        "yet; use 'pallas_triton' (or implementation=None).")
   if implementation == "pallas_triton":
     kernel_config, interpret = _triton_options(d, kernel_config, interpret)
   else:
@@ -257,11 +288,28 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
   elif interpret:
     static["interpret"] = _mosaic_interpret_params()
   out, skipped, visited = _kernel_with_vjp(
-      q, k, v, kv_lengths, log_thr, tuple(sorted(static.items())))
+      q, k, v, kv_lengths, log_thr, block_mask, tuple(sorted(static.items())))
   if not return_stats:
     return out
-  return out, SkipStats(skipped_blocks=jnp.sum(skipped, axis=-1),
-                        visited_blocks=jnp.sum(visited, axis=-1))
+  stats = SkipStats(skipped_blocks=jnp.sum(skipped, axis=-1),
+                    visited_blocks=jnp.sum(visited, axis=-1))
+  return out, _with_masked_count(stats, block_mask, lq, lk, block_q, block_kv,
+                                 kv_lengths, causal)
+
+
+def _with_masked_count(stats, block_mask, q_len, kv_len, block_q, block_kv,
+                       kv_lengths, causal):
+  """`stats` with `masked_blocks`: pairs the causal/length masks allow, less
+  those visited (None without a block mask)."""
+  if block_mask is None:
+    return stats
+  b = block_mask.shape[0]
+  allowed = reference.visited_blocks_mask(
+      q_len, kv_len, block_q, block_kv,
+      reference.kv_lengths_or_full(kv_lengths, b, kv_len), causal)
+  allowed = jnp.sum(allowed, axis=(2, 3), dtype=jnp.int32)       # [b, 1]
+  return dataclasses.replace(
+      stats, masked_blocks=allowed - stats.visited_blocks)
 
 
 def _triton_options(head_dim, kernel_config, interpret):
@@ -344,8 +392,8 @@ def _forward_kernel(name):
   return pallas_mosaic.attention_forward
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _kernel_with_vjp(q, k, v, kv_lengths, log_thr, static):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _kernel_with_vjp(q, k, v, kv_lengths, log_thr, block_mask, static):
   """A Pallas forward, differentiable.
 
   The backward differentiates the oracle with the same skip rule, i.e. the
@@ -354,28 +402,33 @@ def _kernel_with_vjp(q, k, v, kv_lengths, log_thr, static):
   """
   opts = dict(static)
   forward = _forward_kernel(opts.pop("kernel"))
-  out, _, skipped, visited = forward(q, k, v, kv_lengths, log_thr, **opts)
+  if block_mask is None:
+    out, _, skipped, visited = forward(q, k, v, kv_lengths, log_thr, **opts)
+  else:
+    out, _, skipped, visited = forward(q, k, v, kv_lengths, log_thr,
+                                       block_mask, **opts)
   return out, skipped, visited
 
 
-def _kernel_fwd(q, k, v, kv_lengths, log_thr, static):
-  return (_kernel_with_vjp(q, k, v, kv_lengths, log_thr, static),
-          (q, k, v, kv_lengths, log_thr))
+def _kernel_fwd(q, k, v, kv_lengths, log_thr, block_mask, static):
+  return (_kernel_with_vjp(q, k, v, kv_lengths, log_thr, block_mask, static),
+          (q, k, v, kv_lengths, log_thr, block_mask))
 
 
 def _kernel_bwd(static, residuals, cotangents):
-  q, k, v, kv_lengths, log_thr = residuals
+  q, k, v, kv_lengths, log_thr, block_mask = residuals
   opts = dict(static)
 
   def sparse_forward(q, k, v):
     return reference.blockwise_attention(
         q, k, v, block_q=opts["block_q"], block_kv=opts["block_kv"],
         causal=opts["causal"], sm_scale=opts["sm_scale"],
-        kv_lengths=kv_lengths, log_threshold=log_thr).out
+        kv_lengths=kv_lengths, log_threshold=log_thr,
+        block_mask=block_mask).out
 
   _, vjp = jax.vjp(sparse_forward, q, k, v)
   dq, dk, dv = vjp(cotangents[0])
-  return dq, dk, dv, None, jnp.zeros_like(log_thr)
+  return dq, dk, dv, None, jnp.zeros_like(log_thr), None
 
 
 _kernel_with_vjp.defvjp(_kernel_fwd, _kernel_bwd)

@@ -170,10 +170,13 @@ class SkipStats:
       by the threshold rule.
     visited_blocks: int32 [batch, q_heads], pairs the kernel had to consider:
       those not removed by the causal mask, `kv_lengths` or a block mask.
+    masked_blocks: int32 [batch, q_heads] or None: pairs the causal and
+      length masks allow but a block mask removed (None without one).
   """
 
   skipped_blocks: jax.Array
   visited_blocks: jax.Array
+  masked_blocks: jax.Array | None = None
 
   @property
   def sparsity(self) -> jax.Array:
@@ -186,6 +189,23 @@ class SkipStats:
     """skipped / visited over the whole call, a scalar."""
     visited = jnp.maximum(jnp.sum(self.visited_blocks), 1)
     return jnp.sum(self.skipped_blocks) / visited.astype(jnp.float32)
+
+  @property
+  def mask_sparsity(self) -> jax.Array:
+    """Block-mask-removed / (visited + removed) over the call, a scalar."""
+    masked = jnp.sum(self.masked_blocks) if self.masked_blocks is not None \
+        else 0
+    total = jnp.maximum(jnp.sum(self.visited_blocks) + masked, 1)
+    return masked / total.astype(jnp.float32)
+
+  @property
+  def combined_sparsity(self) -> jax.Array:
+    """(Block-mask-removed + skipped) / (visited + removed), a scalar: the
+    fraction of the causal/length-allowed blocks whose P·V was not done."""
+    masked = jnp.sum(self.masked_blocks) if self.masked_blocks is not None \
+        else 0
+    total = jnp.maximum(jnp.sum(self.visited_blocks) + masked, 1)
+    return (masked + jnp.sum(self.skipped_blocks)) / total.astype(jnp.float32)
 
   def __repr__(self):
     fields = (self.skipped_blocks, self.visited_blocks)

@@ -47,8 +47,12 @@ BAD_CALLS = {
     "implementation": (None, dict(implementation="cuda"), r"`implementation` must be"),
     "kv_lengths_shape": (None, dict(kv_lengths=jnp.array([3])), r"`kv_lengths`.*shape"),
     "kv_lengths_dtype": (None, dict(kv_lengths=jnp.array([3.0, 4.0])), r"`kv_lengths`.*integer"),
-    "block_mask_shape": (None, dict(block_mask=jnp.ones((B, H, 2, 2), bool)),
+    "block_mask_shape": (None, dict(block_mask=jnp.ones((B, H, 2, 2), bool),
+                                    block_q=64, block_kv=64),
                          r"`block_mask` must have shape"),
+    # 40 queries in 5 blocks: no power-of-two block size does that.
+    "block_mask_blocks": (None, dict(block_mask=jnp.ones((B, H, 5, 3), bool)),
+                          r"`block_mask` has 5 blocks along q_len"),
     "block_mask_dtype": (None, dict(block_mask=jnp.ones((B, H, 1, 1), jnp.int32),
                                     block_q=64, block_kv=64), r"`block_mask` must be bool"),
     "sm_scale": (None, dict(sm_scale=-1.0), r"`sm_scale`"),
@@ -75,9 +79,6 @@ def test_kernel_specific_errors():
                  kernel_config=pallas_triton.TritonConfig())
   with pytest.raises(ValueError, match="`kernel_config`"):
     bj.attention(q, k, v, implementation="pallas_triton", kernel_config=3)
-  with pytest.raises(ValueError, match="`block_mask`"):
-    bj.attention(q, k, v, implementation="pallas_triton",
-                 block_mask=jnp.ones((B, H, 1, 1), bool))
   big = jnp.zeros((1, 16, 1, 512))
   with pytest.raises(ValueError, match="head_dim 512"):
     bj.attention(big, big, big, implementation="pallas_triton")

@@ -82,3 +82,28 @@ def test_gradients_on_gpu():
   for a, b in zip(g, e):
     rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
     assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", GPU_SHAPES[:2], ids=lambda s: s.name)
+def test_block_masked_kernel_matches_oracle_on_gpu(shape, causal):
+  q, k, v = shape.inputs(test_base.key_for("gpu_mask", shape, causal),
+                         dtype=jnp.bfloat16, pattern="sink_local")
+  kv_lengths = jnp.array([shape.kv_len - 101 * i for i in range(shape.batch)],
+                         jnp.int32)
+  mask = bj.xattention.select_blocks(q, k, block_size=128, stride=16,
+                                     threshold=0.95, causal=causal,
+                                     kv_lengths=kv_lengths)
+  out, stats = bj.attention(q, k, v, threshold=1e-3, causal=causal,
+                            kv_lengths=kv_lengths, block_mask=mask,
+                            return_stats=True)
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=128, block_kv=128, threshold=1e-3, causal=causal,
+      kv_lengths=kv_lengths, block_mask=mask)
+  test_base.assert_close(out, oracle.out, jnp.bfloat16)
+  np.testing.assert_array_equal(stats.visited_blocks,
+                                oracle.stats.visited_blocks)
+  assert int(jnp.sum(stats.masked_blocks)) > 0
+  mismatch = int(jnp.sum(jnp.abs(stats.skipped_blocks
+                                 - oracle.stats.skipped_blocks)))
+  assert mismatch <= 0.01 * int(jnp.sum(oracle.stats.visited_blocks))

@@ -46,6 +46,25 @@ def test_kernel_lowers_for_cuda(dtype, causal, hq, hkv, d, lq, lk, bq, bkv,
   assert text.count("blasst_prefill_triton") >= 1
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_masked_kernel_lowers_for_cuda(causal):
+  b, hq, hkv, d, length, block = 2, 8, 2, 128, 1000, 128
+  nb = -(-length // block)
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, kv_lengths, log_thr, mask):
+    return pallas_triton.attention_forward(
+        q, k, v, kv_lengths, log_thr, mask, causal=causal,
+        sm_scale=d ** -0.5, block_q=block, block_kv=block)
+
+  lowered = lower_for_h100(
+      fn, sds((b, length, hq, d), jnp.bfloat16),
+      sds((b, length, hkv, d), jnp.bfloat16),
+      sds((b, length, hkv, d), jnp.bfloat16), sds((b,), jnp.int32),
+      sds((b,), jnp.float32), sds((b, hq, nb, nb), jnp.bool_))
+  assert lowered.as_text().count("blasst_prefill_triton") >= 1
+
+
 @pytest.mark.parametrize("skip", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("d", [64, 128, 256])

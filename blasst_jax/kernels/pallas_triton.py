@@ -28,6 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from blasst_jax import reference
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -59,12 +61,17 @@ def _cdiv(a, b):
   return (a + b - 1) // b
 
 
-def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
-            o_ref, lse_ref, skipped_ref, visited_ref, *,
+def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
             sm_scale: float, causal: bool, block_q: int, block_kv: int,
-            q_len: int, load_v_in_branch: bool, skip_enabled: bool):
-  # q_ref [block_q, d]; k_ref, v_ref [kv_len_padded, d]; o_ref [block_q, d];
-  # lse_ref [block_q]; kv_len_ref, log2_thr_ref, skipped_ref, visited_ref [].
+            q_len: int, load_v_in_branch: bool, skip_enabled: bool,
+            block_lists: bool):
+  # q_ref [block_q, d]; k_ref, v_ref [kv_len_padded, d]; kv_len_ref,
+  # log2_thr_ref []. With block_lists: list_ref [nk_pow2] (this tile's
+  # selected blocks, ascending), n_full_ref, n_sel_ref []. Outputs: o_ref
+  # [block_q, d]; lse_ref [block_q]; skipped_ref, visited_ref [].
+  if block_lists:
+    list_ref, n_full_ref, n_sel_ref, *refs = refs
+  o_ref, lse_ref, skipped_ref, visited_ref = refs
   tile = pl.program_id(0)
   if causal:  # Heavy (late) tiles first: a shorter tail in the last wave.
     tile = pl.num_programs(0) - 1 - tile
@@ -85,12 +92,18 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
     n_visit = jnp.minimum(n_visit, last_row // block_kv + 1)
     n_full = jnp.minimum(n_full, (q_start + 1) // block_kv)
   n_full = jnp.minimum(n_full, n_visit)
+  if block_lists:  # Loop positions index the tile's list of selected blocks.
+    n_full, n_visit = n_full_ref[...], n_sel_ref[...]
+    block_at = lambda pos: list_ref[pos]  # pylint: disable=g-long-lambda
+  else:
+    block_at = lambda pos: pos  # pylint: disable=g-long-lambda
 
   def load_v(j):
     return v_ref[pl.ds(j * block_kv, block_kv), :]      # [block_kv, d]
 
-  def step(j, carry, *, masked: bool):
+  def step(pos, carry, *, masked: bool):
     acc, l, m, n_skipped = carry                        # [bq, d], [bq], [bq], []
+    j = block_at(pos)
     k = k_ref[pl.ds(j * block_kv, block_kv), :]         # [block_kv, d]
     # Raw scores; the scale is applied as max(s) * scale and inside
     # exp2(s * scale - m), which compiles to one FMA per element.
@@ -123,7 +136,7 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
     if not skip_enabled:  # Dense build: no decision, no branch.
       return keep()
     gap = jnp.where(row_real & (m_blk > -jnp.inf), m_blk - m, -jnp.inf)
-    skip = (j > 0) & (jnp.max(gap) < log2_thr)
+    skip = (pos > 0) & (jnp.max(gap) < log2_thr)
     return lax.cond(skip, drop, keep)
 
   d = q_ref.shape[-1]
@@ -143,13 +156,44 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref,
   visited_ref[...] = n_visit.astype(jnp.int32)
 
 
+def block_lists(block_mask, kv_lengths, *, q_len: int, block_q: int,
+                block_kv: int, causal: bool):
+  """Per-tile lists of the blocks a block mask selects.
+
+  Args:
+    block_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks].
+    kv_lengths: int32 [batch].
+
+  Returns:
+    index int32 [batch, q_heads, n_q_tiles, nk_pow2]: the selected blocks
+    that causal and length masks leave, ascending, then zeros; n_full int32
+    [batch, q_heads, n_q_tiles]: how many of them no mask touches (a prefix:
+    those lie before the tile's first masked block); n_sel: how many.
+  """
+  b, hq, nq, nk = block_mask.shape
+  visit = block_mask & reference.visited_blocks_mask(
+      q_len, nk * block_kv, block_q, block_kv, kv_lengths, causal)
+  j = jnp.arange(nk)
+  n_full = (kv_lengths // block_kv)[:, None]                        # [b, 1]
+  if causal:
+    n_full = jnp.minimum(n_full, (jnp.arange(nq) * block_q + 1) // block_kv)
+  full = j[None, None, None, :] < n_full[:, None, :, None]       # [b,1,nq,nk]
+  # Stable sort of "not selected": selected block ids first, ascending.
+  index = jnp.argsort(~visit, axis=-1, stable=True).astype(jnp.int32)
+  index = jnp.where(jnp.sort(~visit, axis=-1), 0, index)
+  pad = (1 << max(nk - 1, 1).bit_length()) - nk
+  index = jnp.pad(index, ((0, 0), (0, 0), (0, 0), (0, pad)))
+  return (index, jnp.sum(visit & full, axis=-1, dtype=jnp.int32),
+          jnp.sum(visit, axis=-1, dtype=jnp.int32))
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
                      "interpret", "skip_enabled"))
-def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
-                      sm_scale: float, block_q: int, block_kv: int,
-                      config: TritonConfig = TritonConfig(),
+def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
+                      causal: bool, sm_scale: float, block_q: int,
+                      block_kv: int, config: TritonConfig = TritonConfig(),
                       interpret: bool = False, skip_enabled: bool = True):
   """Skip-softmax forward pass.
 
@@ -161,6 +205,9 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
     k, v: [batch, kv_len, kv_heads, head_dim].
     kv_lengths: int32 [batch], valid keys per sequence (<= kv_len).
     log_threshold: f32 [batch], natural log of λ (-inf: never skip).
+    block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks]:
+      each program walks the list of its tile's selected blocks
+      (`block_lists`), so unselected blocks cost no K/V reads.
     skip_enabled: False builds the plain dense kernel (no skip decision and
       no branch); `log_threshold` is then ignored.
 
@@ -186,7 +233,7 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
   kernel = functools.partial(
       _kernel, sm_scale=sm_scale, causal=causal, block_q=block_q,
       block_kv=block_kv, q_len=lq, load_v_in_branch=config.load_v_in_branch,
-      skip_enabled=skip_enabled)
+      skip_enabled=skip_enabled, block_lists=block_mask is not None)
 
   def tile_of(i):  # The kernel walks causal q tiles in reverse.
     return nq - 1 - i if causal else i
@@ -198,12 +245,19 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
                              lambda i, bi, h: (bi, h, tile_of(i)))
   q_spec = pl.BlockSpec((None, block_q, None, dp),
                         lambda i, bi, h: (bi, tile_of(i), h, 0))
+  in_specs = [q_spec, kv_spec, kv_spec, per_batch, per_batch]
+  inputs = [q, k, v, kv_lengths.astype(jnp.int32), log2_thr]
+  if block_mask is not None:
+    lists = block_lists(block_mask, kv_lengths.astype(jnp.int32), q_len=lq,
+                        block_q=block_q, block_kv=block_kv, causal=causal)
+    in_specs += [pl.BlockSpec((None, None, None, lists[0].shape[-1]),
+                              lambda i, bi, h: (bi, h, tile_of(i), 0)),
+                 per_program, per_program]
+    inputs += list(lists)
   out, lse, skipped, visited = pl.pallas_call(
       kernel,
       grid=(nq, b, hq),
-      in_specs=[
-          q_spec, kv_spec, kv_spec, per_batch, per_batch,
-      ],
+      in_specs=in_specs,
       out_specs=[
           q_spec,
           pl.BlockSpec((None, None, block_q),
@@ -220,5 +274,5 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
           num_warps=num_warps, num_stages=config.num_stages),
       interpret=interpret,
       name="blasst_prefill_triton",
-  )(q, k, v, kv_lengths.astype(jnp.int32), log2_thr)
+  )(*inputs)
   return out[:, :lq, :, :d], lse[:, :, :lq], skipped, visited

@@ -1,0 +1,64 @@
+"""Sparse prefill: dense, skip-softmax (BLASST), XAttention block selection,
+and both combined, on one input.
+
+    python experiments/sparse_prefill.py --config=configs/sparse_prefill.py:combined
+    python experiments/sparse_prefill.py --config=configs/sparse_prefill.py:all
+    python experiments/sparse_prefill.py --config=configs/sparse_prefill.py:all,small
+
+Variant: dense | blasst | xattention | combined | all, then optionally
+",small" (CPU-sized).
+"""
+
+import ml_collections
+
+METHODS = {
+    # name: (XAttention τ or None, skip-softmax λ)
+    "dense": (None, 0.0),
+    "blasst": (None, 1e-3),
+    "xattention": (0.9, 0.0),
+    "combined": (0.95, 1e-3),
+}
+
+
+def get_config(variant: str = "all"):
+  names, *size = variant.split(",")
+  size = size[0] if size else "h100"
+  if names == "all":
+    chosen = list(METHODS)
+  elif names in METHODS:
+    chosen = [names]
+  else:
+    raise ValueError(f"Unknown method {names!r}: use one of {list(METHODS)} "
+                     "or 'all'.")
+  if size not in ("h100", "small"):
+    raise ValueError(f"Unknown size {size!r}: use 'h100' or 'small'.")
+  c = ml_collections.ConfigDict()
+  c.methods = [ml_collections.ConfigDict(dict(
+      name=n, xattention_threshold=METHODS[n][0],
+      skip_threshold=METHODS[n][1])) for n in chosen]
+  # (batch, seq_len, q_heads, kv_heads, head_dim); q_len = kv_len.
+  c.shape = (1, 32768, 32, 8, 128)
+  c.dtype = "bfloat16"
+  c.causal = True
+  c.block_size = 128          # XAttention blocks = kernel tiles
+  c.stride = 16
+  c.keep_sink = True
+  c.keep_diagonal = True
+  # Score pattern (blasst_jax.patterns.sink_local_qkv): one sharpness per
+  # head group, from diffuse to peaked.
+  c.pattern = ml_collections.ConfigDict(dict(
+      sharpness=(2.0, 6.0, 10.0, 14.0, 18.0, 22.0, 26.0, 30.0),
+      sink_tokens=4, window=256, noise=1.0))
+  c.warmup = 2
+  c.iters = 10
+  c.seed = 0
+  c.output = "benchmarks/results/xattention_h100.json"
+  if size == "small":
+    c.shape = (1, 1024, 8, 2, 64)
+    c.dtype = "float32"
+    c.block_size = 64
+    c.stride = 8
+    c.pattern.window = 32
+    c.warmup, c.iters = 0, 1
+    c.output = "/tmp/blasst_sparse_prefill/xattention.json"
+  return c

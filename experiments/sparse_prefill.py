@@ -1,0 +1,187 @@
+r"""Sparse prefill: dense, skip-softmax, XAttention selection, and both.
+
+    python experiments/sparse_prefill.py --config=configs/sparse_prefill.py:all
+
+For each method of the config, on the same (q, k, v): the XAttention mask
+(if any; its estimate timed on its own), attention with the method's λ and
+mask, and per head and overall: mask sparsity (blocks the mask removes of
+those the causal mask allows), skip sparsity (skipped / visited), combined
+sparsity, and the relative L2 error against dense attention. On a GPU also
+the time of the estimate, of the attention and of cuDNN's dense attention
+in the same process. Writes JSON (+ PNG) to --config.output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import blasst_jax as bj  # pylint: disable=g-import-not-at-top
+from blasst_jax import patterns
+from blasst_jax import testing
+from blasst_jax import xattention
+
+_CONFIG = config_flags.DEFINE_config_file("config",
+                                          "configs/sparse_prefill.py")
+
+
+def make_inputs(cfg):
+  b, s, hq, hkv, d = cfg.shape
+  return patterns.sink_local_qkv(
+      jax.random.PRNGKey(cfg.seed), batch=b, seq_len=s, q_heads=hq,
+      kv_heads=hkv, head_dim=d, dtype=jnp.dtype(cfg.dtype),
+      **cfg.pattern.to_dict())
+
+
+def dense_output(cfg, q, k, v, on_gpu):
+  if on_gpu:
+    return jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=cfg.causal, implementation="cudnn"))(q, k, v)
+  return bj.reference.dense_attention(q, k, v, causal=cfg.causal)
+
+
+def rel_error_per_head(out, dense):
+  """||out - dense|| / ||dense|| per q head (f32), over batch and tokens."""
+  o, r = out.astype(jnp.float32), dense.astype(jnp.float32)
+  num = jnp.sqrt(jnp.sum((o - r) ** 2, axis=(0, 1, 3)))
+  return num / jnp.maximum(jnp.sqrt(jnp.sum(r ** 2, axis=(0, 1, 3))), 1e-30)
+
+
+def run_method(cfg, method, q, k, v, dense, on_gpu):
+  estimate = None
+  if method.xattention_threshold is not None:
+    estimate = jax.jit(lambda q, k: xattention.select_blocks(
+        q, k, block_size=cfg.block_size, stride=cfg.stride,
+        threshold=method.xattention_threshold, causal=cfg.causal,
+        keep_sink=cfg.keep_sink, keep_diagonal=cfg.keep_diagonal))
+  lam = method.skip_threshold
+
+  def attend(q, k, v, mask):
+    return bj.attention(q, k, v, causal=cfg.causal,
+                        threshold=lam if lam else 0.0, block_mask=mask,
+                        block_q=cfg.block_size if mask is not None else None,
+                        block_kv=cfg.block_size if mask is not None else None,
+                        return_stats=True)
+  attend = jax.jit(attend)
+  mask = estimate(q, k) if estimate else None
+  out, stats = attend(q, k, v, mask)
+  b = q.shape[0]
+  visited = np.asarray(stats.visited_blocks, np.float64)     # [b, hq]
+  skipped = np.asarray(stats.skipped_blocks, np.float64)
+  masked = (np.asarray(stats.masked_blocks, np.float64)
+            if stats.masked_blocks is not None else np.zeros_like(visited))
+  allowed = np.maximum(visited + masked, 1)
+  err = np.asarray(rel_error_per_head(out, dense))
+  row = dict(
+      method=method.name, xattention_threshold=method.xattention_threshold,
+      skip_threshold=lam,
+      mask_sparsity=float(masked.sum() / allowed.sum()),
+      skip_sparsity=float(skipped.sum() / np.maximum(visited.sum(), 1)),
+      combined_sparsity=float((masked + skipped).sum() / allowed.sum()),
+      rel_error=float(np.sqrt(np.mean(err ** 2))),
+      per_head=dict(
+          mask_sparsity=(masked.sum(0) / allowed.sum(0)).round(4).tolist(),
+          skip_sparsity=(skipped.sum(0) / np.maximum(visited.sum(0), 1))
+          .round(4).tolist(),
+          combined_sparsity=((masked + skipped).sum(0) / allowed.sum(0))
+          .round(4).tolist(),
+          rel_error=err.tolist()))
+  del b
+  if on_gpu:
+    timing = dict(warmup=cfg.warmup, iters=cfg.iters)
+    row["attention_ms"] = testing.median_time_ms(attend, q, k, v, mask,
+                                                 **timing)
+    row["estimate_ms"] = (testing.median_time_ms(estimate, q, k, **timing)
+                          if estimate else 0.0)
+    row["total_ms"] = row["attention_ms"] + row["estimate_ms"]
+  return row
+
+
+def plot(result, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = result["rows"]
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  names = [r["method"] for r in rows]
+  x = np.arange(len(rows))
+  axes[0].bar(x - 0.2, [r["mask_sparsity"] for r in rows], 0.4,
+              label="removed by the XAttention mask")
+  axes[0].bar(x + 0.2, [r["combined_sparsity"] for r in rows], 0.4,
+              label="combined (mask + skipped)")
+  axes[0].set_xticks(x, names)
+  axes[0].set_ylabel("fraction of causal blocks")
+  axes[0].legend(fontsize=7)
+  for r in rows:
+    axes[1].plot(r["per_head"]["combined_sparsity"],
+                 np.maximum(r["per_head"]["rel_error"], 1e-8), "o",
+                 label=r["method"])
+  axes[1].set_yscale("log")
+  axes[1].set_xlabel("combined block sparsity (per head)")
+  axes[1].set_ylabel("relative L2 error vs dense")
+  axes[1].legend(fontsize=7)
+  if "cudnn_ms" in result:
+    speed = [result["cudnn_ms"] / r["total_ms"] for r in rows]
+    attn = [result["cudnn_ms"] / r["attention_ms"] for r in rows]
+    axes[2].bar(x - 0.2, speed, 0.4, label="incl. the mask estimate")
+    axes[2].bar(x + 0.2, attn, 0.4, label="attention only")
+    axes[2].axhline(1.0, color="gray", lw=0.8)
+    axes[2].set_xticks(x, names)
+    axes[2].set_ylabel("speed vs cuDNN dense")
+    axes[2].legend(fontsize=7)
+  else:
+    axes[2].set_axis_off()
+    axes[2].text(0.5, 0.5, "speed: GPU only", ha="center")
+  b, s, hq, hkv, d = result["shape"]
+  fig.suptitle(f"sparse prefill b{b} s{s} hq{hq} hkv{hkv} d{d} "
+               f"{result['device_kind']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  device = jax.devices()[0]
+  on_gpu = device.platform == "gpu"
+  print(f"device_kind={device.device_kind} jax={jax.__version__}", flush=True)
+  q, k, v = make_inputs(cfg)
+  dense = dense_output(cfg, q, k, v, on_gpu)
+  result = dict(device_kind=device.device_kind, jax_version=jax.__version__,
+                shape=list(cfg.shape), dtype=cfg.dtype, causal=cfg.causal,
+                block_size=cfg.block_size, stride=cfg.stride,
+                pattern=cfg.pattern.to_dict(), rows=[])
+  if on_gpu:
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=cfg.causal, implementation="cudnn"))
+    result["cudnn_ms"] = testing.median_time_ms(
+        cudnn, q, k, v, warmup=cfg.warmup, iters=cfg.iters)
+    print(f"cuDNN dense: {result['cudnn_ms']:.3f} ms", flush=True)
+  for method in cfg.methods:
+    row = run_method(cfg, method, q, k, v, dense, on_gpu)
+    result["rows"].append(row)
+    timing = (f" estimate {row['estimate_ms']:.3f} ms attention "
+              f"{row['attention_ms']:.3f} ms ({result['cudnn_ms'] / row['total_ms']:.2f}x "
+              "cuDNN)" if on_gpu else "")
+    print(f"{method.name}: mask {row['mask_sparsity']:.3f} skip "
+          f"{row['skip_sparsity']:.3f} combined {row['combined_sparsity']:.3f}"
+          f" rel_error {row['rel_error']:.2e}{timing}", flush=True)
+  os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
+  with open(cfg.output, "w") as f:
+    json.dump(result, f, indent=1)
+  png = os.path.splitext(cfg.output)[0] + ".png"
+  plot(result, png)
+  print(f"wrote {cfg.output} and {png}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,8 +1,11 @@
-"""Shapes, inputs and timing shared by the test suite and the benchmarks."""
+"""Shapes, inputs, timing and result files shared by the test suite and the
+benchmarks."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import statistics
 import time
 
@@ -80,3 +83,25 @@ def median_time_ms(fn, *args, warmup: int, iters: int, reps: int = 1) -> float:
     jax.block_until_ready(out)
     samples.append((time.perf_counter() - t0) * 1e3 / reps)
   return statistics.median(samples)
+
+
+def announce_device() -> tuple[dict, bool]:
+  """Prints the device kind and jax version (a benchmark's first line).
+
+  Returns:
+    ({"device_kind", "jax_version"} for the result file, whether it is a GPU).
+  """
+  device = jax.devices()[0]
+  print(f"device_kind={device.device_kind} platform={device.platform} "
+        f"jax={jax.__version__}", flush=True)
+  return (dict(device_kind=device.device_kind, jax_version=jax.__version__),
+          device.platform == "gpu")
+
+
+def save_json(result: dict, output: str) -> str:
+  """Writes `result` to `output` as JSON (making its folder); returns the
+  path of the PNG that goes beside it."""
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  with open(output, "w") as f:
+    json.dump(result, f, indent=1)
+  return os.path.splitext(output)[0] + ".png"

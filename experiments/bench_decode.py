@@ -11,7 +11,6 @@ written).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -94,9 +93,10 @@ def run_split_sweep(cfg):
     for splits in cfg.split_sweep.splits:
       if splits > -(-shape[3] // cfg.block_kv):
         continue
+      fns = {dense: ours(cfg, "pallas_triton", splits, cfg.split_sweep.mode,
+                         dense=dense) for dense in (False, True)}
       for thr in cfg.split_sweep.thresholds:
-        fn = ours(cfg, "pallas_triton", splits, cfg.split_sweep.mode,
-                  dense=thr == 0)
+        fn = fns[thr == 0]
         thr_arr = jnp.float32(thr)
         _, stats = fn(q, k, v, lengths, thr_arr)
         t = time_us(fn, q, k, v, lengths, thr_arr, warmup=cfg.warmup,
@@ -121,9 +121,11 @@ def run_tuning(cfg):
     q, k, v, lengths = make_cache(cfg, shape, cfg.seed + i)
     for bkv, warps, stages, prefetch in cfg.tuning:
       kernel_config = decode_triton.DecodeConfig(warps, stages, prefetch)
+      fns = {dense: ours(cfg, "pallas_triton", None, "anchored", block_kv=bkv,
+                         kernel_config=kernel_config, dense=dense)
+             for dense in (False, True)}
       for thr in [0.0, *cfg.tuning_thresholds]:
-        fn = ours(cfg, "pallas_triton", None, "anchored", block_kv=bkv,
-                  kernel_config=kernel_config, dense=thr == 0)
+        fn = fns[thr == 0]
         thr_arr = jnp.float32(thr)
         _, stats = fn(q, k, v, lengths, thr_arr)
         t = time_us(fn, q, k, v, lengths, thr_arr, warmup=cfg.warmup,
@@ -249,22 +251,17 @@ def plot(rows, path):
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  device = jax.devices()[0]
-  on_gpu = device.platform == "gpu"
-  print(f"device_kind={device.device_kind} jax={jax.__version__}", flush=True)
+  header, on_gpu = testing.announce_device()
   rows = run(cfg, on_gpu)
-  tuning = run_tuning(cfg) if on_gpu else []
-  split_sweep = run_split_sweep(cfg) if on_gpu else []
-  result = dict(tuning=tuning, split_sweep=split_sweep, device_kind=device.device_kind, jax_version=jax.__version__,
+  result = dict(**header,
+                tuning=run_tuning(cfg) if on_gpu else [],
+                split_sweep=run_split_sweep(cfg) if on_gpu else [],
                 pattern=dict(name="sink_local", **cfg.pattern.to_dict()),
                 block_kv=cfg.block_kv, rows=rows,
                 notes=("effective_tbps = dense K+V bytes / time; read_tbps = "
                        "bytes read / time (copy: read + written); jax_pallas "
                        "includes the K/V transposes its gqa wrapper makes."))
-  os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-  with open(cfg.output, "w") as f:
-    json.dump(result, f, indent=1)
-  png = os.path.splitext(cfg.output)[0] + ".png"
+  png = testing.save_json(result, cfg.output)
   plot(rows, png)
   print(f"wrote {cfg.output} and {png}")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import os
 import sys
 
@@ -292,11 +291,8 @@ def plot(rows, path):
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  device = jax.devices()[0]
-  on_gpu = device.platform == "gpu"
-  print(f"device_kind={device.device_kind} platform={device.platform} "
-        f"jax={jax.__version__}", flush=True)
-  result = dict(device_kind=device.device_kind, jax_version=jax.__version__,
+  header, on_gpu = testing.announce_device()
+  result = dict(**header,
                 pattern=dict(name="sink_local", **cfg.pattern.to_dict()),
                 block_q=cfg.block_q, block_kv=cfg.block_kv,
                 notes=("tflops = executed FLOPs (q·kᵀ on visited blocks, P·V "
@@ -304,16 +300,13 @@ def main(argv):
                        "FLOPs / time; times are medians of "
                        f"{cfg.iters} runs after {cfg.warmup} warm-ups."))
   result["checks"] = run_checks(cfg, on_gpu)
-  os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
 
   def save(rows, tuning=()):
     result.update(rows=rows, tuning=list(tuning))
-    with open(cfg.output, "w") as f:
-      json.dump(result, f, indent=1)
+    return testing.save_json(result, cfg.output)
 
   result["rows"] = run_speed(cfg, on_gpu, save)
-  save(result["rows"], run_tuning(cfg))
-  png = os.path.splitext(cfg.output)[0] + ".png"
+  png = save(result["rows"], run_tuning(cfg))
   plot(result["rows"], png)
   print(f"\nwrote {cfg.output} and {png}")
   print(f"{'impl':>14} {'causal':>6} {'seq':>6} {'λ':>7} {'sparsity':>8} "

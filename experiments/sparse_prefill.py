@@ -13,7 +13,6 @@ in the same process. Writes JSON (+ PNG) to --config.output.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -151,13 +150,11 @@ def plot(result, path):
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  device = jax.devices()[0]
-  on_gpu = device.platform == "gpu"
-  print(f"device_kind={device.device_kind} jax={jax.__version__}", flush=True)
+  header, on_gpu = testing.announce_device()
   q, k, v = make_inputs(cfg)
   dense = dense_output(cfg, q, k, v, on_gpu)
-  result = dict(device_kind=device.device_kind, jax_version=jax.__version__,
-                shape=list(cfg.shape), dtype=cfg.dtype, causal=cfg.causal,
+  result = dict(**header, shape=list(cfg.shape), dtype=cfg.dtype,
+                causal=cfg.causal,
                 block_size=cfg.block_size, stride=cfg.stride,
                 pattern=cfg.pattern.to_dict(), rows=[])
   if on_gpu:
@@ -175,10 +172,7 @@ def main(argv):
     print(f"{method.name}: mask {row['mask_sparsity']:.3f} skip "
           f"{row['skip_sparsity']:.3f} combined {row['combined_sparsity']:.3f}"
           f" rel_error {row['rel_error']:.2e}{timing}", flush=True)
-  os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-  with open(cfg.output, "w") as f:
-    json.dump(result, f, indent=1)
-  png = os.path.splitext(cfg.output)[0] + ".png"
+  png = testing.save_json(result, cfg.output)
   plot(result, png)
   print(f"wrote {cfg.output} and {png}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 
 import jax
+from jax._src import mesh as mesh_lib
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +19,19 @@ import blasst_jax as bj
 from blasst_jax import analysis
 from blasst_jax import config as config_lib
 from blasst_jax import testing
+
+# An abstract H100 for lowering CUDA kernels on a machine without a GPU.
+H100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                               num_cores=132, platform="cuda")
+
+
+def lower_for_h100(fn, *specs):
+  """`fn` traced on `specs` and lowered for CUDA under an abstract H100."""
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,),
+      abstract_device=H100)
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",))
 
 SHAPES = testing.CPU_TEST_SHAPES
 # Natural-log distance from log λ under which kernel and oracle may disagree

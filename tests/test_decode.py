@@ -235,12 +235,11 @@ def test_bad_page_table_raises():
 
 def test_decode_kernel_lowers_for_cuda():
   from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
-  from tests.test_lowering import lower_for_h100  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct
   for mode in MODES:
     fn = lambda *a, mode=mode: decode_triton.decode_partials(  # pylint: disable=g-long-lambda
         *a, group=4, sm_scale=0.1, num_splits=4, max_mode=mode)
-    lowered = lower_for_h100(
+    lowered = test_base.lower_for_h100(
         fn, sds((2, 8, 16, 128), jnp.bfloat16),
         sds((64, 64, 8, 128), jnp.bfloat16), sds((64, 64, 8, 128), jnp.bfloat16),
         sds((2, 32), jnp.int32), sds((2,), jnp.int32), sds((2,), jnp.float32))

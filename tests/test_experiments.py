@@ -68,3 +68,21 @@ def test_bench_decode_smoke(tmp_path):
     sparse = [r for r in rs if r["threshold"] > 0][0]
     assert sparse["bytes_read"] <= dense["bytes_read"]
   assert (tmp_path / "decode.png").stat().st_size > 10_000
+
+
+def test_sparse_prefill_all_methods_small(tmp_path):
+  output = tmp_path / "xattention.json"
+  run(["experiments/sparse_prefill.py",
+       "--config=configs/sparse_prefill.py:all,small",
+       f"--config.output={output}"], tmp_path)
+  result = json.loads(output.read_text())
+  rows = {r["method"]: r for r in result["rows"]}
+  assert set(rows) == {"dense", "blasst", "xattention", "combined"}
+  assert rows["dense"]["combined_sparsity"] == 0
+  assert rows["dense"]["rel_error"] < 1e-5
+  assert rows["blasst"]["skip_sparsity"] > 0 == rows["blasst"]["mask_sparsity"]
+  assert rows["xattention"]["mask_sparsity"] > 0.3
+  for r in rows.values():
+    assert len(r["per_head"]["rel_error"]) == result["shape"][2]
+    assert r["combined_sparsity"] >= r["mask_sparsity"]
+  assert (tmp_path / "xattention.png").stat().st_size > 10_000

@@ -2,21 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-from jax._src import mesh as mesh_lib
 import pytest
 
 from blasst_jax.kernels import pallas_triton
+from tests import test_base
 
-H100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
-                               num_cores=132, platform="cuda")
-
-
-def lower_for_h100(fn, *specs):
-  mesh = jax.sharding.AbstractMesh(
-      (1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,),
-      abstract_device=H100)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",))
+lower_for_h100 = test_base.lower_for_h100
 
 
 @pytest.mark.parametrize(

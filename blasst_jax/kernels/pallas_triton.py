@@ -178,13 +178,13 @@ def block_lists(block_mask, kv_lengths, *, q_len: int, block_q: int,
   if causal:
     n_full = jnp.minimum(n_full, (jnp.arange(nq) * block_q + 1) // block_kv)
   full = j[None, None, None, :] < n_full[:, None, :, None]       # [b,1,nq,nk]
+  n_sel = jnp.sum(visit, axis=-1, dtype=jnp.int32)
   # Stable sort of "not selected": selected block ids first, ascending.
   index = jnp.argsort(~visit, axis=-1, stable=True).astype(jnp.int32)
-  index = jnp.where(jnp.sort(~visit, axis=-1), 0, index)
+  index = jnp.where(j < n_sel[..., None], index, 0)
   pad = (1 << max(nk - 1, 1).bit_length()) - nk
   index = jnp.pad(index, ((0, 0), (0, 0), (0, 0), (0, pad)))
-  return (index, jnp.sum(visit & full, axis=-1, dtype=jnp.int32),
-          jnp.sum(visit, axis=-1, dtype=jnp.int32))
+  return index, jnp.sum(visit & full, axis=-1, dtype=jnp.int32), n_sel
 
 
 @functools.partial(

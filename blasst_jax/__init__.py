@@ -6,6 +6,8 @@
     print(stats.sparsity)           # skipped / visited blocks per (batch, head)
 """
 
+from blasst_jax import analysis
+from blasst_jax import calibration
 from blasst_jax import reference
 from blasst_jax import xattention
 from blasst_jax.api import attention
@@ -22,7 +24,9 @@ __all__ = [
     "DecodeStats",
     "SkipSoftmaxConfig",
     "SkipStats",
+    "analysis",
     "attention",
+    "calibration",
     "decode_attention",
     "default_implementation",
     "paged_decode_attention",

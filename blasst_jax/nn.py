@@ -25,6 +25,7 @@ fast).
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Any, Callable
 
@@ -40,6 +41,20 @@ from blasst_jax import config as config_lib
 from blasst_jax.config import SkipSoftmaxConfig, SkipStats
 
 __all__ = ["SkipSelfAttention", "make_attention_fn"]
+
+# Set by `blasst_jax.analysis.capture_attention_inputs` while it runs a model:
+# every attention call of this module reports its inputs to it (one
+# contextvar lookup per call otherwise, no state on the modules).
+attention_input_recorder: contextvars.ContextVar[Callable[..., None] | None] = (
+    contextvars.ContextVar("blasst_jax_attention_input_recorder",
+                           default=None))
+
+
+def _report_inputs(module, q, k, v, **options) -> None:
+  """Hands q/k/v ([batch, len, heads, head_dim]) to an active recorder."""
+  recorder = attention_input_recorder.get()
+  if recorder is not None:
+    recorder(module, q, k, v, **options)
 
 
 def _check_threshold(threshold: Any) -> None:
@@ -148,6 +163,9 @@ def make_attention_fn(threshold=0.0, *, causal: bool = False,
     n = math.prod(batch_shape)
     q, k, v = (x.reshape((n,) + x.shape[-3:]) for x in (query, key, value))
 
+    _report_inputs(module, q, k, v, causal=causal or is_causal,
+                   kv_lengths=None, sm_scale=sm_scale, block_q=block_q,
+                   block_kv=block_kv, threshold=threshold)
     want_stats = sow_stats and module is not None
     result = api.attention(
         q, k, v, threshold=threshold, causal=causal or is_causal,
@@ -277,6 +295,9 @@ class SkipSelfAttention(nnx.Module):
           f"{x.shape}.")
     threshold = self.threshold if threshold is None else threshold
     q, k, v = self.project_qkv(x)
+    _report_inputs(self, q, k, v, causal=self.causal, kv_lengths=kv_lengths,
+                   sm_scale=None, block_q=self.block_q,
+                   block_kv=self.block_kv, threshold=threshold)
     result = api.attention(
         q, k, v, threshold=threshold, causal=self.causal,
         kv_lengths=kv_lengths, implementation=self.implementation,

@@ -86,3 +86,39 @@ def test_sparse_prefill_all_methods_small(tmp_path):
     assert len(r["per_head"]["rel_error"]) == result["shape"][2]
     assert r["combined_sparsity"] >= r["mask_sparsity"]
   assert (tmp_path / "xattention.png").stat().st_size > 10_000
+
+
+def test_analyze_small_prints_table_and_writes_plots(tmp_path):
+  out = run(["experiments/analyze.py", "--config=configs/analyze.py:small",
+             f"--config.output_dir={tmp_path}"], tmp_path)
+  report = json.loads((tmp_path / "analysis.json").read_text())
+  layers = report["layers"]
+  assert [l["name"] for l in layers] == ["layers/0", "layers/1"]
+  for layer in layers:
+    heads = layer["shape"]["q_heads"]
+    rows = [line for line in out.splitlines()
+            if line.startswith(layer["name"])]
+    assert len(rows) == heads + 1          # one per head, and "all"
+    sparsity = [sum(s) for s in layer["skipped_blocks"]]
+    assert sparsity[0] == 0 and sparsity[-1] > 0
+  pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+  assert {"sparsity_vs_threshold.png", "error_vs_sparsity.png",
+          "sparsity_vs_context.png", "block_map_layers_0.png",
+          "gap_histogram_layers_1.png"} <= set(pngs)
+  assert all((tmp_path / p).stat().st_size > 10_000 for p in pngs)
+
+
+def test_calibrate_small_hits_target_on_held_out(tmp_path):
+  out = run(["experiments/calibrate.py",
+             "--config=configs/calibrate.py:small",
+             f"--config.output_dir={tmp_path}"], tmp_path)
+  result = json.loads((tmp_path / "calibration.json").read_text())
+  held_out = result["held_out"]
+  assert set(held_out) == {"prefill", "decode"}
+  for phase, check in held_out.items():
+    assert check["target"] == result["config"]["target_sparsity"][phase]
+    assert check["scale_factor"] == result["scale_factors"][phase] > 0
+    assert abs(check["achieved"] - check["target"]) <= check["tolerance"]
+  assert result["all_within_tolerance"]
+  assert "in every phase: yes" in out
+  assert (tmp_path / "calibration.png").stat().st_size > 10_000

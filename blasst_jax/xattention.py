@@ -17,8 +17,9 @@ kept mass reaches `threshold` of the row's total (the block that crosses it
 is kept).
 
 The estimate costs `(q_len / stride) * (kv_len / stride) * stride * head_dim`
-multiply-adds per head, 1/stride of dense attention's q·kᵀ, and is computed
-in chunks of query groups to bound memory.
+multiply-adds per head, 1/stride of dense attention's q·kᵀ. On a GPU it runs
+as one fused Pallas kernel (`kernels/xattention_triton.py`: the strided scores
+never reach memory); elsewhere as XLA in chunks of query groups.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from blasst_jax import reference
+from blasst_jax.kernels import xattention_triton
+
+ESTIMATE_IMPLEMENTATIONS = ("xla", "pallas_triton")
 
 
 def _check(q, k, block_size, stride, threshold, q_chunk):
@@ -72,7 +76,9 @@ def _strided(x, stride: int, reverse: bool):
 
 def block_scores(q, k, *, block_size: int = 128, stride: int = 8,
                  causal: bool = False, kv_lengths=None, sm_scale=None,
-                 q_chunk_blocks: int = 16) -> jax.Array:
+                 q_chunk_blocks: int = 16, implementation: str | None = None,
+                 config: xattention_triton.EstimateConfig | None = None,
+                 interpret: bool = False) -> jax.Array:
   """Estimated attention mass per block, f32 [batch, q_heads, n_q_blocks,
   n_kv_blocks]: each real query group's softmax over the strided scores
   sums to 1, so a q-block row sums to its number of real query groups.
@@ -89,14 +95,60 @@ def block_scores(q, k, *, block_size: int = 128, stride: int = 8,
       length are masked.
     sm_scale: default 1/sqrt(head_dim); the strided scores are divided by
       `stride` as well (a group score sums `stride` products).
-    q_chunk_blocks: q blocks scored per step (memory: chunk * block_size /
-      stride * kv_len / stride f32 per head).
+    q_chunk_blocks: XLA path: q blocks scored per step (memory: chunk *
+      block_size / stride * kv_len / stride f32 per head).
+    implementation: "pallas_triton" (the fused kernel; default on GPU when
+      block_size / stride is a power of two) or "xla" (default elsewhere).
+    config: `xattention_triton.EstimateConfig` tuning knobs of the kernel.
+    interpret: run the kernel in Pallas interpret mode (CPU tests).
   """
   _check(q, k, block_size, stride, 0.5, q_chunk_blocks)
+  config = config or xattention_triton.EstimateConfig()
+  implementation = _estimate_implementation(implementation, block_size,
+                                            stride, config, interpret)
+  b, lq, hq, d = q.shape
+  lk = k.shape[1]
+  sm_scale = reference.default_sm_scale(d) if sm_scale is None else sm_scale
+  nq, nk = -(-lq // block_size), -(-lk // block_size)
+  gpb = block_size // stride                        # groups per block
+  lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
+  if implementation == "pallas_triton":
+    e, m = xattention_triton.chunk_sums(
+        q, k, lengths, block_size=block_size, stride=stride, causal=causal,
+        sm_scale=float(sm_scale), config=config, interpret=interpret)
+    return xattention_triton.combine(
+        e, m, n_q_groups=-(-lq // stride), n_q_blocks=nq, n_kv_blocks=nk,
+        groups_per_block=gpb)
+  return _xla_block_scores(q, k, lengths, block_size=block_size,
+                           stride=stride, causal=causal, sm_scale=sm_scale,
+                           q_chunk_blocks=q_chunk_blocks)
+
+
+def _estimate_implementation(implementation, block_size, stride, config,
+                             interpret):
+  fits = xattention_triton.supports(block_size, stride, config)
+  if implementation is None:
+    on_gpu = jax.default_backend() == "gpu"
+    return "pallas_triton" if fits and (on_gpu or interpret) else "xla"
+  if implementation not in ESTIMATE_IMPLEMENTATIONS:
+    raise ValueError(f"`implementation` must be one of "
+                     f"{ESTIMATE_IMPLEMENTATIONS} or None, got "
+                     f"{implementation!r}.")
+  if implementation == "pallas_triton" and not fits:
+    raise ValueError(
+        f"implementation='pallas_triton' needs block_size / stride "
+        f"({block_size} / {stride}) to be a power of two and `config` "
+        f"block_cols ({config.block_cols}) a power-of-two multiple of it; "
+        "use implementation='xla'.")
+  return implementation
+
+
+def _xla_block_scores(q, k, lengths, *, block_size, stride, causal, sm_scale,
+                      q_chunk_blocks):
+  """The estimate in XLA, chunked over q blocks (see `block_scores`)."""
   b, lq, hq, d = q.shape
   lk, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
-  sm_scale = reference.default_sm_scale(d) if sm_scale is None else sm_scale
   nq, nk = -(-lq // block_size), -(-lk // block_size)
   gpb = block_size // stride                        # groups per block
   chunk = min(q_chunk_blocks, nq)
@@ -106,7 +158,6 @@ def block_scores(q, k, *, block_size: int = 128, stride: int = 8,
   kp = jnp.pad(k, ((0, 0), (0, nk * block_size - lk), (0, 0), (0, 0)))
   qs = _strided(qp, stride, reverse=True)           # [b, Gq, hq, stride*d]
   ks = _strided(kp, stride, reverse=False)          # [b, Gk, hkv, stride*d]
-  lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
   key_group = jnp.arange(nk * gpb)
   key_ok = key_group[None, :] * stride < lengths[:, None]      # [b, Gk]
   scale = sm_scale / stride
@@ -166,9 +217,9 @@ def select_from_scores(scores, threshold, *, allowed, forced) -> jax.Array:
   before = forced_mass + jnp.cumsum(jnp.maximum(ranked, 0.0), axis=-1) \
       - jnp.maximum(ranked, 0.0)
   take_ranked = (before < tau * total) & (ranked >= 0)
-  # Scatter back: position of each block in the ranking.
-  inverse = jnp.argsort(order, axis=-1)
-  take = jnp.take_along_axis(take_ranked, inverse, axis=-1)
+  # Scatter back to block order (one sort, not a second one to invert it).
+  take = jnp.put_along_axis(jnp.zeros_like(take_ranked), order, take_ranked,
+                            axis=-1, inplace=False)
   keep_all = tau >= 1.0
   return forced | (allowed & (take | keep_all))
 
@@ -176,7 +227,10 @@ def select_from_scores(scores, threshold, *, allowed, forced) -> jax.Array:
 def select_blocks(q, k, *, block_size: int = 128, stride: int = 8,
                   threshold=0.9, causal: bool = False, kv_lengths=None,
                   keep_sink: bool = True, keep_diagonal: bool = True,
-                  sm_scale=None, q_chunk_blocks: int = 16) -> jax.Array:
+                  sm_scale=None, q_chunk_blocks: int = 16,
+                  implementation: str | None = None,
+                  config: xattention_triton.EstimateConfig | None = None,
+                  interpret: bool = False) -> jax.Array:
   """XAttention block selection.
 
   Args:
@@ -193,7 +247,9 @@ def select_blocks(q, k, *, block_size: int = 128, stride: int = 8,
     keep_sink: always keep kv block 0 (attention sinks).
     keep_diagonal: always keep kv block i for q block i (local context).
     sm_scale: default 1/sqrt(head_dim).
-    q_chunk_blocks: q blocks scored at once (memory only).
+    q_chunk_blocks, implementation, config, interpret: how the estimate
+      runs, see `block_scores` (no effect on the selection beyond f32
+      rounding).
 
   Returns:
     bool [batch, q_heads, n_q_blocks, n_kv_blocks].
@@ -206,7 +262,9 @@ def select_blocks(q, k, *, block_size: int = 128, stride: int = 8,
   lk = k.shape[1]
   scores = block_scores(q, k, block_size=block_size, stride=stride,
                         causal=causal, kv_lengths=kv_lengths,
-                        sm_scale=sm_scale, q_chunk_blocks=q_chunk_blocks)
+                        sm_scale=sm_scale, q_chunk_blocks=q_chunk_blocks,
+                        implementation=implementation, config=config,
+                        interpret=interpret)
   nq, nk = scores.shape[2:]
   lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
   allowed = reference.visited_blocks_mask(lq, lk, block_size, block_size,

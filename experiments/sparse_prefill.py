@@ -8,11 +8,14 @@ mask, and per head and overall: mask sparsity (blocks the mask removes of
 those the causal mask allows), skip sparsity (skipped / visited), combined
 sparsity, and the relative L2 error against dense attention. On a GPU also
 the time of the estimate, of the attention and of cuDNN's dense attention
-in the same process. Writes JSON (+ PNG) to --config.output.
+in the same process, the estimate alone per stride (XLA and the fused kernel
+with each tuning), and which methods lie on the error/speed Pareto front.
+Writes JSON (+ PNG) to --config.output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -27,6 +30,7 @@ import blasst_jax as bj  # pylint: disable=g-import-not-at-top
 from blasst_jax import patterns
 from blasst_jax import testing
 from blasst_jax import xattention
+from blasst_jax.kernels import xattention_triton
 
 _CONFIG = config_flags.DEFINE_config_file("config",
                                           "configs/sparse_prefill.py")
@@ -104,19 +108,66 @@ def run_method(cfg, method, q, k, v, dense, on_gpu):
   return row
 
 
+def time_estimates(cfg, q, k):
+  """The block-score estimate alone: XLA and each kernel tuning, per stride
+  (GPU). Returns rows of {stride, implementation, config, ms}."""
+  rows = []
+  timing = dict(warmup=cfg.warmup, iters=cfg.iters)
+  for stride in cfg.estimate.strides:
+    options = [("xla", None)] + [
+        ("pallas_triton", xattention_triton.EstimateConfig(*c))
+        for c in cfg.estimate.kernel_configs]
+    for implementation, config in options:
+      fn = jax.jit(lambda q, k, i=implementation, c=config, s=stride:
+                   xattention.block_scores(
+                       q, k, block_size=cfg.block_size, stride=s,
+                       causal=cfg.causal, implementation=i, config=c))
+      try:
+        ms = testing.median_time_ms(fn, q, k, **timing)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"estimate stride {stride} {implementation} {config}: "
+              f"failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        continue
+      rows.append(dict(stride=stride, implementation=implementation,
+                       config=None if config is None else list(
+                           dataclasses.astuple(config)), ms=ms))
+      print(f"estimate stride {stride} {implementation} {config or ''}: "
+            f"{ms:.3f} ms", flush=True)
+  return rows
+
+
+def pareto(rows):
+  """Names of the methods no other method beats on both speed (incl. the
+  estimate) and error."""
+  front = []
+  for r in rows:
+    dominated = any(
+        o is not r and o["total_ms"] <= r["total_ms"]
+        and o["rel_error"] <= r["rel_error"]
+        and (o["total_ms"] < r["total_ms"] or o["rel_error"] < r["rel_error"])
+        for o in rows)
+    if not dominated:
+      front.append(r["method"])
+  return front
+
+
+def family(name: str) -> str:
+  return name.split(" ")[0]
+
+
 def plot(result, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   rows = result["rows"]
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
   names = [r["method"] for r in rows]
   x = np.arange(len(rows))
   axes[0].bar(x - 0.2, [r["mask_sparsity"] for r in rows], 0.4,
               label="removed by the XAttention mask")
   axes[0].bar(x + 0.2, [r["combined_sparsity"] for r in rows], 0.4,
               label="combined (mask + skipped)")
-  axes[0].set_xticks(x, names)
+  axes[0].set_xticks(x, names, rotation=60, ha="right", fontsize=6)
   axes[0].set_ylabel("fraction of causal blocks")
   axes[0].legend(fontsize=7)
   for r in rows:
@@ -133,11 +184,29 @@ def plot(result, path):
     axes[2].bar(x - 0.2, speed, 0.4, label="incl. the mask estimate")
     axes[2].bar(x + 0.2, attn, 0.4, label="attention only")
     axes[2].axhline(1.0, color="gray", lw=0.8)
-    axes[2].set_xticks(x, names)
+    axes[2].set_xticks(x, names, rotation=60, ha="right", fontsize=6)
     axes[2].set_ylabel("speed vs cuDNN dense")
     axes[2].legend(fontsize=7)
+    for fam, marker in (("dense", "s"), ("blasst", "o"), ("xattention", "^"),
+                        ("combined", "D")):
+      pts = [r for r in rows if family(r["method"]) == fam]
+      axes[3].plot([max(r["rel_error"], 1e-6) for r in pts],
+                   [result["cudnn_ms"] / r["total_ms"] for r in pts], marker,
+                   label=fam, ls="none")
+    for r in rows:
+      if r["method"] in result.get("pareto", ()):
+        axes[3].annotate(r["method"], (max(r["rel_error"], 1e-6),
+                                       result["cudnn_ms"] / r["total_ms"]),
+                         fontsize=5)
+    axes[3].set_xscale("log")
+    axes[3].axhline(1.0, color="gray", lw=0.8)
+    axes[3].set_xlabel("relative L2 error vs dense")
+    axes[3].set_ylabel("speed vs cuDNN (incl. estimate)")
+    axes[3].set_title("error / speed (Pareto front labelled)", fontsize=8)
+    axes[3].legend(fontsize=7)
   else:
-    axes[2].set_axis_off()
+    for ax in axes[2:]:
+      ax.set_axis_off()
     axes[2].text(0.5, 0.5, "speed: GPU only", ha="center")
   b, s, hq, hkv, d = result["shape"]
   fig.suptitle(f"sparse prefill b{b} s{s} hq{hq} hkv{hkv} d{d} "
@@ -172,6 +241,16 @@ def main(argv):
     print(f"{method.name}: mask {row['mask_sparsity']:.3f} skip "
           f"{row['skip_sparsity']:.3f} combined {row['combined_sparsity']:.3f}"
           f" rel_error {row['rel_error']:.2e}{timing}", flush=True)
+  if on_gpu:
+    result["pareto"] = pareto(result["rows"])
+    print("error/speed Pareto front: " + "; ".join(result["pareto"]))
+    result["estimate"] = time_estimates(cfg, q, k)
+    dense_ms = [r["attention_ms"] for r in result["rows"]
+                if r["method"] == "dense"]
+    for r in result["estimate"]:
+      r["fraction_of_cudnn"] = r["ms"] / result["cudnn_ms"]
+      if dense_ms:
+        r["fraction_of_dense"] = r["ms"] / dense_ms[0]
   png = testing.save_json(result, cfg.output)
   plot(result, png)
   print(f"wrote {cfg.output} and {png}")

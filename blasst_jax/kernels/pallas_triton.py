@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from blasst_jax import reference
+from blasst_jax.kernels import block_lists as lists_lib
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -45,16 +45,21 @@ class TritonConfig:
   tiles with 8 warps are up to 10 % faster.
 
   Attributes:
-    num_warps: warps per program.
+    num_warps: warps per program; None: 8 for tiles of 128x128 or more
+      (4 warps spill there: 2.6x slower on H100), else 4.
     num_stages: software-pipelining depth of the KV loop.
     load_v_in_branch: load V only for blocks that are kept. Loading inside
       the conditional saves bandwidth on skipped blocks but may cost Triton's
       pipelining of the V load; benchmark both.
+    list_in_registers: with a block mask, read the tile's block list once
+      into registers and pick entry `pos` by a reduction, instead of a
+      memory load per step whose latency the K load then waits on.
   """
 
-  num_warps: int | None = 4
+  num_warps: int | None = None
   num_stages: int = 3
   load_v_in_branch: bool = True
+  list_in_registers: bool = True
 
 
 def _cdiv(a, b):
@@ -64,7 +69,7 @@ def _cdiv(a, b):
 def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
             sm_scale: float, causal: bool, block_q: int, block_kv: int,
             q_len: int, load_v_in_branch: bool, skip_enabled: bool,
-            block_lists: bool):
+            block_lists: bool, list_in_registers: bool):
   # q_ref [block_q, d]; k_ref, v_ref [kv_len_padded, d]; kv_len_ref,
   # log2_thr_ref []. With block_lists: list_ref [nk_pow2] (this tile's
   # selected blocks, ascending), n_full_ref, n_sel_ref []. Outputs: o_ref
@@ -94,7 +99,12 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
   n_full = jnp.minimum(n_full, n_visit)
   if block_lists:  # Loop positions index the tile's list of selected blocks.
     n_full, n_visit = n_full_ref[...], n_sel_ref[...]
-    block_at = lambda pos: list_ref[pos]  # pylint: disable=g-long-lambda
+    if list_in_registers:
+      ids = list_ref[...]                               # [nk_pow2]
+      slots = jnp.arange(ids.shape[0])
+      block_at = lambda pos: jnp.sum(jnp.where(slots == pos, ids, 0))  # pylint: disable=g-long-lambda
+    else:
+      block_at = lambda pos: list_ref[pos]  # pylint: disable=g-long-lambda
   else:
     block_at = lambda pos: pos  # pylint: disable=g-long-lambda
 
@@ -156,37 +166,6 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
   visited_ref[...] = n_visit.astype(jnp.int32)
 
 
-def block_lists(block_mask, kv_lengths, *, q_len: int, block_q: int,
-                block_kv: int, causal: bool):
-  """Per-tile lists of the blocks a block mask selects.
-
-  Args:
-    block_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks].
-    kv_lengths: int32 [batch].
-
-  Returns:
-    index int32 [batch, q_heads, n_q_tiles, nk_pow2]: the selected blocks
-    that causal and length masks leave, ascending, then zeros; n_full int32
-    [batch, q_heads, n_q_tiles]: how many of them no mask touches (a prefix:
-    those lie before the tile's first masked block); n_sel: how many.
-  """
-  b, hq, nq, nk = block_mask.shape
-  visit = block_mask & reference.visited_blocks_mask(
-      q_len, nk * block_kv, block_q, block_kv, kv_lengths, causal)
-  j = jnp.arange(nk)
-  n_full = (kv_lengths // block_kv)[:, None]                        # [b, 1]
-  if causal:
-    n_full = jnp.minimum(n_full, (jnp.arange(nq) * block_q + 1) // block_kv)
-  full = j[None, None, None, :] < n_full[:, None, :, None]       # [b,1,nq,nk]
-  n_sel = jnp.sum(visit, axis=-1, dtype=jnp.int32)
-  # Stable sort of "not selected": selected block ids first, ascending.
-  index = jnp.argsort(~visit, axis=-1, stable=True).astype(jnp.int32)
-  index = jnp.where(j < n_sel[..., None], index, 0)
-  pad = (1 << max(nk - 1, 1).bit_length()) - nk
-  index = jnp.pad(index, ((0, 0), (0, 0), (0, 0), (0, pad)))
-  return index, jnp.sum(visit & full, axis=-1, dtype=jnp.int32), n_sel
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
@@ -207,7 +186,7 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
     log_threshold: f32 [batch], natural log of λ (-inf: never skip).
     block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks]:
       each program walks the list of its tile's selected blocks
-      (`block_lists`), so unselected blocks cost no K/V reads.
+      (`block_lists.tile_lists`), so unselected blocks cost no K/V reads.
     skip_enabled: False builds the plain dense kernel (no skip decision and
       no branch); `log_threshold` is then ignored.
 
@@ -229,11 +208,13 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
   v = jnp.pad(v, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, dp - d)))
   log2_thr = (log_threshold * LOG2E).astype(jnp.float32)
 
-  num_warps = config.num_warps or 4
+  num_warps = config.num_warps or (8 if block_q * block_kv >= 128 * 128
+                                   else 4)
   kernel = functools.partial(
       _kernel, sm_scale=sm_scale, causal=causal, block_q=block_q,
       block_kv=block_kv, q_len=lq, load_v_in_branch=config.load_v_in_branch,
-      skip_enabled=skip_enabled, block_lists=block_mask is not None)
+      skip_enabled=skip_enabled, block_lists=block_mask is not None,
+      list_in_registers=config.list_in_registers)
 
   def tile_of(i):  # The kernel walks causal q tiles in reverse.
     return nq - 1 - i if causal else i
@@ -248,8 +229,9 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
   in_specs = [q_spec, kv_spec, kv_spec, per_batch, per_batch]
   inputs = [q, k, v, kv_lengths.astype(jnp.int32), log2_thr]
   if block_mask is not None:
-    lists = block_lists(block_mask, kv_lengths.astype(jnp.int32), q_len=lq,
-                        block_q=block_q, block_kv=block_kv, causal=causal)
+    lists = lists_lib.tile_lists(
+        block_mask, kv_lengths.astype(jnp.int32), q_len=lq, block_q=block_q,
+        block_kv=block_kv, causal=causal)
     in_specs += [pl.BlockSpec((None, None, None, lists[0].shape[-1]),
                               lambda i, bi, h: (bi, h, tile_of(i), 0)),
                  per_program, per_program]

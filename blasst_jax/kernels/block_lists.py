@@ -1,0 +1,73 @@
+"""Lists of the KV blocks a block mask selects, built in XLA for the kernels.
+
+Given a block mask [batch, q_heads, n_q_tiles, n_kv_blocks], a prefill
+kernel walks ascending lists of the selected blocks instead of the whole KV
+range, so unselected blocks cost no K/V reads. Blocks that the causal or
+length masks hide from every row of a tile are dropped from its list, as the
+oracle (`reference.visited_blocks_mask`) does not visit them either.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from blasst_jax import reference
+
+
+def walked_blocks(block_mask, kv_lengths, *, q_len: int, block_q: int,
+                  block_kv: int, causal: bool):
+  """bool [batch, q_heads, n_q_tiles, n_kv_blocks]: the blocks a tile visits:
+  selected, with at least one key some row of the tile may see."""
+  nk = block_mask.shape[-1]
+  return block_mask & reference.visited_blocks_mask(
+      q_len, nk * block_kv, block_q, block_kv, kv_lengths, causal)
+
+
+def unmasked_blocks(kv_lengths, n_q_tiles: int, n_kv_blocks: int, *,
+                    block_q: int, block_kv: int, causal: bool):
+  """bool [batch, 1, n_q_tiles or 1, n_kv_blocks]: the blocks no causal or
+  length mask touches for any row of a tile (a prefix of the blocks)."""
+  n_full = (kv_lengths // block_kv)[:, None]                       # [b, 1]
+  if causal:  # The tile's first row sees every key of the blocks before it.
+    n_full = jnp.minimum(n_full,
+                         (jnp.arange(n_q_tiles) * block_q + 1) // block_kv)
+  return (jnp.arange(n_kv_blocks) < n_full[..., None])[:, None]
+
+
+def compact(select):
+  """The positions where `select` (bool [..., n]) holds.
+
+  Returns:
+    ids int32 [..., n]: those positions ascending, then zeros; count int32
+    [...]: how many.
+  """
+  count = jnp.sum(select, axis=-1, dtype=jnp.int32)
+  # Stable sort of "not selected": selected positions first, ascending.
+  ids = jnp.argsort(~select, axis=-1, stable=True).astype(jnp.int32)
+  ids = jnp.where(jnp.arange(select.shape[-1]) < count[..., None], ids, 0)
+  return ids, count
+
+
+def tile_lists(block_mask, kv_lengths, *, q_len: int, block_q: int,
+               block_kv: int, causal: bool):
+  """Per-tile lists of the blocks a block mask selects (one tile a program).
+
+  Args:
+    block_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks].
+    kv_lengths: int32 [batch].
+
+  Returns:
+    index int32 [batch, q_heads, n_q_tiles, nk_pow2]: the selected blocks
+    that causal and length masks leave, ascending, then zeros; n_full int32
+    [batch, q_heads, n_q_tiles]: how many of them no mask touches (a prefix:
+    those lie before the tile's first masked block); n_sel: how many.
+  """
+  nq, nk = block_mask.shape[2:]
+  visit = walked_blocks(block_mask, kv_lengths, q_len=q_len, block_q=block_q,
+                        block_kv=block_kv, causal=causal)
+  full = unmasked_blocks(kv_lengths, nq, nk, block_q=block_q,
+                         block_kv=block_kv, causal=causal)
+  index, n_sel = compact(visit)
+  pad = (1 << max(nk - 1, 1).bit_length()) - nk
+  index = jnp.pad(index, ((0, 0), (0, 0), (0, 0), (0, pad)))
+  return index, jnp.sum(visit & full, axis=-1, dtype=jnp.int32), n_sel

@@ -205,10 +205,15 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       padding. Rows that see no key return 0.
     block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks]
       (e.g. `bj.xattention.select_blocks`): only selected blocks are
-      visited (the kernel walks per-tile lists of them: unselected blocks
-      cost no K/V reads) and skipping applies on top. Its blocks are the
-      tiles; with block_q and block_kv None they are inferred from its
-      shape. Not supported by "pallas_mosaic" (None picks "pallas_triton").
+      visited (the kernels walk lists of them: unselected blocks cost no
+      K/V reads; "pallas_mosaic" reads those selected for either of the two
+      q tiles a program holds) and skipping applies on top. Its blocks are
+      the tiles; with block_q and block_kv None they are inferred from its
+      shape, and for "pallas_mosaic" blocks that are whole multiples of its
+      default tiles are cut into them (XAttention's 128 x 128 blocks run as
+      64 x 128 tiles, skip decisions per 64-row tile). "pallas_mosaic" needs tiles of at least 64 x 64 (unless one
+      tile covers the sequence); None picks it on Hopper for 64-row tiles
+      and KV blocks up to its default size, "pallas_triton" otherwise.
     implementation: "reference", "pallas_triton", "pallas_mosaic" (Hopper,
       bf16/f16, head_dim 64/128/256) or None for the best one for the
       current backend and problem (`default_implementation`).
@@ -235,7 +240,9 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
   _check_kv_lengths(kv_lengths, b)
   check_sm_scale(sm_scale)
   _check_threshold(threshold, b)
-  if block_mask is not None and block_q is None and block_kv is None:
+  tiles_from_mask = (block_mask is not None and block_q is None
+                     and block_kv is None)
+  if tiles_from_mask:
     mask_shape = _shape_of("block_mask", block_mask)
     if len(mask_shape) == 4:
       block_q = _block_size_for(lq, mask_shape[2], "q_len")
@@ -247,9 +254,21 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
   check_implementation(implementation)
   if implementation is None:
     implementation = default_implementation(dtype=q.dtype, head_dim=d)
-    if implementation == "pallas_mosaic" and (
-        interpret or block_mask is not None):
+    if implementation == "pallas_mosaic" and (interpret or (
+        block_mask is not None and not _mosaic_tiles_fit(
+            lq, lk, block_q, block_kv, d) and not (
+                tiles_from_mask and _mosaic_split(lq, lk, block_q,
+                                                  block_kv, d)))):
       implementation = "pallas_triton"
+  if (implementation == "pallas_mosaic" and tiles_from_mask
+      and not _mosaic_tiles_fit(lq, lk, block_q, block_kv, d)):
+    split = _mosaic_split(lq, lk, block_q, block_kv, d)
+    if split:  # Mask blocks of whole kernel tiles: repeat them per tile
+      # (tiles wholly past the sequence end are dropped).
+      block_q, block_kv = block_q // split[0], block_kv // split[1]
+      block_mask = jnp.repeat(jnp.repeat(block_mask, split[0], axis=2),
+                              split[1], axis=3)[:, :, :-(-lq // block_q),
+                                                :-(-lk // block_kv)]
   sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
       sm_scale)
 
@@ -268,15 +287,14 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
         result.stats, block_mask, lq, lk, block_q, block_kv, kv_lengths,
         causal)
 
-  if block_mask is not None and implementation == "pallas_mosaic":
-    raise ValueError(
-        "`block_mask` is not supported by implementation='pallas_mosaic' "
-        "yet; use 'pallas_triton' (or implementation=None).")
   if implementation == "pallas_triton":
     kernel_config, interpret = _triton_options(d, kernel_config, interpret)
   else:
+    if block_mask is not None:  # The mask's tiles, not the kernel defaults.
+      block_q_arg, block_kv_arg = block_q, block_kv
     block_q, block_kv, kernel_config = _mosaic_options(
-        q, lq, lk, block_q_arg, block_kv_arg, kernel_config, interpret)
+        q, lq, lk, block_q_arg, block_kv_arg, kernel_config, interpret,
+        block_mask)
   kv_lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
   log_thr = config_lib.log_threshold(
       config_lib.resolve_threshold(threshold, kv_lengths, lk, b))
@@ -336,7 +354,7 @@ def _kernel_config_or_default(kernel_config, config_class, implementation):
 
 
 def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
-                    interpret):
+                    interpret, block_mask=None):
   """Checks what the Hopper kernel supports; returns its block sizes.
 
   `block_q`, `block_kv` are the caller's (None: the kernel's defaults).
@@ -362,20 +380,63 @@ def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
     block_kv = pallas_mosaic.default_block_kv(d)
   block_q, block_kv = config_lib.effective_block_sizes(q_len, kv_len, block_q,
                                                        block_kv)
+  n_listed = 0
+  if block_mask is not None:
+    if _widened_tiles(q_len, kv_len, block_q, block_kv) != _tiles(
+        q_len, kv_len, block_q, block_kv):
+      raise ValueError(
+          f"`block_mask` tiles of {block_q}x{block_kv} are smaller than the "
+          "64x64 wgmma tiles of implementation='pallas_mosaic'; build the "
+          "mask with block size >= 64 or use 'pallas_triton'.")
+    n_listed = _tiles(q_len, kv_len, block_q, block_kv)[1]
   # Tiles smaller than 64 only arise for short sequences, where widening
   # them to one wgmma tile changes no decision (one tile either way).
   block_q, block_kv = max(block_q, 64), max(block_kv, 64)
   kernel_config = _kernel_config_or_default(
       kernel_config, pallas_mosaic.MosaicConfig, "pallas_mosaic")
   smem = pallas_mosaic.shared_memory_bytes(block_q, block_kv, d,
-                                           kernel_config.num_stages)
+                                           kernel_config.num_stages, n_listed)
   if smem > pallas_mosaic.MAX_SHARED_MEMORY:
     raise ValueError(
         f"block_q={block_q}, block_kv={block_kv}, head_dim={d}, "
-        f"num_stages={kernel_config.num_stages} need {smem} bytes of shared "
-        f"memory (max {pallas_mosaic.MAX_SHARED_MEMORY}); lower `block_kv` "
-        "or num_stages.")
+        f"num_stages={kernel_config.num_stages}"
+        + (f", a block list of {n_listed} KV blocks" if n_listed else "")
+        + f" need {smem} bytes of shared memory (max "
+        f"{pallas_mosaic.MAX_SHARED_MEMORY}); lower `block_kv` or num_stages"
+        + (", or use larger mask blocks" if n_listed else "") + ".")
   return block_q, block_kv, kernel_config
+
+
+def _tiles(q_len, kv_len, block_q, block_kv):
+  return -(-q_len // block_q), -(-kv_len // block_kv)
+
+
+def _widened_tiles(q_len, kv_len, block_q, block_kv):
+  return _tiles(q_len, kv_len, max(block_q, 64), max(block_kv, 64))
+
+
+def _mosaic_split(q_len, kv_len, block_q, block_kv, head_dim):
+  """(q, kv) factors that cut mask blocks of block_q x block_kv into the
+  Hopper kernel's default tiles, or None when they do not divide evenly
+  (e.g. XAttention's 128 x 128 blocks -> 2 x 1 tiles of 64 x 128)."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  tq, tk = pallas_mosaic.DEFAULT_BLOCK_Q, pallas_mosaic.default_block_kv(
+      head_dim)
+  del q_len, kv_len
+  if block_q % tq or block_kv % tk or (block_q, block_kv) == (tq, tk):
+    return None
+  return block_q // tq, block_kv // tk
+
+
+def _mosaic_tiles_fit(q_len, kv_len, block_q, block_kv, head_dim) -> bool:
+  """Whether a block mask's tiles are ones the Hopper kernel is built and
+  measured for (64-row q tiles, KV blocks up to its default), so that
+  implementation=None may pick it."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  return (_widened_tiles(q_len, kv_len, block_q, block_kv)
+          == _tiles(q_len, kv_len, block_q, block_kv)
+          and max(block_q, 64) == pallas_mosaic.DEFAULT_BLOCK_Q
+          and max(block_kv, 64) <= pallas_mosaic.default_block_kv(head_dim))
 
 
 def _mosaic_interpret_params():

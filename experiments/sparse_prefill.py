@@ -68,11 +68,11 @@ def run_method(cfg, method, q, k, v, dense, on_gpu):
   lam = method.skip_threshold
 
   def attend(q, k, v, mask):
+    # Tiles follow the mask's blocks (the Hopper kernel cuts them into its
+    # 64 x 128 tiles); the implementation is the default unless configured.
     return bj.attention(q, k, v, causal=cfg.causal,
                         threshold=lam if lam else 0.0, block_mask=mask,
-                        block_q=cfg.block_size if mask is not None else None,
-                        block_kv=cfg.block_size if mask is not None else None,
-                        return_stats=True)
+                        implementation=cfg.implementation, return_stats=True)
   attend = jax.jit(attend)
   mask = estimate(q, k) if estimate else None
   out, stats = attend(q, k, v, mask)
@@ -223,7 +223,7 @@ def main(argv):
   q, k, v = make_inputs(cfg)
   dense = dense_output(cfg, q, k, v, on_gpu)
   result = dict(**header, shape=list(cfg.shape), dtype=cfg.dtype,
-                causal=cfg.causal,
+                causal=cfg.causal, implementation=cfg.implementation,
                 block_size=cfg.block_size, stride=cfg.stride,
                 pattern=cfg.pattern.to_dict(), rows=[])
   if on_gpu:

@@ -159,3 +159,23 @@ def test_mosaic_shared_memory_check(monkeypatch):
   assert (bq, bkv) == (64, 128)
   bq, bkv, _ = api._mosaic_options(q, 20, 20, None, None, None, None)  # pylint: disable=protected-access
   assert (bq, bkv) == (64, 64)
+
+
+def test_block_mask_on_mosaic_tiles_and_shared_memory(monkeypatch):
+  from blasst_jax import api  # pylint: disable=g-import-not-at-top
+  fit = api._mosaic_tiles_fit  # pylint: disable=protected-access
+  assert fit(1024, 1024, 64, 128, 128) and fit(1024, 1024, 64, 64, 256)
+  assert not fit(1024, 1024, 128, 128, 128)    # 128-row tiles: Triton
+  assert not fit(1024, 1024, 64, 128, 256)     # above its KV block at hd 256
+  assert not fit(1024, 1024, 32, 32, 128)      # below one wgmma tile
+  assert fit(20, 20, 32, 32, 128)              # one tile covers it all
+  monkeypatch.setattr(api, "is_hopper", lambda: True)
+  q = jnp.zeros((1, 1024, 2, 256), jnp.bfloat16)
+  mask = jnp.ones((1, 2, 16, 16), bool)
+  with pytest.raises(ValueError, match="64x64 wgmma tiles"):
+    api._mosaic_options(q, 1024, 1024, 32, 32, None, None, mask)  # pylint: disable=protected-access
+  # The block list of a 600k-key sequence does not fit beside the tiles.
+  with pytest.raises(ValueError, match="block list of 9375 KV blocks"):
+    api._mosaic_options(q, 1024, 600_000, 64, 64, None, None, mask)  # pylint: disable=protected-access
+  assert api._mosaic_options(q, 1024, 100_000, 64, 64, None, None,  # pylint: disable=protected-access
+                             mask)[:2] == (64, 64)

@@ -66,3 +66,61 @@ def test_mosaic_through_the_api(causal):
       q, k, v, threshold=1e-2, causal=causal,
       implementation="pallas_mosaic").astype(jnp.float32) ** 2))(q)
   assert g.shape == q.shape and bool(jnp.all(jnp.isfinite(g)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+def test_block_masked_mosaic_matches_oracle(shape, causal):
+  """Per-tile lists that differ within a program (a tile of one block next
+  to a fuller one), GQA, ragged lengths."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  dtype, threshold = jnp.bfloat16, 1e-2
+  key = test_base.key_for("mosaic_masked", shape, causal)
+  q, k, v = shape.inputs(key, dtype=dtype)
+  kv_lengths = jnp.array([shape.kv_len - 29 * i for i in range(shape.batch)],
+                         jnp.int32)
+  bq, bkv = 64, pallas_mosaic.default_block_kv(shape.head_dim)
+  nq, nk = -(-shape.q_len // bq), -(-shape.kv_len // bkv)
+  mask = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5,
+                              (shape.batch, shape.q_heads, nq, nk))
+  mask = mask.at[..., 0].set(True)
+  mask = mask.at[:, :, 1::4].set(False).at[:, :, 1::4, 0].set(True)
+  lam = jnp.full((shape.batch,), threshold, jnp.float32)
+  out, lse, skipped, visited = pallas_mosaic.attention_forward(
+      q, k, v, kv_lengths, config_lib.log_threshold(lam), mask, causal=causal,
+      sm_scale=shape.head_dim ** -0.5, block_q=bq, block_kv=bkv)
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=bq, block_kv=bkv, threshold=threshold, causal=causal,
+      kv_lengths=kv_lengths, block_mask=mask)
+  np.testing.assert_array_equal(np.asarray(visited),
+                                np.asarray(jnp.sum(oracle.visited_mask, -1)))
+  test_base.assert_skips_match(skipped, oracle, threshold, dtype)
+  test_base.assert_close(out, oracle.out, dtype)
+  test_base.assert_lse_close(lse, oracle.lse, atol=5e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xattention_mask_runs_on_mosaic_by_default(causal, monkeypatch):
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  shape = testing.AttentionShape(batch=2, q_len=1024, kv_len=1024, q_heads=4,
+                                 kv_heads=2, head_dim=128)
+  q, k, v = shape.inputs(test_base.key_for("mosaic_xattn", causal),
+                         dtype=jnp.bfloat16)
+  mask = bj.xattention.select_blocks(q, k, block_size=64, stride=8,
+                                     threshold=0.95, causal=causal)
+  calls = []
+  forward = pallas_mosaic.attention_forward
+  monkeypatch.setattr(pallas_mosaic, "attention_forward",
+                      lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+  common = dict(threshold=1e-2, causal=causal, block_mask=mask,
+                return_stats=True)
+  out, stats = bj.attention(q, k, v, **common)
+  assert calls, "implementation=None did not pick pallas_mosaic"
+  ref, ref_stats = bj.attention(q, k, v, implementation="reference", **common)
+  test_base.assert_close(out, ref, jnp.bfloat16)
+  np.testing.assert_array_equal(stats.visited_blocks,
+                                ref_stats.visited_blocks)
+  np.testing.assert_array_equal(stats.masked_blocks, ref_stats.masked_blocks)
+  assert int(jnp.sum(stats.masked_blocks)) > 0
+  assert int(jnp.sum(jnp.abs(stats.skipped_blocks
+                             - ref_stats.skipped_blocks))) <= 2

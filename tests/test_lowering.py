@@ -95,3 +95,29 @@ def test_mosaic_mqa_lowers_with_three_stages():
                            sds((1, 300, 1, 128), jnp.bfloat16),
                            sds((1,), jnp.int32), sds((1,), jnp.float32))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("causal,d,num_stages,lk", [(True, 128, 2, 700),
+                                                    (False, 256, 2, 700),
+                                                    (True, 64, 3, 700),
+                                                    # a list of > 256 words
+                                                    (False, 128, 2, 40000)])
+def test_block_masked_mosaic_kernel_lowers_for_cuda(causal, d, num_stages, lk):
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  b, hq, hkv, lq = 2, 4, 2, 1000
+  bkv = pallas_mosaic.default_block_kv(d)
+  nq, nk = -(-lq // 64), -(-lk // bkv)
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, kv_lengths, log_thr, mask):
+    return pallas_mosaic.attention_forward(
+        q, k, v, kv_lengths, log_thr, mask, causal=causal, sm_scale=d ** -0.5,
+        block_q=64, block_kv=bkv,
+        config=pallas_mosaic.MosaicConfig(num_stages=num_stages))
+
+  lowered = lower_for_h100(fn, sds((b, lq, hq, d), jnp.bfloat16),
+                           sds((b, lk, hkv, d), jnp.bfloat16),
+                           sds((b, lk, hkv, d), jnp.bfloat16),
+                           sds((b,), jnp.int32), sds((b,), jnp.float32),
+                           sds((b, hq, nq, nk), jnp.bool_))
+  assert "mosaic_gpu" in lowered.as_text()

@@ -22,13 +22,15 @@ from tests import test_base
 BLOCK_Q, BLOCK_KV = 64, 64
 
 
-def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages):
+def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
+                    block_mask=None):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   lam = jnp.full((q.shape[0],), threshold, jnp.float32)
   interpret_pallas_call.reset_gpu_interpret_mode_state()
   result = pallas_mosaic.attention_forward(
-      q, k, v, kv_lengths, config_lib.log_threshold(lam), causal=causal,
-      sm_scale=q.shape[-1] ** -0.5, block_q=BLOCK_Q, block_kv=BLOCK_KV,
+      q, k, v, kv_lengths, config_lib.log_threshold(lam), block_mask,
+      causal=causal, sm_scale=q.shape[-1] ** -0.5, block_q=BLOCK_Q,
+      block_kv=BLOCK_KV,
       config=pallas_mosaic.MosaicConfig(num_stages=num_stages),
       skip_enabled=threshold > 0,
       interpret=plgpu.InterpretGPUParams(detect_races=True))
@@ -90,3 +92,114 @@ def test_interpret_through_the_api_with_stats_and_gradient():
   g = jax.grad(loss)(q, "pallas_mosaic", interpret=True)
   g_ref = jax.grad(loss)(q, "reference")
   test_base.assert_close(g, g_ref, jnp.bfloat16, scale=5.0)
+
+
+def test_padded_rows_take_no_part_in_causal_decisions():
+  """q_len < kv_len, causal: the rows padding the last tile must not see
+  keys past the last real row (key 120 would otherwise veto a skip)."""
+  d = 64
+  keys = jax.random.split(test_base.key_for("mosaic_padded_rows"), 3)
+  q = (0.1 * jax.random.normal(keys[0], (1, 100, 1, d))).at[..., 0].set(4.0)
+  k = 0.1 * jax.random.normal(keys[1], (1, 256, 1, d))
+  k = k.at[:, 0, 0, 0].set(8.0).at[:, 120, 0, 0].set(12.0)
+  v = jax.random.normal(keys[2], (1, 256, 1, d))
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  kv_lengths = jnp.array([256], jnp.int32)
+  (out, _, skipped, _), races = run_interpreted(
+      q, k, v, kv_lengths, 0.1, causal=True, num_stages=2)
+  assert not races
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=BLOCK_Q, block_kv=BLOCK_KV, threshold=0.1, causal=True)
+  np.testing.assert_array_equal(skipped, jnp.sum(oracle.skip_mask, -1))
+  assert int(jnp.sum(skipped)) == 1
+  test_base.assert_close(out, oracle.out, jnp.bfloat16)
+
+
+def program_mask(key, shape, causal):
+  """bool [batch, q_heads, n_q_tiles, n_kv_blocks] with what the union walk
+  must get right: the two tiles of a program select different blocks, tile
+  1 selects one block (its diagonal under causal), tile 2 of the first
+  (batch, head) none; the sink block is kept elsewhere."""
+  single = 1 if causal else shape[-1] - 1
+  mask = jax.random.bernoulli(key, 0.6, shape).at[..., 0].set(True)
+  mask = mask.at[:, :, 1].set(False).at[:, :, 1, single].set(True)
+  return mask.at[0, 0, 2].set(False)
+
+
+@pytest.mark.parametrize(
+    "causal,q_len,kv_len,q_heads,kv_heads,num_stages",
+    [(True, 320, 320, 2, 1, 3),       # causal, GQA, odd tile count
+     (False, 192, 320, 2, 2, 2),      # ragged KV, a padding tile
+     (True, 200, 320, 1, 1, 2)],      # q_len < kv_len, padded rows
+    ids=["causal_gqa", "ragged", "causal_short_q"])
+def test_block_masked_interpret_matches_oracle(causal, q_len, kv_len, q_heads,
+                                               kv_heads, num_stages):
+  dtype, threshold = jnp.bfloat16, 0.1
+  key = test_base.key_for("mosaic_masked", causal, q_len, kv_len)
+  q, k, v = patterns.sink_local_qkv(
+      key, batch=2, seq_len=q_len, kv_len=kv_len, q_heads=q_heads,
+      kv_heads=kv_heads, head_dim=64, window=16, sharpness=(16.0, 24.0),
+      dtype=dtype)
+  kv_lengths = jnp.array([kv_len, kv_len - 37], jnp.int32)
+  nq, nk = -(-q_len // BLOCK_Q), -(-kv_len // BLOCK_KV)
+  mask = program_mask(jax.random.fold_in(key, 1), (2, q_heads, nq, nk), causal)
+  (out, lse, skipped, visited), races = run_interpreted(
+      q, k, v, kv_lengths, threshold, causal=causal, num_stages=num_stages,
+      block_mask=mask)
+  assert not races, "the race detector found a shared-memory data race"
+
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=BLOCK_Q, block_kv=BLOCK_KV, threshold=threshold,
+      causal=causal, kv_lengths=kv_lengths, block_mask=mask)
+  walked = np.asarray(oracle.visited_mask)
+  assert (walked[:, :, 0] != walked[:, :, 1]).any()    # lists that differ
+  np.testing.assert_array_equal(visited, walked.sum(-1))
+  test_base.assert_skips_match(skipped, oracle, threshold, dtype)
+  allowed = bj.reference.visited_blocks_mask(q_len, kv_len, BLOCK_Q, BLOCK_KV,
+                                             kv_lengths, causal)
+  assert int(jnp.sum(allowed)) * q_heads > int(jnp.sum(visited)), "no mask"
+  assert int(jnp.sum(skipped)) > 0, "inputs meant to skip did not"
+  test_base.assert_close(out, oracle.out, dtype)
+  test_base.assert_lse_close(lse, oracle.lse, atol=5e-2, rtol=1e-2)
+  np.testing.assert_array_equal(np.asarray(out[0, 128:192, 0]), 0.0)
+
+
+def test_block_masked_interpret_through_the_api():
+  q, k, v = patterns.sink_local_qkv(
+      test_base.key_for("mosaic_masked_api"), batch=1, seq_len=256,
+      q_heads=2, kv_heads=1, head_dim=64, window=16, sharpness=24.0,
+      dtype=jnp.bfloat16)
+  mask = program_mask(test_base.key_for("mosaic_masked_api_mask"),
+                      (1, 2, 4, 4), causal=True)
+  common = dict(threshold=0.1, causal=True, block_mask=mask,
+                return_stats=True)
+  out, stats = bj.attention(q, k, v, implementation="pallas_mosaic",
+                            interpret=True, **common)
+  ref, ref_stats = bj.attention(q, k, v, implementation="reference", **common)
+  test_base.assert_close(out, ref, jnp.bfloat16)
+  for name in ("visited_blocks", "skipped_blocks", "masked_blocks"):
+    np.testing.assert_array_equal(getattr(stats, name),
+                                  getattr(ref_stats, name))
+  assert int(jnp.sum(stats.masked_blocks)) > 0
+
+
+def test_coarse_mask_blocks_are_cut_into_kernel_tiles():
+  """128 x 128 mask blocks (XAttention's) run as 64 x 128 Hopper tiles: the
+  same as the oracle with the mask repeated per tile."""
+  q, k, v = patterns.sink_local_qkv(
+      test_base.key_for("mosaic_coarse_mask"), batch=1, seq_len=300,
+      q_heads=2, kv_heads=1, head_dim=64, window=16, sharpness=24.0,
+      dtype=jnp.bfloat16)
+  mask = jnp.array([[[1, 0, 0], [1, 1, 0], [0, 1, 1]],
+                    [[1, 0, 0], [0, 1, 0], [1, 0, 1]]], bool)[None]
+  common = dict(threshold=0.1, causal=True, return_stats=True)
+  out, stats = bj.attention(q, k, v, implementation="pallas_mosaic",
+                            interpret=True, block_mask=mask, **common)
+  tiled = jnp.repeat(mask, 2, axis=2)[:, :, :5]          # 300 rows: 5 tiles
+  ref, ref_stats = bj.attention(q, k, v, implementation="reference",
+                                block_mask=tiled, block_q=64, block_kv=128,
+                                **common)
+  test_base.assert_close(out, ref, jnp.bfloat16)
+  for name in ("visited_blocks", "skipped_blocks", "masked_blocks"):
+    np.testing.assert_array_equal(getattr(stats, name),
+                                  getattr(ref_stats, name))

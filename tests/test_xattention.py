@@ -215,7 +215,7 @@ def test_bad_block_mask_raises(mask, match):
                  implementation="pallas_triton")
 
 
-def test_mask_block_size_inferred_and_mosaic_refused():
+def test_mask_block_size_inferred_and_small_tiles_refused_by_mosaic():
   q, k, v = inputs(test_base.key_for("xattn_infer"), seq_len=1000)
   mask = xattention.select_blocks(q, k, block_size=128, threshold=0.9,
                                   causal=True)
@@ -225,7 +225,10 @@ def test_mask_block_size_inferred_and_mosaic_refused():
                                             block_kv=128, causal=True,
                                             block_mask=mask)
   np.testing.assert_array_equal(out, oracle.out)
-  with pytest.raises(ValueError, match="pallas_mosaic"):
-    bj.attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
-                 v.astype(jnp.bfloat16), causal=True, block_mask=mask,
+  # 32-row tiles: the Hopper kernel's wgmma tiles are 64 x 64.
+  q = jnp.zeros((2, 1000, 4, 64), jnp.bfloat16)
+  k = jnp.zeros((2, 1000, 2, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="64x64 wgmma tiles"):
+    bj.attention(q, k, k, causal=True,
+                 block_mask=jnp.ones((2, 4, 32, 32), bool),
                  implementation="pallas_mosaic", interpret=True)

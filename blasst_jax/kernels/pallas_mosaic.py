@@ -14,16 +14,23 @@ runs its q·kᵀ or P·V wgmma the other does its softmax.
 Skip rule per compute warpgroup and KV block (log2 units, scale folded in):
 
     m_blk = rowmax(q·kᵀ) * scale
-    skip  = (step > 0) and max_rows(m_blk - m_prev) < log2(λ)
+    skip  = (not the tile's first visited block)
+            and max_rows(m_blk - m_prev) < log2(λ)
 
 A skipped block does no exponentials, no row sum and no P·V wgmma. V is still
 copied by the memory warpgroup (the decision is made after the copy was
 issued), and the consumer still waits on and releases both K and V slots and
 takes its turns at the schedule barrier, so the pipeline stays in step.
 
-Padding: q rows are padded by repeating the last real row, so padded rows
-repeat a real row's gap and never change a decision; keys past `kv_len` are
-masked in the last blocks.
+Padding: q rows are padded by repeating the last real row (and, under the
+causal mask, its position), so padded rows repeat a real row's gap and never
+change a decision; keys past `kv_len` are masked in the last blocks.
+
+Block masks: each compute warpgroup's tile has its own ascending list of
+the blocks it visits (`block_lists`); the memory warpgroup streams the union
+of the two lists (`program_lists`). At a union position whose block is not
+in its own list a compute warpgroup computes and counts nothing, but waits
+on and releases the slots and takes its turns as for a skipped block.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from blasst_jax.kernels import block_lists as lists_lib
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 COMPUTE_WGS = 2
@@ -48,20 +57,81 @@ SLOT = 32
 DEFAULT_BLOCK_Q = 64
 # Shared memory per block on H100/H200 (227 KiB).
 MAX_SHARED_MEMORY = 232448
+# A program's block list (`program_lists`), int32: [n_union, n_unmasked of
+# tile 0, of tile 1, 0, entries...]; entry u = block id << 2 | (in tile 1's
+# list) << 1 | (in tile 0's list).
+LIST_HEADER = 4
 
 
 def default_block_kv(head_dim: int) -> int:
   return 64 if head_dim > 128 else 128
 
 
-def shared_memory_bytes(block_q, block_kv, head_dim, num_stages) -> int:
+def list_width(n_kv_blocks: int) -> int:
+  """int32 words of a program's block list (whole 128-byte TMA slots)."""
+  return -(-(LIST_HEADER + n_kv_blocks) // SLOT) * SLOT
+
+
+def shared_memory_bytes(block_q, block_kv, head_dim, num_stages,
+                        n_listed_blocks=0) -> int:
   """q/o tiles of both compute warpgroups + the K/V ring + small buffers.
 
   The small buffers (lse, scalars, barriers) and their 1 KiB alignment took
-  5.3 KiB in a measured build; 6 KiB is reserved for them.
+  5.3 KiB in a measured build; 6 KiB is reserved for them. With a block
+  mask of `n_listed_blocks` KV blocks the program's block list is added.
   """
   tiles = (COMPUTE_WGS * block_q + 2 * num_stages * block_kv) * head_dim * 2
-  return tiles + 6144
+  lists = 4 * list_width(n_listed_blocks) if n_listed_blocks else 0
+  return tiles + lists + 6144
+
+
+@functools.partial(jax.jit,
+                   static_argnames=("q_len", "block_q", "block_kv", "causal"))
+def program_lists(block_mask, kv_lengths, *, q_len, block_q, block_kv,
+                  causal):
+  """The blocks each program streams: the union of its two tiles' lists.
+
+  The union is ascending. The blocks no causal or length mask touches for a
+  tile lie below a bound, so they are a prefix of the union; the header
+  gives its length per tile (no element masking there).
+
+  Args:
+    block_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks].
+    kv_lengths: int32 [batch].
+
+  Returns:
+    int32 [batch, q_heads, n_programs, list_width(n_kv_blocks)], laid out
+    as `LIST_HEADER` says.
+  """
+  b, hq, nq, nk = block_mask.shape
+  n_prog = -(-nq // COMPUTE_WGS)
+  visit = lists_lib.walked_blocks(block_mask, kv_lengths, q_len=q_len,
+                                  block_q=block_q, block_kv=block_kv,
+                                  causal=causal)
+  # A padding tile (odd tile count) visits nothing.
+  visit = jnp.pad(visit, ((0, 0), (0, 0), (0, n_prog * COMPUTE_WGS - nq),
+                          (0, 0)))
+  visit = visit.reshape(b, hq, n_prog, COMPUTE_WGS, nk)
+  union = jnp.any(visit, axis=3)                           # [b, hq, np, nk]
+  ids, n_union = lists_lib.compact(union)
+  member = sum(visit[:, :, :, t].astype(jnp.int32) << t
+               for t in range(COMPUTE_WGS))                # [b, hq, np, nk]
+  entries = (ids << 2) | jnp.take_along_axis(member, ids, axis=-1)
+  entries = jnp.where(jnp.arange(nk) < n_union[..., None], entries, 0)
+  full = lists_lib.unmasked_blocks(kv_lengths, n_prog * COMPUTE_WGS, nk,
+                                   block_q=block_q, block_kv=block_kv,
+                                   causal=causal)
+  full = jnp.broadcast_to(full, (b, 1, n_prog * COMPUTE_WGS, nk)).reshape(
+      b, 1, n_prog, COMPUTE_WGS, nk)
+  n_unmasked = jnp.sum(union[:, :, :, None] & full, axis=-1,
+                       dtype=jnp.int32)                    # [b, hq, np, 2]
+  header = jnp.concatenate(
+      [n_union[..., None], n_unmasked,
+       jnp.zeros((b, hq, n_prog, LIST_HEADER - 1 - COMPUTE_WGS), jnp.int32)],
+      axis=-1)
+  pad = list_width(nk) - LIST_HEADER - nk
+  return jnp.concatenate(
+      [header, entries, jnp.zeros((b, hq, n_prog, pad), jnp.int32)], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +150,13 @@ class MosaicConfig:
 def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
             scoped, *, sm_scale, block_q, block_kv, head_dim, dtype, causal,
             q_len, group, num_stages, compute_registers, skip_enabled,
-            p_smem2):
+            p_smem2, lists):
+  # lists: None (every block of each tile's range), or (lists_ref int32
+  # [batch, q_heads, n_programs, width] in global memory, its shared-memory
+  # copy [width] for this program, the copy's barrier); see `program_lists`.
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
+  program = lax.axis_index("q_seq")
   wg = lax.axis_index("wg")
   (qo_smem2, k_smem, v_smem, lse_smem2, stats_smem2, params_smem), bars = (
       scoped)
@@ -91,6 +165,9 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
   def schedule_turn():
     plgpu.barrier_arrive(sched_bar)
     plgpu.barrier_wait(sched_bar)
+
+  def slot_of(pos):
+    return lax.rem(pos, jnp.array(num_stages, pos.dtype))
 
   # Per-sequence scalars [kv_len, log2(λ), 0...]: one TMA per warpgroup into
   # its own 128-byte slot (TMA needs 128-byte aligned shared memory).
@@ -101,7 +178,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
   log2_thr = my_params[1]
   scale = sm_scale * LOG2E
 
-  pair_base = lax.axis_index("q_seq") * (COMPUTE_WGS * block_q)
+  pair_base = program * (COMPUTE_WGS * block_q)
   kv_blocks = lax.div(kv_len + block_kv - 1, block_kv)
 
   def steps_for(q_base):
@@ -111,21 +188,53 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     last_row = jnp.minimum(q_base + block_q, q_len) - 1
     return jnp.minimum(kv_blocks, lax.div(last_row, block_kv) + 1)
 
-  # The memory warpgroup streams the longest of the two tiles' ranges.
-  max_steps = jnp.maximum(steps_for(pair_base),
-                          steps_for(pair_base + block_q))
+  # The memory warpgroup streams `n_stream` blocks, block_at(pos) at stream
+  # position pos: the longer of the two tiles' ranges, or the union of
+  # their block lists.
+  if lists is None:
+    n_stream = jnp.maximum(steps_for(pair_base),
+                           steps_for(pair_base + block_q))
+    block_at = lambda pos: pos  # pylint: disable=g-long-lambda
+  else:
+    lists_ref, list_smem, list_bar = lists
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _():
+      plgpu.copy_gmem_to_smem(lists_ref.at[batch, q_head, program], list_smem,
+                              list_bar)
+
+    plgpu.barrier_wait(list_bar)
+    def word(i):  # The list is [rows, SLOT]: TMA boxes hold <= 256 per dim.
+      return list_smem[i // SLOT, i % SLOT]
+
+    n_stream = word(0)
+
+    def block_at(pos):
+      return word(LIST_HEADER + pos) >> 2
 
   @pl.when(wg < COMPUTE_WGS)
   def _compute():
     plgpu.set_max_registers(compute_registers, action="increase")
     qo_smem = qo_smem2.at[wg]
     q_base = pair_base + wg * block_q
-    n_steps = steps_for(q_base)
-    # Blocks with no masked entry for any row of this tile.
-    n_full = lax.div(kv_len, block_kv)
-    if causal:
-      n_full = jnp.minimum(n_full, lax.div(q_base + 1, block_kv))
-    n_full = jnp.minimum(n_full, n_steps)
+    if lists is None:
+      # Positions [0, n_full): blocks no mask touches for any row of this
+      # tile; [n_full, n_steps): masked; [n_steps, n_stream): the other
+      # tile's only.
+      n_steps = steps_for(q_base)
+      n_full = lax.div(kv_len, block_kv)
+      if causal:
+        first_row = jnp.minimum(q_base, q_len - 1)
+        n_full = jnp.minimum(n_full, lax.div(first_row + 1, block_kv))
+      n_full = jnp.minimum(n_full, n_steps)
+      in_my_list = None
+    else:
+      # Every union position; those before n_full need no masking here.
+      n_steps = n_stream
+      n_full = word(1 + wg)
+
+      def in_my_list(pos):
+        return ((word(LIST_HEADER + pos) >> wg) & 1) == 1
 
     plgpu.copy_gmem_to_smem(
         q_ref.at[batch, pl.ds(q_base, block_q), q_head], qo_smem,
@@ -140,15 +249,24 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32),
                             plgpu.Layout.WGMMA)
 
-    @pl.when(n_steps > 0)
-    def _():
-      plgpu.barrier_wait(k_bars.at[0])
+    def wait_k(pos):
+      """Waits for the K block at stream position `pos`, if one comes."""
+      @pl.when(pos < n_stream)
+      def _():
+        plgpu.barrier_wait(k_bars.at[slot_of(pos)])
 
+    def end_softmax(slot):
+      plgpu.barrier_arrive(sched_bar)                # done with softmax
+      plgpu.barrier_wait(v_bars.at[slot])
+      plgpu.barrier_wait(sched_bar)                  # tensor cores are ours
+
+    wait_k(jnp.int32(0))
     pl.when(wg == 1)(schedule_turn)
 
-    def step(kv_step, carry, *, masked: bool):
-      acc, m_i, l_i, n_skipped = carry
-      slot = lax.rem(kv_step, jnp.array(num_stages, kv_step.dtype))
+    def visit(pos, carry, *, masked: bool):
+      """A block of this tile's: the skip rule, then softmax and P·V."""
+      acc, m_i, l_i, n_skipped, n_visited = carry
+      slot = slot_of(pos)
 
       def qk_product(acc_ref):
         plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -163,24 +281,12 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
                                       layout=plgpu.Layout.WGMMA)
         cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1,
                                       layout=plgpu.Layout.WGMMA)
-        keys = cols + kv_step * block_kv
+        keys = cols + block_at(pos) * block_kv
         visible = keys < kv_len
-        if causal:
-          visible = visible & (rows + q_base >= keys)
+        if causal:  # Padded rows sit at the last real row's position.
+          visible = visible & (jnp.minimum(rows + q_base, q_len - 1) >= keys)
         s = jnp.where(visible, s, -jnp.inf)
       m_blk = s.max(axis=1) * scale                  # [block_q], log2 units
-
-      def wait_next_k():
-        nxt = kv_step + 1
-        @pl.when(nxt < n_steps)
-        def _():
-          plgpu.barrier_wait(k_bars.at[lax.rem(
-              nxt, jnp.array(num_stages, nxt.dtype))])
-
-      def end_softmax():
-        plgpu.barrier_arrive(sched_bar)              # done with softmax
-        plgpu.barrier_wait(v_bars.at[slot])
-        plgpu.barrier_wait(sched_bar)                # tensor cores are ours
 
       def keep():
         m_new = jnp.maximum(m_i, m_blk)
@@ -192,12 +298,12 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         p16 = p.astype(dtype)
         acc_scaled, l_new, m_new2, p16 = lax.optimization_barrier(
             (acc_scaled, l_new, m_new, p16))
-        end_softmax()
+        end_softmax(slot)
 
         if p_smem2 is None:
           def pv_product(acc_ref):
             plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-            wait_next_k()
+            wait_k(pos + 1)
 
           acc_out = pl.run_state(pv_product)(plgpu.ACC.init(acc_scaled))
         else:
@@ -209,47 +315,54 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
           def pv_product(acc_ref):
             plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-            wait_next_k()
+            wait_k(pos + 1)
             return acc_ref[...]
 
           acc_out = acc_scaled + pl.run_scoped(
               pv_product, plgpu.ACC((block_q, head_dim), jnp.float32))
-        return acc_out, m_new2, l_new, n_skipped
+        return acc_out, m_new2, l_new, n_skipped, n_visited + 1
 
       if not skip_enabled:
         out = keep()
       else:
         gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
-        skip = (kv_step > 0) & (gap.max() < log2_thr)
+        skip = (n_visited > 0) & (gap.max() < log2_thr)
 
         def drop():
-          end_softmax()
-          wait_next_k()
-          return acc, m_i, l_i, n_skipped + 1
+          end_softmax(slot)
+          wait_k(pos + 1)
+          return acc, m_i, l_i, n_skipped + 1, n_visited + 1
 
         out = lax.cond(skip, drop, keep)
       plgpu.barrier_arrive(v_free.at[slot])           # V slot may be refilled
       return out
 
-    carry = (acc, m_i, l_i, jnp.int32(0))
-    carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False),
-                          carry)
-    acc, m_i, l_i, n_skipped = lax.fori_loop(
-        n_full, n_steps, functools.partial(step, masked=True), carry)
-
-    def flush(kv_step, _):
-      # This tile is done; release the slots streamed for the other tile and
-      # keep taking turns so the other warpgroup is never left waiting.
-      # Waiting on the copies too keeps every barrier phase observed.
-      slot = lax.rem(kv_step, jnp.array(num_stages, kv_step.dtype))
-      plgpu.barrier_wait(k_bars.at[slot])
+    def pass_by(pos, carry):
+      """A block of the other tile's only: the barrier steps of a skipped
+      block without its q·kᵀ, so slots are released and turns stay paired.
+      Waiting on the copies too keeps every barrier phase observed."""
+      slot = slot_of(pos)
+      schedule_turn()
       plgpu.barrier_arrive(k_free.at[slot])
-      plgpu.barrier_wait(v_bars.at[slot])
+      end_softmax(slot)
+      wait_k(pos + 1)
       plgpu.barrier_arrive(v_free.at[slot])
-      schedule_turn()
-      schedule_turn()
+      return carry
 
-    lax.fori_loop(n_steps, max_steps, flush, None)
+    def position(pos, carry, *, masked: bool):
+      if in_my_list is None:
+        return visit(pos, carry, masked=masked)
+      return lax.cond(in_my_list(pos),
+                      functools.partial(visit, pos, masked=masked),
+                      functools.partial(pass_by, pos), carry)
+
+    carry = (acc, m_i, l_i, jnp.int32(0), jnp.int32(0))
+    carry = lax.fori_loop(0, n_full, functools.partial(position, masked=False),
+                          carry)
+    acc, m_i, l_i, n_skipped, n_visited = lax.fori_loop(
+        n_full, n_steps, functools.partial(position, masked=True), carry)
+    # This tile is done; keep the other warpgroup company to the end.
+    lax.fori_loop(n_steps, n_stream, pass_by, None)
 
     pl.when(wg == 0)(schedule_turn)
 
@@ -261,13 +374,13 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         has_mass, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
     stats = stats_smem2.at[wg]
     stats[0] = n_skipped
-    stats[1] = n_steps.astype(jnp.int32)
+    stats[1] = n_visited
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(qo_smem,
                             out_ref.at[batch, pl.ds(q_base, block_q), q_head])
     plgpu.copy_smem_to_gmem(lse_smem2.at[wg],
                             lse_ref.at[batch, q_head, pl.ds(q_base, block_q)])
-    tile = lax.axis_index("q_seq") * COMPUTE_WGS + wg
+    tile = program * COMPUTE_WGS + wg
     plgpu.copy_smem_to_gmem(stats, stats_ref.at[batch, q_head, tile])
     plgpu.wait_smem_to_gmem(0)
 
@@ -276,18 +389,18 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     plgpu.set_max_registers(40, action="decrease")
     kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
 
-    def issue(step, slot):
-      src = (batch, pl.ds(step * block_kv, block_kv), kv_head)
+    def issue(pos, slot):
+      src = (batch, pl.ds(block_at(pos) * block_kv, block_kv), kv_head)
       plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bars.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bars.at[slot])
 
     for i in range(num_stages):
-      pl.when(i < max_steps)(functools.partial(issue, i, i))
+      pl.when(i < n_stream)(functools.partial(issue, i, i))
 
-    @pl.loop(num_stages, max_steps)
-    def _stream(step):
-      slot = lax.rem(step, jnp.array(num_stages, step.dtype))
-      src = (batch, pl.ds(step * block_kv, block_kv), kv_head)
+    @pl.loop(num_stages, n_stream)
+    def _stream(pos):
+      slot = slot_of(pos)
+      src = (batch, pl.ds(block_at(pos) * block_kv, block_kv), kv_head)
       plgpu.barrier_wait(k_free.at[slot])
       plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bars.at[slot])
       plgpu.barrier_wait(v_free.at[slot])
@@ -295,19 +408,16 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
     # Observe the last releases too, so every barrier phase this warpgroup
     # took part in is seen before the barriers are freed.
-    @pl.loop(jnp.maximum(max_steps - num_stages, 0), max_steps)
-    def _drain(step):
-      slot = lax.rem(step, jnp.array(num_stages, step.dtype))
+    @pl.loop(jnp.maximum(n_stream - num_stages, 0), n_stream)
+    def _drain(pos):
+      slot = slot_of(pos)
       plgpu.barrier_wait(k_free.at[slot])
       plgpu.barrier_wait(v_free.at[slot])
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
-                     "skip_enabled", "interpret"))
-def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
-                      sm_scale: float, block_q: int = 64, block_kv: int = 128,
+def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
+                      causal: bool, sm_scale: float, block_q: int = 64,
+                      block_kv: int = 128,
                       config: MosaicConfig = MosaicConfig(),
                       skip_enabled: bool = True, interpret=None):
   """Skip-softmax forward on Hopper; same contract as the Triton kernel.
@@ -316,7 +426,11 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
     q: [batch, q_len, q_heads, head_dim], bf16 or f16, head_dim in
       {64, 128, 256}.
     k, v: [batch, kv_len, kv_heads, head_dim].
-    kv_lengths: int32 [batch]; log_threshold: f32 [batch] (natural log).
+    kv_lengths: int32 [batch] (<= kv_len); log_threshold: f32 [batch]
+      (natural log).
+    block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks] with
+      tiles of block_q x block_kv: only selected blocks are visited, and
+      only those selected for either tile of a program are read.
     interpret: None on a GPU, or a `plgpu.InterpretGPUParams` to run on CPU
       in Pallas' GPU interpret mode (barriers, TMA and races simulated; P·V
       then reads P from shared memory instead of registers). Slow: tests only.
@@ -325,6 +439,29 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
     out [batch, q_len, q_heads, head_dim], lse f32 [batch, q_heads, q_len],
     skipped, visited int32 [batch, q_heads, n_q_tiles] (tiles of block_q).
   """
+  lists = None
+  if block_mask is not None:
+    lists = program_lists(block_mask, kv_lengths.astype(jnp.int32),
+                          q_len=q.shape[1], block_q=block_q,
+                          block_kv=block_kv, causal=causal)
+    if interpret is not None and not isinstance(lists, jax.core.Tracer):
+      # The interpreter runs the warpgroups as host threads that need XLA's
+      # CPU pool; XLA work in the kernel's own program can take the pool
+      # from them (a deadlock on a 2-core machine). Build the lists first.
+      lists = jax.block_until_ready(lists)
+  return _forward(q, k, v, kv_lengths, log_threshold, lists, causal=causal,
+                  sm_scale=sm_scale, block_q=block_q, block_kv=block_kv,
+                  config=config, skip_enabled=skip_enabled,
+                  interpret=interpret)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
+                     "skip_enabled", "interpret"))
+def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
+             block_q, block_kv, config, skip_enabled, interpret):
+  # lists: None or `program_lists`' int32 [batch, q_heads, n_programs, width].
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
   pair = COMPUTE_WGS * block_q
@@ -339,42 +476,52 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
   params = jnp.zeros((b, SLOT), jnp.float32)
   params = params.at[:, 0].set(kv_lengths.astype(jnp.float32))
   params = params.at[:, 1].set(log_threshold * LOG2E)
+  if lists is not None:  # [b, hq, n_prog, rows, SLOT]: see `word`.
+    lists = lists.reshape(*lists.shape[:-1], -1, SLOT)
+  inputs = [q, k, v, params] + ([] if lists is None else [lists])
   dtype = q.dtype
   num_stages = config.num_stages
 
-  def blasst_prefill_mosaic(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref,
-                            stats_ref):
+  def blasst_prefill_mosaic(q_ref, k_ref, v_ref, params_ref, *refs):
+    *lists_ref, out_ref, lse_ref, stats_ref = refs
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    scratch = (
+    scratch = [
         plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=swizzled),
         plgpu.SMEM((num_stages, block_kv, d), dtype, transforms=swizzled),
         plgpu.SMEM((num_stages, block_kv, d), dtype, transforms=swizzled),
         plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
         plgpu.SMEM((COMPUTE_WGS, SLOT), jnp.int32),
         plgpu.SMEM((COMPUTE_WGS + 1, SLOT), jnp.float32),
-    )
+    ]
     if interpret is not None:
-      scratch += (plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype,
-                             transforms=swizzled),)
-    n_smem = len(scratch)
-    barriers = (
+      scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype,
+                                transforms=swizzled))
+    barriers = [
         (plgpu.Barrier(num_barriers=num_stages),
          plgpu.Barrier(num_barriers=num_stages),
          plgpu.Barrier(num_barriers=COMPUTE_WGS),
          plgpu.Barrier(num_barriers=COMPUTE_WGS + 1)),
         (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages),) * 2,
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
-    )
-    pl.run_scoped(
-        lambda *scoped: _kernel(
-            q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
-            (scoped[:6], scoped[n_smem:]), sm_scale=sm_scale, block_q=block_q,
-            block_kv=block_kv, head_dim=d, dtype=dtype, causal=causal, q_len=lq,
-            group=hq // hkv, num_stages=num_stages,
-            compute_registers=config.compute_registers,
-            skip_enabled=skip_enabled,
-            p_smem2=scoped[6] if interpret is not None else None),
-        *scratch, *barriers, collective_axes="wg")
+    ]
+    if lists_ref:
+      scratch.append(plgpu.SMEM((list_width(nk) // SLOT, SLOT), jnp.int32))
+      barriers.append(plgpu.Barrier())
+    n_smem = len(scratch)
+
+    def body(*scoped):
+      smem, bars = scoped[:n_smem], scoped[n_smem:]
+      _kernel(
+          q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
+          (smem[:6], bars[:3]), sm_scale=sm_scale, block_q=block_q,
+          block_kv=block_kv, head_dim=d, dtype=dtype, causal=causal, q_len=lq,
+          group=hq // hkv, num_stages=num_stages,
+          compute_registers=config.compute_registers,
+          skip_enabled=skip_enabled,
+          p_smem2=smem[6] if interpret is not None else None,
+          lists=(lists_ref[0], smem[-1], bars[-1]) if lists_ref else None)
+
+    pl.run_scoped(body, *scratch, *barriers, collective_axes="wg")
 
   out, lse, stats = plgpu.kernel(
       blasst_prefill_mosaic,
@@ -390,7 +537,7 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, *, causal: bool,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(q, k, v, params)
+  )(*inputs)
   nq = -(-lq // block_q)   # Tiles past q_len only hold padding rows.
   return (out[:, :lq], lse[:, :, :lq], stats[..., :nq, 0],
           stats[..., :nq, 1])

@@ -453,32 +453,53 @@ def _forward_kernel(name):
   return pallas_mosaic.attention_forward
 
 
+def _run_forward(q, k, v, kv_lengths, log_thr, block_mask, static, *,
+                 skip_mask: bool):
+  """The Pallas forward: ((out, skipped, visited), lse, skip mask). With
+  skip_mask the Triton kernel also records which blocks it skipped (None
+  for the Hopper kernel)."""
+  opts = dict(static)
+  name = opts.pop("kernel")
+  forward = _forward_kernel(name)
+  if skip_mask and name == "pallas_triton":
+    opts["return_skip_mask"] = True
+  args = (q, k, v, kv_lengths, log_thr) + (
+      () if block_mask is None else (block_mask,))
+  out, lse, skipped, visited, *skips = forward(*args, **opts)
+  return (out, skipped, visited), lse, (skips[0] if skips else None)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _kernel_with_vjp(q, k, v, kv_lengths, log_thr, block_mask, static):
-  """A Pallas forward, differentiable.
-
-  The backward differentiates the oracle with the same skip rule, i.e. the
-  gradient of the sparse forward (skipped blocks carry zero probability).
-  It recomputes the forward in pure JAX: correct, not fast.
-  """
-  opts = dict(static)
-  forward = _forward_kernel(opts.pop("kernel"))
-  if block_mask is None:
-    out, _, skipped, visited = forward(q, k, v, kv_lengths, log_thr, **opts)
-  else:
-    out, _, skipped, visited = forward(q, k, v, kv_lengths, log_thr,
-                                       block_mask, **opts)
-  return out, skipped, visited
+  """A Pallas forward, differentiable: the gradient of the sparse forward
+  (skipped blocks carry zero probability). After the Triton forward the
+  Pallas backward (`pallas_triton_bwd`) walks exactly the blocks the
+  forward kept; after the Hopper forward the oracle is differentiated with
+  the same skip rule (correct, not fast)."""
+  return _run_forward(q, k, v, kv_lengths, log_thr, block_mask, static,
+                      skip_mask=False)[0]
 
 
 def _kernel_fwd(q, k, v, kv_lengths, log_thr, block_mask, static):
-  return (_kernel_with_vjp(q, k, v, kv_lengths, log_thr, block_mask, static),
-          (q, k, v, kv_lengths, log_thr, block_mask))
+  outputs, lse, skip_mask = _run_forward(
+      q, k, v, kv_lengths, log_thr, block_mask, static, skip_mask=True)
+  return outputs, (q, k, v, kv_lengths, log_thr, block_mask, outputs[0], lse,
+                   skip_mask)
 
 
 def _kernel_bwd(static, residuals, cotangents):
-  q, k, v, kv_lengths, log_thr, block_mask = residuals
+  q, k, v, kv_lengths, log_thr, block_mask, out, lse, skip_mask = residuals
   opts = dict(static)
+  no_grad = (None, jnp.zeros_like(log_thr), None)
+  if skip_mask is not None:  # Kept blocks: selected and not skipped.
+    from blasst_jax.kernels import pallas_triton_bwd  # pylint: disable=g-import-not-at-top
+    keep = ~skip_mask if block_mask is None else block_mask & ~skip_mask
+    grads = pallas_triton_bwd.attention_backward(
+        q, k, v, out, lse, cotangents[0], kv_lengths, keep,
+        causal=opts["causal"], sm_scale=opts["sm_scale"],
+        block_q=opts["block_q"], block_kv=opts["block_kv"],
+        interpret=opts.get("interpret", False))
+    return grads + no_grad
 
   def sparse_forward(q, k, v):
     return reference.blockwise_attention(
@@ -488,8 +509,7 @@ def _kernel_bwd(static, residuals, cotangents):
         block_mask=block_mask).out
 
   _, vjp = jax.vjp(sparse_forward, q, k, v)
-  dq, dk, dv = vjp(cotangents[0])
-  return dq, dk, dv, None, jnp.zeros_like(log_thr), None
+  return vjp(cotangents[0]) + no_grad
 
 
 _kernel_with_vjp.defvjp(_kernel_fwd, _kernel_bwd)

@@ -264,3 +264,49 @@ def plot_report(report: analysis.ModelReport, directory: str, *,
         suffix = "" if head is None else f"_head{head}"
         save(plot_block_map, f"block_map_{safe}{suffix}.png", layer, head)
   return paths
+
+
+def plot_training(logs: Sequence[Mapping], *, labels: Sequence[str] | None = None,
+                  path: str | None = None) -> Figure:
+  """Loss and skip-sparsity curves of `experiments/train_lm.py` runs.
+
+  Args:
+    logs: the runs' JSON logs (dicts with "evals": [{"step", "train_loss",
+      "eval_loss", "sparsity": [per layer]}, ...] and "step_offset", the
+      step of the checkpoint a fine-tune started from, so a fine-tune is
+      drawn after the dense run it continues).
+    labels: one legend label per run (default: each log's "mode").
+    path: where to write the PNG.
+
+  Returns:
+    The figure: loss against step (train dashed, eval solid) on the left,
+    mean skip sparsity over layers (thin: per layer) on the right.
+  """
+  if labels is None:
+    labels = [log.get("mode", f"run {i}") for i, log in enumerate(logs)]
+  if len(labels) != len(logs):
+    raise ValueError(f"Got {len(labels)} labels for {len(logs)} logs.")
+  fig = Figure(figsize=(11, 4))
+  ax_loss, ax_sparsity = fig.subplots(1, 2)
+  for i, (log, label) in enumerate(zip(logs, labels)):
+    color = f"C{i}"
+    evals = log["evals"]
+    steps = np.array([e["step"] for e in evals]) + log.get("step_offset", 0)
+    ax_loss.plot(steps, [e["train_loss"] for e in evals], "--", color=color,
+                 label=f"{label} train")
+    ax_loss.plot(steps, [e["eval_loss"] for e in evals], "-", color=color,
+                 label=f"{label} eval")
+    sparsity = np.array([e["sparsity"] for e in evals], dtype=float)
+    if sparsity.size:
+      for layer in sparsity.T:
+        ax_sparsity.plot(steps, layer, "-", color=color, lw=0.6, alpha=0.4)
+      ax_sparsity.plot(steps, sparsity.mean(1), "o-", color=color, ms=3,
+                       label=f"{label} (mean over layers)")
+  ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)",
+              title="loss")
+  ax_sparsity.set(xlabel="step", ylabel="skipped / visited blocks",
+                  title="skip sparsity (eval batches)", ylim=(-0.02, 1.0))
+  for ax in (ax_loss, ax_sparsity):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  return _finish(fig, path)

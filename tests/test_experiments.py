@@ -122,3 +122,50 @@ def test_calibrate_small_hits_target_on_held_out(tmp_path):
   assert result["all_within_tolerance"]
   assert "in every phase: yes" in out
   assert (tmp_path / "calibration.png").stat().st_size > 10_000
+
+
+def test_train_lm_small_dense_learns_checkpoints_and_resumes(tmp_path):
+  args = ["experiments/train_lm.py", "--config=configs/train_lm.py:small",
+          f"--config.workdir={tmp_path}"]
+  run(args, tmp_path)
+  log = json.loads((tmp_path / "log.json").read_text())
+  evals = log["evals"]
+  assert [e["step"] for e in evals] == [10, 20, 30]
+  losses = [e["eval_loss"] for e in evals]
+  assert losses == sorted(losses, reverse=True)
+  assert losses[-1] < losses[0] - 0.3 and losses[0] < 4.2  # ln(64) = 4.16
+  assert all(e["sparsity"] == [0.0, 0.0] for e in evals)   # λ = 0
+  assert all(e["tokens_per_s"] > 0 for e in evals)
+  ckpts = tmp_path / "checkpoints"
+  assert sorted(p.name for p in ckpts.iterdir()) == ["step_20", "step_30"]
+  assert (tmp_path / "training.png").stat().st_size > 10_000
+  # Lose the last checkpoint: the rerun continues from step 20, with the
+  # same optimizer state and data position, so it reproduces step 30.
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(ckpts / "step_30")
+  out = run(args, tmp_path)
+  assert "resumed from step 20" in out
+  resumed = json.loads((tmp_path / "log.json").read_text())["evals"]
+  assert [e["step"] for e in resumed] == [10, 20, 30]
+  assert abs(resumed[-1]["eval_loss"] - evals[-1]["eval_loss"]) < 1e-4
+
+
+def test_train_lm_small_finetune_reports_sparsity_and_plots(tmp_path):
+  out = run(["experiments/train_lm.py",
+             "--config=configs/train_lm.py:finetune,small",
+             f"--config.workdir={tmp_path}"], tmp_path)
+  assert "initialised from" in out
+  dense = json.loads((tmp_path / "dense" / "log.json").read_text())
+  sparse = json.loads((tmp_path / "finetune" / "log.json").read_text())
+  assert sparse["step_offset"] == dense["evals"][-1]["step"] == 30
+  assert sparse["threshold"] == {"threshold": 0.9}
+  assert all(max(e["sparsity"]) > 0 for e in sparse["evals"])
+  assert all("eval_loss_dense" in e for e in sparse["evals"])
+  # Fine-tuning continues from the dense model: no restart from ln(vocab).
+  assert sparse["evals"][0]["eval_loss"] < dense["evals"][0]["eval_loss"]
+  assert (tmp_path / "dense_vs_finetune.png").stat().st_size > 10_000
+  out = run(["experiments/train_lm.py",
+             f"--plot_logs={tmp_path}/dense/log.json,"
+             f"{tmp_path}/finetune/log.json",
+             f"--plot_output={tmp_path}/again.png"], tmp_path)
+  assert (tmp_path / "again.png").stat().st_size > 10_000

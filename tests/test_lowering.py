@@ -121,3 +121,19 @@ def test_block_masked_mosaic_kernel_lowers_for_cuda(causal, d, num_stages, lk):
                            sds((b,), jnp.int32), sds((b,), jnp.float32),
                            sds((b, hq, nq, nk), jnp.bool_))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_kernel_recording_skips_lowers_for_cuda():
+  b, hq, hkv, d, length = 1, 4, 2, 128, 1000
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, kv_lengths, log_thr):
+    return pallas_triton.attention_forward(
+        q, k, v, kv_lengths, log_thr, causal=True, sm_scale=d ** -0.5,
+        block_q=128, block_kv=64, return_skip_mask=True)
+
+  lowered = lower_for_h100(fn, sds((b, length, hq, d), jnp.bfloat16),
+                           sds((b, length, hkv, d), jnp.bfloat16),
+                           sds((b, length, hkv, d), jnp.bfloat16),
+                           sds((b,), jnp.int32), sds((b,), jnp.float32))
+  assert lowered.as_text().count("blasst_prefill_triton") >= 1

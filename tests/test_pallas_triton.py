@@ -52,6 +52,36 @@ def test_per_tile_skips_and_lse_match_oracle(causal, load_v_in_branch):
     np.testing.assert_allclose(lse, oracle.lse, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("with_block_mask", [False, True])
+def test_recorded_skip_mask_is_the_oracles(with_block_mask):
+  """The per-block skip decisions the backward reuses."""
+  shape = testing.AttentionShape(batch=2, q_len=200, kv_len=200, q_heads=2,
+                                 kv_heads=1, head_dim=32)
+  key = test_base.key_for("skip_mask", with_block_mask)
+  q, k, v = shape.inputs(key, sharpness=(6.0, 16.0), window=12)
+  kv_lengths = jnp.array([200, 117], jnp.int32)
+  threshold = jnp.array([0.02, 0.005])
+  block_mask = None
+  if with_block_mask:
+    block_mask = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.7,
+                                      (2, 2, 7, 13)).at[..., 0].set(True)
+  lam = config_lib.log_threshold(threshold)
+  args = (q, k, v, kv_lengths, lam) + (
+      () if block_mask is None else (block_mask,))
+  *_, skipped, _, skip_mask = pallas_triton.attention_forward(
+      *args, causal=True, sm_scale=32 ** -0.5, block_q=32, block_kv=16,
+      interpret=True, return_skip_mask=True)
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=32, block_kv=16, threshold=threshold, causal=True,
+      kv_lengths=kv_lengths, block_mask=block_mask)
+  assert skip_mask.shape == oracle.skip_mask.shape
+  assert int(jnp.sum(skip_mask)) > 0
+  np.testing.assert_array_equal(jnp.sum(skip_mask, -1), skipped)
+  near = test_base.near_tie_tiles(oracle, threshold, 1e-3)
+  differ = jnp.any(skip_mask != oracle.skip_mask, axis=-1)
+  assert not bool(jnp.any(differ & ~near))
+
+
 def test_head_dim_padding_and_short_sequences():
   # head_dim 24 is padded to 32; 5 queries and 9 keys fit one 16-row tile.
   q, k, v = testing.AttentionShape(1, 5, 9, 2, 1, 24).inputs(

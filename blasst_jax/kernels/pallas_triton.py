@@ -69,14 +69,16 @@ def _cdiv(a, b):
 def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
             sm_scale: float, causal: bool, block_q: int, block_kv: int,
             q_len: int, load_v_in_branch: bool, skip_enabled: bool,
-            block_lists: bool, list_in_registers: bool):
+            block_lists: bool, list_in_registers: bool,
+            record_skips: int):
   # q_ref [block_q, d]; k_ref, v_ref [kv_len_padded, d]; kv_len_ref,
   # log2_thr_ref []. With block_lists: list_ref [nk_pow2] (this tile's
   # selected blocks, ascending), n_full_ref, n_sel_ref []. Outputs: o_ref
-  # [block_q, d]; lse_ref [block_q]; skipped_ref, visited_ref [].
+  # [block_q, d]; lse_ref [block_q]; skipped_ref, visited_ref []; with
+  # record_skips (= nk_pow2 > 0): skip_ref [nk_pow2], 1 where skipped.
   if block_lists:
     list_ref, n_full_ref, n_sel_ref, *refs = refs
-  o_ref, lse_ref, skipped_ref, visited_ref = refs
+  o_ref, lse_ref, skipped_ref, visited_ref, *skip_ref = refs
   tile = pl.program_id(0)
   if causal:  # Heavy (late) tiles first: a shorter tail in the last wave.
     tile = pl.num_programs(0) - 1 - tile
@@ -112,7 +114,7 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
     return v_ref[pl.ds(j * block_kv, block_kv), :]      # [block_kv, d]
 
   def step(pos, carry, *, masked: bool):
-    acc, l, m, n_skipped = carry                        # [bq, d], [bq], [bq], []
+    acc, l, m, n_skipped, skips = carry  # [bq, d], [bq], [bq], [], [nk_pow2]
     j = block_at(pos)
     k = k_ref[pl.ds(j * block_kv, block_kv), :]         # [block_kv, d]
     # Raw scores; the scale is applied as max(s) * scale and inside
@@ -138,10 +140,13 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
                       v, jnp.zeros_like(v))
       pv = plgpu.dot(p.astype(v.dtype), v)
       return (acc * alpha[:, None] + pv, l * alpha + jnp.sum(p, axis=1),
-              m_new, n_skipped)
+              m_new, n_skipped, skips)
 
     def drop():
-      return acc, l, m, n_skipped + 1
+      if record_skips:  # The backward skips exactly these blocks.
+        return (acc, l, m, n_skipped + 1,
+                jnp.where(jnp.arange(record_skips) == j, 1, skips))
+      return acc, l, m, n_skipped + 1, skips
 
     if not skip_enabled:  # Dense build: no decision, no branch.
       return keep()
@@ -153,9 +158,11 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
   init = (jnp.zeros((block_q, d), jnp.float32),
           jnp.zeros((block_q,), jnp.float32),
           jnp.full((block_q,), -jnp.inf, jnp.float32),
+          jnp.int32(0),
+          jnp.zeros((record_skips,), jnp.int32) if record_skips else
           jnp.int32(0))
   carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
-  acc, l, m, n_skipped = lax.fori_loop(
+  acc, l, m, n_skipped, skips = lax.fori_loop(
       n_full, n_visit, functools.partial(step, masked=True), carry)
 
   has_mass = l > 0
@@ -164,16 +171,19 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
   lse_ref[...] = jnp.where(has_mass, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
   skipped_ref[...] = n_skipped
   visited_ref[...] = n_visit.astype(jnp.int32)
+  if record_skips:
+    skip_ref[0][...] = skips
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
-                     "interpret", "skip_enabled"))
+                     "interpret", "skip_enabled", "return_skip_mask"))
 def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
                       causal: bool, sm_scale: float, block_q: int,
                       block_kv: int, config: TritonConfig = TritonConfig(),
-                      interpret: bool = False, skip_enabled: bool = True):
+                      interpret: bool = False, skip_enabled: bool = True,
+                      return_skip_mask: bool = False):
   """Skip-softmax forward pass.
 
   Inputs are expected validated (see `blasst_jax.api`); block sizes are the
@@ -189,11 +199,14 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
       (`block_lists.tile_lists`), so unselected blocks cost no K/V reads.
     skip_enabled: False builds the plain dense kernel (no skip decision and
       no branch); `log_threshold` is then ignored.
+    return_skip_mask: also return which blocks were skipped (for a
+      backward that skips exactly those).
 
   Returns:
     out [batch, q_len, q_heads, head_dim] (q's dtype),
     lse f32 [batch, q_heads, q_len] (natural log),
-    skipped, visited: int32 [batch, q_heads, n_q_tiles].
+    skipped, visited: int32 [batch, q_heads, n_q_tiles],
+    and with return_skip_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks].
   """
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
@@ -207,6 +220,7 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
   k = jnp.pad(k, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, dp - d)))
   v = jnp.pad(v, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, dp - d)))
   log2_thr = (log_threshold * LOG2E).astype(jnp.float32)
+  nk_pow2 = 1 << max(nk - 1, 1).bit_length()
 
   num_warps = config.num_warps or (8 if block_q * block_kv >= 128 * 128
                                    else 4)
@@ -214,7 +228,8 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
       _kernel, sm_scale=sm_scale, causal=causal, block_q=block_q,
       block_kv=block_kv, q_len=lq, load_v_in_branch=config.load_v_in_branch,
       skip_enabled=skip_enabled, block_lists=block_mask is not None,
-      list_in_registers=config.list_in_registers)
+      list_in_registers=config.list_in_registers,
+      record_skips=nk_pow2 if return_skip_mask and skip_enabled else 0)
 
   def tile_of(i):  # The kernel walks causal q tiles in reverse.
     return nq - 1 - i if causal else i
@@ -236,25 +251,33 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
                               lambda i, bi, h: (bi, h, tile_of(i), 0)),
                  per_program, per_program]
     inputs += list(lists)
-  out, lse, skipped, visited = pl.pallas_call(
+  record = return_skip_mask and skip_enabled
+  out_specs = [q_spec,
+               pl.BlockSpec((None, None, block_q),
+                            lambda i, bi, h: (bi, h, tile_of(i))),
+               per_program, per_program]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32),
+               jax.ShapeDtypeStruct((b, hq, nq), jnp.int32),
+               jax.ShapeDtypeStruct((b, hq, nq), jnp.int32)]
+  if record:
+    out_specs.append(pl.BlockSpec((None, None, None, nk_pow2),
+                                  lambda i, bi, h: (bi, h, tile_of(i), 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, hq, nq, nk_pow2), jnp.int32))
+  out, lse, skipped, visited, *skips = pl.pallas_call(
       kernel,
       grid=(nq, b, hq),
       in_specs=in_specs,
-      out_specs=[
-          q_spec,
-          pl.BlockSpec((None, None, block_q),
-                       lambda i, bi, h: (bi, h, tile_of(i))),
-          per_program, per_program,
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct(q.shape, q.dtype),
-          jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32),
-          jax.ShapeDtypeStruct((b, hq, nq), jnp.int32),
-          jax.ShapeDtypeStruct((b, hq, nq), jnp.int32),
-      ],
+      out_specs=out_specs,
+      out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(
           num_warps=num_warps, num_stages=config.num_stages),
       interpret=interpret,
       name="blasst_prefill_triton",
   )(*inputs)
-  return out[:, :lq, :, :d], lse[:, :, :lq], skipped, visited
+  result = (out[:, :lq, :, :d], lse[:, :, :lq], skipped, visited)
+  if not return_skip_mask:
+    return result
+  skip_mask = (skips[0][..., :nk] != 0 if record else
+               jnp.zeros((b, hq, nq, nk), bool))
+  return result + (skip_mask,)

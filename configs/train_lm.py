@@ -1,0 +1,83 @@
+"""Train a small GPT on synthetic tokens, dense or with skip-softmax.
+
+Variants (comma-separated): a mode, `dense` (default), `sparse` or
+`finetune`, and optionally `small` (CPU, seconds).
+
+    python experiments/train_lm.py --config=configs/train_lm.py
+    python experiments/train_lm.py --config=configs/train_lm.py:sparse
+    python experiments/train_lm.py --config=configs/train_lm.py:finetune,small
+    python experiments/train_lm.py --config=configs/train_lm.py:finetune \
+        --config.init_from=/tmp/train_lm/dense --config.workdir=/tmp/ft
+
+`finetune` without `init_from` trains dense for `dense_steps` into
+WORKDIR/dense, fine-tunes sparsely for `steps` into WORKDIR/finetune and
+plots both into WORKDIR/dense_vs_finetune.png.
+"""
+
+import ml_collections
+
+MODES = ("dense", "sparse", "finetune")
+
+
+def get_config(variant: str = "dense"):
+  parts = [p for p in variant.split(",") if p and p != "default"]
+  unknown = set(parts) - set(MODES) - {"small"}
+  modes = [p for p in parts if p in MODES]
+  if unknown or len(modes) > 1:
+    raise ValueError(f"Unknown variant {variant!r}: use one of {MODES}, "
+                     "optionally with ',small'.")
+  c = ml_collections.ConfigDict()
+  c.mode = modes[0] if modes else "dense"
+  c.workdir = "train_lm_output"
+  c.init_from = ""          # checkpoint dir to take the params from
+  c.seed = 0                # model init
+  c.data = ml_collections.ConfigDict(dict(
+      vocab_size=512, seed=0, branching=4, copy_prob=0.01, copy_len=32,
+      min_copy_distance=64))
+  # GPU-sized: ~25M params, 8 x 2048 tokens per step.
+  c.model = ml_collections.ConfigDict(dict(
+      num_layers=6, d_model=512, num_heads=8, num_kv_heads=2, mlp_ratio=4,
+      tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
+      implementation=None, block_q=128, block_kv=64))
+  c.seq_len = 2048
+  c.batch_size = 8
+  c.steps = 1500
+  c.dense_steps = 1500      # finetune mode without init_from: dense phase
+  c.optim = ml_collections.ConfigDict(dict(
+      peak_lr=1e-3, end_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1,
+      b1=0.9, b2=0.95, clip_norm=1.0))
+  # Skip-softmax during sparse / finetune training: exactly one of these.
+  c.sparsity = ml_collections.ConfigDict(dict(
+      threshold=0.0, scale_factor=0.0, target_sparsity=0.0))
+  c.eval_every = 100
+  c.eval_batches = 4
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 2
+  c.progress = True
+  if c.mode in ("sparse", "finetune"):
+    c.sparsity.target_sparsity = 0.3
+  if c.mode == "finetune":
+    c.steps = 500
+    c.optim.peak_lr = 3e-4
+    c.optim.warmup_steps = 20
+
+  if "small" in parts:      # tests: seconds on CPU
+    c.data.update(vocab_size=64, copy_len=8, min_copy_distance=16,
+                  copy_prob=0.02)
+    c.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
+                   dtype="float32", block_q=16, block_kv=16)
+    c.seq_len = 128
+    c.batch_size = 8
+    c.steps = 30
+    c.dense_steps = 30
+    c.optim.update(peak_lr=3e-3, warmup_steps=5)
+    c.eval_every = 10
+    c.eval_batches = 2
+    c.checkpoint_every = 10
+    if c.mode in ("sparse", "finetune"):
+      # A fixed λ: calibration is exercised by the GPU configs.
+      c.sparsity.update(threshold=0.9, target_sparsity=0.0)
+    if c.mode == "finetune":
+      c.steps = 20
+      c.optim.peak_lr = 1e-3
+  return c

@@ -1,0 +1,386 @@
+r"""Train a small GPT (`blasst_jax.gpt`) on synthetic tokens, dense or sparse.
+
+Modes (`--config.mode`, or the config variant):
+  dense     λ = 0.
+  sparse    skip-softmax during training at a fixed λ
+            (`sparsity.threshold`), a scale factor (`sparsity.scale_factor`,
+            λ = c / seq_len) or a target sparsity (`sparsity.target_sparsity`,
+            calibrated once on the starting model and stored in the workdir).
+  finetune  sparse training that starts from the params of a dense
+            checkpoint (`--config.init_from=DIR`, fresh optimizer); without
+            `init_from` it first trains dense into WORKDIR/dense, then
+            fine-tunes into WORKDIR/finetune and plots both.
+
+AdamW with linear warmup + cosine decay and global-norm clipping. Every
+`eval_every` steps it logs train loss, eval loss (held-out batches),
+skip sparsity per layer and tokens/s to WORKDIR/log.json and redraws
+WORKDIR/training.png. Checkpoints (orbax) hold params, optimizer state,
+step and data position: rerunning with the same workdir resumes.
+
+    python experiments/train_lm.py --config=configs/train_lm.py:sparse,small
+    python experiments/train_lm.py --plot_logs=a/log.json,b/log.json \
+        --plot_output=compare.png
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
+from blasst_jax import calibration  # pylint: disable=g-import-not-at-top
+from blasst_jax import gpt  # pylint: disable=g-import-not-at-top
+from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
+from blasst_jax import synthetic_lm  # pylint: disable=g-import-not-at-top
+from blasst_jax import testing  # pylint: disable=g-import-not-at-top
+from blasst_jax.config import SkipSoftmaxConfig  # pylint: disable=g-import-not-at-top
+from blasst_jax.progress import ProgressBar  # pylint: disable=g-import-not-at-top
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_lm.py")
+_PLOT_LOGS = flags.DEFINE_list(
+    "plot_logs", None, "Only plot these JSON logs (e.g. a dense run and a "
+    "sparse fine-tune) into --plot_output, then exit.")
+_PLOT_OUTPUT = flags.DEFINE_string("plot_output", "training_compare.png",
+                                   "PNG written with --plot_logs.")
+
+MODES = ("dense", "sparse", "finetune")
+CHECKPOINT_DIR = "checkpoints"
+
+
+def check_config(cfg) -> None:
+  """ValueErrors for config values that would fail later or silently."""
+  if cfg.mode not in MODES:
+    raise ValueError(f"`mode` must be one of {MODES}, got {cfg.mode!r}.")
+  for name in ("steps", "dense_steps", "batch_size", "seq_len", "eval_every",
+               "eval_batches", "checkpoint_every", "keep_checkpoints"):
+    value = cfg[name]
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+  o = cfg.optim
+  if not o.peak_lr > 0 or not 0 <= o.end_lr_ratio <= 1:
+    raise ValueError(f"Need optim.peak_lr > 0 and 0 <= optim.end_lr_ratio "
+                     f"<= 1, got {o.peak_lr}, {o.end_lr_ratio}.")
+  if not 0 <= o.warmup_steps < max(cfg.steps, cfg.dense_steps):
+    raise ValueError(f"`optim.warmup_steps` must lie in [0, steps), got "
+                     f"{o.warmup_steps}.")
+  if not o.clip_norm > 0:
+    raise ValueError(f"`optim.clip_norm` must be > 0, got {o.clip_norm}.")
+  s = cfg.sparsity
+  given = [k for k in ("threshold", "scale_factor", "target_sparsity")
+           if s[k]]
+  if cfg.mode != "dense" and len(given) != 1:
+    raise ValueError(
+        f"Mode {cfg.mode!r} needs exactly one nonzero of "
+        f"sparsity.threshold / scale_factor / target_sparsity, got "
+        f"{given or 'none'}.")
+  if not 0 <= s.threshold < 1 or s.scale_factor < 0 or not (
+      0 <= s.target_sparsity < 1):
+    raise ValueError("Need sparsity.threshold in [0, 1), scale_factor >= 0, "
+                     f"target_sparsity in [0, 1); got {s.to_dict()}.")
+  if cfg.init_from and not os.path.isdir(
+      os.path.join(cfg.init_from, CHECKPOINT_DIR)):
+    raise ValueError(f"`init_from` ({cfg.init_from!r}) holds no "
+                     f"{CHECKPOINT_DIR}/ folder of a train_lm.py run.")
+
+
+def build_model(cfg) -> gpt.GPT:
+  m = cfg.model
+  return gpt.GPT(
+      cfg.data.vocab_size, cfg.seq_len, num_layers=m.num_layers,
+      d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+      mlp_ratio=m.mlp_ratio, tie_embeddings=m.tie_embeddings,
+      implementation=m.implementation, block_q=m.block_q,
+      block_kv=m.block_kv, dtype=jnp.dtype(m.dtype),
+      param_dtype=jnp.dtype(m.param_dtype), rngs=nnx.Rngs(cfg.seed))
+
+
+def make_optimizer(cfg, steps: int) -> optax.GradientTransformation:
+  o = cfg.optim
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.peak_lr, warmup_steps=o.warmup_steps,
+      decay_steps=steps, end_value=o.peak_lr * o.end_lr_ratio)
+  # No weight decay on biases, LayerNorm scales (the 1-D params).
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.clip_by_global_norm(o.clip_norm),
+      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                  mask=decay_mask))
+
+
+def loss_and_sparsity(graphdef, params, tokens, threshold):
+  """Mean next-token cross-entropy and skip sparsity per layer.
+
+  tokens: int [batch, seq_len + 1]. Returns (f32 scalar, f32 [num_layers]).
+  """
+  model = nnx.merge(graphdef, params)
+  logits, stats = model(tokens[:, :-1], threshold=threshold,
+                        return_stats=True)                 # [b, t, vocab]
+  loss = optax.softmax_cross_entropy_with_integer_labels(
+      logits, tokens[:, 1:]).mean()
+  return loss, jnp.stack([s.total_sparsity for s in stats])
+
+
+# ---------------------------------------------------------------- checkpoints
+def _flatten(tree) -> dict:
+  """{path string: leaf}: a container-free tree that orbax round-trips."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p): x for p, x in leaves}
+
+
+def _unflatten(target, flat: dict):
+  paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+  return jax.tree_util.tree_unflatten(
+      treedef, [flat[jax.tree_util.keystr(p)] for p, _ in paths])
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints in workdir, ascending."""
+  root = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(root):
+    return []
+  # orbax writes into a temporary name and renames when complete.
+  return sorted(int(d.split("_")[1]) for d in os.listdir(root)
+                if d.startswith("step_") and d.split("_")[1].isdigit())
+
+
+def save_checkpoint(workdir: str, state: dict, step: int, keep: int) -> None:
+  root = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(root, f"step_{step}"), _flatten(state),
+                    force=True)
+  checkpointer.wait_until_finished()
+  for old in checkpoint_steps(workdir)[:-keep]:
+    shutil.rmtree(os.path.join(root, f"step_{old}"))
+
+
+def restore_checkpoint(workdir: str, target: dict, step: int | None = None):
+  """The latest (or given) checkpoint, shaped like `target`; None if none."""
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    return None
+  step = steps[-1] if step is None else step
+  flat_target = _flatten(target)
+  if set(target) != {"params"}:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flat_target)
+  else:
+    abstract = None
+  path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR,
+                                      f"step_{step}"))
+  checkpointer = ocp.StandardCheckpointer()
+  if abstract is None:       # params only (init_from): read what is there
+    flat = checkpointer.restore(path)
+    flat = {k: flat[k] for k in flat_target}
+  else:
+    flat = checkpointer.restore(path, abstract)
+  return _unflatten(target, flat)
+
+
+# ------------------------------------------------------------------ threshold
+def resolve_threshold(cfg, workdir, graphdef, params, source):
+  """λ / SkipSoftmaxConfig of the run (0.0 when dense), plus a JSON record.
+
+  A target sparsity is calibrated once, on a held-out batch run through the
+  starting model, and stored in workdir so that a resumed run keeps it.
+  """
+  s = cfg.sparsity
+  if cfg.mode == "dense":
+    return 0.0, {"threshold": 0.0}
+  if s.threshold:
+    return float(s.threshold), {"threshold": float(s.threshold)}
+  if s.scale_factor:
+    return (SkipSoftmaxConfig(threshold_scale_factor=float(s.scale_factor)),
+            {"scale_factor": float(s.scale_factor)})
+  path = os.path.join(workdir, "threshold.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      record = json.load(f)
+  else:
+    model = nnx.merge(graphdef, params)
+    tokens = source.batch(cfg.eval_batches, batch_size=cfg.batch_size,
+                          seq_len=cfg.seq_len, split="eval")
+    inputs = analysis.capture_attention_inputs(model, jnp.asarray(
+        tokens[:, :-1]))
+    cal = calibration.calibrate(
+        target_sparsity=s.target_sparsity,
+        prefill_inputs=list(inputs.values()), block_q=cfg.model.block_q,
+        block_kv=cfg.model.block_kv, progress=cfg.progress)
+    record = {"target_sparsity": float(s.target_sparsity),
+              "scale_factor": float(cal.scale_factors["prefill"])}
+    with open(path, "w") as f:
+      json.dump(record, f)
+  print(f"calibrated scale factor for target sparsity "
+        f"{record['target_sparsity']}: c = {record['scale_factor']:.4g} "
+        f"(λ = {record['scale_factor'] / cfg.seq_len:.3g} at seq_len "
+        f"{cfg.seq_len})", flush=True)
+  return (SkipSoftmaxConfig(threshold_scale_factor=record["scale_factor"]),
+          record)
+
+
+# ---------------------------------------------------------------------- train
+def train(cfg, workdir: str, *, init_from: str = "", steps: int | None = None,
+          device: dict | None = None) -> dict:
+  """Runs (or resumes) one training run in `workdir`; returns its log."""
+  steps = cfg.steps if steps is None else steps
+  os.makedirs(workdir, exist_ok=True)
+  source = synthetic_lm.SyntheticLM(**cfg.data.to_dict())
+  model = build_model(cfg)
+  graphdef, params = nnx.split(model)
+  tx = make_optimizer(cfg, steps)
+  step_offset = 0
+  if init_from:
+    restored = restore_checkpoint(init_from, {"params": params})
+    params = restored["params"]
+    step_offset = checkpoint_steps(init_from)[-1]
+    print(f"initialised from {init_from} (step {step_offset})", flush=True)
+  threshold, threshold_record = resolve_threshold(cfg, workdir, graphdef,
+                                                  params, source)
+  state = {"params": params, "opt_state": tx.init(params),
+           "step": jnp.int32(0), "data_index": jnp.int32(0)}
+  restored = restore_checkpoint(workdir, state)
+  log_path = os.path.join(workdir, "log.json")
+  log = {"mode": cfg.mode, "config": cfg.to_dict(), "step_offset": step_offset,
+         "threshold": threshold_record, "num_params": int(sum(
+             x.size for x in jax.tree.leaves(params))), "evals": [],
+         **(device or {})}
+  if restored is not None:
+    state = restored
+    if os.path.exists(log_path):
+      with open(log_path) as f:
+        log["evals"] = [e for e in json.load(f)["evals"]
+                        if e["step"] <= int(state["step"])]
+    print(f"resumed from step {int(state['step'])} in {workdir}", flush=True)
+  start = int(state["step"])
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(params, opt_state, tokens):
+    (loss, sparsity), grads = jax.value_and_grad(
+        loss_and_sparsity, argnums=1, has_aux=True)(graphdef, params, tokens,
+                                                    threshold)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, sparsity
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def eval_step(params, tokens, thr):
+    return loss_and_sparsity(graphdef, params, tokens, thr)
+
+  eval_batches = [jnp.asarray(source.batch(
+      i, batch_size=cfg.batch_size, seq_len=cfg.seq_len, split="eval"))
+                  for i in range(cfg.eval_batches)]
+
+  def evaluate(params, thr):
+    results = [eval_step(params, b, thr) for b in eval_batches]
+    return (float(np.mean([r[0] for r in results])),
+            np.mean([np.asarray(r[1]) for r in results], axis=0))
+
+  params, opt_state = state["params"], state["opt_state"]
+  data_index = int(state["data_index"])
+  bar = ProgressBar(total=steps, desc=f"{cfg.mode} training",
+                    enabled=cfg.progress)
+  bar.count = start
+  losses, sparsities = [], []
+  interval_start, interval_tokens = time.perf_counter(), 0
+  for step in range(start + 1, steps + 1):
+    tokens = jnp.asarray(source.batch(data_index, batch_size=cfg.batch_size,
+                                      seq_len=cfg.seq_len))
+    data_index += 1
+    params, opt_state, loss, sparsity = train_step(params, opt_state, tokens)
+    losses.append(loss)
+    sparsities.append(sparsity)
+    interval_tokens += tokens.shape[0] * (tokens.shape[1] - 1)
+    bar.update()
+    if step % cfg.eval_every == 0 or step == steps:
+      train_loss = float(np.mean(jax.device_get(losses)))
+      train_sparsity = np.mean(jax.device_get(sparsities), axis=0)
+      elapsed = time.perf_counter() - interval_start
+      eval_loss, eval_sparsity = evaluate(params, threshold)
+      record = {"step": step, "train_loss": train_loss,
+                "eval_loss": eval_loss,
+                "sparsity": [float(x) for x in eval_sparsity],
+                "train_sparsity": [float(x) for x in train_sparsity],
+                "tokens_per_s": interval_tokens / elapsed,
+                "lr": float(tx_lr(cfg, steps, step))}
+      if cfg.mode != "dense":   # what sparse training does to dense quality
+        record["eval_loss_dense"] = evaluate(params, 0.0)[0]
+      log["evals"].append(record)
+      print(f"\nstep {step}: train loss {train_loss:.4f}, eval loss "
+            f"{eval_loss:.4f}"
+            + (f" (dense {record['eval_loss_dense']:.4f})"
+               if "eval_loss_dense" in record else "")
+            + ", sparsity per layer ["
+            + ", ".join(f"{x:.3f}" for x in eval_sparsity)
+            + f"], {record['tokens_per_s']:.0f} tokens/s", flush=True)
+      with open(log_path, "w") as f:
+        json.dump(log, f, indent=1)
+      plotting.plot_training([log], path=os.path.join(workdir,
+                                                      "training.png"))
+      losses, sparsities = [], []
+    if step % cfg.checkpoint_every == 0 or step == steps:
+      save_checkpoint(workdir, {"params": params, "opt_state": opt_state,
+                                "step": jnp.int32(step),
+                                "data_index": jnp.int32(data_index)},
+                      step, cfg.keep_checkpoints)
+    if step % cfg.eval_every == 0:
+      interval_start, interval_tokens = time.perf_counter(), 0
+  bar.close()
+  print(f"log written to {os.path.abspath(log_path)}", flush=True)
+  return log
+
+
+def tx_lr(cfg, steps: int, step: int) -> float:
+  o = cfg.optim
+  return optax.warmup_cosine_decay_schedule(
+      0.0, o.peak_lr, o.warmup_steps, steps, o.peak_lr * o.end_lr_ratio)(step)
+
+
+def main(argv):
+  del argv
+  if _PLOT_LOGS.value:
+    logs = []
+    for path in _PLOT_LOGS.value:
+      with open(path) as f:
+        logs.append(json.load(f))
+    plotting.plot_training(logs, path=_PLOT_OUTPUT.value)
+    print(f"plot written to {os.path.abspath(_PLOT_OUTPUT.value)}")
+    return
+  # orbax logs every save at INFO; keep the training log readable.
+  logging.set_verbosity(logging.WARNING)
+  cfg = _CONFIG.value
+  check_config(cfg)
+  t0 = time.time()
+  device = testing.announce_device()[0]
+  if cfg.mode == "finetune" and not cfg.init_from:
+    dense_dir = os.path.join(cfg.workdir, "dense")
+    finetune_dir = os.path.join(cfg.workdir, "finetune")
+    with cfg.unlocked():
+      dense_cfg = cfg.copy_and_resolve_references()
+    dense_cfg.mode = "dense"
+    dense_log = train(dense_cfg, dense_dir, steps=cfg.dense_steps,
+                      device=device)
+    sparse_log = train(cfg, finetune_dir, init_from=dense_dir, device=device)
+    png = os.path.join(cfg.workdir, "dense_vs_finetune.png")
+    plotting.plot_training([dense_log, sparse_log],
+                           labels=["dense", "sparse fine-tune"], path=png)
+    print(f"plot written to {os.path.abspath(png)}")
+  else:
+    train(cfg, cfg.workdir, init_from=cfg.init_from, device=device)
+  print(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  app.run(main)

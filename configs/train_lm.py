@@ -38,7 +38,10 @@ def get_config(variant: str = "dense"):
   c.model = ml_collections.ConfigDict(dict(
       num_layers=6, d_model=512, num_heads=8, num_kv_heads=2, mlp_ratio=4,
       tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
-      implementation=None, block_q=128, block_kv=64))
+      # Triton: its forward records the skipped blocks and its Pallas
+      # backward walks only the kept ones (the Hopper forward's backward is
+      # the oracle's).
+      implementation="pallas_triton", block_q=128, block_kv=64))
   c.seq_len = 2048
   c.batch_size = 8
   c.steps = 1500
@@ -65,7 +68,8 @@ def get_config(variant: str = "dense"):
     c.data.update(vocab_size=64, copy_len=8, min_copy_distance=16,
                   copy_prob=0.02)
     c.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
-                   dtype="float32", block_q=16, block_kv=16)
+                   dtype="float32", block_q=16, block_kv=16,
+                   implementation=None)
     c.seq_len = 128
     c.batch_size = 8
     c.steps = 30

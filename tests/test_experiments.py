@@ -48,6 +48,19 @@ def test_bench_prefill_smoke(tmp_path):
   assert (tmp_path / "prefill.png").stat().st_size > 10_000
 
 
+def test_bench_backward_smoke(tmp_path):
+  output = tmp_path / "backward.json"
+  out = run(["experiments/bench_backward.py",
+             "--config=configs/bench_backward.py:small",
+             f"--config.output={output}"], tmp_path)
+  assert "device_kind=cpu" in out
+  rows = json.loads(output.read_text())["rows"]
+  ours = [r for r in rows if r["impl"] == "pallas_triton"]
+  assert [r["threshold"] for r in ours] == [0.0, 1e-3, 1e-2]
+  assert ours[0]["sparsity"] == 0 and ours[-1]["sparsity"] > 0
+  assert ours[0]["grad_rel_error"] < 1e-4       # dense: the same gradient
+
+
 def test_bench_decode_smoke(tmp_path):
   output = tmp_path / "decode.json"
   run(["experiments/bench_decode.py", "--config=configs/bench_decode.py:smoke",

@@ -1,0 +1,37 @@
+"""Forward + backward speed against cuDNN.
+
+    python experiments/bench_backward.py --config=configs/bench_backward.py
+    python experiments/bench_backward.py --config=configs/bench_backward.py:small
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "h100"):
+  if variant not in ("h100", "small"):
+    raise ValueError(f"Unknown variant {variant!r}: use 'h100' or 'small'.")
+  c = ml_collections.ConfigDict()
+  # (batch, seq_len, q_heads, kv_heads, head_dim), causal, q_len = kv_len.
+  c.shapes = ((4, 8192, 16, 16, 128), (2, 16384, 16, 16, 128),
+              (1, 32768, 16, 16, 128))
+  c.dtype = "bfloat16"
+  c.causal = True
+  c.thresholds = (0.0, 1e-3, 1e-2)
+  c.implementation = "pallas_triton"   # its forward records the skip mask
+  c.block_q = 128
+  c.block_kv = 64
+  c.pattern = ml_collections.ConfigDict(dict(
+      sharpness=(2.0, 6.0, 10.0, 14.0, 18.0, 22.0, 26.0, 30.0),
+      sink_tokens=4, window=256, noise=1.0))
+  c.warmup = 2
+  c.iters = 10
+  c.seed = 0
+  c.output = "benchmarks/results/backward_h100.json"
+  if variant == "small":
+    c.shapes = ((1, 256, 4, 2, 32),)
+    c.dtype = "float32"
+    c.block_q, c.block_kv = 64, 32
+    c.pattern.window = 16
+    c.warmup, c.iters = 0, 1
+    c.output = "/tmp/blasst_bench_backward/backward.json"
+  return c

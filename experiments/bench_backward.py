@@ -1,0 +1,138 @@
+r"""Forward + backward (one `jax.grad` step) of skip-softmax attention
+against cuDNN's dense attention, in one process on the same inputs.
+
+    python experiments/bench_backward.py --config=configs/bench_backward.py
+
+Per shape: cuDNN forward+backward, ours at each λ (λ = 0: the dense build),
+the forward alone, the skip sparsity, and the gradient's relative error
+against cuDNN's at λ = 0. On CPU (the `small` config) only sparsity and
+gradient error. Writes JSON + PNG to --config.output.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import blasst_jax as bj  # pylint: disable=g-import-not-at-top
+from blasst_jax import patterns
+from blasst_jax import testing
+
+_CONFIG = config_flags.DEFINE_config_file("config",
+                                          "configs/bench_backward.py")
+
+
+def grad_step(attend):
+  """q, k, v, d_out -> (dq, dk, dv) of <attend(q, k, v), d_out>."""
+  def loss(q, k, v, d_out):
+    return jnp.sum(attend(q, k, v).astype(jnp.float32) * d_out)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def rel_error(got, want):
+  num = sum(float(jnp.sum((g.astype(jnp.float32) - w.astype(jnp.float32))
+                          ** 2)) for g, w in zip(got, want))
+  den = sum(float(jnp.sum(w.astype(jnp.float32) ** 2)) for w in want)
+  return (num / max(den, 1e-30)) ** 0.5
+
+
+def run_shape(cfg, shape, on_gpu):
+  b, s, hq, hkv, d = shape
+  q, k, v = patterns.sink_local_qkv(
+      jax.random.PRNGKey(cfg.seed), batch=b, seq_len=s, q_heads=hq,
+      kv_heads=hkv, head_dim=d, dtype=jnp.dtype(cfg.dtype),
+      **cfg.pattern.to_dict())
+  d_out = jax.random.normal(jax.random.PRNGKey(cfg.seed + 1), q.shape,
+                            jnp.float32)
+  timing = dict(warmup=cfg.warmup, iters=cfg.iters)
+  if on_gpu:
+    baseline = lambda q, k, v: jax.nn.dot_product_attention(  # pylint: disable=g-long-lambda
+        q, k, v, is_causal=cfg.causal, implementation="cudnn")
+  else:
+    baseline = lambda q, k, v: bj.reference.dense_attention(  # pylint: disable=g-long-lambda
+        q, k, v, causal=cfg.causal)
+  base_grads = grad_step(baseline)(q, k, v, d_out)
+  rows = []
+  base = dict(shape=list(shape), impl="cudnn" if on_gpu else "xla",
+              threshold=0.0, sparsity=0.0, grad_rel_error=0.0)
+  if on_gpu:
+    base["fwd_bwd_ms"] = testing.median_time_ms(grad_step(baseline), q, k, v,
+                                                d_out, **timing)
+    base["fwd_ms"] = testing.median_time_ms(jax.jit(baseline), q, k, v,
+                                            **timing)
+  rows.append(base)
+  for lam in cfg.thresholds:
+    def attend(q, k, v, lam=lam):
+      return bj.attention(q, k, v, causal=cfg.causal, threshold=lam,
+                          implementation=cfg.implementation,
+                          block_q=cfg.block_q, block_kv=cfg.block_kv)
+    _, stats = bj.attention(q, k, v, causal=cfg.causal, threshold=lam,
+                            implementation=cfg.implementation,
+                            block_q=cfg.block_q, block_kv=cfg.block_kv,
+                            return_stats=True)
+    step = grad_step(attend)
+    row = dict(shape=list(shape), impl=cfg.implementation, threshold=lam,
+               sparsity=float(jnp.sum(stats.skipped_blocks)
+                              / jnp.maximum(jnp.sum(stats.visited_blocks), 1)),
+               grad_rel_error=rel_error(step(q, k, v, d_out), base_grads))
+    if on_gpu:
+      row["fwd_bwd_ms"] = testing.median_time_ms(step, q, k, v, d_out,
+                                                 **timing)
+      row["fwd_ms"] = testing.median_time_ms(jax.jit(attend), q, k, v,
+                                             **timing)
+      row["vs_cudnn"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+    rows.append(row)
+  return rows
+
+
+def plot(result, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  rows = [r for r in result["rows"] if "vs_cudnn" in r]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for shape in {tuple(r["shape"]) for r in rows}:
+    pts = sorted((r["sparsity"], r["vs_cudnn"]) for r in rows
+                 if tuple(r["shape"]) == shape)
+    ax.plot(*zip(*pts), "o-", label="b{} s{} hq{} hkv{} d{}".format(*shape))
+  ax.axhline(1.0, color="gray", lw=0.8)
+  ax.set_xlabel("skip sparsity (λ sweep)")
+  ax.set_ylabel("forward+backward speed vs cuDNN")
+  ax.set_title(f"{result['device_kind']}, {result['dtype']}, causal",
+               fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  header, on_gpu = testing.announce_device()
+  result = dict(**header, dtype=cfg.dtype, causal=cfg.causal,
+                block_q=cfg.block_q, block_kv=cfg.block_kv, rows=[])
+  for shape in cfg.shapes:
+    for r in run_shape(cfg, tuple(shape), on_gpu):
+      result["rows"].append(r)
+      timing = (f" fwd+bwd {r['fwd_bwd_ms']:.3f} ms fwd {r['fwd_ms']:.3f} ms"
+                + (f" ({r['vs_cudnn']:.2f}x cuDNN)" if "vs_cudnn" in r
+                   else "") if on_gpu else "")
+      print(f"{r['shape']} {r['impl']} λ={r['threshold']:g}: sparsity "
+            f"{r['sparsity']:.3f} grad rel err {r['grad_rel_error']:.2e}"
+            f"{timing}", flush=True)
+  png = testing.save_json(result, cfg.output)
+  if on_gpu:
+    plot(result, png)
+  print(f"wrote {cfg.output}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -85,3 +85,28 @@ def test_backward_kernels_lower_for_cuda():
       sds((b,), jnp.int32), sds((b, hq, nq, nk), jnp.bool_)).as_text()
   assert "blasst_backward_dkdv_triton" in text
   assert "blasst_backward_dq_triton" in text
+
+
+def test_forward_tiles_are_cut_into_backward_tiles():
+  """A 128 x 128 keep mask (the forward's tiles) gives the same gradients
+  on the 64 x 64 backward tiles as the oracle over the same kept blocks."""
+  shape = testing.AttentionShape(batch=1, q_len=300, kv_len=300, q_heads=2,
+                                 kv_heads=1, head_dim=16)
+  key = test_base.key_for("backward_cut")
+  q, k, v = shape.inputs(key, sharpness=(6.0, 16.0), window=12)
+  kv_lengths = jnp.array([300], jnp.int32)
+  keep = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.6,
+                              (1, 2, 3, 3)).at[..., 0].set(True)
+  out, lse, *_ = pallas_triton.attention_forward(
+      q, k, v, kv_lengths, jnp.full((1,), -jnp.inf), keep, causal=True,
+      sm_scale=0.25, block_q=128, block_kv=128, interpret=True)
+  d_out = jax.random.normal(jax.random.fold_in(key, 2), out.shape)
+  grads = pallas_triton_bwd.attention_backward(
+      q, k, v, out, lse, d_out, kv_lengths, keep, causal=True, sm_scale=0.25,
+      block_q=128, block_kv=128, interpret=True)
+  _, vjp = jax.vjp(lambda q, k, v: bj.reference.blockwise_attention(
+      q, k, v, block_q=128, block_kv=128, causal=True, sm_scale=0.25,
+      block_mask=keep).out, q, k, v)
+  for got, want in zip(grads, vjp(d_out)):
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, atol=2e-5 * scale, rtol=1e-4)

@@ -29,8 +29,27 @@ from jax.experimental.pallas import triton as plgpu
 from blasst_jax.kernels import block_lists as lists_lib
 
 
+# Backward tiles: keep-mask tiles larger than these are cut into them (H100,
+# 8k causal: 64 x 64 with 4 warps and 2 stages runs the backward in 9.7 ms,
+# 128 x 64 in 17.5 ms with 4 warps, 11.1 ms with 8).
+BWD_BLOCK_Q = 64
+BWD_BLOCK_KV = 64
+
+
 def _cdiv(a, b):
   return (a + b - 1) // b
+
+
+def _cut_tiles(keep, q_len, kv_len, block_q, block_kv):
+  """The keep mask on backward tiles: (keep, block_q, block_kv)."""
+  fq = block_q // BWD_BLOCK_Q if block_q % BWD_BLOCK_Q == 0 else 1
+  fk = block_kv // BWD_BLOCK_KV if block_kv % BWD_BLOCK_KV == 0 else 1
+  if fq == fk == 1:
+    return keep, block_q, block_kv
+  block_q, block_kv = block_q // fq, block_kv // fk
+  keep = jnp.repeat(jnp.repeat(keep, fq, axis=2), fk, axis=3)
+  return (keep[:, :, :_cdiv(q_len, block_q), :_cdiv(kv_len, block_kv)],
+          block_q, block_kv)
 
 
 def _probs_and_dscores(q, k, v, do, lse, delta, rows, keys, *, q_len, kv_len,
@@ -121,7 +140,8 @@ def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
     lse: f32 [batch, q_heads, q_len], the forward's natural-log lse.
     kv_lengths: int32 [batch].
     keep: bool [batch, q_heads, n_q_tiles, n_kv_blocks]: blocks the forward
-      kept (visited, selected, not skipped).
+      kept (visited, selected, not skipped), on the forward's tiles; tiles
+      that are multiples of BWD_BLOCK_Q x BWD_BLOCK_KV are cut into them.
 
   Returns:
     dq, dk, dv in the dtypes and shapes of q, k, v.
@@ -129,6 +149,7 @@ def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
   group = hq // hkv
+  keep, block_q, block_kv = _cut_tiles(keep, lq, lk, block_q, block_kv)
   nq, nk = _cdiv(lq, block_q), _cdiv(lk, block_kv)
   dp = max(16, 1 << (d - 1).bit_length())
   kv_lengths = kv_lengths.astype(jnp.int32)

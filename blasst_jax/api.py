@@ -252,23 +252,21 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
                                                        block_kv)
   _check_block_mask(block_mask, (b, hq, -(-lq // block_q), -(-lk // block_kv)))
   check_implementation(implementation)
+  # Mask blocks that are whole multiples of the Hopper kernel's tiles.
+  split = _mosaic_split(block_q, block_kv, d) if tiles_from_mask else None
   if implementation is None:
     implementation = default_implementation(dtype=q.dtype, head_dim=d)
     if implementation == "pallas_mosaic" and (interpret or (
-        block_mask is not None and not _mosaic_tiles_fit(
-            lq, lk, block_q, block_kv, d) and not (
-                tiles_from_mask and _mosaic_split(lq, lk, block_q,
-                                                  block_kv, d)))):
+        block_mask is not None and not split
+        and not _mosaic_tiles_fit(lq, lk, block_q, block_kv, d))):
       implementation = "pallas_triton"
-  if (implementation == "pallas_mosaic" and tiles_from_mask
-      and not _mosaic_tiles_fit(lq, lk, block_q, block_kv, d)):
-    split = _mosaic_split(lq, lk, block_q, block_kv, d)
-    if split:  # Mask blocks of whole kernel tiles: repeat them per tile
-      # (tiles wholly past the sequence end are dropped).
-      block_q, block_kv = block_q // split[0], block_kv // split[1]
-      block_mask = jnp.repeat(jnp.repeat(block_mask, split[0], axis=2),
-                              split[1], axis=3)[:, :, :-(-lq // block_q),
-                                                :-(-lk // block_kv)]
+  if implementation == "pallas_mosaic" and split:
+    # Repeat each mask block per kernel tile (tiles wholly past the
+    # sequence end are dropped).
+    block_q, block_kv = block_q // split[0], block_kv // split[1]
+    block_mask = jnp.repeat(jnp.repeat(block_mask, split[0], axis=2),
+                            split[1], axis=3)[:, :, :-(-lq // block_q),
+                                              :-(-lk // block_kv)]
   sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
       sm_scale)
 
@@ -415,14 +413,14 @@ def _widened_tiles(q_len, kv_len, block_q, block_kv):
   return _tiles(q_len, kv_len, max(block_q, 64), max(block_kv, 64))
 
 
-def _mosaic_split(q_len, kv_len, block_q, block_kv, head_dim):
+def _mosaic_split(block_q, block_kv, head_dim):
   """(q, kv) factors that cut mask blocks of block_q x block_kv into the
-  Hopper kernel's default tiles, or None when they do not divide evenly
-  (e.g. XAttention's 128 x 128 blocks -> 2 x 1 tiles of 64 x 128)."""
+  Hopper kernel's default tiles (e.g. XAttention's 128 x 128 blocks -> 2 x 1
+  tiles of 64 x 128), or None when they are those tiles or do not divide
+  evenly."""
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   tq, tk = pallas_mosaic.DEFAULT_BLOCK_Q, pallas_mosaic.default_block_kv(
       head_dim)
-  del q_len, kv_len
   if block_q % tq or block_kv % tk or (block_q, block_kv) == (tq, tk):
     return None
   return block_q // tq, block_kv // tk

@@ -23,10 +23,11 @@ from blasst_jax import analysis
 DPI = 110
 
 
-def _finish(fig: Figure, path: str | None) -> Figure:
+def save_figure(fig: Figure, path: str | None, dpi: int = DPI) -> Figure:
+  """Lays `fig` out and writes it to `path` (if given); no pyplot state."""
   fig.tight_layout()
   if path is not None:
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=dpi)
   return fig
 
 
@@ -68,7 +69,7 @@ def plot_block_map(layer: analysis.LayerReport, head: int | None = None, *,
            title=f"head {h}: {sparsity[h]:.0%} skipped")
   fig.suptitle(f"{layer.name}, λ={layer.block_map_threshold:g}, batch 0: "
                "skipped (black), computed (blue), masked (white)")
-  return _finish(fig, path)
+  return save_figure(fig, path)
 
 
 def _replayed_sparsity(layer: analysis.LayerReport) -> list[float]:
@@ -102,7 +103,7 @@ def plot_sparsity_vs_threshold(report: analysis.ModelReport, *,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   fig.suptitle("Sparsity against λ")
-  return _finish(fig, path)
+  return save_figure(fig, path)
 
 
 ERROR_METRICS = {
@@ -146,7 +147,7 @@ def plot_error_vs_sparsity(report: analysis.ModelReport, *,
          title="What skipping costs: error against sparsity (λ sweep)")
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
-  return _finish(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_sparsity_vs_context(report: analysis.ModelReport, *,
@@ -176,7 +177,7 @@ def plot_sparsity_vs_context(report: analysis.ModelReport, *,
     ax.legend(fontsize=7, title="λ fixed (solid), λ = c/len (dashed)",
               title_fontsize=7)
   fig.suptitle("Sparsity against context length")
-  return _finish(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_gap_histogram(layer: analysis.LayerReport, *,
@@ -200,7 +201,7 @@ def plot_gap_histogram(layer: analysis.LayerReport, *,
          title=f"{layer.name}: block gaps (skip when gap < log λ)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-  return _finish(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_calibration(calibration, checks: Mapping | None = None, *,
@@ -236,7 +237,7 @@ def plot_calibration(calibration, checks: Mapping | None = None, *,
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
   fig.suptitle("Calibration: scale factor against sparsity")
-  return _finish(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_report(report: analysis.ModelReport, directory: str, *,
@@ -309,4 +310,4 @@ def plot_training(logs: Sequence[Mapping], *, labels: Sequence[str] | None = Non
   for ax in (ax_loss, ax_sparsity):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  return _finish(fig, path)
+  return save_figure(fig, path)

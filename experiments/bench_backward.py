@@ -93,11 +93,11 @@ def run_shape(cfg, shape, on_gpu):
 
 
 def plot(result, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
   rows = [r for r in result["rows"] if "vs_cudnn" in r]
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
   for shape in {tuple(r["shape"]) for r in rows}:
     pts = sorted((r["sparsity"], r["vs_cudnn"]) for r in rows
                  if tuple(r["shape"]) == shape)
@@ -108,9 +108,7 @@ def plot(result, path):
   ax.set_title(f"{result['device_kind']}, {result['dtype']}, causal",
                fontsize=9)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plotting.save_figure(fig, path)
 
 
 def main(argv):

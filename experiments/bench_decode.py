@@ -199,13 +199,12 @@ def run(cfg, on_gpu):
 def plot(rows, path):
   """Top: effective TB/s against sparsity, baselines as lines. Bottom:
   speedup over our dense build, with the ceiling when K is always read."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   shapes = sorted({(r["batch"], r["seq_len"]) for r in rows})
-  fig, axes = plt.subplots(2, len(shapes), figsize=(6 * len(shapes), 8.5),
-                           squeeze=False)
+  fig = Figure(figsize=(6 * len(shapes), 8.5))
+  axes = fig.subplots(2, len(shapes), squeeze=False)
   colors = {"copy": "k", "cudnn": "C3", "xla": "C4", "jax_pallas": "C5"}
   for col, (b, s) in enumerate(shapes):
     top, bottom = axes[0, col], axes[1, col]
@@ -243,9 +242,7 @@ def plot(rows, path):
     for ax in (top, bottom):
       ax.set_xlabel("block sparsity")
       ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plotting.save_figure(fig, path)
 
 
 def main(argv):

@@ -226,12 +226,11 @@ def seq_label(seq_len: int, causal: bool) -> str:
 
 
 def plot(rows, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
   kernels = [k_ for k_ in KERNELS if any(r["impl"] == k_ for r in rows)]
-  fig, axes = plt.subplots(1, 1 + len(kernels),
-                           figsize=(6.5 * (1 + len(kernels)), 5))
+  fig = Figure(figsize=(6.5 * (1 + len(kernels)), 5))
+  axes = fig.subplots(1, 1 + len(kernels))
   axes = list(np.atleast_1d(axes))
   ax = axes[0]
   groups = sorted({(r["seq_len"], r["causal"]) for r in rows})
@@ -283,9 +282,7 @@ def plot(rows, path):
     ax.set_title(f"{kernel}: speedup vs sparsity (λ sweep)\n"
                  "sink + local-window scores")
     ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plotting.save_figure(fig, path, dpi=120)
 
 
 def main(argv):

@@ -105,12 +105,13 @@ def kernel_check(cfg):
 
 
 def plot(cfg, results, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
+  from matplotlib import colors  # pylint: disable=g-import-not-at-top
   lams = np.array([t for t, _ in results])
   pos = lams > 0
-  fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+  fig = Figure(figsize=(11, 8.5))
+  axes = fig.subplots(2, 2)
   for h, beta in enumerate(cfg.sharpness):
     sp = np.array([r["sparsity"][h] for _, r in results])
     me = np.array([r["max_err"][h] for _, r in results])
@@ -133,7 +134,7 @@ def plot(cfg, results, path):
   h = len(cfg.sharpness) - 1
   # 0: not visited (masked), 1: computed, 2: skipped.
   state = r["visited_mask"][h].astype(int) + r["skip_mask"][h].astype(int)
-  cmap = matplotlib.colors.ListedColormap(["white", "tab:blue", "black"])
+  cmap = colors.ListedColormap(["white", "tab:blue", "black"])
   axes[1, 1].imshow(state, cmap=cmap, vmin=0, vmax=2,
                     interpolation="nearest")
   axes[1, 1].set(xlabel="kv block", ylabel="q tile",
@@ -142,9 +143,7 @@ def plot(cfg, results, path):
   fig.suptitle(f"Skip-softmax on sink + local-window scores: seq "
                f"{cfg.seq_len}, blocks {cfg.block_q}x{cfg.block_kv}, "
                f"{'causal' if cfg.causal else 'non-causal'}")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plotting.save_figure(fig, path)
 
 
 def main(argv):

@@ -76,7 +76,6 @@ def run_method(cfg, method, q, k, v, dense, on_gpu):
   attend = jax.jit(attend)
   mask = estimate(q, k) if estimate else None
   out, stats = attend(q, k, v, mask)
-  b = q.shape[0]
   visited = np.asarray(stats.visited_blocks, np.float64)     # [b, hq]
   skipped = np.asarray(stats.skipped_blocks, np.float64)
   masked = (np.asarray(stats.masked_blocks, np.float64)
@@ -97,7 +96,6 @@ def run_method(cfg, method, q, k, v, dense, on_gpu):
           combined_sparsity=((masked + skipped).sum(0) / allowed.sum(0))
           .round(4).tolist(),
           rel_error=err.tolist()))
-  del b
   if on_gpu:
     timing = dict(warmup=cfg.warmup, iters=cfg.iters)
     row["attention_ms"] = testing.median_time_ms(attend, q, k, v, mask,
@@ -156,11 +154,11 @@ def family(name: str) -> str:
 
 
 def plot(result, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
   rows = result["rows"]
-  fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
+  fig = Figure(figsize=(21, 4.5))
+  axes = fig.subplots(1, 4)
   names = [r["method"] for r in rows]
   x = np.arange(len(rows))
   axes[0].bar(x - 0.2, [r["mask_sparsity"] for r in rows], 0.4,
@@ -211,9 +209,7 @@ def plot(result, path):
   b, s, hq, hkv, d = result["shape"]
   fig.suptitle(f"sparse prefill b{b} s{s} hq{hq} hkv{hkv} d{d} "
                f"{result['device_kind']}")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plotting.save_figure(fig, path)
 
 
 def main(argv):

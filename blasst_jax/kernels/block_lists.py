@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from blasst_jax import reference
+from blasst_jax.kernels import tiles
 
 
 def walked_blocks(block_mask, kv_lengths, *, q_len: int, block_q: int,
@@ -48,6 +49,14 @@ def compact(select):
   return ids, count
 
 
+def kernel_list(select):
+  """`compact`, with the ids padded to a power of two (the length a kernel
+  loads): ids int32 [..., next_pow2(n)], count int32 [...]."""
+  ids, count = compact(select)
+  pad = tiles.next_pow2(select.shape[-1]) - select.shape[-1]
+  return jnp.pad(ids, [(0, 0)] * (ids.ndim - 1) + [(0, pad)]), count
+
+
 def tile_lists(block_mask, kv_lengths, *, q_len: int, block_q: int,
                block_kv: int, causal: bool):
   """Per-tile lists of the blocks a block mask selects (one tile a program).
@@ -67,7 +76,5 @@ def tile_lists(block_mask, kv_lengths, *, q_len: int, block_q: int,
                         block_kv=block_kv, causal=causal)
   full = unmasked_blocks(kv_lengths, nq, nk, block_q=block_q,
                          block_kv=block_kv, causal=causal)
-  index, n_sel = compact(visit)
-  pad = (1 << max(nk - 1, 1).bit_length()) - nk
-  index = jnp.pad(index, ((0, 0), (0, 0), (0, 0), (0, pad)))
+  index, n_sel = kernel_list(visit)
   return index, jnp.sum(visit & full, axis=-1, dtype=jnp.int32), n_sel

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from blasst_jax.kernels import block_lists as lists_lib
+from blasst_jax.kernels import tiles
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -62,10 +63,6 @@ class TritonConfig:
   list_in_registers: bool = True
 
 
-def _cdiv(a, b):
-  return (a + b - 1) // b
-
-
 def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
             sm_scale: float, causal: bool, block_q: int, block_kv: int,
             q_len: int, load_v_in_branch: bool, skip_enabled: bool,
@@ -92,7 +89,7 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
 
   # Blocks with at least one visible key: [0, n_visit); blocks no mask
   # touches: [0, n_full).
-  n_visit = _cdiv(kv_len, block_kv)
+  n_visit = tiles.cdiv(kv_len, block_kv)
   n_full = kv_len // block_kv
   if causal:
     last_row = jnp.minimum(q_start + block_q, q_len) - 1
@@ -103,8 +100,7 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
     n_full, n_visit = n_full_ref[...], n_sel_ref[...]
     if list_in_registers:
       ids = list_ref[...]                               # [nk_pow2]
-      slots = jnp.arange(ids.shape[0])
-      block_at = lambda pos: jnp.sum(jnp.where(slots == pos, ids, 0))  # pylint: disable=g-long-lambda
+      block_at = lambda pos: tiles.list_entry(ids, pos)  # pylint: disable=g-long-lambda
     else:
       block_at = lambda pos: list_ref[pos]  # pylint: disable=g-long-lambda
   else:
@@ -211,16 +207,16 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
   group = hq // hkv
-  nq, nk = _cdiv(lq, block_q), _cdiv(lk, block_kv)
+  nq, nk = tiles.cdiv(lq, block_q), tiles.cdiv(lk, block_kv)
   # Triton tiles need power-of-two sizes >= 16: pad head_dim and lengths.
   # Zero padding of head_dim changes no dot product; padded keys lie past
   # kv_lengths and padded query rows are dropped.
-  dp = max(16, 1 << (d - 1).bit_length())
-  q = jnp.pad(q, ((0, 0), (0, nq * block_q - lq), (0, 0), (0, dp - d)))
-  k = jnp.pad(k, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, dp - d)))
-  v = jnp.pad(v, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, dp - d)))
+  dp = tiles.padded_head_dim(d)
+  q = tiles.pad_to(q, nq * block_q, dp)
+  k = tiles.pad_to(k, nk * block_kv, dp)
+  v = tiles.pad_to(v, nk * block_kv, dp)
   log2_thr = (log_threshold * LOG2E).astype(jnp.float32)
-  nk_pow2 = 1 << max(nk - 1, 1).bit_length()
+  nk_pow2 = tiles.next_pow2(nk)
 
   num_warps = config.num_warps or (8 if block_q * block_kv >= 128 * 128
                                    else 4)

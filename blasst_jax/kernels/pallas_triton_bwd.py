@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from blasst_jax.kernels import block_lists as lists_lib
+from blasst_jax.kernels import tiles
 
 
 # Backward tiles: keep-mask tiles larger than these are cut into them (H100,
@@ -34,10 +35,6 @@ from blasst_jax.kernels import block_lists as lists_lib
 # 128 x 64 in 17.5 ms with 4 warps, 11.1 ms with 8).
 BWD_BLOCK_Q = 64
 BWD_BLOCK_KV = 64
-
-
-def _cdiv(a, b):
-  return (a + b - 1) // b
 
 
 def _cut_tiles(keep, q_len, kv_len, block_q, block_kv):
@@ -48,7 +45,8 @@ def _cut_tiles(keep, q_len, kv_len, block_q, block_kv):
     return keep, block_q, block_kv
   block_q, block_kv = block_q // fq, block_kv // fk
   keep = jnp.repeat(jnp.repeat(keep, fq, axis=2), fk, axis=3)
-  return (keep[:, :, :_cdiv(q_len, block_q), :_cdiv(kv_len, block_kv)],
+  return (keep[:, :, :tiles.cdiv(q_len, block_q),
+               :tiles.cdiv(kv_len, block_kv)],
           block_q, block_kv)
 
 
@@ -77,11 +75,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_len_ref,
   k, v = k_ref[...], v_ref[...]
   keys = j * block_kv + jnp.arange(block_kv)
   ids = list_ref[...]
-  slots = jnp.arange(ids.shape[0])
 
   def step(t, carry):
     dk, dv = carry
-    i = jnp.sum(jnp.where(slots == t, ids, 0))
+    i = tiles.list_entry(ids, t)
     rows_at = pl.ds(i * block_q, block_q)
     q, do = q_ref[rows_at, :], do_ref[rows_at, :]
     p, ds = _probs_and_dscores(
@@ -109,10 +106,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_len_ref,
   lse, delta = lse_ref[...], delta_ref[...]
   rows = i * block_q + jnp.arange(block_q)
   ids = list_ref[...]
-  slots = jnp.arange(ids.shape[0])
 
   def step(t, dq):
-    j = jnp.sum(jnp.where(slots == t, ids, 0))
+    j = tiles.list_entry(ids, t)
     keys_at = pl.ds(j * block_kv, block_kv)
     k = k_ref[keys_at, :]
     _, ds = _probs_and_dscores(
@@ -150,26 +146,21 @@ def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
   _, lk, hkv, _ = k.shape
   group = hq // hkv
   keep, block_q, block_kv = _cut_tiles(keep, lq, lk, block_q, block_kv)
-  nq, nk = _cdiv(lq, block_q), _cdiv(lk, block_kv)
-  dp = max(16, 1 << (d - 1).bit_length())
+  nq, nk = tiles.cdiv(lq, block_q), tiles.cdiv(lk, block_kv)
+  dp = tiles.padded_head_dim(d)
   kv_lengths = kv_lengths.astype(jnp.int32)
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32),
                      out.astype(jnp.float32))                 # [b, hq, lq]
-  pad_q = lambda x: jnp.pad(x, ((0, 0), (0, nq * block_q - lq), (0, 0),  # pylint: disable=g-long-lambda
-                                (0, dp - d)))
-  pad_k = lambda x: jnp.pad(x, ((0, 0), (0, nk * block_kv - lk), (0, 0),  # pylint: disable=g-long-lambda
-                                (0, dp - d)))
-  qp, dop, kp, vp = pad_q(q), pad_q(d_out.astype(q.dtype)), pad_k(k), pad_k(v)
+  qp = tiles.pad_to(q, nq * block_q, dp)
+  dop = tiles.pad_to(d_out.astype(q.dtype), nq * block_q, dp)
+  kp, vp = tiles.pad_to(k, nk * block_kv, dp), tiles.pad_to(v, nk * block_kv, dp)
   rows_pad = ((0, 0), (0, 0), (0, nq * block_q - lq))
   lse_p = jnp.pad(lse, rows_pad, constant_values=-jnp.inf)
   delta_p = jnp.pad(delta, rows_pad)
   kept = lists_lib.walked_blocks(keep, kv_lengths, q_len=lq, block_q=block_q,
                                  block_kv=block_kv, causal=causal)
-  pow2 = lambda n: 1 << max(n - 1, 1).bit_length()  # pylint: disable=g-long-lambda
-  q_lists, n_q = lists_lib.compact(jnp.swapaxes(kept, 2, 3))  # [b,hq,nk,nq]
-  q_lists = jnp.pad(q_lists, ((0, 0), (0, 0), (0, 0), (0, pow2(nq) - nq)))
-  kv_lists, n_kv = lists_lib.compact(kept)                     # [b,hq,nq,nk]
-  kv_lists = jnp.pad(kv_lists, ((0, 0), (0, 0), (0, 0), (0, pow2(nk) - nk)))
+  q_lists, n_q = lists_lib.kernel_list(jnp.swapaxes(kept, 2, 3))  # [b,hq,nk,·]
+  kv_lists, n_kv = lists_lib.kernel_list(kept)                    # [b,hq,nq,·]
   common = dict(scale=sm_scale, causal=causal, block_q=block_q,
                 block_kv=block_kv, q_len=lq)
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -189,7 +180,7 @@ def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
       grid=(nk, b, hq),
       in_specs=[whole_q, kv_block, kv_block, whole_q, whole_rows, whole_rows,
                 per_batch,
-                pl.BlockSpec((None, None, None, pow2(nq)),
+                pl.BlockSpec((None, None, None, q_lists.shape[-1]),
                              lambda t, bi, h: (bi, h, t, 0)),
                 per_program],
       out_specs=[dkv_block, dkv_block],
@@ -209,7 +200,7 @@ def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
       grid=(nq, b, hq),
       in_specs=[q_tile, whole_kv, whole_kv, q_tile, tile_rows, tile_rows,
                 per_batch,
-                pl.BlockSpec((None, None, None, pow2(nk)),
+                pl.BlockSpec((None, None, None, kv_lists.shape[-1]),
                              lambda t, bi, h: (bi, h, t, 0)),
                 per_program],
       out_specs=q_tile,

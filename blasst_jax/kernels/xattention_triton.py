@@ -32,6 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from blasst_jax.kernels import tiles
+
 LOG2E = math.log2(math.e)
 
 
@@ -53,10 +55,6 @@ class EstimateConfig:
   num_stages: int = 3
 
 
-def _cdiv(a, b):
-  return (a + b - 1) // b
-
-
 def _is_pow2(n: int) -> bool:
   return n >= 1 and n & (n - 1) == 0
 
@@ -71,7 +69,7 @@ def supports(block_size: int, stride: int, config: EstimateConfig) -> bool:
 
 def _kernel(q_ref, k_ref, kv_len_ref, e_ref, m_ref, *, scale: float,
             stride: int, causal: bool, block_rows: int, block_cols: int,
-            groups_per_block: int, n_chunks: int, num_stages: int):
+            groups_per_block: int, n_chunks: int):
   # q_ref [rows, stride, d]: this band's query groups; k_ref [kv_groups,
   # stride, d]; kv_len_ref []. e_ref [rows, n_chunks * cols / gpb]: block
   # sums; m_ref [n_chunks, rows]: chunk row maxima (log2 units).
@@ -82,8 +80,8 @@ def _kernel(q_ref, k_ref, kv_len_ref, e_ref, m_ref, *, scale: float,
   rows = row0 + jnp.arange(block_rows)                  # [rows] query groups
   kv_len = kv_len_ref[...]
   # Key group j is visible when its first token is below kv_len.
-  kv_groups = _cdiv(kv_len, stride)
-  n_visit = _cdiv(kv_groups, block_cols)
+  kv_groups = tiles.cdiv(kv_len, stride)
+  n_visit = tiles.cdiv(kv_groups, block_cols)
   n_full = kv_groups // block_cols
   if causal:  # Query group i sees key groups j <= i.
     n_visit = jnp.minimum(n_visit, (row0 + block_rows - 1) // block_cols + 1)
@@ -124,7 +122,6 @@ def _kernel(q_ref, k_ref, kv_len_ref, e_ref, m_ref, *, scale: float,
           jnp.full((block_rows,), -jnp.inf, jnp.float32))
     return carry
 
-  del num_stages  # Applied through the compiler params.
   lax.fori_loop(0, n_full, functools.partial(chunk, masked=False), 0)
   lax.fori_loop(n_full, n_visit, functools.partial(chunk, masked=True), 0)
   lax.fori_loop(n_visit, n_chunks, empty, 0)
@@ -156,13 +153,13 @@ def chunk_sums(q, k, kv_lengths, *, block_size: int, stride: int,
   group = hq // hkv
   gpb = block_size // stride
   br, bc = config.block_rows, config.block_cols
-  nq, nk = _cdiv(lq, block_size), _cdiv(lk, block_size)
-  n_bands, n_chunks = _cdiv(nq * gpb, br), _cdiv(nk * gpb, bc)
-  dp = max(16, 1 << (d - 1).bit_length())
+  nq, nk = tiles.cdiv(lq, block_size), tiles.cdiv(lk, block_size)
+  n_bands, n_chunks = tiles.cdiv(nq * gpb, br), tiles.cdiv(nk * gpb, bc)
+  dp = tiles.padded_head_dim(d)
   # Zero padding: padded query groups are dropped by `combine`, padded keys
   # lie past kv_lengths, zero head_dim columns change no dot product.
-  q = _pad_to(q, n_bands * br * stride, dp)
-  k = _pad_to(k, n_chunks * bc * stride, dp)
+  q = tiles.pad_to(q, n_bands * br * stride, dp)
+  k = tiles.pad_to(k, n_chunks * bc * stride, dp)
   q = q.reshape(b, n_bands * br, stride, hq, dp)
   k = k.reshape(b, n_chunks * bc, stride, hkv, dp)
 
@@ -171,8 +168,7 @@ def chunk_sums(q, k, kv_lengths, *, block_size: int, stride: int,
 
   kernel = functools.partial(
       _kernel, scale=sm_scale / stride * LOG2E, stride=stride, causal=causal,
-      block_rows=br, block_cols=bc, groups_per_block=gpb, n_chunks=n_chunks,
-      num_stages=config.num_stages)
+      block_rows=br, block_cols=bc, groups_per_block=gpb, n_chunks=n_chunks)
   blocks_per_chunk = bc // gpb
   return pl.pallas_call(
       kernel,
@@ -200,11 +196,6 @@ def chunk_sums(q, k, kv_lengths, *, block_size: int, stride: int,
       interpret=interpret,
       name="blasst_xattention_estimate",
   )(q, k, kv_lengths.astype(jnp.int32))
-
-
-def _pad_to(x, length: int, head_dim: int):
-  pads = ((0, 0), (0, length - x.shape[1]), (0, 0), (0, head_dim - x.shape[3]))
-  return x if not any(p for _, p in pads) else jnp.pad(x, pads)
 
 
 def combine(e, m, *, n_q_groups: int, n_q_blocks: int, n_kv_blocks: int,

@@ -1,0 +1,37 @@
+"""Tile arithmetic and padding shared by the Triton-lowered kernels.
+
+Triton tiles need power-of-two sizes >= 16: head_dim is zero-padded (no dot
+product changes) and sequences are padded to whole tiles (the kernels mask
+what lies past the real lengths).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def cdiv(a, b):
+  return (a + b - 1) // b
+
+
+def next_pow2(n: int) -> int:
+  """The smallest power of two >= n, and >= 2 (a list a kernel loads)."""
+  return 1 << max(n - 1, 1).bit_length()
+
+
+def padded_head_dim(head_dim: int) -> int:
+  return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def pad_to(x, length: int, head_dim: int):
+  """[b, len, h, d] zero-padded to [b, length, h, head_dim] (no copy when
+  nothing is padded)."""
+  pads = ((0, 0), (0, length - x.shape[1]), (0, 0), (0, head_dim - x.shape[3]))
+  return x if not any(p for _, p in pads) else jnp.pad(x, pads)
+
+
+def list_entry(ids, pos):
+  """ids[pos] for a block list held in registers ([n] int32), picked by a
+  reduction instead of a memory load per step whose latency the next tile
+  load would wait on."""
+  return jnp.sum(jnp.where(jnp.arange(ids.shape[0]) == pos, ids, 0))

@@ -392,8 +392,10 @@ def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
   block_q, block_kv = max(block_q, 64), max(block_kv, 64)
   kernel_config = _kernel_config_or_default(
       kernel_config, pallas_mosaic.MosaicConfig, "pallas_mosaic")
-  smem = pallas_mosaic.shared_memory_bytes(block_q, block_kv, d,
-                                           kernel_config.num_stages, n_listed)
+  # The differentiated forward also records its skips.
+  smem = pallas_mosaic.shared_memory_bytes(
+      block_q, block_kv, d, kernel_config.num_stages, n_listed,
+      n_recorded_blocks=_tiles(q_len, kv_len, block_q, block_kv)[1])
   if smem > pallas_mosaic.MAX_SHARED_MEMORY:
     raise ValueError(
         f"block_q={block_q}, block_kv={block_kv}, head_dim={d}, "
@@ -454,26 +456,23 @@ def _forward_kernel(name):
 def _run_forward(q, k, v, kv_lengths, log_thr, block_mask, static, *,
                  skip_mask: bool):
   """The Pallas forward: ((out, skipped, visited), lse, skip mask). With
-  skip_mask the Triton kernel also records which blocks it skipped (None
-  for the Hopper kernel)."""
+  skip_mask the kernel also records which blocks it skipped (else None)."""
   opts = dict(static)
-  name = opts.pop("kernel")
-  forward = _forward_kernel(name)
-  if skip_mask and name == "pallas_triton":
-    opts["return_skip_mask"] = True
+  forward = _forward_kernel(opts.pop("kernel"))
   args = (q, k, v, kv_lengths, log_thr) + (
       () if block_mask is None else (block_mask,))
-  out, lse, skipped, visited, *skips = forward(*args, **opts)
+  out, lse, skipped, visited, *skips = forward(
+      *args, return_skip_mask=skip_mask, **opts)
   return (out, skipped, visited), lse, (skips[0] if skips else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _kernel_with_vjp(q, k, v, kv_lengths, log_thr, block_mask, static):
   """A Pallas forward, differentiable: the gradient of the sparse forward
-  (skipped blocks carry zero probability). After the Triton forward the
-  Pallas backward (`pallas_triton_bwd`) walks exactly the blocks the
-  forward kept; after the Hopper forward the oracle is differentiated with
-  the same skip rule (correct, not fast)."""
+  (skipped blocks carry zero probability). The forward records the blocks
+  it skipped; the Pallas backward of the same family
+  (`pallas_mosaic_bwd` on Hopper for head_dim 64/128, else
+  `pallas_triton_bwd`) walks exactly the blocks it kept."""
   return _run_forward(q, k, v, kv_lengths, log_thr, block_mask, static,
                       skip_mask=False)[0]
 
@@ -488,26 +487,22 @@ def _kernel_fwd(q, k, v, kv_lengths, log_thr, block_mask, static):
 def _kernel_bwd(static, residuals, cotangents):
   q, k, v, kv_lengths, log_thr, block_mask, out, lse, skip_mask = residuals
   opts = dict(static)
-  no_grad = (None, jnp.zeros_like(log_thr), None)
-  if skip_mask is not None:  # Kept blocks: selected and not skipped.
+  # Kept blocks: selected and not skipped.
+  keep = ~skip_mask if block_mask is None else block_mask & ~skip_mask
+  common = dict(causal=opts["causal"], sm_scale=opts["sm_scale"],
+                block_q=opts["block_q"], block_kv=opts["block_kv"])
+  args = (q, k, v, out, lse, cotangents[0], kv_lengths, keep)
+  from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
+  if opts["kernel"] == "pallas_mosaic" and pallas_mosaic_bwd.supports(
+      q.shape[-1], q.dtype):
+    grads = pallas_mosaic_bwd.attention_backward(
+        *args, interpret=opts.get("interpret"), **common)
+  else:
     from blasst_jax.kernels import pallas_triton_bwd  # pylint: disable=g-import-not-at-top
-    keep = ~skip_mask if block_mask is None else block_mask & ~skip_mask
+    # (The Hopper forward at head_dim 256 falls back here.)
     grads = pallas_triton_bwd.attention_backward(
-        q, k, v, out, lse, cotangents[0], kv_lengths, keep,
-        causal=opts["causal"], sm_scale=opts["sm_scale"],
-        block_q=opts["block_q"], block_kv=opts["block_kv"],
-        interpret=opts.get("interpret", False))
-    return grads + no_grad
-
-  def sparse_forward(q, k, v):
-    return reference.blockwise_attention(
-        q, k, v, block_q=opts["block_q"], block_kv=opts["block_kv"],
-        causal=opts["causal"], sm_scale=opts["sm_scale"],
-        kv_lengths=kv_lengths, log_threshold=log_thr,
-        block_mask=block_mask).out
-
-  _, vjp = jax.vjp(sparse_forward, q, k, v)
-  return vjp(cotangents[0]) + no_grad
+        *args, interpret=bool(opts.get("interpret")), **common)
+  return grads + (None, jnp.zeros_like(log_thr), None)
 
 
 _kernel_with_vjp.defvjp(_kernel_fwd, _kernel_bwd)

@@ -275,7 +275,9 @@ def plot_training(logs: Sequence[Mapping], *, labels: Sequence[str] | None = Non
     logs: the runs' JSON logs (dicts with "evals": [{"step", "train_loss",
       "eval_loss", "sparsity": [per layer]}, ...] and "step_offset", the
       step of the checkpoint a fine-tune started from, so a fine-tune is
-      drawn after the dense run it continues).
+      drawn after the dense run it continues). A dense run probed at a λ
+      ("eval_loss_at_threshold", "sparsity_at_threshold") gets dotted
+      curves for it.
     labels: one legend label per run (default: each log's "mode").
     path: where to write the PNG.
 
@@ -297,6 +299,15 @@ def plot_training(logs: Sequence[Mapping], *, labels: Sequence[str] | None = Non
                  label=f"{label} train")
     ax_loss.plot(steps, [e["eval_loss"] for e in evals], "-", color=color,
                  label=f"{label} eval")
+    probed = [e for e in evals if "sparsity_at_threshold" in e]
+    if probed:
+      probe_steps = np.array([e["step"] for e in probed]) + log.get(
+          "step_offset", 0)
+      ax_loss.plot(probe_steps, [e["eval_loss_at_threshold"] for e in probed],
+                   ":", color=color, label=f"{label} eval, skipping at λ")
+      ax_sparsity.plot(
+          probe_steps, [np.mean(e["sparsity_at_threshold"]) for e in probed],
+          "s:", color=color, ms=3, label=f"{label}, skipping at λ")
     sparsity = np.array([e["sparsity"] for e in evals], dtype=float)
     if sparsity.size:
       for layer in sparsity.T:
@@ -305,8 +316,13 @@ def plot_training(logs: Sequence[Mapping], *, labels: Sequence[str] | None = Non
                        label=f"{label} (mean over layers)")
   ax_loss.set(xlabel="step", ylabel="cross-entropy (nats/token)",
               title="loss")
+  # Small sparsities get an axis that shows them.
+  top = max([0.0] + [max(line.get_ydata(), default=0.0)
+                     for line in ax_sparsity.get_lines()])
+  top = 1.0 if top > 0.4 else max(1.25 * top, 0.02)
   ax_sparsity.set(xlabel="step", ylabel="skipped / visited blocks",
-                  title="skip sparsity (eval batches)", ylim=(-0.02, 1.0))
+                  title="skip sparsity (eval batches)",
+                  ylim=(-0.02 * top, top))
   for ax in (ax_loss, ax_sparsity):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -17,9 +17,11 @@ def get_config(variant: str = "h100"):
   c.dtype = "bfloat16"
   c.causal = True
   c.thresholds = (0.0, 1e-3, 1e-2)
-  c.implementation = "pallas_triton"   # its forward records the skip mask
-  c.block_q = 128
-  c.block_kv = 64
+  # Each forward records the blocks it skipped; its backward walks the rest.
+  c.implementations = ("pallas_mosaic", "pallas_triton")
+  # Tiles per implementation (None: its defaults, 64 x 128 for Mosaic).
+  c.block_sizes = ml_collections.ConfigDict(dict(
+      pallas_mosaic=(None, None), pallas_triton=(128, 64)))
   c.pattern = ml_collections.ConfigDict(dict(
       sharpness=(2.0, 6.0, 10.0, 14.0, 18.0, 22.0, 26.0, 30.0),
       sink_tokens=4, window=256, noise=1.0))
@@ -30,7 +32,8 @@ def get_config(variant: str = "h100"):
   if variant == "small":
     c.shapes = ((1, 256, 4, 2, 32),)
     c.dtype = "float32"
-    c.block_q, c.block_kv = 64, 32
+    c.implementations = ("pallas_triton",)
+    c.block_sizes.pallas_triton = (64, 32)
     c.pattern.window = 16
     c.warmup, c.iters = 0, 1
     c.output = "/tmp/blasst_bench_backward/backward.json"

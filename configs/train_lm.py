@@ -31,17 +31,18 @@ def get_config(variant: str = "dense"):
   c.workdir = "train_lm_output"
   c.init_from = ""          # checkpoint dir to take the params from
   c.seed = 0                # model init
+  # A bos token and a prompt recalled from the start of the context give
+  # heads a reason to look at (and park on) the first block.
   c.data = ml_collections.ConfigDict(dict(
       vocab_size=512, seed=0, branching=4, copy_prob=0.01, copy_len=32,
-      min_copy_distance=64))
+      min_copy_distance=64, bos=True, prompt_len=48, recall_prob=0.005))
   # GPU-sized: ~25M params, 8 x 2048 tokens per step.
   c.model = ml_collections.ConfigDict(dict(
       num_layers=6, d_model=512, num_heads=8, num_kv_heads=2, mlp_ratio=4,
       tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
-      # Triton: its forward records the skipped blocks and its Pallas
-      # backward walks only the kept ones (the Hopper forward's backward is
-      # the oracle's).
-      implementation="pallas_triton", block_q=128, block_kv=64))
+      # None: the Hopper kernels on H100/H200 (forward and backward), the
+      # Triton ones on other GPUs; 64 x 128 tiles are the Hopper kernel's.
+      implementation=None, block_q=64, block_kv=128))
   c.seq_len = 2048
   c.batch_size = 8
   c.steps = 1500
@@ -66,7 +67,7 @@ def get_config(variant: str = "dense"):
 
   if "small" in parts:      # tests: seconds on CPU
     c.data.update(vocab_size=64, copy_len=8, min_copy_distance=16,
-                  copy_prob=0.02)
+                  copy_prob=0.02, prompt_len=8, recall_prob=0.02)
     c.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
                    dtype="float32", block_q=16, block_kv=16,
                    implementation=None)

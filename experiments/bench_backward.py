@@ -11,6 +11,8 @@ gradient error. Writes JSON + PNG to --config.output.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import sys
 
@@ -68,17 +70,14 @@ def run_shape(cfg, shape, on_gpu):
     base["fwd_ms"] = testing.median_time_ms(jax.jit(baseline), q, k, v,
                                             **timing)
   rows.append(base)
-  for lam in cfg.thresholds:
-    def attend(q, k, v, lam=lam):
-      return bj.attention(q, k, v, causal=cfg.causal, threshold=lam,
-                          implementation=cfg.implementation,
-                          block_q=cfg.block_q, block_kv=cfg.block_kv)
-    _, stats = bj.attention(q, k, v, causal=cfg.causal, threshold=lam,
-                            implementation=cfg.implementation,
-                            block_q=cfg.block_q, block_kv=cfg.block_kv,
-                            return_stats=True)
+  for impl, lam in itertools.product(cfg.implementations, cfg.thresholds):
+    block_q, block_kv = cfg.block_sizes[impl]
+    attend = functools.partial(
+        bj.attention, causal=cfg.causal, threshold=lam, implementation=impl,
+        block_q=block_q, block_kv=block_kv)
+    _, stats = attend(q, k, v, return_stats=True)
     step = grad_step(attend)
-    row = dict(shape=list(shape), impl=cfg.implementation, threshold=lam,
+    row = dict(shape=list(shape), impl=impl, threshold=lam,
                sparsity=float(jnp.sum(stats.skipped_blocks)
                               / jnp.maximum(jnp.sum(stats.visited_blocks), 1)),
                grad_rel_error=rel_error(step(q, k, v, d_out), base_grads))
@@ -98,10 +97,14 @@ def plot(result, path):
   rows = [r for r in result["rows"] if "vs_cudnn" in r]
   fig = Figure(figsize=(7, 4.5))
   ax = fig.subplots()
-  for shape in {tuple(r["shape"]) for r in rows}:
+  shapes = sorted({tuple(r["shape"]) for r in rows})
+  impls = sorted({r["impl"] for r in rows})
+  for (i, shape), (j, impl) in itertools.product(enumerate(shapes),
+                                                 enumerate(impls)):
     pts = sorted((r["sparsity"], r["vs_cudnn"]) for r in rows
-                 if tuple(r["shape"]) == shape)
-    ax.plot(*zip(*pts), "o-", label="b{} s{} hq{} hkv{} d{}".format(*shape))
+                 if tuple(r["shape"]) == shape and r["impl"] == impl)
+    ax.plot(*zip(*pts), "os^v"[j % 4] + "-:"[j % 2], color=f"C{i}",
+            label="{} b{} s{} hq{} hkv{} d{}".format(impl, *shape))
   ax.axhline(1.0, color="gray", lw=0.8)
   ax.set_xlabel("skip sparsity (λ sweep)")
   ax.set_ylabel("forward+backward speed vs cuDNN")
@@ -116,7 +119,7 @@ def main(argv):
   cfg = _CONFIG.value
   header, on_gpu = testing.announce_device()
   result = dict(**header, dtype=cfg.dtype, causal=cfg.causal,
-                block_q=cfg.block_q, block_kv=cfg.block_kv, rows=[])
+                block_sizes=cfg.block_sizes.to_dict(), rows=[])
   for shape in cfg.shapes:
     for r in run_shape(cfg, tuple(shape), on_gpu):
       result["rows"].append(r)

@@ -45,6 +45,7 @@ import orbax.checkpoint as ocp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
 from blasst_jax import calibration  # pylint: disable=g-import-not-at-top
+from blasst_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from blasst_jax import gpt  # pylint: disable=g-import-not-at-top
 from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
 from blasst_jax import synthetic_lm  # pylint: disable=g-import-not-at-top
@@ -60,6 +61,7 @@ _PLOT_OUTPUT = flags.DEFINE_string("plot_output", "training_compare.png",
                                    "PNG written with --plot_logs.")
 
 MODES = ("dense", "sparse", "finetune")
+MAX_THRESHOLD = config_lib.MAX_DERIVED_THRESHOLD
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -216,12 +218,20 @@ def resolve_threshold(cfg, workdir, graphdef, params, source):
                           seq_len=cfg.seq_len, split="eval")
     inputs = analysis.capture_attention_inputs(model, jnp.asarray(
         tokens[:, :-1]))
-    cal = calibration.calibrate(
-        target_sparsity=s.target_sparsity,
-        prefill_inputs=list(inputs.values()), block_q=cfg.model.block_q,
-        block_kv=cfg.model.block_kv, progress=cfg.progress)
-    record = {"target_sparsity": float(s.target_sparsity),
-              "scale_factor": float(cal.scale_factors["prefill"])}
+    record = {"target_sparsity": float(s.target_sparsity)}
+    try:
+      cal = calibration.calibrate(
+          target_sparsity=s.target_sparsity,
+          prefill_inputs=list(inputs.values()), block_q=cfg.model.block_q,
+          block_kv=cfg.model.block_kv, progress=cfg.progress)
+      record["scale_factor"] = float(cal.scale_factors["prefill"])
+    except ValueError as e:
+      # A model without skippable structure (no attention sinks yet) reaches
+      # no such sparsity at any λ: train at the largest λ rather than stop.
+      record["scale_factor"] = MAX_THRESHOLD * cfg.seq_len
+      record["unreachable"] = str(e)
+      print(f"WARNING: {e}\nTraining at λ = {MAX_THRESHOLD} instead.",
+            flush=True)
     with open(path, "w") as f:
       json.dump(record, f)
   print(f"calibrated scale factor for target sparsity "
@@ -234,8 +244,13 @@ def resolve_threshold(cfg, workdir, graphdef, params, source):
 
 # ---------------------------------------------------------------------- train
 def train(cfg, workdir: str, *, init_from: str = "", steps: int | None = None,
-          device: dict | None = None) -> dict:
-  """Runs (or resumes) one training run in `workdir`; returns its log."""
+          device: dict | None = None, probe_threshold=None) -> dict:
+  """Runs (or resumes) one training run in `workdir`; returns its log.
+
+  probe_threshold: for a dense run, a λ (or SkipSoftmaxConfig) at which the
+  evaluations also measure loss and sparsity (`eval_loss_at_threshold`,
+  `sparsity_at_threshold`): how well the dense model tolerates skipping.
+  """
   steps = cfg.steps if steps is None else steps
   os.makedirs(workdir, exist_ok=True)
   source = synthetic_lm.SyntheticLM(**cfg.data.to_dict())
@@ -317,6 +332,10 @@ def train(cfg, workdir: str, *, init_from: str = "", steps: int | None = None,
                 "lr": float(tx_lr(cfg, steps, step))}
       if cfg.mode != "dense":   # what sparse training does to dense quality
         record["eval_loss_dense"] = evaluate(params, 0.0)[0]
+      elif probe_threshold is not None:
+        loss_at, sparsity_at = evaluate(params, probe_threshold)
+        record["eval_loss_at_threshold"] = loss_at
+        record["sparsity_at_threshold"] = [float(x) for x in sparsity_at]
       log["evals"].append(record)
       print(f"\nstep {step}: train loss {train_loss:.4f}, eval loss "
             f"{eval_loss:.4f}"
@@ -373,9 +392,18 @@ def main(argv):
     dense_log = train(dense_cfg, dense_dir, steps=cfg.dense_steps,
                       device=device)
     sparse_log = train(cfg, finetune_dir, init_from=dense_dir, device=device)
+    # The control: as many more steps, dense, from the same checkpoint,
+    # probed at the fine-tune's λ.
+    control_cfg = cfg.copy_and_resolve_references()
+    control_cfg.mode = "dense"
+    probe, _ = resolve_threshold(cfg, finetune_dir, None, None, None)
+    control_log = train(control_cfg, os.path.join(cfg.workdir, "dense_control"),
+                        init_from=dense_dir, device=device,
+                        probe_threshold=probe)
     png = os.path.join(cfg.workdir, "dense_vs_finetune.png")
-    plotting.plot_training([dense_log, sparse_log],
-                           labels=["dense", "sparse fine-tune"], path=png)
+    plotting.plot_training(
+        [dense_log, control_log, sparse_log],
+        labels=["dense", "dense, continued", "sparse fine-tune"], path=png)
     print(f"plot written to {os.path.abspath(png)}")
   else:
     train(cfg, cfg.workdir, init_from=cfg.init_from, device=device)

@@ -110,3 +110,61 @@ def test_forward_tiles_are_cut_into_backward_tiles():
   for got, want in zip(grads, vjp(d_out)):
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got, want, atol=2e-5 * scale, rtol=1e-4)
+
+
+def test_hopper_backward_interpreted_matches_oracle_without_races():
+  """The Mosaic GPU backward in Pallas' GPU interpret mode (CPU): causal,
+  GQA, a ragged sequence, a keep mask on the forward's 64 x 128 tiles."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
+  from blasst_jax import patterns  # pylint: disable=g-import-not-at-top
+  from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
+  b, length, hq, hkv, d = 2, 200, 2, 1, 64
+  key = test_base.key_for("hopper_backward")
+  q, k, v = patterns.sink_local_qkv(
+      key, batch=b, seq_len=length, q_heads=hq, kv_heads=hkv, head_dim=d,
+      window=16, sharpness=(8.0, 16.0), dtype=jnp.bfloat16)
+  kv_lengths = jnp.array([length, 150], jnp.int32)
+  keep = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.7,
+                              (b, hq, 4, 2)).at[..., 0].set(True)
+
+  def kept_attention(q, k, v):
+    return bj.reference.blockwise_attention(
+        q, k, v, block_q=64, block_kv=128, causal=True, sm_scale=d ** -0.5,
+        kv_lengths=kv_lengths, block_mask=keep)
+
+  oracle = kept_attention(q, k, v)
+  d_out = jax.random.normal(jax.random.fold_in(key, 2), q.shape
+                            ).astype(jnp.bfloat16)
+  interpret_pallas_call.reset_gpu_interpret_mode_state()
+  grads = jax.block_until_ready(pallas_mosaic_bwd.attention_backward(
+      q, k, v, oracle.out, oracle.lse, d_out, kv_lengths, keep, causal=True,
+      sm_scale=d ** -0.5, block_q=64, block_kv=128,
+      interpret=plgpu.InterpretGPUParams(detect_races=True)))
+  assert not interpret_pallas_call.get_races().races_found
+  f32 = lambda x: x.astype(jnp.float32)
+  _, vjp = jax.vjp(lambda *a: kept_attention(*a).out, f32(q), f32(k), f32(v))
+  for got, want, name in zip(grads, vjp(f32(d_out)), ("dq", "dk", "dv")):
+    assert got.shape == want.shape and got.dtype == jnp.bfloat16, name
+    err = float(jnp.max(jnp.abs(f32(got) - want)) / jnp.max(jnp.abs(want)))
+    assert err < 1.5e-2, (name, err)   # bf16 P and dS operands
+  np.testing.assert_array_equal(np.asarray(f32(grads[1][1, 150:])), 0.0)
+
+
+@pytest.mark.parametrize("d,causal", [(128, True), (64, False)])
+def test_hopper_backward_lowers_for_cuda(d, causal):
+  from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
+  b, hq, hkv, length = 1, 8, 2, 1000
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, out, lse, d_out, kv_lengths, keep):
+    return pallas_mosaic_bwd.attention_backward(
+        q, k, v, out, lse, d_out, kv_lengths, keep, causal=causal,
+        sm_scale=d ** -0.5, block_q=64, block_kv=128)
+
+  qs = sds((b, length, hq, d), jnp.bfloat16)
+  kvs = sds((b, length, hkv, d), jnp.bfloat16)
+  text = test_base.lower_for_h100(
+      fn, qs, kvs, kvs, qs, sds((b, hq, length), jnp.float32), qs,
+      sds((b,), jnp.int32), sds((b, hq, 16, 8), jnp.bool_)).as_text()
+  assert text.count("mosaic_gpu") >= 2

@@ -84,6 +84,17 @@ def assert_skips_match(skipped_per_tile, result, threshold, dtype):
       f"{np.asarray(expected)[bad][:8]}")
 
 
+def assert_skip_mask_matches(skip_mask, skipped_per_tile, result, threshold,
+                             dtype):
+  """A kernel's recorded skip mask: consistent with its per-tile counts and
+  equal to the oracle's blocks except in near-tie tiles."""
+  np.testing.assert_array_equal(np.asarray(jnp.sum(skip_mask, axis=-1)),
+                                np.asarray(skipped_per_tile))
+  near = np.asarray(near_tie_tiles(result, threshold, NEAR_TIE[dtype]))
+  bad = np.asarray(skip_mask != result.skip_mask) & ~near[..., None]
+  assert not bad.any(), f"{bad.sum()} blocks differ away from a near-tie"
+
+
 class AttentionTestBase:
   """The suite; subclasses set `implementation`."""
 

@@ -176,6 +176,17 @@ def test_train_lm_small_finetune_reports_sparsity_and_plots(tmp_path):
   assert all("eval_loss_dense" in e for e in sparse["evals"])
   # Fine-tuning continues from the dense model: no restart from ln(vocab).
   assert sparse["evals"][0]["eval_loss"] < dense["evals"][0]["eval_loss"]
+  # The dense control continues from the same checkpoint, probed at the
+  # fine-tune's λ: the same skipping as the fine-tune's first evaluation
+  # would see on a model that never trained with it.
+  control = json.loads((tmp_path / "dense_control" / "log.json").read_text())
+  assert control["step_offset"] == 30 and control["mode"] == "dense"
+  assert [e["step"] for e in control["evals"]] == [
+      e["step"] for e in sparse["evals"]]
+  for e in control["evals"]:
+    assert e["sparsity"] == [0.0, 0.0]
+    assert max(e["sparsity_at_threshold"]) > 0
+    assert e["eval_loss_at_threshold"] >= e["eval_loss"] - 0.05
   assert (tmp_path / "dense_vs_finetune.png").stat().st_size > 10_000
   out = run(["experiments/train_lm.py",
              f"--plot_logs={tmp_path}/dense/log.json,"

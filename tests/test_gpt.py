@@ -63,5 +63,11 @@ def test_synthetic_lm_deterministic_and_copies():
           for s in range(0, t - 15))
       for row in x for t in range(16, 249, 8))
   assert repeats > 0
+  # The bos token starts every sequence and appears nowhere else.
+  np.testing.assert_array_equal(x[:, 0], 63)
+  assert not np.any(x[:, 1:] == 63)
+  plain = synthetic_lm.SyntheticLM(64, bos=False).batch(0, batch_size=4,
+                                                         seq_len=256)
+  assert np.any(plain[:, 0] != 63) and np.any(plain == 63)
   with pytest.raises(ValueError, match="copy_prob"):
     synthetic_lm.SyntheticLM(64, copy_prob=1.0)

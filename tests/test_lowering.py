@@ -71,7 +71,7 @@ def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, skip):
   def fn(q, k, v, kv_lengths, log_thr):
     return pallas_mosaic.attention_forward(
         q, k, v, kv_lengths, log_thr, causal=causal, sm_scale=d ** -0.5,
-        block_q=64, block_kv=bkv, skip_enabled=skip)
+        block_q=64, block_kv=bkv, skip_enabled=skip, return_skip_mask=True)
 
   lowered = lower_for_h100(fn, sds((b, lq, hq, d), dtype),
                            sds((b, lk, hkv, d), dtype),
@@ -112,7 +112,7 @@ def test_block_masked_mosaic_kernel_lowers_for_cuda(causal, d, num_stages, lk):
   def fn(q, k, v, kv_lengths, log_thr, mask):
     return pallas_mosaic.attention_forward(
         q, k, v, kv_lengths, log_thr, mask, causal=causal, sm_scale=d ** -0.5,
-        block_q=64, block_kv=bkv,
+        block_q=64, block_kv=bkv, return_skip_mask=True,
         config=pallas_mosaic.MosaicConfig(num_stages=num_stages))
 
   lowered = lower_for_h100(fn, sds((b, lq, hq, d), jnp.bfloat16),

@@ -32,7 +32,7 @@ def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
       causal=causal, sm_scale=q.shape[-1] ** -0.5, block_q=BLOCK_Q,
       block_kv=BLOCK_KV,
       config=pallas_mosaic.MosaicConfig(num_stages=num_stages),
-      skip_enabled=threshold > 0,
+      skip_enabled=threshold > 0, return_skip_mask=True,
       interpret=plgpu.InterpretGPUParams(detect_races=True))
   result = jax.block_until_ready(result)
   return result, interpret_pallas_call.get_races().races_found
@@ -53,7 +53,7 @@ def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
       kv_heads=kv_heads, head_dim=64, window=16, sharpness=(16.0, 24.0),
       dtype=dtype)
   kv_lengths = jnp.array([kv_len, kv_len - 37], jnp.int32)
-  (out, lse, skipped, visited), races = run_interpreted(
+  (out, lse, skipped, visited, skip_mask), races = run_interpreted(
       q, k, v, kv_lengths, threshold, causal=causal, num_stages=num_stages)
   assert not races, "the race detector found a shared-memory data race"
 
@@ -63,6 +63,9 @@ def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
   np.testing.assert_array_equal(np.asarray(visited),
                                 np.asarray(jnp.sum(oracle.visited_mask, -1)))
   test_base.assert_skips_match(skipped, oracle, threshold, dtype)
+  # The recorded skip mask (what the backward walks around).
+  test_base.assert_skip_mask_matches(skip_mask, skipped, oracle, threshold,
+                                     dtype)
   if threshold > 0:
     assert int(jnp.sum(skipped)) > 0, "inputs meant to skip did not"
   test_base.assert_close(out, oracle.out, dtype)
@@ -105,7 +108,7 @@ def test_padded_rows_take_no_part_in_causal_decisions():
   v = jax.random.normal(keys[2], (1, 256, 1, d))
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   kv_lengths = jnp.array([256], jnp.int32)
-  (out, _, skipped, _), races = run_interpreted(
+  (out, _, skipped, _, _), races = run_interpreted(
       q, k, v, kv_lengths, 0.1, causal=True, num_stages=2)
   assert not races
   oracle = bj.reference.blockwise_attention(
@@ -143,7 +146,7 @@ def test_block_masked_interpret_matches_oracle(causal, q_len, kv_len, q_heads,
   kv_lengths = jnp.array([kv_len, kv_len - 37], jnp.int32)
   nq, nk = -(-q_len // BLOCK_Q), -(-kv_len // BLOCK_KV)
   mask = program_mask(jax.random.fold_in(key, 1), (2, q_heads, nq, nk), causal)
-  (out, lse, skipped, visited), races = run_interpreted(
+  (out, lse, skipped, visited, skip_mask), races = run_interpreted(
       q, k, v, kv_lengths, threshold, causal=causal, num_stages=num_stages,
       block_mask=mask)
   assert not races, "the race detector found a shared-memory data race"
@@ -155,6 +158,9 @@ def test_block_masked_interpret_matches_oracle(causal, q_len, kv_len, q_heads,
   assert (walked[:, :, 0] != walked[:, :, 1]).any()    # lists that differ
   np.testing.assert_array_equal(visited, walked.sum(-1))
   test_base.assert_skips_match(skipped, oracle, threshold, dtype)
+  test_base.assert_skip_mask_matches(skip_mask, skipped, oracle, threshold,
+                                     dtype)
+  assert not np.any(np.asarray(skip_mask) & ~walked)
   allowed = bj.reference.visited_blocks_mask(q_len, kv_len, BLOCK_Q, BLOCK_KV,
                                              kv_lengths, causal)
   assert int(jnp.sum(allowed)) * q_heads > int(jnp.sum(visited)), "no mask"

@@ -57,6 +57,47 @@ def kernel_list(select):
   return jnp.pad(ids, [(0, 0)] * (ids.ndim - 1) + [(0, pad)]), count
 
 
+def pair_union(visit, pair: int = 2):
+  """The blocks each program of `pair` consecutive tiles streams.
+
+  Args:
+    visit: bool [batch, heads, n_tiles, n_blocks]: the blocks each tile
+      visits.
+
+  Returns:
+    entries int32 [batch, heads, n_programs, n_blocks]: the union of the
+    program's tiles' blocks, ascending, each as `block << 2 | membership`
+    (bit t: in tile t's list), then zeros; n_union int32 [batch, heads,
+    n_programs]; visit padded to whole programs and reshaped to [batch,
+    heads, n_programs, pair, n_blocks].
+  """
+  b, h, n_tiles, nk = visit.shape
+  n_prog = tiles.cdiv(n_tiles, pair)
+  # A padding tile (odd tile count) visits nothing.
+  visit = jnp.pad(visit, ((0, 0), (0, 0), (0, n_prog * pair - n_tiles),
+                          (0, 0))).reshape(b, h, n_prog, pair, nk)
+  ids, n_union = compact(jnp.any(visit, axis=3))
+  member = sum(visit[:, :, :, t].astype(jnp.int32) << t for t in range(pair))
+  entries = (ids << 2) | jnp.take_along_axis(member, ids, axis=-1)
+  entries = jnp.where(jnp.arange(nk) < n_union[..., None], entries, 0)
+  return entries, n_union, visit
+
+
+def cut_tiles(mask, q_len: int, kv_len: int, block_q: int, block_kv: int,
+              to_q: int, to_kv: int):
+  """A [batch, heads, n_q_tiles, n_kv_blocks] tile mask on tiles of
+  to_q x to_kv (block sizes that are multiples of them are cut; others are
+  kept): (mask, block_q, block_kv)."""
+  fq = block_q // to_q if block_q % to_q == 0 else 1
+  fk = block_kv // to_kv if block_kv % to_kv == 0 else 1
+  if fq == fk == 1:
+    return mask, block_q, block_kv
+  block_q, block_kv = block_q // fq, block_kv // fk
+  mask = jnp.repeat(jnp.repeat(mask, fq, axis=2), fk, axis=3)
+  return (mask[:, :, :tiles.cdiv(q_len, block_q),
+               :tiles.cdiv(kv_len, block_kv)], block_q, block_kv)
+
+
 def tile_lists(block_mask, kv_lengths, *, q_len: int, block_q: int,
                block_kv: int, causal: bool):
   """Per-tile lists of the blocks a block mask selects (one tile a program).

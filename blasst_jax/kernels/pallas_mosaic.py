@@ -45,6 +45,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from blasst_jax import reference
 from blasst_jax.kernels import block_lists as lists_lib
 
 LOG2E = math.log2(math.e)
@@ -73,16 +74,20 @@ def list_width(n_kv_blocks: int) -> int:
 
 
 def shared_memory_bytes(block_q, block_kv, head_dim, num_stages,
-                        n_listed_blocks=0) -> int:
+                        n_listed_blocks=0, n_recorded_blocks=0) -> int:
   """q/o tiles of both compute warpgroups + the K/V ring + small buffers.
 
   The small buffers (lse, scalars, barriers) and their 1 KiB alignment took
   5.3 KiB in a measured build; 6 KiB is reserved for them. With a block
-  mask of `n_listed_blocks` KV blocks the program's block list is added.
+  mask of `n_listed_blocks` KV blocks the program's block list is added,
+  and with `n_recorded_blocks` the skip words of both tiles
+  (`return_skip_mask`).
   """
   tiles = (COMPUTE_WGS * block_q + 2 * num_stages * block_kv) * head_dim * 2
   lists = 4 * list_width(n_listed_blocks) if n_listed_blocks else 0
-  return tiles + lists + 6144
+  skips = (4 * COMPUTE_WGS * list_width(n_recorded_blocks)
+           if n_recorded_blocks else 0)
+  return tiles + lists + skips + 6144
 
 
 @functools.partial(jax.jit,
@@ -108,16 +113,8 @@ def program_lists(block_mask, kv_lengths, *, q_len, block_q, block_kv,
   visit = lists_lib.walked_blocks(block_mask, kv_lengths, q_len=q_len,
                                   block_q=block_q, block_kv=block_kv,
                                   causal=causal)
-  # A padding tile (odd tile count) visits nothing.
-  visit = jnp.pad(visit, ((0, 0), (0, 0), (0, n_prog * COMPUTE_WGS - nq),
-                          (0, 0)))
-  visit = visit.reshape(b, hq, n_prog, COMPUTE_WGS, nk)
+  entries, n_union, visit = lists_lib.pair_union(visit, COMPUTE_WGS)
   union = jnp.any(visit, axis=3)                           # [b, hq, np, nk]
-  ids, n_union = lists_lib.compact(union)
-  member = sum(visit[:, :, :, t].astype(jnp.int32) << t
-               for t in range(COMPUTE_WGS))                # [b, hq, np, nk]
-  entries = (ids << 2) | jnp.take_along_axis(member, ids, axis=-1)
-  entries = jnp.where(jnp.arange(nk) < n_union[..., None], entries, 0)
   full = lists_lib.unmasked_blocks(kv_lengths, n_prog * COMPUTE_WGS, nk,
                                    block_q=block_q, block_kv=block_kv,
                                    causal=causal)
@@ -150,10 +147,13 @@ class MosaicConfig:
 def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
             scoped, *, sm_scale, block_q, block_kv, head_dim, dtype, causal,
             q_len, group, num_stages, compute_registers, skip_enabled,
-            p_smem2, lists):
+            p_smem2, lists, skips):
   # lists: None (every block of each tile's range), or (lists_ref int32
   # [batch, q_heads, n_programs, width] in global memory, its shared-memory
   # copy [width] for this program, the copy's barrier); see `program_lists`.
+  # skips: None, or (skips_ref int32 [batch, q_heads, n_tiles, rows, SLOT],
+  # its shared-memory copy [COMPUTE_WGS, rows, SLOT]): a word per KV block,
+  # 1 where the tile skipped it (written at the blocks the tile visits).
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
   program = lax.axis_index("q_seq")
@@ -327,6 +327,10 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       else:
         gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
         skip = (n_visited > 0) & (gap.max() < log2_thr)
+        if skips is not None:
+          block = block_at(pos)
+          skips[1].at[wg][block // SLOT, block % SLOT] = skip.astype(
+              jnp.int32)
 
         def drop():
           end_softmax(slot)
@@ -382,6 +386,9 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
                             lse_ref.at[batch, q_head, pl.ds(q_base, block_q)])
     tile = program * COMPUTE_WGS + wg
     plgpu.copy_smem_to_gmem(stats, stats_ref.at[batch, q_head, tile])
+    if skips is not None:
+      plgpu.copy_smem_to_gmem(skips[1].at[wg],
+                              skips[0].at[batch, q_head, tile])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == COMPUTE_WGS)
@@ -419,7 +426,8 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
                       causal: bool, sm_scale: float, block_q: int = 64,
                       block_kv: int = 128,
                       config: MosaicConfig = MosaicConfig(),
-                      skip_enabled: bool = True, interpret=None):
+                      skip_enabled: bool = True, interpret=None,
+                      return_skip_mask: bool = False):
   """Skip-softmax forward on Hopper; same contract as the Triton kernel.
 
   Args:
@@ -434,10 +442,13 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
     interpret: None on a GPU, or a `plgpu.InterpretGPUParams` to run on CPU
       in Pallas' GPU interpret mode (barriers, TMA and races simulated; P·V
       then reads P from shared memory instead of registers). Slow: tests only.
+    return_skip_mask: also return which blocks each tile skipped (what the
+      backward needs to walk exactly the kept ones).
 
   Returns:
     out [batch, q_len, q_heads, head_dim], lse f32 [batch, q_heads, q_len],
-    skipped, visited int32 [batch, q_heads, n_q_tiles] (tiles of block_q).
+    skipped, visited int32 [batch, q_heads, n_q_tiles] (tiles of block_q),
+    and with return_skip_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks].
   """
   lists = None
   if block_mask is not None:
@@ -449,18 +460,33 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
       # CPU pool; XLA work in the kernel's own program can take the pool
       # from them (a deadlock on a 2-core machine). Build the lists first.
       lists = jax.block_until_ready(lists)
-  return _forward(q, k, v, kv_lengths, log_threshold, lists, causal=causal,
-                  sm_scale=sm_scale, block_q=block_q, block_kv=block_kv,
-                  config=config, skip_enabled=skip_enabled,
-                  interpret=interpret)
+  record = return_skip_mask and skip_enabled
+  out, lse, skipped, visited, *flags = _forward(
+      q, k, v, kv_lengths, log_threshold, lists, causal=causal,
+      sm_scale=sm_scale, block_q=block_q, block_kv=block_kv, config=config,
+      skip_enabled=skip_enabled, interpret=interpret, record_skips=record)
+  result = (out, lse, skipped, visited)
+  if not return_skip_mask:
+    return result
+  b, hq, nq = skipped.shape
+  nk = -(-k.shape[1] // block_kv)
+  if not record:
+    return result + (jnp.zeros((b, hq, nq, nk), jnp.bool_),)
+  # Words of blocks a tile did not visit were never written.
+  walked = reference.visited_blocks_mask(
+      q.shape[1], k.shape[1], block_q, block_kv, kv_lengths.astype(jnp.int32),
+      causal, block_mask)
+  flags = flags[0].reshape(b, hq, nq, -1)[..., :nk]
+  return result + (walked & (flags != 0),)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
-                     "skip_enabled", "interpret"))
+                     "skip_enabled", "interpret", "record_skips"))
 def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
-             block_q, block_kv, config, skip_enabled, interpret):
+             block_q, block_kv, config, skip_enabled, interpret,
+             record_skips=False):
   # lists: None or `program_lists`' int32 [batch, q_heads, n_programs, width].
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
@@ -482,7 +508,11 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
   dtype = q.dtype
   num_stages = config.num_stages
 
+  skip_rows = list_width(nk) // SLOT   # skip words: [skip_rows, SLOT]
+
   def blasst_prefill_mosaic(q_ref, k_ref, v_ref, params_ref, *refs):
+    if record_skips:
+      *refs, skips_ref = refs
     *lists_ref, out_ref, lse_ref, stats_ref = refs
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
@@ -504,6 +534,8 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
         (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages),) * 2,
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     ]
+    if record_skips:
+      scratch.append(plgpu.SMEM((COMPUTE_WGS, skip_rows, SLOT), jnp.int32))
     if lists_ref:
       scratch.append(plgpu.SMEM((list_width(nk) // SLOT, SLOT), jnp.int32))
       barriers.append(plgpu.Barrier())
@@ -519,18 +551,21 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
           compute_registers=config.compute_registers,
           skip_enabled=skip_enabled,
           p_smem2=smem[6] if interpret is not None else None,
-          lists=(lists_ref[0], smem[-1], bars[-1]) if lists_ref else None)
+          lists=(lists_ref[0], smem[-1], bars[-1]) if lists_ref else None,
+          skips=((skips_ref, smem[n_smem - 1 - bool(lists_ref)])
+                 if record_skips else None))
 
     pl.run_scoped(body, *scratch, *barriers, collective_axes="wg")
 
-  out, lse, stats = plgpu.kernel(
+  out_type = (
+      jax.ShapeDtypeStruct(q.shape, dtype),
+      jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32),
+      jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, SLOT), jnp.int32),
+  ) + ((jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, skip_rows, SLOT),
+                             jnp.int32),) if record_skips else ())
+  out, lse, stats, *skips = plgpu.kernel(
       blasst_prefill_mosaic,
-      out_type=(
-          jax.ShapeDtypeStruct(q.shape, dtype),
-          jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32),
-          jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, SLOT),
-                               jnp.int32),
-      ),
+      out_type=out_type,
       grid=(hq, n_pairs, b),
       grid_names=("heads", "q_seq", "batch"),
       num_threads=COMPUTE_WGS + 1,
@@ -540,4 +575,4 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
   )(*inputs)
   nq = -(-lq // block_q)   # Tiles past q_len only hold padding rows.
   return (out[:, :lq], lse[:, :, :lq], stats[..., :nq, 0],
-          stats[..., :nq, 1])
+          stats[..., :nq, 1]) + tuple(x[:, :, :nq] for x in skips)

@@ -37,19 +37,6 @@ BWD_BLOCK_Q = 64
 BWD_BLOCK_KV = 64
 
 
-def _cut_tiles(keep, q_len, kv_len, block_q, block_kv):
-  """The keep mask on backward tiles: (keep, block_q, block_kv)."""
-  fq = block_q // BWD_BLOCK_Q if block_q % BWD_BLOCK_Q == 0 else 1
-  fk = block_kv // BWD_BLOCK_KV if block_kv % BWD_BLOCK_KV == 0 else 1
-  if fq == fk == 1:
-    return keep, block_q, block_kv
-  block_q, block_kv = block_q // fq, block_kv // fk
-  keep = jnp.repeat(jnp.repeat(keep, fq, axis=2), fk, axis=3)
-  return (keep[:, :, :tiles.cdiv(q_len, block_q),
-               :tiles.cdiv(kv_len, block_kv)],
-          block_q, block_kv)
-
-
 def _probs_and_dscores(q, k, v, do, lse, delta, rows, keys, *, q_len, kv_len,
                        causal, scale):
   """P and dS of one (q tile, kv block): [block_q, block_kv] f32 each."""
@@ -145,7 +132,9 @@ def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
   group = hq // hkv
-  keep, block_q, block_kv = _cut_tiles(keep, lq, lk, block_q, block_kv)
+  keep, block_q, block_kv = lists_lib.cut_tiles(keep, lq, lk, block_q,
+                                               block_kv, BWD_BLOCK_Q,
+                                               BWD_BLOCK_KV)
   nq, nk = tiles.cdiv(lq, block_q), tiles.cdiv(lk, block_kv)
   dp = tiles.padded_head_dim(d)
   kv_lengths = kv_lengths.astype(jnp.int32)

@@ -1,0 +1,477 @@
+"""Backward of skip-softmax attention on Hopper (Pallas Mosaic GPU).
+
+The same gradient as `pallas_triton_bwd` (flash-attention backward over
+the blocks the forward kept; natural-log lse, `delta = rowsum(dO * O)`):
+
+    P  = exp(s - lse)            dV = Pᵀ dO
+    dP = dO Vᵀ                   dS = P * (dP - delta)
+    dQ = dS K * scale            dK = dSᵀ Q * scale
+
+on 64 x 64 tiles with warpgroup matmuls, in two warp-specialized kernels
+shaped like the forward (`pallas_mosaic`): each program has two compute
+warpgroups that own one tile each and a memory warpgroup that streams the
+union of the two tiles' lists of kept partners through a ring of
+shared-memory slots with TMA.
+
+- dK/dV: a compute warpgroup owns a KV block (its K and V stay in shared
+  memory) and accumulates dK and dV in registers over the q tiles that kept
+  the block; Q, dO, lse and delta tiles are streamed.
+- dQ: a compute warpgroup owns a q tile (Q, dO, lse, delta stay) and
+  accumulates dQ over the KV blocks the tile kept; K and V are streamed.
+
+Blocks the forward skipped are in neither list: no work, no reads. At a
+union position its tile did not keep, a compute warpgroup waits on the
+slot's copies and releases it without computing, so the two stay in step.
+Every step masks keys past kv_len and, causally, keys after the row (a
+separate unmasked build for interior tiles, chosen per step by a branch,
+measured slower on H100); rows that saw no key have lse = -inf and get
+P = 0. GQA: dK/dV come per q head and are summed over the group in XLA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from blasst_jax.kernels import block_lists as lists_lib
+from blasst_jax.kernels import tiles
+
+LOG2E = math.log2(math.e)
+COMPUTE_WGS = 2
+SLOT = 32             # int32 words in a 128-byte TMA slot
+LIST_HEADER = 4       # [n_union, 0, 0, 0] before the entries
+BLOCK = 64            # q tile and KV block rows (one wgmma M tile)
+HEAD_DIMS = (64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBwdConfig:
+  """Speed knobs of the Hopper backward (no effect on results).
+
+  Attributes:
+    num_stages: depth of the shared-memory ring of streamed tiles (>= 2).
+    compute_registers: registers per thread of a compute warpgroup.
+  """
+
+  num_stages: int = 2
+  compute_registers: int = 232
+
+
+def supports(head_dim: int, dtype) -> bool:
+  """Whether this backward runs the problem (else use the Triton one)."""
+  return head_dim in HEAD_DIMS and jnp.dtype(dtype) in (
+      jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _program_lists(visit):
+  """int32 [batch, heads, n_programs, rows, SLOT]: per program the union
+  of its two tiles' lists, `LIST_HEADER` words then `pair_union` entries."""
+  entries, n_union, _ = lists_lib.pair_union(visit, COMPUTE_WGS)
+  n = visit.shape[-1]
+  width = tiles.cdiv(LIST_HEADER + n, SLOT) * SLOT
+  header = jnp.zeros(n_union.shape + (LIST_HEADER,), jnp.int32)
+  lists = jnp.concatenate(
+      [header.at[..., 0].set(n_union), entries,
+       jnp.zeros(n_union.shape + (width - LIST_HEADER - n,), jnp.int32)],
+      axis=-1)
+  return lists.reshape(*lists.shape[:-1], width // SLOT, SLOT)
+
+
+def _product(a, b, shape):
+  """a @ b with one wgmma into a fresh f32 accumulator; a, b in SMEM."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _accumulate(acc, a, b, a_smem):
+  """acc + a @ b; `a` from registers, or through `a_smem` when not None
+  (interpret mode has no register-operand wgmma)."""
+  if a_smem is None:
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, a, b)
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+  a_smem[...] = a
+  plgpu.commit_smem()
+  return acc + _product(a_smem, b, acc.shape)
+
+
+def _visible(rows, keys, kv_len, causal):
+  visible = keys < kv_len
+  if causal:
+    visible = visible & (keys <= rows)
+  return visible
+
+
+
+class _Pipeline:
+  """The program's list and its ring of streamed slots, as both kinds of
+  warpgroup see them."""
+
+  def __init__(self, list_smem, num_stages):
+    self.list_smem = list_smem
+    self.num_stages = num_stages
+
+  def word(self, i):
+    return self.list_smem[i // SLOT, i % SLOT]
+
+  @property
+  def n_stream(self):
+    return self.word(0)
+
+  def block_at(self, pos):
+    return self.word(LIST_HEADER + pos) >> 2
+
+  def in_list(self, pos, wg):
+    return ((self.word(LIST_HEADER + pos) >> wg) & 1) == 1
+
+  def slot(self, pos):
+    return lax.rem(pos, jnp.array(self.num_stages, pos.dtype))
+
+
+def _load_list(lists_ref, list_smem, list_bar, params_ref, params_smem,
+               params_bar, batch, head, program, wg):
+  """Copies the program's list (memory warpgroup) and each warpgroup's
+  per-sequence scalars in; returns kv_len."""
+  @pl.when(wg == COMPUTE_WGS)
+  def _():
+    plgpu.copy_gmem_to_smem(lists_ref.at[batch, head, program], list_smem,
+                            list_bar)
+
+  plgpu.copy_gmem_to_smem(params_ref.at[batch], params_smem.at[wg],
+                          params_bar.at[wg])
+  plgpu.barrier_wait(params_bar.at[wg])
+  plgpu.barrier_wait(list_bar)
+  return params_smem.at[wg][0].astype(jnp.int32)
+
+
+def _stream(pipe, issue, free_bars):
+  """The memory warpgroup: issue(pos, slot) for every union position, each
+  slot refilled once both compute warpgroups released it."""
+  plgpu.set_max_registers(40, action="decrease")
+  n = pipe.n_stream
+  for i in range(pipe.num_stages):
+    pl.when(i < n)(functools.partial(issue, jnp.int32(i), i))
+
+  @pl.loop(pipe.num_stages, n)
+  def _(pos):
+    slot = pipe.slot(pos)
+    plgpu.barrier_wait(free_bars.at[slot])
+    issue(pos, slot)
+
+  # Observe the last releases too before the barriers are freed.
+  @pl.loop(jnp.maximum(n - pipe.num_stages, 0), n)
+  def _(pos):
+    plgpu.barrier_wait(free_bars.at[pipe.slot(pos)])
+
+
+def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
+                 dk_ref, dv_ref, smem, bars, *, scale, causal, group, dtype,
+                 head_dim, num_stages, compute_registers):
+  # q_ref, do_ref [b, lq_pad, hq, d]; ld_ref f32 [b, hq, n_q_tiles, 2,
+  # BLOCK] (lse in log2 units, delta); k_ref, v_ref [b, lk_pad, hkv, d];
+  # dk_ref, dv_ref [b, lk_pad, hq, d].
+  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+  program, wg = lax.axis_index("seq"), lax.axis_index("wg")
+  (kv_smem2, q_ring, do_ring, ld_ring, params_smem, list_smem,
+   a_smem2) = smem
+  kv_bars, (q_bars, do_bars, ld_bars), free_bars, params_bar, list_bar = bars
+  kv_len = _load_list(lists_ref, list_smem, list_bar, params_ref,
+                      params_smem, params_bar, batch, head, program, wg)
+  pipe = _Pipeline(list_smem, num_stages)
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _compute():
+    plgpu.set_max_registers(compute_registers, action="increase")
+    k_smem, v_smem = kv_smem2.at[0, wg], kv_smem2.at[1, wg]
+    a_smem = None if a_smem2 is None else a_smem2.at[wg]
+    k_base = (program * COMPUTE_WGS + wg) * BLOCK
+    kv_head = lax.div(head, jnp.array(group, head.dtype))
+    rows_at = (batch, pl.ds(k_base, BLOCK), kv_head)
+    # kv_bars: [K of wg 0, K of wg 1, V of wg 0, V of wg 1].
+    plgpu.copy_gmem_to_smem(k_ref.at[rows_at], k_smem, kv_bars.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[rows_at], v_smem,
+                            kv_bars.at[COMPUTE_WGS + wg])
+    plgpu.barrier_wait(kv_bars.at[wg])
+    plgpu.barrier_wait(kv_bars.at[COMPUTE_WGS + wg])
+    layout = plgpu.Layout.WGMMA
+    keys = k_base + plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0,
+                                           layout=layout)
+    cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1,
+                                  layout=layout)
+
+    def step(pos, carry):
+      slot = pipe.slot(pos)
+      for bar in (q_bars, do_bars, ld_bars):
+        plgpu.barrier_wait(bar.at[slot])
+      q_smem, do_smem = q_ring.at[slot], do_ring.at[slot]
+
+      def visit(carry):
+        dk, dv = carry
+        # Transposed: KV rows are the wgmma M dimension.
+        s_t = _product(k_smem, q_smem.transpose((1, 0)),
+                       (BLOCK, BLOCK))                     # [kv, q]
+        lse = plgpu.load(ld_ring.at[slot, 0], layout=layout.reduce(0))
+        delta = plgpu.load(ld_ring.at[slot, 1], layout=layout.reduce(0))
+        rows = pipe.block_at(pos) * BLOCK + cols
+        p_t = jnp.exp2(s_t * scale - lax.broadcast_in_dim(
+            lse, s_t.shape, [1]))
+        p_t = jnp.where(_visible(rows, keys, kv_len, causal), p_t, 0.0)
+        dv = _accumulate(dv, p_t.astype(dtype), do_smem, a_smem)
+        dp_t = _product(v_smem, do_smem.transpose((1, 0)), (BLOCK, BLOCK))
+        ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
+        dk = _accumulate(dk, ds_t.astype(dtype), q_smem, a_smem)
+        return dk, dv
+
+      carry = lax.cond(pipe.in_list(pos, wg), visit, lambda c: c, carry)
+      plgpu.barrier_arrive(free_bars.at[slot])
+      return carry
+
+    zeros = plgpu.layout_cast(
+        jnp.zeros((BLOCK, head_dim), jnp.float32), layout)
+    dk, dv = lax.fori_loop(0, pipe.n_stream, step, (zeros, zeros))
+    # K and V are no longer read: their slots stage the results.
+    k_smem[...] = (dk * (scale / LOG2E)).astype(dtype)
+    v_smem[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    out_at = (batch, pl.ds(k_base, BLOCK), head)
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[out_at], commit_group=False)
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[out_at], commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _memory():
+    def issue(pos, slot):
+      tile = pipe.block_at(pos)
+      rows_at = (batch, pl.ds(tile * BLOCK, BLOCK), head)
+      plgpu.copy_gmem_to_smem(q_ref.at[rows_at], q_ring.at[slot],
+                              q_bars.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows_at], do_ring.at[slot],
+                              do_bars.at[slot])
+      plgpu.copy_gmem_to_smem(ld_ref.at[batch, head, tile], ld_ring.at[slot],
+                              ld_bars.at[slot])
+    _stream(pipe, issue, free_bars)
+
+
+def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
+               dq_ref, smem, bars, *, scale, causal, group, dtype, head_dim,
+               num_stages, compute_registers):
+  # As `_dkdv_kernel`, with the roles swapped: q tiles stay, KV streams.
+  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+  program, wg = lax.axis_index("seq"), lax.axis_index("wg")
+  (qdo_smem2, ld_smem2, k_ring, v_ring, params_smem, list_smem,
+   a_smem2) = smem
+  qdo_bars, (k_bars, v_bars), free_bars, params_bar, list_bar = bars
+  kv_len = _load_list(lists_ref, list_smem, list_bar, params_ref,
+                      params_smem, params_bar, batch, head, program, wg)
+  pipe = _Pipeline(list_smem, num_stages)
+
+  @pl.when(wg < COMPUTE_WGS)
+  def _compute():
+    plgpu.set_max_registers(compute_registers, action="increase")
+    q_smem, do_smem = qdo_smem2.at[0, wg], qdo_smem2.at[1, wg]
+    a_smem = None if a_smem2 is None else a_smem2.at[wg]
+    tile = program * COMPUTE_WGS + wg
+    rows_at = (batch, pl.ds(tile * BLOCK, BLOCK), head)
+    # qdo_bars: [Q, dO, lse/delta] x compute warpgroup.
+    my_bars = [qdo_bars.at[i * COMPUTE_WGS + wg] for i in range(3)]
+    plgpu.copy_gmem_to_smem(q_ref.at[rows_at], q_smem, my_bars[0])
+    plgpu.copy_gmem_to_smem(do_ref.at[rows_at], do_smem, my_bars[1])
+    plgpu.copy_gmem_to_smem(ld_ref.at[batch, head, tile], ld_smem2.at[wg],
+                            my_bars[2])
+    for bar in my_bars:
+      plgpu.barrier_wait(bar)
+    layout = plgpu.Layout.WGMMA
+    lse = plgpu.load(ld_smem2.at[wg, 0], layout=layout.reduce(1))
+    delta = plgpu.load(ld_smem2.at[wg, 1], layout=layout.reduce(1))
+    rows = tile * BLOCK + plgpu.broadcasted_iota(
+        jnp.int32, (BLOCK, BLOCK), 0, layout=layout)
+    cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=layout)
+
+    def step(pos, dq):
+      slot = pipe.slot(pos)
+      plgpu.barrier_wait(k_bars.at[slot])
+      plgpu.barrier_wait(v_bars.at[slot])
+      k_smem, v_smem = k_ring.at[slot], v_ring.at[slot]
+
+      def visit(dq):
+        s = _product(q_smem, k_smem.transpose((1, 0)),
+                     (BLOCK, BLOCK))                       # [q, kv]
+        keys = pipe.block_at(pos) * BLOCK + cols
+        p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, s.shape, [0]))
+        p = jnp.where(_visible(rows, keys, kv_len, causal), p, 0.0)
+        dp = _product(do_smem, v_smem.transpose((1, 0)), (BLOCK, BLOCK))
+        ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
+        return _accumulate(dq, ds.astype(dtype), k_smem, a_smem)
+
+      dq = lax.cond(pipe.in_list(pos, wg), visit, lambda d: d, dq)
+      plgpu.barrier_arrive(free_bars.at[slot])
+      return dq
+
+    dq = lax.fori_loop(0, pipe.n_stream, step, plgpu.layout_cast(
+        jnp.zeros((BLOCK, head_dim), jnp.float32), layout))
+    q_smem[...] = (dq * (scale / LOG2E)).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows_at])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == COMPUTE_WGS)
+  def _memory():
+    kv_head = lax.div(head, jnp.array(group, head.dtype))
+
+    def issue(pos, slot):
+      rows_at = (batch, pl.ds(pipe.block_at(pos) * BLOCK, BLOCK), kv_head)
+      plgpu.copy_gmem_to_smem(k_ref.at[rows_at], k_ring.at[slot],
+                              k_bars.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows_at], v_ring.at[slot],
+                              v_bars.at[slot])
+    _stream(pipe, issue, free_bars)
+
+
+def _launch(kernel, name, inputs, out_shapes, smem_types, barrier_types, *,
+            grid, interpret, **static):
+  """plgpu.kernel with 2 compute + 1 memory warpgroup and scoped buffers."""
+  n_smem = len(smem_types)
+
+  def body(*refs):
+    n_in = len(inputs)
+    ins, outs = refs[:n_in], refs[n_in:]
+
+    def scoped(*allocs):
+      # The last shared buffer stages register operands in interpret mode.
+      smem = tuple(allocs[:n_smem]) + ((None,) if interpret is None else ())
+      kernel(*ins, *outs, smem, allocs[n_smem:], **static)
+
+    pl.run_scoped(scoped, *smem_types, *barrier_types, collective_axes="wg")
+
+  body.__name__ = name
+  return plgpu.kernel(
+      body, out_type=out_shapes, grid=grid,
+      grid_names=("heads", "seq", "batch"),
+      num_threads=COMPUTE_WGS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret)(*inputs)
+
+
+def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
+                       causal: bool, sm_scale: float, block_q: int,
+                       block_kv: int,
+                       config: MosaicBwdConfig = MosaicBwdConfig(),
+                       interpret=None):
+  """Gradients of attention restricted to the kept blocks (Hopper).
+
+  Args:
+    q, d_out, out: [batch, q_len, q_heads, head_dim], bf16 or f16,
+      head_dim 64 or 128.
+    k, v: [batch, kv_len, kv_heads, head_dim].
+    lse: f32 [batch, q_heads, q_len], the forward's natural-log lse.
+    kv_lengths: int32 [batch].
+    keep: bool [batch, q_heads, n_q_tiles, n_kv_blocks] on the forward's
+      tiles of block_q x block_kv (multiples of 64): blocks the forward
+      kept (visited, selected, not skipped).
+    interpret: None on a GPU, or `plgpu.InterpretGPUParams` (CPU simulation;
+      tests).
+
+  Returns:
+    dq, dk, dv in the dtypes and shapes of q, k, v.
+  """
+  if not supports(q.shape[-1], q.dtype):
+    raise ValueError(
+        f"The Hopper backward takes bf16/f16 and head_dim in {HEAD_DIMS}, "
+        f"got {q.dtype} and {q.shape[-1]}; use pallas_triton_bwd.")
+  if block_q % BLOCK or block_kv % BLOCK:
+    raise ValueError(f"keep tiles must be multiples of {BLOCK}, got "
+                     f"{block_q} x {block_kv}.")
+  keep, _, _ = lists_lib.cut_tiles(keep, q.shape[1], k.shape[1], block_q,
+                                   block_kv, BLOCK, BLOCK)
+  kept = lists_lib.walked_blocks(keep, kv_lengths.astype(jnp.int32),
+                                 q_len=q.shape[1], block_q=BLOCK,
+                                 block_kv=BLOCK, causal=causal)
+  q_lists = _program_lists(kept)                        # dQ: per q tile
+  kv_lists = _program_lists(jnp.swapaxes(kept, 2, 3))   # dK/dV: per block
+  if interpret is not None:
+    # Built before the interpreted kernels (see pallas_mosaic's note).
+    q_lists, kv_lists = jax.block_until_ready((q_lists, kv_lists))
+  return _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists,
+                   causal=causal, sm_scale=sm_scale, config=config,
+                   interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "config",
+                                             "interpret"))
+def _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists, *,
+              causal, sm_scale, config, interpret):
+  b, lq, hq, d = q.shape
+  _, lk, hkv, _ = k.shape
+  group, dtype, stages = hq // hkv, q.dtype, config.num_stages
+  pair = COMPUTE_WGS * BLOCK
+  lq_pad, lk_pad = tiles.cdiv(lq, pair) * pair, tiles.cdiv(lk, pair) * pair
+  n_q_tiles = lq_pad // BLOCK
+  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32),
+                     out.astype(jnp.float32))                 # [b, hq, lq]
+  # Rows that saw no key: lse = +inf, so P = 0 (not exp(+inf)).
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+  rows_pad = ((0, 0), (0, 0), (0, lq_pad - lq))
+  ld = jnp.stack([jnp.pad(lse2, rows_pad, constant_values=jnp.inf),
+                  jnp.pad(delta, rows_pad)], axis=2)          # [b, hq, 2, lq]
+  ld = ld.reshape(b, hq, 2, n_q_tiles, BLOCK).swapaxes(2, 3)
+  # Padded q rows have dO = 0 and P = 0: they add nothing.
+  qp = tiles.pad_to(q, lq_pad, d)
+  dop = tiles.pad_to(d_out.astype(dtype), lq_pad, d)
+  kp, vp = tiles.pad_to(k, lk_pad, d), tiles.pad_to(v, lk_pad, d)
+  params = jnp.zeros((b, SLOT), jnp.float32).at[:, 0].set(
+      kv_lengths.astype(jnp.float32))
+  inputs = (qp, dop, ld, kp, vp, params)
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+  def tile_smem(*lead):
+    return plgpu.SMEM((*lead, BLOCK, d), dtype, transforms=swizzled)
+
+  def common_smem(lists):
+    return [plgpu.SMEM((COMPUTE_WGS + 1, SLOT), jnp.float32),
+            plgpu.SMEM(lists.shape[-2:], jnp.int32)]
+
+  a_smem = [] if interpret is None else [
+      plgpu.SMEM((COMPUTE_WGS, BLOCK, BLOCK), dtype, transforms=swizzled)]
+  ring_bars = plgpu.Barrier(num_barriers=stages)
+  free_bars = plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+  common_bars = [plgpu.Barrier(num_barriers=COMPUTE_WGS + 1), plgpu.Barrier()]
+  static = dict(scale=sm_scale * LOG2E, causal=causal, group=group,
+                dtype=dtype, head_dim=d, num_stages=stages,
+                compute_registers=config.compute_registers)
+
+  dk, dv = _launch(
+      _dkdv_kernel, "blasst_backward_dkdv_mosaic",
+      inputs + (kv_lists,),
+      (jax.ShapeDtypeStruct((b, lk_pad, hq, d), dtype),) * 2,
+      [tile_smem(2, COMPUTE_WGS), tile_smem(stages), tile_smem(stages),
+       plgpu.SMEM((stages, 2, BLOCK), jnp.float32)]
+      + common_smem(kv_lists) + a_smem,
+      [plgpu.Barrier(num_barriers=COMPUTE_WGS * 2),
+       (ring_bars,) * 3, free_bars] + common_bars,
+      grid=(hq, lk_pad // pair, b), interpret=interpret, **static)
+  dq = _launch(
+      _dq_kernel, "blasst_backward_dq_mosaic",
+      inputs + (q_lists,),
+      jax.ShapeDtypeStruct((b, lq_pad, hq, d), dtype),
+      [tile_smem(2, COMPUTE_WGS), plgpu.SMEM((COMPUTE_WGS, 2, BLOCK),
+                                             jnp.float32),
+       tile_smem(stages), tile_smem(stages)]
+      + common_smem(q_lists) + a_smem,
+      [plgpu.Barrier(num_barriers=COMPUTE_WGS * 3), (ring_bars,) * 2,
+       free_bars] + common_bars,
+      grid=(hq, lq_pad // pair, b), interpret=interpret, **static)
+
+  def per_kv_head(x):   # GQA: sum over the group in f32
+    x = x[:, :lk].reshape(b, lk, hkv, group, d)
+    return jnp.sum(x.astype(jnp.float32), axis=3).astype(k.dtype)
+  return dq[:, :lq], per_kv_head(dk), per_kv_head(dv)

@@ -492,9 +492,11 @@ def _kernel_bwd(static, residuals, cotangents):
   common = dict(causal=opts["causal"], sm_scale=opts["sm_scale"],
                 block_q=opts["block_q"], block_kv=opts["block_kv"])
   args = (q, k, v, out, lse, cotangents[0], kv_lengths, keep)
-  from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
-  if opts["kernel"] == "pallas_mosaic" and pallas_mosaic_bwd.supports(
-      q.shape[-1], q.dtype):
+  hopper = opts["kernel"] == "pallas_mosaic"
+  if hopper:
+    from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
+    hopper = pallas_mosaic_bwd.supports(q.shape[-1], q.dtype)
+  if hopper:
     grads = pallas_mosaic_bwd.attention_backward(
         *args, interpret=opts.get("interpret"), **common)
   else:

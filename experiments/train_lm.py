@@ -202,12 +202,14 @@ def resolve_threshold(cfg, workdir, graphdef, params, source):
   """
   s = cfg.sparsity
   if cfg.mode == "dense":
-    return 0.0, {"threshold": 0.0}
+    record = {"threshold": 0.0}
+    return threshold_from_record(record), record
   if s.threshold:
-    return float(s.threshold), {"threshold": float(s.threshold)}
+    record = {"threshold": float(s.threshold)}
+    return threshold_from_record(record), record
   if s.scale_factor:
-    return (SkipSoftmaxConfig(threshold_scale_factor=float(s.scale_factor)),
-            {"scale_factor": float(s.scale_factor)})
+    record = {"scale_factor": float(s.scale_factor)}
+    return threshold_from_record(record), record
   path = os.path.join(workdir, "threshold.json")
   if os.path.exists(path):
     with open(path) as f:
@@ -238,8 +240,14 @@ def resolve_threshold(cfg, workdir, graphdef, params, source):
         f"{record['target_sparsity']}: c = {record['scale_factor']:.4g} "
         f"(λ = {record['scale_factor'] / cfg.seq_len:.3g} at seq_len "
         f"{cfg.seq_len})", flush=True)
-  return (SkipSoftmaxConfig(threshold_scale_factor=record["scale_factor"]),
-          record)
+  return threshold_from_record(record), record
+
+
+def threshold_from_record(record: dict):
+  """The λ (float) or SkipSoftmaxConfig a run's threshold record stands for."""
+  if "scale_factor" in record:
+    return SkipSoftmaxConfig(threshold_scale_factor=record["scale_factor"])
+  return float(record["threshold"])
 
 
 # ---------------------------------------------------------------------- train
@@ -396,10 +404,10 @@ def main(argv):
     # probed at the fine-tune's λ.
     control_cfg = cfg.copy_and_resolve_references()
     control_cfg.mode = "dense"
-    probe, _ = resolve_threshold(cfg, finetune_dir, None, None, None)
     control_log = train(control_cfg, os.path.join(cfg.workdir, "dense_control"),
                         init_from=dense_dir, device=device,
-                        probe_threshold=probe)
+                        probe_threshold=threshold_from_record(
+                            sparse_log["threshold"]))
     png = os.path.join(cfg.workdir, "dense_vs_finetune.png")
     plotting.plot_training(
         [dense_log, control_log, sparse_log],

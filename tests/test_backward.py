@@ -68,21 +68,28 @@ def test_backward_matches_oracle_autodiff(causal, q_len, kv_len, q_heads,
   np.testing.assert_array_equal(grads[1][1, lengths[1]:], 0.0)
 
 
-def test_backward_kernels_lower_for_cuda():
-  b, hq, hkv, d, length = 1, 8, 2, 128, 1000
+def lower_backward(backward, *, d, causal, block_q, block_kv):
+  """`backward` (a module's attention_backward) lowered for an H100 on a
+  GQA problem of 1000 rows; returns the lowered text."""
+  b, hq, hkv, length = 1, 8, 2, 1000
   sds = jax.ShapeDtypeStruct
-  nq, nk = -(-length // 128), -(-length // 64)
+  nq, nk = -(-length // block_q), -(-length // block_kv)
 
   def fn(q, k, v, out, lse, d_out, kv_lengths, keep):
-    return pallas_triton_bwd.attention_backward(
-        q, k, v, out, lse, d_out, kv_lengths, keep, causal=True,
-        sm_scale=d ** -0.5, block_q=128, block_kv=64)
+    return backward(q, k, v, out, lse, d_out, kv_lengths, keep,
+                    causal=causal, sm_scale=d ** -0.5, block_q=block_q,
+                    block_kv=block_kv)
 
   qs = sds((b, length, hq, d), jnp.bfloat16)
   kvs = sds((b, length, hkv, d), jnp.bfloat16)
-  text = test_base.lower_for_h100(
+  return test_base.lower_for_h100(
       fn, qs, kvs, kvs, qs, sds((b, hq, length), jnp.float32), qs,
       sds((b,), jnp.int32), sds((b, hq, nq, nk), jnp.bool_)).as_text()
+
+
+def test_backward_kernels_lower_for_cuda():
+  text = lower_backward(pallas_triton_bwd.attention_backward, d=128,
+                        causal=True, block_q=128, block_kv=64)
   assert "blasst_backward_dkdv_triton" in text
   assert "blasst_backward_dq_triton" in text
 
@@ -154,17 +161,6 @@ def test_hopper_backward_interpreted_matches_oracle_without_races():
 @pytest.mark.parametrize("d,causal", [(128, True), (64, False)])
 def test_hopper_backward_lowers_for_cuda(d, causal):
   from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
-  b, hq, hkv, length = 1, 8, 2, 1000
-  sds = jax.ShapeDtypeStruct
-
-  def fn(q, k, v, out, lse, d_out, kv_lengths, keep):
-    return pallas_mosaic_bwd.attention_backward(
-        q, k, v, out, lse, d_out, kv_lengths, keep, causal=causal,
-        sm_scale=d ** -0.5, block_q=64, block_kv=128)
-
-  qs = sds((b, length, hq, d), jnp.bfloat16)
-  kvs = sds((b, length, hkv, d), jnp.bfloat16)
-  text = test_base.lower_for_h100(
-      fn, qs, kvs, kvs, qs, sds((b, hq, length), jnp.float32), qs,
-      sds((b,), jnp.int32), sds((b, hq, 16, 8), jnp.bool_)).as_text()
+  text = lower_backward(pallas_mosaic_bwd.attention_backward, d=d,
+                        causal=causal, block_q=64, block_kv=128)
   assert text.count("mosaic_gpu") >= 2

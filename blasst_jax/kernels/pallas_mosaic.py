@@ -122,13 +122,19 @@ def program_lists(block_mask, kv_lengths, *, q_len, block_q, block_kv,
       b, 1, n_prog, COMPUTE_WGS, nk)
   n_unmasked = jnp.sum(union[:, :, :, None] & full, axis=-1,
                        dtype=jnp.int32)                    # [b, hq, np, 2]
-  header = jnp.concatenate(
-      [n_union[..., None], n_unmasked,
-       jnp.zeros((b, hq, n_prog, LIST_HEADER - 1 - COMPUTE_WGS), jnp.int32)],
-      axis=-1)
-  pad = list_width(nk) - LIST_HEADER - nk
+  return pack_lists([n_union[..., None], n_unmasked], entries)
+
+
+def pack_lists(header_words, entries):
+  """int32 [..., list_width(n)]: the header words (a list of [..., k]
+  arrays, zero-filled to LIST_HEADER), the n entries, zeros."""
+  header = jnp.concatenate(header_words, axis=-1)
+  n = entries.shape[-1]
+  lead = entries.shape[:-1]
   return jnp.concatenate(
-      [header, entries, jnp.zeros((b, hq, n_prog, pad), jnp.int32)], axis=-1)
+      [header, jnp.zeros(lead + (LIST_HEADER - header.shape[-1],), jnp.int32),
+       entries, jnp.zeros(lead + (list_width(n) - LIST_HEADER - n,),
+                          jnp.int32)], axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

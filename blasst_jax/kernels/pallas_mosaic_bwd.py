@@ -41,12 +41,15 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from blasst_jax.kernels import block_lists as lists_lib
+from blasst_jax.kernels import pallas_mosaic
 from blasst_jax.kernels import tiles
 
 LOG2E = math.log2(math.e)
-COMPUTE_WGS = 2
-SLOT = 32             # int32 words in a 128-byte TMA slot
-LIST_HEADER = 4       # [n_union, 0, 0, 0] before the entries
+# The forward's program layout: 2 compute warpgroups, lists of
+# [n_union, 0, 0, 0] + entries in 128-byte slots of SLOT words.
+COMPUTE_WGS = pallas_mosaic.COMPUTE_WGS
+SLOT = pallas_mosaic.SLOT
+LIST_HEADER = pallas_mosaic.LIST_HEADER
 BLOCK = 64            # q tile and KV block rows (one wgmma M tile)
 HEAD_DIMS = (64, 128)
 
@@ -74,14 +77,8 @@ def _program_lists(visit):
   """int32 [batch, heads, n_programs, rows, SLOT]: per program the union
   of its two tiles' lists, `LIST_HEADER` words then `pair_union` entries."""
   entries, n_union, _ = lists_lib.pair_union(visit, COMPUTE_WGS)
-  n = visit.shape[-1]
-  width = tiles.cdiv(LIST_HEADER + n, SLOT) * SLOT
-  header = jnp.zeros(n_union.shape + (LIST_HEADER,), jnp.int32)
-  lists = jnp.concatenate(
-      [header.at[..., 0].set(n_union), entries,
-       jnp.zeros(n_union.shape + (width - LIST_HEADER - n,), jnp.int32)],
-      axis=-1)
-  return lists.reshape(*lists.shape[:-1], width // SLOT, SLOT)
+  lists = pallas_mosaic.pack_lists([n_union[..., None]], entries)
+  return lists.reshape(*lists.shape[:-1], -1, SLOT)
 
 
 def _product(a, b, shape):
@@ -111,7 +108,6 @@ def _visible(rows, keys, kv_len, causal):
   return visible
 
 
-
 class _Pipeline:
   """The program's list and its ring of streamed slots, as both kinds of
   warpgroup see them."""
@@ -137,10 +133,17 @@ class _Pipeline:
     return lax.rem(pos, jnp.array(self.num_stages, pos.dtype))
 
 
-def _load_list(lists_ref, list_smem, list_bar, params_ref, params_smem,
-               params_bar, batch, head, program, wg):
+def _start_program(lists_ref, list_smem, list_bar, params_ref, params_smem,
+                   params_bar, num_stages):
   """Copies the program's list (memory warpgroup) and each warpgroup's
-  per-sequence scalars in; returns kv_len."""
+  per-sequence scalars in.
+
+  Returns:
+    (batch, head, program, wg) indices, kv_len, the `_Pipeline`.
+  """
+  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+  program, wg = lax.axis_index("seq"), lax.axis_index("wg")
+
   @pl.when(wg == COMPUTE_WGS)
   def _():
     plgpu.copy_gmem_to_smem(lists_ref.at[batch, head, program], list_smem,
@@ -150,7 +153,8 @@ def _load_list(lists_ref, list_smem, list_bar, params_ref, params_smem,
                           params_bar.at[wg])
   plgpu.barrier_wait(params_bar.at[wg])
   plgpu.barrier_wait(list_bar)
-  return params_smem.at[wg][0].astype(jnp.int32)
+  kv_len = params_smem.at[wg][0].astype(jnp.int32)
+  return (batch, head, program, wg), kv_len, _Pipeline(list_smem, num_stages)
 
 
 def _stream(pipe, issue, free_bars):
@@ -179,14 +183,12 @@ def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
   # q_ref, do_ref [b, lq_pad, hq, d]; ld_ref f32 [b, hq, n_q_tiles, 2,
   # BLOCK] (lse in log2 units, delta); k_ref, v_ref [b, lk_pad, hkv, d];
   # dk_ref, dv_ref [b, lk_pad, hq, d].
-  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-  program, wg = lax.axis_index("seq"), lax.axis_index("wg")
   (kv_smem2, q_ring, do_ring, ld_ring, params_smem, list_smem,
    a_smem2) = smem
   kv_bars, (q_bars, do_bars, ld_bars), free_bars, params_bar, list_bar = bars
-  kv_len = _load_list(lists_ref, list_smem, list_bar, params_ref,
-                      params_smem, params_bar, batch, head, program, wg)
-  pipe = _Pipeline(list_smem, num_stages)
+  (batch, head, program, wg), kv_len, pipe = _start_program(
+      lists_ref, list_smem, list_bar, params_ref, params_smem, params_bar,
+      num_stages)
 
   @pl.when(wg < COMPUTE_WGS)
   def _compute():
@@ -266,14 +268,12 @@ def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
                dq_ref, smem, bars, *, scale, causal, group, dtype, head_dim,
                num_stages, compute_registers):
   # As `_dkdv_kernel`, with the roles swapped: q tiles stay, KV streams.
-  batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-  program, wg = lax.axis_index("seq"), lax.axis_index("wg")
   (qdo_smem2, ld_smem2, k_ring, v_ring, params_smem, list_smem,
    a_smem2) = smem
   qdo_bars, (k_bars, v_bars), free_bars, params_bar, list_bar = bars
-  kv_len = _load_list(lists_ref, list_smem, list_bar, params_ref,
-                      params_smem, params_bar, batch, head, program, wg)
-  pipe = _Pipeline(list_smem, num_stages)
+  (batch, head, program, wg), kv_len, pipe = _start_program(
+      lists_ref, list_smem, list_bar, params_ref, params_smem, params_bar,
+      num_stages)
 
   @pl.when(wg < COMPUTE_WGS)
   def _compute():

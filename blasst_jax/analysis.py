@@ -58,10 +58,14 @@ def block_probability_mass(q, k, *, block_kv=None, causal=False,
     q: [batch, q_len, q_heads, head_dim]; k: [batch, kv_len, kv_heads, d].
     block_kv: keys per block (default `config.DEFAULT_BLOCK_KV`, clamped to
       kv_len as the oracle does).
+    causal, sm_scale, kv_lengths: as `blasst_jax.attention`.
 
   Returns:
     f32 [batch, q_heads, q_len, n_kv_blocks]; rows sum to 1 (0 for rows
-    that see no key).
+    that see no key). Memory: the dense probabilities.
+
+  Raises:
+    ValueError: for a `block_kv` that is not a power of two >= 16.
   """
   b, lq, hq, _ = q.shape
   lk = k.shape[1]
@@ -91,10 +95,14 @@ def dropped_attention_mass(q, k, skip_mask, *, block_q=None, block_kv=None,
     skip_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks], e.g.
       `reference.blockwise_attention(...).skip_mask`.
     block_q, block_kv: the block sizes the mask was made with.
+    causal, sm_scale, kv_lengths: as `blasst_jax.attention`.
 
   Returns:
     f32 [batch, q_heads, q_len] in [0, 1]: for each row, the probability
     that dense attention puts on keys of skipped blocks.
+
+  Raises:
+    ValueError: for block sizes that are not powers of two >= 16.
   """
   lq, lk = q.shape[1], k.shape[1]
   block_q, block_kv = config_lib.effective_block_sizes(lq, lk, block_q,
@@ -129,7 +137,15 @@ def replay_skip_mask(result, threshold) -> jax.Array:
 
 
 def error_summary(out, expected) -> dict[str, jax.Array]:
-  """Max abs, mean abs and relative L2 error of `out` against `expected`."""
+  """Max abs, mean abs and relative L2 error of `out` against `expected`.
+
+  Args:
+    out, expected: arrays of the same shape, any float dtype (compared in
+      f32).
+
+  Returns:
+    {"max_abs", "mean_abs", "rel_l2"}: f32 scalars.
+  """
   out = jnp.asarray(out, jnp.float32)
   expected = jnp.asarray(expected, jnp.float32)
   diff = out - expected
@@ -155,6 +171,8 @@ def skip_error_bound(v, skip_mask, threshold, *, block_q, block_kv,
     v: [batch, kv_len, kv_heads, head_dim].
     skip_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks].
     threshold: λ, a float or f32 [batch].
+    block_q, block_kv: the block sizes the mask was made with.
+    q_len: query length (the last q tile may be partial).
 
   Returns:
     f32 [batch, q_heads, q_len].
@@ -509,10 +527,12 @@ class LayerReport:
     return np.asarray(self.skipped_blocks).sum(-1) / total
 
   def to_dict(self) -> dict[str, Any]:
+    """Nested lists and numbers for JSON (NaN and ±inf become None)."""
     return _json_safe(dataclasses.asdict(self))
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "LayerReport":
+    """Inverse of `to_dict`."""
     data = dict(data)
     data["gap_histogram"] = GapHistogram(**data["gap_histogram"])
     if data.get("context") is not None:
@@ -536,6 +556,7 @@ class ModelReport:
   layers: list[LayerReport]
 
   def layer(self, name: str) -> LayerReport:
+    """The layer called `name`; KeyError if there is none."""
     for layer in self.layers:
       if layer.name == name:
         return layer
@@ -543,25 +564,33 @@ class ModelReport:
                    f"{[l.name for l in self.layers]}.")
 
   def to_dict(self) -> dict[str, Any]:
+    """{"layers": [LayerReport.to_dict(), ...]}, JSON-ready."""
     return {"layers": [layer.to_dict() for layer in self.layers]}
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "ModelReport":
+    """Inverse of `to_dict`."""
     return cls(layers=[LayerReport.from_dict(l) for l in data["layers"]])
 
   def save_json(self, path: str) -> None:
+    """Writes `to_dict()` to `path` as JSON."""
     with open(path, "w") as f:
       json.dump(self.to_dict(), f, indent=1)
 
   @classmethod
   def load_json(cls, path: str) -> "ModelReport":
+    """Reads a report written by `save_json`."""
     with open(path) as f:
       return cls.from_dict(json.load(f))
 
   def table(self, threshold: float | None = None) -> str:
     """Per layer and head: sparsity at every λ, then at `threshold` (default
     the largest λ) the mean dropped mass, max |error|, relative L2 error and
-    the median block gap; an "all" row per layer pools the heads."""
+    the median block gap; an "all" row per layer pools the heads.
+
+    Raises:
+      ValueError: if `threshold` is not one of a layer's analysed λ.
+    """
     name_width = max([5] + [len(l.name) for l in self.layers])
     lines = []
     for layer in self.layers:
@@ -675,6 +704,12 @@ def gap_histogram(block_gap, visited_mask, edges=DEFAULT_GAP_EDGES
     block_gap, visited_mask: [batch, heads, n_q_tiles, n_kv_blocks] (an
       oracle result's), or any shape with the head axis second.
     edges: increasing bin edges in natural-log units.
+
+  Returns:
+    A `GapHistogram` (the +inf gaps of each tile's first block left out).
+
+  Raises:
+    ValueError: unless `edges` holds at least two increasing numbers.
   """
   edges = np.asarray(edges, np.float64)
   if edges.ndim != 1 or edges.size < 2 or np.any(np.diff(edges) <= 0):
@@ -763,7 +798,15 @@ def analyze_inputs(inputs: AttentionInputs, *, thresholds,
   `block_q`/`block_kv` override the layer's own tile sizes (its
   `inputs.block_q`/`block_kv`, else the library defaults); `progress_bar`
   is a bar shared with the caller (`analyze_model`), advanced once per λ
-  and per context length.
+  and per context length. Other arguments as `analyze_attention`.
+
+  Returns:
+    A `LayerReport`.
+
+  Raises:
+    ValueError: on bad q/k/v shapes, `kv_lengths` or `sm_scale` (as
+      `blasst_jax.attention`), λ outside [0, 1), or context lengths outside
+      [1, kv_len].
   """
   _check_inputs(inputs)
   thresholds = _check_thresholds(thresholds)
@@ -860,6 +903,11 @@ def analyze_attention(q, k, v, *, thresholds, causal: bool = False,
   Returns:
     A `LayerReport`. Memory: the dense probabilities,
     batch * q_heads * q_len * kv_len floats.
+
+  Raises:
+    ValueError: on bad shapes, dtypes, `kv_lengths` or `sm_scale` (as
+      `blasst_jax.attention`), λ outside [0, 1), or bad block sizes or
+      context lengths.
   """
   inputs = AttentionInputs(q=q, k=k, v=v, causal=causal, kv_lengths=kv_lengths,
                            sm_scale=sm_scale)
@@ -879,6 +927,9 @@ def analyze_model(model, *model_args, thresholds, model_kwargs=None,
 
   Returns:
     A `ModelReport`, layers in call order.
+
+  Raises:
+    ValueError: as `capture_attention_inputs` and `analyze_attention`.
   """
   thresholds = _check_thresholds(thresholds)
   captured = capture_attention_inputs(model, *model_args,

@@ -26,7 +26,11 @@ MOSAIC_HEAD_DIMS = (64, 128, 256)
 
 
 def is_hopper(device=None) -> bool:
-  """True for an NVIDIA Hopper GPU (H100, H200, H800, GH200: sm_90)."""
+  """True for an NVIDIA Hopper GPU (H100, H200, H800, GH200: sm_90).
+
+  Args:
+    device: a `jax.Device`, default the first device.
+  """
   device = device or jax.devices()[0]
   if device.platform not in ("gpu", "cuda"):
     return False
@@ -43,6 +47,16 @@ def default_implementation(backend: str | None = None, *, dtype=None,
   "pallas_mosaic" on a Hopper GPU for bf16/f16 and head_dim 64/128/256,
   "pallas_triton" on other GPUs (and other dtypes or head dims), and
   "reference" off GPU.
+
+  Args:
+    backend: a JAX backend name ("cpu", "gpu", "cuda", "rocm", "tpu"),
+      default `jax.default_backend()`.
+    dtype: the dtype of q/k/v, if known (None: any).
+    head_dim: the head dimension, if known (None: any).
+
+  Returns:
+    "reference", "pallas_triton" or "pallas_mosaic": a valid
+    `implementation` for `attention`.
   """
   backend = backend or jax.default_backend()
   if backend not in ("gpu", "cuda", "rocm"):

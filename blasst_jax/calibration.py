@@ -118,6 +118,10 @@ class DecodeOptions:
     num_splits: split-K factor; None: `decode.default_num_splits` of each
       input's shape, as `decode_attention` picks it.
     max_mode: "split", "anchored" or "global" (`decode_attention`).
+
+  Raises:
+    ValueError: for an unknown `max_mode`, a `block_kv` that is not a power
+      of two >= 16, or a `num_splits` that is not a positive int.
   """
 
   block_kv: int = decode_lib.DEFAULT_BLOCK_KV
@@ -138,6 +142,7 @@ class DecodeOptions:
                        f"{self.num_splits!r}.")
 
   def splits_for(self, inputs: DecodeInputs) -> int:
+    """The split-K factor used for `inputs` (an int >= 1)."""
     if self.num_splits is not None:
       return self.num_splits
     b, max_len, hkv, _ = inputs.k_cache.shape
@@ -276,6 +281,14 @@ def sweep_scale_factors(inputs, scale_factors=DEFAULT_SCALE_FACTORS, *,
     block_q, block_kv: prefill tiling (default: each input's own).
     decode_options: decode tiling and split settings.
     progress: draw a progress bar (stderr).
+
+  Returns:
+    A `ScaleFactorSweep` over the sorted, de-duplicated `scale_factors`.
+
+  Raises:
+    ValueError: for an unknown `phase`, inputs that are not a non-empty
+      list of the phase's input type or have bad shapes, or fewer than two
+      positive scale factors.
   """
   inputs = _check_phase_inputs(phase, inputs)
   scale_factors = _check_scale_factors(scale_factors)
@@ -335,8 +348,17 @@ def fit_exponential(sparsity, scale_factors, *,
   the flat ends of a sweep: runs of equal sparsity at its start (nothing
   skipped yet) and end (λ clipped), which carry no information on c.
 
+  Args:
+    sparsity: [n] measured sparsities in [0, 1].
+    scale_factors: [n] the positive c that gave them.
+    sparsity_range: (low, high): the sparsities fitted on.
+
+  Returns:
+    An `ExponentialFit`.
+
   Raises:
-    ValueError: if fewer than two distinct sparsities remain.
+    ValueError: for inputs that are not 1-D of one length, a c <= 0, or
+      fewer than two distinct sparsities left to fit.
   """
   s = np.asarray(sparsity, np.float64)
   c = np.asarray(scale_factors, np.float64)
@@ -433,6 +455,7 @@ class Calibration:
     return SkipSoftmaxConfig(threshold_scale_factor=dict(self.scale_factors))
 
   def to_dict(self) -> dict[str, Any]:
+    """Nested dicts, lists and numbers for JSON."""
     return analysis._json_safe(dataclasses.asdict(self))  # pylint: disable=protected-access
 
 
@@ -460,6 +483,12 @@ def calibrate(*, target_sparsity, prefill_inputs=None, decode_inputs=None,
 
   Returns:
     A `Calibration`; `.config` is the `SkipSoftmaxConfig` to use.
+
+  Raises:
+    ValueError: when neither phase has inputs, a target lies outside
+      (0, 1) or names an unknown phase, `fit_window` is outside (0, 1], a
+      target lies outside the sparsity range the sweep reached, or as
+      `sweep_scale_factors` and `fit_exponential`.
   """
   phase_inputs = {"prefill": prefill_inputs, "decode": decode_inputs}
   phase_inputs = {p: x for p, x in phase_inputs.items() if x is not None}
@@ -481,7 +510,14 @@ def calibrate(*, target_sparsity, prefill_inputs=None, decode_inputs=None,
 
 @dataclasses.dataclass(frozen=True)
 class HeldOutCheck:
-  """Achieved against target sparsity on inputs the fit has not seen."""
+  """Achieved against target sparsity on inputs the fit has not seen.
+
+  Attributes:
+    phase: "prefill" or "decode".
+    scale_factor: the c checked.
+    target, achieved: block sparsities in [0, 1].
+    tolerance: allowed |achieved - target|.
+  """
 
   phase: str
   scale_factor: float
@@ -491,13 +527,16 @@ class HeldOutCheck:
 
   @property
   def error(self) -> float:
+    """achieved - target."""
     return self.achieved - self.target
 
   @property
   def within_tolerance(self) -> bool:
+    """|achieved - target| <= tolerance."""
     return abs(self.error) <= self.tolerance
 
   def to_dict(self) -> dict[str, Any]:
+    """The fields plus `error` and `within_tolerance`, JSON-ready."""
     return dict(dataclasses.asdict(self), error=self.error,
                 within_tolerance=self.within_tolerance)
 
@@ -507,7 +546,19 @@ def achieved_sparsity(config: SkipSoftmaxConfig, inputs, *,
                       block_kv: int | None = None,
                       decode_options: DecodeOptions = DecodeOptions()
                       ) -> float:
-  """Pooled block sparsity of the oracle run with `config` on `inputs`."""
+  """Pooled block sparsity of the oracle run with `config` on `inputs`.
+
+  Args:
+    config: the `SkipSoftmaxConfig` (or λ) to run with.
+    inputs: as `sweep_scale_factors`.
+    phase, block_q, block_kv, decode_options: as `sweep_scale_factors`.
+
+  Returns:
+    skipped / visited blocks over all inputs, a float in [0, 1].
+
+  Raises:
+    ValueError: as `sweep_scale_factors` for bad inputs or phase.
+  """
   inputs = _check_phase_inputs(phase, inputs)
   skipped = visited = 0
   for x in inputs:
@@ -535,6 +586,10 @@ def check_calibration(config: SkipSoftmaxConfig, *, target_sparsity,
 
   Returns:
     {phase: `HeldOutCheck`}.
+
+  Raises:
+    ValueError: if `config` is not a `SkipSoftmaxConfig`, neither phase has
+      inputs, or a target is invalid (as `calibrate`).
   """
   if not isinstance(config, SkipSoftmaxConfig):
     raise ValueError(f"`config` must be a SkipSoftmaxConfig, got "

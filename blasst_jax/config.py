@@ -46,6 +46,11 @@ class SkipSoftmaxConfig:
       phases; a mapping `{"prefill": c_p, "decode": c_d}` sets them apart.
       With per-sequence `kv_lengths`, each sequence gets its own λ. λ is
       clipped to `MAX_DERIVED_THRESHOLD` for very short contexts.
+
+  Raises:
+    ValueError: when both are set, `threshold` is outside [0, 1), a scale
+      factor is negative or not a number, or a mapping has keys other than
+      "prefill" and "decode".
   """
 
   threshold: float | None = None
@@ -84,7 +89,19 @@ class SkipSoftmaxConfig:
     return {"prefill": items.get("prefill"), "decode": items.get("decode")}
 
   def threshold_for(self, kv_len, phase: Phase = "prefill"):
-    """λ for a context of `kv_len` keys (a number or an int array [batch])."""
+    """λ for a context of `kv_len` keys.
+
+    Args:
+      kv_len: context length, an int or an int array [batch].
+      phase: "prefill" or "decode" (selects the scale factor).
+
+    Returns:
+      λ: a float for an int `kv_len` or a fixed `threshold`, else an f32
+      array [batch].
+
+    Raises:
+      ValueError: for an unknown `phase`.
+    """
     if phase not in ("prefill", "decode"):
       raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}.")
     if self.threshold is not None:
@@ -99,7 +116,11 @@ class SkipSoftmaxConfig:
 
 
 def check_threshold(threshold: Any) -> None:
-  """Raises ValueError unless a concrete λ lies in [0, 1)."""
+  """Checks a concrete λ (a number or array of any shape); traced λ passes.
+
+  Raises:
+    ValueError: unless every value is finite and lies in [0, 1).
+  """
   try:
     values = np.asarray(threshold, dtype=np.float64)
   except (TypeError, jax.errors.TracerArrayConversionError,
@@ -113,14 +134,30 @@ def check_threshold(threshold: Any) -> None:
 
 
 def log_threshold(threshold) -> jax.Array:
-  """log λ as f32 (-inf for λ = 0, which never skips)."""
+  """log λ as f32, same shape as `threshold` (-inf for λ = 0: never skips)."""
   t = jnp.asarray(threshold, jnp.float32)
   return jnp.where(t > 0, jnp.log(jnp.maximum(t, 1e-38)), -jnp.inf)
 
 
 def resolve_threshold(threshold, kv_lengths, kv_len: int, batch: int,
                       phase: Phase = "prefill") -> jax.Array:
-  """λ per batch element, f32 [batch], from a float, array or config."""
+  """λ per batch element.
+
+  Args:
+    threshold: a float, an f32 array [] / [1] / [batch], or a
+      `SkipSoftmaxConfig`.
+    kv_lengths: optional int [batch]; a scale-factor config gives each
+      sequence λ = c / kv_lengths[b].
+    kv_len: padded key length, used without `kv_lengths`.
+    batch: batch size.
+    phase: "prefill" or "decode" (selects a config's scale factor).
+
+  Returns:
+    f32 [batch].
+
+  Raises:
+    ValueError: for λ outside [0, 1) or a threshold array of another shape.
+  """
   if isinstance(threshold, SkipSoftmaxConfig):
     if threshold.threshold is None and kv_lengths is not None:
       threshold = threshold.threshold_for(kv_lengths, phase)
@@ -137,6 +174,7 @@ def resolve_threshold(threshold, kv_lengths, kv_len: int, batch: int,
 
 
 def next_power_of_2(n: int) -> int:
+  """The smallest power of two >= n (1 for n <= 1)."""
   return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
@@ -147,6 +185,17 @@ def effective_block_sizes(q_len: int, kv_len: int, block_q: int | None,
   A block larger than the whole sequence is shrunk to the next power of two
   that covers it. This never changes skip decisions: there is one tile either
   way, and rows or keys past the end take no part in a decision.
+
+  Args:
+    q_len, kv_len: sequence lengths.
+    block_q, block_kv: requested tile sizes, None for the defaults
+      (`DEFAULT_BLOCK_Q`, `DEFAULT_BLOCK_KV`).
+
+  Returns:
+    (block_q, block_kv) as ints.
+
+  Raises:
+    ValueError: unless each size is a power of two >= `MIN_BLOCK`.
   """
   block_q = DEFAULT_BLOCK_Q if block_q is None else block_q
   block_kv = DEFAULT_BLOCK_KV if block_kv is None else block_kv
@@ -180,19 +229,20 @@ class SkipStats:
 
   @property
   def sparsity(self) -> jax.Array:
-    """skipped / visited per (batch, q-head), f32 (0 where nothing visited)."""
+    """skipped / visited, f32 [batch, q_heads] (0 where nothing visited)."""
     visited = jnp.maximum(self.visited_blocks, 1).astype(jnp.float32)
     return self.skipped_blocks.astype(jnp.float32) / visited
 
   @property
   def total_sparsity(self) -> jax.Array:
-    """skipped / visited over the whole call, a scalar."""
+    """skipped / visited over the whole call, an f32 scalar."""
     visited = jnp.maximum(jnp.sum(self.visited_blocks), 1)
     return jnp.sum(self.skipped_blocks) / visited.astype(jnp.float32)
 
   @property
   def mask_sparsity(self) -> jax.Array:
-    """Block-mask-removed / (visited + removed) over the call, a scalar."""
+    """Block-mask-removed / (visited + removed) over the call, an f32
+    scalar (0 without a block mask)."""
     masked = jnp.sum(self.masked_blocks) if self.masked_blocks is not None \
         else 0
     total = jnp.maximum(jnp.sum(self.visited_blocks) + masked, 1)
@@ -200,7 +250,7 @@ class SkipStats:
 
   @property
   def combined_sparsity(self) -> jax.Array:
-    """(Block-mask-removed + skipped) / (visited + removed), a scalar: the
+    """(Block-mask-removed + skipped) / (visited + removed), an f32 scalar: the
     fraction of the causal/length-allowed blocks whose P·V was not done."""
     masked = jnp.sum(self.masked_blocks) if self.masked_blocks is not None \
         else 0

@@ -65,11 +65,22 @@ def _num_sms() -> int:
 
 def default_num_splits(batch: int, kv_heads: int, max_len: int,
                        block_kv: int, num_sms: int | None = None) -> int:
-  """The most splits whose (batch, kv-head, split) programs still run in
-  one wave (PROGRAMS_PER_SM per SM), with at least MIN_BLOCKS_PER_SPLIT
-  blocks per split; 1 when batch * kv_heads alone fills the GPU.
+  """The split-K factor `decode_attention` uses when none is given.
 
-  `num_sms` defaults to the current device's (132 off GPU: an H100)."""
+  The most splits whose (batch, kv-head, split) programs still run in one
+  wave (PROGRAMS_PER_SM per SM), with at least MIN_BLOCKS_PER_SPLIT blocks
+  per split; 1 when batch * kv_heads alone fills the GPU.
+
+  Args:
+    batch, kv_heads: the cache's batch size and key/value heads.
+    max_len: cache length in tokens.
+    block_kv: keys per block.
+    num_sms: streaming multiprocessors; default the current device's (132
+      off GPU: an H100).
+
+  Returns:
+    The split count, an int >= 1.
+  """
   if num_sms is None:
     num_sms = _num_sms() if jax.default_backend() == "gpu" else H100_SMS
   blocks = -(-max_len // block_kv)
@@ -212,7 +223,15 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
       sequence's logical block; entries past a sequence's length are never
       read.
     kv_lengths: int [batch] <= pages_per_seq * page_size.
-    (other arguments as `decode_attention`)
+    threshold, sm_scale, num_splits, max_mode, implementation, return_stats,
+      interpret, kernel_config: as `decode_attention`.
+
+  Returns:
+    out with q's shape and dtype, or (out, DecodeStats).
+
+  Raises:
+    ValueError: on bad shapes, dtypes, lengths, page tables, thresholds or
+      options.
   """
   _check_decode_inputs(q, k_pages, v_pages, kv_lengths, cache_name="pages")
   table_shape = api._shape_of("page_table", page_table)  # pylint: disable=protected-access
@@ -298,8 +317,10 @@ def merge_partials(acc, m, l):
   """Combines split-K partials.
 
   Args:
-    acc: f32 [..., splits, rows, d] unnormalized accumulators; m, l: f32
-      [..., splits, rows] row max (log2 units) and row sums.
+    acc: f32 [..., splits, rows, d] unnormalized accumulators.
+    m: f32 [..., splits, rows] row max (log2 units), -inf for a split that
+      kept no key.
+    l: f32 [..., splits, rows] row sums.
 
   Returns:
     f32 [..., rows, d]; rows with no kept key give 0.

@@ -40,7 +40,7 @@ from blasst_jax import decode as decode_lib
 from blasst_jax import config as config_lib
 from blasst_jax.config import SkipSoftmaxConfig, SkipStats
 
-__all__ = ["SkipSelfAttention", "make_attention_fn"]
+__all__ = ["SkipSelfAttention", "apply_rope", "make_attention_fn"]
 
 # Set by `blasst_jax.analysis.capture_attention_inputs` while it runs a model:
 # every attention call of this module reports its inputs to it (one
@@ -71,6 +71,45 @@ def _check_options(threshold, implementation, block_q, block_kv,
   # Shape-independent part of the block size check (power of two >= 16).
   config_lib.effective_block_sizes(1, 1, block_q, block_kv)
   api.check_sm_scale(sm_scale)
+
+
+def apply_rope(x, positions, *, base: float = 10000.0, scale: float = 1.0):
+  """Rotary position embedding (RoPE) of queries or keys.
+
+  Dimension pairs (i, i + head_dim / 2) of every head are rotated by the
+  angle `positions / scale * base ** (-2 i / head_dim)` (the "rotate half"
+  layout of GPT-NeoX and Llama), so that the score of a rotated query at
+  position p and a rotated key at position p' depends on p - p' only.
+  `scale` > 1 interpolates positions (a model trained at length L reads
+  scale * L tokens with the angles it saw in training).
+
+  Args:
+    x: [batch, seq_len, heads, head_dim], head_dim even.
+    positions: int or float [batch, seq_len] or [seq_len].
+    base: the frequency base (> 1).
+    scale: positions are divided by it (> 0).
+
+  Returns:
+    x's shape and dtype; the rotation is computed in f32.
+
+  Raises:
+    ValueError: for an odd head_dim or positions of another length.
+  """
+  d = x.shape[-1]
+  if d % 2:
+    raise ValueError(f"RoPE needs an even head_dim, got {d}.")
+  positions = jnp.asarray(positions, jnp.float32)
+  if positions.ndim == 1:
+    positions = positions[None]
+  if positions.shape[-1] != x.shape[1]:
+    raise ValueError(f"`positions` must have shape [batch, {x.shape[1]}] or "
+                     f"[{x.shape[1]}], got {positions.shape}.")
+  inv_freq = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)
+  angle = (positions / scale)[..., None, None] * inv_freq    # [b, t, 1, d/2]
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
 
 
 def _sow(module: Any, stats: SkipStats) -> None:
@@ -187,7 +226,8 @@ class SkipSelfAttention(nnx.Module):
   """Multi-head self-attention (MHA/GQA/MQA) with skip-softmax.
 
   Projects x [batch, seq_len, in_features] to q [batch, seq_len, num_heads,
-  head_dim] and k, v [batch, seq_len, num_kv_heads, head_dim], runs
+  head_dim] and k, v [batch, seq_len, num_kv_heads, head_dim], optionally
+  rotates q and k by their positions (RoPE, `apply_rope`), runs
   `blasst_jax.attention`, and projects back to in_features. Unlike Flax's
   MultiHeadAttention it accepts per-sequence `kv_lengths` for padded batches.
 
@@ -201,7 +241,9 @@ class SkipSelfAttention(nnx.Module):
                implementation: str | None = None, block_q: int | None = None,
                block_kv: int | None = None, dtype=None,
                param_dtype=jnp.float32, interpret: bool | None = None,
-               kernel_config=None, rngs: nnx.Rngs):
+               kernel_config=None, rope: bool = False,
+               rope_base: float = 10000.0, rope_scale: float = 1.0,
+               rngs: nnx.Rngs):
     """Builds the layer.
 
     Args:
@@ -218,7 +260,17 @@ class SkipSelfAttention(nnx.Module):
         `blasst_jax.attention`.
       dtype: computation dtype of the projections (and so of attention).
       param_dtype: dtype of the parameters.
+      rope: rotate q and k by their positions (RoPE) before attention;
+        needs an even head_dim.
+      rope_base: RoPE frequency base.
+      rope_scale: RoPE position interpolation, positions / rope_scale (1:
+        none); an attribute that may be changed after training to read
+        longer contexts.
       rngs: initialisation randomness.
+
+    Raises:
+      ValueError: for head counts that do not divide, a bad head_dim, λ,
+        implementation, block size or RoPE setting.
     """
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     for name, value in (("num_heads", num_heads),
@@ -239,6 +291,12 @@ class SkipSelfAttention(nnx.Module):
     elif not isinstance(head_dim, (int, np.integer)) or head_dim <= 0:
       raise ValueError(f"`head_dim` must be a positive int, got {head_dim!r}.")
     _check_options(threshold, implementation, block_q, block_kv, None)
+    if rope and head_dim % 2:
+      raise ValueError(f"`rope` needs an even head_dim, got {head_dim}.")
+    if not rope_base > 1:
+      raise ValueError(f"`rope_base` must be > 1, got {rope_base!r}.")
+    if not rope_scale > 0:
+      raise ValueError(f"`rope_scale` must be > 0, got {rope_scale!r}.")
 
     self.num_heads = int(num_heads)
     self.num_kv_heads = int(num_kv_heads)
@@ -251,6 +309,9 @@ class SkipSelfAttention(nnx.Module):
     self.block_kv = block_kv
     self.interpret = interpret
     self.kernel_config = kernel_config
+    self.rope = bool(rope)
+    self.rope_base = float(rope_base)
+    self.rope_scale = float(rope_scale)
 
     def linear(fin, fout):
       return nnx.Linear(fin, fout, use_bias=use_bias, dtype=dtype,
@@ -261,20 +322,27 @@ class SkipSelfAttention(nnx.Module):
     self.v_proj = linear(in_features, num_kv_heads * head_dim)
     self.out_proj = linear(num_heads * head_dim, in_features)
 
-  def project_qkv(self, x):
+  def project_qkv(self, x, positions=None):
     """x [batch, seq_len, in_features] -> q, k, v in the attention layout.
 
     q: [batch, seq_len, num_heads, head_dim]; k, v: [batch, seq_len,
-    num_kv_heads, head_dim].
+    num_kv_heads, head_dim]. With `rope`, q and k are rotated by
+    `positions` (int [batch, seq_len] or [seq_len]; default 0..seq_len-1).
     """
     b, t = x.shape[:2]
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.rope:
+      positions = jnp.arange(t) if positions is None else positions
+      q = apply_rope(q, positions, base=self.rope_base,
+                     scale=self.rope_scale)
+      k = apply_rope(k, positions, base=self.rope_base,
+                     scale=self.rope_scale)
     return q, k, v
 
   def __call__(self, x, *, kv_lengths=None, threshold=None,
-               return_stats: bool = False):
+               return_stats: bool = False, block_selector=None):
     """Self-attention over x.
 
     Args:
@@ -285,6 +353,13 @@ class SkipSelfAttention(nnx.Module):
       threshold: overrides the layer's λ for this call (float, f32 [batch],
         or `SkipSoftmaxConfig`; may be traced).
       return_stats: also return a `SkipStats` ([batch, num_heads] counts).
+      block_selector: optional `fn(q, k) -> block_mask` called with this
+        layer's q [batch, seq_len, num_heads, head_dim] and k [batch,
+        seq_len, num_kv_heads, head_dim] (after RoPE); the bool mask
+        [batch, num_heads, n_q_tiles, n_kv_blocks], in this layer's
+        block_q x block_kv tiles, is passed to `blasst_jax.attention` as
+        `block_mask` (e.g. XAttention selection, `blasst_jax.xattention`).
+        None: no block mask.
 
     Returns:
       [batch, seq_len, in_features], or (that, SkipStats).
@@ -298,9 +373,11 @@ class SkipSelfAttention(nnx.Module):
     _report_inputs(self, q, k, v, causal=self.causal, kv_lengths=kv_lengths,
                    sm_scale=None, block_q=self.block_q,
                    block_kv=self.block_kv, threshold=threshold)
+    block_mask = None if block_selector is None else block_selector(q, k)
     result = api.attention(
         q, k, v, threshold=threshold, causal=self.causal,
-        kv_lengths=kv_lengths, implementation=self.implementation,
+        kv_lengths=kv_lengths, block_mask=block_mask,
+        implementation=self.implementation,
         return_stats=return_stats, block_q=self.block_q,
         block_kv=self.block_kv, interpret=self.interpret,
         kernel_config=self.kernel_config)
@@ -310,10 +387,12 @@ class SkipSelfAttention(nnx.Module):
     return (y, stats) if return_stats else y
 
   def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> None:
-    """Allocates a KV cache in NNX state (`nnx.Cache` variables).
+    """Allocates an empty KV cache in NNX state (`nnx.Cache` variables).
 
-    k_cache, v_cache: [batch, max_len, num_kv_heads, head_dim];
-    cache_lengths: int32 [batch], tokens stored per sequence.
+    k_cache, v_cache: [batch, max_len, num_kv_heads, head_dim] of `dtype`;
+    cache_lengths: int32 [batch], tokens stored per sequence. Steps past
+    max_len are not checked (under jit they cannot be): they overwrite the
+    last entry, so allocate max_len for the longest generation.
     """
     shape = (batch, max_len, self.num_kv_heads, self.head_dim)
     self.k_cache = nnx.Cache(jnp.zeros(shape, dtype))
@@ -340,8 +419,8 @@ class SkipSelfAttention(nnx.Module):
     if x.shape != (b, 1, self.in_features):
       raise ValueError(f"`x` must have shape [batch, 1, in_features]="
                        f"{(b, 1, self.in_features)}, got {x.shape}.")
-    q, k, v = self.project_qkv(x)            # [b, 1, h, d], [b, 1, hkv, d]
     pos = self.cache_lengths[...]           # [b]
+    q, k, v = self.project_qkv(x, pos[:, None])  # [b, 1, h(kv), d]
     write = jax.vmap(lambda cache, new, p: jax.lax.dynamic_update_slice(
         cache, new.astype(cache.dtype), (p, 0, 0)))
     self.k_cache[...] = write(self.k_cache[...], k, pos)

@@ -56,6 +56,9 @@ def sink_local_qkv(key: jax.Array, *, batch: int, seq_len: int,
 
   Returns:
     q, k, v.
+
+  Raises:
+    ValueError: for head_dim < 8 (too few dims for position and sink).
   """
   kv_heads = q_heads if kv_heads is None else kv_heads
   kv_len = seq_len if kv_len is None else kv_len
@@ -103,7 +106,20 @@ def random_qkv(key: jax.Array, *, batch: int, seq_len: int, q_heads: int,
                kv_heads: int | None = None, head_dim: int = 64,
                kv_len: int | None = None, scale: float = 1.0,
                dtype=jnp.float32):
-  """Plain Gaussian (q, k, v); `scale` sharpens the scores."""
+  """Plain Gaussian (q, k, v); `scale` sharpens the scores.
+
+  Args:
+    key: PRNG key.
+    batch, seq_len, q_heads, kv_heads, head_dim, kv_len: shapes, as
+      `sink_local_qkv` (kv_heads default q_heads, kv_len default seq_len).
+    scale: multiplies q (score standard deviation ≈ scale, before
+      sm_scale).
+    dtype: dtype of the returned arrays.
+
+  Returns:
+    q [batch, seq_len, q_heads, head_dim], k and v [batch, kv_len, kv_heads,
+    head_dim].
+  """
   kv_heads = q_heads if kv_heads is None else kv_heads
   kv_len = seq_len if kv_len is None else kv_len
   kq, kk, kv = jax.random.split(key, 3)

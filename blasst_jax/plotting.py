@@ -24,7 +24,16 @@ DPI = 110
 
 
 def save_figure(fig: Figure, path: str | None, dpi: int = DPI) -> Figure:
-  """Lays `fig` out and writes it to `path` (if given); no pyplot state."""
+  """Lays `fig` out and writes it to `path` (if given); no pyplot state.
+
+  Args:
+    fig: the figure.
+    path: output file (format from the extension), or None to only lay out.
+    dpi: resolution of the written file.
+
+  Returns:
+    `fig`.
+  """
   fig.tight_layout()
   if path is not None:
     fig.savefig(path, dpi=dpi)
@@ -49,6 +58,13 @@ def plot_block_map(layer: analysis.LayerReport, head: int | None = None, *,
   Args:
     layer: a report made with `heatmap_threshold`.
     head: one q head, or None for all heads side by side.
+    path: also write the figure there (PNG by extension).
+
+  Returns:
+    The `Figure`.
+
+  Raises:
+    ValueError: if `layer` has no block map or `head` is out of range.
   """
   if layer.block_map is None:
     raise ValueError(f"Layer {layer.name!r} has no block map: analyze it with "
@@ -89,7 +105,11 @@ def _positive(thresholds) -> np.ndarray:
 
 def plot_sparsity_vs_threshold(report: analysis.ModelReport, *,
                                path: str | None = None) -> Figure:
-  """Block sparsity against λ, one panel per layer, a line per head."""
+  """Block sparsity against λ, one panel per layer, a line per head.
+
+  λ = 0 has no place on the log axis and is left out. `path`: also write the
+  figure there. Returns the `Figure`.
+  """
   fig, axes = _grid(len(report.layers))
   for ax, layer in zip(axes, report.layers):
     lams = np.asarray(layer.thresholds)
@@ -121,6 +141,18 @@ def plot_error_vs_sparsity(report: analysis.ModelReport, *,
 
   Thin lines are heads, thick lines layers (for "rel_l2_error" pooled over
   heads, otherwise the mean or max over heads).
+
+  Args:
+    report: an `analysis.ModelReport`.
+    metric: one of `ERROR_METRICS`: "rel_l2_error", "max_abs_error",
+      "dropped_mass_mean" or "dropped_mass_max".
+    path: also write the figure there.
+
+  Returns:
+    The `Figure`.
+
+  Raises:
+    ValueError: for an unknown `metric`.
   """
   if metric not in ERROR_METRICS:
     raise ValueError(f"`metric` must be one of {sorted(ERROR_METRICS)}, got "
@@ -153,7 +185,13 @@ def plot_error_vs_sparsity(report: analysis.ModelReport, *,
 def plot_sparsity_vs_context(report: analysis.ModelReport, *,
                              path: str | None = None) -> Figure:
   """Mean sparsity over heads against context length, per layer and
-  setting (fixed λ or λ = c / length)."""
+  setting (fixed λ or λ = c / length).
+
+  `path`: also write the figure there. Returns the `Figure`.
+
+  Raises:
+    ValueError: if no layer was analysed with `context_lengths`.
+  """
   layers = [l for l in report.layers if l.context is not None]
   if not layers:
     raise ValueError("No layer has a context sweep: analyze with "
@@ -183,7 +221,11 @@ def plot_sparsity_vs_context(report: analysis.ModelReport, *,
 def plot_gap_histogram(layer: analysis.LayerReport, *,
                        path: str | None = None) -> Figure:
   """Distribution of the block gap `m_blk - m_prev` per head, with log λ of
-  the sweep marked: blocks left of a line are skipped at that λ."""
+  the sweep marked: blocks left of a line are skipped at that λ.
+
+  `layer`: an `analysis.LayerReport`; `path`: also write the figure there.
+  Returns the `Figure`.
+  """
   hist = layer.gap_histogram
   edges = np.asarray(hist.edges)
   fig = Figure(figsize=(7.5, 4.5))
@@ -212,6 +254,10 @@ def plot_calibration(calibration, checks: Mapping | None = None, *,
   Args:
     calibration: a `calibration.Calibration`.
     checks: {phase: `calibration.HeldOutCheck`} (optional).
+    path: also write the figure there.
+
+  Returns:
+    The `Figure`.
   """
   phases = list(calibration.sweeps)
   fig, axes = _grid(len(phases), width=5.5, height=4.2)
@@ -244,7 +290,18 @@ def plot_report(report: analysis.ModelReport, directory: str, *,
                 block_map_heads: Sequence[int] | None = None) -> list[str]:
   """Writes every figure of a report into `directory`; returns the paths.
 
-  Block maps: one file per layer (all heads, or `block_map_heads`)."""
+  Sparsity and error against λ, sparsity against context (when analysed),
+  and per layer the gap histogram and block map(s).
+
+  Args:
+    report: an `analysis.ModelReport`.
+    directory: an existing directory; PNG files are written there.
+    block_map_heads: one block map file per listed head, or None for one
+      file per layer with all heads.
+
+  Returns:
+    The written paths.
+  """
   paths = []
 
   def save(fig_fn, name, *args, **kwargs):

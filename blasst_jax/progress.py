@@ -27,6 +27,18 @@ class ProgressBar:
 
   def __init__(self, total: int, desc: str = "", *, width: int = 30,
                stream: TextIO | None = None, enabled: bool = True):
+    """Starts the clock; nothing is drawn until the first `update`.
+
+    Args:
+      total: units of work, >= 0.
+      desc: label after the counts.
+      width: characters of the bar.
+      stream: where to draw, default stderr.
+      enabled: False counts silently (callers keep one code path).
+
+    Raises:
+      ValueError: for a negative `total`.
+    """
     if total < 0:
       raise ValueError(f"`total` must be >= 0, got {total}.")
     self.total = total
@@ -52,6 +64,7 @@ class ProgressBar:
             f"{_format_seconds(elapsed)}<{_format_seconds(remaining)}")
 
   def update(self, n: int = 1) -> None:
+    """Advances by `n` units (capped at `total`) and redraws."""
     self.count = min(self.count + n, self.total)
     if not self.enabled:
       return
@@ -66,6 +79,7 @@ class ProgressBar:
       self.stream.flush()
 
   def close(self) -> None:
+    """Ends the bar's line on a terminal; later calls do nothing."""
     if self._closed:
       return
     self._closed = True

@@ -52,10 +52,12 @@ class BlockwiseResult:
 
 
 def default_sm_scale(head_dim: int) -> float:
+  """The default score scale, 1 / sqrt(head_dim), as a Python float."""
   return 1.0 / math.sqrt(head_dim)
 
 
 def kv_lengths_or_full(kv_lengths, batch: int, kv_len: int) -> jax.Array:
+  """int32 [batch]: `kv_lengths` clipped to kv_len, or kv_len when None."""
   if kv_lengths is None:
     return jnp.full((batch,), kv_len, jnp.int32)
   return jnp.minimum(jnp.asarray(kv_lengths, jnp.int32), kv_len)
@@ -69,7 +71,14 @@ def _group_q(q: jax.Array, num_kv_heads: int) -> jax.Array:
 
 def key_mask(q_len: int, kv_len: int, kv_lengths: jax.Array, causal: bool,
              q_offset: int = 0, k_offset: int = 0) -> jax.Array:
-  """bool [batch, q_len, kv_len]: True where query i may see key j."""
+  """bool [batch, q_len, kv_len]: True where query i may see key j.
+
+  Args:
+    q_len, kv_len: sequence lengths.
+    kv_lengths: int [batch]; keys at positions >= kv_lengths[b] are hidden.
+    causal: hide keys j > i (top-left aligned, after the offsets).
+    q_offset, k_offset: absolute positions of query 0 and key 0.
+  """
   qi = q_offset + jnp.arange(q_len)[:, None]
   kj = k_offset + jnp.arange(kv_len)[None, :]
   mask = kj[None] < kv_lengths[:, None, None]
@@ -79,7 +88,12 @@ def key_mask(q_len: int, kv_len: int, kv_lengths: jax.Array, causal: bool,
 
 
 def attention_scores(q, k, *, causal=False, sm_scale=None, kv_lengths=None):
-  """Masked scores f32 [batch, q_heads, q_len, kv_len] (-inf where masked)."""
+  """Masked scores f32 [batch, q_heads, q_len, kv_len] (-inf where masked).
+
+  q [batch, q_len, q_heads, head_dim] and k [batch, kv_len, kv_heads,
+  head_dim] (q_heads % kv_heads == 0); other arguments as `dense_attention`.
+  Shapes are not validated here (`blasst_jax.attention` does that).
+  """
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
   sm_scale = default_sm_scale(d) if sm_scale is None else sm_scale
@@ -94,7 +108,11 @@ def attention_scores(q, k, *, causal=False, sm_scale=None, kv_lengths=None):
 
 def attention_probabilities(q, k, *, causal=False, sm_scale=None,
                             kv_lengths=None) -> jax.Array:
-  """Dense softmax f32 [batch, q_heads, q_len, kv_len]; 0 for masked rows."""
+  """Dense softmax f32 [batch, q_heads, q_len, kv_len]; 0 for masked rows.
+
+  Arguments as `attention_scores`. Memory: batch * q_heads * q_len * kv_len
+  floats.
+  """
   s = attention_scores(q, k, causal=causal, sm_scale=sm_scale,
                        kv_lengths=kv_lengths)
   m = jnp.max(s, axis=-1, keepdims=True)
@@ -117,7 +135,11 @@ def dense_attention(q, k, v, *, causal=False, sm_scale=None, kv_lengths=None,
     return_lse: also return f32 [batch, q_heads, q_len] log-sum-exp.
 
   Returns:
-    out [batch, q_len, q_heads, head_dim] in q's dtype (and lse).
+    out [batch, q_len, q_heads, head_dim] in q's dtype (and lse, -inf for
+    rows with no visible key); rows with no visible key are 0.
+
+  Shapes and dtypes are not validated: this is the oracle the checked entry
+  point `blasst_jax.attention` is tested against.
   """
   b, lq, hq, d = q.shape
   hkv = k.shape[2]
@@ -148,6 +170,14 @@ def visited_blocks_mask(q_len: int, kv_len: int, block_q: int, block_kv: int,
   A (q-tile, kv-block) pair is visited when at least one real query row of
   the tile may see at least one key of the block (and, with a block mask,
   when the mask selects it).
+
+  Args:
+    q_len, kv_len: sequence lengths.
+    block_q, block_kv: tile sizes.
+    kv_lengths: int [batch].
+    causal: top-left aligned causal mask.
+    block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks]; with
+      it the result has q_heads, without it 1.
   """
   nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
   # Keys visible at all per batch element: below kv_lengths.
@@ -190,6 +220,11 @@ def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
 
   Returns:
     A `BlockwiseResult`.
+
+  Raises:
+    ValueError: for block sizes that are not powers of two >= 16, or λ
+      outside [0, 1) or of a shape other than [] / [batch]. Other input is
+      not validated (`blasst_jax.attention` does that).
   """
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
@@ -322,6 +357,8 @@ def decode_split_starts(kv_lengths, num_blocks: int, block_kv: int,
                         num_splits: int) -> jax.Array:
   """bool [batch, num_blocks]: the blocks that start a split.
 
+  `kv_lengths` is int [batch]; `num_blocks` the padded block count.
+
   A sequence's `ceil(kv_len / block_kv)` blocks are cut into `num_splits`
   contiguous runs of `ceil(n_blocks / num_splits)` blocks (the last runs may
   be shorter or empty), so ragged batches share the work evenly.
@@ -339,6 +376,7 @@ def decode_anchor_max(m_blk, kv_lengths, block_kv: int) -> jax.Array:
     m_blk: f32 [batch, kv_heads, group, n_blocks], block row maxima (keys
       past the length at -inf).
     kv_lengths: int [batch].
+    block_kv: keys per block.
 
   Returns:
     f32 [batch, kv_heads, group]; -inf for empty sequences.
@@ -390,6 +428,10 @@ def blockwise_decode_attention(q, k, v, kv_lengths, *, block_kv: int,
 
   Returns:
     A `DecodeResult`.
+
+  Raises:
+    ValueError: for an unknown `max_mode` or λ outside [0, 1). Other input
+      is not validated (`blasst_jax.decode_attention` does that).
   """
   if max_mode not in DECODE_MAX_MODES:
     raise ValueError(f"`max_mode` must be one of {DECODE_MAX_MODES}, got "

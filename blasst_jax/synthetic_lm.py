@@ -71,6 +71,10 @@ class SyntheticLM:
         chain never produces these ids.
       recall_prob: probability in [0, 1) that a recall (the recall token,
         then the prompt) starts at a position after the prompt.
+
+    Raises:
+      ValueError: for an argument outside the ranges above, or a
+        `branching` larger than the ids left for the chain.
     """
     for name, value, low in (("vocab_size", vocab_size, 2),
                              ("branching", branching, 1),
@@ -118,6 +122,16 @@ class SyntheticLM:
   def batch(self, index: int, *, batch_size: int, seq_len: int,
             split: str = "train") -> np.ndarray:
     """Batch number `index` of a split.
+
+    Args:
+      index: batch number, >= 0; the same index and split give the same
+        tokens.
+      batch_size: sequences, >= 1.
+      seq_len: input length, >= 1.
+      split: one of `SPLITS` ("train" or the held-out split).
+
+    Raises:
+      ValueError: for an unknown split or a value below its minimum.
 
     Returns:
       int32 [batch_size, seq_len + 1]: inputs are `[:, :-1]`, next-token

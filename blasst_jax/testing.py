@@ -29,6 +29,7 @@ class AttentionShape:
 
   @property
   def name(self) -> str:
+    """A file-name-safe label, e.g. "b2_q128_kv128_h2x2_d32"."""
     return (f"b{self.batch}_q{self.q_len}_kv{self.kv_len}_h{self.q_heads}"
             f"x{self.kv_heads}_d{self.head_dim}")
 
@@ -39,7 +40,22 @@ class AttentionShape:
 
   def inputs(self, key, *, pattern: str = "sink_local", dtype=jnp.float32,
              **pattern_kwargs):
-    """(q, k, v) with a named score pattern: "sink_local" or "random"."""
+    """(q, k, v) with a named score pattern: "sink_local" or "random".
+
+    Args:
+      key: PRNG key.
+      pattern: "sink_local" (`patterns.sink_local_qkv`) or "random"
+        (`patterns.random_qkv`).
+      dtype: dtype of the arrays.
+      **pattern_kwargs: passed to the pattern function.
+
+    Returns:
+      q [batch, q_len, q_heads, head_dim], k and v [batch, kv_len,
+      kv_heads, head_dim].
+
+    Raises:
+      ValueError: for an unknown `pattern`.
+    """
     common = dict(batch=self.batch, seq_len=self.q_len, kv_len=self.kv_len,
                   q_heads=self.q_heads, kv_heads=self.kv_heads,
                   head_dim=self.head_dim, dtype=dtype)

@@ -184,7 +184,11 @@ class SinkLocalTransformer(nnx.Module):
     return jax.random.normal(key, (batch, seq_len, self.content_dim))
 
   def __call__(self, content):
-    """content [batch, seq_len, content_dim] -> [batch, seq_len, width]."""
+    """content [batch, seq_len, content_dim] -> [batch, seq_len, width].
+
+    Raises:
+      ValueError: for content of another rank or last dimension.
+    """
     if content.ndim != 3 or content.shape[-1] != self.content_dim:
       raise ValueError(f"`content` must have shape [batch, seq_len, "
                        f"{self.content_dim}], got {content.shape}.")

@@ -79,13 +79,15 @@ def block_scores(q, k, *, block_size: int = 128, stride: int = 8,
                  q_chunk_blocks: int = 16, implementation: str | None = None,
                  config: xattention_triton.EstimateConfig | None = None,
                  interpret: bool = False) -> jax.Array:
-  """Estimated attention mass per block, f32 [batch, q_heads, n_q_blocks,
-  n_kv_blocks]: each real query group's softmax over the strided scores
-  sums to 1, so a q-block row sums to its number of real query groups.
+  """Estimated attention mass per (q block, kv block).
+
+  Each real query group's softmax over the strided scores sums to 1, so a
+  q-block row sums to its number of real query groups.
 
   Args:
-    q: [batch, q_len, q_heads, head_dim]; k: [batch, kv_len, kv_heads,
-      head_dim] (GQA: each q head scores against its KV head).
+    q: [batch, q_len, q_heads, head_dim], float32/bfloat16/float16.
+    k: [batch, kv_len, kv_heads, head_dim], same dtype, q_heads % kv_heads
+      == 0 (GQA: each q head scores against its KV head).
     block_size: tokens per block, a multiple of `stride`; lengths are
       padded to whole blocks.
     stride: tokens per antidiagonal group.
@@ -101,6 +103,16 @@ def block_scores(q, k, *, block_size: int = 128, stride: int = 8,
       block_size / stride is a power of two) or "xla" (default elsewhere).
     config: `xattention_triton.EstimateConfig` tuning knobs of the kernel.
     interpret: run the kernel in Pallas interpret mode (CPU tests).
+
+  Returns:
+    f32 [batch, q_heads, n_q_blocks, n_kv_blocks], n_*_blocks =
+    ceil(length / block_size).
+
+  Raises:
+    ValueError: on shapes of the wrong rank, mismatched batch / head_dim,
+      q heads that are not a multiple of the KV heads, a stride or block
+      size that does not fit, an unknown `implementation`, or
+      "pallas_triton" with a block_size / stride it cannot tile.
   """
   _check(q, k, block_size, stride, 0.5, q_chunk_blocks)
   config = config or xattention_triton.EstimateConfig()
@@ -199,6 +211,8 @@ def select_from_scores(scores, threshold, *, allowed, forced) -> jax.Array:
     bool like scores: forced blocks, then blocks in decreasing mass while
     the mass kept before them is below τ · total (τ = 1 keeps every allowed
     block).
+
+  τ is not range-checked here (`select_blocks` checks it).
   """
   b, h = scores.shape[:2]
   tau = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32).reshape(
@@ -255,7 +269,9 @@ def select_blocks(q, k, *, block_size: int = 128, stride: int = 8,
     bool [batch, q_heads, n_q_blocks, n_kv_blocks].
 
   Raises:
-    ValueError: on bad shapes, stride/block size, or τ outside (0, 1].
+    ValueError: on bad shapes, stride/block size, τ outside (0, 1] or of
+      another shape, or an estimate `implementation` that cannot run (see
+      `block_scores`).
   """
   _check(q, k, block_size, stride, threshold, q_chunk_blocks)
   b, lq = q.shape[:2]

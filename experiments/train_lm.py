@@ -1,4 +1,10 @@
-r"""Train a small GPT (`blasst_jax.gpt`) on synthetic tokens, dense or sparse.
+r"""Train a small GPT (`blasst_jax.gpt`) on tokens, dense or sparse.
+
+Data (`cfg.data.kind`): "synthetic" (default; `blasst_jax.synthetic_lm`,
+the other `cfg.data` fields are its arguments) or "text": random crops of
+the real-text dataset in `cfg.data.data_dir` written by
+experiments/prepare_text.py (`blasst_jax.text_data`; the vocabulary is the
+tokenizer's, evaluation reads the held-out documents).
 
 Modes (`--config.mode`, or the config variant):
   dense     λ = 0.
@@ -27,7 +33,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -40,16 +45,16 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
 from blasst_jax import calibration  # pylint: disable=g-import-not-at-top
 from blasst_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from blasst_jax import gpt  # pylint: disable=g-import-not-at-top
+from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
 from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
 from blasst_jax import synthetic_lm  # pylint: disable=g-import-not-at-top
 from blasst_jax import testing  # pylint: disable=g-import-not-at-top
+from blasst_jax import text_data  # pylint: disable=g-import-not-at-top
 from blasst_jax.config import SkipSoftmaxConfig  # pylint: disable=g-import-not-at-top
 from blasst_jax.progress import ProgressBar  # pylint: disable=g-import-not-at-top
 
@@ -61,8 +66,16 @@ _PLOT_OUTPUT = flags.DEFINE_string("plot_output", "training_compare.png",
                                    "PNG written with --plot_logs.")
 
 MODES = ("dense", "sparse", "finetune")
+DATA_KINDS = ("synthetic", "text")
 MAX_THRESHOLD = config_lib.MAX_DERIVED_THRESHOLD
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = lm_checkpoint.CHECKPOINT_DIR
+# Shared with experiments/eval_sparsity.py (blasst_jax/lm_checkpoint.py).
+data_kind = lm_checkpoint.data_kind
+vocab_size = lm_checkpoint.vocab_size
+build_model = lm_checkpoint.build_model
+checkpoint_steps = lm_checkpoint.checkpoint_steps
+save_checkpoint = lm_checkpoint.save_checkpoint
+restore_checkpoint = lm_checkpoint.restore_checkpoint
 
 
 def check_config(cfg) -> None:
@@ -95,21 +108,32 @@ def check_config(cfg) -> None:
       0 <= s.target_sparsity < 1):
     raise ValueError("Need sparsity.threshold in [0, 1), scale_factor >= 0, "
                      f"target_sparsity in [0, 1); got {s.to_dict()}.")
+  kind = data_kind(cfg)
+  if kind not in DATA_KINDS:
+    raise ValueError(f"`data.kind` must be one of {DATA_KINDS}, got "
+                     f"{kind!r}.")
+  if kind == "text":
+    if not cfg.data.get("data_dir"):
+      raise ValueError("`data.kind` 'text' needs `data.data_dir`, a folder "
+                       "written by experiments/prepare_text.py.")
+    text_data.load_manifest(cfg.data.data_dir)   # ValueError naming the fix
   if cfg.init_from and not os.path.isdir(
       os.path.join(cfg.init_from, CHECKPOINT_DIR)):
     raise ValueError(f"`init_from` ({cfg.init_from!r}) holds no "
                      f"{CHECKPOINT_DIR}/ folder of a train_lm.py run.")
 
 
-def build_model(cfg) -> gpt.GPT:
-  m = cfg.model
-  return gpt.GPT(
-      cfg.data.vocab_size, cfg.seq_len, num_layers=m.num_layers,
-      d_model=m.d_model, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-      mlp_ratio=m.mlp_ratio, tie_embeddings=m.tie_embeddings,
-      implementation=m.implementation, block_q=m.block_q,
-      block_kv=m.block_kv, dtype=jnp.dtype(m.dtype),
-      param_dtype=jnp.dtype(m.param_dtype), rngs=nnx.Rngs(cfg.seed))
+def make_source(cfg):
+  """The token source: `SyntheticLM` or `text_data.TextBatches`.
+
+  Both have `batch(index, *, batch_size, seq_len, split)` -> int32
+  [batch_size, seq_len + 1], split "train" or "eval" (held out).
+  """
+  if data_kind(cfg) == "text":
+    return text_data.TextBatches(cfg.data.data_dir, seed=cfg.data.seed,
+                                 start=cfg.data.get("start", "random"))
+  args = {k: v for k, v in cfg.data.to_dict().items() if k != "kind"}
+  return synthetic_lm.SyntheticLM(**args)
 
 
 def make_optimizer(cfg, steps: int) -> optax.GradientTransformation:
@@ -136,61 +160,6 @@ def loss_and_sparsity(graphdef, params, tokens, threshold):
   loss = optax.softmax_cross_entropy_with_integer_labels(
       logits, tokens[:, 1:]).mean()
   return loss, jnp.stack([s.total_sparsity for s in stats])
-
-
-# ---------------------------------------------------------------- checkpoints
-def _flatten(tree) -> dict:
-  """{path string: leaf}: a container-free tree that orbax round-trips."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(p): x for p, x in leaves}
-
-
-def _unflatten(target, flat: dict):
-  paths, treedef = jax.tree_util.tree_flatten_with_path(target)
-  return jax.tree_util.tree_unflatten(
-      treedef, [flat[jax.tree_util.keystr(p)] for p, _ in paths])
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of the complete checkpoints in workdir, ascending."""
-  root = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(root):
-    return []
-  # orbax writes into a temporary name and renames when complete.
-  return sorted(int(d.split("_")[1]) for d in os.listdir(root)
-                if d.startswith("step_") and d.split("_")[1].isdigit())
-
-
-def save_checkpoint(workdir: str, state: dict, step: int, keep: int) -> None:
-  root = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(root, f"step_{step}"), _flatten(state),
-                    force=True)
-  checkpointer.wait_until_finished()
-  for old in checkpoint_steps(workdir)[:-keep]:
-    shutil.rmtree(os.path.join(root, f"step_{old}"))
-
-
-def restore_checkpoint(workdir: str, target: dict, step: int | None = None):
-  """The latest (or given) checkpoint, shaped like `target`; None if none."""
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    return None
-  step = steps[-1] if step is None else step
-  flat_target = _flatten(target)
-  if set(target) != {"params"}:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, flat_target)
-  else:
-    abstract = None
-  path = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR,
-                                      f"step_{step}"))
-  checkpointer = ocp.StandardCheckpointer()
-  if abstract is None:       # params only (init_from): read what is there
-    flat = checkpointer.restore(path)
-    flat = {k: flat[k] for k in flat_target}
-  else:
-    flat = checkpointer.restore(path, abstract)
-  return _unflatten(target, flat)
 
 
 # ------------------------------------------------------------------ threshold
@@ -261,7 +230,7 @@ def train(cfg, workdir: str, *, init_from: str = "", steps: int | None = None,
   """
   steps = cfg.steps if steps is None else steps
   os.makedirs(workdir, exist_ok=True)
-  source = synthetic_lm.SyntheticLM(**cfg.data.to_dict())
+  source = make_source(cfg)
   model = build_model(cfg)
   graphdef, params = nnx.split(model)
   tx = make_optimizer(cfg, steps)
@@ -281,6 +250,13 @@ def train(cfg, workdir: str, *, init_from: str = "", steps: int | None = None,
          "threshold": threshold_record, "num_params": int(sum(
              x.size for x in jax.tree.leaves(params))), "evals": [],
          **(device or {})}
+  if data_kind(cfg) == "text":
+    manifest = text_data.load_manifest(cfg.data.data_dir)
+    log["data"] = {
+        "vocab_size": manifest["vocab_size"], "sources": manifest["sources"],
+        "sha256": manifest["sha256"],
+        **{f"{split}_tokens": info["num_tokens"]
+           for split, info in manifest["splits"].items()}}
   if restored is not None:
     state = restored
     if os.path.exists(log_path):

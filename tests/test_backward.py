@@ -119,9 +119,11 @@ def test_forward_tiles_are_cut_into_backward_tiles():
     np.testing.assert_allclose(got, want, atol=2e-5 * scale, rtol=1e-4)
 
 
-def test_hopper_backward_interpreted_matches_oracle_without_races():
+@pytest.mark.parametrize("fuse_dq", [True, False])
+def test_hopper_backward_interpreted_matches_oracle_without_races(fuse_dq):
   """The Mosaic GPU backward in Pallas' GPU interpret mode (CPU): causal,
-  GQA, a ragged sequence, a keep mask on the forward's 64 x 128 tiles."""
+  GQA, a ragged sequence, a keep mask on the forward's 64 x 128 tiles; one
+  kernel with dQ reduced from dS, or a second dQ kernel."""
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
   from blasst_jax import patterns  # pylint: disable=g-import-not-at-top
@@ -147,6 +149,7 @@ def test_hopper_backward_interpreted_matches_oracle_without_races():
   grads = jax.block_until_ready(pallas_mosaic_bwd.attention_backward(
       q, k, v, oracle.out, oracle.lse, d_out, kv_lengths, keep, causal=True,
       sm_scale=d ** -0.5, block_q=64, block_kv=128,
+      config=pallas_mosaic_bwd.MosaicBwdConfig(fuse_dq=fuse_dq),
       interpret=plgpu.InterpretGPUParams(detect_races=True)))
   assert not interpret_pallas_call.get_races().races_found
   f32 = lambda x: x.astype(jnp.float32)
@@ -163,4 +166,8 @@ def test_hopper_backward_lowers_for_cuda(d, causal):
   from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
   text = lower_backward(pallas_mosaic_bwd.attention_backward, d=d,
                         causal=causal, block_q=64, block_kv=128)
-  assert text.count("mosaic_gpu") >= 2
+  if d == 64:   # one kernel, dQ reduced in it
+    assert "blasst_backward_mosaic" in text and "dq_mosaic" not in text
+  else:
+    assert "blasst_backward_dkdv_mosaic" in text
+    assert "blasst_backward_dq_mosaic" in text

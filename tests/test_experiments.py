@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 import blasst_jax as bj
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,3 +196,36 @@ def test_train_lm_small_finetune_reports_sparsity_and_plots(tmp_path):
              f"{tmp_path}/finetune/log.json",
              f"--plot_output={tmp_path}/again.png"], tmp_path)
   assert (tmp_path / "again.png").stat().st_size > 10_000
+
+
+def test_train_lm_small_on_text_learns_from_heldout_split(tmp_path):
+  pytest.importorskip("tokenizers")
+  from blasst_jax import text_data  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  words = ("the kernel skips a block when scores fall below the running "
+           "max of every row in the tile").split()
+  docs = {f"doc{i:02d}": " ".join(rng.choice(words, size=400)) + ".\n"
+          for i in range(12)}
+  data_dir = tmp_path / "data"
+  manifest = text_data.write_dataset(docs, str(data_dir), vocab_size=300,
+                                     heldout_fraction=0.2)
+  workdir = tmp_path / "run"
+  run(["experiments/train_lm.py", "--config=configs/lm_small.py:small",
+       f"--config.workdir={workdir}", f"--config.data.data_dir={data_dir}"],
+      tmp_path)
+  log = json.loads((workdir / "log.json").read_text())
+  assert log["data"]["vocab_size"] == manifest["vocab_size"]
+  assert log["data"]["heldout_tokens"] == manifest["splits"]["heldout"][
+      "num_tokens"]
+  losses = [e["eval_loss"] for e in log["evals"]]
+  assert [e["step"] for e in log["evals"]] == [10, 20]
+  assert losses[-1] < losses[0] < np.log(manifest["vocab_size"]) + 0.5
+  proc = subprocess.run(
+      [sys.executable, "experiments/train_lm.py",
+       "--config=configs/lm_small.py:small",
+       f"--config.workdir={tmp_path / 'x'}",
+       f"--config.data.data_dir={tmp_path / 'missing'}"], cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0
+  assert "run experiments/prepare_text.py" in proc.stderr

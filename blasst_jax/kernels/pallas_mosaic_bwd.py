@@ -52,6 +52,7 @@ SLOT = pallas_mosaic.SLOT
 LIST_HEADER = pallas_mosaic.LIST_HEADER
 BLOCK = 64            # q tile and KV block rows (one wgmma M tile)
 HEAD_DIMS = (64, 128)
+DQ_CHUNK = 64         # dQ columns per fused product (one swizzle tile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +62,16 @@ class MosaicBwdConfig:
   Attributes:
     num_stages: depth of the shared-memory ring of streamed tiles (>= 2).
     compute_registers: registers per thread of a compute warpgroup.
+    fuse_dq: one kernel that also reduces dQ partials into f32 global
+      memory (5 products per tile pair), else a second kernel for dQ that
+      recomputes P and dP (7). None: fused for head_dim 64 only (H100,
+      causal 8k: 4.66 vs 5.23 ms; at head_dim 128 the fused kernel, with
+      dK, dV and a dQ chunk in registers, took 14.1 vs 7.7 ms).
   """
 
   num_stages: int = 2
   compute_registers: int = 232
+  fuse_dq: bool | None = None
 
 
 def supports(head_dim: int, dtype) -> bool:
@@ -93,12 +100,19 @@ def _accumulate(acc, a, b, a_smem):
   """acc + a @ b; `a` from registers, or through `a_smem` when not None
   (interpret mode has no register-operand wgmma)."""
   if a_smem is None:
-    def body(acc_ref):
-      plgpu.wgmma(acc_ref, a, b)
-    return pl.run_state(body)(plgpu.ACC.init(acc))
+    return _accumulate_smem(acc, a, b, False)
   a_smem[...] = a
   plgpu.commit_smem()
   return acc + _product(a_smem, b, acc.shape)
+
+
+def _accumulate_smem(acc, a, b, interpret):
+  """acc + a @ b into the same registers (interpret: a fresh product)."""
+  if interpret:
+    return acc + _product(a, b, acc.shape)
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+  return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
 def _visible(rows, keys, kv_len, causal):
@@ -178,17 +192,28 @@ def _stream(pipe, issue, free_bars):
 
 
 def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
-                 dk_ref, dv_ref, smem, bars, *, scale, causal, group, dtype,
-                 head_dim, num_stages, compute_registers):
+                 *refs, scale, causal, group, dtype, head_dim, num_stages,
+                 compute_registers, fuse_dq, reduce_dq):
   # q_ref, do_ref [b, lq_pad, hq, d]; ld_ref f32 [b, hq, n_q_tiles, 2,
   # BLOCK] (lse in log2 units, delta); k_ref, v_ref [b, lk_pad, hkv, d];
+  # fused: dq_ref f32 [b, hq, n_q_tiles, n_chunks, BLOCK, DQ_CHUNK] (zeroed,
+  # reduced into; interpret: [n_programs, ...] written per program);
   # dk_ref, dv_ref [b, lk_pad, hq, d].
-  (kv_smem2, q_ring, do_ring, ld_ring, params_smem, list_smem,
-   a_smem2) = smem
-  kv_bars, (q_bars, do_bars, ld_bars), free_bars, params_bar, list_bar = bars
+  if fuse_dq:
+    dq_ref, dk_ref, dv_ref, smem, bars = refs
+    (kv_smem2, q_ring, do_ring, ld_ring, params_smem, list_smem, ds_smem2,
+     dq_smem2, a_smem2) = smem
+    (kv_bars, (q_bars, do_bars, ld_bars), free_bars, params_bar, list_bar,
+     ds_ready, ds_free) = bars
+  else:
+    dk_ref, dv_ref, smem, bars = refs
+    (kv_smem2, q_ring, do_ring, ld_ring, params_smem, list_smem,
+     a_smem2) = smem
+    kv_bars, (q_bars, do_bars, ld_bars), free_bars, params_bar, list_bar = bars
   (batch, head, program, wg), kv_len, pipe = _start_program(
       lists_ref, list_smem, list_bar, params_ref, params_smem, params_bar,
       num_stages)
+  n_chunks = head_dim // DQ_CHUNK
 
   @pl.when(wg < COMPUTE_WGS)
   def _compute():
@@ -215,6 +240,10 @@ def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
       for bar in (q_bars, do_bars, ld_bars):
         plgpu.barrier_wait(bar.at[slot])
       q_smem, do_smem = q_ring.at[slot], do_ring.at[slot]
+      if fuse_dq:
+        # This warpgroup's dS slot is free once the previous position's
+        # dQ product (by either warpgroup) has read it.
+        pl.when(pos > 0)(lambda: plgpu.barrier_wait(ds_free))
 
       def visit(carry):
         dk, dv = carry
@@ -230,16 +259,66 @@ def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
         dv = _accumulate(dv, p_t.astype(dtype), do_smem, a_smem)
         dp_t = _product(v_smem, do_smem.transpose((1, 0)), (BLOCK, BLOCK))
         ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
-        dk = _accumulate(dk, ds_t.astype(dtype), q_smem, a_smem)
+        if fuse_dq:
+          # dS goes through shared memory: dK's operand here, dQ's for the
+          # warpgroup that owns this position.
+          ds_smem = ds_smem2.at[wg]
+          ds_smem[...] = ds_t.astype(dtype)
+          plgpu.commit_smem()
+          dk = _accumulate_smem(dk, ds_smem, q_smem, a_smem2 is not None)
+        else:
+          dk = _accumulate(dk, ds_t.astype(dtype), q_smem, a_smem)
         return dk, dv
 
       carry = lax.cond(pipe.in_list(pos, wg), visit, lambda c: c, carry)
       plgpu.barrier_arrive(free_bars.at[slot])
+      if fuse_dq:
+        parity = lax.rem(pos, jnp.array(2, pos.dtype))
+        plgpu.barrier_arrive(ds_ready.at[parity])
+        for chunk in range(n_chunks):
+          # Chunk c of the position goes to warpgroup (pos * C + c) % 2:
+          # d = 128, each its half; d = 64, positions alternate.
+          owner = lax.rem(pos * n_chunks + chunk,
+                          jnp.array(COMPUTE_WGS, pos.dtype))
+          pl.when(owner == wg)(
+              functools.partial(_dq_partial, pos, parity, chunk))
       return carry
+
+    def _dq_partial(pos, parity, chunk):
+      """dQ[:, chunk] of this position's q tile from both warpgroups' dS
+      and K, reduced into dq_ref."""
+      plgpu.barrier_wait(ds_ready.at[parity])
+      cols_at = pl.ds(chunk * DQ_CHUNK, DQ_CHUNK)
+
+      def term(w):
+        return (ds_smem2.at[w].transpose((1, 0)),          # [q, kv]
+                kv_smem2.at[0, w, :, cols_at])             # [kv, chunk]
+      def products(acc_ref):
+        for w in range(COMPUTE_WGS):
+          pl.when(pipe.in_list(pos, w))(
+              lambda w=w: plgpu.wgmma(acc_ref, *term(w)))
+        return acc_ref[...]
+      dq = pl.run_scoped(products, plgpu.ACC((BLOCK, DQ_CHUNK), jnp.float32))
+      plgpu.barrier_arrive(ds_free)
+      dq_smem = dq_smem2.at[wg]
+      # The previous reduction has read the staging buffer.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      dq_smem[...] = dq
+      plgpu.commit_smem()
+      # Each (q tile, chunk) is one contiguous 16 KB block of dq_ref.
+      rows = (batch, head, pipe.block_at(pos), chunk)
+      if reduce_dq:
+        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[rows],
+                                reduction_op="add")
+      else:   # the interpreter has no reducing copy: one slab per program
+        plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[(program,) + rows])
 
     zeros = plgpu.layout_cast(
         jnp.zeros((BLOCK, head_dim), jnp.float32), layout)
     dk, dv = lax.fori_loop(0, pipe.n_stream, step, (zeros, zeros))
+    if fuse_dq:
+      # The last dQ product has read this warpgroup's K.
+      pl.when(pipe.n_stream > 0)(lambda: plgpu.barrier_wait(ds_free))
     # K and V are no longer read: their slots stage the results.
     k_smem[...] = (dk * (scale / LOG2E)).astype(dtype)
     v_smem[...] = dv.astype(dtype)
@@ -338,7 +417,7 @@ def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
 
 
 def _launch(kernel, name, inputs, out_shapes, smem_types, barrier_types, *,
-            grid, interpret, **static):
+            grid, interpret, grid_names=("seq", "heads", "batch"), **static):
   """plgpu.kernel with 2 compute + 1 memory warpgroup and scoped buffers."""
   n_smem = len(smem_types)
 
@@ -356,7 +435,7 @@ def _launch(kernel, name, inputs, out_shapes, smem_types, barrier_types, *,
   body.__name__ = name
   return plgpu.kernel(
       body, out_type=out_shapes, grid=grid,
-      grid_names=("heads", "seq", "batch"),
+      grid_names=grid_names,
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret)(*inputs)
@@ -396,8 +475,10 @@ def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
   kept = lists_lib.walked_blocks(keep, kv_lengths.astype(jnp.int32),
                                  q_len=q.shape[1], block_q=BLOCK,
                                  block_kv=BLOCK, causal=causal)
-  q_lists = _program_lists(kept)                        # dQ: per q tile
   kv_lists = _program_lists(jnp.swapaxes(kept, 2, 3))   # dK/dV: per block
+  if config.fuse_dq is None:
+    config = dataclasses.replace(config, fuse_dq=q.shape[-1] == 64)
+  q_lists = None if config.fuse_dq else _program_lists(kept)   # dQ: per tile
   if interpret is not None:
     # Built before the interpreted kernels (see pallas_mosaic's note).
     q_lists, kv_lists = jax.block_until_ready((q_lists, kv_lists))
@@ -449,27 +530,53 @@ def _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists, *,
                 dtype=dtype, head_dim=d, num_stages=stages,
                 compute_registers=config.compute_registers)
 
-  dk, dv = _launch(
-      _dkdv_kernel, "blasst_backward_dkdv_mosaic",
-      inputs + (kv_lists,),
-      (jax.ShapeDtypeStruct((b, lk_pad, hq, d), dtype),) * 2,
-      [tile_smem(2, COMPUTE_WGS), tile_smem(stages), tile_smem(stages),
-       plgpu.SMEM((stages, 2, BLOCK), jnp.float32)]
-      + common_smem(kv_lists) + a_smem,
-      [plgpu.Barrier(num_barriers=COMPUTE_WGS * 2),
-       (ring_bars,) * 3, free_bars] + common_bars,
-      grid=(hq, lk_pad // pair, b), interpret=interpret, **static)
-  dq = _launch(
-      _dq_kernel, "blasst_backward_dq_mosaic",
-      inputs + (q_lists,),
-      jax.ShapeDtypeStruct((b, lq_pad, hq, d), dtype),
-      [tile_smem(2, COMPUTE_WGS), plgpu.SMEM((COMPUTE_WGS, 2, BLOCK),
-                                             jnp.float32),
-       tile_smem(stages), tile_smem(stages)]
-      + common_smem(q_lists) + a_smem,
-      [plgpu.Barrier(num_barriers=COMPUTE_WGS * 3), (ring_bars,) * 2,
-       free_bars] + common_bars,
-      grid=(hq, lq_pad // pair, b), interpret=interpret, **static)
+  kv_smem = [tile_smem(2, COMPUTE_WGS), tile_smem(stages), tile_smem(stages),
+             plgpu.SMEM((stages, 2, BLOCK), jnp.float32)] + common_smem(kv_lists)
+  kv_bars = [plgpu.Barrier(num_barriers=COMPUTE_WGS * 2), (ring_bars,) * 3,
+             free_bars] + common_bars
+  dkdv_shapes = (jax.ShapeDtypeStruct((b, lk_pad, hq, d), dtype),) * 2
+  n_kv_programs = lk_pad // pair
+  if config.fuse_dq:
+    # dQ partials are reduced (added) into f32 in global memory; in
+    # interpret mode, which cannot reduce, each program owns a slab.
+    slabs = () if interpret is None else (n_kv_programs,)
+    n_chunks = d // DQ_CHUNK
+    dq_acc = jax.new_ref(jnp.zeros(
+        (*slabs, b, hq, n_q_tiles, n_chunks, BLOCK, DQ_CHUNK), jnp.float32))
+    dk, dv = _launch(
+        _dkdv_kernel, "blasst_backward_mosaic", inputs + (kv_lists, dq_acc),
+        dkdv_shapes,
+        kv_smem + [
+            plgpu.SMEM((COMPUTE_WGS, BLOCK, BLOCK), dtype,
+                       transforms=swizzled),                       # dS
+            plgpu.SMEM((COMPUTE_WGS, BLOCK, DQ_CHUNK), jnp.float32)]  # dQ
+        + a_smem,
+        kv_bars + [plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
+                   plgpu.Barrier(num_arrivals=d // DQ_CHUNK)],
+        grid=(n_kv_programs, hq, b), interpret=interpret, fuse_dq=True,
+        reduce_dq=not slabs, **static)
+    dq = jax.freeze(dq_acc)
+    if slabs:
+      dq = jnp.sum(dq, axis=0)
+    dq = jnp.einsum("bhtcrk->btrhck", dq).reshape(b, lq_pad, hq, d)
+    dq = (dq * sm_scale).astype(dtype)
+  else:
+    dk, dv = _launch(
+        _dkdv_kernel, "blasst_backward_dkdv_mosaic", inputs + (kv_lists,),
+        dkdv_shapes, kv_smem + a_smem, kv_bars,
+        grid=(n_kv_programs, hq, b), interpret=interpret, fuse_dq=False,
+        reduce_dq=False, **static)
+    dq = _launch(
+        _dq_kernel, "blasst_backward_dq_mosaic",
+        inputs + (q_lists,),
+        jax.ShapeDtypeStruct((b, lq_pad, hq, d), dtype),
+        [tile_smem(2, COMPUTE_WGS), plgpu.SMEM((COMPUTE_WGS, 2, BLOCK),
+                                               jnp.float32),
+         tile_smem(stages), tile_smem(stages)]
+        + common_smem(q_lists) + a_smem,
+        [plgpu.Barrier(num_barriers=COMPUTE_WGS * 3), (ring_bars,) * 2,
+         free_bars] + common_bars,
+        grid=(lq_pad // pair, hq, b), interpret=interpret, **static)
 
   def per_kv_head(x):   # GQA: sum over the group in f32
     x = x[:, :lk].reshape(b, lk, hkv, group, d)

@@ -1,0 +1,781 @@
+"""Evaluating a GPT with skip-softmax on real text: perplexity, retrieval.
+
+The parts of experiments/eval_sparsity.py that other scripts can reuse:
+
+    windows = lm_eval.perplexity_windows(docs, 4096)       # int32 [n, 4097]
+    ev = lm_eval.Evaluator(model, batch_size=8, xattention=XAttentionOptions())
+    out = ev.run(windows[:, :-1], windows[:, 1:], threshold=1e-3)
+    out.logprob    # f32 [n, 4096]: log p(target) per token
+    out.skipped    # int [num_layers, n, num_heads] skipped blocks
+
+    samples = lm_eval.passkey_samples(tok, filler, length=4096,
+                                      depths=[0, .5, 1], trials=4, seed=0)
+    scores = lm_eval.score_passkeys(samples, ev.run(...))
+
+Perplexity is exp(mean next-token NLL) over non-overlapping windows of
+held-out text (each window of length + 1 tokens gives `length` targets).
+Passkey retrieval hides "The pass key is 73914. Remember it." at a depth of
+held-out text and asks for it at the end; greedy decoding is scored by one
+teacher-forced pass (greedy emits the key's tokens exactly when each of them
+is the argmax after the ones before), and the mean log-probability of the
+key's tokens is reported as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blasst_jax import analysis
+from blasst_jax import calibration
+from blasst_jax import config as config_lib
+from blasst_jax import xattention
+from blasst_jax.config import SkipSoftmaxConfig
+from blasst_jax.progress import ProgressBar
+
+WINDOW_SOURCES = ("auto", "documents", "stream")
+NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+QUESTION = "\nWhat is the pass key? The pass key is"
+ANSWER = " {key}"
+
+
+# ------------------------------------------------------------------ windows
+def perplexity_windows(documents: Sequence[np.ndarray], length: int, *,
+                       source: str = "auto", documents_from: int = 2048,
+                       max_windows: int | None = None
+                       ) -> tuple[np.ndarray, str]:
+  """Non-overlapping windows of length + 1 tokens of held-out text.
+
+  Args:
+    documents: the documents, int [n_i] each (`text_data.load_documents`).
+    length: context length; a window holds length + 1 tokens (inputs
+      window[:-1], targets window[1:]); consecutive windows of a document
+      or of the stream start `length` tokens apart.
+    source: "documents": windows inside documents of >= length + 1 tokens
+      (long documents for long contexts); "stream": windows of all
+      documents concatenated; "auto": "documents" for length >=
+      documents_from when that gives at least one window, else "stream".
+    documents_from: see "auto".
+    max_windows: keep at most this many, evenly spaced (None: all).
+
+  Returns:
+    (int32 [n_windows, length + 1], the source used).
+
+  Raises:
+    ValueError: for an unknown source, a length < 1, or text too short for
+      one window.
+  """
+  if source not in WINDOW_SOURCES:
+    raise ValueError(f"`source` must be one of {WINDOW_SOURCES}, got "
+                     f"{source!r}.")
+  if not isinstance(length, (int, np.integer)) or length < 1:
+    raise ValueError(f"`length` must be a positive int, got {length!r}.")
+  docs = [np.asarray(d, np.int32) for d in documents]
+  long_docs = [d for d in docs if d.size >= length + 1]
+  if source == "auto":
+    source = "documents" if length >= documents_from and long_docs \
+        else "stream"
+  parts = long_docs if source == "documents" else (
+      [np.concatenate(docs)] if docs else [])
+  windows = [d[s:s + length + 1] for d in parts
+             for s in range(0, d.size - length, length)]
+  if not windows:
+    total = sum(d.size for d in docs)
+    raise ValueError(
+        f"No window of length + 1 = {length + 1} tokens fits the text "
+        f"({source}: {total} tokens in {len(docs)} documents, the longest "
+        f"{max((d.size for d in docs), default=0)}): use a shorter `length` "
+        "or source='stream'.")
+  out = np.stack(windows)
+  if max_windows is not None and out.shape[0] > max_windows:
+    keep = np.unique(np.linspace(0, out.shape[0] - 1, max_windows).round()
+                     .astype(int))
+    out = out[keep]
+  return out, source
+
+
+# ---------------------------------------------------------------- xattention
+@dataclasses.dataclass(frozen=True)
+class XAttentionOptions:
+  """How XAttention selects blocks inside the model (`xattention_selector`).
+
+  Attributes:
+    block_size: tokens per XAttention block; a multiple of `stride` and of
+      the layers' block_q and block_kv (the mask is cut into their tiles).
+    stride: antidiagonal group size.
+    keep_sink, keep_diagonal: always keep kv block 0 / the diagonal block.
+  """
+
+  block_size: int = 128
+  stride: int = 8
+  keep_sink: bool = True
+  keep_diagonal: bool = True
+
+
+def tile_block_mask(mask, block_size: int, block_q: int, block_kv: int,
+                    q_len: int, kv_len: int) -> jax.Array:
+  """A mask over block_size blocks repeated into block_q x block_kv tiles.
+
+  Args:
+    mask: bool [batch, heads, ceil(q_len / block_size), ceil(kv_len /
+      block_size)].
+    block_size: the mask's block size, a multiple of block_q and block_kv.
+    block_q, block_kv: the attention tiles.
+    q_len, kv_len: sequence lengths (tiles past the end are dropped).
+
+  Returns:
+    bool [batch, heads, ceil(q_len / block_q), ceil(kv_len / block_kv)].
+
+  Raises:
+    ValueError: if block_size is not a multiple of both tile sizes.
+  """
+  if block_size % block_q or block_size % block_kv:
+    raise ValueError(
+        f"XAttention `block_size` ({block_size}) must be a multiple of the "
+        f"layers' block_q ({block_q}) and block_kv ({block_kv}); choose e.g. "
+        f"block_size={max(block_q, block_kv, block_size)}.")
+  mask = jnp.repeat(mask, block_size // block_q, axis=2)
+  mask = jnp.repeat(mask, block_size // block_kv, axis=3)
+  return mask[:, :, :-(-q_len // block_q), :-(-kv_len // block_kv)]
+
+
+def xattention_selector(threshold, options: XAttentionOptions, *,
+                        block_q: int, block_kv: int):
+  """A `block_selector` for `gpt.GPT` / `nn.SkipSelfAttention`.
+
+  Args:
+    threshold: XAttention τ in (0, 1] (a float or a traced scalar).
+    options: `XAttentionOptions`.
+    block_q, block_kv: the layers' tile sizes (as the model was built).
+
+  Returns:
+    `fn(q, k) -> bool [batch, q_heads, n_q_tiles, n_kv_blocks]`: causal
+    XAttention selection at `options.block_size`, in the layers' tiles.
+  """
+
+  def select(q, k):
+    lq, lk = q.shape[1], k.shape[1]
+    bq, bkv = config_lib.effective_block_sizes(lq, lk, block_q, block_kv)
+    mask = xattention.select_blocks(
+        q, k, block_size=options.block_size, stride=options.stride,
+        threshold=threshold, causal=True, keep_sink=options.keep_sink,
+        keep_diagonal=options.keep_diagonal)
+    return tile_block_mask(mask, options.block_size, bq, bkv, lq, lk)
+
+  return select
+
+
+# ----------------------------------------------------------------- evaluator
+@dataclasses.dataclass
+class EvalOutput:
+  """Per-token scores and block counts of one evaluation.
+
+  Attributes:
+    logprob: f32 [n, length]: log p(targets[i, t] | inputs[i, :t + 1]).
+    greedy: bool [n, length]: targets[i, t] is the argmax prediction.
+    skipped, visited, masked: int64 [num_layers, n, num_heads] block counts
+      (`SkipStats`; masked: removed by the XAttention mask, 0 without).
+  """
+
+  logprob: np.ndarray
+  greedy: np.ndarray
+  skipped: np.ndarray
+  visited: np.ndarray
+  masked: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "xattention",
+                                             "tiles"))
+def _forward(graphdef, state, inputs, targets, threshold, xattention_threshold,
+             *, xattention, tiles):
+  model = nnx.merge(graphdef, state)
+  selector = None if xattention is None else xattention_selector(
+      xattention_threshold, xattention, block_q=tiles[0], block_kv=tiles[1])
+  logits, stats = model(inputs, threshold=threshold, return_stats=True,
+                        block_selector=selector)          # [b, t, vocab] f32
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  greedy = jnp.argmax(logits, axis=-1) == targets
+  skipped = jnp.stack([s.skipped_blocks for s in stats])   # [layers, b, h]
+  visited = jnp.stack([s.visited_blocks for s in stats])
+  masked = jnp.stack([s.masked_blocks if s.masked_blocks is not None
+                      else jnp.zeros_like(s.visited_blocks) for s in stats])
+  return target_logp, greedy, skipped, visited, masked
+
+
+def model_tiles(model) -> tuple[int, int]:
+  """(block_q, block_kv) of the model's attention layers.
+
+  Raises:
+    ValueError: if the layers leave them to the implementation (None).
+  """
+  attn = model.blocks[0].attn
+  if attn.block_q is None or attn.block_kv is None:
+    raise ValueError(
+        "XAttention inside the model needs explicit tile sizes: build the "
+        "GPT with block_q and block_kv (e.g. 64 and 128).")
+  return int(attn.block_q), int(attn.block_kv)
+
+
+class Evaluator:
+  """Runs a `gpt.GPT` on token batches, jitted once per shape.
+
+  λ and XAttention τ are traced, so one compile per (batch shape, with or
+  without XAttention) serves a whole sweep. Change the model (e.g.
+  `set_rope_scale`) and build a new Evaluator.
+  """
+
+  def __init__(self, model, *, batch_size: int,
+               xattention: XAttentionOptions | None = None):
+    """Args:
+      model: a `gpt.GPT`.
+      batch_size: sequences per forward pass (the last batch is padded).
+      xattention: options of XAttention selection, needed to run with
+        `xattention_threshold`.
+    """
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+      raise ValueError(f"`batch_size` must be a positive int, got "
+                       f"{batch_size!r}.")
+    self.graphdef, self.state = nnx.split(model)
+    self.batch_size = int(batch_size)
+    self.xattention = xattention
+    self.tiles = model_tiles(model) if xattention is not None else None
+
+  def run(self, inputs, targets, *, threshold: float = 0.0,
+          xattention_threshold: float | None = None,
+          progress: ProgressBar | None = None) -> EvalOutput:
+    """Scores targets given inputs.
+
+    Args:
+      inputs, targets: int [n, length].
+      threshold: λ in [0, 1) of every layer (0: dense).
+      xattention_threshold: τ in (0, 1] to select blocks with XAttention
+        first (None: no selection).
+      progress: a bar advanced once per batch.
+
+    Returns:
+      An `EvalOutput` over the n sequences.
+    """
+    inputs = np.asarray(inputs, np.int32)
+    targets = np.asarray(targets, np.int32)
+    if inputs.shape != targets.shape or inputs.ndim != 2:
+      raise ValueError(f"`inputs` and `targets` must both be [n, length], "
+                       f"got {inputs.shape} and {targets.shape}.")
+    config_lib.check_threshold(threshold)
+    if xattention_threshold is not None:
+      if self.xattention is None:
+        raise ValueError("`xattention_threshold` needs an Evaluator built "
+                         "with xattention=XAttentionOptions(...).")
+      if not 0 < xattention_threshold <= 1:
+        raise ValueError(f"`xattention_threshold` τ must lie in (0, 1], got "
+                         f"{xattention_threshold!r}.")
+    n = inputs.shape[0]
+    b = self.batch_size
+    outs = []
+    for start in range(0, n, b):
+      x, y = inputs[start:start + b], targets[start:start + b]
+      real = x.shape[0]
+      if real < b:                               # pad: one shape, one compile
+        x = np.concatenate([x, np.repeat(x[-1:], b - real, axis=0)])
+        y = np.concatenate([y, np.repeat(y[-1:], b - real, axis=0)])
+      result = _forward(
+          self.graphdef, self.state, jnp.asarray(x), jnp.asarray(y),
+          jnp.float32(threshold),
+          jnp.float32(1.0 if xattention_threshold is None
+                      else xattention_threshold),
+          xattention=None if xattention_threshold is None
+          else self.xattention, tiles=self.tiles)
+      result = jax.device_get(result)
+      outs.append([result[0][:real], result[1][:real]]
+                  + [np.asarray(r[:, :real], np.int64) for r in result[2:]])
+      if progress is not None:
+        progress.update()
+    return EvalOutput(*(np.concatenate([o[i] for o in outs],
+                                       axis=0 if i < 2 else 1)
+                        for i in range(5)))
+
+
+def perplexity(logprob: np.ndarray) -> tuple[float, float]:
+  """(mean NLL, perplexity) of f32 [n, length] target log-probs."""
+  nll = float(-np.mean(np.asarray(logprob, np.float64)))
+  return nll, float(np.exp(nll))
+
+
+def block_sparsity(out: EvalOutput) -> dict:
+  """Pooled block sparsities of an evaluation.
+
+  Returns:
+    {"sparsity": skipped / visited, "mask_sparsity": masked / (visited +
+    masked), "combined_sparsity": (skipped + masked) / (visited + masked)
+    (blocks whose P·V was not computed), each a float, plus
+    "sparsity_per_layer", "combined_per_layer" ([num_layers]) and
+    "sparsity_per_head" ([num_layers][num_heads]) of the skip sparsity}.
+  """
+  s = out.skipped.sum(1).astype(np.float64)               # [layers, heads]
+  v = out.visited.sum(1).astype(np.float64)
+  m = out.masked.sum(1).astype(np.float64)
+  ratio = lambda a, b: float(a.sum() / max(b.sum(), 1.0))  # pylint: disable=g-long-lambda
+  return {
+      "sparsity": ratio(s, v),
+      "mask_sparsity": ratio(m, v + m),
+      "combined_sparsity": ratio(s + m, v + m),
+      "sparsity_per_layer": (s.sum(1) / np.maximum(v.sum(1), 1)).tolist(),
+      "combined_per_layer": ((s + m).sum(1) / np.maximum((v + m).sum(1), 1)
+                             ).tolist(),
+      "sparsity_per_head": (s / np.maximum(v, 1)).tolist(),
+  }
+
+
+# --------------------------------------------------------------- calibration
+def calibrate_thresholds(model, windows: np.ndarray, targets: Sequence[float],
+                         *, length: int, progress: bool = False) -> dict:
+  """λ at `length` for each target sparsity, calibrated on `windows`.
+
+  The model is run once (dense, eagerly) on the windows to capture every
+  layer's q/k/v (`analysis.capture_attention_inputs`); the scale factor c
+  (λ = c / length) is swept and fitted as `calibration.calibrate` does,
+  with the layers' tiles. Use training text: never the evaluation text.
+
+  Args:
+    model: a `gpt.GPT` (its rope scale set for `length`).
+    windows: int [n, >= length] calibration tokens; the first `length` of
+      each are used.
+    targets: target sparsities in (0, 1).
+    length: the context length.
+    progress: draw the sweep's progress bar.
+
+  Returns:
+    {target: {"scale_factor", "threshold" (λ at length), "sweep_sparsity"
+    (the sparsity the sweep measured nearest that c)} or {"unreachable":
+    reason}}.
+  """
+  inputs = analysis.capture_attention_inputs(
+      model, jnp.asarray(np.asarray(windows)[:, :length]))
+  sweep = calibration.sweep_scale_factors(list(inputs.values()),
+                                          phase="prefill", progress=progress)
+  result = {}
+  for target in targets:
+    try:
+      fit = calibration._fit_near(  # pylint: disable=protected-access
+          sweep, float(target), calibration.DEFAULT_FIT_WINDOW)
+    except ValueError as e:
+      result[float(target)] = {"unreachable": str(e)}
+      continue
+    c = fit.scale_factor(float(target))
+    lam = float(SkipSoftmaxConfig(threshold_scale_factor=c).threshold_for(
+        int(length)))
+    nearest = int(np.argmin(np.abs(np.log(sweep.scale_factors) - np.log(c))))
+    result[float(target)] = {"scale_factor": c, "threshold": lam,
+                             "sweep_sparsity": sweep.sparsity[nearest]}
+  return result
+
+
+# ------------------------------------------------------------------- passkey
+@dataclasses.dataclass(frozen=True)
+class PasskeySample:
+  """A passkey-retrieval sequence of length + 1 tokens.
+
+  Attributes:
+    tokens: int32 [length + 1]: BOS, filler, needle, filler, question,
+      answer; the model reads tokens[:-1] and is scored on tokens[1:].
+    key: the pass key (digits).
+    depth: requested needle depth in [0, 1] (fraction of the filler before
+      the needle).
+    needle_start: index in `tokens` of the needle's first token.
+    needle_length: its number of tokens.
+    answer_start: index in `tokens` of the key's first answer token.
+    answer_length: the key's number of answer tokens.
+  """
+
+  tokens: np.ndarray
+  key: str
+  depth: float
+  needle_start: int
+  needle_length: int
+  answer_start: int
+  answer_length: int
+
+
+def build_passkey(tokenizer, filler: np.ndarray, *, length: int,
+                  depth: float, key: str, needle: str = NEEDLE,
+                  question: str = QUESTION, answer: str = ANSWER
+                  ) -> PasskeySample:
+  """One passkey sequence: the needle at `depth` of real filler text.
+
+  Args:
+    tokenizer: with `encode(text) -> ids` and `bos_id`
+      (`text_data.TextTokenizer`).
+    filler: int [>= n] filler tokens; the first n are used, n = length -
+      (BOS + needle + question + answer tokens).
+    length: context length; the sample has length + 1 tokens.
+    depth: in [0, 1]: round(depth * n) filler tokens precede the needle.
+    key: the pass key.
+    needle, question, answer: templates ("{key}" is replaced by the key);
+      the sequence ends with the question then the answer.
+
+  Returns:
+    A `PasskeySample`.
+
+  Raises:
+    ValueError: for a depth outside [0, 1], or a length or filler too short.
+  """
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"`depth` must lie in [0, 1], got {depth!r}.")
+  needle_ids = list(tokenizer.encode(needle.format(key=key)))
+  question_ids = list(tokenizer.encode(question.format(key=key)))
+  answer_ids = list(tokenizer.encode(answer.format(key=key)))
+  n = length + 1 - 1 - len(needle_ids) - len(question_ids) - len(answer_ids)
+  if n < 0:
+    raise ValueError(
+        f"`length` {length} is too short for the needle, question and answer "
+        f"({length + 1 - n} tokens): use a longer length.")
+  filler = np.asarray(filler, np.int32)
+  if filler.size < n:
+    raise ValueError(f"`filler` has {filler.size} tokens, length {length} "
+                     f"needs {n}: give more filler text.")
+  p = int(round(depth * n))
+  tokens = np.concatenate([
+      [tokenizer.bos_id], filler[:p], needle_ids, filler[p:n], question_ids,
+      answer_ids]).astype(np.int32)
+  assert tokens.size == length + 1, tokens.size
+  return PasskeySample(
+      tokens=tokens, key=key, depth=float(depth), needle_start=1 + p,
+      needle_length=len(needle_ids), answer_start=length + 1 - len(answer_ids),
+      answer_length=len(answer_ids))
+
+
+def passkey_samples(tokenizer, filler_stream: np.ndarray, *, length: int,
+                    depths: Sequence[float], trials: int, seed: int = 0,
+                    num_digits: int = 5) -> list[PasskeySample]:
+  """Samples for every (trial, depth), deterministic in (seed, length).
+
+  Trial t draws a random `num_digits`-digit key and a random stretch of
+  `filler_stream` (from `np.random.default_rng([seed, length, t])`); the
+  depths of one trial share key and filler.
+
+  Args:
+    tokenizer: as `build_passkey`.
+    filler_stream: int [m] real text (e.g. the held-out documents
+      concatenated, BOS tokens removed).
+    length: context length.
+    depths: needle depths in [0, 1].
+    trials: samples per depth (>= 1).
+    seed: the draw.
+    num_digits: digits of the key (>= 1).
+
+  Returns:
+    [PasskeySample], trial-major (trial 0 at every depth, then trial 1...).
+  """
+  if not isinstance(trials, (int, np.integer)) or trials < 1:
+    raise ValueError(f"`trials` must be a positive int, got {trials!r}.")
+  if not isinstance(num_digits, (int, np.integer)) or num_digits < 1:
+    raise ValueError(f"`num_digits` must be a positive int, got "
+                     f"{num_digits!r}.")
+  filler_stream = np.asarray(filler_stream, np.int32)
+  samples = []
+  for t in range(trials):
+    rng = np.random.default_rng([seed, length, t])
+    key = str(int(rng.integers(10 ** (num_digits - 1), 10 ** num_digits)))
+    offset = int(rng.integers(0, max(filler_stream.size - length, 0) + 1))
+    for depth in depths:
+      samples.append(build_passkey(tokenizer, filler_stream[offset:],
+                                   length=length, depth=float(depth),
+                                   key=key))
+  return samples
+
+
+def score_passkeys(samples: Sequence[PasskeySample], out: EvalOutput) -> dict:
+  """Greedy exact match and mean key-token log-prob per sample.
+
+  Args:
+    samples: the `PasskeySample`s, in the order they were evaluated.
+    out: `Evaluator.run(tokens[:, :-1], tokens[:, 1:])` of them.
+
+  Returns:
+    {"correct": bool [n], "logprob": f32 [n] (mean over the key's tokens)}.
+  """
+  correct, logprob = [], []
+  for i, s in enumerate(samples):
+    sl = slice(s.answer_start - 1, s.answer_start - 1 + s.answer_length)
+    correct.append(bool(np.all(out.greedy[i, sl])))
+    logprob.append(float(np.mean(out.logprob[i, sl])))
+  return {"correct": np.asarray(correct), "logprob": np.asarray(logprob)}
+
+
+def filler_stream(documents: Sequence[np.ndarray], bos_id: int) -> np.ndarray:
+  """The documents concatenated without their BOS tokens: int32 [m]."""
+  stream = np.concatenate([np.asarray(d, np.int32) for d in documents])
+  return stream[stream != bos_id]
+
+
+# ------------------------------------------------------------------- report
+def summary_rows(results: dict) -> list[dict]:
+  """One row per (length, method): the summary table of `format_summary`.
+
+  Args:
+    results: experiments/eval_sparsity.py's results ("lengths" records
+      with "methods").
+
+  Returns:
+    [{"length", "method", "threshold", "sparsity" (combined: blocks whose
+    P·V was not computed), "delta_ppl_pct", "perplexity", "retrieval"
+    (accuracy or None)}].
+  """
+  rows = []
+  for rec in results["lengths"]:
+    for m in rec["methods"]:
+      rows.append({
+          "length": rec["length"], "method": m["label"],
+          "threshold": m["threshold"], "sparsity": m["combined_sparsity"],
+          "delta_ppl_pct": m["delta_ppl_pct"], "perplexity": m["perplexity"],
+          "retrieval": m.get("retrieval", {}).get("accuracy")})
+  return rows
+
+
+def format_summary(results: dict) -> str:
+  """The summary table and the answers, as printed text."""
+  lines = [f"{'length':>6}  {'method':<24} {'λ':>8} {'sparsity':>8} "
+           f"{'Δppl %':>8} {'ppl':>9} {'retrieval':>9}"]
+  for r in results["summary"]:
+    acc = "-" if r["retrieval"] is None else f"{r['retrieval']:.2f}"
+    lines.append(f"{r['length']:>6}  {r['method']:<24} {r['threshold']:>8.2g} "
+                 f"{r['sparsity']:>8.3f} {r['delta_ppl_pct']:>+8.2f} "
+                 f"{r['perplexity']:>9.3f} {acc:>9}")
+  lines.append("")
+  for question, answer in results["answers"].items():
+    lines.append(f"{question}\n  {answer}")
+  return "\n".join(lines)
+
+
+def _skip_curve(rec: dict) -> list[dict]:
+  """Dense and the fixed-λ points of a length, by increasing λ."""
+  return sorted((m for m in rec["methods"] if m["kind"] in ("dense", "skip")),
+                key=lambda m: m["threshold"])
+
+
+def sparsity_at_delta(points: Sequence[dict], delta_pct: float = 1.0
+                      ) -> tuple[float | None, dict | None]:
+  """Where |Δ perplexity| first reaches `delta_pct` along a λ sweep.
+
+  Args:
+    points: method records by increasing λ ("combined_sparsity",
+      "delta_ppl_pct"), the first dense.
+    delta_pct: the perplexity change, in %.
+
+  Returns:
+    (sparsity interpolated linearly in Δ between the last point below and
+    the first at or above `delta_pct`, or None if never reached; the last
+    point below `delta_pct`).
+  """
+  below = points[0]
+  for p in points[1:]:
+    d = abs(p["delta_ppl_pct"])
+    if d >= delta_pct:
+      d0 = abs(below["delta_ppl_pct"])
+      w = (delta_pct - d0) / max(d - d0, 1e-12)
+      s0, s1 = below["combined_sparsity"], p["combined_sparsity"]
+      return s0 + w * (s1 - s0), below
+    below = p
+  return None, below
+
+
+def answer_questions(results: dict, delta_pct: float = 1.0) -> dict:
+  """Plain-text answers to the four questions of the evaluation.
+
+  Returns:
+    {question: answer}.
+  """
+  recs = results["lengths"]
+  has_retrieval = all("retrieval" in m for r in recs for m in r["methods"])
+  acc = lambda m: m["retrieval"]["accuracy"] if has_retrieval else None  # pylint: disable=g-long-lambda
+  q1, q2 = [], []
+  for rec in recs:
+    curve = _skip_curve(rec)
+    s, below = sparsity_at_delta(curve, delta_pct)
+    if s is None:
+      q1.append(f"{rec['length']}: not reached (largest sparsity "
+                f"{curve[-1]['combined_sparsity']:.3f}, Δppl "
+                f"{curve[-1]['delta_ppl_pct']:+.2f} %)")
+    else:
+      q1.append(f"{rec['length']}: {s:.3f}")
+    if has_retrieval:
+      q2.append(f"{rec['length']}: {acc(below):.2f} at {below['label']} "
+                f"(sparsity {below['combined_sparsity']:.3f}, Δppl "
+                f"{below['delta_ppl_pct']:+.2f} %) vs dense "
+                f"{acc(curve[0]):.2f}")
+  lengths = [r["length"] for r in recs]
+  q3 = []
+  for lam in sorted({m["threshold"] for r in recs for m in r["methods"]
+                     if m["kind"] == "skip"}):
+    s = [next((m["sparsity"] for m in r["methods"]
+               if m["kind"] == "skip" and m["threshold"] == lam), np.nan)
+         for r in recs]
+    slope = (np.polyfit(np.log2(lengths), s, 1)[0]
+             if len(lengths) > 1 and np.all(np.isfinite(s)) else np.nan)
+    q3.append(f"λ={lam:.0e}: " + " → ".join(f"{x:.3f}" for x in s)
+              + f" ({slope:+.3f} per doubling)")
+  q4 = []
+  for rec in recs:
+    dense = rec["methods"][0]
+    alone = {m["xattention_threshold"]: m for m in rec["methods"]
+             if m["kind"] == "xattention"}
+    for m in rec["methods"]:
+      if m["kind"] != "xattention+skip":
+        continue
+      x = alone.get(m["xattention_threshold"])
+      text = (f"{rec['length']} {m['label']}: sparsity "
+              f"{m['combined_sparsity']:.3f}, Δppl {m['delta_ppl_pct']:+.2f} %")
+      if x is not None:
+        text += (f" (XAttn alone {x['combined_sparsity']:.3f}, "
+                 f"{x['delta_ppl_pct']:+.2f} %)")
+      if has_retrieval:
+        text += f", retrieval {acc(m):.2f} vs dense {acc(dense):.2f}"
+        if x is not None:
+          text += f" / XAttn alone {acc(x):.2f}"
+      q4.append(text)
+  return {
+      f"At what sparsity does perplexity move by {delta_pct:g} %?":
+          "; ".join(q1),
+      "Does retrieval hold there (largest λ within it)?":
+          "; ".join(q2) if q2 else "retrieval not evaluated",
+      "How does sparsity grow with context length "
+      f"({' → '.join(map(str, lengths))})?": "; ".join(q3) or "no λ > 0",
+      "Does XAttention + skip keep accuracy?":
+          "; ".join(q4) or "XAttention not evaluated",
+  }
+
+
+def plot_results(results: dict, out_dir: str, *,
+                 heatmap_threshold: float | None = None) -> list[str]:
+  """Writes the evaluation's figures (PNG) into out_dir.
+
+  tradeoff.png: Δ perplexity (%) against sparsity, a line per context
+  length through dense and the λ sweep, calibrated targets (squares),
+  XAttention (triangles) and XAttention + skip (diamonds).
+  sparsity_by_layer.png: skip sparsity per layer, a line per λ, a panel per
+  length. sparsity_per_head.png: layers x heads at `heatmap_threshold`
+  (default the largest λ) per length. sparsity_vs_context.png: sparsity
+  against length per λ (solid), target (dashed) and XAttention + skip
+  (dotted). retrieval.png (with retrieval): accuracy, depth x length, a
+  panel per method.
+
+  Returns:
+    The file names written.
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
+  recs = results["lengths"]
+  lengths = [r["length"] for r in recs]
+  written = []
+
+  def save(fig, name):
+    plotting.save_figure(fig, os.path.join(out_dir, name))
+    written.append(name)
+
+  # Trade-off.
+  fig = Figure(figsize=(7.5, 5))
+  ax = fig.subplots()
+  markers = {"target": "s", "xattention": "^", "xattention+skip": "D"}
+  for i, rec in enumerate(recs):
+    color = f"C{i}"
+    curve = _skip_curve(rec)
+    ax.plot([m["combined_sparsity"] for m in curve],
+            [m["delta_ppl_pct"] for m in curve], "-o", color=color, ms=4,
+            label=f"{rec['length']} tokens (λ sweep)")
+    for kind, marker in markers.items():
+      pts = [m for m in rec["methods"] if m["kind"] == kind]
+      if pts:
+        ax.scatter([m["combined_sparsity"] for m in pts],
+                   [m["delta_ppl_pct"] for m in pts], marker=marker,
+                   color=color, edgecolor="k", s=40, zorder=3,
+                   label=kind if i == 0 else None)
+  ax.axhline(1.0, color="gray", ls=":", lw=1)
+  ax.set_yscale("symlog", linthresh=0.1)
+  ax.set(xlabel="blocks not computed (skipped + XAttention-removed)",
+         ylabel="Δ perplexity vs dense (%)", xlim=(-0.02, 1.02),
+         title="Sparsity against held-out perplexity")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  save(fig, "tradeoff.png")
+
+  # Sparsity by layer.
+  fig, axes = plotting._grid(len(recs))  # pylint: disable=protected-access
+  for ax, rec in zip(axes, recs):
+    for m in _skip_curve(rec)[1:]:
+      ax.plot(np.arange(len(m["sparsity_per_layer"])),
+              m["sparsity_per_layer"], "-o", ms=3, label=m["label"])
+    ax.set(xlabel="layer", ylabel="block sparsity", ylim=(-0.02, 1.02),
+           title=f"{rec['length']} tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+  save(fig, "sparsity_by_layer.png")
+
+  # Per-head heatmap.
+  fig, axes = plotting._grid(len(recs))  # pylint: disable=protected-access
+  for ax, rec in zip(axes, recs):
+    curve = _skip_curve(rec)
+    m = curve[-1]
+    if heatmap_threshold is not None:
+      m = min(curve, key=lambda p: abs(np.log(max(p["threshold"], 1e-30))
+                                       - np.log(heatmap_threshold)))
+    data = np.asarray(m["sparsity_per_head"])
+    im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set(xlabel="q head", ylabel="layer",
+           title=f"{rec['length']} tokens, {m['label']}")
+    fig.colorbar(im, ax=ax, label="block sparsity")
+  save(fig, "sparsity_per_head.png")
+
+  # Sparsity against context length.
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
+  labels = []
+  for rec in recs:
+    for m in rec["methods"]:
+      if m["kind"] != "dense" and m["label"] not in labels:
+        labels.append(m["label"])
+  styles = {"skip": "-", "target": "--", "xattention": ":",
+            "xattention+skip": ":"}
+  for label in labels:
+    ys, kind = [], None
+    for rec in recs:
+      m = next((m for m in rec["methods"] if m["label"] == label), None)
+      ys.append(np.nan if m is None else m["combined_sparsity"])
+      kind = kind or (m and m["kind"])
+    ax.plot(lengths, ys, styles.get(kind, "-"), marker="o", ms=4,
+            label=label)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(lengths, [str(n) for n in lengths])
+  ax.set(xlabel="context length (tokens)", ylabel="blocks not computed",
+         ylim=(-0.02, 1.02), title="Sparsity against context length")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6, ncol=2)
+  save(fig, "sparsity_vs_context.png")
+
+  # Retrieval.
+  if all("retrieval" in m for r in recs for m in r["methods"]):
+    depths = recs[0]["retrieval_setup"]["depths"]
+    method_labels = [m["label"] for m in recs[0]["methods"]]
+    fig, axes = plotting._grid(len(method_labels), width=3.6, height=3.0)  # pylint: disable=protected-access
+    for ax, label in zip(axes, method_labels):
+      grid = np.full((len(depths), len(recs)), np.nan)
+      for j, rec in enumerate(recs):
+        m = next((m for m in rec["methods"] if m["label"] == label), None)
+        if m is not None:
+          grid[:, j] = m["retrieval"]["accuracy_by_depth"]
+      ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+      for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+          ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+      ax.set_xticks(range(len(recs)), [str(n) for n in lengths])
+      ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+      ax.set(xlabel="context length", ylabel="needle depth", title=label)
+    fig.suptitle("Passkey retrieval: greedy exact match")
+    save(fig, "retrieval.png")
+  return written

@@ -1,0 +1,400 @@
+"""Real English text for language-model experiments: splits, tokenizer, batches.
+
+`experiments/prepare_text.py` collects documents (the reStructuredText
+sources of the Python documentation and the Debian Reference, from Debian
+packages) and calls `write_dataset`, which writes into one folder:
+
+    tokenizer.json          byte-level BPE (`tokenizers`), trained on the
+                            training split only
+    train.bin, heldout.bin  uint16 token shards: the documents of a split
+                            one after another, each opened by BOS_TOKEN
+    train_offsets.npy, heldout_offsets.npy
+                            int64 [num_documents + 1]: document i is
+                            shard[offsets[i]:offsets[i + 1]]
+    manifest.json           sources, versions, document names per split,
+                            token counts, sha256 of every file written
+
+The held-out split is chosen by document (a hash of its name, so it does not
+depend on which other documents exist) and is never trained on: neither the
+tokenizer nor the batches of the training split see it. Some long documents
+are always held out, for long-context evaluation. Same documents and
+arguments give byte-identical files.
+
+    tok = text_data.load_tokenizer("data/pydoc")
+    docs = text_data.load_documents("data/pydoc", "heldout")  # [int32 [n_i]]
+    source = text_data.TextBatches("data/pydoc", seed=0)
+    tokens = source.batch(7, batch_size=8, seq_len=4096)      # int32 [8, 4097]
+
+Training and tokenizing need the optional `tokenizers` package
+(`pip install blasst_jax[data]`); reading shards and batching need only
+numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable, Mapping
+
+import numpy as np
+
+BOS_TOKEN = "<|doc|>"
+SPLITS = ("train", "heldout")
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+FORMAT_VERSION = 1
+DEFAULT_DATA_DIR = "data/pydoc"
+_PREPARE = "run experiments/prepare_text.py"
+
+
+def _tokenizers():
+  """The `tokenizers` package, imported on first use."""
+  try:
+    import tokenizers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        "blasst_jax.text_data needs the `tokenizers` package to train or "
+        "load a tokenizer: pip install 'blasst_jax[data]'.") from e
+  return tokenizers
+
+
+def file_sha256(path: str) -> str:
+  """Hex sha256 of a file's bytes."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _name_hash(name: str, salt: str) -> float:
+  """A uniform number in [0, 1) fixed by (salt, name)."""
+  digest = hashlib.sha256(f"{salt}\0{name}".encode()).digest()
+  return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+# ---------------------------------------------------------------- splitting
+def heldout_split(documents: Mapping[str, str], *, heldout_fraction: float,
+                  long_doc_chars: int = 40_000, min_long_heldout: int = 4,
+                  salt: str = "heldout") -> list[str]:
+  """Names of the held-out documents, sorted.
+
+  A document is held out when the hash of (salt, name) falls below
+  `heldout_fraction`, so the choice of one document does not depend on the
+  others. If fewer than `min_long_heldout` documents longer than
+  `long_doc_chars` characters are held out that way, the long documents
+  with the smallest hashes are added. At least one document is held out
+  and at least one is kept for training.
+
+  Args:
+    documents: {name: text}.
+    heldout_fraction: in (0, 1), the expected share of held-out documents.
+    long_doc_chars: what counts as a long document.
+    min_long_heldout: long documents (as far as there are any) to hold out.
+    salt: changes the draw.
+  """
+  if len(documents) < 2:
+    raise ValueError(f"`documents` needs at least 2 documents (one to train "
+                     f"on, one to hold out), got {len(documents)}.")
+  if not 0 < heldout_fraction < 1:
+    raise ValueError(f"`heldout_fraction` must lie in (0, 1), got "
+                     f"{heldout_fraction!r}.")
+  u = {name: _name_hash(name, salt) for name in documents}
+  by_hash = sorted(documents, key=lambda n: (u[n], n))
+  heldout = {n for n in documents if u[n] < heldout_fraction}
+  long_docs = [n for n in by_hash if len(documents[n]) > long_doc_chars]
+  for name in long_docs:
+    if sum(n in heldout for n in long_docs) >= min_long_heldout:
+      break
+    heldout.add(name)
+  if not heldout:
+    heldout.add(by_hash[0])
+  if len(heldout) == len(documents):
+    heldout.discard(by_hash[-1])
+  return sorted(heldout)
+
+
+# ---------------------------------------------------------------- tokenizer
+class TextTokenizer:
+  """Byte-level BPE tokenizer with a document-start token.
+
+  Attributes:
+    vocab_size: number of token ids (the model's vocabulary).
+    bos_id: id of BOS_TOKEN, which opens every document.
+    tokenizer: the underlying `tokenizers.Tokenizer`.
+  """
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+    bos = tokenizer.token_to_id(BOS_TOKEN)
+    if bos is None:
+      raise ValueError(f"The tokenizer has no {BOS_TOKEN!r} token; "
+                       f"{_PREPARE} to rebuild it.")
+    self.bos_id = int(bos)
+
+  @classmethod
+  def from_file(cls, path: str) -> "TextTokenizer":
+    return cls(_tokenizers().Tokenizer.from_file(path))
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of text, without BOS (prepend `bos_id` for a document)."""
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """`encode` of each text (in parallel)."""
+    return [e.ids for e in self.tokenizer.encode_batch(
+        list(texts), add_special_tokens=False)]
+
+  def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    """Text of token ids (a BOS shows as BOS_TOKEN unless skipped)."""
+    return self.tokenizer.decode([int(i) for i in ids],
+                                 skip_special_tokens=skip_special_tokens)
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
+                    min_frequency: int = 2) -> TextTokenizer:
+  """Trains a byte-level BPE tokenizer on texts (in the order given).
+
+  The 256 byte tokens are always in the vocabulary, so any text encodes;
+  BOS_TOKEN gets id 0. Training is deterministic for a fixed text order.
+  """
+  tk = _tokenizers()
+  texts = list(texts)
+  if not isinstance(vocab_size, (int, np.integer)) or not (
+      257 < vocab_size <= 65536):
+    raise ValueError(f"`vocab_size` must be an int in (257, 65536] (256 "
+                     f"bytes, {BOS_TOKEN}, merges; ids fit uint16), got "
+                     f"{vocab_size!r}.")
+  tokenizer = tk.Tokenizer(tk.models.BPE())
+  tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(
+      add_prefix_space=False, use_regex=True)
+  tokenizer.decoder = tk.decoders.ByteLevel()
+  trainer = tk.trainers.BpeTrainer(
+      vocab_size=int(vocab_size), min_frequency=min_frequency,
+      special_tokens=[BOS_TOKEN], show_progress=False,
+      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+  tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+  return TextTokenizer(tokenizer)
+
+
+# ------------------------------------------------------------------ writing
+def write_dataset(documents: Mapping[str, str], out_dir: str, *,
+                  vocab_size: int = 8192, heldout_fraction: float = 0.06,
+                  long_doc_chars: int = 40_000, min_long_heldout: int = 4,
+                  min_frequency: int = 2, salt: str = "heldout",
+                  sources: list | None = None) -> dict:
+  """Splits documents, trains the tokenizer, writes shards and manifest.
+
+  Args:
+    documents: {name: text}, one entry per document (names are unique
+      relative paths such as "python3.11-doc/library/os.rst").
+    out_dir: folder to write (created; files of an earlier run replaced).
+    vocab_size: tokenizer vocabulary, BOS_TOKEN included (the result may
+      be smaller on a small corpus: see the manifest's `vocab_size`).
+    heldout_fraction, long_doc_chars, min_long_heldout, salt: the held-out
+      split (`heldout_split`).
+    min_frequency: BPE merges need this many occurrences.
+    sources: JSON-able records of where the documents came from (package
+      names, versions, checksums), copied into the manifest.
+
+  Returns:
+    The manifest (also written to out_dir/manifest.json).
+  """
+  for name, text in documents.items():
+    if not isinstance(text, str) or not text:
+      raise ValueError(f"Document {name!r} in `documents` must be a "
+                       f"non-empty str.")
+  heldout = set(heldout_split(
+      documents, heldout_fraction=heldout_fraction,
+      long_doc_chars=long_doc_chars, min_long_heldout=min_long_heldout,
+      salt=salt))
+  names = {"train": sorted(n for n in documents if n not in heldout),
+           "heldout": sorted(heldout)}
+  tokenizer = train_tokenizer((documents[n] for n in names["train"]),
+                              vocab_size=vocab_size,
+                              min_frequency=min_frequency)
+  if tokenizer.vocab_size > 65536:
+    raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit uint16.")
+  os.makedirs(out_dir, exist_ok=True)
+  tokenizer_path = os.path.join(out_dir, TOKENIZER)
+  tokenizer.tokenizer.save(tokenizer_path, pretty=False)
+  files = {TOKENIZER: file_sha256(tokenizer_path)}
+  splits = {}
+  for split in SPLITS:
+    ids = tokenizer.encode_batch([documents[n] for n in names[split]])
+    lengths = np.array([1 + len(x) for x in ids], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    shard = np.empty(int(offsets[-1]), np.uint16)
+    for start, doc in zip(offsets[:-1], ids):
+      shard[start] = tokenizer.bos_id
+      shard[start + 1:start + 1 + len(doc)] = doc
+    shard_name, offsets_name = f"{split}.bin", f"{split}_offsets.npy"
+    shard.tofile(os.path.join(out_dir, shard_name))
+    np.save(os.path.join(out_dir, offsets_name), offsets)
+    for f in (shard_name, offsets_name):
+      files[f] = file_sha256(os.path.join(out_dir, f))
+    splits[split] = {
+        "shard": shard_name, "offsets": offsets_name,
+        "num_documents": len(names[split]),
+        "num_tokens": int(offsets[-1]),
+        "num_chars": int(sum(len(documents[n]) for n in names[split])),
+        "num_long_documents": int(sum(
+            len(documents[n]) > long_doc_chars for n in names[split])),
+        "longest_document_tokens": int(lengths.max()),
+        "documents": names[split],
+    }
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  manifest = {
+      "format_version": FORMAT_VERSION,
+      "sources": sources or [],
+      "tokenizer": {"kind": "byte-level BPE", "file": TOKENIZER,
+                    "tokenizers_version": tokenizers.__version__,
+                    "requested_vocab_size": int(vocab_size),
+                    "min_frequency": int(min_frequency),
+                    "trained_on": "train"},
+      "vocab_size": tokenizer.vocab_size,
+      "bos_token": BOS_TOKEN,
+      "bos_id": tokenizer.bos_id,
+      "dtype": "uint16",
+      "heldout": {"fraction": float(heldout_fraction),
+                  "long_doc_chars": int(long_doc_chars),
+                  "min_long_heldout": int(min_long_heldout), "salt": salt},
+      "splits": splits,
+      "sha256": files,
+  }
+  with open(os.path.join(out_dir, MANIFEST), "w") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+    f.write("\n")
+  return manifest
+
+
+# ------------------------------------------------------------------ reading
+def load_manifest(data_dir: str) -> dict:
+  """The manifest of a folder written by `write_dataset`."""
+  path = os.path.join(data_dir, MANIFEST)
+  if not os.path.isfile(path):
+    raise ValueError(
+        f"`data_dir` {data_dir!r} holds no prepared text dataset ({MANIFEST} "
+        f"is missing): {_PREPARE} --out_dir={data_dir} first.")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{path} has format_version "
+                     f"{manifest.get('format_version')!r}, this reader "
+                     f"expects {FORMAT_VERSION}: {_PREPARE} again.")
+  return manifest
+
+
+def _check_split(split: str) -> str:
+  if split not in SPLITS:
+    raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
+  return split
+
+
+def load_shard(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint16 memmap [num_tokens], int64 offsets [num_documents + 1])."""
+  info = load_manifest(data_dir)["splits"][_check_split(split)]
+  path = os.path.join(data_dir, info["shard"])
+  if not os.path.isfile(path):
+    raise ValueError(f"`data_dir` {data_dir!r} lacks {info['shard']}: "
+                     f"{_PREPARE} --out_dir={data_dir} again.")
+  tokens = np.memmap(path, np.uint16, mode="r")
+  offsets = np.load(os.path.join(data_dir, info["offsets"]))
+  if tokens.size != info["num_tokens"] or offsets[-1] != tokens.size:
+    raise ValueError(f"{path} has {tokens.size} tokens, the manifest "
+                     f"{info['num_tokens']}: {_PREPARE} again.")
+  return tokens, offsets
+
+
+def load_documents(data_dir: str, split: str) -> list[np.ndarray]:
+  """The documents of a split, in manifest order.
+
+  Returns:
+    [int32 [n_i]] per document, each starting with the tokenizer's bos_id.
+  """
+  tokens, offsets = load_shard(data_dir, split)
+  return [np.asarray(tokens[a:b], np.int32)
+          for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def document_names(data_dir: str, split: str) -> list[str]:
+  """Names of the documents of a split, in the order of `load_documents`."""
+  return list(load_manifest(data_dir)["splits"][_check_split(split)][
+      "documents"])
+
+
+def load_tokenizer(data_dir: str) -> TextTokenizer:
+  """The tokenizer written by `write_dataset` (needs `tokenizers`)."""
+  load_manifest(data_dir)
+  return TextTokenizer.from_file(os.path.join(data_dir, TOKENIZER))
+
+
+# ------------------------------------------------------------------ batches
+class TextBatches:
+  """Random crops of a split's token stream, deterministic in batch index.
+
+  A drop-in for `blasst_jax.synthetic_lm.SyntheticLM` as a token source: a
+  batch is a function of (seed, split, index) only, so a resumed run sees
+  the batches it would have seen. Crops run across document boundaries
+  (every document opens with bos_id).
+
+  Attributes:
+    vocab_size, bos_id: from the manifest.
+    num_tokens: {split: tokens in its stream}.
+  """
+
+  def __init__(self, data_dir: str, *, seed: int = 0,
+               start: str = "random"):
+    """Opens the shards.
+
+    Args:
+      data_dir: a folder written by `write_dataset`.
+      seed: with split and index, fixes every batch.
+      start: "random": crops start anywhere in the stream; "document":
+        at the start (bos) of a random document.
+    """
+    if start not in ("random", "document"):
+      raise ValueError(f"`start` must be 'random' or 'document', got "
+                       f"{start!r}.")
+    manifest = load_manifest(data_dir)
+    self.data_dir = data_dir
+    self.seed = int(seed)
+    self.start = start
+    self.vocab_size = int(manifest["vocab_size"])
+    self.bos_id = int(manifest["bos_id"])
+    self._shards = {s: load_shard(data_dir, s) for s in SPLITS}
+    self.num_tokens = {s: int(t.size) for s, (t, _) in self._shards.items()}
+
+  def batch(self, index: int, *, batch_size: int, seq_len: int,
+            split: str = "train") -> np.ndarray:
+    """Batch number `index` of a split.
+
+    Args:
+      index: >= 0.
+      batch_size, seq_len: >= 1; the split must hold seq_len + 1 tokens.
+      split: "train" or "heldout" ("eval" is read as "heldout", the name
+        `SyntheticLM` uses).
+
+    Returns:
+      int32 [batch_size, seq_len + 1]: inputs are `[:, :-1]`, next-token
+      targets `[:, 1:]`.
+    """
+    split = "heldout" if split == "eval" else _check_split(split)
+    if index < 0 or batch_size < 1 or seq_len < 1:
+      raise ValueError(
+          f"Need index >= 0, batch_size >= 1, seq_len >= 1; got {index}, "
+          f"{batch_size}, {seq_len}.")
+    tokens, offsets = self._shards[split]
+    n = seq_len + 1
+    if tokens.size < n:
+      raise ValueError(f"`seq_len` {seq_len} needs {n} tokens, the "
+                       f"{split!r} split has {tokens.size}.")
+    rng = np.random.default_rng([self.seed, SPLITS.index(split), int(index)])
+    if self.start == "random":
+      starts = rng.integers(0, tokens.size - n + 1, size=batch_size)
+    else:
+      starts = offsets[:-1][offsets[:-1] <= tokens.size - n]
+      starts = starts[rng.integers(0, starts.size, size=batch_size)]
+    return np.asarray(tokens[starts[:, None] + np.arange(n)], np.int32)

@@ -36,14 +36,16 @@ import numpy as np
 from blasst_jax import analysis
 from blasst_jax import calibration
 from blasst_jax import config as config_lib
+from blasst_jax import text_data
 from blasst_jax import xattention
 from blasst_jax.config import SkipSoftmaxConfig
 from blasst_jax.progress import ProgressBar
 
 WINDOW_SOURCES = ("auto", "documents", "stream")
-NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-QUESTION = "\nWhat is the pass key? The pass key is"
-ANSWER = " {key}"
+# The template training augmentation shares (text_data.TextBatches).
+NEEDLE = text_data.PASSKEY_NEEDLE
+QUESTION = text_data.PASSKEY_QUESTION
+ANSWER = text_data.PASSKEY_ANSWER
 
 
 # ------------------------------------------------------------------ windows
@@ -426,28 +428,15 @@ def build_passkey(tokenizer, filler: np.ndarray, *, length: int,
   Raises:
     ValueError: for a depth outside [0, 1], or a length or filler too short.
   """
-  if not 0.0 <= depth <= 1.0:
-    raise ValueError(f"`depth` must lie in [0, 1], got {depth!r}.")
-  needle_ids = list(tokenizer.encode(needle.format(key=key)))
-  question_ids = list(tokenizer.encode(question.format(key=key)))
-  answer_ids = list(tokenizer.encode(answer.format(key=key)))
-  n = length + 1 - 1 - len(needle_ids) - len(question_ids) - len(answer_ids)
-  if n < 0:
-    raise ValueError(
-        f"`length` {length} is too short for the needle, question and answer "
-        f"({length + 1 - n} tokens): use a longer length.")
-  filler = np.asarray(filler, np.int32)
-  if filler.size < n:
-    raise ValueError(f"`filler` has {filler.size} tokens, length {length} "
-                     f"needs {n}: give more filler text.")
-  p = int(round(depth * n))
-  tokens = np.concatenate([
-      [tokenizer.bos_id], filler[:p], needle_ids, filler[p:n], question_ids,
-      answer_ids]).astype(np.int32)
-  assert tokens.size == length + 1, tokens.size
+  needle_ids, question_ids, answer_ids = text_data.passkey_parts(
+      tokenizer, key, needle=needle, question=question, answer=answer)
+  tokens, needle_start, answer_start = text_data.insert_passkey(
+      filler, bos_id=tokenizer.bos_id, needle_ids=needle_ids,
+      question_ids=question_ids, answer_ids=answer_ids, length=length,
+      depth=depth)
   return PasskeySample(
-      tokens=tokens, key=key, depth=float(depth), needle_start=1 + p,
-      needle_length=len(needle_ids), answer_start=length + 1 - len(answer_ids),
+      tokens=tokens, key=key, depth=float(depth), needle_start=needle_start,
+      needle_length=len(needle_ids), answer_start=answer_start,
       answer_length=len(answer_ids))
 
 

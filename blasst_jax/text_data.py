@@ -1,8 +1,9 @@
 """Real English text for language-model experiments: splits, tokenizer, batches.
 
-`experiments/prepare_text.py` collects documents (the reStructuredText
-sources of the Python documentation and the Debian Reference, from Debian
-packages) and calls `write_dataset`, which writes into one folder:
+`experiments/prepare_text.py` collects documents (English documentation
+from Debian packages: reStructuredText, HTML, POD and man pages made plain
+text by `blasst_jax.text_extract`) and calls
+`write_dataset`, which writes into one folder:
 
     tokenizer.json          byte-level BPE (`tokenizers`), trained on the
                             training split only
@@ -20,9 +21,9 @@ tokenizer nor the batches of the training split see it. Some long documents
 are always held out, for long-context evaluation. Same documents and
 arguments give byte-identical files.
 
-    tok = text_data.load_tokenizer("data/pydoc")
-    docs = text_data.load_documents("data/pydoc", "heldout")  # [int32 [n_i]]
-    source = text_data.TextBatches("data/pydoc", seed=0)
+    tok = text_data.load_tokenizer("data/debian_en")
+    docs = text_data.load_documents("data/debian_en", "heldout")  # [[n_i]]
+    source = text_data.TextBatches("data/debian_en", seed=0)
     tokens = source.batch(7, batch_size=8, seq_len=4096)      # int32 [8, 4097]
 
 Training and tokenizing need the optional `tokenizers` package
@@ -44,7 +45,7 @@ SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
-DEFAULT_DATA_DIR = "data/pydoc"
+DEFAULT_DATA_DIR = "data/debian_en"
 _PREPARE = "run experiments/prepare_text.py"
 
 
@@ -222,9 +223,15 @@ def write_dataset(documents: Mapping[str, str], out_dir: str, *,
   tokenizer.tokenizer.save(tokenizer_path, pretty=False)
   files = {TOKENIZER: file_sha256(tokenizer_path)}
   splits = {}
+  source_tokens = {}
   for split in SPLITS:
     ids = tokenizer.encode_batch([documents[n] for n in names[split]])
     lengths = np.array([1 + len(x) for x in ids], np.int64)
+    for name, n in zip(names[split], lengths):
+      counts = source_tokens.setdefault(name.split("/")[0], {
+          s: 0 for s in SPLITS} | {f"{s}_documents": 0 for s in SPLITS})
+      counts[split] += int(n)
+      counts[f"{split}_documents"] += 1
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     shard = np.empty(int(offsets[-1]), np.uint16)
     for start, doc in zip(offsets[:-1], ids):
@@ -262,6 +269,9 @@ def write_dataset(documents: Mapping[str, str], out_dir: str, *,
                   "long_doc_chars": int(long_doc_chars),
                   "min_long_heldout": int(min_long_heldout), "salt": salt},
       "splits": splits,
+      # Tokens (BOS included) and documents per split of each source: the
+      # first component of the document names.
+      "source_tokens": source_tokens,
       "sha256": files,
   }
   with open(os.path.join(out_dir, MANIFEST), "w") as f:
@@ -331,6 +341,75 @@ def load_tokenizer(data_dir: str) -> TextTokenizer:
   return TextTokenizer.from_file(os.path.join(data_dir, TOKENIZER))
 
 
+# ------------------------------------------------------------------ passkey
+# The passkey-retrieval template: `lm_eval` evaluates with it and
+# `TextBatches(passkey_prob=...)` trains with it, so the two cannot drift.
+# "{key}" is replaced by the key (digits).
+PASSKEY_NEEDLE = ("\nThe pass key is {key}. Remember it. {key} is the pass "
+                  "key.\n")
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+PASSKEY_ANSWER = " {key}"
+# Last entropy word of the training augmentation's RNG, so its keys and
+# depths come from a stream of their own (evaluation draws from
+# `np.random.default_rng([seed, length, trial])`).
+_PASSKEY_STREAM = 0x9A55_6B79
+
+
+def passkey_parts(tokenizer, key: str, *, needle: str = PASSKEY_NEEDLE,
+                  question: str = PASSKEY_QUESTION,
+                  answer: str = PASSKEY_ANSWER
+                  ) -> tuple[list[int], list[int], list[int]]:
+  """Token ids of (needle, question, answer) for `key`.
+
+  Args:
+    tokenizer: with `encode(text) -> ids` (`TextTokenizer`).
+    key: the pass key.
+    needle, question, answer: templates; "{key}" is replaced by the key.
+  """
+  return tuple(list(tokenizer.encode(t.format(key=key)))
+               for t in (needle, question, answer))
+
+
+def insert_passkey(filler, *, bos_id: int, needle_ids, question_ids,
+                   answer_ids, length: int, depth: float
+                   ) -> tuple[np.ndarray, int, int]:
+  """BOS, filler, needle at `depth`, more filler, question, answer.
+
+  Args:
+    filler: int [>= m] tokens; the first m are used, m = length - (BOS +
+      needle + question + answer tokens).
+    bos_id: the first token.
+    needle_ids, question_ids, answer_ids: from `passkey_parts`.
+    length: the sequence has length + 1 tokens (inputs [:-1], targets
+      [1:]).
+    depth: in [0, 1]: round(depth * m) filler tokens precede the needle.
+
+  Returns:
+    (int32 [length + 1] tokens, index of the needle's first token, index
+    of the answer's first token = length + 1 - len(answer_ids)).
+
+  Raises:
+    ValueError: for a depth outside [0, 1], or a length or filler too short.
+  """
+  if not 0.0 <= depth <= 1.0:
+    raise ValueError(f"`depth` must lie in [0, 1], got {depth!r}.")
+  m = length - len(needle_ids) - len(question_ids) - len(answer_ids)
+  if m < 0:
+    raise ValueError(
+        f"`length` {length} is too short for the needle, question and answer "
+        f"({length + 1 - m} tokens): use a longer length.")
+  filler = np.asarray(filler, np.int32)
+  if filler.size < m:
+    raise ValueError(f"`filler` has {filler.size} tokens, length {length} "
+                     f"needs {m}: give more filler text.")
+  p = int(round(depth * m))
+  tokens = np.concatenate([
+      [bos_id], filler[:p], needle_ids, filler[p:m], question_ids,
+      answer_ids]).astype(np.int32)
+  assert tokens.size == length + 1, tokens.size
+  return tokens, 1 + p, length + 1 - len(answer_ids)
+
+
 # ------------------------------------------------------------------ batches
 class TextBatches:
   """Random crops of a split's token stream, deterministic in batch index.
@@ -340,25 +419,51 @@ class TextBatches:
   the batches it would have seen. Crops run across document boundaries
   (every document opens with bos_id).
 
+  Passkey augmentation (`passkey_prob` > 0, training split only): each
+  sequence, with that probability, becomes the passkey-retrieval format of
+  `lm_eval` (`insert_passkey` with the PASSKEY_* template): BOS, its crop
+  as filler with the needle "The pass key is 12345. ..." at a uniform
+  random depth, then the question and the answer as its last tokens. Key
+  (`passkey_digits` random digits), depth and which rows are chosen are
+  functions of (seed, index) alone, drawn from a stream of their own. The
+  held-out split is never augmented.
+
   Attributes:
     vocab_size, bos_id: from the manifest.
     num_tokens: {split: tokens in its stream}.
+    passkey_prob, passkey_digits: the augmentation.
   """
 
   def __init__(self, data_dir: str, *, seed: int = 0,
-               start: str = "random"):
-    """Opens the shards.
+               start: str = "random", passkey_prob: float = 0.0,
+               passkey_digits: int = 5):
+    """Opens the shards (and the tokenizer, for passkey augmentation).
 
     Args:
       data_dir: a folder written by `write_dataset`.
       seed: with split and index, fixes every batch.
       start: "random": crops start anywhere in the stream; "document":
         at the start (bos) of a random document.
+      passkey_prob: in [0, 1]: share of training sequences turned into
+        passkey-retrieval sequences (0: none, plain text; needs the
+        `tokenizers` package otherwise).
+      passkey_digits: digits of the keys (>= 1).
     """
     if start not in ("random", "document"):
       raise ValueError(f"`start` must be 'random' or 'document', got "
                        f"{start!r}.")
+    if not 0.0 <= passkey_prob <= 1.0:
+      raise ValueError(f"`passkey_prob` must lie in [0, 1], got "
+                       f"{passkey_prob!r}.")
+    if not isinstance(passkey_digits, (int, np.integer)) or (
+        passkey_digits < 1):
+      raise ValueError(f"`passkey_digits` must be a positive int, got "
+                       f"{passkey_digits!r}.")
     manifest = load_manifest(data_dir)
+    self.passkey_prob = float(passkey_prob)
+    self.passkey_digits = int(passkey_digits)
+    self._tokenizer = (load_tokenizer(data_dir) if self.passkey_prob > 0
+                       else None)
     self.data_dir = data_dir
     self.seed = int(seed)
     self.start = start
@@ -397,4 +502,30 @@ class TextBatches:
     else:
       starts = offsets[:-1][offsets[:-1] <= tokens.size - n]
       starts = starts[rng.integers(0, starts.size, size=batch_size)]
-    return np.asarray(tokens[starts[:, None] + np.arange(n)], np.int32)
+    out = np.asarray(tokens[starts[:, None] + np.arange(n)], np.int32)
+    if split == "train":
+      for row, plan in enumerate(self.passkey_plan(index, batch_size)):
+        if plan is not None:
+          out[row] = insert_passkey(
+              out[row], bos_id=self.bos_id,
+              **dict(zip(("needle_ids", "question_ids", "answer_ids"),
+                         passkey_parts(self._tokenizer, plan["key"]))),
+              length=seq_len, depth=plan["depth"])[0]
+    return out
+
+  def passkey_plan(self, index: int, batch_size: int) -> list[dict | None]:
+    """Which training rows of batch `index` carry a passkey, and which.
+
+    Returns:
+      [batch_size] of None (plain text) or {"key": str, "depth": float}.
+    """
+    if self.passkey_prob <= 0:
+      return [None] * batch_size
+    rng = np.random.default_rng([self.seed, SPLITS.index("train"),
+                                 int(index), _PASSKEY_STREAM])
+    chosen = rng.random(batch_size) < self.passkey_prob
+    d = self.passkey_digits
+    keys = rng.integers(10 ** (d - 1), 10 ** d, size=batch_size)
+    depths = rng.random(batch_size)
+    return [{"key": str(int(k)), "depth": float(x)} if c else None
+            for c, k, x in zip(chosen, keys, depths)]

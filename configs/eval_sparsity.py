@@ -66,7 +66,7 @@ def get_config(variant: str = "default"):
   if "small" in parts:            # CPU: seconds
     c.random_init = True
     c.random_qk_scale = 4.0       # peaked attention: something to skip
-    c.data_dir = "data/pydoc"
+    c.data_dir = "data/debian_en"
     c.implementation = "reference"
     c.context_lengths = (128, 256)
     c.train_seq_len = 128

@@ -1,26 +1,38 @@
 """Train a small RoPE GPT on real English text (experiments/train_lm.py).
 
-Data: `python experiments/prepare_text.py` first (writes data/pydoc/: the
-Python documentation and the Debian Reference, byte-level BPE with 8192
-tokens, ~2.9 M training tokens in 480 documents, ~0.17 M held-out tokens in
-31 documents). Evaluation reads the held-out documents only.
+Data: `python experiments/prepare_text.py` first (writes data/debian_en/,
+~2.5 min: English documentation of 17 Debian main packages (Python, Linux
+kernel, Perl, PostgreSQL, Django, SQLite, Git, man-pages, ...), byte-level
+BPE with 8192 tokens, ~20.4 M training tokens in 7,533 documents, ~1.2 M
+held-out tokens in 449 documents; `--corpus=pydoc` gives the earlier
+2.9 M-token corpus in data/pydoc/). Evaluation reads the held-out documents
+only.
+
+Passkey augmentation (`data.passkey_prob`, default 0.1): one training
+sequence in ten carries the passkey-retrieval format that
+experiments/eval_sparsity.py scores (the same needle / question template,
+`text_data.PASSKEY_*`, a random 5-digit key at a random depth, question and
+answer at the end; keys drawn from a stream of their own). Retrieval
+accuracy then measures a trained skill, not an emergent one; set
+`--config.data.passkey_prob=0` to train on plain text only.
 
 Variants (comma-separated): a mode, `dense` (default), `sparse` or
 `finetune` (as in configs/train_lm.py), and optionally `small` (CPU,
 seconds; point data.data_dir at a small dataset).
 
-    python experiments/prepare_text.py
-    python experiments/train_lm.py --config=configs/lm_small.py
+    python experiments/prepare_text.py && python experiments/train_lm.py \
+        --config=configs/lm_small.py
+    python experiments/train_lm.py --config=configs/lm_small.py \
+        --config.data.passkey_prob=0 --config.workdir=lm_small_plain
     python experiments/train_lm.py --config=configs/lm_small.py:finetune \
         --config.init_from=lm_small_output --config.workdir=/tmp/ft
 
 GPU size: 8 layers, d_model 512, 8 query heads / 2 KV heads of 64 (GQA),
 RMSNorm, RoPE, tied 8192-token embedding: 26.2 M parameters (22.0 M
-outside the embedding). 16 x 4096 = 65,536 tokens per step; 1500 steps =
-98 M tokens, about 8 minutes at ~200 k tokens/s on one H100 (~275 MFLOP
-per token with causal attention at 4k context). That is ~34 passes over
-the training split: held-out loss will turn up once the model starts to
-memorise; the evaluations every 100 steps show where.
+outside the embedding). 16 x 4096 = 65,536 tokens per step; 500 steps =
+32.8 M tokens, ~1.6 passes over the training split (about 40 s at ~830 k
+tokens/s on one H100). The earlier corpus over-fitted after ~13 passes;
+the evaluations every 50 steps show whether this one does.
 """
 
 import ml_collections
@@ -42,8 +54,11 @@ def get_config(variant: str = "dense"):
   c.seed = 0                # model init
   # Random 4097-token crops of the training stream (documents open with
   # <|doc|>); the vocabulary is the tokenizer's.
+  # passkey_prob: share of training sequences in the passkey-retrieval
+  # format of the evaluation (0: plain text only).
   c.data = ml_collections.ConfigDict(dict(
-      kind="text", data_dir="data/pydoc", seed=0, start="random"))
+      kind="text", data_dir="data/debian_en", seed=0, start="random",
+      passkey_prob=0.1, passkey_digits=5))
   c.model = ml_collections.ConfigDict(dict(
       num_layers=8, d_model=512, num_heads=8, num_kv_heads=2, mlp_ratio=4,
       tie_embeddings=True, position="rope", rope_base=10000.0,
@@ -52,15 +67,15 @@ def get_config(variant: str = "dense"):
       implementation=None, block_q=64, block_kv=128))
   c.seq_len = 4096
   c.batch_size = 16
-  c.steps = 1500
-  c.dense_steps = 1500      # finetune mode without init_from: dense phase
+  c.steps = 500             # ~1.6 passes over data/debian_en's train split
+  c.dense_steps = 500       # finetune mode without init_from: dense phase
   c.optim = ml_collections.ConfigDict(dict(
-      peak_lr=1e-3, end_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1,
+      peak_lr=1e-3, end_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1,
       b1=0.9, b2=0.95, clip_norm=1.0))
   # Skip-softmax during sparse / finetune training: exactly one of these.
   c.sparsity = ml_collections.ConfigDict(dict(
       threshold=0.0, scale_factor=0.0, target_sparsity=0.0))
-  c.eval_every = 100
+  c.eval_every = 50
   c.eval_batches = 4        # 4 x 65k tokens of held-out crops
   c.checkpoint_every = 250
   c.keep_checkpoints = 2

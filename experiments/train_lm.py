@@ -130,8 +130,11 @@ def make_source(cfg):
   [batch_size, seq_len + 1], split "train" or "eval" (held out).
   """
   if data_kind(cfg) == "text":
-    return text_data.TextBatches(cfg.data.data_dir, seed=cfg.data.seed,
-                                 start=cfg.data.get("start", "random"))
+    return text_data.TextBatches(
+        cfg.data.data_dir, seed=cfg.data.seed,
+        start=cfg.data.get("start", "random"),
+        passkey_prob=cfg.data.get("passkey_prob", 0.0),
+        passkey_digits=cfg.data.get("passkey_digits", 5))
   args = {k: v for k, v in cfg.data.to_dict().items() if k != "kind"}
   return synthetic_lm.SyntheticLM(**args)
 

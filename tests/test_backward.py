@@ -171,3 +171,18 @@ def test_hopper_backward_lowers_for_cuda(d, causal):
   else:
     assert "blasst_backward_dkdv_mosaic" in text
     assert "blasst_backward_dq_mosaic" in text
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(compute_registers=240), "compute_registers"),   # over-commits
+    (dict(compute_registers=228), "multiple of 8"),
+    (dict(num_stages=1), "num_stages"),
+    (dict(fuse_dq="yes"), "fuse_dq")])
+def test_hopper_configs_reject_knobs_that_cannot_run(kwargs, message):
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=message):
+    pallas_mosaic_bwd.MosaicBwdConfig(**kwargs)
+  if "fuse_dq" not in kwargs:
+    with pytest.raises(ValueError, match=message):
+      pallas_mosaic.MosaicConfig(**kwargs)

@@ -214,6 +214,8 @@ def test_train_lm_small_on_text_learns_from_heldout_split(tmp_path):
        f"--config.workdir={workdir}", f"--config.data.data_dir={data_dir}"],
       tmp_path)
   log = json.loads((workdir / "log.json").read_text())
+  # Passkey augmentation is on by default (and needs the tokenizer).
+  assert log["config"]["data"]["passkey_prob"] > 0
   assert log["data"]["vocab_size"] == manifest["vocab_size"]
   assert log["data"]["heldout_tokens"] == manifest["splits"]["heldout"][
       "num_tokens"]

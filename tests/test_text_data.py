@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from blasst_jax import text_data
+from blasst_jax import text_extract
 
 pytest.importorskip("tokenizers")
 
@@ -167,3 +168,209 @@ def test_errors(dataset, tmp_path):
     text_data.write_dataset({"a": "text"}, str(tmp_path / "x"))
   with pytest.raises(ValueError, match="non-empty"):
     text_data.write_dataset({"a": "text", "b": ""}, str(tmp_path / "x"))
+
+
+# ---------------------------------------------------------------- extraction
+HTML = """<!DOCTYPE html><html><head><title>Page title</title>
+<style>p { color: red }</style><script>var x = "<p>no</p>";</script></head>
+<body><div class="navheader"><a href="a.html">Prev</a> <a>Next</a></div>
+<div class="body"><h1>Virtual tables<a class="headerlink" href="#x">¶</a></h1>
+<p>A virtual table is   an <b>object</b>
+that is registered &amp; used &lt;here&gt;.</p>
+<ul><li>One cannot create a trigger.</li><li>Nor an index.</li></ul>
+<pre>SELECT *
+  FROM t;</pre>
+<div role="navigation">sidebar links</div></div>
+<div id="ft"><p>Footer</p></div></body></html>"""
+
+
+def test_html_to_text():
+  text = text_extract.html_to_text(HTML)
+  assert text == (
+      "Virtual tables\n\n"
+      "A virtual table is an object that is registered & used <here>.\n\n"
+      "* One cannot create a trigger.\n\n* Nor an index.\n\n"
+      "SELECT *\n  FROM t;\n")
+  assert text_extract.html_to_text("<html><script>x</script></html>") == ""
+
+
+POD = """#!/usr/bin/perl
+code before pod
+
+=head1 NAME X<name>
+
+perlsyn - Perl syntax
+
+=head2 Declarations
+
+A B<scalar> holds I<undef> until C<< $x = 1 >> assigns it; see
+L<perltrap> and L<the FAQ|perlfaq>, or L<perlop/"Quote and Quote-like
+Operators">. E<lt>tagE<gt>
+
+    my $x = 1;   # verbatim
+    print $x;
+
+=over 4
+
+=item *
+
+First point.
+
+=item 2.
+
+Second point.
+
+=back
+
+=begin html
+
+<p>not for text</p>
+
+=end html
+
+=cut
+
+sub f { 1 }
+"""
+
+
+def test_pod_to_text():
+  assert text_extract.pod_to_text(POD) == (
+      "NAME\n\nperlsyn - Perl syntax\n\nDeclarations\n\n"
+      "A scalar holds undef until $x = 1 assigns it; see perltrap and the "
+      'FAQ, or "Quote and Quote-like Operators" in perlop. <tag>\n\n'
+      "    my $x = 1;   # verbatim\n    print $x;\n\n"
+      "* First point.\n\n2. Second point.\n")
+
+
+ROFF = r""".\" Copyright comment
+.TH PIPE 7 2022-12-04 "Linux man-pages 6.03"
+.de XX
+.  bogus macro body
+..
+.SH NAME
+pipe \- overview of pipes and FIFOs
+.SH DESCRIPTION
+A pipe has a
+.I read end
+and a
+.IR "write end" .
+See
+.BR pipe (2)
+for \fBmore\fP \(em or \[lq]less\[rq].
+.PP
+.EX
+int fd[2];
+pipe(fd);
+.EE
+.TP
+.B O_NONBLOCK
+Do not block.
+.TS
+l l.
+A<TAB>B
+.TE
+""".replace("<TAB>", "\t")
+
+
+def test_roff_to_text():
+  assert text_extract.roff_to_text(ROFF) == (
+      "PIPE(7)\n\nNAME\n\npipe - overview of pipes and FIFOs\n\n"
+      "DESCRIPTION\n\nA pipe has a read end and a write end. See pipe(2) "
+      "for more \u2014 or \u201cless\u201d.\n\n"
+      "int fd[2];\npipe(fd);\n\nO_NONBLOCK Do not block.\n\nA  B\n")
+  assert text_extract.roff_to_text(".so man2/pipe.2\n") == ""
+
+
+def test_extracted_corpus_build_is_deterministic(tmp_path):
+  docs = {f"web/page{i}.html": text_extract.html_to_text(HTML.replace(
+      "Virtual", f"Virtual {i}")) for i in range(4)}
+  docs |= {f"perl/p{i}.pod": text_extract.pod_to_text(POD) + f"Part {i}.\n"
+           for i in range(4)}
+  docs |= {f"man/m{i}.7": text_extract.roff_to_text(ROFF) * (i + 1)
+           for i in range(4)}
+  args = dict(vocab_size=300, heldout_fraction=0.25, long_doc_chars=1000,
+              min_long_heldout=1)
+  a = text_data.write_dataset(docs, str(tmp_path / "a"), **args)
+  b = text_data.write_dataset(dict(reversed(list(docs.items()))),
+                              str(tmp_path / "b"), **args)
+  assert a == b
+  for name in a["sha256"]:
+    assert ((tmp_path / "a" / name).read_bytes()
+            == (tmp_path / "b" / name).read_bytes()), name
+  counts = a["source_tokens"]
+  assert sorted(counts) == ["man", "perl", "web"]
+  for split in text_data.SPLITS:
+    assert sum(c[split] for c in counts.values()) == a["splits"][split][
+        "num_tokens"]
+    assert sum(c[f"{split}_documents"] for c in counts.values()) == a[
+        "splits"][split]["num_documents"]
+
+
+# ------------------------------------------------------------------ passkey
+def _find(row, sub):
+  sub = np.asarray(sub)
+  for i in range(row.size - sub.size + 1):
+    if np.array_equal(row[i:i + sub.size], sub):
+      return i
+  return -1
+
+
+def test_passkey_augmentation(dataset):
+  out, _ = dataset
+  tok = text_data.load_tokenizer(out)
+  plain = text_data.TextBatches(out, seed=1)
+  assert plain.passkey_prob == 0.0
+  assert plain.passkey_plan(0, 4) == [None] * 4
+  aug = text_data.TextBatches(out, seed=1, passkey_prob=0.5)
+  seq_len, rows = 96, 0
+  chosen = 0
+  for index in range(12):
+    x = aug.batch(index, batch_size=8, seq_len=seq_len)
+    base = plain.batch(index, batch_size=8, seq_len=seq_len)
+    np.testing.assert_array_equal(
+        x, text_data.TextBatches(out, seed=1, passkey_prob=0.5).batch(
+            index, batch_size=8, seq_len=seq_len))
+    for row, plan, crop in zip(x, aug.passkey_plan(index, 8), base):
+      rows += 1
+      if plan is None:
+        np.testing.assert_array_equal(row, crop)    # plain text untouched
+        continue
+      chosen += 1
+      key = plan["key"]
+      assert len(key) == 5 and key.isdigit()
+      needle, question, answer = text_data.passkey_parts(tok, key)
+      assert row[0] == tok.bos_id
+      # Question then answer close the sequence.
+      np.testing.assert_array_equal(row[-len(answer):], answer)
+      np.testing.assert_array_equal(
+          row[-len(answer) - len(question):-len(answer)], question)
+      # The needle sits at the requested depth of the filler.
+      m = seq_len - len(needle) - len(question) - len(answer)
+      p = int(round(plan["depth"] * m))
+      np.testing.assert_array_equal(row[1 + p:1 + p + len(needle)], needle)
+      np.testing.assert_array_equal(row[1:1 + p], crop[:p])
+      assert tok.decode(row[1 + p:1 + p + len(needle)]) == (
+          text_data.PASSKEY_NEEDLE.format(key=key))
+  assert 0.3 < chosen / rows < 0.7
+  # Held-out batches are never augmented.
+  np.testing.assert_array_equal(
+      aug.batch(0, batch_size=8, seq_len=seq_len, split="heldout"),
+      plain.batch(0, batch_size=8, seq_len=seq_len, split="heldout"))
+  every = text_data.TextBatches(out, seed=1, passkey_prob=1.0)
+  plans = every.passkey_plan(3, 16)
+  assert all(p is not None for p in plans)
+  assert len({p["key"] for p in plans}) > 1
+  with pytest.raises(ValueError, match="too short"):
+    every.batch(0, batch_size=1, seq_len=8)
+  with pytest.raises(ValueError, match="passkey_prob"):
+    text_data.TextBatches(out, passkey_prob=1.5)
+  with pytest.raises(ValueError, match="passkey_digits"):
+    text_data.TextBatches(out, passkey_prob=0.1, passkey_digits=0)
+
+
+def test_passkey_template_shared_with_eval():
+  lm_eval = pytest.importorskip("blasst_jax.lm_eval")
+  assert lm_eval.NEEDLE == text_data.PASSKEY_NEEDLE
+  assert lm_eval.QUESTION == text_data.PASSKEY_QUESTION
+  assert lm_eval.ANSWER == text_data.PASSKEY_ANSWER

@@ -137,17 +137,40 @@ def pack_lists(header_words, entries):
                           jnp.int32)], axis=-1)
 
 
+# Registers per thread the memory warpgroup keeps (setmaxnreg).
+MEMORY_REGISTERS = 40
+_REGISTER_FILE = 65536   # 32-bit registers per SM
+
+
+def check_pipeline_knobs(num_stages, compute_registers) -> None:
+  """ValueError unless the ring depth and register split can run: an
+  over-committed register file makes setmaxnreg wait forever."""
+  if not isinstance(num_stages, int) or num_stages < 2:
+    raise ValueError(f"`num_stages` must be an int >= 2, got {num_stages!r}.")
+  most = (_REGISTER_FILE // 128 - MEMORY_REGISTERS) // COMPUTE_WGS // 8 * 8
+  if (not isinstance(compute_registers, int) or compute_registers % 8
+      or not 24 <= compute_registers <= most):
+    raise ValueError(
+        f"`compute_registers` must be a multiple of 8 in [24, {most}] (two "
+        f"compute warpgroups and a memory warpgroup of {MEMORY_REGISTERS} "
+        f"share {_REGISTER_FILE} registers), got {compute_registers!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
   """Speed knobs of the Mosaic kernel (no effect on results).
 
   Attributes:
     num_stages: K/V shared-memory ring depth (>= 2).
-    compute_registers: registers per thread granted to compute warpgroups.
+    compute_registers: registers per thread granted to compute warpgroups
+      (a multiple of 8, at most 232).
   """
 
   num_stages: int = 2
   compute_registers: int = 232
+
+  def __post_init__(self):
+    check_pipeline_knobs(self.num_stages, self.compute_registers)
 
 
 def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
@@ -399,7 +422,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
   @pl.when(wg == COMPUTE_WGS)
   def _memory():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
     kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
 
     def issue(pos, slot):

@@ -61,7 +61,8 @@ class MosaicBwdConfig:
 
   Attributes:
     num_stages: depth of the shared-memory ring of streamed tiles (>= 2).
-    compute_registers: registers per thread of a compute warpgroup.
+    compute_registers: registers per thread of a compute warpgroup (a
+      multiple of 8, at most 232).
     fuse_dq: one kernel that also reduces dQ partials into f32 global
       memory (5 products per tile pair), else a second kernel for dQ that
       recomputes P and dP (7). None: fused for head_dim 64 only (H100,
@@ -72,6 +73,12 @@ class MosaicBwdConfig:
   num_stages: int = 2
   compute_registers: int = 232
   fuse_dq: bool | None = None
+
+  def __post_init__(self):
+    pallas_mosaic.check_pipeline_knobs(self.num_stages, self.compute_registers)
+    if self.fuse_dq not in (None, True, False):
+      raise ValueError(f"`fuse_dq` must be None, True or False, got "
+                       f"{self.fuse_dq!r}.")
 
 
 def supports(head_dim: int, dtype) -> bool:
@@ -174,7 +181,7 @@ def _start_program(lists_ref, list_smem, list_bar, params_ref, params_smem,
 def _stream(pipe, issue, free_bars):
   """The memory warpgroup: issue(pos, slot) for every union position, each
   slot refilled once both compute warpgroups released it."""
-  plgpu.set_max_registers(40, action="decrease")
+  plgpu.set_max_registers(pallas_mosaic.MEMORY_REGISTERS, action="decrease")
   n = pipe.n_stream
   for i in range(pipe.num_stages):
     pl.when(i < n)(functools.partial(issue, jnp.int32(i), i))

@@ -142,17 +142,22 @@ MEMORY_REGISTERS = 40
 _REGISTER_FILE = 65536   # 32-bit registers per SM
 
 
-def check_pipeline_knobs(num_stages, compute_registers) -> None:
+def check_pipeline_knobs(num_stages, compute_registers,
+                         memory_registers=MEMORY_REGISTERS) -> None:
   """ValueError unless the ring depth and register split can run: an
   over-committed register file makes setmaxnreg wait forever."""
   if not isinstance(num_stages, int) or num_stages < 2:
     raise ValueError(f"`num_stages` must be an int >= 2, got {num_stages!r}.")
-  most = (_REGISTER_FILE // 128 - MEMORY_REGISTERS) // COMPUTE_WGS // 8 * 8
+  if (not isinstance(memory_registers, int) or memory_registers % 8
+      or not 24 <= memory_registers <= 256):
+    raise ValueError(f"`memory_registers` must be a multiple of 8 in "
+                     f"[24, 256], got {memory_registers!r}.")
+  most = (_REGISTER_FILE // 128 - memory_registers) // COMPUTE_WGS // 8 * 8
   if (not isinstance(compute_registers, int) or compute_registers % 8
       or not 24 <= compute_registers <= most):
     raise ValueError(
         f"`compute_registers` must be a multiple of 8 in [24, {most}] (two "
-        f"compute warpgroups and a memory warpgroup of {MEMORY_REGISTERS} "
+        f"compute warpgroups and a memory warpgroup of {memory_registers} "
         f"share {_REGISTER_FILE} registers), got {compute_registers!r}.")
 
 

@@ -62,7 +62,9 @@ class MosaicBwdConfig:
   Attributes:
     num_stages: depth of the shared-memory ring of streamed tiles (>= 2).
     compute_registers: registers per thread of a compute warpgroup (a
-      multiple of 8, at most 232).
+      multiple of 8; 2 x compute + memory <= 512).
+    memory_registers: registers per thread the memory warpgroup keeps
+      (24 lets the compute warpgroups have 240).
     fuse_dq: one kernel that also reduces dQ partials into f32 global
       memory (5 products per tile pair), else a second kernel for dQ that
       recomputes P and dP (7). None: fused for head_dim 64 only (H100,
@@ -72,10 +74,12 @@ class MosaicBwdConfig:
 
   num_stages: int = 2
   compute_registers: int = 232
+  memory_registers: int = pallas_mosaic.MEMORY_REGISTERS
   fuse_dq: bool | None = None
 
   def __post_init__(self):
-    pallas_mosaic.check_pipeline_knobs(self.num_stages, self.compute_registers)
+    pallas_mosaic.check_pipeline_knobs(self.num_stages, self.compute_registers,
+                                       self.memory_registers)
     if self.fuse_dq not in (None, True, False):
       raise ValueError(f"`fuse_dq` must be None, True or False, got "
                        f"{self.fuse_dq!r}.")
@@ -178,10 +182,10 @@ def _start_program(lists_ref, list_smem, list_bar, params_ref, params_smem,
   return (batch, head, program, wg), kv_len, _Pipeline(list_smem, num_stages)
 
 
-def _stream(pipe, issue, free_bars):
+def _stream(pipe, issue, free_bars, registers):
   """The memory warpgroup: issue(pos, slot) for every union position, each
   slot refilled once both compute warpgroups released it."""
-  plgpu.set_max_registers(pallas_mosaic.MEMORY_REGISTERS, action="decrease")
+  plgpu.set_max_registers(registers, action="decrease")
   n = pipe.n_stream
   for i in range(pipe.num_stages):
     pl.when(i < n)(functools.partial(issue, jnp.int32(i), i))
@@ -200,7 +204,7 @@ def _stream(pipe, issue, free_bars):
 
 def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
                  *refs, scale, causal, group, dtype, head_dim, num_stages,
-                 compute_registers, fuse_dq, reduce_dq):
+                 compute_registers, memory_registers, fuse_dq, reduce_dq):
   # q_ref, do_ref [b, lq_pad, hq, d]; ld_ref f32 [b, hq, n_q_tiles, 2,
   # BLOCK] (lse in log2 units, delta); k_ref, v_ref [b, lk_pad, hkv, d];
   # fused: dq_ref f32 [b, hq, n_q_tiles, n_chunks, BLOCK, DQ_CHUNK] (zeroed,
@@ -347,12 +351,12 @@ def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
                               do_bars.at[slot])
       plgpu.copy_gmem_to_smem(ld_ref.at[batch, head, tile], ld_ring.at[slot],
                               ld_bars.at[slot])
-    _stream(pipe, issue, free_bars)
+    _stream(pipe, issue, free_bars, memory_registers)
 
 
 def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
                dq_ref, smem, bars, *, scale, causal, group, dtype, head_dim,
-               num_stages, compute_registers):
+               num_stages, compute_registers, memory_registers):
   # As `_dkdv_kernel`, with the roles swapped: q tiles stay, KV streams.
   (qdo_smem2, ld_smem2, k_ring, v_ring, params_smem, list_smem,
    a_smem2) = smem
@@ -420,7 +424,7 @@ def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
                               k_bars.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[rows_at], v_ring.at[slot],
                               v_bars.at[slot])
-    _stream(pipe, issue, free_bars)
+    _stream(pipe, issue, free_bars, memory_registers)
 
 
 def _launch(kernel, name, inputs, out_shapes, smem_types, barrier_types, *,
@@ -535,7 +539,8 @@ def _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists, *,
   common_bars = [plgpu.Barrier(num_barriers=COMPUTE_WGS + 1), plgpu.Barrier()]
   static = dict(scale=sm_scale * LOG2E, causal=causal, group=group,
                 dtype=dtype, head_dim=d, num_stages=stages,
-                compute_registers=config.compute_registers)
+                compute_registers=config.compute_registers,
+                memory_registers=config.memory_registers)
 
   kv_smem = [tile_smem(2, COMPUTE_WGS), tile_smem(stages), tile_smem(stages),
              plgpu.SMEM((stages, 2, BLOCK), jnp.float32)] + common_smem(kv_lists)

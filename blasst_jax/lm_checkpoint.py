@@ -35,12 +35,30 @@ def _ocp():
 
 
 def data_kind(cfg) -> str:
-  """"synthetic" or "text": where a run's tokens come from."""
+  """Where a run's tokens come from.
+
+  Args:
+    cfg: a train_lm config (its `data` field).
+
+  Returns:
+    "synthetic" (the default when `data.kind` is absent) or "text".
+  """
   return cfg.data.get("kind", "synthetic")
 
 
 def vocab_size(cfg) -> int:
-  """The model's vocabulary: the config's, or the text tokenizer's."""
+  """The model's vocabulary: the config's, or the text tokenizer's.
+
+  Args:
+    cfg: a train_lm config.
+
+  Returns:
+    `data.vocab_size` for synthetic data, the manifest's vocab_size of
+    `data.data_dir` for text.
+
+  Raises:
+    ValueError: for text data whose `data_dir` holds no prepared dataset.
+  """
   if data_kind(cfg) == "text":
     return int(text_data.load_manifest(cfg.data.data_dir)["vocab_size"])
   return cfg.data.vocab_size
@@ -52,6 +70,14 @@ def build_model(cfg, *, vocab: int | None = None) -> gpt.GPT:
   Args:
     cfg: a train_lm config (`model`, `seq_len`, `seed`, `data` fields).
     vocab: the vocabulary size; default `vocab_size(cfg)`.
+
+  Returns:
+    A `gpt.GPT` initialised from `nnx.Rngs(cfg.seed)` (deterministic in
+    the config), params in `model.param_dtype`.
+
+  Raises:
+    ValueError: as `vocab_size`, or from `gpt.GPT` for inconsistent model
+      fields (e.g. num_heads not a multiple of num_kv_heads).
   """
   m = cfg.model
   return gpt.GPT(
@@ -81,7 +107,14 @@ def _unflatten(target, flat: dict):
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  """Steps of the complete checkpoints in workdir, ascending."""
+  """Steps of the complete checkpoints in workdir, ascending.
+
+  Args:
+    workdir: a train_lm workdir.
+
+  Returns:
+    [int] steps of workdir/checkpoints/step_N ([] if none).
+  """
   root = os.path.join(workdir, CHECKPOINT_DIR)
   if not os.path.isdir(root):
     return []
@@ -92,7 +125,18 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def save_checkpoint(workdir: str, state: dict, step: int, keep: int) -> None:
   """Writes `state` as workdir/checkpoints/step_{step}; keeps the last
-  `keep` checkpoints."""
+  `keep` checkpoints.
+
+  Args:
+    state: a pytree of arrays (e.g. {"params": nnx.State, "opt_state":
+      ..., "step": int32 []}), stored flat as {path string: array}.
+    workdir: the run's workdir (checkpoints/ is made if missing).
+    step: the step number in the folder name (>= 0).
+    keep: checkpoints to keep (>= 1); older ones are deleted.
+
+  Raises:
+    ImportError: without `orbax-checkpoint`.
+  """
   ocp = _ocp()
   root = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
   checkpointer = ocp.StandardCheckpointer()
@@ -108,6 +152,22 @@ def restore_checkpoint(workdir: str, target: dict, step: int | None = None):
 
   A target of only {"params": ...} reads the params of a full training
   state (the rest of the checkpoint is ignored).
+
+  Args:
+    workdir: the run's workdir.
+    target: a pytree with the structure (and, except params-only, the
+      shapes and dtypes) of the saved state.
+    step: the checkpoint to read; default the latest.
+
+  Returns:
+    The restored pytree shaped like `target`, or None without checkpoints.
+
+  Raises:
+    ImportError: without `orbax-checkpoint`.
+    KeyError: if the checkpoint lacks a leaf of `target`.
+    ValueError: params-only, if a saved array's shape differs from the
+      target's (e.g. a vocabulary from another tokenizer).
+    Exception: orbax's error for a missing step or mismatched shapes.
   """
   ocp = _ocp()
   steps = checkpoint_steps(workdir)
@@ -125,6 +185,14 @@ def restore_checkpoint(workdir: str, target: dict, step: int | None = None):
   if abstract is None:       # params only (init_from): read what is there
     flat = checkpointer.restore(path)
     flat = {k: flat[k] for k in flat_target}
+    wrong = [f"{k}: saved {tuple(flat[k].shape)}, model {tuple(v.shape)}"
+             for k, v in flat_target.items()
+             if tuple(flat[k].shape) != tuple(v.shape)]
+    if wrong:
+      raise ValueError(
+          f"The checkpoint in {path} does not fit the model (another "
+          f"vocabulary or model config? e.g. a data_dir whose tokenizer "
+          f"differs from the run's): {'; '.join(wrong[:3])}.")
   else:
     flat = checkpointer.restore(path, abstract)
   return _unflatten(target, flat)
@@ -132,6 +200,12 @@ def restore_checkpoint(workdir: str, target: dict, step: int | None = None):
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a train_lm run recorded in workdir/log.json.
+
+  Args:
+    workdir: the run's workdir.
+
+  Returns:
+    The run's config as a `ml_collections.ConfigDict`.
 
   Raises:
     ValueError: if workdir holds no log.json.
@@ -160,7 +234,9 @@ def load_run(workdir: str, *, step: int | None = None,
     (model with the checkpoint's params, the run's config, step).
 
   Raises:
-    ValueError: without log.json or checkpoints in workdir.
+    ValueError: without log.json or checkpoints in workdir, or for a
+      `step` that is not among them.
+    ImportError: without `orbax-checkpoint`.
   """
   cfg = load_run_config(workdir)
   if data_dir and data_kind(cfg) == "text":

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import os
+import time
 from collections.abc import Sequence
 
 from flax import nnx
@@ -215,6 +218,12 @@ def _forward(graphdef, state, inputs, targets, threshold, xattention_threshold,
 def model_tiles(model) -> tuple[int, int]:
   """(block_q, block_kv) of the model's attention layers.
 
+  Args:
+    model: a `gpt.GPT`.
+
+  Returns:
+    (block_q, block_kv) ints of its first layer (all layers share them).
+
   Raises:
     ValueError: if the layers leave them to the implementation (None).
   """
@@ -241,6 +250,10 @@ class Evaluator:
       batch_size: sequences per forward pass (the last batch is padded).
       xattention: options of XAttention selection, needed to run with
         `xattention_threshold`.
+
+    Raises:
+      ValueError: for a batch_size that is not a positive int, or
+        XAttention on a model without explicit tiles (`model_tiles`).
     """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
       raise ValueError(f"`batch_size` must be a positive int, got "
@@ -264,6 +277,11 @@ class Evaluator:
 
     Returns:
       An `EvalOutput` over the n sequences.
+
+    Raises:
+      ValueError: for inputs and targets of different shapes or not 2-D,
+        a λ outside [0, 1), a τ outside (0, 1], or a τ without
+        XAttention options.
     """
     inputs = np.asarray(inputs, np.int32)
     targets = np.asarray(targets, np.int32)
@@ -305,13 +323,24 @@ class Evaluator:
 
 
 def perplexity(logprob: np.ndarray) -> tuple[float, float]:
-  """(mean NLL, perplexity) of f32 [n, length] target log-probs."""
+  """Mean next-token NLL and perplexity of target log-probs.
+
+  Args:
+    logprob: float [n, length] log p(target) per token (averaged in
+      float64).
+
+  Returns:
+    (mean NLL in nats, exp(mean NLL)) as Python floats.
+  """
   nll = float(-np.mean(np.asarray(logprob, np.float64)))
   return nll, float(np.exp(nll))
 
 
 def block_sparsity(out: EvalOutput) -> dict:
   """Pooled block sparsities of an evaluation.
+
+  Args:
+    out: an `EvalOutput` (block counts int [num_layers, n, num_heads]).
 
   Returns:
     {"sparsity": skipped / visited, "mask_sparsity": masked / (visited +
@@ -461,6 +490,10 @@ def passkey_samples(tokenizer, filler_stream: np.ndarray, *, length: int,
 
   Returns:
     [PasskeySample], trial-major (trial 0 at every depth, then trial 1...).
+
+  Raises:
+    ValueError: for `trials` or `num_digits` not a positive int, or as
+      `build_passkey`.
   """
   if not isinstance(trials, (int, np.integer)) or trials < 1:
     raise ValueError(f"`trials` must be a positive int, got {trials!r}.")
@@ -499,7 +532,19 @@ def score_passkeys(samples: Sequence[PasskeySample], out: EvalOutput) -> dict:
 
 
 def filler_stream(documents: Sequence[np.ndarray], bos_id: int) -> np.ndarray:
-  """The documents concatenated without their BOS tokens: int32 [m]."""
+  """The documents concatenated without their BOS tokens.
+
+  Args:
+    documents: int [n_i] documents (`text_data.load_documents`), at least
+      one.
+    bos_id: the token removed.
+
+  Returns:
+    int32 [m] text for passkey filler.
+
+  Raises:
+    ValueError: for no documents (numpy's concatenate).
+  """
   stream = np.concatenate([np.asarray(d, np.int32) for d in documents])
   return stream[stream != bos_id]
 
@@ -529,7 +574,15 @@ def summary_rows(results: dict) -> list[dict]:
 
 
 def format_summary(results: dict) -> str:
-  """The summary table and the answers, as printed text."""
+  """The summary table and the answers, as printed text.
+
+  Args:
+    results: experiments/eval_sparsity.py's results with "summary"
+      (`summary_rows`) and "answers" (`answer_questions`).
+
+  Returns:
+    The text: one row per (length, method), then each question and answer.
+  """
   lines = [f"{'length':>6}  {'method':<24} {'λ':>8} {'sparsity':>8} "
            f"{'Δppl %':>8} {'ppl':>9} {'retrieval':>9}"]
   for r in results["summary"]:
@@ -577,6 +630,10 @@ def sparsity_at_delta(points: Sequence[dict], delta_pct: float = 1.0
 
 def answer_questions(results: dict, delta_pct: float = 1.0) -> dict:
   """Plain-text answers to the four questions of the evaluation.
+
+  Args:
+    results: experiments/eval_sparsity.py's results ("lengths").
+    delta_pct: the perplexity change of the first question, in %.
 
   Returns:
     {question: answer}.
@@ -654,6 +711,11 @@ def plot_results(results: dict, out_dir: str, *,
   against length per λ (solid), target (dashed) and XAttention + skip
   (dotted). retrieval.png (with retrieval): accuracy, depth x length, a
   panel per method.
+
+  Args:
+    results: experiments/eval_sparsity.py's results ("lengths").
+    out_dir: an existing folder.
+    heatmap_threshold: λ of the per-head heatmap (nearest in log λ).
 
   Returns:
     The file names written.
@@ -768,3 +830,713 @@ def plot_results(results: dict, out_dir: str, *,
     fig.suptitle("Passkey retrieval: greedy exact match")
     save(fig, "retrieval.png")
   return written
+
+
+# --------------------------------------------------------------------- runs
+def load_eval_model(cfg, *, workdir: str | None = None
+                    ) -> tuple[nnx.Module, dict, str, int]:
+  """The model that an evaluation config names, and what it was trained on.
+
+  Args:
+    cfg: a configs/eval_sparsity.py config. With `random_init` a model is
+      built from `cfg.model` and `cfg.train_seq_len` (q/k weights times
+      `random_qk_scale`); otherwise the checkpoint `cfg.step` (-1: the
+      latest) of the train_lm run in `workdir` is read.
+    workdir: the run to read; default `cfg.workdir`. Ignored with
+      `random_init`.
+
+  Returns:
+    (a `gpt.GPT`, a JSON record of the model: source, workdir, step, shape,
+    parameter count..., the text dataset's folder, the trained sequence
+    length).
+
+  Raises:
+    ValueError: for `random_init` without `data_dir`, a workdir without
+      log.json or checkpoints, or a run trained on synthetic tokens.
+  """
+  from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  workdir = cfg.workdir if workdir is None else workdir
+  if cfg.random_init:
+    if not cfg.data_dir:
+      raise ValueError("`random_init` needs `data_dir` (a folder written by "
+                       "experiments/prepare_text.py).")
+    train_cfg = ml_collections.ConfigDict(dict(
+        model=cfg.model.to_dict(), seq_len=cfg.train_seq_len, seed=cfg.seed,
+        data=dict(kind="text", data_dir=cfg.data_dir)))
+    model = lm_checkpoint.build_model(train_cfg)
+    if cfg.random_qk_scale != 1.0:
+      # Sharper random attention (score std grows by scale**2): a random
+      # model otherwise attends near uniformly and skips nothing.
+      for block in model.blocks:
+        for proj in (block.attn.q_proj, block.attn.k_proj):
+          proj.kernel[...] = proj.kernel[...] * cfg.random_qk_scale
+    record = {"source": "random_init", "seed": cfg.seed,
+              "random_qk_scale": cfg.random_qk_scale}
+    data_dir, seq_len = cfg.data_dir, cfg.train_seq_len
+  else:
+    model, train_cfg, step = lm_checkpoint.load_run(
+        workdir, step=None if cfg.step < 0 else cfg.step,
+        data_dir=cfg.data_dir or None)
+    if lm_checkpoint.data_kind(train_cfg) != "text":
+      raise ValueError(f"The run in `workdir` {workdir!r} trained on "
+                       "synthetic tokens: evaluate a run of "
+                       "configs/lm_small.py (real text).")
+    record = {"source": "checkpoint", "workdir": os.path.abspath(workdir),
+              "step": step, "trained_threshold": trained_threshold(workdir)}
+    data_dir, seq_len = train_cfg.data.data_dir, train_cfg.seq_len
+  if cfg.implementation is not None:
+    for block in model.blocks:
+      block.attn.implementation = cfg.implementation
+  m = train_cfg.model
+  record.update(
+      trained_seq_len=int(seq_len), num_layers=m.num_layers,
+      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, d_model=m.d_model,
+      block_q=m.block_q, block_kv=m.block_kv, dtype=m.dtype,
+      position=m.get("position", "learned"),
+      implementation=cfg.implementation or "auto",
+      num_params=int(sum(x.size for x in jax.tree.leaves(
+          nnx.state(model, nnx.Param)))))
+  return model, record, data_dir, int(seq_len)
+
+
+def methods_for(cfg, calibrated: dict, *,
+                thresholds: Sequence[float] | None = None) -> list[dict]:
+  """The methods evaluated at one context length, dense first.
+
+  Args:
+    cfg: a configs/eval_sparsity.py config (`xattention`).
+    calibrated: {target sparsity: `calibrate_thresholds` record}; those
+      with a "threshold" become "target" methods.
+    thresholds: the λ sweep (0 is dense, duplicates dropped); default
+      `cfg.thresholds`.
+
+  Returns:
+    [{"label", "kind" ("dense", "skip", "target", "xattention" or
+    "xattention+skip"), "threshold" (λ), "xattention_threshold" (τ or
+    None), "target_sparsity" (or None)}].
+  """
+  fmt = lambda lam: f"{lam:.0e}"  # pylint: disable=g-long-lambda
+  thresholds = cfg.thresholds if thresholds is None else thresholds
+  methods = [dict(label="dense", kind="dense", threshold=0.0,
+                  xattention_threshold=None, target_sparsity=None)]
+  for lam in sorted(set(float(x) for x in thresholds) - {0.0}):
+    methods.append(dict(label=f"λ={fmt(lam)}", kind="skip", threshold=lam,
+                        xattention_threshold=None, target_sparsity=None))
+  for target, rec in calibrated.items():
+    if "threshold" in rec:
+      methods.append(dict(label=f"target {target:.0%}", kind="target",
+                          threshold=rec["threshold"],
+                          xattention_threshold=None, target_sparsity=target))
+  for tau in cfg.xattention.thresholds:
+    methods.append(dict(label=f"XAttn τ={tau:g}", kind="xattention",
+                        threshold=0.0, xattention_threshold=float(tau),
+                        target_sparsity=None))
+    for lam in cfg.xattention.skip_thresholds:
+      methods.append(dict(label=f"XAttn τ={tau:g} + λ={fmt(lam)}",
+                          kind="xattention+skip", threshold=float(lam),
+                          xattention_threshold=float(tau),
+                          target_sparsity=None))
+  return methods
+
+
+def fingerprint(tokens: np.ndarray | None) -> str | None:
+  """A short SHA-1 of an int token array (its shape and int32 values).
+
+  Two runs evaluated on the same windows or passkeys share it.
+
+  Args:
+    tokens: int array of any shape, or None.
+
+  Returns:
+    16 hex characters, or None for None.
+  """
+  if tokens is None:
+    return None
+  tokens = np.ascontiguousarray(tokens, np.int32)
+  h = hashlib.sha1(repr(tokens.shape).encode())
+  h.update(tokens.tobytes())
+  return h.hexdigest()[:16]
+
+
+def evaluate_length(cfg, model, length: int, *, trained_len: int,
+                    heldout: Sequence[np.ndarray],
+                    train_docs: Sequence[np.ndarray], tokenizer,
+                    filler: np.ndarray,
+                    thresholds: Sequence[float] | None = None) -> dict:
+  """Every method of `methods_for` at one context length.
+
+  Perplexity windows (`perplexity_windows` with the config's
+  `window_source`, `documents_from`, `max_windows`) and passkeys (seeded by
+  `cfg.retrieval.seed` and the length) depend only on the text, so every
+  model evaluated with the same config and data sees the same ones (the
+  record's "windows_sha1" and "passkeys_sha1" say so).
+
+  Args:
+    cfg: a configs/eval_sparsity.py config.
+    model: a `gpt.GPT`; with RoPE its scale is set to max(1, length /
+      trained_len).
+    length: the context length.
+    trained_len: the sequence length the model was trained at.
+    heldout, train_docs: int [n_i] documents of the held-out and training
+      splits (training text only calibrates the target sparsities).
+    tokenizer: the dataset's `text_data.TextTokenizer`.
+    filler: int32 [m] held-out text for passkeys (`filler_stream`).
+    thresholds: the λ sweep; default `cfg.thresholds`.
+
+  Returns:
+    A "lengths" record of results.json: {"length", "rope_scale",
+    "window_source", "num_windows", "tokens", "windows_sha1",
+    "passkeys_sha1", "calibration", "methods" (each with "nll",
+    "perplexity", "delta_ppl_pct", the `block_sparsity` fields and, with
+    retrieval, "retrieval"), timings, "retrieval_setup"}.
+
+  Raises:
+    ValueError: for a length past a learned position table.
+  """
+  rope_scale = max(1.0, length / trained_len)
+  if model.position == "rope":
+    model.set_rope_scale(rope_scale)
+  elif length > trained_len:
+    raise ValueError(f"Context length {length} exceeds the learned position "
+                     f"table ({trained_len}): drop it from `context_lengths`.")
+  windows, source = perplexity_windows(
+      heldout, length, source=cfg.window_source,
+      documents_from=cfg.documents_from, max_windows=cfg.max_windows)
+  record = {"length": int(length), "rope_scale": rope_scale,
+            "window_source": source, "num_windows": int(windows.shape[0]),
+            "tokens": int(windows.shape[0] * length),
+            "windows_sha1": fingerprint(windows)}
+  t0 = time.perf_counter()
+  calibrated = {}
+  if cfg.target_sparsities:
+    cal_windows, _ = perplexity_windows(
+        train_docs, length, source="stream",
+        max_windows=cfg.calibration_windows)
+    calibrated = calibrate_thresholds(
+        model, cal_windows, cfg.target_sparsities, length=length)
+  record["calibration"] = {f"{t:g}": r for t, r in calibrated.items()}
+  record["calibration_seconds"] = time.perf_counter() - t0
+  samples = []
+  if cfg.retrieval.enabled:
+    r = cfg.retrieval
+    samples = passkey_samples(
+        tokenizer, filler, length=length, depths=r.depths, trials=r.trials,
+        seed=r.seed, num_digits=r.num_digits)
+  passkey_tokens = np.stack([s.tokens for s in samples]) if samples else None
+  record["passkeys_sha1"] = fingerprint(passkey_tokens)
+  batch = max(1, cfg.tokens_per_batch // length)
+  evaluator = Evaluator(model, batch_size=batch, xattention=(
+      XAttentionOptions(block_size=cfg.xattention.block_size,
+                        stride=cfg.xattention.stride)
+      if cfg.xattention.thresholds else None))
+  methods = methods_for(cfg, calibrated, thresholds=thresholds)
+  n_batches = -(-windows.shape[0] // batch) + (
+      -(-len(samples) // batch) if samples else 0)
+  bar = ProgressBar(len(methods) * n_batches, desc=f"length {length}",
+                    enabled=cfg.progress)
+  t0 = time.perf_counter()
+  dense_ppl = None
+  for method in methods:
+    kw = dict(threshold=method["threshold"],
+              xattention_threshold=method["xattention_threshold"],
+              progress=bar)
+    out = evaluator.run(windows[:, :-1], windows[:, 1:], **kw)
+    nll, ppl = perplexity(out.logprob)
+    if dense_ppl is None:
+      dense_ppl = ppl                       # methods[0] is dense
+    method.update(nll=nll, perplexity=ppl,
+                  delta_ppl_pct=(ppl / dense_ppl - 1.0) * 100.0,
+                  **block_sparsity(out))
+    if samples:
+      pk = evaluator.run(passkey_tokens[:, :-1], passkey_tokens[:, 1:], **kw)
+      scores = score_passkeys(samples, pk)
+      depths = np.array([s.depth for s in samples])
+      method["retrieval"] = {
+          "accuracy": float(scores["correct"].mean()),
+          "mean_logprob": float(scores["logprob"].mean()),
+          "accuracy_by_depth": [float(scores["correct"][depths == d].mean())
+                                for d in cfg.retrieval.depths],
+          "logprob_by_depth": [float(scores["logprob"][depths == d].mean())
+                               for d in cfg.retrieval.depths],
+          "sparsity": block_sparsity(pk)["combined_sparsity"],
+          "keys": [s.key for s in samples[::len(cfg.retrieval.depths)]],
+      }
+  bar.close()
+  record["eval_seconds"] = time.perf_counter() - t0
+  record["methods"] = methods
+  if samples:
+    record["retrieval_setup"] = {
+        "depths": list(cfg.retrieval.depths), "trials": cfg.retrieval.trials,
+        "needle": NEEDLE, "question": QUESTION,
+        "needle_positions": [s.needle_start for s in samples]}
+  return record
+
+
+def evaluate_run(cfg, *, workdir: str | None = None,
+                 output_dir: str | None = None,
+                 thresholds: Sequence[float] | None = None,
+                 device: dict | None = None, verbose: bool = True) -> dict:
+  """One model at every context length of the config: results.json.
+
+  Args:
+    cfg: a configs/eval_sparsity.py config.
+    workdir: the train_lm run; default `cfg.workdir` (see
+      `load_eval_model`).
+    output_dir: where results.json and the PNGs of `plot_results` go (made
+      if missing); None writes nothing.
+    thresholds: the λ sweep; default `cfg.thresholds`.
+    device: {"device_kind", "jax_version"} (`testing.announce_device`) for
+      the record.
+    verbose: print a line per context length.
+
+  Returns:
+    The results: device fields, "config", "model", "data", "lengths" (see
+    `evaluate_length`), "summary" (`summary_rows`), "answers"
+    (`answer_questions`), "plots" (file names, with output_dir) and
+    "seconds".
+
+  Raises:
+    ValueError: as `load_eval_model` and `evaluate_length`.
+  """
+  t_start = time.time()
+  model, model_record, data_dir, trained_len = load_eval_model(
+      cfg, workdir=workdir)
+  heldout = text_data.load_documents(data_dir, "heldout")
+  train_docs = text_data.load_documents(data_dir, "train")
+  tokenizer = text_data.load_tokenizer(data_dir)
+  filler = filler_stream(heldout, tokenizer.bos_id)
+  if verbose:
+    where = model_record.get("workdir", model_record["source"])
+    print(f"model: {where}, {model_record['num_params']:,} params, trained "
+          f"at {trained_len} tokens; held out: {len(heldout)} documents, "
+          f"{sum(d.size for d in heldout):,} tokens", flush=True)
+  lengths = []
+  for length in cfg.context_lengths:
+    rec = evaluate_length(
+        cfg, model, int(length), trained_len=trained_len, heldout=heldout,
+        train_docs=train_docs, tokenizer=tokenizer, filler=filler,
+        thresholds=thresholds)
+    lengths.append(rec)
+    if verbose:
+      print(f"length {length}: {rec['num_windows']} windows "
+            f"({rec['window_source']}), dense ppl "
+            f"{rec['methods'][0]['perplexity']:.3f}, "
+            f"{rec['eval_seconds']:.1f} s", flush=True)
+  config = cfg.to_dict()
+  if thresholds is not None:
+    config["thresholds"] = sorted(set(float(x) for x in thresholds))
+  results = {**(device or {}), "config": config, "model": model_record,
+             "data": {"data_dir": os.path.abspath(data_dir),
+                      "heldout_documents": len(heldout),
+                      "heldout_tokens": int(sum(d.size for d in heldout))},
+             "lengths": lengths}
+  results["summary"] = summary_rows(results)
+  results["answers"] = answer_questions(results)
+  results["plots"] = []
+  if output_dir:
+    os.makedirs(output_dir, exist_ok=True)
+    results["plots"] = plot_results(results, output_dir,
+                                    heatmap_threshold=cfg.heatmap_threshold)
+  results["seconds"] = time.time() - t_start
+  if output_dir:
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+  return results
+
+
+# --------------------------------------------------------------- comparison
+# The runs of a train_lm finetune root, in comparison order: the first is
+# the reference (dense training continued as long as the fine-tune).
+FINETUNE_RUNS = ("dense_control", "finetune", "dense")
+
+
+def parse_run_specs(specs) -> list[tuple[str, str]]:
+  """(label, workdir) pairs from "label=path" strings or a mapping.
+
+  Args:
+    specs: a sequence of "label=path" strings (a single string may hold
+      several, comma-separated), or a mapping {label: path} (e.g. a
+      ConfigDict); the order is kept, the first run is the reference.
+
+  Returns:
+    [(label, path)].
+
+  Raises:
+    ValueError: for an entry without "=", an empty label or path, a label
+      that is not a plain folder name, or a label given twice.
+  """
+  if hasattr(specs, "items"):
+    pairs = [(str(k), str(v)) for k, v in specs.items()]
+  else:
+    if isinstance(specs, str):
+      specs = [specs]
+    pairs = []
+    for spec in specs:
+      for item in str(spec).split(","):
+        item = item.strip()
+        if not item:
+          continue
+        label, sep, path = item.partition("=")
+        if not sep:
+          raise ValueError(
+              f"`compare_workdirs` entry {item!r} has no '=': write "
+              "'label=path', e.g. 'finetune=lm_output/finetune'.")
+        pairs.append((label.strip(), path.strip()))
+  seen = set()
+  for label, path in pairs:
+    if not label or not path:
+      raise ValueError(f"`compare_workdirs` entry {label!r}={path!r} needs "
+                       "both a label and a path ('label=path').")
+    if (label in (".", "..") or "/" in label or os.sep in label
+        or label.startswith(".")):
+      raise ValueError(f"`compare_workdirs` label {label!r} names a folder "
+                       "under output_dir: use a plain name such as "
+                       "'finetune'.")
+    if label in seen:
+      raise ValueError(f"`compare_workdirs` gives the label {label!r} twice: "
+                       "labels must be unique.")
+    seen.add(label)
+  return pairs
+
+
+def finetune_runs(root: str, runs: Sequence[str] = FINETUNE_RUNS
+                  ) -> list[tuple[str, str]] | None:
+  """The runs of a train_lm finetune root, or None if root is not one.
+
+  experiments/train_lm.py in finetune mode (without `init_from`) trains
+  root/dense, fine-tunes it with skip-softmax into root/finetune and
+  continues it dense into root/dense_control.
+
+  Args:
+    root: a folder.
+    runs: the sub-runs to compare, in order (the first is the reference).
+
+  Returns:
+    [(name, root/name)] for the names of `runs`, when root holds no
+    log.json of its own and root/finetune and root/dense_control both hold
+    one; else None.
+
+  Raises:
+    ValueError: if root is a finetune root but lacks a run of `runs`.
+  """
+  from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+  has_log = lambda d: os.path.isfile(os.path.join(d, lm_checkpoint.LOG_FILE))  # pylint: disable=g-long-lambda
+  if has_log(root) or not all(has_log(os.path.join(root, name))
+                              for name in ("finetune", "dense_control")):
+    return None
+  missing = [n for n in runs if not has_log(os.path.join(root, n))]
+  if missing:
+    raise ValueError(f"The finetune root {root!r} has no run {missing}: "
+                     f"set `finetune_runs` to some of {FINETUNE_RUNS}.")
+  return [(name, os.path.join(root, name)) for name in runs]
+
+
+def trained_threshold(workdir: str) -> float | None:
+  """The λ a train_lm run trained with, at its trained length.
+
+  Args:
+    workdir: the run (its log.json).
+
+  Returns:
+    The fixed λ, or scale factor / seq_len for a calibrated run; None for a
+    dense run or a log without a threshold record.
+  """
+  from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, lm_checkpoint.LOG_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    log = json.load(f)
+  record = log.get("threshold") or {}
+  if "scale_factor" in record:
+    lam = float(record["scale_factor"]) / float(log["config"]["seq_len"])
+  else:
+    lam = float(record.get("threshold", 0.0))
+  return lam if 0.0 < lam < 1.0 else None
+
+
+def compare_runs(results: dict) -> dict:
+  """Sparsity, perplexity and retrieval of several runs at equal λ.
+
+  Args:
+    results: {label: the results of `evaluate_run`}, the reference first,
+      all evaluated with one config (context lengths, λ sweep, windows,
+      passkeys).
+
+  Returns:
+    {"reference": the first label, "runs": [{"label", "source", "workdir",
+    "step", "trained_threshold", "trained_seq_len"}], "thresholds": the
+    λ sweep (0 = dense first), "lengths": [{"length", "num_windows",
+    "window_source", "windows_sha1", "passkeys_sha1", "runs": {label:
+    {"dense_perplexity", "sparsity", "combined_sparsity",
+    "sparsity_per_layer", "perplexity", "delta_ppl_pct" (vs the run's own
+    dense), "delta_ppl_vs_reference_pct" (vs the reference's dense),
+    "retrieval" (accuracy per λ, or None), "retrieval_logprob"}}, each
+    list over "thresholds"}], "table": one row per (length, λ) with "runs"
+    {label: {"sparsity", "perplexity", "delta_ppl_pct",
+    "delta_ppl_vs_reference_pct", "retrieval"}}}.
+
+  Raises:
+    ValueError: for no runs, or runs evaluated at different lengths, λ,
+      windows or passkeys.
+  """
+  labels = list(results)
+  if not labels:
+    raise ValueError("`results` is empty: compare at least one run.")
+  ref = labels[0]
+  lengths = [r["length"] for r in results[ref]["lengths"]]
+  for label in labels[1:]:
+    other = [r["length"] for r in results[label]["lengths"]]
+    if other != lengths:
+      raise ValueError(f"Run {label!r} was evaluated at lengths {other}, "
+                       f"{ref!r} at {lengths}: evaluate them with one config.")
+  out_lengths, table, thresholds = [], [], None
+  for i, length in enumerate(lengths):
+    recs = {label: results[label]["lengths"][i] for label in labels}
+    for key in ("windows_sha1", "passkeys_sha1", "num_windows"):
+      values = {label: rec.get(key) for label, rec in recs.items()}
+      if len(set(values.values())) > 1:
+        raise ValueError(
+            f"At length {length} the runs saw different {key}: {values}. "
+            "Compare runs of one text dataset (set `data_dir` to override).")
+    curves = {label: _skip_curve(rec) for label, rec in recs.items()}
+    lams = [m["threshold"] for m in curves[ref]]
+    for label, curve in curves.items():
+      if [m["threshold"] for m in curve] != lams:
+        raise ValueError(
+            f"Run {label!r} was evaluated at λ "
+            f"{[m['threshold'] for m in curve]}, {ref!r} at {lams}: "
+            "evaluate them with one `thresholds`.")
+    thresholds = thresholds or lams
+    ref_dense = curves[ref][0]["perplexity"]
+    runs = {}
+    for label, curve in curves.items():
+      has_ret = all("retrieval" in m for m in curve)
+      runs[label] = {
+          "dense_perplexity": curve[0]["perplexity"],
+          "sparsity": [m["sparsity"] for m in curve],
+          "combined_sparsity": [m["combined_sparsity"] for m in curve],
+          "sparsity_per_layer": [m["sparsity_per_layer"] for m in curve],
+          "perplexity": [m["perplexity"] for m in curve],
+          "delta_ppl_pct": [m["delta_ppl_pct"] for m in curve],
+          "delta_ppl_vs_reference_pct": [
+              (m["perplexity"] / ref_dense - 1.0) * 100.0 for m in curve],
+          "retrieval": ([m["retrieval"]["accuracy"] for m in curve]
+                        if has_ret else None),
+          "retrieval_logprob": ([m["retrieval"]["mean_logprob"]
+                                 for m in curve] if has_ret else None),
+      }
+    rec0 = recs[ref]
+    out_lengths.append({
+        "length": length, "num_windows": rec0["num_windows"],
+        "window_source": rec0["window_source"],
+        "windows_sha1": rec0.get("windows_sha1"),
+        "passkeys_sha1": rec0.get("passkeys_sha1"), "thresholds": lams,
+        "runs": runs})
+    for j, lam in enumerate(lams):
+      table.append({"length": length, "threshold": lam, "runs": {
+          label: {k: (None if r[k] is None else r[k][j]) for k in (
+              "sparsity", "perplexity", "delta_ppl_pct",
+              "delta_ppl_vs_reference_pct", "retrieval")}
+          for label, r in runs.items()}})
+  run_records = []
+  for label in labels:
+    m = results[label]["model"]
+    run_records.append({
+        "label": label, "source": m["source"], "workdir": m.get("workdir"),
+        "step": m.get("step"), "trained_threshold": m.get(
+            "trained_threshold"), "trained_seq_len": m["trained_seq_len"]})
+  return {"reference": ref, "runs": run_records, "thresholds": thresholds,
+          "lengths": out_lengths, "table": table}
+
+
+def format_comparison(comparison: dict) -> str:
+  """The table of `compare_runs` as printed text.
+
+  One row per (length, λ); per run its skip sparsity, perplexity and Δ
+  perplexity (%) against the reference run's dense perplexity, then the
+  dense perplexity of every run per length.
+
+  Args:
+    comparison: the output of `compare_runs`.
+
+  Returns:
+    The text.
+  """
+  labels = [r["label"] for r in comparison["runs"]]
+  ref = comparison["reference"]
+  width = max(28, *(len(x) + 1 for x in labels))
+  head = f"{'length':>6} {'λ':>8}" + "".join(
+      f"{label:>{width}}" for label in labels)
+  sub = f"{'':>6} {'':>8}" + "".join(
+      f"{'sparsity':>8} {'ppl':>9} {'Δ% ref':>8}".rjust(width)
+      for _ in labels)
+  lines = [f"Equal-λ comparison (Δ% ref: vs the dense perplexity of "
+           f"{ref!r}):", head, sub]
+  for row in comparison["table"]:
+    cells = []
+    for label in labels:
+      r = row["runs"][label]
+      cells.append(f"{r['sparsity']:8.3f} {r['perplexity']:9.3f} "
+                   f"{r['delta_ppl_vs_reference_pct']:+8.2f}".rjust(width))
+    lines.append(f"{row['length']:>6} {row['threshold']:>8.2g}"
+                 + "".join(cells))
+  trained = [f"{r['label']} λ={r['trained_threshold']:.3g}"
+             for r in comparison["runs"] if r["trained_threshold"]]
+  if trained:
+    lines.append("trained with skip-softmax: " + ", ".join(trained))
+  for rec in comparison["lengths"]:
+    lines.append(f"dense perplexity at {rec['length']}: " + ", ".join(
+        f"{label} {rec['runs'][label]['dense_perplexity']:.3f}"
+        for label in labels))
+  return "\n".join(lines)
+
+
+def plot_comparison(comparison: dict, out_dir: str) -> list[str]:
+  """Writes comparison.png (the runs of `compare_runs` against λ) to out_dir.
+
+  Panels: skip sparsity, Δ perplexity vs each run's own dense, Δ
+  perplexity vs the reference run's dense and (when evaluated) passkey
+  retrieval, each against λ (dense drawn at the symlog origin). Color:
+  run; line style: context length.
+
+  Args:
+    comparison: the output of `compare_runs`.
+    out_dir: an existing folder.
+
+  Returns:
+    ["comparison.png"].
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
+  labels = [r["label"] for r in comparison["runs"]]
+  ref = comparison["reference"]
+  recs = comparison["lengths"]
+  has_ret = all(rec["runs"][label]["retrieval"] is not None
+                for rec in recs for label in labels)
+  panels = [("sparsity", "skip sparsity (blocks)", "Sparsity at equal λ"),
+            ("delta_ppl_pct", "Δ perplexity vs own dense (%)",
+             "Δ perplexity, each run vs its dense"),
+            ("delta_ppl_vs_reference_pct",
+             f"Δ perplexity vs {ref} dense (%)",
+             f"Δ perplexity vs the dense perplexity of {ref}")]
+  if has_ret:
+    panels.append(("retrieval", "passkey exact match", "Retrieval"))
+  fig = Figure(figsize=(5.2 * 2, 3.9 * (-(-len(panels) // 2))))
+  axes = np.atleast_1d(fig.subplots(-(-len(panels) // 2), 2).ravel())
+  for ax in axes[len(panels):]:
+    ax.set_visible(False)
+  styles = ["-", "--", ":", "-."]
+  positive = [t for t in comparison["thresholds"] if t > 0]
+  linthresh = min(positive) if positive else 1e-3
+  for ax, (key, ylabel, title) in zip(axes, panels):
+    for j, rec in enumerate(recs):
+      for i, label in enumerate(labels):
+        ax.plot(rec["thresholds"], rec["runs"][label][key],
+                styles[j % len(styles)], color=f"C{i}", marker="o", ms=3)
+    ax.set_xscale("symlog", linthresh=linthresh)
+    if key.startswith("delta"):
+      ax.axhline(1.0, color="gray", ls=":", lw=1)
+      ax.set_yscale("symlog", linthresh=0.1)
+    elif key in ("sparsity", "retrieval"):
+      ax.set_ylim(-0.02, 1.02)
+    ax.set(xlabel="λ (0 = dense)", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+  handles = [Line2D([], [], color=f"C{i}", label=label)
+             for i, label in enumerate(labels)]
+  handles += [Line2D([], [], color="gray", ls=styles[j % len(styles)],
+                     label=f"{rec['length']} tokens")
+              for j, rec in enumerate(recs)]
+  axes[0].legend(handles=handles, fontsize=7)
+  plotting.save_figure(fig, os.path.join(out_dir, "comparison.png"))
+  return ["comparison.png"]
+
+
+def evaluate_and_compare(cfg, runs: Sequence[tuple[str, str]], output_dir: str,
+                         *, device: dict | None = None,
+                         verbose: bool = True) -> dict:
+  """Evaluates several runs with one config and compares them at equal λ.
+
+  Every run sees the same context lengths, windows, passkeys and λ sweep:
+  `cfg.thresholds` plus (with `cfg.include_trained_threshold`) the λ each
+  run trained with (`trained_threshold`).
+
+  Args:
+    cfg: a configs/eval_sparsity.py config (not `random_init`).
+    runs: [(label, workdir)], the reference first (`parse_run_specs`,
+      `finetune_runs`).
+    output_dir: receives <label>/results.json and PNGs per run, plus
+      comparison.json and comparison.png.
+    device: as `evaluate_run`.
+    verbose: print progress lines.
+
+  Returns:
+    The comparison (`compare_runs`) with "plots", "thresholds_added" (the
+    trained λ put into the sweep) and "outputs" ({label: results.json
+    path}).
+
+  Raises:
+    ValueError: for no runs, `random_init`, or as `evaluate_run` and
+      `compare_runs`.
+  """
+  if not runs:
+    raise ValueError("`runs` is empty: give at least one (label, workdir).")
+  if cfg.random_init:
+    raise ValueError("Comparing runs reads checkpoints: set "
+                     "`random_init=False`.")
+  thresholds = [float(x) for x in cfg.thresholds]
+  added = []
+  if cfg.get("include_trained_threshold", True):
+    for _, workdir in runs:
+      lam = trained_threshold(workdir)
+      if lam is not None and all(abs(lam - t) > 1e-12 * max(lam, t)
+                                 for t in thresholds):
+        thresholds.append(lam)
+        added.append(lam)
+  results, outputs = {}, {}
+  for label, workdir in runs:
+    if verbose:
+      print(f"--- {label}: {workdir}", flush=True)
+    sub = os.path.join(output_dir, label)
+    results[label] = evaluate_run(cfg, workdir=workdir, output_dir=sub,
+                                  thresholds=thresholds, device=device,
+                                  verbose=verbose)
+    outputs[label] = os.path.join(sub, "results.json")
+  comparison = {**(device or {}), **compare_runs(results)}
+  comparison["thresholds_added"] = added
+  comparison["outputs"] = outputs
+  os.makedirs(output_dir, exist_ok=True)
+  comparison["plots"] = plot_comparison(comparison, output_dir)
+  with open(os.path.join(output_dir, "comparison.json"), "w") as f:
+    json.dump(comparison, f, indent=1)
+  return comparison
+
+
+def comparison_runs(cfg) -> list[tuple[str, str]] | None:
+  """The runs an evaluation config asks to compare, or None for one run.
+
+  Args:
+    cfg: a configs/eval_sparsity.py config: `compare_workdirs` ("label=path"
+      strings or a mapping) when set; else, with `compare_finetune` and
+      `workdir` a train_lm finetune root, its `finetune_runs`.
+
+  Returns:
+    [(label, workdir)], the reference first; None to evaluate `workdir`
+    (or the random-init model) alone.
+
+  Raises:
+    ValueError: for malformed `compare_workdirs` (`parse_run_specs`),
+      together with `random_init`, or a finetune root lacking a run.
+  """
+  specs = cfg.get("compare_workdirs", ())
+  if specs:
+    if cfg.random_init:
+      raise ValueError("`compare_workdirs` reads checkpoints: set "
+                       "`random_init=False`.")
+    return parse_run_specs(specs)
+  if cfg.random_init or not cfg.get("compare_finetune", True):
+    return None
+  return finetune_runs(cfg.workdir, tuple(cfg.get("finetune_runs",
+                                                  FINETUNE_RUNS)))

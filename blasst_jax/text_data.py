@@ -61,7 +61,17 @@ def _tokenizers():
 
 
 def file_sha256(path: str) -> str:
-  """Hex sha256 of a file's bytes."""
+  """Hex sha256 of a file's bytes.
+
+  Args:
+    path: the file.
+
+  Returns:
+    The 64-character lowercase hex digest.
+
+  Raises:
+    OSError: if the file cannot be read.
+  """
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -94,6 +104,13 @@ def heldout_split(documents: Mapping[str, str], *, heldout_fraction: float,
     long_doc_chars: what counts as a long document.
     min_long_heldout: long documents (as far as there are any) to hold out.
     salt: changes the draw.
+
+  Returns:
+    The held-out names, sorted (at least one, never all).
+
+  Raises:
+    ValueError: for fewer than 2 documents or a `heldout_fraction` outside
+      (0, 1).
   """
   if len(documents) < 2:
     raise ValueError(f"`documents` needs at least 2 documents (one to train "
@@ -127,6 +144,15 @@ class TextTokenizer:
   """
 
   def __init__(self, tokenizer):
+    """Wraps a trained tokenizer.
+
+    Args:
+      tokenizer: a `tokenizers.Tokenizer` with BOS_TOKEN among its added
+        tokens (`train_tokenizer`).
+
+    Raises:
+      ValueError: if it has no BOS_TOKEN.
+    """
     self.tokenizer = tokenizer
     self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
     bos = tokenizer.token_to_id(BOS_TOKEN)
@@ -137,19 +163,54 @@ class TextTokenizer:
 
   @classmethod
   def from_file(cls, path: str) -> "TextTokenizer":
+    """Loads a tokenizer saved as JSON (`tokenizers.Tokenizer.save`).
+
+    Args:
+      path: the tokenizer.json file.
+
+    Returns:
+      A `TextTokenizer`.
+
+    Raises:
+      ImportError: without the `tokenizers` package.
+      ValueError: if the tokenizer has no BOS_TOKEN.
+      Exception: the `tokenizers` error for a missing or malformed file.
+    """
     return cls(_tokenizers().Tokenizer.from_file(path))
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of text, without BOS (prepend `bos_id` for a document)."""
+    """Token ids of text, without BOS (prepend `bos_id` for a document).
+
+    Args:
+      text: any str (byte-level: every text encodes).
+
+    Returns:
+      [int] ids in [0, vocab_size).
+    """
     return self.tokenizer.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    """`encode` of each text (in parallel)."""
+    """`encode` of each text (in parallel).
+
+    Args:
+      texts: the texts.
+
+    Returns:
+      [[int]]: the ids of each text, in order.
+    """
     return [e.ids for e in self.tokenizer.encode_batch(
         list(texts), add_special_tokens=False)]
 
   def decode(self, ids, skip_special_tokens: bool = False) -> str:
-    """Text of token ids (a BOS shows as BOS_TOKEN unless skipped)."""
+    """Text of token ids (a BOS shows as BOS_TOKEN unless skipped).
+
+    Args:
+      ids: int ids (a list or an int array [n]).
+      skip_special_tokens: drop BOS_TOKEN from the text.
+
+    Returns:
+      The decoded str.
+    """
     return self.tokenizer.decode([int(i) for i in ids],
                                  skip_special_tokens=skip_special_tokens)
 
@@ -160,6 +221,19 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int,
 
   The 256 byte tokens are always in the vocabulary, so any text encodes;
   BOS_TOKEN gets id 0. Training is deterministic for a fixed text order.
+
+  Args:
+    texts: the training texts.
+    vocab_size: in (257, 65536]: BOS, the 256 bytes and merges (ids fit
+      uint16); a small corpus may end with fewer.
+    min_frequency: BPE merges need this many occurrences.
+
+  Returns:
+    A `TextTokenizer`.
+
+  Raises:
+    ImportError: without the `tokenizers` package.
+    ValueError: for a `vocab_size` outside (257, 65536].
   """
   tk = _tokenizers()
   texts = list(texts)
@@ -202,6 +276,12 @@ def write_dataset(documents: Mapping[str, str], out_dir: str, *,
 
   Returns:
     The manifest (also written to out_dir/manifest.json).
+
+  Raises:
+    ValueError: for a document that is not a non-empty str, as
+      `heldout_split` and `train_tokenizer`, or a tokenizer whose ids do
+      not fit uint16.
+    ImportError: without the `tokenizers` package.
   """
   for name, text in documents.items():
     if not isinstance(text, str) or not text:
@@ -282,7 +362,19 @@ def write_dataset(documents: Mapping[str, str], out_dir: str, *,
 
 # ------------------------------------------------------------------ reading
 def load_manifest(data_dir: str) -> dict:
-  """The manifest of a folder written by `write_dataset`."""
+  """The manifest of a folder written by `write_dataset`.
+
+  Args:
+    data_dir: the folder.
+
+  Returns:
+    The manifest dict ("format_version", "vocab_size", "bos_id", "splits"
+    {split: {"shard", "offsets", "num_tokens", "documents", ...}}, ...).
+
+  Raises:
+    ValueError: if the folder has no manifest, or one of another
+      format_version.
+  """
   path = os.path.join(data_dir, MANIFEST)
   if not os.path.isfile(path):
     raise ValueError(
@@ -304,7 +396,20 @@ def _check_split(split: str) -> str:
 
 
 def load_shard(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(uint16 memmap [num_tokens], int64 offsets [num_documents + 1])."""
+  """The token stream of a split and where its documents start.
+
+  Args:
+    data_dir: a folder written by `write_dataset`.
+    split: "train" or "heldout".
+
+  Returns:
+    (uint16 memmap [num_tokens], int64 offsets [num_documents + 1]:
+    document i is tokens[offsets[i]:offsets[i + 1]]).
+
+  Raises:
+    ValueError: for an unknown split, a missing manifest or shard, or a
+      shard whose size disagrees with the manifest.
+  """
   info = load_manifest(data_dir)["splits"][_check_split(split)]
   path = os.path.join(data_dir, info["shard"])
   if not os.path.isfile(path):
@@ -321,8 +426,15 @@ def load_shard(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 def load_documents(data_dir: str, split: str) -> list[np.ndarray]:
   """The documents of a split, in manifest order.
 
+  Args:
+    data_dir: a folder written by `write_dataset`.
+    split: "train" or "heldout".
+
   Returns:
     [int32 [n_i]] per document, each starting with the tokenizer's bos_id.
+
+  Raises:
+    ValueError: as `load_shard`.
   """
   tokens, offsets = load_shard(data_dir, split)
   return [np.asarray(tokens[a:b], np.int32)
@@ -330,13 +442,35 @@ def load_documents(data_dir: str, split: str) -> list[np.ndarray]:
 
 
 def document_names(data_dir: str, split: str) -> list[str]:
-  """Names of the documents of a split, in the order of `load_documents`."""
+  """Names of the documents of a split, in the order of `load_documents`.
+
+  Args:
+    data_dir: a folder written by `write_dataset`.
+    split: "train" or "heldout".
+
+  Returns:
+    [str] document names.
+
+  Raises:
+    ValueError: for an unknown split or a missing manifest.
+  """
   return list(load_manifest(data_dir)["splits"][_check_split(split)][
       "documents"])
 
 
 def load_tokenizer(data_dir: str) -> TextTokenizer:
-  """The tokenizer written by `write_dataset` (needs `tokenizers`)."""
+  """The tokenizer written by `write_dataset` (needs `tokenizers`).
+
+  Args:
+    data_dir: a folder written by `write_dataset`.
+
+  Returns:
+    A `TextTokenizer`.
+
+  Raises:
+    ValueError: for a missing or outdated manifest.
+    ImportError: without the `tokenizers` package.
+  """
   load_manifest(data_dir)
   return TextTokenizer.from_file(os.path.join(data_dir, TOKENIZER))
 
@@ -365,6 +499,10 @@ def passkey_parts(tokenizer, key: str, *, needle: str = PASSKEY_NEEDLE,
     tokenizer: with `encode(text) -> ids` (`TextTokenizer`).
     key: the pass key.
     needle, question, answer: templates; "{key}" is replaced by the key.
+
+  Returns:
+    ([int] needle ids, [int] question ids, [int] answer ids), each without
+    BOS.
   """
   return tuple(list(tokenizer.encode(t.format(key=key)))
                for t in (needle, question, answer))
@@ -448,6 +586,11 @@ class TextBatches:
         passkey-retrieval sequences (0: none, plain text; needs the
         `tokenizers` package otherwise).
       passkey_digits: digits of the keys (>= 1).
+
+    Raises:
+      ValueError: for an unknown `start`, a `passkey_prob` outside [0, 1],
+        `passkey_digits` < 1, or a folder that is no prepared dataset.
+      ImportError: for passkey_prob > 0 without `tokenizers`.
     """
     if start not in ("random", "document"):
       raise ValueError(f"`start` must be 'random' or 'document', got "
@@ -485,6 +628,10 @@ class TextBatches:
     Returns:
       int32 [batch_size, seq_len + 1]: inputs are `[:, :-1]`, next-token
       targets `[:, 1:]`.
+
+    Raises:
+      ValueError: for an unknown split, a negative index, batch_size or
+        seq_len < 1, or a split shorter than seq_len + 1 tokens.
     """
     split = "heldout" if split == "eval" else _check_split(split)
     if index < 0 or batch_size < 1 or seq_len < 1:
@@ -515,6 +662,10 @@ class TextBatches:
 
   def passkey_plan(self, index: int, batch_size: int) -> list[dict | None]:
     """Which training rows of batch `index` carry a passkey, and which.
+
+    Args:
+      index: the batch index (as `batch`).
+      batch_size: rows in the batch.
 
     Returns:
       [batch_size] of None (plain text) or {"key": str, "depth": float}.

@@ -11,6 +11,10 @@ implementation, seconds).
         --config.workdir=lm_small_output
     python experiments/eval_sparsity.py --config=configs/eval_sparsity.py \
         --config.random_init=True          # no checkpoint: a smoke run
+    python experiments/eval_sparsity.py --config=configs/eval_sparsity.py \
+        --config.workdir=lm_finetune_output    # finetune vs dense control
+    python experiments/eval_sparsity.py --config=configs/eval_sparsity.py \
+        --config.compare_workdirs="('a=RUN_A', 'b=RUN_B')"
 """
 
 import ml_collections
@@ -31,6 +35,16 @@ def get_config(variant: str = "default"):
   c.seed = 0
   c.data_dir = ""                 # "": the run's data.data_dir
   c.output_dir = "benchmarks/results/lm_eval"
+  # Several runs at equal λ: "label=path" train_lm workdirs (the first is
+  # the reference), each evaluated with the same windows, passkeys and λ
+  # into output_dir/<label>/, plus output_dir/comparison.{json,png}.
+  c.compare_workdirs = ()
+  # A `workdir` holding a finetune-mode run (dense/, finetune/,
+  # dense_control/ of configs/lm_small.py:finetune) compares these runs.
+  c.compare_finetune = True
+  c.finetune_runs = ("dense_control", "finetune", "dense")
+  # Comparing: add the λ each run trained with to `thresholds`.
+  c.include_trained_threshold = True
   # None: the best implementation for the backend (Hopper kernel on
   # H100/H200, reference on CPU); a name overrides the run's.
   c.implementation = None

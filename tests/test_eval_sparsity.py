@@ -221,3 +221,200 @@ def test_eval_sparsity_small_end_to_end(tmp_path):
                "sparsity_per_head.png", "sparsity_vs_context.png",
                "retrieval.png"):
     assert (out_dir / name).stat().st_size > 5_000, name
+
+
+# ------------------------------------------------------------- comparisons
+def _config(name, variant):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      f"_cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def _tiny_dataset(path):
+  from blasst_jax import text_data  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  words = ("the kernel skips a block when scores fall below the running "
+           "max of every row in the tile and keeps the sink").split()
+  docs = {f"doc{i:02d}": " ".join(rng.choice(words, size=n)) + ".\n"
+          for i, n in enumerate([300] * 10)}
+  text_data.write_dataset(docs, str(path), vocab_size=300,
+                          heldout_fraction=0.2, long_doc_chars=5000,
+                          min_long_heldout=0)
+  return str(path)
+
+
+def _write_run(workdir, data_dir, *, seed, qk_scale=1.0, threshold=None):
+  """A train_lm-shaped workdir (log.json + checkpoint) of a random model."""
+  from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+  cfg = _config("lm_small", "finetune,small")
+  cfg.data.data_dir = data_dir
+  cfg.seed = seed
+  model = lm_checkpoint.build_model(cfg)
+  for block in model.blocks:      # peaked attention: something to skip
+    for proj in (block.attn.q_proj, block.attn.k_proj):
+      proj.kernel[...] = proj.kernel[...] * qk_scale
+  _, params = nnx.split(model)
+  lm_checkpoint.save_checkpoint(str(workdir), {"params": params}, step=7,
+                                keep=1)
+  record = {"threshold": 0.0 if threshold is None else threshold}
+  (workdir / "log.json").write_text(json.dumps(
+      {"config": cfg.to_dict(), "threshold": record}))
+
+
+def _eval_config(output_dir, **kw):
+  cfg = _config("eval_sparsity", "small")
+  cfg.random_init = False
+  cfg.data_dir = ""                     # the runs' own dataset
+  cfg.output_dir = str(output_dir)
+  cfg.context_lengths = (128,)
+  cfg.thresholds = (0.0, 1e-1, 5e-1)
+  cfg.target_sparsities = ()
+  cfg.xattention.thresholds = ()
+  cfg.max_windows = 2
+  cfg.retrieval.update(depths=(0.5,), trials=1)
+  cfg.progress = False
+  cfg.update(kw)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def finetune_root(tmp_path_factory):
+  pytest.importorskip("tokenizers")
+  pytest.importorskip("orbax.checkpoint")
+  root = tmp_path_factory.mktemp("runs")
+  data_dir = _tiny_dataset(root / "data")
+  ft = root / "ft"
+  for name, seed, scale, lam in (("dense", 0, 3.0, None),
+                                 ("finetune", 1, 5.0, 0.3),
+                                 ("dense_control", 2, 3.0, None)):
+    (ft / name).mkdir(parents=True)
+    _write_run(ft / name, data_dir, seed=seed, qk_scale=scale, threshold=lam)
+  return ft
+
+
+def test_parse_run_specs_and_errors():
+  assert lm_eval.parse_run_specs(("a=x/y", "b = z")) == [("a", "x/y"),
+                                                         ("b", "z")]
+  assert lm_eval.parse_run_specs("a=x,b=y") == [("a", "x"), ("b", "y")]
+  assert lm_eval.parse_run_specs({"b": "y", "a": "x"}) == [("b", "y"),
+                                                           ("a", "x")]
+  with pytest.raises(ValueError, match="label=path"):
+    lm_eval.parse_run_specs(("nolabel",))
+  with pytest.raises(ValueError, match="twice"):
+    lm_eval.parse_run_specs(("a=x", "a=y"))
+  with pytest.raises(ValueError, match="plain name"):
+    lm_eval.parse_run_specs(("../a=x",))
+
+
+def test_compare_finetune_root_at_equal_lambda(finetune_root, tmp_path):
+  cfg = _eval_config(tmp_path / "out", workdir=str(finetune_root))
+  runs = lm_eval.comparison_runs(cfg)
+  assert [label for label, _ in runs] == ["dense_control", "finetune",
+                                          "dense"]
+  assert lm_eval.comparison_runs(_eval_config(
+      tmp_path, workdir=str(finetune_root / "dense"))) is None
+  assert lm_eval.trained_threshold(str(finetune_root / "finetune")) == 0.3
+  cmp = lm_eval.evaluate_and_compare(cfg, runs, cfg.output_dir,
+                                     verbose=False)
+  out = tmp_path / "out"
+  assert json.loads((out / "comparison.json").read_text())["table"] \
+      == json.loads(json.dumps(cmp["table"]))
+  assert (out / "comparison.png").stat().st_size > 5_000
+  assert cmp["reference"] == "dense_control"
+  assert cmp["thresholds"] == [0.0, 0.1, 0.3, 0.5]   # + the trained λ
+  assert cmp["thresholds_added"] == [0.3]
+  per_run = {label: json.loads((out / label / "results.json").read_text())
+             for label, _ in runs}
+  # One windows / passkeys / λ list for every run.
+  rec = {label: r["lengths"][0] for label, r in per_run.items()}
+  assert len({r["windows_sha1"] for r in rec.values()}) == 1
+  assert len({r["passkeys_sha1"] for r in rec.values()}) == 1
+  assert len({tuple(m["threshold"] for m in r["methods"])
+              for r in rec.values()}) == 1
+  (length,) = cmp["lengths"]
+  assert length["length"] == 128 and length["thresholds"] == cmp["thresholds"]
+  for label, r in length["runs"].items():
+    assert len(r["sparsity"]) == len(r["perplexity"]) == 4
+    assert r["sparsity"][0] == 0.0 and r["delta_ppl_pct"][0] == 0.0
+    assert r["sparsity"] == sorted(r["sparsity"])
+    assert r["dense_perplexity"] == rec[label]["methods"][0]["perplexity"]
+    ref = length["runs"]["dense_control"]["dense_perplexity"]
+    np.testing.assert_allclose(
+        r["delta_ppl_vs_reference_pct"],
+        (np.array(r["perplexity"]) / ref - 1) * 100, rtol=1e-9)
+    assert len(r["retrieval"]) == 4
+  assert length["runs"]["finetune"]["sparsity"][-1] > 0
+  # Different models: different dense perplexities.
+  assert length["runs"]["finetune"]["dense_perplexity"] \
+      != length["runs"]["dense_control"]["dense_perplexity"]
+  assert len(cmp["table"]) == 4
+  text = lm_eval.format_comparison(cmp)
+  assert "dense_control" in text and "finetune λ=0.3" in text
+
+
+def test_compare_a_run_with_itself_is_identical(finetune_root, tmp_path):
+  run = str(finetune_root / "finetune")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  out = tmp_path / "self"
+  proc = subprocess.run(
+      [sys.executable, "experiments/eval_sparsity.py",
+       "--config=configs/eval_sparsity.py:small",
+       "--config.random_init=False", "--config.data_dir=",
+       f"--config.output_dir={out}",
+       f"--config.compare_workdirs=('a={run}', 'b={run}')",
+       "--config.context_lengths=(128,)", "--config.target_sparsities=()",
+       "--config.xattention.thresholds=()", "--config.max_windows=2",
+       "--config.retrieval.depths=(0.5,)", "--config.retrieval.trials=1",
+       "--config.include_trained_threshold=False", "--config.progress=False"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  assert "Equal-λ comparison" in proc.stdout
+  cmp = json.loads((out / "comparison.json").read_text())
+  assert [r["label"] for r in cmp["runs"]] == ["a", "b"]
+  assert cmp["thresholds"] == [0.0, 1e-2, 1e-1, 3e-1, 6e-1]
+  (length,) = cmp["lengths"]
+  a, b = length["runs"]["a"], length["runs"]["b"]
+  assert a == b
+  assert b["delta_ppl_vs_reference_pct"] == b["delta_ppl_pct"]
+  assert (out / "comparison.png").stat().st_size > 5_000
+  assert (out / "a" / "results.json").exists()
+  assert (out / "b" / "tradeoff.png").exists()
+
+
+def test_compare_runs_rejects_different_windows():
+  def fake(sha, lams=(0.0, 0.1)):
+    methods = [dict(kind="dense" if lam == 0 else "skip", threshold=lam,
+                    perplexity=2.0, sparsity=0.0, combined_sparsity=0.0,
+                    sparsity_per_layer=[0.0], delta_ppl_pct=0.0)
+               for lam in lams]
+    return {"model": {"source": "checkpoint", "trained_seq_len": 8},
+            "lengths": [{"length": 8, "num_windows": 1, "window_source": "s",
+                         "windows_sha1": sha, "methods": methods}]}
+  assert lm_eval.compare_runs({"a": fake("x"), "b": fake("x")})["table"]
+  with pytest.raises(ValueError, match="windows_sha1"):
+    lm_eval.compare_runs({"a": fake("x"), "b": fake("y")})
+  with pytest.raises(ValueError, match="thresholds"):
+    lm_eval.compare_runs({"a": fake("x"), "b": fake("x", (0.0, 0.2))})
+
+
+def test_checkpoint_of_another_vocabulary_is_rejected(tmp_path):
+  """Params saved with one vocabulary do not load into a model of another
+  (a data_dir whose tokenizer differs from the run's): a ValueError, not
+  NaN perplexities."""
+  from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+
+  def params(vocab):
+    model = gpt.GPT(vocab_size=vocab, max_len=32, num_layers=1, d_model=16,
+                    num_heads=2, rngs=nnx.Rngs(0))
+    return nnx.split(model)[1]
+
+  lm_checkpoint.save_checkpoint(str(tmp_path), {"params": params(64)},
+                                step=1, keep=1)
+  restored = lm_checkpoint.restore_checkpoint(str(tmp_path),
+                                              {"params": params(64)})
+  assert restored is not None
+  with pytest.raises(ValueError, match="does not fit the model"):
+    lm_checkpoint.restore_checkpoint(str(tmp_path), {"params": params(80)})

@@ -7,7 +7,7 @@ the blocks the forward kept; natural-log lse, `delta = rowsum(dO * O)`):
     dP = dO Vᵀ                   dS = P * (dP - delta)
     dQ = dS K * scale            dK = dSᵀ Q * scale
 
-on 64 x 64 tiles with warpgroup matmuls, in two warp-specialized kernels
+on 64 x 64 tiles with warpgroup matmuls, in warp-specialized kernels
 shaped like the forward (`pallas_mosaic`): each program has two compute
 warpgroups that own one tile each and a memory warpgroup that streams the
 union of the two tiles' lists of kept partners through a ring of
@@ -16,8 +16,12 @@ shared-memory slots with TMA.
 - dK/dV: a compute warpgroup owns a KV block (its K and V stay in shared
   memory) and accumulates dK and dV in registers over the q tiles that kept
   the block; Q, dO, lse and delta tiles are streamed.
-- dQ: a compute warpgroup owns a q tile (Q, dO, lse, delta stay) and
-  accumulates dQ over the KV blocks the tile kept; K and V are streamed.
+- dQ, `fuse_dq` (default at head_dim 64): the dK/dV kernel also writes
+  dS to shared memory, forms dQ partials dS·K for each streamed q tile and
+  adds them into an f32 accumulator in global memory with TMA reduce-adds.
+- dQ, otherwise: a second kernel where a compute warpgroup owns a q tile
+  (Q, dO, lse, delta stay) and accumulates dQ over the KV blocks the tile
+  kept, recomputing P and dP; K and V are streamed.
 
 Blocks the forward skipped are in neither list: no work, no reads. At a
 union position its tile did not keep, a compute warpgroup waits on the
@@ -68,8 +72,9 @@ class MosaicBwdConfig:
     fuse_dq: one kernel that also reduces dQ partials into f32 global
       memory (5 products per tile pair), else a second kernel for dQ that
       recomputes P and dP (7). None: fused for head_dim 64 only (H100,
-      causal 8k: 4.66 vs 5.23 ms; at head_dim 128 the fused kernel, with
-      dK, dV and a dQ chunk in registers, took 14.1 vs 7.7 ms).
+      causal 8k, four runs: 4.65-4.79 vs 5.05-5.40 ms; at head_dim 128 the
+      fused kernel, with dK, dV and a dQ chunk in registers, took 11.9-15.4
+      vs 7.0-7.9 ms).
   """
 
   num_stages: int = 2
@@ -428,7 +433,7 @@ def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
 
 
 def _launch(kernel, name, inputs, out_shapes, smem_types, barrier_types, *,
-            grid, interpret, grid_names=("seq", "heads", "batch"), **static):
+            grid, interpret, **static):
   """plgpu.kernel with 2 compute + 1 memory warpgroup and scoped buffers."""
   n_smem = len(smem_types)
 
@@ -446,7 +451,7 @@ def _launch(kernel, name, inputs, out_shapes, smem_types, barrier_types, *,
   body.__name__ = name
   return plgpu.kernel(
       body, out_type=out_shapes, grid=grid,
-      grid_names=grid_names,
+      grid_names=("heads", "seq", "batch"),
       num_threads=COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret)(*inputs)
@@ -565,7 +570,7 @@ def _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists, *,
         + a_smem,
         kv_bars + [plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
                    plgpu.Barrier(num_arrivals=d // DQ_CHUNK)],
-        grid=(n_kv_programs, hq, b), interpret=interpret, fuse_dq=True,
+        grid=(hq, n_kv_programs, b), interpret=interpret, fuse_dq=True,
         reduce_dq=not slabs, **static)
     dq = jax.freeze(dq_acc)
     if slabs:
@@ -576,7 +581,7 @@ def _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists, *,
     dk, dv = _launch(
         _dkdv_kernel, "blasst_backward_dkdv_mosaic", inputs + (kv_lists,),
         dkdv_shapes, kv_smem + a_smem, kv_bars,
-        grid=(n_kv_programs, hq, b), interpret=interpret, fuse_dq=False,
+        grid=(hq, n_kv_programs, b), interpret=interpret, fuse_dq=False,
         reduce_dq=False, **static)
     dq = _launch(
         _dq_kernel, "blasst_backward_dq_mosaic",
@@ -588,7 +593,7 @@ def _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists, *,
         + common_smem(q_lists) + a_smem,
         [plgpu.Barrier(num_barriers=COMPUTE_WGS * 3), (ring_bars,) * 2,
          free_bars] + common_bars,
-        grid=(lq_pad // pair, hq, b), interpret=interpret, **static)
+        grid=(hq, lq_pad // pair, b), interpret=interpret, **static)
 
   def per_kv_head(x):   # GQA: sum over the group in f32
     x = x[:, :lk].reshape(b, lk, hkv, group, d)

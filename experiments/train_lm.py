@@ -68,14 +68,6 @@ _PLOT_OUTPUT = flags.DEFINE_string("plot_output", "training_compare.png",
 MODES = ("dense", "sparse", "finetune")
 DATA_KINDS = ("synthetic", "text")
 MAX_THRESHOLD = config_lib.MAX_DERIVED_THRESHOLD
-CHECKPOINT_DIR = lm_checkpoint.CHECKPOINT_DIR
-# Shared with experiments/eval_sparsity.py (blasst_jax/lm_checkpoint.py).
-data_kind = lm_checkpoint.data_kind
-vocab_size = lm_checkpoint.vocab_size
-build_model = lm_checkpoint.build_model
-checkpoint_steps = lm_checkpoint.checkpoint_steps
-save_checkpoint = lm_checkpoint.save_checkpoint
-restore_checkpoint = lm_checkpoint.restore_checkpoint
 
 
 def check_config(cfg) -> None:
@@ -108,7 +100,7 @@ def check_config(cfg) -> None:
       0 <= s.target_sparsity < 1):
     raise ValueError("Need sparsity.threshold in [0, 1), scale_factor >= 0, "
                      f"target_sparsity in [0, 1); got {s.to_dict()}.")
-  kind = data_kind(cfg)
+  kind = lm_checkpoint.data_kind(cfg)
   if kind not in DATA_KINDS:
     raise ValueError(f"`data.kind` must be one of {DATA_KINDS}, got "
                      f"{kind!r}.")
@@ -118,9 +110,10 @@ def check_config(cfg) -> None:
                        "written by experiments/prepare_text.py.")
     text_data.load_manifest(cfg.data.data_dir)   # ValueError naming the fix
   if cfg.init_from and not os.path.isdir(
-      os.path.join(cfg.init_from, CHECKPOINT_DIR)):
+      os.path.join(cfg.init_from, lm_checkpoint.CHECKPOINT_DIR)):
     raise ValueError(f"`init_from` ({cfg.init_from!r}) holds no "
-                     f"{CHECKPOINT_DIR}/ folder of a train_lm.py run.")
+                     f"{lm_checkpoint.CHECKPOINT_DIR}/ folder of a "
+                     "train_lm.py run.")
 
 
 def make_source(cfg):
@@ -129,7 +122,7 @@ def make_source(cfg):
   Both have `batch(index, *, batch_size, seq_len, split)` -> int32
   [batch_size, seq_len + 1], split "train" or "eval" (held out).
   """
-  if data_kind(cfg) == "text":
+  if lm_checkpoint.data_kind(cfg) == "text":
     return text_data.TextBatches(
         cfg.data.data_dir, seed=cfg.data.seed,
         start=cfg.data.get("start", "random"),
@@ -234,26 +227,26 @@ def train(cfg, workdir: str, *, init_from: str = "", steps: int | None = None,
   steps = cfg.steps if steps is None else steps
   os.makedirs(workdir, exist_ok=True)
   source = make_source(cfg)
-  model = build_model(cfg)
+  model = lm_checkpoint.build_model(cfg)
   graphdef, params = nnx.split(model)
   tx = make_optimizer(cfg, steps)
   step_offset = 0
   if init_from:
-    restored = restore_checkpoint(init_from, {"params": params})
+    restored = lm_checkpoint.restore_checkpoint(init_from, {"params": params})
     params = restored["params"]
-    step_offset = checkpoint_steps(init_from)[-1]
+    step_offset = lm_checkpoint.checkpoint_steps(init_from)[-1]
     print(f"initialised from {init_from} (step {step_offset})", flush=True)
   threshold, threshold_record = resolve_threshold(cfg, workdir, graphdef,
                                                   params, source)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.int32(0), "data_index": jnp.int32(0)}
-  restored = restore_checkpoint(workdir, state)
+  restored = lm_checkpoint.restore_checkpoint(workdir, state)
   log_path = os.path.join(workdir, "log.json")
   log = {"mode": cfg.mode, "config": cfg.to_dict(), "step_offset": step_offset,
          "threshold": threshold_record, "num_params": int(sum(
              x.size for x in jax.tree.leaves(params))), "evals": [],
          **(device or {})}
-  if data_kind(cfg) == "text":
+  if lm_checkpoint.data_kind(cfg) == "text":
     manifest = text_data.load_manifest(cfg.data.data_dir)
     log["data"] = {
         "vocab_size": manifest["vocab_size"], "sources": manifest["sources"],
@@ -337,10 +330,11 @@ def train(cfg, workdir: str, *, init_from: str = "", steps: int | None = None,
                                                       "training.png"))
       losses, sparsities = [], []
     if step % cfg.checkpoint_every == 0 or step == steps:
-      save_checkpoint(workdir, {"params": params, "opt_state": opt_state,
-                                "step": jnp.int32(step),
-                                "data_index": jnp.int32(data_index)},
-                      step, cfg.keep_checkpoints)
+      lm_checkpoint.save_checkpoint(
+          workdir, {"params": params, "opt_state": opt_state,
+                    "step": jnp.int32(step),
+                    "data_index": jnp.int32(data_index)},
+          step, cfg.keep_checkpoints)
     if step % cfg.eval_every == 0:
       interval_start, interval_tokens = time.perf_counter(), 0
   bar.close()

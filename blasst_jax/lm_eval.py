@@ -665,7 +665,7 @@ def answer_questions(results: dict, delta_pct: float = 1.0) -> dict:
          for r in recs]
     slope = (np.polyfit(np.log2(lengths), s, 1)[0]
              if len(lengths) > 1 and np.all(np.isfinite(s)) else np.nan)
-    q3.append(f"λ={lam:.0e}: " + " → ".join(f"{x:.3f}" for x in s)
+    q3.append(f"λ={lam:.2g}: " + " → ".join(f"{x:.3f}" for x in s)
               + f" ({slope:+.3f} per doubling)")
   q4 = []
   for rec in recs:
@@ -841,7 +841,8 @@ def load_eval_model(cfg, *, workdir: str | None = None
     cfg: a configs/eval_sparsity.py config. With `random_init` a model is
       built from `cfg.model` and `cfg.train_seq_len` (q/k weights times
       `random_qk_scale`); otherwise the checkpoint `cfg.step` (-1: the
-      latest) of the train_lm run in `workdir` is read.
+      latest) of the train_lm run in `workdir` is read. `cfg.implementation`
+      and `cfg.block_q` (nonzero) override the layers' own.
     workdir: the run to read; default `cfg.workdir`. Ignored with
       `random_init`.
 
@@ -852,7 +853,8 @@ def load_eval_model(cfg, *, workdir: str | None = None
 
   Raises:
     ValueError: for `random_init` without `data_dir`, a workdir without
-      log.json or checkpoints, or a run trained on synthetic tokens.
+      log.json or checkpoints, a run trained on synthetic tokens, or a
+      `block_q` that is no power of two >= 16.
   """
   from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -885,14 +887,24 @@ def load_eval_model(cfg, *, workdir: str | None = None
     record = {"source": "checkpoint", "workdir": os.path.abspath(workdir),
               "step": step, "trained_threshold": trained_threshold(workdir)}
     data_dir, seq_len = train_cfg.data.data_dir, train_cfg.seq_len
-  if cfg.implementation is not None:
-    for block in model.blocks:
+  rows = int(cfg.get("block_q", 0))
+  if rows and (rows < 16 or rows & (rows - 1)):
+    raise ValueError(f"`block_q` must be 0 (the run's tiles) or a power of "
+                     f"two >= 16, got {cfg.block_q!r}.")
+  for block in model.blocks:
+    if cfg.implementation is not None:
       block.attn.implementation = cfg.implementation
+    if rows:
+      # Shorter tiles: a block is skipped when all of its rows agree, so
+      # fewer rows per tile skip more (decode has one row per head).
+      block.attn.block_q = rows
   m = train_cfg.model
+  block_q, block_kv = model_tiles(model)
   record.update(
       trained_seq_len=int(seq_len), num_layers=m.num_layers,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, d_model=m.d_model,
-      block_q=m.block_q, block_kv=m.block_kv, dtype=m.dtype,
+      block_q=block_q, block_kv=block_kv, trained_block_q=m.block_q,
+      dtype=m.dtype,
       position=m.get("position", "learned"),
       implementation=cfg.implementation or "auto",
       num_params=int(sum(x.size for x in jax.tree.leaves(
@@ -916,7 +928,8 @@ def methods_for(cfg, calibrated: dict, *,
     "xattention+skip"), "threshold" (λ), "xattention_threshold" (τ or
     None), "target_sparsity" (or None)}].
   """
-  fmt = lambda lam: f"{lam:.0e}"  # pylint: disable=g-long-lambda
+  # Two significant digits: 0.97 must not print as 1e+00.
+  fmt = lambda lam: f"{lam:.2g}"  # pylint: disable=g-long-lambda
   thresholds = cfg.thresholds if thresholds is None else thresholds
   methods = [dict(label="dense", kind="dense", threshold=0.0,
                   xattention_threshold=None, target_sparsity=None)]

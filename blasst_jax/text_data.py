@@ -564,17 +564,19 @@ class TextBatches:
   random depth, then the question and the answer as its last tokens. Key
   (`passkey_digits` random digits), depth and which rows are chosen are
   functions of (seed, index) alone, drawn from a stream of their own. The
-  held-out split is never augmented.
+  held-out split is never augmented. The answer is a few tokens of a
+  4096-token row, so its share of the loss is tiny; `target_weights`
+  gives those targets `passkey_answer_weight` for the training loss.
 
   Attributes:
     vocab_size, bos_id: from the manifest.
     num_tokens: {split: tokens in its stream}.
-    passkey_prob, passkey_digits: the augmentation.
+    passkey_prob, passkey_digits, passkey_answer_weight: the augmentation.
   """
 
   def __init__(self, data_dir: str, *, seed: int = 0,
                start: str = "random", passkey_prob: float = 0.0,
-               passkey_digits: int = 5):
+               passkey_digits: int = 5, passkey_answer_weight: float = 1.0):
     """Opens the shards (and the tokenizer, for passkey augmentation).
 
     Args:
@@ -586,10 +588,13 @@ class TextBatches:
         passkey-retrieval sequences (0: none, plain text; needs the
         `tokenizers` package otherwise).
       passkey_digits: digits of the keys (>= 1).
+      passkey_answer_weight: > 0: loss weight of the answer's targets in
+        `target_weights` (1: an ordinary token).
 
     Raises:
       ValueError: for an unknown `start`, a `passkey_prob` outside [0, 1],
-        `passkey_digits` < 1, or a folder that is no prepared dataset.
+        `passkey_digits` < 1, `passkey_answer_weight` <= 0, or a folder
+        that is no prepared dataset.
       ImportError: for passkey_prob > 0 without `tokenizers`.
     """
     if start not in ("random", "document"):
@@ -602,9 +607,13 @@ class TextBatches:
         passkey_digits < 1):
       raise ValueError(f"`passkey_digits` must be a positive int, got "
                        f"{passkey_digits!r}.")
+    if not passkey_answer_weight > 0:
+      raise ValueError(f"`passkey_answer_weight` must be > 0 (1: no extra "
+                       f"weight), got {passkey_answer_weight!r}.")
     manifest = load_manifest(data_dir)
     self.passkey_prob = float(passkey_prob)
     self.passkey_digits = int(passkey_digits)
+    self.passkey_answer_weight = float(passkey_answer_weight)
     self._tokenizer = (load_tokenizer(data_dir) if self.passkey_prob > 0
                        else None)
     self.data_dir = data_dir
@@ -659,6 +668,27 @@ class TextBatches:
                          passkey_parts(self._tokenizer, plan["key"]))),
               length=seq_len, depth=plan["depth"])[0]
     return out
+
+  def target_weights(self, index: int, *, batch_size: int, seq_len: int,
+                     split: str = "train") -> np.ndarray:
+    """Loss weight of each next-token target of `batch(index, ...)`.
+
+    Args:
+      index, batch_size, seq_len, split: as `batch`.
+
+    Returns:
+      f32 [batch_size, seq_len]: 1, and `passkey_answer_weight` at the
+      answer targets of the passkey rows (training split only).
+    """
+    weights = np.ones((batch_size, seq_len), np.float32)
+    if split != "train" or self.passkey_answer_weight == 1.0:
+      return weights
+    for row, plan in enumerate(self.passkey_plan(index, batch_size)):
+      if plan is not None:
+        num_answer = len(passkey_parts(self._tokenizer, plan["key"])[2])
+        # Answer tokens are the row's last; target j predicts token j + 1.
+        weights[row, seq_len - num_answer:] = self.passkey_answer_weight
+    return weights
 
   def passkey_plan(self, index: int, batch_size: int) -> list[dict | None]:
     """Which training rows of batch `index` carry a passkey, and which.

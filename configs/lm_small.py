@@ -15,10 +15,16 @@ experiments/eval_sparsity.py scores (the same needle / question template,
 answer at the end; keys drawn from a stream of their own). Retrieval
 accuracy then measures a trained skill, not an emergent one; set
 `--config.data.passkey_prob=0` to train on plain text only.
+`data.passkey_answer_weight` > 1 up-weights the answer's targets in the
+loss (they are 3 of 4096 tokens of a row).
 
 Variants (comma-separated): a mode, `dense` (default), `sparse` or
 `finetune` (as in configs/train_lm.py), and optionally `small` (CPU,
-seconds; point data.data_dir at a small dataset).
+seconds; point data.data_dir at a small dataset). `finetune` without
+`init_from` trains dense for `dense_steps` with `optim`, then fine-tunes
+with skip-softmax for `steps` and runs the dense control, both from that
+checkpoint with `finetune_optim` (peak_lr 3e-4, 20 warmup steps) over
+`optim`.
 
     python experiments/prepare_text.py && python experiments/train_lm.py \
         --config=configs/lm_small.py
@@ -29,8 +35,8 @@ seconds; point data.data_dir at a small dataset).
 
 GPU size: 8 layers, d_model 512, 8 query heads / 2 KV heads of 64 (GQA),
 RMSNorm, RoPE, tied 8192-token embedding: 26.2 M parameters (22.0 M
-outside the embedding). 16 x 4096 = 65,536 tokens per step; 500 steps =
-32.8 M tokens, ~1.6 passes over the training split (about 40 s at ~830 k
+outside the embedding). 16 x 4096 = 65,536 tokens per step; 1000 steps =
+65.5 M tokens, ~3.2 passes over the training split (about 80 s at ~830 k
 tokens/s on one H100). The earlier corpus over-fitted after ~13 passes;
 the evaluations every 50 steps show whether this one does.
 """
@@ -55,10 +61,11 @@ def get_config(variant: str = "dense"):
   # Random 4097-token crops of the training stream (documents open with
   # <|doc|>); the vocabulary is the tokenizer's.
   # passkey_prob: share of training sequences in the passkey-retrieval
-  # format of the evaluation (0: plain text only).
+  # format of the evaluation (0: plain text only); passkey_answer_weight:
+  # loss weight of the answer's targets (1: an ordinary token).
   c.data = ml_collections.ConfigDict(dict(
       kind="text", data_dir="data/debian_en", seed=0, start="random",
-      passkey_prob=0.1, passkey_digits=5))
+      passkey_prob=0.1, passkey_digits=5, passkey_answer_weight=1.0))
   c.model = ml_collections.ConfigDict(dict(
       num_layers=8, d_model=512, num_heads=8, num_kv_heads=2, mlp_ratio=4,
       tie_embeddings=True, position="rope", rope_base=10000.0,
@@ -67,8 +74,8 @@ def get_config(variant: str = "dense"):
       implementation=None, block_q=64, block_kv=128))
   c.seq_len = 4096
   c.batch_size = 16
-  c.steps = 500             # ~1.6 passes over data/debian_en's train split
-  c.dense_steps = 500       # finetune mode without init_from: dense phase
+  c.steps = 1000            # ~3.2 passes over data/debian_en's train split
+  c.dense_steps = 1000      # finetune mode without init_from: dense phase
   c.optim = ml_collections.ConfigDict(dict(
       peak_lr=1e-3, end_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1,
       b1=0.9, b2=0.95, clip_norm=1.0))
@@ -84,8 +91,10 @@ def get_config(variant: str = "dense"):
     c.sparsity.target_sparsity = 0.3
   if c.mode == "finetune":
     c.steps = 500
-    c.optim.peak_lr = 3e-4
-    c.optim.warmup_steps = 20
+    # The fine-tune (and its dense control) overrides these `optim` fields;
+    # the dense phase trains with `optim` itself.
+    c.finetune_optim = ml_collections.ConfigDict(dict(peak_lr=3e-4,
+                                                      warmup_steps=20))
 
   if "small" in parts:      # tests: seconds on CPU
     c.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
@@ -102,5 +111,5 @@ def get_config(variant: str = "dense"):
       c.sparsity.update(threshold=0.9, target_sparsity=0.0)
     if c.mode == "finetune":
       c.steps = 10
-      c.optim.peak_lr = 1e-3
+      c.finetune_optim.update(peak_lr=1e-3, warmup_steps=4)
   return c

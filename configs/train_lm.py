@@ -10,8 +10,10 @@ Variants (comma-separated): a mode, `dense` (default), `sparse` or
         --config.init_from=/tmp/train_lm/dense --config.workdir=/tmp/ft
 
 `finetune` without `init_from` trains dense for `dense_steps` into
-WORKDIR/dense, fine-tunes sparsely for `steps` into WORKDIR/finetune and
-plots both into WORKDIR/dense_vs_finetune.png.
+WORKDIR/dense (with `optim`), fine-tunes sparsely for `steps` into
+WORKDIR/finetune and runs the dense control into WORKDIR/dense_control
+(both with `finetune_optim` over `optim`), and plots them into
+WORKDIR/dense_vs_finetune.png.
 """
 
 import ml_collections
@@ -62,8 +64,10 @@ def get_config(variant: str = "dense"):
     c.sparsity.target_sparsity = 0.3
   if c.mode == "finetune":
     c.steps = 500
-    c.optim.peak_lr = 3e-4
-    c.optim.warmup_steps = 20
+    # The fine-tune (and its dense control) overrides these `optim` fields;
+    # the dense phase trains with `optim` itself.
+    c.finetune_optim = ml_collections.ConfigDict(dict(peak_lr=3e-4,
+                                                      warmup_steps=20))
 
   if "small" in parts:      # tests: seconds on CPU
     c.data.update(vocab_size=64, copy_len=8, min_copy_distance=16,
@@ -84,5 +88,5 @@ def get_config(variant: str = "dense"):
       c.sparsity.update(threshold=0.9, target_sparsity=0.0)
     if c.mode == "finetune":
       c.steps = 20
-      c.optim.peak_lr = 1e-3
+      c.finetune_optim.update(peak_lr=1e-3, warmup_steps=4)
   return c

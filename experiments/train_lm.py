@@ -13,9 +13,11 @@ Modes (`--config.mode`, or the config variant):
             λ = c / seq_len) or a target sparsity (`sparsity.target_sparsity`,
             calibrated once on the starting model and stored in the workdir).
   finetune  sparse training that starts from the params of a dense
-            checkpoint (`--config.init_from=DIR`, fresh optimizer); without
-            `init_from` it first trains dense into WORKDIR/dense, then
-            fine-tunes into WORKDIR/finetune and plots both.
+            checkpoint (`--config.init_from=DIR`, a fresh optimizer with
+            `finetune_optim`'s fields over `optim`); without `init_from`
+            it first trains dense (with `optim`) into WORKDIR/dense, then
+            fine-tunes into WORKDIR/finetune, runs the dense control into
+            WORKDIR/dense_control and plots them.
 
 AdamW with linear warmup + cosine decay and global-norm clipping. Every
 `eval_every` steps it logs train loss, eval loss (held-out batches),
@@ -86,6 +88,16 @@ def check_config(cfg) -> None:
   if not 0 <= o.warmup_steps < max(cfg.steps, cfg.dense_steps):
     raise ValueError(f"`optim.warmup_steps` must lie in [0, steps), got "
                      f"{o.warmup_steps}.")
+  if "finetune_optim" in cfg:
+    unknown = set(cfg.finetune_optim.keys()) - set(o.keys())
+    if unknown:
+      raise ValueError(f"`finetune_optim` overrides `optim` fields; "
+                       f"{sorted(unknown)} are not among {sorted(o.keys())}.")
+    ft = finetune_config(cfg).optim
+    if not ft.peak_lr > 0 or not 0 <= ft.warmup_steps < cfg.steps:
+      raise ValueError(f"Need finetune_optim.peak_lr > 0 and warmup_steps "
+                       f"in [0, steps={cfg.steps}), got "
+                       f"{cfg.finetune_optim.to_dict()}.")
   if not o.clip_norm > 0:
     raise ValueError(f"`optim.clip_norm` must be > 0, got {o.clip_norm}.")
   s = cfg.sparsity
@@ -127,9 +139,37 @@ def make_source(cfg):
         cfg.data.data_dir, seed=cfg.data.seed,
         start=cfg.data.get("start", "random"),
         passkey_prob=cfg.data.get("passkey_prob", 0.0),
-        passkey_digits=cfg.data.get("passkey_digits", 5))
+        passkey_digits=cfg.data.get("passkey_digits", 5),
+        passkey_answer_weight=cfg.data.get("passkey_answer_weight", 1.0))
   args = {k: v for k, v in cfg.data.to_dict().items() if k != "kind"}
   return synthetic_lm.SyntheticLM(**args)
+
+
+def finetune_config(cfg):
+  """`cfg` with `finetune_optim`'s fields over `optim`: the fine-tune phase.
+
+  The dense phase of finetune mode trains with `optim` as it is; the
+  fine-tune and its dense control start from that checkpoint with a fresh
+  optimizer of these settings (e.g. a lower peak_lr and short warmup).
+  """
+  with cfg.unlocked():
+    out = cfg.copy_and_resolve_references()
+  if "finetune_optim" in out:
+    out.optim.update(out.finetune_optim.to_dict())
+  return out
+
+
+def target_weights(source, index: int, cfg):
+  """f32 [batch, seq_len] loss weights of training batch `index`, or None.
+
+  None (plain mean cross-entropy) unless the text source weights passkey
+  answers (`data.passkey_answer_weight` != 1).
+  """
+  if cfg.data.get("passkey_answer_weight", 1.0) == 1.0 or not hasattr(
+      source, "target_weights"):
+    return None
+  return jnp.asarray(source.target_weights(
+      index, batch_size=cfg.batch_size, seq_len=cfg.seq_len))
 
 
 def make_optimizer(cfg, steps: int) -> optax.GradientTransformation:
@@ -145,17 +185,21 @@ def make_optimizer(cfg, steps: int) -> optax.GradientTransformation:
                   mask=decay_mask))
 
 
-def loss_and_sparsity(graphdef, params, tokens, threshold):
-  """Mean next-token cross-entropy and skip sparsity per layer.
+def loss_and_sparsity(graphdef, params, tokens, threshold, weights=None):
+  """Training objective, mean next-token cross-entropy, sparsity per layer.
 
-  tokens: int [batch, seq_len + 1]. Returns (f32 scalar, f32 [num_layers]).
+  tokens: int [batch, seq_len + 1]; weights: None or f32 [batch, seq_len]
+  per-target loss weights (`TextBatches.target_weights`). Returns
+  (objective = sum(weights * ce) / ce.size, or the mean ce without
+  weights, (mean ce, f32 [num_layers] sparsity)).
   """
   model = nnx.merge(graphdef, params)
   logits, stats = model(tokens[:, :-1], threshold=threshold,
                         return_stats=True)                 # [b, t, vocab]
-  loss = optax.softmax_cross_entropy_with_integer_labels(
-      logits, tokens[:, 1:]).mean()
-  return loss, jnp.stack([s.total_sparsity for s in stats])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+  loss = ce.mean()
+  objective = loss if weights is None else (ce * weights).mean()
+  return objective, (loss, jnp.stack([s.total_sparsity for s in stats]))
 
 
 # ------------------------------------------------------------------ threshold
@@ -263,16 +307,16 @@ def train(cfg, workdir: str, *, init_from: str = "", steps: int | None = None,
   start = int(state["step"])
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, tokens):
-    (loss, sparsity), grads = jax.value_and_grad(
+  def train_step(params, opt_state, tokens, weights):
+    (_, (loss, sparsity)), grads = jax.value_and_grad(
         loss_and_sparsity, argnums=1, has_aux=True)(graphdef, params, tokens,
-                                                    threshold)
+                                                    threshold, weights)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, sparsity
 
   @functools.partial(jax.jit, static_argnums=2)
   def eval_step(params, tokens, thr):
-    return loss_and_sparsity(graphdef, params, tokens, thr)
+    return loss_and_sparsity(graphdef, params, tokens, thr)[1]
 
   eval_batches = [jnp.asarray(source.batch(
       i, batch_size=cfg.batch_size, seq_len=cfg.seq_len, split="eval"))
@@ -293,8 +337,10 @@ def train(cfg, workdir: str, *, init_from: str = "", steps: int | None = None,
   for step in range(start + 1, steps + 1):
     tokens = jnp.asarray(source.batch(data_index, batch_size=cfg.batch_size,
                                       seq_len=cfg.seq_len))
+    weights = target_weights(source, data_index, cfg)
     data_index += 1
-    params, opt_state, loss, sparsity = train_step(params, opt_state, tokens)
+    params, opt_state, loss, sparsity = train_step(params, opt_state, tokens,
+                                                   weights)
     losses.append(loss)
     sparsities.append(sparsity)
     interval_tokens += tokens.shape[0] * (tokens.shape[1] - 1)
@@ -372,10 +418,12 @@ def main(argv):
     dense_cfg.mode = "dense"
     dense_log = train(dense_cfg, dense_dir, steps=cfg.dense_steps,
                       device=device)
-    sparse_log = train(cfg, finetune_dir, init_from=dense_dir, device=device)
+    ft_cfg = finetune_config(cfg)
+    sparse_log = train(ft_cfg, finetune_dir, init_from=dense_dir,
+                       device=device)
     # The control: as many more steps, dense, from the same checkpoint,
     # probed at the fine-tune's λ.
-    control_cfg = cfg.copy_and_resolve_references()
+    control_cfg = ft_cfg.copy_and_resolve_references()
     control_cfg.mode = "dense"
     control_log = train(control_cfg, os.path.join(cfg.workdir, "dense_control"),
                         init_from=dense_dir, device=device,
@@ -386,6 +434,9 @@ def main(argv):
         [dense_log, control_log, sparse_log],
         labels=["dense", "dense, continued", "sparse fine-tune"], path=png)
     print(f"plot written to {os.path.abspath(png)}")
+  elif cfg.mode == "finetune":
+    train(finetune_config(cfg), cfg.workdir, init_from=cfg.init_from,
+          device=device)
   else:
     train(cfg, cfg.workdir, init_from=cfg.init_from, device=device)
   print(f"done in {time.time() - t0:.0f} s")

@@ -355,6 +355,21 @@ def test_compare_finetune_root_at_equal_lambda(finetune_root, tmp_path):
   assert "dense_control" in text and "finetune λ=0.3" in text
 
 
+def test_block_q_override_shortens_the_tiles(finetune_root, tmp_path):
+  run = str(finetune_root / "dense")
+  model, record, _, _ = lm_eval.load_eval_model(
+      _eval_config(tmp_path, block_q=32), workdir=run)
+  assert lm_eval.model_tiles(model) == (32, 16)
+  assert record["block_q"] == 32 and record["trained_block_q"] == 16
+  model, record, _, _ = lm_eval.load_eval_model(_eval_config(tmp_path),
+                                                workdir=run)
+  assert lm_eval.model_tiles(model) == (16, 16) and record["block_q"] == 16
+  for bad in (8, 24):
+    with pytest.raises(ValueError, match="block_q"):
+      lm_eval.load_eval_model(_eval_config(tmp_path, block_q=bad),
+                              workdir=run)
+
+
 def test_compare_a_run_with_itself_is_identical(finetune_root, tmp_path):
   run = str(finetune_root / "finetune")
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")

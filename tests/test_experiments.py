@@ -184,6 +184,13 @@ def test_train_lm_small_finetune_reports_sparsity_and_plots(tmp_path):
   # would see on a model that never trained with it.
   control = json.loads((tmp_path / "dense_control" / "log.json").read_text())
   assert control["step_offset"] == 30 and control["mode"] == "dense"
+  # The dense phase trains with `optim`; the fine-tune and its control with
+  # `finetune_optim` over it.
+  cfg = dense["config"]
+  assert cfg["optim"]["peak_lr"] != cfg["finetune_optim"]["peak_lr"]
+  for log in (sparse, control):
+    assert log["config"]["optim"] == {**cfg["optim"],
+                                      **cfg["finetune_optim"]}
   assert [e["step"] for e in control["evals"]] == [
       e["step"] for e in sparse["evals"]]
   for e in control["evals"]:
@@ -210,12 +217,14 @@ def test_train_lm_small_on_text_learns_from_heldout_split(tmp_path):
   manifest = text_data.write_dataset(docs, str(data_dir), vocab_size=300,
                                      heldout_fraction=0.2)
   workdir = tmp_path / "run"
+  # Weighted passkey answers: the per-target weights path of the loss.
   run(["experiments/train_lm.py", "--config=configs/lm_small.py:small",
-       f"--config.workdir={workdir}", f"--config.data.data_dir={data_dir}"],
-      tmp_path)
+       f"--config.workdir={workdir}", f"--config.data.data_dir={data_dir}",
+       "--config.data.passkey_answer_weight=8.0"], tmp_path)
   log = json.loads((workdir / "log.json").read_text())
   # Passkey augmentation is on by default (and needs the tokenizer).
   assert log["config"]["data"]["passkey_prob"] > 0
+  assert log["config"]["data"]["passkey_answer_weight"] == 8.0
   assert log["data"]["vocab_size"] == manifest["vocab_size"]
   assert log["data"]["heldout_tokens"] == manifest["splits"]["heldout"][
       "num_tokens"]

@@ -369,6 +369,41 @@ def test_passkey_augmentation(dataset):
     text_data.TextBatches(out, passkey_prob=0.1, passkey_digits=0)
 
 
+def test_target_weights_mark_the_answer_of_passkey_rows(dataset):
+  out, _ = dataset
+  tok = text_data.load_tokenizer(out)
+  weight = float(np.random.default_rng(3).uniform(2.0, 500.0))
+  aug = text_data.TextBatches(out, seed=2, passkey_prob=0.5,
+                              passkey_answer_weight=weight)
+  seq_len, weighted_rows = 120, 0
+  for index in range(6):
+    x = aug.batch(index, batch_size=8, seq_len=seq_len)
+    w = aug.target_weights(index, batch_size=8, seq_len=seq_len)
+    assert w.shape == (8, seq_len) and w.dtype == np.float32
+    for row, plan, row_w in zip(x, aug.passkey_plan(index, 8), w):
+      if plan is None:
+        np.testing.assert_array_equal(row_w, 1.0)
+        continue
+      weighted_rows += 1
+      answer = text_data.passkey_parts(tok, plan["key"])[2]
+      heavy = np.flatnonzero(row_w != 1.0)
+      # Exactly the targets that are the answer's tokens (target j is
+      # token j + 1 of the row).
+      np.testing.assert_array_equal(
+          heavy, np.arange(seq_len - len(answer), seq_len))
+      np.testing.assert_array_equal(row[heavy + 1], answer)
+      np.testing.assert_allclose(row_w[heavy], weight)
+  assert weighted_rows > 0
+  np.testing.assert_array_equal(
+      aug.target_weights(0, batch_size=8, seq_len=seq_len, split="heldout"),
+      1.0)
+  unweighted = text_data.TextBatches(out, seed=2, passkey_prob=0.5)
+  np.testing.assert_array_equal(
+      unweighted.target_weights(0, batch_size=8, seq_len=seq_len), 1.0)
+  with pytest.raises(ValueError, match="passkey_answer_weight"):
+    text_data.TextBatches(out, passkey_prob=0.5, passkey_answer_weight=0.0)
+
+
 def test_passkey_template_shared_with_eval():
   lm_eval = pytest.importorskip("blasst_jax.lm_eval")
   assert lm_eval.NEEDLE == text_data.PASSKEY_NEEDLE

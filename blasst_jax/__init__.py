@@ -9,6 +9,7 @@
 from blasst_jax import analysis
 from blasst_jax import calibration
 from blasst_jax import reference
+from blasst_jax import sharding
 from blasst_jax import xattention
 from blasst_jax.api import attention
 from blasst_jax.api import default_implementation
@@ -31,5 +32,6 @@ __all__ = [
     "default_implementation",
     "paged_decode_attention",
     "reference",
+    "sharding",
     "xattention",
 ]

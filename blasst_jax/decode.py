@@ -154,7 +154,7 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
                      max_mode: str = DEFAULT_MAX_MODE,
                      implementation: str | None = None,
                      return_stats: bool = False, interpret: bool | None = None,
-                     kernel_config=None):
+                     kernel_config=None, return_lse: bool = False):
   """Skip-softmax attention of one new token against a contiguous KV cache.
 
   Args:
@@ -181,9 +181,14 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
     return_stats: also return a `DecodeStats`.
     interpret: run the Pallas kernel in interpret mode (default: off GPU).
     kernel_config: a `kernels.decode_triton.DecodeConfig`.
+    return_lse: return (out, lse) in place of out: lse f32 [batch, q_heads],
+      the natural-log log-sum-exp of the kept scores (-inf where none),
+      for merging results over parts of a cache
+      (`blasst_jax.sharding.decode_attention` with a context axis).
 
   Returns:
-    out with q's shape and dtype, or (out, DecodeStats).
+    out with q's shape and dtype, or (out, DecodeStats); out is (out, lse)
+    with return_lse.
 
   Raises:
     ValueError: on bad shapes, dtypes, lengths, thresholds or options.
@@ -203,7 +208,8 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
                  kv_lengths, threshold=threshold, sm_scale=sm_scale,
                  num_splits=num_splits, max_mode=max_mode,
                  implementation=implementation, return_stats=return_stats,
-                 interpret=interpret, kernel_config=kernel_config)
+                 interpret=interpret, kernel_config=kernel_config,
+                 return_lse=return_lse)
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
@@ -249,7 +255,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
 
 def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
             sm_scale, num_splits, max_mode, implementation, return_stats,
-            interpret, kernel_config):
+            interpret, kernel_config, return_lse: bool = False):
   q_shape = q.shape
   q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])       # [b, hq, d]
   b, hq, d = q.shape
@@ -276,7 +282,7 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
         q, gather(k_pages), gather(v_pages), kv_lengths, block_kv=block_kv,
         num_splits=num_splits, max_mode=max_mode, sm_scale=sm_scale,
         log_threshold=log_thr)
-    out = res.out
+    out, lse = res.out, res.lse                                 # lse [b, hq]
     skipped = jnp.sum(res.skip_mask, axis=-1, dtype=jnp.int32)   # [b, hkv]
     visited = jnp.sum(res.visited_mask, axis=-1, dtype=jnp.int32)
   else:
@@ -296,10 +302,13 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
         sm_scale=sm_scale, num_splits=num_splits, max_mode=max_mode,
         config=kernel_config, interpret=bool(interpret),
         skip_enabled=skip_enabled)
-    out = merge_partials(acc, m, l)[:, :, :group].reshape(b, hq, d)
-    out = out.astype(q.dtype)
+    out, lse = merge_partials(acc, m, l, return_lse=True)
+    out = out[:, :, :group].reshape(b, hq, d).astype(q.dtype)
+    lse = lse[:, :, :group].reshape(b, hq)
     skipped, visited = skipped.sum(axis=2), visited.sum(axis=2)  # [b, hkv]
   out = out.reshape(q_shape)
+  if return_lse:   # context parallelism merges shards by it
+    out = (out, lse)
   if not return_stats:
     return out
   itemsize = jnp.dtype(q.dtype).itemsize
@@ -313,7 +322,7 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
       bytes_read=jnp.sum(bytes_read.astype(jnp.float32), axis=1))
 
 
-def merge_partials(acc, m, l):
+def merge_partials(acc, m, l, *, return_lse: bool = False):
   """Combines split-K partials.
 
   Args:
@@ -321,13 +330,20 @@ def merge_partials(acc, m, l):
     m: f32 [..., splits, rows] row max (log2 units), -inf for a split that
       kept no key.
     l: f32 [..., splits, rows] row sums.
+    return_lse: also return the natural-log log-sum-exp of the kept scores.
 
   Returns:
-    f32 [..., rows, d]; rows with no kept key give 0.
+    f32 [..., rows, d]; rows with no kept key give 0. With return_lse also
+    f32 [..., rows] (-inf for those rows).
   """
   m_all = jnp.max(m, axis=-2, keepdims=True)
   m_all = jnp.where(m_all == -jnp.inf, 0.0, m_all)
   w = jnp.where(m == -jnp.inf, 0.0, jnp.exp2(m - m_all))         # [..., s, r]
   l_all = jnp.sum(w * l, axis=-2)
   acc_all = jnp.sum(w[..., None] * acc, axis=-3)
-  return acc_all / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+  out = acc_all / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+  if not return_lse:
+    return out
+  lse = jnp.where(l_all > 0, (m_all[..., 0, :] + jnp.log2(
+      jnp.where(l_all > 0, l_all, 1.0))) * jnp.log(2.0), -jnp.inf)
+  return out, lse

@@ -37,6 +37,7 @@ from flax import nnx
 
 from blasst_jax import api
 from blasst_jax import decode as decode_lib
+from blasst_jax import sharding as sharding_lib
 from blasst_jax import config as config_lib
 from blasst_jax.config import SkipSoftmaxConfig, SkipStats
 
@@ -243,6 +244,7 @@ class SkipSelfAttention(nnx.Module):
                param_dtype=jnp.float32, interpret: bool | None = None,
                kernel_config=None, rope: bool = False,
                rope_base: float = 10000.0, rope_scale: float = 1.0,
+               mesh=None, batch_axis=None, head_axis=None,
                rngs: nnx.Rngs):
     """Builds the layer.
 
@@ -266,6 +268,11 @@ class SkipSelfAttention(nnx.Module):
       rope_scale: RoPE position interpolation, positions / rope_scale (1:
         none); an attribute that may be changed after training to read
         longer contexts.
+      mesh, batch_axis, head_axis: with a `jax.sharding.Mesh`, attention
+        and decode run sharded (`blasst_jax.sharding`): the batch over
+        `batch_axis`, the heads over `head_axis` (None: not sharded); the
+        projection kernels are annotated (`nnx.with_partitioning`) to shard
+        their head dimension over `head_axis`.
       rngs: initialisation randomness.
 
     Raises:
@@ -312,15 +319,31 @@ class SkipSelfAttention(nnx.Module):
     self.rope = bool(rope)
     self.rope_base = float(rope_base)
     self.rope_scale = float(rope_scale)
+    if mesh is not None:
+      sharding_lib.check_mesh(mesh, batch_axis=batch_axis,
+                              head_axis=head_axis)
+      heads = sharding_lib.axis_size(mesh, head_axis)
+      if num_kv_heads % heads:
+        raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide by the "
+                         f"size of `head_axis` ({heads}).")
+    self.mesh = mesh
+    self.batch_axis = batch_axis
+    self.head_axis = head_axis
 
-    def linear(fin, fout):
+    def linear(fin, fout, names):
+      extra = {}
+      if mesh is not None:   # [in, out] kernel: the head side on head_axis
+        extra["kernel_init"] = nnx.with_partitioning(
+            nnx.nn.linear.default_kernel_init, names,
+            mesh=sharding_lib.auto_mesh(mesh))
       return nnx.Linear(fin, fout, use_bias=use_bias, dtype=dtype,
-                        param_dtype=param_dtype, rngs=rngs)
+                        param_dtype=param_dtype, rngs=rngs, **extra)
 
-    self.q_proj = linear(in_features, num_heads * head_dim)
-    self.k_proj = linear(in_features, num_kv_heads * head_dim)
-    self.v_proj = linear(in_features, num_kv_heads * head_dim)
-    self.out_proj = linear(num_heads * head_dim, in_features)
+    heads_out, heads_in = (None, head_axis), (head_axis, None)
+    self.q_proj = linear(in_features, num_heads * head_dim, heads_out)
+    self.k_proj = linear(in_features, num_kv_heads * head_dim, heads_out)
+    self.v_proj = linear(in_features, num_kv_heads * head_dim, heads_out)
+    self.out_proj = linear(num_heads * head_dim, in_features, heads_in)
 
   def project_qkv(self, x, positions=None):
     """x [batch, seq_len, in_features] -> q, k, v in the attention layout.
@@ -374,13 +397,18 @@ class SkipSelfAttention(nnx.Module):
                    sm_scale=None, block_q=self.block_q,
                    block_kv=self.block_kv, threshold=threshold)
     block_mask = None if block_selector is None else block_selector(q, k)
-    result = api.attention(
+    attention, where = api.attention, {}
+    if self.mesh is not None:
+      attention = sharding_lib.attention
+      where = dict(mesh=self.mesh, batch_axis=self.batch_axis,
+                   head_axis=self.head_axis)
+    result = attention(
         q, k, v, threshold=threshold, causal=self.causal,
         kv_lengths=kv_lengths, block_mask=block_mask,
         implementation=self.implementation,
         return_stats=return_stats, block_q=self.block_q,
         block_kv=self.block_kv, interpret=self.interpret,
-        kernel_config=self.kernel_config)
+        kernel_config=self.kernel_config, **where)
     out, stats = result if return_stats else (result, None)
     b, t = x.shape[:2]
     y = self.out_proj(out.reshape(b, t, self.num_heads * self.head_dim))
@@ -429,12 +457,17 @@ class SkipSelfAttention(nnx.Module):
     self.cache_lengths[...] = lengths
     threshold = self.threshold if threshold is None else threshold
     impl = self.implementation
-    result = decode_lib.decode_attention(
+    decode, where = decode_lib.decode_attention, {}
+    if self.mesh is not None:
+      decode = sharding_lib.decode_attention
+      where = dict(mesh=self.mesh, batch_axis=self.batch_axis,
+                   head_axis=self.head_axis)
+    result = decode(
         q.astype(self.k_cache[...].dtype), self.k_cache[...],
         self.v_cache[...], lengths, threshold=threshold,
         num_splits=num_splits, max_mode=max_mode,
         implementation=None if impl == "pallas_mosaic" else impl,
-        return_stats=return_stats, interpret=self.interpret)
+        return_stats=return_stats, interpret=self.interpret, **where)
     out, stats = result if return_stats else (result, None)
     y = self.out_proj(out.reshape(b, 1, self.num_heads * self.head_dim)
                       .astype(x.dtype))

@@ -1,9 +1,16 @@
-"""Test setup: the `gpu` marker, and hypothesis profiles."""
+"""Test setup: 8 CPU devices, the `gpu` marker, hypothesis profiles."""
 
 import os
 
-import hypothesis
-import jax
+# Eight host devices for the sharding tests (tests/test_sharding.py); set
+# before jax starts. One device stays the default for every other test.
+if "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8")
+
+import hypothesis  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
 import pytest
 
 # Numerics tests compare against f32 oracles: keep XLA's dots exact on CPU.

@@ -1,0 +1,299 @@
+"""Skip-softmax attention on inputs sharded over a `jax.sharding.Mesh`.
+
+Batch and head sharding need no communication: each device holds whole
+sequences of some (batch, head) pairs, so the kernel runs per shard inside
+`jax.shard_map` and its skip decisions are the single-device ones (a
+block's running max never crosses a batch row or a head).
+
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    out, stats = bj.sharding.attention(
+        q, k, v, mesh=mesh, batch_axis="data", head_axis="model",
+        threshold=1e-2, causal=True, return_stats=True)
+
+Head sharding cuts q heads and KV heads into the same number of contiguous
+chunks, so every GQA group stays on one device: kv_heads must divide by the
+head axis size. Works under `jax.jit` and `jax.grad` (the kernels' own VJP
+runs per shard).
+
+Decode can also shard the cache's positions (`context_axis`): each device
+attends over its part and the parts are merged by log-sum-exp
+(`merge_by_lse`); each part skips against its own running max, like one
+split of split-K.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from blasst_jax import api
+from blasst_jax import config as config_lib
+from blasst_jax import decode as decode_lib
+from blasst_jax.config import SkipStats
+
+AxisName = str | tuple[str, ...] | None
+
+
+def _names(axis: AxisName) -> tuple[str, ...]:
+  if axis is None:
+    return ()
+  return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def axis_size(mesh: Mesh, axis: AxisName) -> int:
+  """Devices along a mesh axis or tuple of axes (1 for None)."""
+  size = 1
+  for name in _names(axis):
+    size *= mesh.shape[name]
+  return size
+
+
+def check_mesh(mesh, **axes: AxisName) -> None:
+  """ValueError unless `mesh` is a Mesh holding every named axis once."""
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"`mesh` must be a jax.sharding.Mesh (e.g. "
+                     f"jax.make_mesh((2, 4), ('data', 'model'))), got "
+                     f"{type(mesh).__name__}.")
+  used = []
+  for arg, axis in axes.items():
+    for name in _names(axis):
+      if name not in mesh.axis_names:
+        raise ValueError(f"`{arg}` {name!r} is not an axis of the mesh "
+                         f"{tuple(mesh.axis_names)}.")
+      if name in used:
+        raise ValueError(f"Mesh axis {name!r} is named twice: shard each "
+                         "array dimension over different axes.")
+      used.append(name)
+
+
+def _check_divides(size: int, n: int, what: str, axis_arg: str) -> None:
+  if size % n:
+    raise ValueError(f"{what} ({size}) must divide by the size of "
+                     f"`{axis_arg}` ({n}): pad it, or shard over a smaller "
+                     "mesh axis.")
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+  """`mesh` with every axis of type Auto (XLA reshards inputs as needed)."""
+  return Mesh(mesh.devices, mesh.axis_names,
+              axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def _run_sharded(body, mesh: Mesh, in_specs, out_specs, *args):
+  """`jax.shard_map(body)(*args)`, the inputs laid out as `in_specs` first.
+
+  Inside a `jax.set_mesh` context with Explicit axes the inputs are
+  resharded on that mesh; otherwise the map runs on an Auto-axes copy of
+  `mesh`, which reshards whatever layout the inputs have.
+  """
+  context = jax.sharding.get_abstract_mesh()
+  explicit = not context.empty and any(
+      t == AxisType.Explicit for t in context.axis_types)
+  if explicit:
+    args = tuple(jax.reshard(x, spec) for x, spec in zip(args, in_specs))
+  else:
+    mesh = auto_mesh(mesh)
+  # check_vma=False: the kernels' loop carries start as per-device
+  # constants, which the varying-axes type check would reject.
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                       out_specs=out_specs, check_vma=False)(*args)
+
+
+def _split_threshold(threshold, batch: int):
+  """(per-row array or None, the static rest): an array λ [batch] is
+  sharded with the batch; a float or SkipSoftmaxConfig is passed as is."""
+  if isinstance(threshold, (jax.Array, jnp.ndarray)) and jnp.ndim(
+      threshold) == 1:
+    if threshold.shape[0] != batch:
+      raise ValueError(f"`threshold` array must have shape [batch={batch}], "
+                       f"got {threshold.shape}.")
+    return threshold, None
+  return None, threshold
+
+
+def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
+              head_axis: AxisName = None, threshold=0.0, kv_lengths=None,
+              block_mask=None, return_stats: bool = False, **kwargs: Any):
+  """`bj.attention` with batch and/or heads sharded over mesh axes.
+
+  Args:
+    q: [batch, q_len, q_heads, head_dim].
+    k, v: [batch, kv_len, kv_heads, head_dim].
+    mesh: the device mesh.
+    batch_axis: mesh axis (or tuple of axes) the batch is sharded over, or
+      None.
+    head_axis: mesh axis (or axes) the heads are sharded over, or None;
+      q_heads and kv_heads must divide by its size.
+    threshold: as `bj.attention`; an f32 [batch] array is sharded with the
+      batch.
+    kv_lengths: optional int [batch].
+    block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks].
+    return_stats: also return a `SkipStats` (global shapes [batch, q_heads]).
+    **kwargs: the other `bj.attention` arguments (causal, sm_scale,
+      implementation, block_q, block_kv, interpret, kernel_config).
+
+  Returns:
+    out [batch, q_len, q_heads, head_dim] sharded as q, or (out, SkipStats).
+    Equal to `bj.attention` on one device, skip decisions included.
+
+  Raises:
+    ValueError: for a mesh without the named axes, an axis named twice,
+      sizes that do not divide, or anything `bj.attention` rejects.
+  """
+  check_mesh(mesh, batch_axis=batch_axis, head_axis=head_axis)
+  b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
+  nb, nh = axis_size(mesh, batch_axis), axis_size(mesh, head_axis)
+  _check_divides(b, nb, "The batch", "batch_axis")
+  _check_divides(hq, nh, "q_heads", "head_axis")
+  _check_divides(hkv, nh, "kv_heads", "head_axis")
+  thr_array, thr_static = _split_threshold(threshold, b)
+  qkv_spec = P(batch_axis, None, head_axis, None)
+  row_spec = P(batch_axis)
+  head_spec = P(batch_axis, head_axis)
+  mask_spec = P(batch_axis, head_axis, None, None)
+  # Optional inputs travel as a tuple so shard_map sees arrays only.
+  extras = {name: (x, spec) for name, x, spec in (
+      ("threshold", thr_array, row_spec),
+      ("kv_lengths", kv_lengths, row_spec),
+      ("block_mask", block_mask, mask_spec)) if x is not None}
+  names = tuple(extras)
+
+  def body(q, k, v, *extra):
+    opts = dict(zip(names, extra))
+    if "threshold" not in opts:
+      opts["threshold"] = thr_static
+    out, stats = api.attention(q, k, v, return_stats=True, **opts, **kwargs)
+    masked = (stats.masked_blocks if stats.masked_blocks is not None else
+              jnp.zeros_like(stats.skipped_blocks))
+    return out, stats.skipped_blocks, stats.visited_blocks, masked
+
+  out, skipped, visited, masked = _run_sharded(
+      body, mesh,
+      (qkv_spec, qkv_spec, qkv_spec) + tuple(
+          spec for _, spec in extras.values()),
+      (qkv_spec, head_spec, head_spec, head_spec),
+      q, k, v, *(x for x, _ in extras.values()))
+  if not return_stats:
+    return out
+  return out, SkipStats(skipped_blocks=skipped, visited_blocks=visited,
+                        masked_blocks=masked if block_mask is not None
+                        else None)
+
+
+def merge_by_lse(out, lse, axis_name: AxisName):
+  """Softmax-merges partial attention results held along a mesh axis.
+
+  Inside `shard_map`: each device holds attention over its part of the
+  keys, `out` f32 [..., d] (normalized over that part) and `lse` [...] (its
+  natural-log log-sum-exp; -inf where it kept no key). Returns f32 [..., d],
+  attention over all the parts (0 where no part kept a key).
+  """
+  outs = jax.lax.all_gather(out.astype(jnp.float32), axis_name)  # [n, ..., d]
+  lses = jax.lax.all_gather(lse, axis_name)                       # [n, ...]
+  m = jnp.max(lses, axis=0)
+  m = jnp.where(m == -jnp.inf, 0.0, m)
+  w = jnp.where(lses == -jnp.inf, 0.0, jnp.exp(lses - m))
+  total = jnp.sum(w, axis=0)
+  merged = jnp.sum(w[..., None] * outs, axis=0)
+  return merged / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
+                     batch_axis: AxisName = None, head_axis: AxisName = None,
+                     context_axis: AxisName = None, threshold=0.0,
+                     return_stats: bool = False, **kwargs: Any):
+  """`bj.decode_attention` with the batch, heads and/or cache sharded.
+
+  Args:
+    q: [batch, q_heads, head_dim] or [batch, 1, q_heads, head_dim].
+    k_cache, v_cache: [batch, max_len, kv_heads, head_dim].
+    kv_lengths: int [batch].
+    mesh, batch_axis, head_axis: as `attention`.
+    context_axis: mesh axis (or axes) the cache's positions are sharded
+      over (context parallelism), or None. Each device attends over its
+      max_len / n positions (skipping against its own running max, as one
+      split of split-K: more devices skip less) and the parts are merged by
+      their log-sum-exp. λ is resolved from the whole sequence's length.
+    threshold: as `bj.decode_attention`; an f32 [batch] array is sharded
+      with the batch.
+    return_stats: also return a `DecodeStats` (counts and bytes_read summed
+      over the head and context shards).
+    **kwargs: the other `bj.decode_attention` arguments (sm_scale,
+      block_kv, num_splits, max_mode, implementation, interpret,
+      kernel_config); num_splits and max_mode apply within each part.
+
+  Returns:
+    out with q's shape, or (out, DecodeStats). Without a context axis equal
+    to one device's; with one equal to one device's split-K over the same
+    parts (e.g. full-length rows, num_splits=1 per part and max_mode
+    "split" match one device's num_splits = n).
+
+  Raises:
+    ValueError: as `attention`, a max_len that does not divide by the
+      context axis size, or anything `bj.decode_attention` rejects.
+  """
+  check_mesh(mesh, batch_axis=batch_axis, head_axis=head_axis,
+             context_axis=context_axis)
+  b, max_len, hkv = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+  hq = q.shape[-2]
+  nb, nh = axis_size(mesh, batch_axis), axis_size(mesh, head_axis)
+  nc = axis_size(mesh, context_axis)
+  _check_divides(b, nb, "The batch", "batch_axis")
+  _check_divides(hq, nh, "q_heads", "head_axis")
+  _check_divides(hkv, nh, "kv_heads", "head_axis")
+  _check_divides(max_len, nc, "The cache length max_len", "context_axis")
+  thr_array, thr_static = _split_threshold(threshold, b)
+  if context_axis is not None:
+    # λ from the whole sequence (a scale factor divides by its length).
+    thr_array = config_lib.resolve_threshold(
+        threshold, jnp.asarray(kv_lengths, jnp.int32), max_len, b,
+        phase="decode") if thr_array is None else thr_array
+    thr_array = jnp.broadcast_to(thr_array, (b,))
+  q_spec = (P(batch_axis, head_axis, None) if q.ndim == 3 else
+            P(batch_axis, None, head_axis, None))
+  cache_spec = P(batch_axis, context_axis, head_axis, None)
+  row_spec = P(batch_axis)
+  head_spec = P(batch_axis, head_axis)
+  summed = _names(head_axis) + _names(context_axis)
+
+  def body(q, k_cache, v_cache, kv_lengths, *thr):
+    threshold = thr[0] if thr else thr_static
+    if context_axis is None:
+      out, stats = decode_lib.decode_attention(
+          q, k_cache, v_cache, kv_lengths, return_stats=True,
+          threshold=threshold, **kwargs)
+    else:
+      part = k_cache.shape[1]
+      start = jax.lax.axis_index(context_axis) * part
+      local = jnp.clip(kv_lengths - start, 0, part).astype(jnp.int32)
+      (out, lse), stats = decode_lib.decode_attention(
+          q, k_cache, v_cache, local, return_stats=True, return_lse=True,
+          threshold=threshold, **kwargs)
+      rows = out.reshape(out.shape[0], out.shape[-2], out.shape[-1])
+      out = merge_by_lse(rows, lse, context_axis).reshape(out.shape)
+      out = out.astype(q.dtype)
+    skipped, visited = stats.skipped_blocks, stats.visited_blocks
+    bytes_read = stats.bytes_read
+    if context_axis is not None:
+      skipped = jax.lax.psum(skipped, context_axis)
+      visited = jax.lax.psum(visited, context_axis)
+    if summed:      # each shard read its own heads' / positions' blocks
+      bytes_read = jax.lax.psum(bytes_read, summed)
+    return out, skipped, visited, bytes_read
+
+  thr_args = () if thr_array is None else (thr_array,)
+  out, skipped, visited, bytes_read = _run_sharded(
+      body, mesh,
+      (q_spec, cache_spec, cache_spec, row_spec) + (row_spec,) * len(thr_args),
+      (q_spec, head_spec, head_spec, row_spec),
+      q, k_cache, v_cache, kv_lengths, *thr_args)
+  if not return_stats:
+    return out
+  return out, decode_lib.DecodeStats(skipped_blocks=skipped,
+                                     visited_blocks=visited,
+                                     bytes_read=bytes_read)

@@ -1,0 +1,264 @@
+"""Sharded skip-softmax attention equals one device's, stats included.
+
+CPU runs these on 8 host devices (tests/conftest.py sets
+--xla_force_host_platform_device_count=8 before jax starts).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import blasst_jax as bj
+from blasst_jax import patterns
+from blasst_jax import sharding
+
+pytestmark = pytest.mark.skipif(
+    len(jax.devices()) < 8, reason="needs 8 devices (XLA_FLAGS="
+    "--xla_force_host_platform_device_count=8 on CPU)")
+
+# (batch_axis, head_axis) over a 2 x 4 ("data", "model") mesh.
+LAYOUTS = [("data", None), (None, "model"), ("data", "model"),
+           (("data", "model"), None), (None, ("model", "data"))]
+
+
+def _mesh():
+  return jax.make_mesh((2, 4), ("data", "model"), devices=jax.devices()[:8])
+
+
+def _inputs(seed, *, batch=8, seq_len=96, q_heads=8, kv_heads=8,
+            head_dim=32):
+  q, k, v = patterns.sink_local_qkv(
+      jax.random.PRNGKey(seed), batch=batch, seq_len=seq_len,
+      q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, window=24,
+      sharpness=(4.0, 12.0, 20.0))
+  return q, k, v
+
+
+def _assert_stats_equal(a, b):
+  np.testing.assert_array_equal(a.skipped_blocks, b.skipped_blocks)
+  np.testing.assert_array_equal(a.visited_blocks, b.visited_blocks)
+  if b.masked_blocks is None:
+    assert a.masked_blocks is None
+  else:
+    np.testing.assert_array_equal(a.masked_blocks, b.masked_blocks)
+
+
+@pytest.mark.parametrize("batch_axis,head_axis", LAYOUTS)
+def test_prefill_sharded_equals_one_device(batch_axis, head_axis):
+  q, k, v = _inputs(0)
+  rng = np.random.default_rng(1)
+  kv_lengths = jnp.asarray(rng.integers(40, 97, size=8), jnp.int32)
+  opts = dict(causal=True, threshold=0.05, kv_lengths=kv_lengths,
+              block_q=16, block_kv=16, implementation="reference")
+  want, want_stats = bj.attention(q, k, v, return_stats=True, **opts)
+  assert float(want_stats.total_sparsity) > 0.05   # something to compare
+  mesh = _mesh()
+  fn = jax.jit(lambda q, k, v: sharding.attention(
+      q, k, v, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis,
+      return_stats=True, **opts))
+  got, stats = fn(q, k, v)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  _assert_stats_equal(stats, want_stats)
+  spec = P(batch_axis, None, head_axis, None)
+  assert got.sharding.is_equivalent_to(NamedSharding(mesh, spec), got.ndim)
+
+
+def test_prefill_gqa_threshold_array_block_mask_and_grad():
+  q, k, v = _inputs(2, q_heads=8, kv_heads=4)
+  rng = np.random.default_rng(3)
+  thr = jnp.asarray(rng.choice([0.0, 0.01, 0.1], size=8), jnp.float32)
+  block_mask = jnp.asarray(rng.random((8, 8, 6, 6)) < 0.7)
+  opts = dict(causal=False, threshold=thr, block_mask=block_mask,
+              implementation="reference")
+  want, want_stats = bj.attention(q, k, v, return_stats=True, **opts)
+  mesh = _mesh()
+  got, stats = sharding.attention(q, k, v, mesh=mesh, batch_axis="data",
+                                  head_axis="model", return_stats=True,
+                                  **opts)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  _assert_stats_equal(stats, want_stats)
+  assert stats.masked_blocks is not None and int(
+      jnp.sum(stats.masked_blocks)) > 0
+
+  w = jax.random.normal(jax.random.PRNGKey(4), q.shape)
+  def loss(f):
+    return lambda q, k, v: jnp.sum(w * f(q, k, v))
+  one = loss(lambda q, k, v: bj.attention(q, k, v, **opts))
+  many = loss(lambda q, k, v: sharding.attention(
+      q, k, v, mesh=mesh, batch_axis="data", head_axis="model", **opts))
+  g_want = jax.grad(one, argnums=(0, 1, 2))(q, k, v)
+  g_got = jax.jit(jax.grad(many, argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_prefill_pallas_kernel_per_shard():
+  q, k, v = _inputs(5, batch=2, seq_len=64, q_heads=4, kv_heads=4)
+  opts = dict(causal=True, threshold=0.05, block_q=16, block_kv=16,
+              implementation="pallas_triton", interpret=True)
+  want, want_stats = bj.attention(q, k, v, return_stats=True, **opts)
+  got, stats = sharding.attention(q, k, v, mesh=_mesh(), batch_axis="data",
+                                  head_axis="model", return_stats=True,
+                                  **opts)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  _assert_stats_equal(stats, want_stats)
+
+
+@pytest.mark.parametrize("batch_axis,head_axis", LAYOUTS[:3])
+@pytest.mark.parametrize("q_rank", [3, 4])
+def test_decode_sharded_equals_one_device(batch_axis, head_axis, q_rank):
+  rng = np.random.default_rng(6)
+  b, max_len, hq, hkv, d = 8, 200, 8, 4, 32
+  _, k, v = _inputs(7, batch=b, seq_len=max_len, q_heads=hq, kv_heads=hkv,
+                    head_dim=d)
+  q = jax.random.normal(jax.random.PRNGKey(8), (b, hq, d)) * 3.0
+  if q_rank == 4:
+    q = q[:, None]
+  kv_lengths = jnp.asarray(rng.integers(1, max_len + 1, size=b), jnp.int32)
+  opts = dict(threshold=0.1, block_kv=16, num_splits=3,
+              implementation="reference")
+  want, want_stats = bj.decode_attention(q, k, v, kv_lengths,
+                                         return_stats=True, **opts)
+  assert int(jnp.sum(want_stats.skipped_blocks)) > 0
+  got, stats = jax.jit(lambda *a: sharding.decode_attention(
+      *a, mesh=_mesh(), batch_axis=batch_axis, head_axis=head_axis,
+      return_stats=True, **opts))(q, k, v, kv_lengths)
+  assert got.shape == q.shape
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  _assert_stats_equal(stats, want_stats)
+  np.testing.assert_allclose(stats.bytes_read, want_stats.bytes_read)
+
+
+def test_errors_name_the_argument():
+  q, k, v = _inputs(9, q_heads=8, kv_heads=2)
+  mesh = _mesh()
+  with pytest.raises(ValueError, match="kv_heads.*head_axis"):
+    sharding.attention(q, k, v, mesh=mesh, head_axis="model")
+  with pytest.raises(ValueError, match="batch_axis.*'rows'"):
+    sharding.attention(q, k, v, mesh=mesh, batch_axis="rows")
+  with pytest.raises(ValueError, match="named twice"):
+    sharding.attention(q, k, v, mesh=mesh, batch_axis="data",
+                       head_axis="data")
+  with pytest.raises(ValueError, match="mesh"):
+    sharding.attention(q, k, v, mesh=None, batch_axis="data")
+  q3, k3, v3 = _inputs(9, batch=3)
+  with pytest.raises(ValueError, match="batch.*batch_axis"):
+    sharding.attention(q3, k3, v3, mesh=mesh, batch_axis="data")
+  with pytest.raises(ValueError, match="threshold"):
+    sharding.attention(q, k, v, mesh=mesh, batch_axis="data",
+                       threshold=jnp.zeros((3,)))
+
+
+def test_inside_set_mesh_with_sharded_inputs():
+  q, k, v = _inputs(10, batch=4, seq_len=64, q_heads=4, kv_heads=4)
+  opts = dict(causal=True, threshold=0.05, block_q=16, block_kv=16,
+              implementation="reference")
+  want = bj.attention(q, k, v, **opts)
+  mesh = _mesh()
+  with jax.set_mesh(mesh):   # Explicit axes: inputs carry their layout
+    placed = [jax.device_put(x, NamedSharding(mesh, P(None, "data")))
+              for x in (q, k, v)]
+    got = jax.jit(lambda q, k, v: sharding.attention(
+        q, k, v, mesh=mesh, batch_axis="data", head_axis="model",
+        **opts))(*placed)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_flax_layer_with_mesh_matches_unsharded_and_annotates_kernels():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from blasst_jax import nn  # pylint: disable=g-import-not-at-top
+  mesh = _mesh()
+  common = dict(num_kv_heads=4, threshold=0.1, block_q=16, block_kv=16,
+                implementation="reference", rope=True)
+  plain = nn.SkipSelfAttention(8, 64, rngs=nnx.Rngs(0), **common)
+  sharded = nn.SkipSelfAttention(8, 64, rngs=nnx.Rngs(0), mesh=mesh,
+                                 batch_axis="data", head_axis="model",
+                                 **common)
+  # Same initialisation; the kernels carry the head axis annotation.
+  np.testing.assert_array_equal(plain.q_proj.kernel[...],
+                                sharded.q_proj.kernel[...])
+  assert sharded.q_proj.kernel[...].sharding.spec == P(None, "model")
+  assert sharded.out_proj.kernel[...].sharding.spec == P("model", None)
+  x = jax.random.normal(jax.random.PRNGKey(11), (4, 48, 64)) * 4.0
+  want, want_stats = plain(x, return_stats=True)
+  got, stats = sharded(x, return_stats=True)
+  # The out projection contracts over sharded heads: a different sum order.
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+  _assert_stats_equal(stats, want_stats)
+  for layer in (plain, sharded):     # one decode step after a short prompt
+    layer.init_cache(4, 64)
+    for t in range(3):
+      y = layer.decode(x[:, t:t + 1])
+    layer.last = y
+  np.testing.assert_allclose(sharded.last, plain.last, atol=2e-4, rtol=2e-4)
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    nn.SkipSelfAttention(8, 64, num_kv_heads=2, mesh=mesh,
+                         head_axis="model", rngs=nnx.Rngs(0))
+
+
+def _decode_inputs(seed, *, b=4, max_len=256, hq=8, hkv=4, d=32):
+  _, k, v = _inputs(seed, batch=b, seq_len=max_len, q_heads=hq,
+                    kv_heads=hkv, head_dim=d)
+  q = jax.random.normal(jax.random.PRNGKey(seed + 1), (b, hq, d)) * 3.0
+  return q, k, v
+
+
+@pytest.mark.parametrize("batch_axis,head_axis,context_axis", [
+    (None, None, "model"), ("data", None, "model"), (None, "data", "model"),
+    (None, None, ("data", "model"))])
+def test_context_parallel_decode_dense_equals_one_device(
+    batch_axis, head_axis, context_axis):
+  q, k, v = _decode_inputs(12)
+  kv_lengths = jnp.asarray([256, 1, 100, 37], jnp.int32)   # ragged, short
+  opts = dict(block_kv=16, implementation="reference")
+  want, want_stats = bj.decode_attention(q, k, v, kv_lengths, threshold=0.0,
+                                         return_stats=True, **opts)
+  got, stats = jax.jit(lambda *a: sharding.decode_attention(
+      *a, mesh=_mesh(), batch_axis=batch_axis, head_axis=head_axis,
+      context_axis=context_axis, threshold=0.0, return_stats=True,
+      **opts))(q, k, v, kv_lengths)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  _assert_stats_equal(stats, want_stats)
+  np.testing.assert_allclose(stats.bytes_read, want_stats.bytes_read)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_context_parallel_decode_skips_as_split_k(implementation):
+  # Full rows: the 4 parts are exactly one device's 4 splits ("split" mode:
+  # each part skips against its own running max).
+  b, max_len = 2, 128
+  q, k, v = _decode_inputs(14, b=b, max_len=max_len, hq=4, hkv=2)
+  kv_lengths = jnp.full((b,), max_len, jnp.int32)
+  opts = dict(block_kv=16, max_mode="split", implementation=implementation)
+  if implementation == "pallas_triton":
+    opts["interpret"] = True
+  want, want_stats = bj.decode_attention(
+      q, k, v, kv_lengths, threshold=0.2, num_splits=4, return_stats=True,
+      **{**opts, "implementation": "reference"})
+  assert int(jnp.sum(want_stats.skipped_blocks)) > 0
+  got, stats = sharding.decode_attention(
+      q, k, v, kv_lengths, mesh=_mesh(), context_axis="model",
+      threshold=0.2, num_splits=1, return_stats=True, **opts)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  _assert_stats_equal(stats, want_stats)
+  # A scale-factor config takes λ from the whole sequence, not the part.
+  cfg = bj.SkipSoftmaxConfig(threshold_scale_factor={"prefill": 1.0,
+                                                     "decode": 0.2 * max_len})
+  got_cfg = sharding.decode_attention(
+      q, k, v, kv_lengths, mesh=_mesh(), context_axis="model",
+      threshold=cfg, num_splits=1, **opts)
+  np.testing.assert_allclose(got_cfg, want, atol=1e-5, rtol=1e-5)
+
+
+def test_context_axis_errors():
+  q, k, v = _decode_inputs(16, max_len=90)
+  with pytest.raises(ValueError, match="max_len.*context_axis"):
+    sharding.decode_attention(q, k, v, jnp.full((4,), 90, jnp.int32),
+                              mesh=_mesh(), context_axis="model")
+  with pytest.raises(ValueError, match="named twice"):
+    sharding.decode_attention(q, k, v, jnp.full((4,), 90, jnp.int32),
+                              mesh=_mesh(), batch_axis="model",
+                              context_axis="model")

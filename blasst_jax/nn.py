@@ -345,6 +345,14 @@ class SkipSelfAttention(nnx.Module):
     self.v_proj = linear(in_features, num_kv_heads * head_dim, heads_out)
     self.out_proj = linear(num_heads * head_dim, in_features, heads_in)
 
+  def _placed(self, one_device, sharded):
+    """(the attention function to call, its mesh arguments): `sharded`
+    with this layer's mesh and axes when it has a mesh."""
+    if self.mesh is None:
+      return one_device, {}
+    return sharded, dict(mesh=self.mesh, batch_axis=self.batch_axis,
+                         head_axis=self.head_axis)
+
   def project_qkv(self, x, positions=None):
     """x [batch, seq_len, in_features] -> q, k, v in the attention layout.
 
@@ -397,11 +405,7 @@ class SkipSelfAttention(nnx.Module):
                    sm_scale=None, block_q=self.block_q,
                    block_kv=self.block_kv, threshold=threshold)
     block_mask = None if block_selector is None else block_selector(q, k)
-    attention, where = api.attention, {}
-    if self.mesh is not None:
-      attention = sharding_lib.attention
-      where = dict(mesh=self.mesh, batch_axis=self.batch_axis,
-                   head_axis=self.head_axis)
+    attention, where = self._placed(api.attention, sharding_lib.attention)
     result = attention(
         q, k, v, threshold=threshold, causal=self.causal,
         kv_lengths=kv_lengths, block_mask=block_mask,
@@ -457,11 +461,8 @@ class SkipSelfAttention(nnx.Module):
     self.cache_lengths[...] = lengths
     threshold = self.threshold if threshold is None else threshold
     impl = self.implementation
-    decode, where = decode_lib.decode_attention, {}
-    if self.mesh is not None:
-      decode = sharding_lib.decode_attention
-      where = dict(mesh=self.mesh, batch_axis=self.batch_axis,
-                   head_axis=self.head_axis)
+    decode, where = self._placed(decode_lib.decode_attention,
+                                 sharding_lib.decode_attention)
     result = decode(
         q.astype(self.k_cache[...].dtype), self.k_cache[...],
         self.v_cache[...], lengths, threshold=threshold,

@@ -200,7 +200,8 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
               sm_scale: float | None = None, kv_lengths=None, block_mask=None,
               implementation: str | None = None, return_stats: bool = False,
               block_q: int | None = None, block_kv: int | None = None,
-              interpret: bool | None = None, kernel_config=None):
+              interpret: bool | None = None, kernel_config=None,
+              return_lse: bool = False):
   """Skip-softmax attention (prefill).
 
   Args:
@@ -240,9 +241,14 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       GPU interpret mode (barriers and TMA simulated on CPU; slow).
     kernel_config: implementation-specific speed knobs, e.g.
       `blasst_jax.kernels.pallas_triton.TritonConfig`.
+    return_lse: return (out, lse) in place of out: lse f32 [batch, q_heads,
+      q_len], the natural-log log-sum-exp of each row's kept scores (-inf
+      for rows that kept none), to merge results over parts of the keys
+      (`blasst_jax.sharding`). The Pallas kernels give no gradient with it.
 
   Returns:
-    out [batch, q_len, q_heads, head_dim] in q's dtype, or (out, SkipStats).
+    out [batch, q_len, q_heads, head_dim] in q's dtype, or (out, SkipStats);
+    out is (out, lse) with return_lse.
 
   Raises:
     ValueError: on bad shapes, dtypes, thresholds, block sizes or
@@ -293,9 +299,10 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
         q, k, v, block_q=block_q, block_kv=block_kv, threshold=threshold,
         causal=causal, sm_scale=sm_scale, kv_lengths=kv_lengths,
         block_mask=block_mask)
+    out = (result.out, result.lse) if return_lse else result.out
     if not return_stats:
-      return result.out
-    return result.out, _with_masked_count(
+      return out
+    return out, _with_masked_count(
         result.stats, block_mask, lq, lk, block_q, block_kv, kv_lengths,
         causal)
 
@@ -317,8 +324,14 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
     static["interpret"] = bool(interpret)
   elif interpret:
     static["interpret"] = _mosaic_interpret_params()
-  out, skipped, visited = _kernel_with_vjp(
-      q, k, v, kv_lengths, log_thr, block_mask, tuple(sorted(static.items())))
+  static = tuple(sorted(static.items()))
+  if return_lse:
+    (out, skipped, visited), lse, _ = _run_forward(
+        q, k, v, kv_lengths, log_thr, block_mask, static, skip_mask=False)
+    out = (out, lse)
+  else:
+    out, skipped, visited = _kernel_with_vjp(q, k, v, kv_lengths, log_thr,
+                                             block_mask, static)
   if not return_stats:
     return out
   stats = SkipStats(skipped_blocks=jnp.sum(skipped, axis=-1),

@@ -15,10 +15,11 @@ chunks, so every GQA group stays on one device: kv_heads must divide by the
 head axis size. Works under `jax.jit` and `jax.grad` (the kernels' own VJP
 runs per shard).
 
-Decode can also shard the cache's positions (`context_axis`): each device
-attends over its part and the parts are merged by log-sum-exp
-(`merge_by_lse`); each part skips against its own running max, like one
-split of split-K.
+Both can also shard the sequence (`context_axis`, context parallelism):
+each device attends over its part of the keys and the parts are merged by
+log-sum-exp (`merge_parts`, `merge_by_lse`); each part skips against its
+own running max, like one split of split-K, so it never skips a block that
+one device would keep.
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ def _split_threshold(threshold, batch: int):
 
 
 def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
-              head_axis: AxisName = None, threshold=0.0, kv_lengths=None,
-              block_mask=None, return_stats: bool = False, **kwargs: Any):
+              head_axis: AxisName = None, context_axis: AxisName = None,
+              threshold=0.0, kv_lengths=None, block_mask=None,
+              return_stats: bool = False, **kwargs: Any):
   """`bj.attention` with batch and/or heads sharded over mesh axes.
 
   Args:
@@ -129,6 +131,14 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
       None.
     head_axis: mesh axis (or axes) the heads are sharded over, or None;
       q_heads and kv_heads must divide by its size.
+    context_axis: mesh axis (or axes) the sequence is sharded over
+      (context-parallel prefill), or None. q, k and v are cut into n equal
+      parts (q_len = kv_len, a multiple of n x the tiles); device i gathers
+      K/V and attends its queries to parts 0..i (causal: the part i
+      diagonal causal, later parts not at all), merging by log-sum-exp.
+      Each part skips against its own running max, so it skips no block
+      that one device would keep. Inference only (no gradient); no
+      block_mask.
     threshold: as `bj.attention`; an f32 [batch] array is sharded with the
       batch.
     kv_lengths: optional int [batch].
@@ -139,19 +149,26 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
 
   Returns:
     out [batch, q_len, q_heads, head_dim] sharded as q, or (out, SkipStats).
-    Equal to `bj.attention` on one device, skip decisions included.
+    Without a context axis equal to `bj.attention` on one device, skip
+    decisions included.
 
   Raises:
     ValueError: for a mesh without the named axes, an axis named twice,
       sizes that do not divide, or anything `bj.attention` rejects.
   """
-  check_mesh(mesh, batch_axis=batch_axis, head_axis=head_axis)
+  check_mesh(mesh, batch_axis=batch_axis, head_axis=head_axis,
+             context_axis=context_axis)
   b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
   nb, nh = axis_size(mesh, batch_axis), axis_size(mesh, head_axis)
   _check_divides(b, nb, "The batch", "batch_axis")
   _check_divides(hq, nh, "q_heads", "head_axis")
   _check_divides(hkv, nh, "kv_heads", "head_axis")
   thr_array, thr_static = _split_threshold(threshold, b)
+  if context_axis is not None:
+    return _context_parallel_attention(
+        q, k, v, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis,
+        context_axis=context_axis, threshold=threshold, kv_lengths=kv_lengths,
+        block_mask=block_mask, return_stats=return_stats, **kwargs)
   qkv_spec = P(batch_axis, None, head_axis, None)
   row_spec = P(batch_axis)
   head_spec = P(batch_axis, head_axis)
@@ -193,14 +210,87 @@ def merge_by_lse(out, lse, axis_name: AxisName):
   natural-log log-sum-exp; -inf where it kept no key). Returns f32 [..., d],
   attention over all the parts (0 where no part kept a key).
   """
-  outs = jax.lax.all_gather(out.astype(jnp.float32), axis_name)  # [n, ..., d]
-  lses = jax.lax.all_gather(lse, axis_name)                       # [n, ...]
+  return merge_parts(jax.lax.all_gather(out.astype(jnp.float32), axis_name),
+                     jax.lax.all_gather(lse, axis_name))
+
+
+def merge_parts(outs, lses):
+  """outs f32 [n, ..., d], lses [n, ...] of n key parts -> f32 [..., d]."""
+  outs = outs.astype(jnp.float32)
   m = jnp.max(lses, axis=0)
   m = jnp.where(m == -jnp.inf, 0.0, m)
   w = jnp.where(lses == -jnp.inf, 0.0, jnp.exp(lses - m))
   total = jnp.sum(w, axis=0)
   merged = jnp.sum(w[..., None] * outs, axis=0)
   return merged / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
+                                context_axis, threshold, kv_lengths,
+                                block_mask, return_stats, **kwargs):
+  """`attention` with the sequence sharded over `context_axis`."""
+  if block_mask is not None:
+    raise ValueError("`block_mask` is not supported with `context_axis`: "
+                     "shard the batch or heads instead.")
+  b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+  n = axis_size(mesh, context_axis)
+  if lq != lk:
+    raise ValueError(f"`context_axis` needs q_len == kv_len (one sequence "
+                     f"cut into parts), got {lq} and {lk}.")
+  _check_divides(lq, n, "q_len", "context_axis")
+  part = lq // n
+  causal = kwargs.pop("causal", False)
+  thr_array, thr_static = _split_threshold(threshold, b)
+  lengths = (jnp.full((b,), lk, jnp.int32) if kv_lengths is None
+             else jnp.asarray(kv_lengths, jnp.int32))
+  if thr_array is None:   # λ from the whole sequence, as one device's
+    thr_array = jnp.broadcast_to(config_lib.resolve_threshold(
+        thr_static, lengths, lk, b), (b,))
+  qkv_spec = P(batch_axis, context_axis, head_axis, None)
+  row_spec = P(batch_axis)
+  head_spec = P(batch_axis, head_axis)
+
+  def body(q, k, v, lengths, thr):
+    i = jax.lax.axis_index(context_axis)
+    ks = jax.lax.all_gather(k, context_axis)        # [n, b, part, hkv, d]
+    vs = jax.lax.all_gather(v, context_axis)
+    hq = q.shape[2]
+    empty = (jnp.zeros(q.shape, jnp.float32),
+             jnp.full((q.shape[0], hq, part), -jnp.inf, jnp.float32),
+             jnp.zeros((q.shape[0], hq), jnp.int32),
+             jnp.zeros((q.shape[0], hq), jnp.int32))
+
+    def part_attention(j, is_causal):
+      local = jnp.clip(lengths - j * part, 0, part)
+      (out, lse), stats = api.attention(
+          q, ks[j], vs[j], threshold=thr, kv_lengths=local,
+          causal=is_causal, return_stats=True, return_lse=True, **kwargs)
+      return (out.astype(jnp.float32), lse, stats.skipped_blocks,
+              stats.visited_blocks)
+
+    parts = []
+    for j in range(n):        # key part j against this device's queries
+      if causal:
+        parts.append(jax.lax.cond(
+            j < i, lambda j=j: part_attention(j, False),
+            lambda j=j: jax.lax.cond(j == i,
+                                     lambda: part_attention(j, True),
+                                     lambda: empty)))
+      else:
+        parts.append(part_attention(j, False))
+    outs, lses, skipped, visited = (jnp.stack(x) for x in zip(*parts))
+    # lse [n, b, hq, part] -> the out layout [n, b, part, hq]
+    out = merge_parts(outs, jnp.swapaxes(lses, 2, 3)).astype(q.dtype)
+    skipped = jax.lax.psum(jnp.sum(skipped, axis=0), context_axis)
+    visited = jax.lax.psum(jnp.sum(visited, axis=0), context_axis)
+    return out, skipped, visited
+
+  out, skipped, visited = _run_sharded(
+      body, mesh, (qkv_spec, qkv_spec, qkv_spec, row_spec, row_spec),
+      (qkv_spec, head_spec, head_spec), q, k, v, lengths, thr_array)
+  if not return_stats:
+    return out
+  return out, SkipStats(skipped_blocks=skipped, visited_blocks=visited)
 
 
 def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,

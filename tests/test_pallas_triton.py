@@ -8,6 +8,8 @@ import pytest
 
 import blasst_jax as bj
 from blasst_jax import config as config_lib
+from blasst_jax import patterns
+from blasst_jax import reference
 from blasst_jax import testing
 from blasst_jax.kernels import pallas_triton
 from tests import test_base
@@ -138,3 +140,21 @@ def test_static_zero_threshold_uses_the_dense_build():
   text = jax.jit(lambda: bj.attention(q, k, v, threshold=0.0, **common)
                  ).trace().jaxpr.pretty_print()
   assert " cond[" not in text and "while[" in text
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_return_lse_matches_dense_lse(implementation):
+  q, k, v = patterns.sink_local_qkv(jax.random.PRNGKey(31), batch=2,
+                                    seq_len=48, q_heads=4, kv_heads=2,
+                                    head_dim=32)
+  kv_lengths = jnp.asarray([48, 0], jnp.int32)   # the second row sees none
+  (out, lse), stats = bj.attention(
+      q, k, v, causal=True, kv_lengths=kv_lengths, block_q=16, block_kv=16,
+      implementation=implementation, return_lse=True, return_stats=True)
+  want, want_lse = reference.dense_attention(
+      q, k, v, causal=True, kv_lengths=kv_lengths, return_lse=True)
+  assert lse.shape == (2, 4, 48) and lse.dtype == jnp.float32
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(lse[0], want_lse[0], atol=1e-4, rtol=1e-5)
+  assert bool(jnp.all(lse[1] == -jnp.inf)) and not jnp.any(jnp.isnan(out))
+  assert int(jnp.sum(stats.visited_blocks[1])) == 0

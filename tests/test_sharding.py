@@ -262,3 +262,62 @@ def test_context_axis_errors():
     sharding.decode_attention(q, k, v, jnp.full((4,), 90, jnp.int32),
                               mesh=_mesh(), batch_axis="model",
                               context_axis="model")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("batch_axis,head_axis,context_axis", [
+    (None, None, "model"), ("data", None, "model"), (None, "data", "model")])
+def test_context_parallel_prefill_dense_equals_one_device(
+    causal, batch_axis, head_axis, context_axis):
+  q, k, v = _inputs(20, batch=4, seq_len=128, q_heads=8, kv_heads=4)
+  kv_lengths = jnp.asarray([128, 1, 70, 33], jnp.int32)
+  opts = dict(causal=causal, kv_lengths=kv_lengths, block_q=16, block_kv=16,
+              implementation="reference")
+  want, want_stats = bj.attention(q, k, v, threshold=0.0, return_stats=True,
+                                  **opts)
+  got, stats = jax.jit(lambda q, k, v: sharding.attention(
+      q, k, v, mesh=_mesh(), batch_axis=batch_axis, head_axis=head_axis,
+      context_axis=context_axis, threshold=0.0, return_stats=True,
+      **opts))(q, k, v)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(stats.visited_blocks,
+                                want_stats.visited_blocks)
+  assert int(jnp.sum(stats.skipped_blocks)) == 0
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_context_parallel_prefill_skips_a_subset_of_one_device(
+    implementation):
+  q, k, v = _inputs(22, batch=2, seq_len=128, q_heads=4, kv_heads=4)
+  opts = dict(causal=True, block_q=16, block_kv=16,
+              implementation=implementation)
+  if implementation == "pallas_triton":
+    opts["interpret"] = True
+  dense = bj.attention(q, k, v, threshold=0.0, **opts)
+  want, want_stats = bj.attention(q, k, v, threshold=0.05,
+                                  return_stats=True, **opts)
+  got, stats = sharding.attention(q, k, v, mesh=_mesh(),
+                                  context_axis="model", threshold=0.05,
+                                  return_stats=True, **opts)
+  np.testing.assert_array_equal(stats.visited_blocks,
+                                want_stats.visited_blocks)
+  # Each part's running max is at most one device's: it skips a subset.
+  assert int(jnp.sum(stats.skipped_blocks)) > 0
+  assert bool(jnp.all(stats.skipped_blocks <= want_stats.skipped_blocks))
+  assert float(stats.total_sparsity) < float(want_stats.total_sparsity)
+  # Skipping drops little mass: close to dense, closer than one device.
+  err = float(jnp.max(jnp.abs(got - dense)))
+  assert err <= float(jnp.max(jnp.abs(want - dense))) + 1e-6
+  assert err < 0.1
+
+
+def test_context_parallel_prefill_errors():
+  q, k, v = _inputs(24, batch=2, seq_len=64, q_heads=4, kv_heads=4)
+  with pytest.raises(ValueError, match="block_mask"):
+    sharding.attention(q, k, v, mesh=_mesh(), context_axis="model",
+                       block_mask=jnp.ones((2, 4, 4, 4), bool))
+  with pytest.raises(ValueError, match="q_len == kv_len"):
+    sharding.attention(q[:, :32], k, v, mesh=_mesh(), context_axis="model")
+  q6, k6, v6 = _inputs(24, batch=2, seq_len=90, q_heads=4, kv_heads=4)
+  with pytest.raises(ValueError, match="q_len.*context_axis"):
+    sharding.attention(q6, k6, v6, mesh=_mesh(), context_axis="model")

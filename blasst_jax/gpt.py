@@ -64,14 +64,16 @@ class Block(nnx.Module):
                mlp_hidden: int, *, threshold, implementation, block_q,
                block_kv, dtype, param_dtype, rope: bool = False,
                rope_base: float = 10000.0, rope_scale: float = 1.0,
-               norm: str = "layernorm", rngs: nnx.Rngs):
+               norm: str = "layernorm", mesh=None, batch_axis=None,
+               head_axis=None, rngs: nnx.Rngs):
     self.ln1 = _norm(norm, d_model, dtype=dtype, param_dtype=param_dtype,
                      rngs=rngs)
     self.attn = bjnn.SkipSelfAttention(
         num_heads, d_model, num_kv_heads=num_kv_heads, threshold=threshold,
         causal=True, implementation=implementation, block_q=block_q,
         block_kv=block_kv, dtype=dtype, param_dtype=param_dtype, rope=rope,
-        rope_base=rope_base, rope_scale=rope_scale, rngs=rngs)
+        rope_base=rope_base, rope_scale=rope_scale, mesh=mesh,
+        batch_axis=batch_axis, head_axis=head_axis, rngs=rngs)
     self.ln2 = _norm(norm, d_model, dtype=dtype, param_dtype=param_dtype,
                      rngs=rngs)
     self.mlp = MLP(d_model, mlp_hidden, dtype=dtype, param_dtype=param_dtype,
@@ -107,7 +109,8 @@ class GPT(nnx.Module):
                block_kv: int | None = None, dtype=None,
                param_dtype=jnp.float32, position: str = "learned",
                rope_base: float = 10000.0, rope_scale: float = 1.0,
-               norm: str = "layernorm", rngs: nnx.Rngs):
+               norm: str = "layernorm", mesh=None, batch_axis=None,
+               head_axis=None, rngs: nnx.Rngs):
     """Builds the model.
 
     Args:
@@ -131,6 +134,9 @@ class GPT(nnx.Module):
       rope_base, rope_scale: RoPE frequency base and position interpolation
         (positions / rope_scale); see `set_rope_scale`.
       norm: "layernorm" or "rmsnorm", in the blocks and at the end.
+      mesh, batch_axis, head_axis: shard every attention layer's batch and
+        heads over these mesh axes (`blasst_jax.sharding`; see
+        `nn.SkipSelfAttention`). None: one device.
       rngs: initialisation randomness.
 
     Raises:
@@ -166,6 +172,7 @@ class GPT(nnx.Module):
               block_q=block_q, block_kv=block_kv, dtype=dtype,
               param_dtype=param_dtype, rope=position == "rope",
               rope_base=rope_base, rope_scale=rope_scale, norm=norm,
+              mesh=mesh, batch_axis=batch_axis, head_axis=head_axis,
               rngs=rngs)
         for _ in range(num_layers)])
     self.ln_f = _norm(norm, d_model, dtype=dtype, param_dtype=param_dtype,

@@ -321,3 +321,20 @@ def test_context_parallel_prefill_errors():
   q6, k6, v6 = _inputs(24, batch=2, seq_len=90, q_heads=4, kv_heads=4)
   with pytest.raises(ValueError, match="q_len.*context_axis"):
     sharding.attention(q6, k6, v6, mesh=_mesh(), context_axis="model")
+
+
+def test_gpt_with_mesh_matches_one_device():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from blasst_jax import gpt  # pylint: disable=g-import-not-at-top
+  common = dict(num_layers=2, d_model=64, num_heads=8, num_kv_heads=4,
+                threshold=0.1, implementation="reference", block_q=16,
+                block_kv=16, position="rope", norm="rmsnorm")
+  plain = gpt.GPT(50, 64, rngs=nnx.Rngs(0), **common)
+  sharded = gpt.GPT(50, 64, rngs=nnx.Rngs(0), mesh=_mesh(),
+                    batch_axis="data", head_axis="model", **common)
+  tokens = jax.random.randint(jax.random.PRNGKey(13), (4, 48), 0, 50)
+  want, want_stats = plain(tokens, return_stats=True)
+  got, stats = sharded(tokens, return_stats=True)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+  for a, b in zip(stats, want_stats):
+    _assert_stats_equal(a, b)

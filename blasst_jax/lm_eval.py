@@ -887,10 +887,9 @@ def load_eval_model(cfg, *, workdir: str | None = None
     record = {"source": "checkpoint", "workdir": os.path.abspath(workdir),
               "step": step, "trained_threshold": trained_threshold(workdir)}
     data_dir, seq_len = train_cfg.data.data_dir, train_cfg.seq_len
-  rows = int(cfg.get("block_q", 0))
-  if rows and (rows < 16 or rows & (rows - 1)):
-    raise ValueError(f"`block_q` must be 0 (the run's tiles) or a power of "
-                     f"two >= 16, got {cfg.block_q!r}.")
+  rows = cfg.get("block_q", 0)
+  if rows:   # 0: the run's tiles; else the kernels' block-size rule
+    config_lib.effective_block_sizes(1, 1, rows, None)
   for block in model.blocks:
     if cfg.implementation is not None:
       block.attn.implementation = cfg.implementation

@@ -163,12 +163,12 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
   _check_divides(b, nb, "The batch", "batch_axis")
   _check_divides(hq, nh, "q_heads", "head_axis")
   _check_divides(hkv, nh, "kv_heads", "head_axis")
-  thr_array, thr_static = _split_threshold(threshold, b)
   if context_axis is not None:
     return _context_parallel_attention(
         q, k, v, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis,
         context_axis=context_axis, threshold=threshold, kv_lengths=kv_lengths,
         block_mask=block_mask, return_stats=return_stats, **kwargs)
+  thr_array, thr_static = _split_threshold(threshold, b)
   qkv_spec = P(batch_axis, None, head_axis, None)
   row_spec = P(batch_axis)
   head_spec = P(batch_axis, head_axis)
@@ -240,12 +240,10 @@ def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
   _check_divides(lq, n, "q_len", "context_axis")
   part = lq // n
   causal = kwargs.pop("causal", False)
-  thr_array, thr_static = _split_threshold(threshold, b)
   lengths = (jnp.full((b,), lk, jnp.int32) if kv_lengths is None
              else jnp.asarray(kv_lengths, jnp.int32))
-  if thr_array is None:   # λ from the whole sequence, as one device's
-    thr_array = jnp.broadcast_to(config_lib.resolve_threshold(
-        thr_static, lengths, lk, b), (b,))
+  # λ per row from the whole sequence, as one device's.
+  thr_array = config_lib.resolve_threshold(threshold, lengths, lk, b)
   qkv_spec = P(batch_axis, context_axis, head_axis, None)
   row_spec = P(batch_axis)
   head_spec = P(batch_axis, head_axis)
@@ -337,13 +335,14 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
   _check_divides(hq, nh, "q_heads", "head_axis")
   _check_divides(hkv, nh, "kv_heads", "head_axis")
   _check_divides(max_len, nc, "The cache length max_len", "context_axis")
-  thr_array, thr_static = _split_threshold(threshold, b)
-  if context_axis is not None:
-    # λ from the whole sequence (a scale factor divides by its length).
-    thr_array = config_lib.resolve_threshold(
+  if context_axis is None:
+    thr_array, thr_static = _split_threshold(threshold, b)
+  else:
+    # λ per row from the whole sequence (a scale factor divides by its
+    # length), not from a part.
+    thr_array, thr_static = config_lib.resolve_threshold(
         threshold, jnp.asarray(kv_lengths, jnp.int32), max_len, b,
-        phase="decode") if thr_array is None else thr_array
-    thr_array = jnp.broadcast_to(thr_array, (b,))
+        phase="decode"), None
   q_spec = (P(batch_axis, head_axis, None) if q.ndim == 3 else
             P(batch_axis, None, head_axis, None))
   cache_spec = P(batch_axis, context_axis, head_axis, None)

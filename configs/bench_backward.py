@@ -13,7 +13,7 @@ def get_config(variant: str = "h100"):
   c = ml_collections.ConfigDict()
   # (batch, seq_len, q_heads, kv_heads, head_dim), causal, q_len = kv_len.
   c.shapes = ((4, 8192, 16, 16, 128), (2, 16384, 16, 16, 128),
-              (1, 32768, 16, 16, 128))
+              (1, 32768, 16, 16, 128), (4, 8192, 16, 16, 64))
   c.dtype = "bfloat16"
   c.causal = True
   c.thresholds = (0.0, 1e-3, 1e-2)

@@ -64,6 +64,34 @@ def test_bench_backward_smoke(tmp_path):
   assert ours[0]["grad_rel_error"] < 1e-4       # dense: the same gradient
 
 
+def test_profile_backward_summarizes_an_ncu_report(tmp_path):
+  """The report's units row is skipped, thousands separators are read,
+  launches are listed in order and summed."""
+  times_ns = np.random.default_rng(0).integers(1_000, 5_000_000, size=3)
+  names = ["loop_transpose_fusion", "blasst_backward_dq_mosaic_kernel",
+           "blasst_backward_dkdv_mosaic_kernel"]
+  lines = ['==PROF== Connected to process 1',
+           '"ID","Kernel Name","Grid Size","gpu__time_duration.sum","x","y"',
+           '"","","","ns","",""']
+  lines += [f'"{i}","{n}","(16, 64, 4)","{t:,}","a","b"'
+            for i, (n, t) in enumerate(zip(names, times_ns))]
+  report = tmp_path / "ncu.csv"
+  report.write_text("\n".join(lines) + "\n")
+  out = run(["experiments/profile_backward.py", f"--summarize={report}"],
+            tmp_path).splitlines()
+  assert [line.split(None, 2)[2] for line in out[:3]] == names
+  got = [float(line.split()[0]) for line in out[:3]]
+  np.testing.assert_allclose(got, times_ns / 1e3, atol=0.06)
+  assert float(out[3].split()[0]) == pytest.approx(times_ns.sum() / 1e6,
+                                                   abs=1e-3)
+  report.write_text("==PROF== nothing profiled\n")
+  proc = subprocess.run(
+      [sys.executable, "experiments/profile_backward.py",
+       f"--summarize={report}"], cwd=ROOT, capture_output=True, text=True,
+      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), timeout=600)
+  assert proc.returncode != 0 and "--csv --page raw" in proc.stderr
+
+
 def test_bench_decode_smoke(tmp_path):
   output = tmp_path / "decode.json"
   run(["experiments/bench_decode.py", "--config=configs/bench_decode.py:smoke",

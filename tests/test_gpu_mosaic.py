@@ -124,3 +124,15 @@ def test_xattention_mask_runs_on_mosaic_by_default(causal, monkeypatch):
   assert int(jnp.sum(stats.masked_blocks)) > 0
   assert int(jnp.sum(jnp.abs(stats.skipped_blocks
                              - ref_stats.skipped_blocks))) <= 2
+
+
+@pytest.mark.parametrize("fuse_dq", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_mosaic_backward_matches_oracle_autodiff(head_dim, causal, fuse_dq):
+  """Both dQ strategies at both head sizes: GQA, ragged lengths (one not a
+  multiple of 64), a random keep mask."""
+  from tests import test_backward  # pylint: disable=g-import-not-at-top
+  test_backward.check_hopper_backward(
+      batch=2, length=1000, q_heads=4, kv_heads=2, head_dim=head_dim,
+      kv_lengths=(1000, 613), causal=causal, fuse_dq=fuse_dq)

@@ -72,9 +72,9 @@ class MosaicBwdConfig:
     fuse_dq: one kernel that also reduces dQ partials into f32 global
       memory (5 products per tile pair), else a second kernel for dQ that
       recomputes P and dP (7). None: fused for head_dim 64 only (H100,
-      causal 8k, four runs: 4.65-4.79 vs 5.05-5.40 ms; at head_dim 128 the
-      fused kernel, with dK, dV and a dQ chunk in registers, took 11.9-15.4
-      vs 7.0-7.9 ms).
+      causal 8k, B=4, 16 heads: 4.1-4.2 vs 4.5-4.8 ms; at head_dim 128 the
+      fused kernel, with dK, dV and a dQ chunk in 240 registers, spills
+      296 bytes and took 8.9-9.6 vs 6.1-6.8 ms).
   """
 
   num_stages: int = 2
@@ -131,10 +131,16 @@ def _accumulate_smem(acc, a, b, interpret):
   return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def _visible(rows, keys, kv_len, causal):
+def _visible(row_ids, key_ids, row_dim, kv_len, causal, layout):
+  """bool [BLOCK, BLOCK] in `layout`: which scores a row may see, from the
+  tile's row and key index vectors (row_dim: the axis rows run along)."""
+  def full(ids, dim):
+    return plgpu.layout_cast(
+        lax.broadcast_in_dim(ids, (BLOCK, BLOCK), [dim]), layout)
+  keys = full(key_ids, 1 - row_dim)
   visible = keys < kv_len
   if causal:
-    visible = visible & (keys <= rows)
+    visible = visible & (keys <= full(row_ids, row_dim))
   return visible
 
 
@@ -164,15 +170,20 @@ class _Pipeline:
 
 
 def _start_program(lists_ref, list_smem, list_bar, params_ref, params_smem,
-                   params_bar, num_stages):
+                   params_bar, num_stages, reverse_of=None):
   """Copies the program's list (memory warpgroup) and each warpgroup's
   per-sequence scalars in.
+
+  reverse_of: the number of programs along "seq", to number them from the
+  last (launched first); None keeps the launch order.
 
   Returns:
     (batch, head, program, wg) indices, kv_len, the `_Pipeline`.
   """
   batch, head = lax.axis_index("batch"), lax.axis_index("heads")
   program, wg = lax.axis_index("seq"), lax.axis_index("wg")
+  if reverse_of is not None:
+    program = reverse_of - 1 - program
 
   @pl.when(wg == COMPUTE_WGS)
   def _():
@@ -246,10 +257,12 @@ def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
     plgpu.barrier_wait(kv_bars.at[wg])
     plgpu.barrier_wait(kv_bars.at[COMPUTE_WGS + wg])
     layout = plgpu.Layout.WGMMA
-    keys = k_base + plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 0,
-                                           layout=layout)
-    cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1,
-                                  layout=layout)
+    # Index vectors, broadcast per step: [BLOCK, BLOCK] iotas hoisted out
+    # of the loop would hold 64 registers a thread.
+    key_ids = k_base + plgpu.broadcasted_iota(
+        jnp.int32, (BLOCK,), 0, layout=layout.reduce(1))      # [kv]
+    col_ids = plgpu.broadcasted_iota(
+        jnp.int32, (BLOCK,), 0, layout=layout.reduce(0)) if causal else None
 
     def step(pos, carry):
       slot = pipe.slot(pos)
@@ -268,10 +281,11 @@ def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
                        (BLOCK, BLOCK))                     # [kv, q]
         lse = plgpu.load(ld_ring.at[slot, 0], layout=layout.reduce(0))
         delta = plgpu.load(ld_ring.at[slot, 1], layout=layout.reduce(0))
-        rows = pipe.block_at(pos) * BLOCK + cols
+        row_ids = pipe.block_at(pos) * BLOCK + col_ids if causal else None
         p_t = jnp.exp2(s_t * scale - lax.broadcast_in_dim(
             lse, s_t.shape, [1]))
-        p_t = jnp.where(_visible(rows, keys, kv_len, causal), p_t, 0.0)
+        p_t = jnp.where(_visible(row_ids, key_ids, 1, kv_len, causal, layout),
+                        p_t, 0.0)
         dv = _accumulate(dv, p_t.astype(dtype), do_smem, a_smem)
         dp_t = _product(v_smem, do_smem.transpose((1, 0)), (BLOCK, BLOCK))
         ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, s_t.shape, [1]))
@@ -361,14 +375,16 @@ def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
 
 def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
                dq_ref, smem, bars, *, scale, causal, group, dtype, head_dim,
-               num_stages, compute_registers, memory_registers):
+               num_stages, compute_registers, memory_registers, n_programs):
   # As `_dkdv_kernel`, with the roles swapped: q tiles stay, KV streams.
   (qdo_smem2, ld_smem2, k_ring, v_ring, params_smem, list_smem,
    a_smem2) = smem
   qdo_bars, (k_bars, v_bars), free_bars, params_bar, list_bar = bars
+  # Causal work grows with the q tile: the last tiles launch first, so the
+  # last wave holds short programs (the dK/dV kernel's order already does).
   (batch, head, program, wg), kv_len, pipe = _start_program(
       lists_ref, list_smem, list_bar, params_ref, params_smem, params_bar,
-      num_stages)
+      num_stages, reverse_of=n_programs)
 
   @pl.when(wg < COMPUTE_WGS)
   def _compute():
@@ -388,9 +404,10 @@ def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
     layout = plgpu.Layout.WGMMA
     lse = plgpu.load(ld_smem2.at[wg, 0], layout=layout.reduce(1))
     delta = plgpu.load(ld_smem2.at[wg, 1], layout=layout.reduce(1))
-    rows = tile * BLOCK + plgpu.broadcasted_iota(
-        jnp.int32, (BLOCK, BLOCK), 0, layout=layout)
-    cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK, BLOCK), 1, layout=layout)
+    row_ids = tile * BLOCK + plgpu.broadcasted_iota(
+        jnp.int32, (BLOCK,), 0, layout=layout.reduce(1)) if causal else None
+    col_ids = plgpu.broadcasted_iota(
+        jnp.int32, (BLOCK,), 0, layout=layout.reduce(0))      # [kv]
 
     def step(pos, dq):
       slot = pipe.slot(pos)
@@ -401,9 +418,10 @@ def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
       def visit(dq):
         s = _product(q_smem, k_smem.transpose((1, 0)),
                      (BLOCK, BLOCK))                       # [q, kv]
-        keys = pipe.block_at(pos) * BLOCK + cols
+        key_ids = pipe.block_at(pos) * BLOCK + col_ids
         p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, s.shape, [0]))
-        p = jnp.where(_visible(rows, keys, kv_len, causal), p, 0.0)
+        p = jnp.where(_visible(row_ids, key_ids, 0, kv_len, causal, layout),
+                      p, 0.0)
         dp = _product(do_smem, v_smem.transpose((1, 0)), (BLOCK, BLOCK))
         ds = p * (dp - lax.broadcast_in_dim(delta, s.shape, [0]))
         return _accumulate(dq, ds.astype(dtype), k_smem, a_smem)
@@ -513,8 +531,7 @@ def _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists, *,
   pair = COMPUTE_WGS * BLOCK
   lq_pad, lk_pad = tiles.cdiv(lq, pair) * pair, tiles.cdiv(lk, pair) * pair
   n_q_tiles = lq_pad // BLOCK
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32),
-                     out.astype(jnp.float32))                 # [b, hq, lq]
+  delta = tiles.output_grad_dot(d_out, out)                # [b, hq, lq]
   # Rows that saw no key: lse = +inf, so P = 0 (not exp(+inf)).
   lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
   rows_pad = ((0, 0), (0, 0), (0, lq_pad - lq))
@@ -593,9 +610,12 @@ def _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists, *,
         + common_smem(q_lists) + a_smem,
         [plgpu.Barrier(num_barriers=COMPUTE_WGS * 3), (ring_bars,) * 2,
          free_bars] + common_bars,
-        grid=(hq, lq_pad // pair, b), interpret=interpret, **static)
+        grid=(hq, lq_pad // pair, b), interpret=interpret,
+        n_programs=lq_pad // pair, **static)
 
   def per_kv_head(x):   # GQA: sum over the group in f32
+    if group == 1:
+      return x[:, :lk]
     x = x[:, :lk].reshape(b, lk, hkv, group, d)
     return jnp.sum(x.astype(jnp.float32), axis=3).astype(k.dtype)
   return dq[:, :lq], per_kv_head(dk), per_kv_head(dv)

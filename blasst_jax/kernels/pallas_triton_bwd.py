@@ -138,8 +138,7 @@ def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
   nq, nk = tiles.cdiv(lq, block_q), tiles.cdiv(lk, block_kv)
   dp = tiles.padded_head_dim(d)
   kv_lengths = kv_lengths.astype(jnp.int32)
-  delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32),
-                     out.astype(jnp.float32))                 # [b, hq, lq]
+  delta = tiles.output_grad_dot(d_out, out)                # [b, hq, lq]
   qp = tiles.pad_to(q, nq * block_q, dp)
   dop = tiles.pad_to(d_out.astype(q.dtype), nq * block_q, dp)
   kp, vp = tiles.pad_to(k, nk * block_kv, dp), tiles.pad_to(v, nk * block_kv, dp)
@@ -200,6 +199,8 @@ def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
 
   # Per q head -> per KV head (GQA: sum over the group).
   def per_kv_head(x):
+    if group == 1:
+      return x[:, :lk, :, :d]
     x = x[:, :lk, :, :d].reshape(b, lk, hkv, group, d)
     return jnp.sum(x, axis=3).astype(k.dtype)
   return dq[:, :lq, :, :d], per_kv_head(dk), per_kv_head(dv)

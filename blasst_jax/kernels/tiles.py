@@ -1,4 +1,4 @@
-"""Tile arithmetic and padding shared by the Triton-lowered kernels.
+"""Tile arithmetic, padding and prologue passes shared by the kernels.
 
 Triton tiles need power-of-two sizes >= 16: head_dim is zero-padded (no dot
 product changes) and sequences are padded to whole tiles (the kernels mask
@@ -7,6 +7,7 @@ what lies past the real lengths).
 
 from __future__ import annotations
 
+from jax import lax
 import jax.numpy as jnp
 
 
@@ -35,3 +36,19 @@ def list_entry(ids, pos):
   reduction instead of a memory load per step whose latency the next tile
   load would wait on."""
   return jnp.sum(jnp.where(jnp.arange(ids.shape[0]) == pos, ids, 0))
+
+
+def output_grad_dot(d_out, out):
+  """f32 [batch, heads, len]: rowsum(dO * O), the backward's `delta`.
+
+  Args:
+    d_out, out: [batch, len, heads, head_dim].
+
+  Reduced over head_dim in the arrays' own layout, then transposed: left to
+  itself XLA fuses reduction and transpose into one loop whose threads read
+  rows 4 KB apart (0.54 ms at 4 x 8k x 16 x 128 on H100, about 3x a
+  coalesced pass).
+  """
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32),
+                  axis=-1)                                     # [b, len, h]
+  return jnp.swapaxes(lax.optimization_barrier(delta), 1, 2)

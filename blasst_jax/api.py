@@ -137,6 +137,24 @@ def _check_block_mask(block_mask, expected: tuple[int, ...]):
                      "use mask.astype(bool).")
 
 
+def _check_initial_max(initial_max, expected: tuple[int, ...],
+                       return_lse: bool, implementation) -> None:
+  if not return_lse:
+    raise ValueError("`initial_max` gives a partial result to merge: pass "
+                     "return_lse=True (the call then returns out, lse and "
+                     "the final row max).")
+  shape = _shape_of("initial_max", initial_max)
+  if shape != expected:
+    raise ValueError(f"`initial_max` must have shape [batch, q_heads, q_len]"
+                     f"={expected}, got {shape}.")
+  if not jnp.issubdtype(jnp.result_type(initial_max), jnp.floating):
+    raise ValueError(f"`initial_max` must be a float array, got "
+                     f"{jnp.result_type(initial_max)}.")
+  if implementation not in (None, "reference", "pallas_triton"):
+    raise ValueError(f"`initial_max` runs on 'reference' or 'pallas_triton', "
+                     f"not {implementation!r}; pass implementation=None.")
+
+
 def _block_size_for(length: int, n_blocks: int, name: str) -> int:
   """The smallest power-of-two tile >= 16 that cuts `length` into
   `n_blocks` tiles (a block mask's block size)."""
@@ -201,7 +219,7 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
               implementation: str | None = None, return_stats: bool = False,
               block_q: int | None = None, block_kv: int | None = None,
               interpret: bool | None = None, kernel_config=None,
-              return_lse: bool = False):
+              return_lse: bool = False, initial_max=None):
   """Skip-softmax attention (prefill).
 
   Args:
@@ -245,10 +263,17 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       q_len], the natural-log log-sum-exp of each row's kept scores (-inf
       for rows that kept none), to merge results over parts of the keys
       (`blasst_jax.sharding`). The Pallas kernels give no gradient with it.
+    initial_max: optional f32 [batch, q_heads, q_len] (needs return_lse):
+      the running max each row starts from, in units of sm_scale·q·kᵀ
+      (-inf: none), e.g. the row max over keys that precede these ones; a
+      tile that starts finite may skip its first block. Chaining calls over
+      consecutive key parts this way takes the skip decisions of one call
+      over all of them. "reference" and "pallas_triton" (None picks it).
 
   Returns:
     out [batch, q_len, q_heads, head_dim] in q's dtype, or (out, SkipStats);
-    out is (out, lse) with return_lse.
+    out is (out, lse) with return_lse, and (out, lse, row_max) with
+    initial_max: the running max at the end, f32 [batch, q_heads, q_len].
 
   Raises:
     ValueError: on bad shapes, dtypes, thresholds, block sizes or
@@ -272,6 +297,10 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
                                                        block_kv)
   _check_block_mask(block_mask, (b, hq, -(-lq // block_q), -(-lk // block_kv)))
   check_implementation(implementation)
+  if initial_max is not None:
+    _check_initial_max(initial_max, (b, hq, lq), return_lse, implementation)
+    implementation = implementation or (
+        "pallas_triton" if jax.default_backend() == "gpu" else "reference")
   # Mask blocks that are whole multiples of the Hopper kernel's tiles.
   split = _mosaic_split(block_q, block_kv, d) if tiles_from_mask else None
   if implementation is None:
@@ -298,8 +327,10 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
     result = reference.blockwise_attention(
         q, k, v, block_q=block_q, block_kv=block_kv, threshold=threshold,
         causal=causal, sm_scale=sm_scale, kv_lengths=kv_lengths,
-        block_mask=block_mask)
+        block_mask=block_mask, initial_max=initial_max)
     out = (result.out, result.lse) if return_lse else result.out
+    if initial_max is not None:
+      out += (result.row_max,)
     if not return_stats:
       return out
     return out, _with_masked_count(
@@ -326,9 +357,10 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
     static["interpret"] = _mosaic_interpret_params()
   static = tuple(sorted(static.items()))
   if return_lse:
-    (out, skipped, visited), lse, _ = _run_forward(
-        q, k, v, kv_lengths, log_thr, block_mask, static, skip_mask=False)
-    out = (out, lse)
+    (out, skipped, visited), lse, _, *row_max = _run_forward(
+        q, k, v, kv_lengths, log_thr, block_mask, static, skip_mask=False,
+        initial_max=initial_max)
+    out = (out, lse, *row_max)
   else:
     out, skipped, visited = _kernel_with_vjp(q, k, v, kv_lengths, log_thr,
                                              block_mask, static)
@@ -481,16 +513,19 @@ def _forward_kernel(name):
 
 
 def _run_forward(q, k, v, kv_lengths, log_thr, block_mask, static, *,
-                 skip_mask: bool):
+                 skip_mask: bool, initial_max=None):
   """The Pallas forward: ((out, skipped, visited), lse, skip mask). With
-  skip_mask the kernel also records which blocks it skipped (else None)."""
+  skip_mask the kernel also records which blocks it skipped (else None);
+  with initial_max (Triton) the final row max follows."""
   opts = dict(static)
   forward = _forward_kernel(opts.pop("kernel"))
-  args = (q, k, v, kv_lengths, log_thr) + (
-      () if block_mask is None else (block_mask,))
-  out, lse, skipped, visited, *skips = forward(
-      *args, return_skip_mask=skip_mask, **opts)
-  return (out, skipped, visited), lse, (skips[0] if skips else None)
+  if initial_max is not None:
+    opts["initial_max"] = initial_max
+  out, lse, skipped, visited, *extra = forward(
+      q, k, v, kv_lengths, log_thr, block_mask, return_skip_mask=skip_mask,
+      **opts)
+  skips = extra.pop(0) if skip_mask else None
+  return ((out, skipped, visited), lse, skips) + tuple(extra)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

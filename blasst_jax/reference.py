@@ -41,6 +41,9 @@ class BlockwiseResult:
       `block_max - running_max`, the statistic compared with log λ
       (-inf where no row of the tile sees the block).
     stats: per (batch, q-head) counts.
+    row_max: f32 [batch, q_heads, q_len]: the running max at the end (the
+      row max of the visible scores, or of `initial_max` where that is
+      larger; -inf for rows that saw nothing), or None.
   """
 
   out: jax.Array
@@ -49,6 +52,7 @@ class BlockwiseResult:
   visited_mask: jax.Array
   block_gap: jax.Array
   stats: SkipStats
+  row_max: jax.Array | None = None
 
 
 def default_sm_scale(head_dim: int) -> float:
@@ -195,7 +199,8 @@ def visited_blocks_mask(q_len: int, kv_len: int, block_q: int, block_kv: int,
 def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
                         threshold=0.0, causal=False, sm_scale=None,
                         kv_lengths=None, block_mask=None,
-                        log_threshold=None) -> BlockwiseResult:
+                        log_threshold=None,
+                        initial_max=None) -> BlockwiseResult:
   """Online-softmax attention over KV blocks with the exact skip rule.
 
   For each (batch, q-head, q-tile of `block_q` rows), KV blocks of
@@ -205,6 +210,12 @@ def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
   `max_rows(rowmax(s_j) - m_prev) < log(λ)`; rows that see no key of the
   block take no part. A skipped block leaves the running (acc, l, m)
   unchanged.
+
+  `initial_max` starts the running max elsewhere: the row max of keys that
+  precede these ones (context parallelism chains parts this way, taking the
+  decisions one call over all the keys would take). A tile with a finite
+  initial max in some row has already seen a block: its first block here
+  may be skipped.
 
   Args:
     q: [batch, q_len, q_heads, head_dim].
@@ -217,6 +228,8 @@ def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
     block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks];
       unselected blocks are not visited.
     log_threshold: optional f32 [batch], log λ; overrides `threshold`.
+    initial_max: optional f32 [batch, q_heads, q_len], the running max to
+      start from (units of s; -inf: none).
 
   Returns:
     A `BlockwiseResult`.
@@ -295,10 +308,16 @@ def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
              seen | visited_j)
     return carry, (skip, max_gap)
 
+  if initial_max is None:
+    m0 = jnp.full((b, hq, nq, block_q), -jnp.inf, jnp.float32)
+  else:   # padded rows start (and stay) at -inf: they take no part
+    m0 = jnp.pad(jnp.asarray(initial_max, jnp.float32),
+                 ((0, 0), (0, 0), (0, nq * block_q - lq)),
+                 constant_values=-jnp.inf).reshape(b, hq, nq, block_q)
   init = (jnp.zeros((b, hq, nq, block_q, d), jnp.float32),
           jnp.zeros((b, hq, nq, block_q), jnp.float32),
-          jnp.full((b, hq, nq, block_q), -jnp.inf, jnp.float32),
-          jnp.zeros((b, hq, nq), bool))
+          m0,
+          jnp.any(m0 > -jnp.inf, axis=-1))
   xs = (jnp.arange(nk), kb, vb, jnp.moveaxis(visited, -1, 0))
   (acc, l, m, _), (skip, gap) = jax.lax.scan(step, init, xs)
 
@@ -313,7 +332,8 @@ def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
       visited_blocks=jnp.sum(visited, axis=(2, 3), dtype=jnp.int32))
   return BlockwiseResult(out=out, lse=lse, skip_mask=skip_mask,
                          visited_mask=visited,
-                         block_gap=jnp.moveaxis(gap, 0, -1), stats=stats)
+                         block_gap=jnp.moveaxis(gap, 0, -1), stats=stats,
+                         row_max=m.reshape(b, hq, nq * block_q)[:, :, :lq])
 
 
 # ----------------------------------------------------------------------------

@@ -17,9 +17,11 @@ runs per shard).
 
 Both can also shard the sequence (`context_axis`, context parallelism):
 each device attends over its part of the keys and the parts are merged by
-log-sum-exp (`merge_parts`, `merge_by_lse`); each part skips against its
-own running max, like one split of split-K, so it never skips a block that
-one device would keep.
+log-sum-exp (`merge_parts`, `merge_by_lse`). Each part skips against its
+own running max, like one split of split-K: it never skips a block that one
+device would keep, and may keep some that one device would skip. With
+`share_max=True` (prefill) a device chains the running max through its
+parts in key order and takes one device's decisions exactly.
 """
 
 from __future__ import annotations
@@ -120,7 +122,8 @@ def _split_threshold(threshold, batch: int):
 def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
               head_axis: AxisName = None, context_axis: AxisName = None,
               threshold=0.0, kv_lengths=None, block_mask=None,
-              return_stats: bool = False, **kwargs: Any):
+              return_stats: bool = False, share_max: bool = False,
+              **kwargs: Any):
   """`bj.attention` with batch and/or heads sharded over mesh axes.
 
   Args:
@@ -136,14 +139,19 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
       parts (q_len = kv_len, a multiple of n x the tiles); device i gathers
       K/V and attends its queries to parts 0..i (causal: the part i
       diagonal causal, later parts not at all), merging by log-sum-exp.
-      Each part skips against its own running max, so it skips no block
-      that one device would keep. Inference only (no gradient); no
-      block_mask.
+      Each part skips against its own running max (no block that one
+      device would keep; see `share_max`). Inference only (no gradient);
+      no block_mask.
     threshold: as `bj.attention`; an f32 [batch] array is sharded with the
       batch.
     kv_lengths: optional int [batch].
     block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks].
     return_stats: also return a `SkipStats` (global shapes [batch, q_heads]).
+    share_max: with a context axis, each device walks its key parts in
+      order and starts each from the running max the previous one ended
+      with (`bj.attention(initial_max=...)`), so it takes one device's
+      skip decisions (the part size a multiple of block_q and block_kv) at
+      no extra communication; runs on "reference" or "pallas_triton".
     **kwargs: the other `bj.attention` arguments (causal, sm_scale,
       implementation, block_q, block_kv, interpret, kernel_config).
 
@@ -167,7 +175,11 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
     return _context_parallel_attention(
         q, k, v, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis,
         context_axis=context_axis, threshold=threshold, kv_lengths=kv_lengths,
-        block_mask=block_mask, return_stats=return_stats, **kwargs)
+        block_mask=block_mask, return_stats=return_stats,
+        share_max=share_max, **kwargs)
+  if share_max:
+    raise ValueError("`share_max` shares the running max across the parts "
+                     "of a context axis: pass context_axis.")
   thr_array, thr_static = _split_threshold(threshold, b)
   qkv_spec = P(batch_axis, None, head_axis, None)
   row_spec = P(batch_axis)
@@ -227,7 +239,8 @@ def merge_parts(outs, lses):
 
 def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
                                 context_axis, threshold, kv_lengths,
-                                block_mask, return_stats, **kwargs):
+                                block_mask, return_stats, share_max,
+                                **kwargs):
   """`attention` with the sequence sharded over `context_axis`."""
   if block_mask is not None:
     raise ValueError("`block_mask` is not supported with `context_axis`: "
@@ -258,24 +271,29 @@ def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
              jnp.zeros((q.shape[0], hq), jnp.int32),
              jnp.zeros((q.shape[0], hq), jnp.int32))
 
-    def part_attention(j, is_causal):
+    def part_attention(j, is_causal, row_max):
       local = jnp.clip(lengths - j * part, 0, part)
-      (out, lse), stats = api.attention(
+      (out, lse, *row_max), stats = api.attention(
           q, ks[j], vs[j], threshold=thr, kv_lengths=local,
-          causal=is_causal, return_stats=True, return_lse=True, **kwargs)
+          causal=is_causal, return_stats=True, return_lse=True,
+          initial_max=row_max, **kwargs)
       return (out.astype(jnp.float32), lse, stats.skipped_blocks,
-              stats.visited_blocks)
+              stats.visited_blocks), (row_max[0] if share_max else None)
 
+    # share_max: the running max [b, hq, part] carried from part to part.
+    row_max = (jnp.full((q.shape[0], hq, part), -jnp.inf, jnp.float32)
+               if share_max else None)
     parts = []
     for j in range(n):        # key part j against this device's queries
       if causal:
-        parts.append(jax.lax.cond(
-            j < i, lambda j=j: part_attention(j, False),
-            lambda j=j: jax.lax.cond(j == i,
-                                     lambda: part_attention(j, True),
-                                     lambda: empty)))
+        part_j, row_max = jax.lax.cond(
+            j < i, lambda m, j=j: part_attention(j, False, m),
+            lambda m, j=j: jax.lax.cond(
+                j == i, lambda m: part_attention(j, True, m),
+                lambda m: (empty, m), m), row_max)
       else:
-        parts.append(part_attention(j, False))
+        part_j, row_max = part_attention(j, False, row_max)
+      parts.append(part_j)
     outs, lses, skipped, visited = (jnp.stack(x) for x in zip(*parts))
     # lse [n, b, hq, part] -> the out layout [n, b, part, hq]
     out = merge_parts(outs, jnp.swapaxes(lses, 2, 3)).astype(q.dtype)

@@ -179,3 +179,18 @@ def test_block_mask_on_mosaic_tiles_and_shared_memory(monkeypatch):
     api._mosaic_options(q, 1024, 600_000, 64, 64, None, None, mask)  # pylint: disable=protected-access
   assert api._mosaic_options(q, 1024, 100_000, 64, 64, None, None,  # pylint: disable=protected-access
                              mask)[:2] == (64, 64)
+
+
+
+def test_initial_max_errors_name_the_argument():
+  q, k, v = qkv()
+  with pytest.raises(ValueError, match="return_lse"):
+    bj.attention(q, k, v, initial_max=jnp.zeros((B, H, L)))
+  with pytest.raises(ValueError, match="initial_max.*shape"):
+    bj.attention(q, k, v, return_lse=True, initial_max=jnp.zeros((B, L)))
+  with pytest.raises(ValueError, match="initial_max.*float"):
+    bj.attention(q, k, v, return_lse=True,
+                 initial_max=jnp.zeros((B, H, L), jnp.int32))
+  with pytest.raises(ValueError, match="pallas_mosaic"):
+    bj.attention(q, k, v, return_lse=True, initial_max=jnp.zeros((B, H, L)),
+                 implementation="pallas_mosaic")

@@ -115,3 +115,11 @@ def test_block_masked_kernel_matches_oracle_on_gpu(shape, causal):
   mismatch = int(jnp.sum(jnp.abs(stats.skipped_blocks
                                  - oracle.stats.skipped_blocks)))
   assert mismatch <= 0.01 * int(jnp.sum(oracle.stats.visited_blocks))
+
+
+def test_initial_max_chains_key_parts_on_gpu():
+  """The Triton kernel's initial_max / final row max, compiled, bf16."""
+  from tests import test_pallas_triton  # pylint: disable=g-import-not-at-top
+  test_pallas_triton.check_initial_max_chaining("pallas_triton", seq_len=1024, cut=384,
+                                      dtype=jnp.bfloat16, interpret=False,
+                                      tol=2e-2)

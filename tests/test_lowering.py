@@ -137,3 +137,20 @@ def test_kernel_recording_skips_lowers_for_cuda():
                            sds((b, length, hkv, d), jnp.bfloat16),
                            sds((b,), jnp.int32), sds((b,), jnp.float32))
   assert lowered.as_text().count("blasst_prefill_triton") >= 1
+
+
+def test_kernel_chained_from_an_initial_max_lowers_for_cuda():
+  b, hq, hkv, d, length = 2, 4, 2, 128, 1000
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, kv_lengths, log_thr, initial_max):
+    return pallas_triton.attention_forward(
+        q, k, v, kv_lengths, log_thr, None, initial_max, causal=True,
+        sm_scale=d ** -0.5, block_q=128, block_kv=64)
+
+  lowered = lower_for_h100(fn, sds((b, length, hq, d), jnp.bfloat16),
+                           sds((b, length, hkv, d), jnp.bfloat16),
+                           sds((b, length, hkv, d), jnp.bfloat16),
+                           sds((b,), jnp.int32), sds((b,), jnp.float32),
+                           sds((b, hq, length), jnp.float32))
+  assert lowered.as_text().count("blasst_prefill_triton") >= 1

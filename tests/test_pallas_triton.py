@@ -158,3 +158,45 @@ def test_return_lse_matches_dense_lse(implementation):
   np.testing.assert_allclose(lse[0], want_lse[0], atol=1e-4, rtol=1e-5)
   assert bool(jnp.all(lse[1] == -jnp.inf)) and not jnp.any(jnp.isnan(out))
   assert int(jnp.sum(stats.visited_blocks[1])) == 0
+
+
+def check_initial_max_chaining(implementation, *, seq_len=128, cut=48,
+                               dtype=jnp.float32, interpret=None, tol=2e-5):
+  """Two calls over consecutive key parts, the second started from the
+  first's final row max, skip what one call over all keys skips; merged by
+  lse they give its output. Without the start the second part skips less.
+  The final max is the row max of all scores (a skipped block never holds
+  a larger one)."""
+  from blasst_jax import sharding  # pylint: disable=g-import-not-at-top
+  b, hq, hkv, d = 2, 4, 2, 32
+  q, k, v = patterns.sink_local_qkv(
+      jax.random.PRNGKey(28), batch=b, seq_len=seq_len, q_heads=hq,
+      kv_heads=hkv, head_dim=d, window=24, sharpness=(4.0, 12.0, 20.0),
+      dtype=dtype)
+  opts = dict(block_q=32, block_kv=16, threshold=0.05, return_stats=True,
+              implementation=implementation, interpret=interpret)
+  want, want_stats = bj.attention(q, k, v, **opts)
+  start = jnp.full((b, hq, seq_len), -jnp.inf)
+  (out0, lse0, max0), stats0 = bj.attention(
+      q, k[:, :cut], v[:, :cut], return_lse=True, initial_max=start, **opts)
+  (out1, lse1, max1), stats1 = bj.attention(
+      q, k[:, cut:], v[:, cut:], return_lse=True, initial_max=max0, **opts)
+  _, alone = bj.attention(q, k[:, cut:], v[:, cut:], **opts)
+  np.testing.assert_array_equal(
+      stats0.skipped_blocks + stats1.skipped_blocks, want_stats.skipped_blocks)
+  assert bool(jnp.all(alone.skipped_blocks <= stats1.skipped_blocks))
+  assert int(jnp.sum(alone.skipped_blocks)) < int(jnp.sum(
+      stats1.skipped_blocks))
+  merged = sharding.merge_parts(jnp.stack([out0, out1]),
+                                jnp.swapaxes(jnp.stack([lse0, lse1]), 2, 3))
+  np.testing.assert_allclose(merged, want.astype(jnp.float32), atol=tol,
+                             rtol=tol)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32),
+                 jnp.repeat(k, hq // hkv, axis=2).astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST) * d ** -0.5
+  np.testing.assert_allclose(max1, jnp.max(s, axis=-1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_initial_max_chains_key_parts_like_one_call(implementation):
+  check_initial_max_chaining(implementation)

@@ -311,6 +311,32 @@ def test_context_parallel_prefill_skips_a_subset_of_one_device(
   assert err < 0.1
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_context_parallel_prefill_sharing_the_max_equals_one_device(
+    implementation, causal):
+  """share_max: GQA, ragged lengths (one ends inside a part, one in the
+  first part), 4 context parts of 2 x 2 tiles; the same skip counts as one
+  device and the same output."""
+  q, k, v = _inputs(26, batch=4, seq_len=128, q_heads=8, kv_heads=4)
+  kv_lengths = jnp.asarray([128, 90, 20, 128], jnp.int32)
+  opts = dict(causal=causal, block_q=16, block_kv=16, kv_lengths=kv_lengths,
+              implementation=implementation)
+  if implementation == "pallas_triton":
+    opts["interpret"] = True
+  want, want_stats = bj.attention(q, k, v, threshold=0.05,
+                                  return_stats=True, **opts)
+  got, stats = jax.jit(lambda q, k, v: sharding.attention(
+      q, k, v, mesh=_mesh(), batch_axis="data", context_axis="model",
+      threshold=0.05, return_stats=True, share_max=True, **opts))(q, k, v)
+  assert int(jnp.sum(want_stats.skipped_blocks)) > 0
+  np.testing.assert_array_equal(stats.skipped_blocks,
+                                want_stats.skipped_blocks)
+  np.testing.assert_array_equal(stats.visited_blocks,
+                                want_stats.visited_blocks)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_context_parallel_prefill_errors():
   q, k, v = _inputs(24, batch=2, seq_len=64, q_heads=4, kv_heads=4)
   with pytest.raises(ValueError, match="block_mask"):
@@ -321,6 +347,9 @@ def test_context_parallel_prefill_errors():
   q6, k6, v6 = _inputs(24, batch=2, seq_len=90, q_heads=4, kv_heads=4)
   with pytest.raises(ValueError, match="q_len.*context_axis"):
     sharding.attention(q6, k6, v6, mesh=_mesh(), context_axis="model")
+  with pytest.raises(ValueError, match="share_max.*context_axis"):
+    sharding.attention(q, k, v, mesh=_mesh(), batch_axis="data",
+                       share_max=True)
 
 
 def test_gpt_with_mesh_matches_one_device():

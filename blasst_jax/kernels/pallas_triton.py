@@ -67,14 +67,19 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
             sm_scale: float, causal: bool, block_q: int, block_kv: int,
             q_len: int, load_v_in_branch: bool, skip_enabled: bool,
             block_lists: bool, list_in_registers: bool,
-            record_skips: int):
+            record_skips: int, chained: bool):
   # q_ref [block_q, d]; k_ref, v_ref [kv_len_padded, d]; kv_len_ref,
   # log2_thr_ref []. With block_lists: list_ref [nk_pow2] (this tile's
   # selected blocks, ascending), n_full_ref, n_sel_ref []. Outputs: o_ref
   # [block_q, d]; lse_ref [block_q]; skipped_ref, visited_ref []; with
   # record_skips (= nk_pow2 > 0): skip_ref [nk_pow2], 1 where skipped.
+  # chained: m0_ref [block_q] in (the running max to start from, natural
+  # log units, -inf: none), m_ref [block_q] out (the running max at the end).
   if block_lists:
     list_ref, n_full_ref, n_sel_ref, *refs = refs
+  if chained:
+    m0_ref, *refs = refs
+    *refs, m_ref = refs
   o_ref, lse_ref, skipped_ref, visited_ref, *skip_ref = refs
   tile = pl.program_id(0)
   if causal:  # Heavy (late) tiles first: a shorter tail in the last wave.
@@ -147,13 +152,18 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
     if not skip_enabled:  # Dense build: no decision, no branch.
       return keep()
     gap = jnp.where(row_real & (m_blk > -jnp.inf), m_blk - m, -jnp.inf)
-    skip = (pos > 0) & (jnp.max(gap) < log2_thr)
+    skip = ((pos > 0) | seen) & (jnp.max(gap) < log2_thr)
     return lax.cond(skip, drop, keep)
 
   d = q_ref.shape[-1]
+  if chained:   # A finite start: the tile has seen keys elsewhere.
+    m0 = m0_ref[...] * LOG2E
+    seen = jnp.max(jnp.where(row_real, m0, -jnp.inf)) > -jnp.inf
+  else:
+    m0, seen = jnp.full((block_q,), -jnp.inf, jnp.float32), False
   init = (jnp.zeros((block_q, d), jnp.float32),
           jnp.zeros((block_q,), jnp.float32),
-          jnp.full((block_q,), -jnp.inf, jnp.float32),
+          m0,
           jnp.int32(0),
           jnp.zeros((record_skips,), jnp.int32) if record_skips else
           jnp.int32(0))
@@ -169,15 +179,18 @@ def _kernel(q_ref, k_ref, v_ref, kv_len_ref, log2_thr_ref, *refs,
   visited_ref[...] = n_visit.astype(jnp.int32)
   if record_skips:
     skip_ref[0][...] = skips
+  if chained:
+    m_ref[...] = m * LN2
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
                      "interpret", "skip_enabled", "return_skip_mask"))
-def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
-                      causal: bool, sm_scale: float, block_q: int,
-                      block_kv: int, config: TritonConfig = TritonConfig(),
+def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
+                      initial_max=None, *, causal: bool, sm_scale: float,
+                      block_q: int, block_kv: int,
+                      config: TritonConfig = TritonConfig(),
                       interpret: bool = False, skip_enabled: bool = True,
                       return_skip_mask: bool = False):
   """Skip-softmax forward pass.
@@ -195,6 +208,8 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
       (`block_lists.tile_lists`), so unselected blocks cost no K/V reads.
     skip_enabled: False builds the plain dense kernel (no skip decision and
       no branch); `log_threshold` is then ignored.
+    initial_max: optional f32 [batch, q_heads, q_len]: the running max to
+      start from (`reference.blockwise_attention`'s `initial_max`).
     return_skip_mask: also return which blocks were skipped (for a
       backward that skips exactly those).
 
@@ -202,7 +217,9 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
     out [batch, q_len, q_heads, head_dim] (q's dtype),
     lse f32 [batch, q_heads, q_len] (natural log),
     skipped, visited: int32 [batch, q_heads, n_q_tiles],
-    and with return_skip_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks].
+    with return_skip_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks],
+    with initial_max: the running max at the end, f32 [batch, q_heads,
+    q_len].
   """
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
@@ -225,7 +242,8 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
       block_kv=block_kv, q_len=lq, load_v_in_branch=config.load_v_in_branch,
       skip_enabled=skip_enabled, block_lists=block_mask is not None,
       list_in_registers=config.list_in_registers,
-      record_skips=nk_pow2 if return_skip_mask and skip_enabled else 0)
+      record_skips=nk_pow2 if return_skip_mask and skip_enabled else 0,
+      chained=initial_max is not None)
 
   def tile_of(i):  # The kernel walks causal q tiles in reverse.
     return nq - 1 - i if causal else i
@@ -247,11 +265,15 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
                               lambda i, bi, h: (bi, h, tile_of(i), 0)),
                  per_program, per_program]
     inputs += list(lists)
+  row_spec = pl.BlockSpec((None, None, block_q),
+                          lambda i, bi, h: (bi, h, tile_of(i)))
+  if initial_max is not None:   # padded rows start at -inf
+    in_specs.append(row_spec)
+    inputs.append(jnp.pad(initial_max.astype(jnp.float32),
+                          ((0, 0), (0, 0), (0, nq * block_q - lq)),
+                          constant_values=-jnp.inf))
   record = return_skip_mask and skip_enabled
-  out_specs = [q_spec,
-               pl.BlockSpec((None, None, block_q),
-                            lambda i, bi, h: (bi, h, tile_of(i))),
-               per_program, per_program]
+  out_specs = [q_spec, row_spec, per_program, per_program]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32),
                jax.ShapeDtypeStruct((b, hq, nq), jnp.int32),
@@ -260,7 +282,10 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
     out_specs.append(pl.BlockSpec((None, None, None, nk_pow2),
                                   lambda i, bi, h: (bi, h, tile_of(i), 0)))
     out_shape.append(jax.ShapeDtypeStruct((b, hq, nq, nk_pow2), jnp.int32))
-  out, lse, skipped, visited, *skips = pl.pallas_call(
+  if initial_max is not None:
+    out_specs.append(row_spec)
+    out_shape.append(jax.ShapeDtypeStruct((b, hq, nq * block_q), jnp.float32))
+  out, lse, skipped, visited, *extra = pl.pallas_call(
       kernel,
       grid=(nq, b, hq),
       in_specs=in_specs,
@@ -272,8 +297,9 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
       name="blasst_prefill_triton",
   )(*inputs)
   result = (out[:, :lq, :, :d], lse[:, :, :lq], skipped, visited)
-  if not return_skip_mask:
-    return result
-  skip_mask = (skips[0][..., :nk] != 0 if record else
-               jnp.zeros((b, hq, nq, nk), bool))
-  return result + (skip_mask,)
+  if return_skip_mask:
+    result += (extra[0][..., :nk] != 0 if record else
+               jnp.zeros((b, hq, nq, nk), bool),)
+  if initial_max is not None:
+    result += (extra[-1][:, :, :lq],)
+  return result

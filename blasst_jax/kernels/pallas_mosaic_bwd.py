@@ -614,8 +614,6 @@ def _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists, *,
         n_programs=lq_pad // pair, **static)
 
   def per_kv_head(x):   # GQA: sum over the group in f32
-    if group == 1:
-      return x[:, :lk]
     x = x[:, :lk].reshape(b, lk, hkv, group, d)
     return jnp.sum(x.astype(jnp.float32), axis=3).astype(k.dtype)
   return dq[:, :lq], per_kv_head(dk), per_kv_head(dv)

@@ -199,8 +199,6 @@ def attention_backward(q, k, v, out, lse, d_out, kv_lengths, keep, *,
 
   # Per q head -> per KV head (GQA: sum over the group).
   def per_kv_head(x):
-    if group == 1:
-      return x[:, :lk, :, :d]
     x = x[:, :lk, :, :d].reshape(b, lk, hkv, group, d)
     return jnp.sum(x, axis=3).astype(k.dtype)
   return dq[:, :lq, :, :d], per_kv_head(dk), per_kv_head(dv)

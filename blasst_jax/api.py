@@ -137,19 +137,26 @@ def _check_block_mask(block_mask, expected: tuple[int, ...]):
                      "use mask.astype(bool).")
 
 
+def check_initial_max_array(initial_max, expected: tuple[int, ...],
+                            dims: str) -> None:
+  """ValueError unless `initial_max` is a float array of shape `expected`
+  (`dims` names its dimensions in the message)."""
+  shape = _shape_of("initial_max", initial_max)
+  if shape != expected:
+    raise ValueError(f"`initial_max` must have shape {dims}={expected}, "
+                     f"got {shape}.")
+  if not jnp.issubdtype(jnp.result_type(initial_max), jnp.floating):
+    raise ValueError(f"`initial_max` must be a float array, got "
+                     f"{jnp.result_type(initial_max)}.")
+
+
 def _check_initial_max(initial_max, expected: tuple[int, ...],
                        return_lse: bool, implementation) -> None:
   if not return_lse:
     raise ValueError("`initial_max` gives a partial result to merge: pass "
                      "return_lse=True (the call then returns out, lse and "
                      "the final row max).")
-  shape = _shape_of("initial_max", initial_max)
-  if shape != expected:
-    raise ValueError(f"`initial_max` must have shape [batch, q_heads, q_len]"
-                     f"={expected}, got {shape}.")
-  if not jnp.issubdtype(jnp.result_type(initial_max), jnp.floating):
-    raise ValueError(f"`initial_max` must be a float array, got "
-                     f"{jnp.result_type(initial_max)}.")
+  check_initial_max_array(initial_max, expected, "[batch, q_heads, q_len]")
   if implementation not in (None, "reference", "pallas_triton"):
     raise ValueError(f"`initial_max` runs on 'reference' or 'pallas_triton', "
                      f"not {implementation!r}; pass implementation=None.")

@@ -154,7 +154,8 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
                      max_mode: str = DEFAULT_MAX_MODE,
                      implementation: str | None = None,
                      return_stats: bool = False, interpret: bool | None = None,
-                     kernel_config=None, return_lse: bool = False):
+                     kernel_config=None, return_lse: bool = False,
+                     initial_max=None, max_axis_name=None):
   """Skip-softmax attention of one new token against a contiguous KV cache.
 
   Args:
@@ -185,6 +186,13 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
       the natural-log log-sum-exp of the kept scores (-inf where none),
       for merging results over parts of a cache
       (`blasst_jax.sharding.decode_attention` with a context axis).
+    initial_max: optional f32 [batch, q_heads], a known lower bound of each
+      row's max score in units of sm_scale·q·kᵀ (-inf: none): every split's
+      running max starts at least there ("global": the reference max is at
+      least it), e.g. the anchors of a cache cut over devices.
+    max_axis_name: inside `shard_map` with the cache positions cut over this
+      mesh axis: "global" mode takes the global max over every device's
+      part, so each part decides as one device would.
 
   Returns:
     out with q's shape and dtype, or (out, DecodeStats); out is (out, lse)
@@ -209,7 +217,8 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
                  num_splits=num_splits, max_mode=max_mode,
                  implementation=implementation, return_stats=return_stats,
                  interpret=interpret, kernel_config=kernel_config,
-                 return_lse=return_lse)
+                 return_lse=return_lse, initial_max=initial_max,
+                 max_axis_name=max_axis_name)
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
@@ -253,9 +262,20 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
                  interpret=interpret, kernel_config=kernel_config)
 
 
+def _check_shared_max(initial_max, max_axis_name, expected, max_mode):
+  if initial_max is not None:
+    api.check_initial_max_array(initial_max, expected, "[batch, q_heads]")
+  if max_axis_name is not None and max_mode != "global":
+    raise ValueError(f"`max_axis_name` shares the global max of "
+                     f"max_mode='global', got max_mode={max_mode!r}; pass "
+                     "max_mode='global' (or share the anchors with "
+                     "`initial_max`).")
+
+
 def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
             sm_scale, num_splits, max_mode, implementation, return_stats,
-            interpret, kernel_config, return_lse: bool = False):
+            interpret, kernel_config, return_lse: bool = False,
+            initial_max=None, max_axis_name=None):
   q_shape = q.shape
   q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])       # [b, hq, d]
   b, hq, d = q.shape
@@ -263,6 +283,7 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
   group = hq // hkv
   max_len = page_table.shape[1] * block_kv
   _check_options(implementation, num_splits, block_kv, d, max_mode)
+  _check_shared_max(initial_max, max_axis_name, (b, hq), max_mode)
   api.check_sm_scale(sm_scale)
   if implementation is None:
     implementation = ("pallas_triton" if jax.default_backend() == "gpu"
@@ -281,7 +302,8 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
     res = reference.blockwise_decode_attention(
         q, gather(k_pages), gather(v_pages), kv_lengths, block_kv=block_kv,
         num_splits=num_splits, max_mode=max_mode, sm_scale=sm_scale,
-        log_threshold=log_thr)
+        log_threshold=log_thr, initial_max=initial_max,
+        max_axis_name=max_axis_name)
     out, lse = res.out, res.lse                                 # lse [b, hq]
     skipped = jnp.sum(res.skip_mask, axis=-1, dtype=jnp.int32)   # [b, hkv]
     visited = jnp.sum(res.visited_mask, axis=-1, dtype=jnp.int32)
@@ -297,11 +319,16 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
     rows = decode_triton.padded_rows(group)
     qg = jnp.pad(q.reshape(b, hkv, group, d),
                  ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    if initial_max is not None:   # log2 units, padding rows at -inf
+      initial_max = jnp.pad(
+          initial_max.astype(jnp.float32).reshape(b, hkv, group)
+          * decode_triton.LOG2E, ((0, 0), (0, 0), (0, rows - group)),
+          constant_values=-jnp.inf)
     acc, m, l, skipped, visited = decode_triton.decode_partials(
-        qg, k_pages, v_pages, page_table, kv_lengths, log_thr, group=group,
-        sm_scale=sm_scale, num_splits=num_splits, max_mode=max_mode,
-        config=kernel_config, interpret=bool(interpret),
-        skip_enabled=skip_enabled)
+        qg, k_pages, v_pages, page_table, kv_lengths, log_thr, initial_max,
+        group=group, sm_scale=sm_scale, num_splits=num_splits,
+        max_mode=max_mode, config=kernel_config, interpret=bool(interpret),
+        skip_enabled=skip_enabled, max_axis_name=max_axis_name)
     out, lse = merge_partials(acc, m, l, return_lse=True)
     out = out[:, :, :group].reshape(b, hq, d).astype(q.dtype)
     lse = lse[:, :, :group].reshape(b, hq)

@@ -37,7 +37,7 @@ def sink_local_qkv(key: jax.Array, *, batch: int, seq_len: int,
                    sharpness: float | Sequence[float] = (2.0, 6.0, 12.0, 20.0),
                    sink: float | Sequence[float] | None = None,
                    sink_tokens: int = 4, window: int = 64, noise: float = 1.0,
-                   dtype=jnp.float32):
+                   q_start: int = 0, dtype=jnp.float32):
   """Builds (q, k, v) with sink + local-window + noise scores.
 
   Args:
@@ -52,6 +52,8 @@ def sink_local_qkv(key: jax.Array, *, batch: int, seq_len: int,
     sink_tokens: how many leading tokens act as the sink.
     window: width of the local window in tokens.
     noise: standard deviation of the random part of each score.
+    q_start: position of the first query (e.g. kv_len - 1 and seq_len = 1:
+      the newest token of a decode step, without the other queries).
     dtype: dtype of the returned arrays.
 
   Returns:
@@ -73,7 +75,7 @@ def sink_local_qkv(key: jax.Array, *, batch: int, seq_len: int,
   omega = jax.random.uniform(k_freq, (n_freq,), minval=0.0,
                              maxval=math.pi / window)        # [f]
   k_pos = jnp.arange(kv_len, dtype=jnp.float32)
-  q_pos = jnp.arange(seq_len, dtype=jnp.float32)
+  q_pos = q_start + jnp.arange(seq_len, dtype=jnp.float32)
 
   def features(pos):                                         # [t, 2f]
     ang = pos[:, None] * omega[None, :]

@@ -409,7 +409,8 @@ def decode_anchor_max(m_blk, kv_lengths, block_kv: int) -> jax.Array:
 def blockwise_decode_attention(q, k, v, kv_lengths, *, block_kv: int,
                                threshold=0.0, num_splits: int = 1,
                                max_mode: str = "split", sm_scale=None,
-                               log_threshold=None) -> DecodeResult:
+                               log_threshold=None, initial_max=None,
+                               max_axis_name=None) -> DecodeResult:
   """Decode attention with the exact skip rule of the decode kernels.
 
   Scores `s = sm_scale * q·kᵀ` (f32), keys at positions >= kv_lengths[b]
@@ -430,9 +431,14 @@ def blockwise_decode_attention(q, k, v, kv_lengths, *, block_kv: int,
   - "global" (two passes): every block is compared with the global row max
     `m*` over all keys, the same for every split count.
 
-  The block holding a row's reference max is never skipped, and the output
-  is softmax attention restricted to the kept blocks (the split partials
-  merge exactly).
+  With `initial_max` every split's running max starts at the larger of it
+  and the mode's start (-inf or the anchors), and "global" compares with
+  the larger of it and `m*`: a known lower bound of the row max, e.g. the
+  anchors of a sequence whose cache is cut over devices.
+
+  The block holding a row's reference max is never skipped (unless
+  `initial_max` exceeds it), and the output is softmax attention restricted
+  to the kept blocks (the split partials merge exactly).
 
   Args:
     q: [batch, q_heads, head_dim].
@@ -445,6 +451,11 @@ def blockwise_decode_attention(q, k, v, kv_lengths, *, block_kv: int,
     max_mode: "split", "anchored" or "global" (see above).
     sm_scale: default 1/sqrt(head_dim).
     log_threshold: optional f32 [batch], log λ; overrides `threshold`.
+    initial_max: optional f32 [batch, q_heads] in units of sm_scale·q·kᵀ
+      (-inf: none), see above.
+    max_axis_name: inside `shard_map` with the cache positions cut over
+      this mesh axis, "global" mode takes `m*` over every device's part
+      (`lax.pmax`), so each part decides as one device would.
 
   Returns:
     A `DecodeResult`.
@@ -483,17 +494,23 @@ def blockwise_decode_attention(q, k, v, kv_lengths, *, block_kv: int,
     gap = jnp.where(blk == -jnp.inf, -jnp.inf, blk - reference_max)
     return jnp.max(gap, axis=2)
 
+  m_given = (jnp.full((b, hkv, g), -jnp.inf, jnp.float32)
+             if initial_max is None else
+             jnp.asarray(initial_max, jnp.float32).reshape(b, hkv, g))
   if max_mode == "global":
     m_star = jnp.max(s, axis=-1)                                 # [b,hkv,g]
+    if max_axis_name is not None:
+      m_star = jax.lax.pmax(m_star, max_axis_name)
+    m_star = jnp.maximum(m_star, m_given)
     gaps = jax.vmap(lambda blk: gap_to(m_star, blk), in_axes=3,
                     out_axes=2)(m_blk)                           # [b,hkv,nk]
     skip = visited & (gaps < log_thr[:, None, None])
   else:
     starts = decode_split_starts(kv_lengths, nk, block_kv, num_splits)
+    m_start = m_given                                            # [b,hkv,g]
     if max_mode == "anchored":
-      m_start = decode_anchor_max(m_blk, kv_lengths, block_kv)  # [b,hkv,g]
-    else:
-      m_start = jnp.full((b, hkv, g), -jnp.inf, jnp.float32)
+      m_start = jnp.maximum(m_start,
+                            decode_anchor_max(m_blk, kv_lengths, block_kv))
 
     def step(m_run, xs):                                         # [b,hkv,g]
       blk, start, visited_j = xs        # [b,hkv,g], [b], [b,hkv]

@@ -20,12 +20,15 @@ each device attends over its part of the keys and the parts are merged by
 log-sum-exp (`merge_parts`, `merge_by_lse`). Each part skips against its
 own running max, like one split of split-K: it never skips a block that one
 device would keep, and may keep some that one device would skip. With
-`share_max=True` (prefill) a device chains the running max through its
-parts in key order and takes one device's decisions exactly.
+`share_max=True` the devices take one device's decisions: in prefill a
+device chains the running max through its parts in key order (no extra
+communication); in decode the devices share the reference max of
+`max_mode` (a `pmax` of one float per query head).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -37,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from blasst_jax import api
 from blasst_jax import config as config_lib
 from blasst_jax import decode as decode_lib
+from blasst_jax import reference
 from blasst_jax.config import SkipStats
 
 AxisName = str | tuple[str, ...] | None
@@ -123,7 +127,7 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
               head_axis: AxisName = None, context_axis: AxisName = None,
               threshold=0.0, kv_lengths=None, block_mask=None,
               return_stats: bool = False, share_max: bool = False,
-              **kwargs: Any):
+              load_balance: bool = False, **kwargs: Any):
   """`bj.attention` with batch and/or heads sharded over mesh axes.
 
   Args:
@@ -152,6 +156,13 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
       with (`bj.attention(initial_max=...)`), so it takes one device's
       skip decisions (the part size a multiple of block_q and block_kv) at
       no extra communication; runs on "reference" or "pallas_triton".
+    load_balance: with a context axis, cut the sequence into 2n chunks
+      and let device i attend the queries of chunks i and 2n-1-i (then
+      route the outputs back to their parts): causal prefill does equal
+      work on every device instead of 1..n parts (device n-1 the most).
+      Costs gathering Q and the output besides K and V; q_len must divide
+      by 2n. The same outputs; with share_max one device's decisions
+      (without it each of the 2n key chunks skips against its own max).
     **kwargs: the other `bj.attention` arguments (causal, sm_scale,
       implementation, block_q, block_kv, interpret, kernel_config).
 
@@ -176,10 +187,10 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
         q, k, v, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis,
         context_axis=context_axis, threshold=threshold, kv_lengths=kv_lengths,
         block_mask=block_mask, return_stats=return_stats,
-        share_max=share_max, **kwargs)
-  if share_max:
-    raise ValueError("`share_max` shares the running max across the parts "
-                     "of a context axis: pass context_axis.")
+        share_max=share_max, load_balance=load_balance, **kwargs)
+  if share_max or load_balance:
+    raise ValueError("`share_max` and `load_balance` arrange the parts of a "
+                     "context axis: pass context_axis.")
   thr_array, thr_static = _split_threshold(threshold, b)
   qkv_spec = P(batch_axis, None, head_axis, None)
   row_spec = P(batch_axis)
@@ -237,10 +248,77 @@ def merge_parts(outs, lses):
   return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
+def _branch(pred, if_true, if_false, operand):
+  """`lax.cond`, or a plain `if` when `pred` is a Python bool (a chunk
+  index known at trace time traces one branch only)."""
+  if isinstance(pred, bool):
+    return if_true(operand) if pred else if_false(operand)
+  return jax.lax.cond(pred, if_true, if_false, operand)
+
+
+def attend_query_chunk(q, c, ks, vs, lengths, threshold, *, causal: bool,
+                       share_max: bool, **kwargs):
+  """Attention of one chunk of queries to the key chunks before it.
+
+  The per-device work of context-parallel prefill (also timed alone by
+  `experiments/bench_multigpu.py`).
+
+  Args:
+    q: [batch, chunk, q_heads, head_dim], queries at positions
+      c*chunk..(c+1)*chunk of the sequence.
+    c: the chunk's index: an int or an int32 scalar (e.g. from
+      `lax.axis_index`).
+    ks, vs: [m, batch, chunk, kv_heads, head_dim], the sequence's m key and
+      value chunks.
+    lengths: int32 [batch], the whole sequences' lengths.
+    threshold: f32 [batch], λ per row.
+    causal: attend key chunks 0..c (chunk c causal) rather than all m.
+    share_max: walk the key chunks in order and start each from the running
+      max the previous one ended with (one device's skip decisions).
+    **kwargs: other `bj.attention` arguments (sm_scale, implementation, ...).
+
+  Returns:
+    out f32 [batch, chunk, q_heads, head_dim] merged over the key chunks,
+    skipped and visited int32 [batch, q_heads] summed over them.
+  """
+  b, chunk, hq, _ = q.shape
+  empty = (jnp.zeros(q.shape, jnp.float32),
+           jnp.full((b, hq, chunk), -jnp.inf, jnp.float32),
+           jnp.zeros((b, hq), jnp.int32), jnp.zeros((b, hq), jnp.int32))
+
+  def key_chunk(j, is_causal, row_max):
+    local = jnp.clip(lengths - j * chunk, 0, chunk)
+    (out, lse, *row_max), stats = api.attention(
+        q, ks[j], vs[j], threshold=threshold, kv_lengths=local,
+        causal=is_causal, return_stats=True, return_lse=True,
+        initial_max=row_max, **kwargs)
+    return (out.astype(jnp.float32), lse, stats.skipped_blocks,
+            stats.visited_blocks), (row_max[0] if share_max else None)
+
+  # share_max: the running max [b, hq, chunk] carried from chunk to chunk.
+  row_max = (jnp.full((b, hq, chunk), -jnp.inf, jnp.float32) if share_max
+             else None)
+  parts = []
+  for j in range(ks.shape[0]):     # key chunk j against these queries
+    if causal:
+      part, row_max = _branch(
+          j < c, lambda m, j=j: key_chunk(j, False, m),
+          lambda m, j=j: _branch(j == c,
+                                 lambda m: key_chunk(j, True, m),
+                                 lambda m: (empty, m), m), row_max)
+    else:
+      part, row_max = key_chunk(j, False, row_max)
+    parts.append(part)
+  outs, lses, skipped, visited = (jnp.stack(x) for x in zip(*parts))
+  # lse [m, b, hq, chunk] -> the out layout [m, b, chunk, hq]
+  out = merge_parts(outs, jnp.swapaxes(lses, 2, 3))
+  return out, jnp.sum(skipped, axis=0), jnp.sum(visited, axis=0)
+
+
 def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
                                 context_axis, threshold, kv_lengths,
                                 block_mask, return_stats, share_max,
-                                **kwargs):
+                                load_balance, **kwargs):
   """`attention` with the sequence sharded over `context_axis`."""
   if block_mask is not None:
     raise ValueError("`block_mask` is not supported with `context_axis`: "
@@ -250,56 +328,52 @@ def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
   if lq != lk:
     raise ValueError(f"`context_axis` needs q_len == kv_len (one sequence "
                      f"cut into parts), got {lq} and {lk}.")
-  _check_divides(lq, n, "q_len", "context_axis")
-  part = lq // n
+  if load_balance:
+    _check_divides(lq, 2 * n, "q_len (load_balance: 2 chunks per device)",
+                   "context_axis")
+  else:
+    _check_divides(lq, n, "q_len", "context_axis")
   causal = kwargs.pop("causal", False)
   lengths = (jnp.full((b,), lk, jnp.int32) if kv_lengths is None
              else jnp.asarray(kv_lengths, jnp.int32))
   # λ per row from the whole sequence, as one device's.
   thr_array = config_lib.resolve_threshold(threshold, lengths, lk, b)
+  dense = api._is_static_zero(threshold)  # pylint: disable=protected-access
   qkv_spec = P(batch_axis, context_axis, head_axis, None)
   row_spec = P(batch_axis)
   head_spec = P(batch_axis, head_axis)
+  attend = functools.partial(attend_query_chunk, causal=causal,
+                             share_max=share_max, **kwargs)
+
+  def chunks(x, m):          # [b, m * chunk, h, d] -> [m, b, chunk, h, d]
+    return jnp.moveaxis(x.reshape(x.shape[0], m, -1, *x.shape[2:]), 1, 0)
 
   def body(q, k, v, lengths, thr):
+    if dense:        # the kernels without the skip check
+      thr = 0.0
     i = jax.lax.axis_index(context_axis)
-    ks = jax.lax.all_gather(k, context_axis)        # [n, b, part, hkv, d]
-    vs = jax.lax.all_gather(v, context_axis)
-    hq = q.shape[2]
-    empty = (jnp.zeros(q.shape, jnp.float32),
-             jnp.full((q.shape[0], hq, part), -jnp.inf, jnp.float32),
-             jnp.zeros((q.shape[0], hq), jnp.int32),
-             jnp.zeros((q.shape[0], hq), jnp.int32))
-
-    def part_attention(j, is_causal, row_max):
-      local = jnp.clip(lengths - j * part, 0, part)
-      (out, lse, *row_max), stats = api.attention(
-          q, ks[j], vs[j], threshold=thr, kv_lengths=local,
-          causal=is_causal, return_stats=True, return_lse=True,
-          initial_max=row_max, **kwargs)
-      return (out.astype(jnp.float32), lse, stats.skipped_blocks,
-              stats.visited_blocks), (row_max[0] if share_max else None)
-
-    # share_max: the running max [b, hq, part] carried from part to part.
-    row_max = (jnp.full((q.shape[0], hq, part), -jnp.inf, jnp.float32)
-               if share_max else None)
-    parts = []
-    for j in range(n):        # key part j against this device's queries
-      if causal:
-        part_j, row_max = jax.lax.cond(
-            j < i, lambda m, j=j: part_attention(j, False, m),
-            lambda m, j=j: jax.lax.cond(
-                j == i, lambda m: part_attention(j, True, m),
-                lambda m: (empty, m), m), row_max)
-      else:
-        part_j, row_max = part_attention(j, False, row_max)
-      parts.append(part_j)
-    outs, lses, skipped, visited = (jnp.stack(x) for x in zip(*parts))
-    # lse [n, b, hq, part] -> the out layout [n, b, part, hq]
-    out = merge_parts(outs, jnp.swapaxes(lses, 2, 3)).astype(q.dtype)
-    skipped = jax.lax.psum(jnp.sum(skipped, axis=0), context_axis)
-    visited = jax.lax.psum(jnp.sum(visited, axis=0), context_axis)
-    return out, skipped, visited
+    gather = lambda x: jax.lax.all_gather(x, context_axis, axis=1,  # pylint: disable=g-long-lambda
+                                          tiled=True)
+    if not load_balance:     # queries of part i against key parts 0..i
+      out, skipped, visited = attend(q, i, chunks(gather(k), n),
+                                     chunks(gather(v), n), lengths, thr)
+    else:   # chunks i and 2n-1-i of 2n: equal causal work on every device
+      ks, vs = chunks(gather(k), 2 * n), chunks(gather(v), 2 * n)
+      qs = chunks(gather(q), 2 * n)
+      results = [attend(qs[c], c, ks, vs, lengths, thr)
+                 for c in (i, 2 * n - 1 - i)]
+      # Every device's two chunks -> the output in sequence order, then
+      # this device's part of it.
+      pair = jnp.stack([r[0] for r in results])       # [2, b, chunk, h, d]
+      pairs = jax.lax.all_gather(pair, context_axis)  # [n, 2, ...]
+      ordered = jnp.concatenate([pairs[:, 0], pairs[::-1, 1]])  # [2n, ...]
+      out = jax.lax.dynamic_slice_in_dim(ordered, 2 * i, 2)
+      out = jnp.concatenate([out[0], out[1]], axis=1)
+      skipped = results[0][1] + results[1][1]
+      visited = results[0][2] + results[1][2]
+    skipped = jax.lax.psum(skipped, context_axis)
+    visited = jax.lax.psum(visited, context_axis)
+    return out.astype(q.dtype), skipped, visited
 
   out, skipped, visited = _run_sharded(
       body, mesh, (qkv_spec, qkv_spec, qkv_spec, row_spec, row_spec),
@@ -312,7 +386,8 @@ def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
 def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
                      batch_axis: AxisName = None, head_axis: AxisName = None,
                      context_axis: AxisName = None, threshold=0.0,
-                     return_stats: bool = False, **kwargs: Any):
+                     return_stats: bool = False, share_max: bool = False,
+                     **kwargs: Any):
   """`bj.decode_attention` with the batch, heads and/or cache sharded.
 
   Args:
@@ -329,6 +404,15 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
       with the batch.
     return_stats: also return a `DecodeStats` (counts and bytes_read summed
       over the head and context shards).
+    share_max: with a context axis, the devices share the reference max of
+      `max_mode` so that they decide as one device: "global" takes the max
+      over all parts between its two passes (one device's decisions for
+      any lengths and split counts); "anchored" scores the sequence's first
+      and last block on the devices that hold them and starts every split
+      there (one device's decisions when its splits fall on the part
+      boundaries, e.g. full-length rows with num_splits = n there and 1 per
+      part here). Each is a `pmax` of [batch, q_heads] floats; "split" has
+      no shared max (ValueError).
     **kwargs: the other `bj.decode_attention` arguments (sm_scale,
       block_kv, num_splits, max_mode, implementation, interpret,
       kernel_config); num_splits and max_mode apply within each part.
@@ -353,8 +437,14 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
   _check_divides(hq, nh, "q_heads", "head_axis")
   _check_divides(hkv, nh, "kv_heads", "head_axis")
   _check_divides(max_len, nc, "The cache length max_len", "context_axis")
+  max_mode = kwargs.get("max_mode", decode_lib.DEFAULT_MAX_MODE)
+  block_kv = kwargs.get("block_kv", decode_lib.DEFAULT_BLOCK_KV)
+  if share_max:
+    _check_decode_share_max(context_axis, max_mode, max_len // nc, block_kv)
   if context_axis is None:
     thr_array, thr_static = _split_threshold(threshold, b)
+  elif api._is_static_zero(threshold):  # pylint: disable=protected-access
+    thr_array, thr_static = None, 0.0     # the kernels without the check
   else:
     # λ per row from the whole sequence (a scale factor divides by its
     # length), not from a part.
@@ -378,9 +468,17 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
       part = k_cache.shape[1]
       start = jax.lax.axis_index(context_axis) * part
       local = jnp.clip(kv_lengths - start, 0, part).astype(jnp.int32)
+      opts = dict(kwargs)
+      if share_max and max_mode == "global":
+        opts["max_axis_name"] = context_axis
+      elif share_max:     # "anchored": the whole sequence's anchors
+        opts["max_mode"] = "split"
+        opts["initial_max"] = jax.lax.pmax(anchor_max_in_part(
+            q, k_cache, kv_lengths, start, block_kv=block_kv,
+            sm_scale=kwargs.get("sm_scale")), context_axis)
       (out, lse), stats = decode_lib.decode_attention(
           q, k_cache, v_cache, local, return_stats=True, return_lse=True,
-          threshold=threshold, **kwargs)
+          threshold=threshold, **opts)
       rows = out.reshape(out.shape[0], out.shape[-2], out.shape[-1])
       out = merge_by_lse(rows, lse, context_axis).reshape(out.shape)
       out = out.astype(q.dtype)
@@ -404,3 +502,59 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
   return out, decode_lib.DecodeStats(skipped_blocks=skipped,
                                      visited_blocks=visited,
                                      bytes_read=bytes_read)
+
+
+def _check_decode_share_max(context_axis, max_mode, part: int,
+                            block_kv: int) -> None:
+  if context_axis is None:
+    raise ValueError("`share_max` shares the reference max across the parts "
+                     "of a context axis: pass context_axis.")
+  if max_mode == "split":
+    raise ValueError("`share_max` needs max_mode 'anchored' or 'global': "
+                     "'split' has no max to share (each split keeps its "
+                     "own).")
+  if max_mode == "anchored" and part % block_kv:
+    raise ValueError(f"`share_max` with max_mode='anchored' needs the part "
+                     f"of the cache on each device (max_len / n = {part}) "
+                     f"to be a multiple of block_kv ({block_kv}), so that "
+                     "each anchor block is whole on one device.")
+
+
+def anchor_max_in_part(q, k_part, kv_lengths, start, *, block_kv: int,
+                        sm_scale=None):
+  """This device's share of each sequence's anchor max.
+
+  Args:
+    q: [batch, q_heads, head_dim] or [batch, 1, q_heads, head_dim].
+    k_part: [batch, part, kv_heads, head_dim], cache positions
+      start..start+part (part a multiple of block_kv).
+    kv_lengths: int [batch], the whole sequences' lengths.
+    start: this part's first position.
+    block_kv: keys per block; sm_scale: default 1/sqrt(head_dim).
+
+  Returns:
+    f32 [batch, q_heads]: the row max of sm_scale·q·kᵀ over the sequence's
+    first and last block (`reference.decode_anchor_max`) where this part
+    holds them, -inf elsewhere: a `pmax` over the parts gives one device's
+    anchor max.
+  """
+  b, part, hkv, d = k_part.shape
+  q = q.reshape(b, hkv, q.shape[-2] // hkv, d)                  # [b,hkv,g,d]
+  if sm_scale is None:
+    sm_scale = reference.default_sm_scale(d)
+  kv_lengths = jnp.asarray(kv_lengths, jnp.int32)
+  last = jnp.maximum(-(-kv_lengths // block_kv) - 1, 0) * block_kv  # [b]
+  m = jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
+  for first in (jnp.zeros_like(last), last):      # block starts, global [b]
+    offset = jnp.clip(first - start, 0, part - block_kv)
+    keys = jax.vmap(lambda k, o: jax.lax.dynamic_slice_in_dim(
+        k, o, block_kv))(k_part, offset)                  # [b, bkv, hkv, d]
+    s = jnp.einsum("bhgd,bkhd->bhgk", q, keys,
+                   preferred_element_type=jnp.float32,
+                   precision=jax.lax.Precision.HIGHEST) * sm_scale
+    pos = first[:, None] + jnp.arange(block_kv)[None, :]         # [b, bkv]
+    held = (first >= start) & (first < start + part)             # [b]
+    valid = held[:, None] & (pos < kv_lengths[:, None])
+    s = jnp.where(valid[:, None, None, :], s, -jnp.inf)
+    m = jnp.maximum(m, jnp.max(s, axis=-1))
+  return m.reshape(b, -1)

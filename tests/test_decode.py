@@ -133,6 +133,58 @@ def test_skip_sets_nest_split_anchored_global(num_splits):
   assert int(masks["global"].sum()) > 0
 
 
+def _masked_scores(q, k, kv_lengths):
+  """f32 [b, kv_heads, group, max_len]: sm_scale·q·kᵀ, -inf past lengths."""
+  b, hq, d = q.shape
+  _, max_len, hkv, _ = k.shape
+  s = jnp.einsum("bhgd,bkhd->bhgk", q.reshape(b, hkv, hq // hkv, d), k,
+                 precision=jax.lax.Precision.HIGHEST) / np.sqrt(d)
+  return jnp.where(jnp.arange(max_len) < kv_lengths[:, None, None, None], s,
+                   -jnp.inf)
+
+
+@pytest.mark.parametrize("max_mode", MODES)
+def test_initial_max_kernel_matches_oracle(max_mode):
+  """A given lower bound of the row max: the kernel decides as the oracle,
+  and a higher start only adds skips."""
+  q, k, v = cache_inputs(test_base.key_for("decode_initial_max", max_mode))
+  kv_lengths = jnp.array([320, 177, 0], jnp.int32)
+  # Their true max (as "global"), but one KV group given nothing and one
+  # row of another.
+  top = jnp.max(_masked_scores(q, k, kv_lengths), axis=-1).reshape(3, 8)
+  initial_max = top.at[1, :4].set(-jnp.inf).at[0, 5].set(-jnp.inf)
+  opts = dict(block_kv=32, threshold=1e-2, num_splits=3, max_mode=max_mode)
+  out, stats = bj.decode_attention(
+      q, k, v, kv_lengths, implementation="pallas_triton", return_stats=True,
+      initial_max=initial_max, **opts)
+  oracle = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, initial_max=initial_max, **opts)
+  assert_matches_oracle(out, stats, oracle, 1e-2, jnp.float32)
+  assert not bool(jnp.any(jnp.isnan(out)))
+  plain = bj.reference.blockwise_decode_attention(q, k, v, kv_lengths,
+                                                  **opts)
+  # The running max stays at or above the plain walk's: only more skips.
+  assert not bool(jnp.any(plain.skip_mask & ~oracle.skip_mask))
+  if max_mode == "split":   # the others start from the max here already
+    assert int(oracle.skip_mask.sum()) > int(plain.skip_mask.sum())
+
+
+def test_split_walk_from_the_anchors_is_the_anchored_walk():
+  q, k, v = cache_inputs(test_base.key_for("decode_anchor_start"))
+  kv_lengths = jnp.array([320, 177, 1], jnp.int32)
+  opts = dict(block_kv=32, threshold=0.05, num_splits=3)
+  anchored = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, max_mode="anchored", **opts)
+  m_blk = jnp.max(_masked_scores(q, k, kv_lengths).reshape(3, 2, 4, 10, 32),
+                  axis=-1)
+  start = bj.reference.decode_anchor_max(m_blk, kv_lengths, 32).reshape(3, 8)
+  split = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, max_mode="split", initial_max=start, **opts)
+  np.testing.assert_array_equal(split.skip_mask, anchored.skip_mask)
+  np.testing.assert_allclose(split.out, anchored.out, atol=1e-6)
+  assert int(anchored.skip_mask.sum()) > 0
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("max_mode", MODES)
 def test_zero_threshold_is_dense_attention(impl, max_mode):
@@ -237,10 +289,12 @@ def test_decode_kernel_lowers_for_cuda():
   from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct
   for mode in MODES:
-    fn = lambda *a, mode=mode: decode_triton.decode_partials(  # pylint: disable=g-long-lambda
-        *a, group=4, sm_scale=0.1, num_splits=4, max_mode=mode)
-    lowered = test_base.lower_for_h100(
-        fn, sds((2, 8, 16, 128), jnp.bfloat16),
-        sds((64, 64, 8, 128), jnp.bfloat16), sds((64, 64, 8, 128), jnp.bfloat16),
-        sds((2, 32), jnp.int32), sds((2,), jnp.int32), sds((2,), jnp.float32))
-    assert lowered.as_text().count("blasst_decode") >= 1
+    for initial_max in ((), (sds((2, 8, 16), jnp.float32),)):
+      fn = lambda *a, mode=mode: decode_triton.decode_partials(  # pylint: disable=g-long-lambda
+          *a, group=4, sm_scale=0.1, num_splits=4, max_mode=mode)
+      lowered = test_base.lower_for_h100(
+          fn, sds((2, 8, 16, 128), jnp.bfloat16),
+          sds((64, 64, 8, 128), jnp.bfloat16),
+          sds((64, 64, 8, 128), jnp.bfloat16), sds((2, 32), jnp.int32),
+          sds((2,), jnp.int32), sds((2,), jnp.float32), *initial_max)
+      assert lowered.as_text().count("blasst_decode") >= 1

@@ -268,3 +268,29 @@ def test_train_lm_small_on_text_learns_from_heldout_split(tmp_path):
       capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0
   assert "run experiments/prepare_text.py" in proc.stderr
+
+
+def test_bench_multigpu_smoke(tmp_path):
+  output = tmp_path / "multigpu.json"
+  # tests/conftest.py gives the subprocess 8 CPU devices (XLA_FLAGS).
+  out = run(["experiments/bench_multigpu.py",
+             "--config=configs/bench_multigpu.py:smoke",
+             f"--config.output={output}"], tmp_path)
+  assert "devices: 8" in out
+  rows = json.loads(output.read_text())["rows"]
+  assert (tmp_path / "multigpu.png").stat().st_size > 10_000
+  assert all(np.isfinite(r["time_ms"]) for r in rows)
+  measured = {(r["phase"], r["devices"]) for r in rows
+              if r["mode"] == "measured" and r["impl"] == "bj.sharding"}
+  assert measured == {(p, n) for p in ("prefill", "decode") for n in (1, 2)}
+  modeled = [r for r in rows if r["mode"] == "modeled"]
+  assert {r["devices"] for r in modeled} == {4}
+  # A shared max skips what one device skips, on every device count.
+  for phase in ("prefill", "decode"):
+    one = [r for r in rows if r["phase"] == phase and r["impl"] == "bj"
+           and r["threshold"] > 0][0]
+    shared = [r for r in rows if r["phase"] == phase and r.get("share_max")
+              and r["mode"] == "measured" and r["threshold"] > 0]
+    assert one["sparsity"] > 0 and shared
+    assert all(r["sparsity"] == one["sparsity"] for r in shared), (
+        one["sparsity"], [r["sparsity"] for r in shared])

@@ -38,3 +38,33 @@ def test_decode_kernel_matches_oracle(dtype, num_splits, max_mode):
   # of the other modes); one split or a shared max skips most far blocks.
   floor = 0.3 if (max_mode != "split" or num_splits == 1) else 0.0
   assert float(stats.total_sparsity) > floor
+
+
+@pytest.mark.parametrize("max_mode", ["anchored", "global"])
+def test_context_parallel_decode_shares_the_max_on_one_gpu(max_mode):
+  """share_max on a 1-device context axis: "anchored" runs the kernel's
+  split walk from anchors scored outside it (`initial_max`), "global"
+  takes its max through `pmax`; both decide as the plain call."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from blasst_jax import sharding  # pylint: disable=g-import-not-at-top
+  q, k, v = patterns.sink_local_qkv(
+      test_base.key_for("gpu_decode_shared", max_mode), batch=2,
+      seq_len=8192, q_heads=32, kv_heads=8, head_dim=128,
+      sharpness=(14.0, 20.0), dtype=jnp.bfloat16)
+  q = q[:, -1]
+  lengths = jnp.array([8192, 8192], jnp.int32)
+  opts = dict(threshold=1e-3, num_splits=1, max_mode=max_mode,
+              return_stats=True)
+  want, want_stats = bj.decode_attention(q, k, v, lengths, **opts)
+  mesh = jax.make_mesh((1,), ("context",))
+  got, stats = jax.jit(lambda *a: sharding.decode_attention(
+      *a, mesh=mesh, context_axis="context", share_max=True, **opts))(
+          q, k, v, lengths)
+  oracle = bj.reference.blockwise_decode_attention(
+      q, k, v, lengths, block_kv=128, threshold=1e-3, max_mode=max_mode)
+  test_base.assert_close(got, oracle.out, jnp.bfloat16)
+  test_base.assert_close(got, want, jnp.bfloat16)
+  mismatch = int(jnp.sum(jnp.abs(stats.skipped_blocks
+                                 - want_stats.skipped_blocks)))
+  assert mismatch <= 0.01 * int(jnp.sum(want_stats.visited_blocks))
+  assert float(stats.total_sparsity) > 0.3

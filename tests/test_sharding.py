@@ -253,6 +253,46 @@ def test_context_parallel_decode_skips_as_split_k(implementation):
   np.testing.assert_allclose(got_cfg, want, atol=1e-5, rtol=1e-5)
 
 
+def _shared_max_decode_case(max_mode):
+  """(q, k, v, kv_lengths, λ, one device's splits, splits per part)."""
+  if max_mode == "global":
+    # Ragged rows (one ends inside a part, one in the first part, one
+    # empty) and unrelated split counts: still one device's decisions.
+    q, k, v = _decode_inputs(30, hq=8, hkv=2)
+    return q, k, v, jnp.asarray([256, 150, 20, 0], jnp.int32), 0.05, 3, 2
+  # "anchored": the sink and the newest keys sit on the first and last
+  # device; full rows, one split per part = one device's 4.
+  q, k, v = patterns.sink_local_qkv(
+      jax.random.PRNGKey(31), batch=2, seq_len=256, q_heads=8, kv_heads=2,
+      head_dim=32, window=16, sharpness=(8.0, 16.0))
+  return q[:, -1], k, v, jnp.full((2,), 256, jnp.int32), 0.02, 4, 1
+
+
+@pytest.mark.parametrize("max_mode", ["global", "anchored"])
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_context_parallel_decode_sharing_the_max_equals_one_device(
+    implementation, max_mode):
+  q, k, v, kv_lengths, thr, one_splits, part_splits = (
+      _shared_max_decode_case(max_mode))
+  opts = dict(block_kv=16, max_mode=max_mode, threshold=thr,
+              implementation=implementation, return_stats=True)
+  if implementation == "pallas_triton":
+    opts["interpret"] = True
+  want, want_stats = bj.decode_attention(q, k, v, kv_lengths,
+                                         num_splits=one_splits, **opts)
+  unshared = sharding.decode_attention(
+      q, k, v, kv_lengths, mesh=_mesh(), context_axis="model",
+      num_splits=part_splits, **opts)[1]
+  got, stats = jax.jit(lambda *a: sharding.decode_attention(
+      *a, mesh=_mesh(), batch_axis="data", context_axis="model",
+      share_max=True, num_splits=part_splits, **opts))(q, k, v, kv_lengths)
+  # Without the shared max the parts decide otherwise.
+  assert (int(jnp.sum(unshared.skipped_blocks))
+          != int(jnp.sum(want_stats.skipped_blocks)))
+  _assert_stats_equal(stats, want_stats)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_context_axis_errors():
   q, k, v = _decode_inputs(16, max_len=90)
   with pytest.raises(ValueError, match="max_len.*context_axis"):
@@ -262,13 +302,29 @@ def test_context_axis_errors():
     sharding.decode_attention(q, k, v, jnp.full((4,), 90, jnp.int32),
                               mesh=_mesh(), batch_axis="model",
                               context_axis="model")
+  q, k, v = _decode_inputs(16, max_len=96)
+  lengths = jnp.full((4,), 96, jnp.int32)
+  for opts, match in [
+      (dict(), "share_max.*context_axis"),
+      (dict(context_axis="model", max_mode="split"), "share_max.*'split'"),
+      (dict(context_axis="model", block_kv=16), "multiple of block_kv"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      sharding.decode_attention(q, k, v, lengths, mesh=_mesh(),
+                                share_max=True, **opts)
+  with pytest.raises(ValueError, match="max_axis_name.*'global'"):
+    bj.decode_attention(q, k, v, lengths, max_axis_name="model")
+  with pytest.raises(ValueError, match=r"initial_max.*\[batch, q_heads\]"):
+    bj.decode_attention(q, k, v, lengths, initial_max=jnp.zeros((4, 2)))
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("batch_axis,head_axis,context_axis", [
-    (None, None, "model"), ("data", None, "model"), (None, "data", "model")])
+@pytest.mark.parametrize("batch_axis,head_axis,context_axis,load_balance", [
+    (None, None, "model", False), ("data", None, "model", False),
+    (None, "data", "model", False), ("data", None, "model", True),
+    (None, "model", "data", True)])
 def test_context_parallel_prefill_dense_equals_one_device(
-    causal, batch_axis, head_axis, context_axis):
+    causal, batch_axis, head_axis, context_axis, load_balance):
   q, k, v = _inputs(20, batch=4, seq_len=128, q_heads=8, kv_heads=4)
   kv_lengths = jnp.asarray([128, 1, 70, 33], jnp.int32)
   opts = dict(causal=causal, kv_lengths=kv_lengths, block_q=16, block_kv=16,
@@ -278,7 +334,7 @@ def test_context_parallel_prefill_dense_equals_one_device(
   got, stats = jax.jit(lambda q, k, v: sharding.attention(
       q, k, v, mesh=_mesh(), batch_axis=batch_axis, head_axis=head_axis,
       context_axis=context_axis, threshold=0.0, return_stats=True,
-      **opts))(q, k, v)
+      load_balance=load_balance, **opts))(q, k, v)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(stats.visited_blocks,
                                 want_stats.visited_blocks)
@@ -311,10 +367,11 @@ def test_context_parallel_prefill_skips_a_subset_of_one_device(
   assert err < 0.1
 
 
+@pytest.mark.parametrize("load_balance", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
 def test_context_parallel_prefill_sharing_the_max_equals_one_device(
-    implementation, causal):
+    implementation, causal, load_balance):
   """share_max: GQA, ragged lengths (one ends inside a part, one in the
   first part), 4 context parts of 2 x 2 tiles; the same skip counts as one
   device and the same output."""
@@ -328,7 +385,8 @@ def test_context_parallel_prefill_sharing_the_max_equals_one_device(
                                   return_stats=True, **opts)
   got, stats = jax.jit(lambda q, k, v: sharding.attention(
       q, k, v, mesh=_mesh(), batch_axis="data", context_axis="model",
-      threshold=0.05, return_stats=True, share_max=True, **opts))(q, k, v)
+      threshold=0.05, return_stats=True, share_max=True,
+      load_balance=load_balance, **opts))(q, k, v)
   assert int(jnp.sum(want_stats.skipped_blocks)) > 0
   np.testing.assert_array_equal(stats.skipped_blocks,
                                 want_stats.skipped_blocks)

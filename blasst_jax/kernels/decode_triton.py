@@ -100,20 +100,25 @@ def _anchor_max(q, table_ref, k_ref, kv_len, block_kv, scale):
 
 
 def _one_pass_kernel(q_ref, k_ref, v_ref, table_ref, kv_len_ref, log2_thr_ref,
-                     acc_ref, m_ref, l_ref, skipped_ref, visited_ref, *,
-                     sm_scale, block_kv, group, num_splits, skip_enabled,
-                     anchored, prefetch_v):
+                     *refs, sm_scale, block_kv, group, num_splits, skip_enabled,
+                     anchored, prefetch_v, given_max):
   # q_ref [rows, d]; k_ref, v_ref [n_pages, block_kv, d]; table_ref [pages];
+  # given_max: refs start with the initial max [rows]; then the outputs:
   # acc_ref [rows, d]; m_ref, l_ref [rows]; the rest [].
+  if given_max:
+    init_max_ref, *refs = refs
+  acc_ref, m_ref, l_ref, skipped_ref, visited_ref = refs
   kv_len = kv_len_ref[...]
   start, end = _split_range(kv_len, pl.program_id(2), num_splits, block_kv)
   q = q_ref[...]
   rows, d = q.shape
   scale = sm_scale * LOG2E
+  m_init = jnp.full((rows,), -jnp.inf, jnp.float32)
+  if given_max and skip_enabled:
+    m_init = init_max_ref[...]
   if anchored and skip_enabled:
-    m_init = _anchor_max(q, table_ref, k_ref, kv_len, block_kv, scale)
-  else:
-    m_init = jnp.full((rows,), -jnp.inf, jnp.float32)
+    m_init = jnp.maximum(
+        m_init, _anchor_max(q, table_ref, k_ref, kv_len, block_kv, scale))
   blocks = functools.partial(
       _skip_prefetch_loop if skip_enabled and prefetch_v else _block_loop,
       q=q, k_ref=k_ref, v_ref=v_ref, table_ref=table_ref, kv_len=kv_len,
@@ -301,13 +306,15 @@ def _out_shapes(b, hkv, splits, rows, d):
 
 @functools.partial(
     jax.jit, static_argnames=("group", "sm_scale", "num_splits", "max_mode",
-                              "config", "interpret", "skip_enabled"))
+                              "config", "interpret", "skip_enabled",
+                              "max_axis_name"))
 def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
-                    log_threshold, *, group: int, sm_scale: float,
-                    num_splits: int,
+                    log_threshold, initial_max=None, *, group: int,
+                    sm_scale: float, num_splits: int,
                     max_mode: str = "split",
                     config: DecodeConfig = DecodeConfig(),
-                    interpret: bool = False, skip_enabled: bool = True):
+                    interpret: bool = False, skip_enabled: bool = True,
+                    max_axis_name=None):
   """Per-split partials of skip-softmax decode attention.
 
   Args:
@@ -317,9 +324,14 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
     k_pages, v_pages: [n_pages, block_kv, kv_heads, head_dim].
     page_table: int32 [batch, pages_per_seq]: page of each logical block.
     kv_lengths: int32 [batch]; log_threshold: f32 [batch] (natural log).
+    initial_max: optional f32 [batch, kv_heads, rows], log2 units (-inf:
+      none): every split's running max starts at least there ("split",
+      "anchored"); "global" compares with at least it.
     num_splits: split-K factor.
     max_mode: "split", "anchored" (one pass) or "global" (two passes).
     skip_enabled: False builds the dense kernels (no decision, no branch).
+    max_axis_name: inside `shard_map` over cache positions: "global" mode
+      takes the global max over this mesh axis between its passes.
 
   Returns:
     acc f32 [batch, kv_heads, splits, rows, head_dim] (unnormalized),
@@ -338,22 +350,27 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   log2_thr = (log_threshold * LOG2E).astype(jnp.float32)
   common = dict(block_kv=block_kv, group=group, num_splits=num_splits)
 
+  given = initial_max is not None
   if max_mode != "global":
     kernel = functools.partial(_one_pass_kernel, sm_scale=sm_scale,
                                skip_enabled=skip_enabled,
                                anchored=max_mode == "anchored",
-                               prefetch_v=config.prefetch_v, **common)
+                               prefetch_v=config.prefetch_v, given_max=given,
+                               **common)
+    max_spec = pl.BlockSpec((None, None, rows), lambda b_, h, s: (b_, h, 0))
     return pl.pallas_call(
         kernel, grid=grid,
         in_specs=[specs["q"], specs["pages"], specs["pages"], specs["table"],
-                  specs["per_batch"], specs["per_batch"]],
+                  specs["per_batch"], specs["per_batch"]]
+        + [max_spec] * given,
         out_specs=[specs["acc"], specs["rows"], specs["rows"],
                    specs["count"], specs["count"]],
         out_shape=[shapes["acc"], shapes["rows"], shapes["rows"],
                    shapes["count"], shapes["count"]],
         compiler_params=params, interpret=interpret,
         name="blasst_decode_triton",
-    )(q, k_pages, v_pages, page_table, kv_lengths, log2_thr)
+    )(q, k_pages, v_pages, page_table, kv_lengths, log2_thr,
+      *([initial_max.astype(jnp.float32)] if given else []))
 
   per_split = -(-pages_per_seq // num_splits)
   scores_spec = pl.BlockSpec((None, None, None, rows, per_split * block_kv),
@@ -371,6 +388,10 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
       name="blasst_decode_scores_triton",
   )(q, k_pages, page_table, kv_lengths)
   m_star = jnp.max(m_split, axis=2)                          # [b, hkv, rows]
+  if max_axis_name is not None:
+    m_star = lax.pmax(m_star, max_axis_name)
+  if given:
+    m_star = jnp.maximum(m_star, initial_max.astype(jnp.float32))
   acc, l, skipped, visited = pl.pallas_call(
       functools.partial(_from_scores_kernel, skip_enabled=skip_enabled,
                         **common),

@@ -23,7 +23,9 @@ device would keep, and may keep some that one device would skip. With
 `share_max=True` the devices take one device's decisions: in prefill a
 device chains the running max through its parts in key order (no extra
 communication); in decode the devices share the reference max of
-`max_mode` (a `pmax` of one float per query head).
+`max_mode` (a `pmax` of one float per query head). Causal prefill with
+`load_balance=True` gives every device the same work (query chunks i and
+2n-1-i of 2n) instead of 1..n parts.
 """
 
 from __future__ import annotations

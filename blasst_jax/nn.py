@@ -322,10 +322,9 @@ class SkipSelfAttention(nnx.Module):
     if mesh is not None:
       sharding_lib.check_mesh(mesh, batch_axis=batch_axis,
                               head_axis=head_axis)
-      heads = sharding_lib.axis_size(mesh, head_axis)
-      if num_kv_heads % heads:
-        raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide by the "
-                         f"size of `head_axis` ({heads}).")
+      sharding_lib.check_divides(num_kv_heads,
+                                 sharding_lib.axis_size(mesh, head_axis),
+                                 "num_kv_heads", "head_axis")
     self.mesh = mesh
     self.batch_axis = batch_axis
     self.head_axis = head_axis

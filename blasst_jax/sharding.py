@@ -80,7 +80,9 @@ def check_mesh(mesh, **axes: AxisName) -> None:
       used.append(name)
 
 
-def _check_divides(size: int, n: int, what: str, axis_arg: str) -> None:
+def check_divides(size: int, n: int, what: str, axis_arg: str) -> None:
+  """ValueError unless `size` (named `what`) divides by `n`, the size of
+  the mesh axis passed as `axis_arg`."""
   if size % n:
     raise ValueError(f"{what} ({size}) must divide by the size of "
                      f"`{axis_arg}` ({n}): pad it, or shard over a smaller "
@@ -181,9 +183,9 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
              context_axis=context_axis)
   b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
   nb, nh = axis_size(mesh, batch_axis), axis_size(mesh, head_axis)
-  _check_divides(b, nb, "The batch", "batch_axis")
-  _check_divides(hq, nh, "q_heads", "head_axis")
-  _check_divides(hkv, nh, "kv_heads", "head_axis")
+  check_divides(b, nb, "The batch", "batch_axis")
+  check_divides(hq, nh, "q_heads", "head_axis")
+  check_divides(hkv, nh, "kv_heads", "head_axis")
   if context_axis is not None:
     return _context_parallel_attention(
         q, k, v, mesh=mesh, batch_axis=batch_axis, head_axis=head_axis,
@@ -317,6 +319,11 @@ def attend_query_chunk(q, c, ks, vs, lengths, threshold, *, causal: bool,
   return out, jnp.sum(skipped, axis=0), jnp.sum(visited, axis=0)
 
 
+def sequence_chunks(x, m: int):
+  """[batch, m * chunk, heads, d] -> [m, batch, chunk, heads, d]."""
+  return jnp.moveaxis(x.reshape(x.shape[0], m, -1, *x.shape[2:]), 1, 0)
+
+
 def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
                                 context_axis, threshold, kv_lengths,
                                 block_mask, return_stats, share_max,
@@ -331,10 +338,10 @@ def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
     raise ValueError(f"`context_axis` needs q_len == kv_len (one sequence "
                      f"cut into parts), got {lq} and {lk}.")
   if load_balance:
-    _check_divides(lq, 2 * n, "q_len (load_balance: 2 chunks per device)",
+    check_divides(lq, 2 * n, "q_len (load_balance: 2 chunks per device)",
                    "context_axis")
   else:
-    _check_divides(lq, n, "q_len", "context_axis")
+    check_divides(lq, n, "q_len", "context_axis")
   causal = kwargs.pop("causal", False)
   lengths = (jnp.full((b,), lk, jnp.int32) if kv_lengths is None
              else jnp.asarray(kv_lengths, jnp.int32))
@@ -347,21 +354,19 @@ def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
   attend = functools.partial(attend_query_chunk, causal=causal,
                              share_max=share_max, **kwargs)
 
-  def chunks(x, m):          # [b, m * chunk, h, d] -> [m, b, chunk, h, d]
-    return jnp.moveaxis(x.reshape(x.shape[0], m, -1, *x.shape[2:]), 1, 0)
-
   def body(q, k, v, lengths, thr):
     if dense:        # the kernels without the skip check
       thr = 0.0
     i = jax.lax.axis_index(context_axis)
-    gather = lambda x: jax.lax.all_gather(x, context_axis, axis=1,  # pylint: disable=g-long-lambda
-                                          tiled=True)
+    def gathered(x, m):      # the whole sequence in m chunks
+      return sequence_chunks(
+          jax.lax.all_gather(x, context_axis, axis=1, tiled=True), m)
+
     if not load_balance:     # queries of part i against key parts 0..i
-      out, skipped, visited = attend(q, i, chunks(gather(k), n),
-                                     chunks(gather(v), n), lengths, thr)
+      out, skipped, visited = attend(q, i, gathered(k, n), gathered(v, n),
+                                     lengths, thr)
     else:   # chunks i and 2n-1-i of 2n: equal causal work on every device
-      ks, vs = chunks(gather(k), 2 * n), chunks(gather(v), 2 * n)
-      qs = chunks(gather(q), 2 * n)
+      ks, vs, qs = (gathered(x, 2 * n) for x in (k, v, q))
       results = [attend(qs[c], c, ks, vs, lengths, thr)
                  for c in (i, 2 * n - 1 - i)]
       # Every device's two chunks -> the output in sequence order, then
@@ -435,10 +440,10 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
   hq = q.shape[-2]
   nb, nh = axis_size(mesh, batch_axis), axis_size(mesh, head_axis)
   nc = axis_size(mesh, context_axis)
-  _check_divides(b, nb, "The batch", "batch_axis")
-  _check_divides(hq, nh, "q_heads", "head_axis")
-  _check_divides(hkv, nh, "kv_heads", "head_axis")
-  _check_divides(max_len, nc, "The cache length max_len", "context_axis")
+  check_divides(b, nb, "The batch", "batch_axis")
+  check_divides(hq, nh, "q_heads", "head_axis")
+  check_divides(hkv, nh, "kv_heads", "head_axis")
+  check_divides(max_len, nc, "The cache length max_len", "context_axis")
   max_mode = kwargs.get("max_mode", decode_lib.DEFAULT_MAX_MODE)
   block_kv = kwargs.get("block_kv", decode_lib.DEFAULT_BLOCK_KV)
   if share_max:

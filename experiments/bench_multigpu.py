@@ -104,6 +104,17 @@ def context_mesh(n: int):
   return jax.make_mesh((n,), (AXIS,), devices=jax.devices()[:n])
 
 
+def measured_counts(cfg) -> list[int]:
+  """Device counts run for real: those the machine has."""
+  return [n for n in cfg.device_counts if n <= len(jax.devices())]
+
+
+def modeled_counts(cfg) -> list[int]:
+  """Device counts modeled on one device: those not run for real."""
+  return [n for n in cfg.modeled_device_counts
+          if n not in measured_counts(cfg)]
+
+
 def prefill_variants(cfg, n: int):
   """(share_max, load_balance) pairs that apply to n devices."""
   seen = []
@@ -134,9 +145,7 @@ def run_prefill(cfg, shape, on_gpu):
     rows.append(dict(base, mode="measured", impl="bj", devices=1,
                      threshold=thr, sparsity=stats_of(one, q, k, v),
                      time_ms=t_one, speedup=1.0))
-    for n in cfg.device_counts:
-      if n > len(jax.devices()):
-        continue
+    for n in measured_counts(cfg):
       for share, balance in prefill_variants(cfg, n):
         fn = jax.jit(lambda q, k, v, n=n, thr=thr, share=share,
                      balance=balance: sharding.attention(
@@ -150,9 +159,7 @@ def run_prefill(cfg, shape, on_gpu):
                          load_balance=balance,
                          sparsity=stats_of(fn, q, k, v), time_ms=t,
                          speedup=t_one / t))
-    for n in cfg.modeled_device_counts:
-      if n <= len(jax.devices()) and n in cfg.device_counts:
-        continue
+    for n in modeled_counts(cfg):
       for share, balance in prefill_variants(cfg, n):
         t = modeled_prefill_ms(cfg, q, k, v, n, thr, share, balance)
         rows.append(dict(base, mode="modeled", impl="bj.sharding",
@@ -167,10 +174,7 @@ def modeled_prefill_ms(cfg, q, k, v, n, thr, share, balance) -> float:
   query chunks it owns against the key chunks before them."""
   b, s = q.shape[:2]
   m = 2 * n if balance else n
-  chunk = s // m
-  to_chunks = lambda x: jnp.moveaxis(  # pylint: disable=g-long-lambda
-      x.reshape(b, m, chunk, *x.shape[2:]), 1, 0)
-  ks, vs, qs = to_chunks(k), to_chunks(v), to_chunks(q)
+  ks, vs, qs = (sharding.sequence_chunks(x, m) for x in (k, v, q))
   lengths = jnp.full((b,), s, jnp.int32)
   # λ = 0: the kernels without the skip check, as `bj.sharding` builds.
   thr_rows = jnp.full((b,), thr, jnp.float32) if thr else 0.0
@@ -194,6 +198,9 @@ def run_decode(cfg, shape, on_gpu):
               head_dim=d)
   opts = dict(block_kv=cfg.block_kv, max_mode=cfg.decode_max_mode,
               **kernel_options(cfg))
+  # The whole sequence's anchors, which the devices share (modeled rows).
+  anchors = jax.jit(lambda q, k, lengths: sharding.anchor_max_in_part(
+      q, k, lengths, 0, block_kv=cfg.block_kv))(q, k, lengths)
   rows = []
   if on_gpu:
     cudnn = jax.jit(lambda q, k, v, lengths: jax.nn.dot_product_attention(
@@ -201,7 +208,8 @@ def run_decode(cfg, shape, on_gpu):
         implementation="cudnn"))
     rows.append(dict(base, mode="measured", impl="cudnn", devices=1,
                      threshold=0.0, sparsity=0.0,
-                     time_ms=time_ms(cfg, cudnn, q, k, v, lengths, decode=True)))
+                     time_ms=time_ms(cfg, cudnn, q, k, v, lengths,
+                                     decode=True)))
   for thr in cfg.decode_thresholds:
     one = jax.jit(lambda q, k, v, lengths, thr=thr: bj.decode_attention(
         q, k, v, lengths, threshold=thr, return_stats=True, **opts))
@@ -211,9 +219,7 @@ def run_decode(cfg, shape, on_gpu):
                      sparsity=stats_of(one, q, k, v, lengths),
                      time_ms=t_one, speedup=1.0))
     share = thr > 0
-    for n in cfg.device_counts:
-      if n > len(jax.devices()):
-        continue
+    for n in measured_counts(cfg):
       fn = jax.jit(lambda q, k, v, lengths, n=n, thr=thr, share=share:
                    sharding.decode_attention(
                        q, k, v, lengths, mesh=context_mesh(n),
@@ -224,16 +230,10 @@ def run_decode(cfg, shape, on_gpu):
                        threshold=thr, share_max=share,
                        sparsity=stats_of(fn, q, k, v, lengths),
                        time_ms=t, speedup=t_one / t))
-    for n in cfg.modeled_device_counts:
-      if n <= len(jax.devices()) and n in cfg.device_counts:
-        continue
+    for n in modeled_counts(cfg):
       # Every device decodes max_len / n positions; the last part holds the
       # newest keys (the least skipping): timed with the shared anchors.
       part = s // n
-      anchors = None
-      if share:
-        anchors = jax.jit(lambda q, k, lengths: sharding.anchor_max_in_part(
-            q, k, lengths, 0, block_kv=cfg.block_kv))(q, k, lengths)
       mode = "split" if share else cfg.decode_max_mode
       part_fn = jax.jit(lambda q, k, v, a, thr=thr, mode=mode:
                         bj.decode_attention(
@@ -241,8 +241,8 @@ def run_decode(cfg, shape, on_gpu):
                             threshold=jnp.full((b,), thr) if thr else 0.0,
                             initial_max=a,
                             **{**opts, "max_mode": mode}))
-      t = time_ms(cfg, part_fn, q, k[:, -part:], v[:, -part:], anchors,
-                decode=True)
+      t = time_ms(cfg, part_fn, q, k[:, -part:], v[:, -part:],
+                  anchors if share else None, decode=True)
       rows.append(dict(base, mode="modeled", impl="bj.sharding", devices=n,
                        threshold=thr, share_max=share, time_ms=t,
                        speedup=t_one / t))

@@ -21,6 +21,15 @@ def run(args, tmp_path):
   return proc.stdout
 
 
+def run_with_output(script, config, tmp_path, name):
+  """Runs experiments/SCRIPT.py --config=configs/CONFIG writing
+  tmp_path/NAME.json; returns (stdout, the JSON it wrote)."""
+  output = tmp_path / f"{name}.json"
+  out = run([f"experiments/{script}.py", f"--config=configs/{config}",
+             f"--config.output={output}"], tmp_path)
+  return out, json.loads(output.read_text())
+
+
 def test_demo_runs_and_writes_plot(tmp_path):
   out = run(["experiments/demo.py", "--config=configs/demo.py",
              "--config.seq_len=256", "--config.kernel_check_seq_len=128",
@@ -37,11 +46,8 @@ def test_demo_runs_and_writes_plot(tmp_path):
 
 
 def test_bench_prefill_smoke(tmp_path):
-  output = tmp_path / "prefill.json"
-  run(["experiments/bench_prefill.py",
-       "--config=configs/bench_prefill.py:smoke",
-       f"--config.output={output}"], tmp_path)
-  result = json.loads(output.read_text())
+  _, result = run_with_output("bench_prefill", "bench_prefill.py:smoke",
+                              tmp_path, "prefill")
   assert result["device_kind"] and result["jax_version"]
   fields = {"impl", "causal", "batch", "seq_len", "q_heads", "kv_heads",
             "head_dim", "dtype", "threshold", "sparsity", "time_ms", "tflops",
@@ -52,12 +58,10 @@ def test_bench_prefill_smoke(tmp_path):
 
 
 def test_bench_backward_smoke(tmp_path):
-  output = tmp_path / "backward.json"
-  out = run(["experiments/bench_backward.py",
-             "--config=configs/bench_backward.py:small",
-             f"--config.output={output}"], tmp_path)
+  out, result = run_with_output("bench_backward", "bench_backward.py:small",
+                                tmp_path, "backward")
   assert "device_kind=cpu" in out
-  rows = json.loads(output.read_text())["rows"]
+  rows = result["rows"]
   ours = [r for r in rows if r["impl"] == "pallas_triton"]
   assert [r["threshold"] for r in ours] == [0.0, 1e-3, 1e-2]
   assert ours[0]["sparsity"] == 0 and ours[-1]["sparsity"] > 0
@@ -93,10 +97,8 @@ def test_profile_backward_summarizes_an_ncu_report(tmp_path):
 
 
 def test_bench_decode_smoke(tmp_path):
-  output = tmp_path / "decode.json"
-  run(["experiments/bench_decode.py", "--config=configs/bench_decode.py:smoke",
-       f"--config.output={output}"], tmp_path)
-  result = json.loads(output.read_text())
+  _, result = run_with_output("bench_decode", "bench_decode.py:smoke",
+                              tmp_path, "decode")
   fields = {"impl", "batch", "q_heads", "kv_heads", "seq_len", "head_dim",
             "dtype", "threshold", "sparsity", "splits", "time_us",
             "bytes_read", "effective_tbps", "read_tbps"}
@@ -115,11 +117,8 @@ def test_bench_decode_smoke(tmp_path):
 
 
 def test_sparse_prefill_all_methods_small(tmp_path):
-  output = tmp_path / "xattention.json"
-  run(["experiments/sparse_prefill.py",
-       "--config=configs/sparse_prefill.py:all,small",
-       f"--config.output={output}"], tmp_path)
-  result = json.loads(output.read_text())
+  _, result = run_with_output("sparse_prefill", "sparse_prefill.py:all,small",
+                              tmp_path, "xattention")
   rows = {r["method"]: r for r in result["rows"]}
   assert set(rows) == {"dense", "blasst", "xattention", "combined"}
   assert rows["dense"]["combined_sparsity"] == 0
@@ -271,13 +270,11 @@ def test_train_lm_small_on_text_learns_from_heldout_split(tmp_path):
 
 
 def test_bench_multigpu_smoke(tmp_path):
-  output = tmp_path / "multigpu.json"
   # tests/conftest.py gives the subprocess 8 CPU devices (XLA_FLAGS).
-  out = run(["experiments/bench_multigpu.py",
-             "--config=configs/bench_multigpu.py:smoke",
-             f"--config.output={output}"], tmp_path)
+  out, result = run_with_output("bench_multigpu", "bench_multigpu.py:smoke",
+                                tmp_path, "multigpu")
   assert "devices: 8" in out
-  rows = json.loads(output.read_text())["rows"]
+  rows = result["rows"]
   assert (tmp_path / "multigpu.png").stat().st_size > 10_000
   assert all(np.isfinite(r["time_ms"]) for r in rows)
   measured = {(r["phase"], r["devices"]) for r in rows

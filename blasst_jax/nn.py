@@ -26,6 +26,7 @@ fast).
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 from typing import Any, Callable
 
@@ -74,13 +75,28 @@ def _check_options(threshold, implementation, block_q, block_kv,
   api.check_sm_scale(sm_scale)
 
 
-def apply_rope(x, positions, *, base: float = 10000.0, scale: float = 1.0):
+ROPE_PAIRINGS = ("half", "interleaved")
+
+
+def _check_rope_pairing(pairing) -> None:
+  if pairing not in ROPE_PAIRINGS:
+    raise ValueError(f"`rope_pairing` must be one of {ROPE_PAIRINGS} "
+                     "('half': Hugging Face / GPT-NeoX layout, 'interleaved': "
+                     f"GGUF / llama.cpp layout), got {pairing!r}.")
+
+
+def apply_rope(x, positions, *, base: float = 10000.0, scale: float = 1.0,
+               pairing: str = "half"):
   """Rotary position embedding (RoPE) of queries or keys.
 
-  Dimension pairs (i, i + head_dim / 2) of every head are rotated by the
-  angle `positions / scale * base ** (-2 i / head_dim)` (the "rotate half"
-  layout of GPT-NeoX and Llama), so that the score of a rotated query at
-  position p and a rotated key at position p' depends on p - p' only.
+  Dimension pairs of every head are rotated by the angle
+  `positions / scale * base ** (-2 i / head_dim)`, so that the score of a
+  rotated query at position p and a rotated key at position p' depends on
+  p - p' only. `pairing="half"` rotates pairs (i, i + head_dim / 2) (the
+  "rotate half" layout of GPT-NeoX and Hugging Face Llama);
+  `pairing="interleaved"` rotates pairs (2 i, 2 i + 1) (Meta's original
+  Llama and llama.cpp / GGUF, whose Q/K projections are stored permuted
+  for it: `blasst_jax.models.weights.unpermute_qk` converts).
   `scale` > 1 interpolates positions (a model trained at length L reads
   scale * L tokens with the angles it saw in training).
 
@@ -89,13 +105,16 @@ def apply_rope(x, positions, *, base: float = 10000.0, scale: float = 1.0):
     positions: int or float [batch, seq_len] or [seq_len].
     base: the frequency base (> 1).
     scale: positions are divided by it (> 0).
+    pairing: "half" or "interleaved", which dimensions form a pair.
 
   Returns:
     x's shape and dtype; the rotation is computed in f32.
 
   Raises:
-    ValueError: for an odd head_dim or positions of another length.
+    ValueError: for an odd head_dim, positions of another length or an
+      unknown pairing.
   """
+  _check_rope_pairing(pairing)
   d = x.shape[-1]
   if d % 2:
     raise ValueError(f"RoPE needs an even head_dim, got {d}.")
@@ -108,8 +127,15 @@ def apply_rope(x, positions, *, base: float = 10000.0, scale: float = 1.0):
   inv_freq = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2 / d)
   angle = (positions / scale)[..., None, None] * inv_freq    # [b, t, 1, d/2]
   cos, sin = jnp.cos(angle), jnp.sin(angle)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  xf = x.astype(jnp.float32)
+  if pairing == "half":
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  else:
+    pairs = xf.reshape(x.shape[:-1] + (d // 2, 2))     # [..., d/2, 2]
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin],
+                    axis=-1).reshape(x.shape)
   return out.astype(x.dtype)
 
 
@@ -244,6 +270,7 @@ class SkipSelfAttention(nnx.Module):
                param_dtype=jnp.float32, interpret: bool | None = None,
                kernel_config=None, rope: bool = False,
                rope_base: float = 10000.0, rope_scale: float = 1.0,
+               rope_pairing: str = "half",
                mesh=None, batch_axis=None, head_axis=None,
                rngs: nnx.Rngs):
     """Builds the layer.
@@ -268,6 +295,8 @@ class SkipSelfAttention(nnx.Module):
       rope_scale: RoPE position interpolation, positions / rope_scale (1:
         none); an attribute that may be changed after training to read
         longer contexts.
+      rope_pairing: "half" (Hugging Face layout) or "interleaved" (GGUF
+        layout), see `apply_rope`.
       mesh, batch_axis, head_axis: with a `jax.sharding.Mesh`, attention
         and decode run sharded (`blasst_jax.sharding`): the batch over
         `batch_axis`, the heads over `head_axis` (None: not sharded); the
@@ -304,6 +333,7 @@ class SkipSelfAttention(nnx.Module):
       raise ValueError(f"`rope_base` must be > 1, got {rope_base!r}.")
     if not rope_scale > 0:
       raise ValueError(f"`rope_scale` must be > 0, got {rope_scale!r}.")
+    _check_rope_pairing(rope_pairing)
 
     self.num_heads = int(num_heads)
     self.num_kv_heads = int(num_kv_heads)
@@ -319,6 +349,7 @@ class SkipSelfAttention(nnx.Module):
     self.rope = bool(rope)
     self.rope_base = float(rope_base)
     self.rope_scale = float(rope_scale)
+    self.rope_pairing = rope_pairing
     if mesh is not None:
       sharding_lib.check_mesh(mesh, batch_axis=batch_axis,
                               head_axis=head_axis)
@@ -365,10 +396,10 @@ class SkipSelfAttention(nnx.Module):
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.rope:
       positions = jnp.arange(t) if positions is None else positions
-      q = apply_rope(q, positions, base=self.rope_base,
-                     scale=self.rope_scale)
-      k = apply_rope(k, positions, base=self.rope_base,
-                     scale=self.rope_scale)
+      rotate = functools.partial(apply_rope, positions=positions,
+                                 base=self.rope_base, scale=self.rope_scale,
+                                 pairing=self.rope_pairing)
+      q, k = rotate(q), rotate(k)
     return q, k, v
 
   def __call__(self, x, *, kv_lengths=None, threshold=None,
@@ -398,8 +429,16 @@ class SkipSelfAttention(nnx.Module):
       raise ValueError(
           f"`x` must have shape [batch, seq_len, {self.in_features}], got "
           f"{x.shape}.")
-    threshold = self.threshold if threshold is None else threshold
     q, k, v = self.project_qkv(x)
+    return self._attend(x, q, k, v, kv_lengths=kv_lengths,
+                        threshold=threshold, return_stats=return_stats,
+                        block_selector=block_selector)
+
+  def _attend(self, x, q, k, v, *, kv_lengths, threshold, return_stats,
+              block_selector):
+    """Attention of projected q [b, t, h, d], k, v [b, t, h_kv, d], then the
+    output projection to [b, t, in_features] (and SkipStats)."""
+    threshold = self.threshold if threshold is None else threshold
     _report_inputs(self, q, k, v, causal=self.causal, kv_lengths=kv_lengths,
                    sm_scale=None, block_q=self.block_q,
                    block_kv=self.block_kv, threshold=threshold)
@@ -414,24 +453,141 @@ class SkipSelfAttention(nnx.Module):
         kernel_config=self.kernel_config, **where)
     out, stats = result if return_stats else (result, None)
     b, t = x.shape[:2]
-    y = self.out_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+    y = self.out_proj(out.reshape(b, t, self.num_heads * self.head_dim)
+                      .astype(x.dtype))
     return (y, stats) if return_stats else y
 
-  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> None:
+  def init_cache(self, batch: int, max_len: int, dtype=jnp.float32, *,
+                 page_size: int | None = None, page_table=None) -> None:
     """Allocates an empty KV cache in NNX state (`nnx.Cache` variables).
 
-    k_cache, v_cache: [batch, max_len, num_kv_heads, head_dim] of `dtype`;
-    cache_lengths: int32 [batch], tokens stored per sequence. Steps past
-    max_len are not checked (under jit they cannot be): they overwrite the
-    last entry, so allocate max_len for the longest generation.
+    Contiguous (page_size None): k_cache, v_cache [batch, max_len,
+    num_kv_heads, head_dim] of `dtype`. Paged: k_cache, v_cache are a page
+    pool [num_pages, page_size, num_kv_heads, head_dim] and page_table int32
+    [batch, ceil(max_len / page_size)] names the pool page of each
+    sequence's logical block (default: sequence b owns pages b * n ...
+    (b + 1) * n - 1); decoding then runs `paged_decode_attention`, whose
+    skip block is the page. cache_lengths: int32 [batch], tokens stored per
+    sequence. Steps past max_len are not checked (under jit they cannot
+    be): they overwrite the last entry, so allocate max_len for the longest
+    generation.
+
+    Args:
+      batch: sequences.
+      max_len: the longest prompt plus generation.
+      dtype: the cache's dtype (the decode kernels need q's dtype: the
+        layer's computation dtype).
+      page_size: tokens per page, a power of two >= 16; None: contiguous.
+      page_table: optional int [batch, ceil(max_len / page_size)] of
+        distinct pages in [0, num_pages); the pool has batch * pages_per_seq
+        pages.
+
+    Raises:
+      ValueError: for a bad batch, max_len, page_size or page_table.
     """
-    shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+    for name, value in (("batch", batch), ("max_len", max_len)):
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    self.cache_lengths = nnx.Cache(jnp.zeros((batch,), jnp.int32))
+    if page_size is None:
+      if page_table is not None:
+        raise ValueError("`page_table` needs a `page_size`.")
+      shape = (batch, max_len, self.num_kv_heads, self.head_dim)
+      self.page_table = None
+    else:
+      if (not isinstance(page_size, (int, np.integer)) or page_size < 16
+          or page_size & (page_size - 1)):
+        raise ValueError(f"`page_size` must be a power of two >= 16 (the "
+                         f"decode kernels' skip block), got {page_size!r}.")
+      per_seq = -(-max_len // page_size)
+      num_pages = batch * per_seq
+      if page_table is None:
+        page_table = np.arange(num_pages).reshape(batch, per_seq)
+      table = np.asarray(page_table)
+      if (table.shape != (batch, per_seq)
+          or not np.issubdtype(table.dtype, np.integer)
+          or table.min() < 0 or table.max() >= num_pages
+          or len(np.unique(table)) != table.size):
+        raise ValueError(
+            f"`page_table` must hold {batch} x {per_seq} distinct ints in "
+            f"[0, {num_pages}), got {table.dtype}{list(table.shape)}.")
+      shape = (num_pages, page_size, self.num_kv_heads, self.head_dim)
+      self.page_table = nnx.Cache(jnp.asarray(table, jnp.int32))
     self.k_cache = nnx.Cache(jnp.zeros(shape, dtype))
     self.v_cache = nnx.Cache(jnp.zeros(shape, dtype))
-    self.cache_lengths = nnx.Cache(jnp.zeros((batch,), jnp.int32))
+
+  def _check_cache(self) -> None:
+    if not hasattr(self, "k_cache"):
+      raise ValueError("Call `init_cache(batch, max_len)` first.")
+
+  def _cache_capacity(self) -> tuple[int, int]:
+    """(batch, max tokens per sequence) of the allocated cache."""
+    if self.page_table is None:
+      return self.k_cache[...].shape[:2]
+    table = self.page_table[...]
+    return table.shape[0], table.shape[1] * self.k_cache[...].shape[1]
+
+  def _write_cache(self, k, v, start) -> None:
+    """Stores k, v [b, t, h_kv, d] at positions start[b] .. start[b] + t - 1
+    (start int [b]) of every sequence."""
+    if self.page_table is None:
+      write = jax.vmap(lambda cache, new, p: jax.lax.dynamic_update_slice(
+          cache, new.astype(cache.dtype), (p, 0, 0)))
+      self.k_cache[...] = write(self.k_cache[...], k, start)
+      self.v_cache[...] = write(self.v_cache[...], v, start)
+      return
+    table = self.page_table[...]                          # [b, pages_per_seq]
+    page_size = self.k_cache[...].shape[1]
+    b, t = k.shape[:2]
+    pos = start[:, None] + jnp.arange(t)[None]            # [b, t]
+    pos = jnp.minimum(pos, table.shape[1] * page_size - 1)
+    page = jnp.take_along_axis(table, pos // page_size, axis=1)
+    slot = pos % page_size
+    for name, new in (("k_cache", k), ("v_cache", v)):
+      pool = getattr(self, name)[...]
+      getattr(self, name)[...] = pool.at[page, slot].set(new.astype(pool.dtype))
+
+  def prefill(self, x, *, kv_lengths=None, threshold=None,
+              return_stats: bool = False, block_selector=None):
+    """Self-attention over a prompt that also fills the (empty) KV cache.
+
+    The prompt's keys and values are stored from position 0 and
+    `cache_lengths` becomes `kv_lengths` (the prompt's real lengths), so
+    that `decode` continues every sequence after its last real token.
+
+    Args:
+      x: [batch, seq_len, in_features], seq_len <= the cache's max_len;
+        sequences shorter than seq_len are right-padded.
+      kv_lengths: optional int [batch] real prompt lengths (default seq_len).
+      threshold, return_stats, block_selector: as `__call__`.
+
+    Returns:
+      As `__call__`: [batch, seq_len, in_features], or (that, SkipStats).
+
+    Raises:
+      ValueError: without `init_cache`, or for a prompt longer than the
+        cache or of another batch size.
+    """
+    self._check_cache()
+    b, max_len = self._cache_capacity()
+    if x.ndim != 3 or x.shape[0] != b or x.shape[1] > max_len:
+      raise ValueError(
+          f"`x` must have shape [batch={b}, seq_len <= {max_len}, "
+          f"{self.in_features}] (the cache's batch and max_len), got "
+          f"{x.shape}.")
+    t = x.shape[1]
+    q, k, v = self.project_qkv(x)
+    self._write_cache(k, v, jnp.zeros((b,), jnp.int32))
+    lengths = (jnp.full((b,), t, jnp.int32) if kv_lengths is None
+               else jnp.asarray(kv_lengths, jnp.int32))
+    self.cache_lengths[...] = lengths
+    return self._attend(x, q, k, v, kv_lengths=kv_lengths,
+                        threshold=threshold, return_stats=return_stats,
+                        block_selector=block_selector)
 
   def decode(self, x, *, threshold=None, num_splits: int | None = None,
-             max_mode: str = decode_lib.DEFAULT_MAX_MODE, return_stats: bool = False):
+             max_mode: str = decode_lib.DEFAULT_MAX_MODE,
+             return_stats: bool = False):
     """One generation step: append x's token to the cache and attend.
 
     Args:
@@ -444,30 +600,34 @@ class SkipSelfAttention(nnx.Module):
     Returns:
       [batch, 1, in_features], or (that, DecodeStats).
     """
-    if not hasattr(self, "k_cache"):
-      raise ValueError("Call `init_cache(batch, max_len)` before `decode`.")
-    b, max_len = self.k_cache[...].shape[:2]
+    self._check_cache()
+    b, max_len = self._cache_capacity()
     if x.shape != (b, 1, self.in_features):
       raise ValueError(f"`x` must have shape [batch, 1, in_features]="
                        f"{(b, 1, self.in_features)}, got {x.shape}.")
     pos = self.cache_lengths[...]           # [b]
     q, k, v = self.project_qkv(x, pos[:, None])  # [b, 1, h(kv), d]
-    write = jax.vmap(lambda cache, new, p: jax.lax.dynamic_update_slice(
-        cache, new.astype(cache.dtype), (p, 0, 0)))
-    self.k_cache[...] = write(self.k_cache[...], k, pos)
-    self.v_cache[...] = write(self.v_cache[...], v, pos)
+    self._write_cache(k, v, pos)
     lengths = jnp.minimum(pos + 1, max_len)
     self.cache_lengths[...] = lengths
     threshold = self.threshold if threshold is None else threshold
     impl = self.implementation
-    decode, where = self._placed(decode_lib.decode_attention,
-                                 sharding_lib.decode_attention)
-    result = decode(
-        q.astype(self.k_cache[...].dtype), self.k_cache[...],
-        self.v_cache[...], lengths, threshold=threshold,
-        num_splits=num_splits, max_mode=max_mode,
+    options = dict(
+        threshold=threshold, num_splits=num_splits, max_mode=max_mode,
         implementation=None if impl == "pallas_mosaic" else impl,
-        return_stats=return_stats, interpret=self.interpret, **where)
+        return_stats=return_stats, interpret=self.interpret)
+    q = q.astype(self.k_cache[...].dtype)
+    if self.page_table is not None:
+      if self.mesh is not None:
+        raise ValueError("A paged cache is not supported with a `mesh`.")
+      result = decode_lib.paged_decode_attention(
+          q, self.k_cache[...], self.v_cache[...], self.page_table[...],
+          lengths, **options)
+    else:
+      decode, where = self._placed(decode_lib.decode_attention,
+                                   sharding_lib.decode_attention)
+      result = decode(q, self.k_cache[...], self.v_cache[...], lengths,
+                      **options, **where)
     out, stats = result if return_stats else (result, None)
     y = self.out_proj(out.reshape(b, 1, self.num_heads * self.head_dim)
                       .astype(x.dtype))

@@ -187,6 +187,8 @@ class EvalOutput:
     greedy: bool [n, length]: targets[i, t] is the argmax prediction.
     skipped, visited, masked: int64 [num_layers, n, num_heads] block counts
       (`SkipStats`; masked: removed by the XAttention mask, 0 without).
+    argmax: int32 [n, length]: the top-1 prediction (for agreement between
+      methods).
   """
 
   logprob: np.ndarray
@@ -194,6 +196,7 @@ class EvalOutput:
   skipped: np.ndarray
   visited: np.ndarray
   masked: np.ndarray
+  argmax: np.ndarray
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "xattention",
@@ -207,12 +210,13 @@ def _forward(graphdef, state, inputs, targets, threshold, xattention_threshold,
                         block_selector=selector)          # [b, t, vocab] f32
   logp = jax.nn.log_softmax(logits, axis=-1)
   target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  greedy = jnp.argmax(logits, axis=-1) == targets
+  argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  greedy = argmax == targets
   skipped = jnp.stack([s.skipped_blocks for s in stats])   # [layers, b, h]
   visited = jnp.stack([s.visited_blocks for s in stats])
   masked = jnp.stack([s.masked_blocks if s.masked_blocks is not None
                       else jnp.zeros_like(s.visited_blocks) for s in stats])
-  return target_logp, greedy, skipped, visited, masked
+  return target_logp, greedy, skipped, visited, masked, argmax
 
 
 def model_tiles(model) -> tuple[int, int]:
@@ -314,12 +318,13 @@ class Evaluator:
           else self.xattention, tiles=self.tiles)
       result = jax.device_get(result)
       outs.append([result[0][:real], result[1][:real]]
-                  + [np.asarray(r[:, :real], np.int64) for r in result[2:]])
+                  + [np.asarray(r[:, :real], np.int64) for r in result[2:5]]
+                  + [result[5][:real]])
       if progress is not None:
         progress.update()
     return EvalOutput(*(np.concatenate([o[i] for o in outs],
-                                       axis=0 if i < 2 else 1)
-                        for i in range(5)))
+                                       axis=1 if 2 <= i < 5 else 0)
+                        for i in range(6)))
 
 
 def perplexity(logprob: np.ndarray) -> tuple[float, float]:
@@ -391,6 +396,14 @@ def calibrate_thresholds(model, windows: np.ndarray, targets: Sequence[float],
       model, jnp.asarray(np.asarray(windows)[:, :length]))
   sweep = calibration.sweep_scale_factors(list(inputs.values()),
                                           phase="prefill", progress=progress)
+  return _targets_from_sweep(sweep, targets, length)
+
+
+def _targets_from_sweep(sweep, targets: Sequence[float], length: int
+                        ) -> dict:
+  """{target: {"scale_factor", "threshold", "sweep_sparsity"} or
+  {"unreachable"}} from a `calibration.ScaleFactorSweep` at `length`."""
+  phase = sweep.phase
   result = {}
   for target in targets:
     try:
@@ -400,12 +413,135 @@ def calibrate_thresholds(model, windows: np.ndarray, targets: Sequence[float],
       result[float(target)] = {"unreachable": str(e)}
       continue
     c = fit.scale_factor(float(target))
-    lam = float(SkipSoftmaxConfig(threshold_scale_factor=c).threshold_for(
-        int(length)))
+    lam = float(SkipSoftmaxConfig(threshold_scale_factor={phase: c}
+                                  ).threshold_for(int(length), phase))
     nearest = int(np.argmin(np.abs(np.log(sweep.scale_factors) - np.log(c))))
     result[float(target)] = {"scale_factor": c, "threshold": lam,
                              "sweep_sparsity": sweep.sparsity[nearest]}
   return result
+
+
+def calibrate_decode_thresholds(model, windows: np.ndarray,
+                                targets: Sequence[float], *, length: int,
+                                steps: int, cache_lengths: int = 8,
+                                options: calibration.DecodeOptions | None = None
+                                ) -> dict:
+  """Decode λ at `length` for each target sparsity (as
+  `calibrate_thresholds`, with the decode phase's scale factor).
+
+  The decode steps replayed are those of `evaluate_decode`: queries at
+  `cache_lengths` positions evenly spread over the last `steps` of each
+  window (`calibration.decode_inputs_from_prefill`), with the decode
+  kernel's tiling (`options`, default `calibration.DecodeOptions()`).
+  """
+  options = calibration.DecodeOptions() if options is None else options
+  inputs = analysis.capture_attention_inputs(
+      model, jnp.asarray(np.asarray(windows)[:, :length]))
+  lengths = np.unique(np.linspace(length - steps + 1, length, cache_lengths)
+                      .round().astype(int)).tolist()
+  decode_inputs = [calibration.decode_inputs_from_prefill(x, lengths)
+                   for x in inputs.values()]
+  sweep = calibration.sweep_scale_factors(decode_inputs, phase="decode",
+                                          decode_options=options)
+  return _targets_from_sweep(sweep, targets, length)
+
+
+def evaluate_decode(model, windows: np.ndarray, *, steps: int,
+                    methods: Sequence[dict], batch_size: int,
+                    num_splits: int | None = None,
+                    progress: ProgressBar | None = None) -> list[dict]:
+  """Teacher-forced decoding of the last `steps` tokens of each window.
+
+  Every window (length + 1 tokens) is prefilled densely up to position
+  length - steps, then its next `steps` tokens are fed one decode step at a
+  time (`Llama.decode_step`, i.e. `blasst_jax.decode_attention` in every
+  layer, one query row per head) with each method's decode λ, and the
+  model is scored on the token after each.
+
+  Args:
+    model: a `blasst_jax.models.Llama` (anything with `init_cache`,
+      `prefill` and `decode_step`).
+    windows: int [n, length + 1].
+    steps: decode steps per window, < length.
+    methods: [{"label", "threshold" (decode λ)...}], dense (λ = 0) first.
+    batch_size: windows decoded together (the last batch is padded).
+    num_splits: the decode kernel's split-K factor (None: its default for
+      this batch; calibrate with the same, since every split keeps its own
+      running max).
+    progress: a bar advanced once per (batch, method).
+
+  Returns:
+    The methods, each updated with "nll", "perplexity", "delta_ppl_pct"
+    (vs the first), "top1_agreement" (argmax equal to the first's),
+    "sparsity" (skipped / visited decode blocks, pooled),
+    "sparsity_per_layer" and "steps".
+  """
+  windows = np.asarray(windows, np.int32)
+  n, length = windows.shape[0], windows.shape[1] - 1
+  if not 0 < steps < length:
+    raise ValueError(f"`steps` must lie in [1, {length - 1}], got {steps!r}.")
+  start = length - steps
+  graphdef, state = nnx.split(model)
+  model = nnx.merge(graphdef, state)      # the caller's model gets no cache
+  model.init_cache(batch_size, length)
+  graphdef, cache0, params = nnx.split(model, nnx.Cache, ...)
+
+  @jax.jit
+  def prefill(cache, params, tokens):
+    m = nnx.merge(graphdef, cache, params)
+    m.prefill(tokens, threshold=0.0)
+    return nnx.state(m, nnx.Cache)
+
+  @jax.jit
+  def step(cache, params, tokens, targets, lam):
+    m = nnx.merge(graphdef, cache, params)
+    logits, stats = m.decode_step(
+        tokens, threshold=jnp.full(tokens.shape, lam, jnp.float32),
+        num_splits=num_splits, return_stats=True)          # [b, vocab]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    target_logp = jnp.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    skipped = jnp.stack([s.skipped_blocks.sum(-1) for s in stats])  # [L, b]
+    visited = jnp.stack([s.visited_blocks.sum(-1) for s in stats])
+    return (target_logp, jnp.argmax(logits, -1).astype(jnp.int32), skipped,
+            visited, nnx.state(m, nnx.Cache))
+
+  logprob = np.zeros((len(methods), n, steps), np.float32)
+  argmax = np.zeros((len(methods), n, steps), np.int32)
+  num_layers = len(model.blocks)
+  skipped = np.zeros((len(methods), num_layers), np.float64)
+  visited = np.zeros((len(methods), num_layers), np.float64)
+  for lo in range(0, n, batch_size):
+    batch = windows[lo:lo + batch_size]
+    real = batch.shape[0]
+    if real < batch_size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real,
+                                               axis=0)])
+    filled = prefill(cache0, params, jnp.asarray(batch[:, :start]))
+    for j, method in enumerate(methods):
+      cache = filled
+      lam = jnp.float32(method["threshold"])
+      for i in range(steps):
+        lp, top, sk, vi, cache = step(
+            cache, params, jnp.asarray(batch[:, start + i]),
+            jnp.asarray(batch[:, start + i + 1]), lam)
+        logprob[j, lo:lo + real, i] = np.asarray(lp)[:real]
+        argmax[j, lo:lo + real, i] = np.asarray(top)[:real]
+        skipped[j] += np.asarray(sk)[:, :real].sum(1)
+        visited[j] += np.asarray(vi)[:, :real].sum(1)
+      if progress is not None:
+        progress.update()
+  out = []
+  _, dense_ppl = perplexity(logprob[0])
+  for j, method in enumerate(methods):
+    nll, ppl = perplexity(logprob[j])
+    out.append({**method, "nll": nll, "perplexity": ppl,
+                "delta_ppl_pct": (ppl / dense_ppl - 1.0) * 100.0,
+                "top1_agreement": float(np.mean(argmax[j] == argmax[0])),
+                "sparsity": float(skipped[j].sum() / max(visited[j].sum(), 1)),
+                "sparsity_per_layer": (skipped[j] / np.maximum(visited[j], 1)
+                                       ).tolist(),
+                "steps": int(steps)})
+  return out
 
 
 # ------------------------------------------------------------------- passkey
@@ -1048,7 +1184,7 @@ def evaluate_length(cfg, model, length: int, *, trained_len: int,
   bar = ProgressBar(len(methods) * n_batches, desc=f"length {length}",
                     enabled=cfg.progress)
   t0 = time.perf_counter()
-  dense_ppl = None
+  dense_ppl = dense_argmax = None
   for method in methods:
     kw = dict(threshold=method["threshold"],
               xattention_threshold=method["xattention_threshold"],
@@ -1056,9 +1192,10 @@ def evaluate_length(cfg, model, length: int, *, trained_len: int,
     out = evaluator.run(windows[:, :-1], windows[:, 1:], **kw)
     nll, ppl = perplexity(out.logprob)
     if dense_ppl is None:
-      dense_ppl = ppl                       # methods[0] is dense
+      dense_ppl, dense_argmax = ppl, out.argmax   # methods[0] is dense
     method.update(nll=nll, perplexity=ppl,
                   delta_ppl_pct=(ppl / dense_ppl - 1.0) * 100.0,
+                  top1_agreement=float(np.mean(out.argmax == dense_argmax)),
                   **block_sparsity(out))
     if samples:
       pk = evaluator.run(passkey_tokens[:, :-1], passkey_tokens[:, 1:], **kw)

@@ -101,7 +101,7 @@ def test_score_passkeys_uses_the_answer_positions():
   greedy[1, sl.start:sl.stop - 1] = True        # last key token wrong
   zeros = np.zeros((1, n, 1), np.int64)
   scores = lm_eval.score_passkeys(samples, lm_eval.EvalOutput(
-      logprob, greedy, zeros, zeros, zeros))
+      logprob, greedy, zeros, zeros, zeros, np.zeros((n, t), np.int32)))
   assert scores["correct"].tolist() == [True, False]
   np.testing.assert_allclose(scores["logprob"], [-0.5, -5.0])
 

@@ -291,3 +291,66 @@ def test_bench_multigpu_smoke(tmp_path):
     assert one["sparsity"] > 0 and shared
     assert all(r["sparsity"] == one["sparsity"] for r in shared), (
         one["sparsity"], [r["sparsity"] for r in shared])
+
+
+def _prose(seed: int, paragraphs: int) -> str:
+  """Deterministic English-like paragraphs (documents split by 2 blank
+  lines, the `text.source='files'` convention)."""
+  rng = np.random.default_rng(seed)
+  words = ("the river ran past the old mill and the children watched the "
+           "water turn the wheel while their mother called them home for "
+           "supper before the rain came down over the hills").split()
+  docs = []
+  for _ in range(paragraphs):
+    sentences = [" ".join(rng.choice(words, rng.integers(6, 14))).capitalize()
+                 + "." for _ in range(40)]
+    docs.append(" ".join(sentences))
+  return "\n\n\n".join(docs)
+
+
+def test_eval_llm_and_bench_generate_small(tmp_path):
+  """The real-model study and the latency benchmark on a tiny checkpoint
+  they write themselves (reference attention, CPU)."""
+  files = []
+  for name, seed in (("eval.txt", 0), ("calibration.txt", 1)):
+    path = tmp_path / name
+    path.write_text(_prose(seed, 6))
+    files.append(str(path))
+  text = f"--config.text.files=('{files[0]}', '{files[1]}')"
+  out_dir = tmp_path / "eval"
+  out = run(["-m", "experiments.eval_llm", "--config=configs/eval_llm.py:small",
+             text, f"--config.output_dir={out_dir}",
+             "--config.context_lengths=(256,)", "--config.progress=False"],
+            tmp_path)
+  assert "decode method" in out
+  results = json.loads((out_dir / "results.json").read_text())
+  rec = results["lengths"][0]
+  dense = rec["methods"][0]
+  assert dense["label"] == "dense" and dense["top1_agreement"] == 1.0
+  skip = [m for m in rec["methods"] if m["kind"] == "skip"]
+  assert [m["sparsity"] for m in skip] == sorted(m["sparsity"] for m in skip)
+  assert skip[-1]["sparsity"] > 0 and 0 < skip[-1]["top1_agreement"] <= 1
+  decode = rec["decode"]["methods"]
+  assert decode[0]["delta_ppl_pct"] == 0 and decode[0]["sparsity"] == 0
+  assert decode[1]["kind"] == "skip" and decode[1]["sparsity"] > 0
+  assert rec["decode"]["num_splits"] >= 1
+  assert results["data"]["eval"]["text"] == files[0]
+  for png in results["plots"]:
+    assert (out_dir / png).stat().st_size > 10_000
+
+  gen_dir = tmp_path / "gen"
+  out = run(["-m", "experiments.bench_generate",
+             "--config=configs/bench_generate.py:small", text,
+             f"--config.output_dir={gen_dir}", "--config.batch_sizes=(1,)",
+             "--config.repeats=1",
+             f"--config.from_results={out_dir / 'results.json'}"], tmp_path)
+  assert "device_kind=cpu" in out
+  result = json.loads((gen_dir / "generate.json").read_text())
+  labels = [r["label"] for r in result["rows"]]
+  assert labels[0] == "dense" and len(labels) == 3   # + config + calibrated
+  for r in result["rows"]:
+    assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["tpot_loop_ms"] > 0
+    assert 0 <= r["prefill_sparsity"] <= 1
+  assert result["rows"][0]["prefill_sparsity"] == 0
+  assert result["rows"][1]["prefill_sparsity"] > 0
+  assert (gen_dir / "generate.png").stat().st_size > 10_000

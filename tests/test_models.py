@@ -395,6 +395,26 @@ def test_generate_options_and_errors(tiny):
     model(jnp.ones((2, 3), jnp.float32))
 
 
+def test_decode_loop_equals_step_by_step(tiny):
+  cfg, params = tiny
+  model = _model(cfg, params, implementation="reference")
+  prompt = _tokens(cfg, 20, seed=12, batch=2)
+  lengths = np.array([20, 20], np.int32)
+  stepped = models.Generator(model, batch=2, max_len=30, threshold=0.2)
+  tok = stepped.prefill(prompt, lengths)
+  expected = []
+  for _ in range(6):
+    tok = stepped.step(tok)
+    expected.append(np.asarray(tok))
+  looped = models.Generator(model, batch=2, max_len=30, threshold=0.2)
+  first = looped.prefill(prompt, lengths)
+  out = looped.decode_loop(first, 6)
+  np.testing.assert_array_equal(out, np.stack(expected, axis=1))
+  with pytest.raises(ValueError, match="return_stats"):
+    models.Generator(model, batch=2, max_len=30,
+                     return_stats=True).decode_loop(first, 2)
+
+
 def test_sample_next_stays_in_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 256))
   draws = models.generate.__globals__["sample_next"](

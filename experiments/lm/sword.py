@@ -108,8 +108,9 @@ def fetch_modules(names, root: str | None = None) -> str:
     The SWORD root (root/usr/share/sword).
 
   Raises:
-    ValueError: for an unknown module.
-    subprocess.CalledProcessError: when apt-get cannot download.
+    ValueError: for an unknown module, or when apt-get cannot download
+      them (with what to do instead).
+    subprocess.CalledProcessError: when dpkg-deb cannot unpack one.
   """
   unknown = sorted(set(names) - set(MODULES))
   if unknown:
@@ -119,8 +120,20 @@ def fetch_modules(names, root: str | None = None) -> str:
   debs = os.path.join(root, "debs")
   os.makedirs(debs, exist_ok=True)
   packages = [MODULES[n][0] for n in names]
-  subprocess.run(["apt-get", "download", *packages], cwd=debs, check=True,
-                 stdout=subprocess.DEVNULL)
+  download = ["apt-get", "download", *packages]
+  if subprocess.run(download, cwd=debs, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL).returncode:
+    # Stale or missing package lists: refresh them (root only) and retry.
+    if os.geteuid() == 0:
+      subprocess.run(["apt-get", "update", "-qq"], check=False,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if subprocess.run(download, cwd=debs, stdout=subprocess.DEVNULL
+                      ).returncode:
+      raise ValueError(
+          f"`apt-get download {' '.join(packages)}` failed: run `apt-get "
+          "update` (as root) first, or unpack the packages yourself and "
+          "pass their usr/share/sword as text.sword_root, or use "
+          "text.source='files'.")
   for deb in glob.glob(os.path.join(debs, "*.deb")):
     subprocess.run(["dpkg-deb", "-x", deb, root], check=True)
   return os.path.join(root, "usr", "share", "sword")

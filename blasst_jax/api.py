@@ -176,6 +176,32 @@ def _block_size_for(length: int, n_blocks: int, name: str) -> int:
       "block sizes (e.g. bj.xattention.select_blocks(block_size=128)).")
 
 
+def check_causal(causal) -> None:
+  """Raises ValueError unless `causal` is a Python or NumPy bool (a string
+  such as "False" would otherwise be truthy)."""
+  if not isinstance(causal, (bool, np.bool_)):
+    raise ValueError(f"`causal` must be True or False, got {causal!r} "
+                     f"({type(causal).__name__}).")
+
+
+def is_concrete(x) -> bool:
+  """Whether x's values are known now (not a tracer inside jit/vmap/grad)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_lengths_range(kv_lengths, max_len: int, name: str = "kv_lengths"
+                        ) -> None:
+  """Concrete lengths must lie in [0, max_len]; traced ones are left to the
+  caller to clamp."""
+  if kv_lengths is None or not is_concrete(kv_lengths):
+    return
+  values = np.asarray(kv_lengths)
+  if values.size and (values.min() < 0 or values.max() > max_len):
+    raise ValueError(
+        f"`{name}` must lie in [0, {max_len}] (the cache holds {max_len} "
+        f"tokens per sequence), got min {values.min()}, max {values.max()}.")
+
+
 def check_sm_scale(sm_scale):
   """Raises ValueError unless `sm_scale` is None or a positive finite float."""
   if sm_scale is None:
@@ -290,6 +316,7 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
   b, lq, hq, d = q.shape
   lk = k.shape[1]
   _check_kv_lengths(kv_lengths, b)
+  check_causal(causal)
   check_sm_scale(sm_scale)
   _check_threshold(threshold, b)
   tiles_from_mask = (block_mask is not None and block_q is None

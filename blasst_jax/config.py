@@ -63,9 +63,18 @@ class SkipSoftmaxConfig:
           "`threshold_scale_factor`, not both.")
     if self.threshold is not None:
       check_threshold(self.threshold)
+    c = self.threshold_scale_factor
+    if not (c is None or isinstance(c, Mapping) or (
+        isinstance(c, (int, float, np.number)) and not isinstance(c, bool))):
+      raise ValueError(
+          "SkipSoftmaxConfig: `threshold_scale_factor` must be a non-negative "
+          "number or a {'prefill': c, 'decode': c} mapping, got "
+          f"{c!r} ({type(c).__name__}).")
     factors = self.scale_factors
     for phase, c in factors.items():
-      if c is not None and not (isinstance(c, (int, float)) and c >= 0):
+      if c is not None and not (isinstance(c, (int, float, np.number))
+                                and not isinstance(c, bool)
+                                and np.isfinite(c) and c >= 0):
         raise ValueError(
             f"SkipSoftmaxConfig: `threshold_scale_factor` for {phase} must be"
             f" a non-negative number, got {c!r}.")
@@ -83,7 +92,7 @@ class SkipSoftmaxConfig:
   def scale_factors(self) -> dict[str, float | None]:
     """The scale factor `c` per phase (None where not set)."""
     c = self.threshold_scale_factor
-    if c is None or isinstance(c, (int, float)):
+    if c is None or isinstance(c, (int, float, np.number)):
       return {"prefill": c, "decode": c}
     items = dict(c.items()) if isinstance(c, Mapping) else dict(c)
     return {"prefill": items.get("prefill"), "decode": items.get("decode")}
@@ -121,11 +130,15 @@ def check_threshold(threshold: Any) -> None:
   Raises:
     ValueError: unless every value is finite and lies in [0, 1).
   """
+  if isinstance(threshold, jax.core.Tracer):
+    return  # A traced λ: checked by the caller's own logic, not here.
   try:
     values = np.asarray(threshold, dtype=np.float64)
-  except (TypeError, jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
-    return  # A traced λ: checked by the caller's own logic, not here.
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"`threshold` (λ) must be a number in [0, 1), an array of them or a "
+        f"SkipSoftmaxConfig, got {threshold!r} "
+        f"({type(threshold).__name__}).") from None
   if values.size and (np.any(~np.isfinite(values)) or np.any(values < 0)
                       or np.any(values >= 1)):
     raise ValueError(

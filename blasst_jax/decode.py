@@ -128,6 +128,32 @@ def _kernel_head_dim(head_dim: int) -> bool:
   return head_dim >= 16 and not head_dim & (head_dim - 1)
 
 
+def _check_block_kv(block_kv) -> None:
+  if (not isinstance(block_kv, (int, np.integer)) or block_kv < 16
+      or block_kv & (block_kv - 1)):
+    raise ValueError(f"`block_kv` (the page size for paged caches) must be a "
+                     f"power of two >= 16, got {block_kv!r}.")
+
+
+def _check_page_table(page_table, kv_lengths, num_pages: int,
+                      page_size: int) -> None:
+  """Concrete tables and lengths: lengths fit the table, and every page a
+  sequence reads lies in the pool (entries past the length are free)."""
+  if not (api.is_concrete(page_table) and api.is_concrete(kv_lengths)):
+    return
+  table = np.asarray(page_table)
+  lengths = np.asarray(kv_lengths)
+  api.check_lengths_range(lengths, table.shape[1] * page_size)
+  used = np.arange(table.shape[1])[None, :] < -(-lengths[:, None] // page_size)
+  bad = used & ((table < 0) | (table >= num_pages))
+  if bad.any():
+    row, col = map(int, np.argwhere(bad)[0])
+    raise ValueError(
+        f"`page_table`[{row}, {col}] = {int(table[row, col])} is outside the "
+        f"pool of {num_pages} pages but sequence {row} reads it "
+        f"(kv_lengths[{row}] = {int(lengths[row])}).")
+
+
 def _check_options(implementation, num_splits, block_kv, head_dim, max_mode):
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS} or "
@@ -138,10 +164,7 @@ def _check_options(implementation, num_splits, block_kv, head_dim, max_mode):
   if num_splits is not None and (not isinstance(num_splits, (int, np.integer))
                                  or num_splits < 1):
     raise ValueError(f"`num_splits` must be a positive int, got {num_splits!r}.")
-  if (not isinstance(block_kv, (int, np.integer)) or block_kv < 16
-      or block_kv & (block_kv - 1)):
-    raise ValueError(f"`block_kv` (the page size for paged caches) must be a "
-                     f"power of two >= 16, got {block_kv!r}.")
+  _check_block_kv(block_kv)
   if implementation == "pallas_triton" and not _kernel_head_dim(head_dim):
     raise ValueError(f"The decode kernel needs head_dim a power of two >= 16, "
                      f"got {head_dim}; use implementation='reference'.")
@@ -163,7 +186,8 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
     k_cache, v_cache: [batch, max_len, kv_heads, head_dim], same dtype as q
       (f32, bf16, f16); q_heads % kv_heads == 0 (GQA: the heads of a group
       are processed together; MQA: kv_heads = 1).
-    kv_lengths: int [batch], valid tokens per sequence (0..max_len); the
+    kv_lengths: int [batch], valid tokens per sequence (0..max_len: checked
+      when concrete, clamped into that range when traced); the
       new token's key and value are expected to be in the cache already.
     threshold: λ in [0, 1), f32 [batch], or a `SkipSoftmaxConfig` (its
       "decode" scale factor gives λ = c / kv_length per sequence).
@@ -202,7 +226,13 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
     ValueError: on bad shapes, dtypes, lengths, thresholds or options.
   """
   _check_decode_inputs(q, k_cache, v_cache, kv_lengths, cache_name="cache")
+  _check_block_kv(block_kv)
   b, max_len, hkv, d = k_cache.shape
+  if q.shape[0] != b:
+    raise ValueError(f"`q` has batch {q.shape[0]} but the cache has {b}.")
+  api.check_lengths_range(kv_lengths, max_len)
+  # Traced lengths: clamped to the cache before it is padded to whole blocks.
+  kv_lengths = jnp.clip(jnp.asarray(kv_lengths), 0, max_len)
   pad = -max_len % block_kv
   if pad:  # A copy of the cache: allocate max_len as a multiple of block_kv.
     k_cache = jnp.pad(k_cache, ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -255,6 +285,9 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
     raise ValueError(f"`page_table` must be int [batch, pages_per_seq] with "
                      f"batch={q.shape[0]}, got {page_table.dtype}"
                      f"{list(table_shape)}.")
+  _check_block_kv(k_pages.shape[1])
+  _check_page_table(page_table, kv_lengths, k_pages.shape[0],
+                    k_pages.shape[1])
   return _decode(q, k_pages, v_pages, page_table.astype(jnp.int32),
                  kv_lengths, threshold=threshold, sm_scale=sm_scale,
                  num_splits=num_splits, max_mode=max_mode,
@@ -292,7 +325,9 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
     num_splits = default_num_splits(b, hkv, max_len, block_kv)
   sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
       sm_scale)
-  kv_lengths = kv_lengths.astype(jnp.int32)
+  # Traced lengths cannot be checked: clamp them to the cache (concrete
+  # ones were checked to lie in [0, max_len]).
+  kv_lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, max_len)
   log_thr = config_lib.log_threshold(config_lib.resolve_threshold(
       threshold, kv_lengths, max_len, b, phase="decode"))
   skip_enabled = not api._is_static_zero(threshold)  # pylint: disable=protected-access

@@ -189,6 +189,7 @@ def make_attention_fn(threshold=0.0, *, causal: bool = False,
       sm_scale (here), and at call time on `mask`, `bias` or active dropout.
   """
   _check_options(threshold, implementation, block_q, block_kv, sm_scale)
+  api.check_causal(causal)
 
   def skip_softmax_attention(query, key, value, bias=None, mask=None,
                              broadcast_dropout=True, dropout_rng=None,
@@ -327,6 +328,7 @@ class SkipSelfAttention(nnx.Module):
     elif not isinstance(head_dim, (int, np.integer)) or head_dim <= 0:
       raise ValueError(f"`head_dim` must be a positive int, got {head_dim!r}.")
     _check_options(threshold, implementation, block_q, block_kv, None)
+    api.check_causal(causal)
     if rope and head_dim % 2:
       raise ValueError(f"`rope` needs an even head_dim, got {head_dim}.")
     if not rope_base > 1:

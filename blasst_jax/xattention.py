@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blasst_jax import api
 from blasst_jax import reference
 from blasst_jax.kernels import xattention_triton
 
@@ -42,6 +43,12 @@ def _check(q, k, block_size, stride, threshold, q_chunk):
   if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
     raise ValueError(f"`q` {q.shape} and `k` {k.shape} must share batch and "
                      "head_dim.")
+  for name, x in (("q", q), ("k", k)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"`{name}` must be a float array, got {x.dtype}.")
+  if q.dtype != k.dtype:
+    raise ValueError(f"`q` and `k` must share one dtype, got {q.dtype} and "
+                     f"{k.dtype}; cast one with .astype.")
   if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
     raise ValueError(f"num_q_heads ({q.shape[2]}) must be a multiple of "
                      f"num_kv_heads ({k.shape[2]}).")
@@ -60,7 +67,12 @@ def _check(q, k, block_size, stride, threshold, q_chunk):
     if thr.ndim > 2 or (thr.ndim >= 1 and thr.shape[-1] not in (1, q.shape[2])):
       raise ValueError(f"`threshold` must be a float, [q_heads] or [batch, "
                        f"q_heads], got shape {thr.shape}.")
-    if np.any(thr <= 0) or np.any(thr > 1):
+    try:
+      thr = thr.astype(np.float64)
+    except (TypeError, ValueError):
+      raise ValueError(f"`threshold` τ must be a number in (0, 1], got "
+                       f"{threshold!r}.") from None
+    if np.any(~np.isfinite(thr)) or np.any(thr <= 0) or np.any(thr > 1):
       raise ValueError(f"`threshold` τ must be in (0, 1], got {threshold!r}.")
 
 
@@ -115,6 +127,9 @@ def block_scores(q, k, *, block_size: int = 128, stride: int = 8,
       "pallas_triton" with a block_size / stride it cannot tile.
   """
   _check(q, k, block_size, stride, 0.5, q_chunk_blocks)
+  api.check_causal(causal)
+  api.check_sm_scale(sm_scale)
+  api._check_kv_lengths(kv_lengths, q.shape[0])  # pylint: disable=protected-access
   config = config or xattention_triton.EstimateConfig()
   implementation = _estimate_implementation(implementation, block_size,
                                             stride, config, interpret)

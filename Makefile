@@ -8,18 +8,18 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test test-fast bench-smoke bazel-test docs clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	@if [ ! -x $(PY) ]; then \
 	  PY312=$$(scripts/find_python312.sh) || exit 1; \
 	  echo "creating $(VENV) with $$PY312"; \
 	  $$PY312 -m venv $(VENV) || exit 1; \
 	fi
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' -c constraints.txt
 	@touch $(STAMP)
 
 $(DOCS_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[test,docs]'
+	$(PY) -m pip install -q -e '.[test,docs]' -c constraints.txt
 	@touch $(DOCS_STAMP)
 
 demo: $(STAMP)

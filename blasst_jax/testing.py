@@ -114,6 +114,21 @@ def announce_device() -> tuple[dict, bool]:
           device.platform == "gpu")
 
 
+def device_tag(device_kind: str) -> str:
+  """A short file-name tag of a device kind: "NVIDIA H200" -> "h200",
+  "NVIDIA H100 80GB HBM3" -> "h100", "cpu" -> "cpu"."""
+  words = device_kind.lower().replace("nvidia", "").split()
+  return words[0] if words else "unknown"
+
+
+def result_path(output_dir: str, output_name: str, stem: str,
+                device_kind: str) -> str:
+  """`output_dir/NAME.json`, NAME = output_name or f"{stem}_{device_tag}"
+  (results are named by the device they were measured on)."""
+  name = output_name or f"{stem}_{device_tag(device_kind)}"
+  return os.path.join(output_dir, name + ".json")
+
+
 def save_json(result: dict, output: str) -> str:
   """Writes `result` to `output` as JSON (making its folder); returns the
   path of the PNG that goes beside it."""

@@ -28,7 +28,11 @@ def get_config(variant: str = "h100"):
   c.warmup = 2
   c.iters = 10
   c.seed = 0
-  c.output = "benchmarks/results/backward_h100.json"
+  # Results go to output_dir/<output_name or backward_<device>>.json (+ .png);
+  # --config.output_dir=benchmarks/results refreshes the committed ones.
+  c.output_dir = "bench_backward_output"
+  c.output_name = ""
+  c.stem = "backward"
   if variant == "small":
     c.shapes = ((1, 256, 4, 2, 32),)
     c.dtype = "float32"
@@ -36,5 +40,6 @@ def get_config(variant: str = "h100"):
     c.block_sizes.pallas_triton = (64, 32)
     c.pattern.window = 16
     c.warmup, c.iters = 0, 1
-    c.output = "/tmp/blasst_bench_backward/backward.json"
+    c.output_dir = "/tmp/blasst_bench_backward"
+    c.output_name = "backward"
   return c

@@ -42,7 +42,11 @@ def get_config(variant: str = "h100"):
   c.split_sweep = ml_collections.ConfigDict(dict(
       shapes=[0, 1], splits=[4, 8, 16, 24, 33, 48, 66, 132],
       thresholds=[0.0, 1e-3], mode="anchored"))
-  c.output = "benchmarks/results/decode_h100.json"
+  # Results go to output_dir/<output_name or decode_<device>>.json (+ .png);
+  # --config.output_dir=benchmarks/results refreshes the committed ones.
+  c.output_dir = "bench_decode_output"
+  c.output_name = ""
+  c.stem = "decode"
   if variant == "smoke":
     c.shapes = [(2, 4, 2, 256, 32)]
     c.thresholds = [1e-2]
@@ -53,7 +57,8 @@ def get_config(variant: str = "h100"):
     c.impls = ["copy", "xla", "reference", "pallas_triton"]
     c.tuning_shapes = []
     c.warmup, c.iters, c.reps = 1, 2, 1
-    c.output = "/tmp/blasst_bench_smoke/decode.json"
+    c.output_dir = "/tmp/blasst_bench_smoke"
+    c.output_name = "decode"
   elif variant != "h100":
     raise ValueError(f"Unknown variant {variant!r}: use 'h100' or 'smoke'.")
   return c

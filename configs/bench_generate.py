@@ -24,7 +24,7 @@ def get_config(variant: str = "default"):
               "block_q", "block_kv", "seed", "text"):
     c[key] = base[key]
   c.output_dir = "bench_generate_output"
-  c.output_name = "generate"       # <output_dir>/<output_name>.{json,png}
+  c.output_name = ""               # "": generate_<device>.{json,png}
   c.context = 8192                 # prompt + new tokens (SmolLM2's context)
   c.new_tokens = 128
   c.batch_sizes = (1, 8)

@@ -16,7 +16,7 @@ def get_config(variant: str = "h100"):
   c.modeled_device_counts = [2, 4, 8]
   c.dtype = "bfloat16"
   # Comma-separated; one phase per command keeps each run short
-  # (--config.phases=decode --config.output=...).
+  # (--config.phases=decode --config.output_name=...).
   c.phases = "prefill,decode"
   # Prefill: (batch, seq_len, q_heads, kv_heads, head_dim), causal.
   c.prefill_shapes = [(1, 131072, 8, 8, 128), (1, 262144, 8, 8, 128),
@@ -48,7 +48,11 @@ def get_config(variant: str = "h100"):
   c.decode_iters = 15
   c.decode_reps = 5
   c.seed = 0
-  c.output = "benchmarks/results/multigpu.json"
+  # Results go to output_dir/<output_name or multigpu_<device>>.json (+ .png);
+  # --config.output_dir=benchmarks/results refreshes the committed ones.
+  c.output_dir = "bench_multigpu_output"
+  c.output_name = ""
+  c.stem = "multigpu"
   if variant == "smoke":   # Seconds on 8 CPU devices: checks the script.
     c.device_counts = [1, 2]
     c.modeled_device_counts = [4]
@@ -63,5 +67,6 @@ def get_config(variant: str = "h100"):
     c.interpret = True
     c.warmup, c.iters = 0, 1
     c.decode_warmup, c.decode_iters, c.decode_reps = 0, 1, 1
-    c.output = "/tmp/blasst_bench_smoke/multigpu.json"
+    c.output_dir = "/tmp/blasst_bench_smoke"
+    c.output_name = "multigpu"
   return c

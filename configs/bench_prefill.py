@@ -48,7 +48,11 @@ def get_config(variant: str = "h100"):
               (128, 32, 4, 3, True), (64, 64, 4, 3, True)]
   # Correctness against the oracle and cuDNN on a slice that fits the oracle.
   c.check_shape = (1, 4096, 4, 4, 128)
-  c.output = "benchmarks/results/prefill_h100.json"
+  # Results go to output_dir/<output_name or prefill_<device>>.json (+ .png);
+  # --config.output_dir=benchmarks/results refreshes the committed ones.
+  c.output_dir = "bench_prefill_output"
+  c.output_name = ""
+  c.stem = "prefill"
   if variant == "smoke":   # Seconds on a CPU: checks the script, not speed.
     c.shapes = [(1, 256, 2, 1, 32)]
     c.thresholds = [1e-2]
@@ -57,7 +61,8 @@ def get_config(variant: str = "h100"):
     c.tuning = []
     c.check_shape = (1, 128, 2, 1, 32)
     c.warmup, c.iters = 1, 2
-    c.output = "/tmp/blasst_bench_smoke/prefill.json"
+    c.output_dir = "/tmp/blasst_bench_smoke"
+    c.output_name = "prefill"
   elif variant != "h100":
     raise ValueError(f"Unknown variant {variant!r}: use 'h100' or 'smoke'.")
   return c

@@ -34,7 +34,7 @@ def get_config(variant: str = "default"):
   c.random_qk_scale = 1.0         # random_init: q/k weights times this
   c.seed = 0
   c.data_dir = ""                 # "": the run's data.data_dir
-  c.output_dir = "benchmarks/results/lm_eval"
+  c.output_dir = "eval_sparsity_output"   # benchmarks/results/lm_eval: committed
   # Several runs at equal λ: "label=path" train_lm workdirs (the first is
   # the reference), each evaluated with the same windows, passkeys and λ
   # into output_dir/<label>/, plus output_dir/comparison.{json,png}.

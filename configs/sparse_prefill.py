@@ -72,9 +72,11 @@ def get_config(variant: str = "all"):
   c.warmup = 2
   c.iters = 10
   c.seed = 0
-  c.output = ("benchmarks/results/xattention_frontier_h100.json"
-              if names == "frontier" else
-              "benchmarks/results/xattention_h100.json")
+  # Results go to output_dir/<output_name or stem_<device>>.json (+ .png);
+  # --config.output_dir=benchmarks/results refreshes the committed ones.
+  c.output_dir = "sparse_prefill_output"
+  c.output_name = ""
+  c.stem = "xattention_frontier" if names == "frontier" else "xattention"
   if size == "small":
     c.shape = (1, 1024, 8, 2, 64)
     c.dtype = "float32"
@@ -82,7 +84,6 @@ def get_config(variant: str = "all"):
     c.stride = 8
     c.pattern.window = 32
     c.warmup, c.iters = 0, 1
-    c.output = "/tmp/blasst_sparse_prefill/xattention.json"
-    if names == "frontier":
-      c.output = "/tmp/blasst_sparse_prefill/xattention_frontier.json"
+    c.output_dir = "/tmp/blasst_sparse_prefill"
+    c.output_name = c.stem
   return c

@@ -124,6 +124,8 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   header, on_gpu = testing.announce_device()
+  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
+                               header["device_kind"])
   result = dict(**header, dtype=cfg.dtype, causal=cfg.causal,
                 block_sizes=cfg.block_sizes.to_dict(), rows=[])
   for shape in cfg.shapes:
@@ -136,10 +138,10 @@ def main(argv):
       print(f"{r['shape']} {r['impl']} λ={r['threshold']:g}: sparsity "
             f"{r['sparsity']:.3f} grad rel err {r['grad_rel_error']:.2e}"
             f"{timing}", flush=True)
-  png = testing.save_json(result, cfg.output)
+  png = testing.save_json(result, output)
   if on_gpu:
     plot(result, png)
-  print(f"wrote {cfg.output}")
+  print(f"wrote {output}")
 
 
 if __name__ == "__main__":

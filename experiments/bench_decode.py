@@ -249,6 +249,8 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   header, on_gpu = testing.announce_device()
+  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
+                               header["device_kind"])
   rows = run(cfg, on_gpu)
   result = dict(**header,
                 tuning=run_tuning(cfg) if on_gpu else [],
@@ -258,9 +260,9 @@ def main(argv):
                 notes=("effective_tbps = dense K+V bytes / time; read_tbps = "
                        "bytes read / time (copy: read + written); jax_pallas "
                        "includes the K/V transposes its gqa wrapper makes."))
-  png = testing.save_json(result, cfg.output)
+  png = testing.save_json(result, output)
   plot(rows, png)
-  print(f"wrote {cfg.output} and {png}")
+  print(f"wrote {output} and {png}")
 
 
 if __name__ == "__main__":

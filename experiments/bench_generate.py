@@ -248,8 +248,8 @@ def main(argv):
   result = {**device, "config": cfg.to_dict(), "model": model_record,
             "text": texts["record"]["eval"], "prompt_len": prompt_len,
             "points": points, "rows": rows}
-  path = testing.save_json(result, os.path.join(cfg.output_dir,
-                                                cfg.output_name + ".json"))
+  path = testing.save_json(result, testing.result_path(
+      cfg.output_dir, cfg.output_name, "generate", device["device_kind"]))
   plot(result, path)
   print(f"written {os.path.abspath(path)} and its .json")
 

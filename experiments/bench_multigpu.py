@@ -310,6 +310,8 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   header, on_gpu = testing.announce_device()
+  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
+                               header["device_kind"])
   print(f"devices: {len(jax.devices())}", flush=True)
   result = dict(**header, num_devices=len(jax.devices()), dtype=cfg.dtype,
                 rows=[])
@@ -320,7 +322,7 @@ def main(argv):
   with progress.ProgressBar(len(work), "shapes") as bar:
     for run_shape, shape in work:
       result["rows"] += run_shape(cfg, tuple(shape), on_gpu)
-      testing.save_json(result, cfg.output)    # kept if a later shape fails
+      testing.save_json(result, output)    # kept if a later shape fails
       bar.update()
   for r in result["rows"]:
     extra = "".join(f" {key}={r[key]}" for key in ("share_max",
@@ -330,9 +332,9 @@ def main(argv):
     print(f"{r['phase']} {r['seq_len']} {r['mode']} {r['impl']} "
           f"n={r['devices']} λ={r['threshold']:g}{extra}{sparsity}: "
           f"{r['time_ms']:.2f} ms{speed}", flush=True)
-  png = testing.save_json(result, cfg.output)
+  png = testing.save_json(result, output)
   plot(result, png)
-  print(f"wrote {cfg.output} and {png}")
+  print(f"wrote {output} and {png}")
 
 
 if __name__ == "__main__":

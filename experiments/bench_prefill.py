@@ -289,6 +289,8 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   header, on_gpu = testing.announce_device()
+  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
+                               header["device_kind"])
   result = dict(**header,
                 pattern=dict(name="sink_local", **cfg.pattern.to_dict()),
                 block_q=cfg.block_q, block_kv=cfg.block_kv,
@@ -300,12 +302,12 @@ def main(argv):
 
   def save(rows, tuning=()):
     result.update(rows=rows, tuning=list(tuning))
-    return testing.save_json(result, cfg.output)
+    return testing.save_json(result, output)
 
   result["rows"] = run_speed(cfg, on_gpu, save)
   png = save(result["rows"], run_tuning(cfg))
   plot(result["rows"], png)
-  print(f"\nwrote {cfg.output} and {png}")
+  print(f"\nwrote {output} and {png}")
   print(f"{'impl':>14} {'causal':>6} {'seq':>6} {'λ':>7} {'sparsity':>8} "
         f"{'ms':>9} {'TFLOP/s':>8} {'dense-eq':>8}")
   for r in result["rows"]:

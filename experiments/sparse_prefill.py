@@ -216,6 +216,8 @@ def main(argv):
   del argv
   cfg = _CONFIG.value
   header, on_gpu = testing.announce_device()
+  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
+                               header["device_kind"])
   q, k, v = make_inputs(cfg)
   dense = dense_output(cfg, q, k, v, on_gpu)
   result = dict(**header, shape=list(cfg.shape), dtype=cfg.dtype,
@@ -247,9 +249,9 @@ def main(argv):
       r["fraction_of_cudnn"] = r["ms"] / result["cudnn_ms"]
       if dense_ms:
         r["fraction_of_dense"] = r["ms"] / dense_ms[0]
-  png = testing.save_json(result, cfg.output)
+  png = testing.save_json(result, output)
   plot(result, png)
-  print(f"wrote {cfg.output} and {png}")
+  print(f"wrote {output} and {png}")
 
 
 if __name__ == "__main__":

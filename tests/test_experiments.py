@@ -26,7 +26,8 @@ def run_with_output(script, config, tmp_path, name):
   tmp_path/NAME.json; returns (stdout, the JSON it wrote)."""
   output = tmp_path / f"{name}.json"
   out = run([f"experiments/{script}.py", f"--config=configs/{config}",
-             f"--config.output={output}"], tmp_path)
+             f"--config.output_dir={tmp_path}",
+             f"--config.output_name={name}"], tmp_path)
   return out, json.loads(output.read_text())
 
 
@@ -342,15 +343,15 @@ def test_eval_llm_and_bench_generate_small(tmp_path):
   out = run(["-m", "experiments.bench_generate",
              "--config=configs/bench_generate.py:small", text,
              f"--config.output_dir={gen_dir}", "--config.batch_sizes=(1,)",
-             "--config.repeats=1",
+             "--config.repeats=1", "--config.points=()",
              f"--config.from_results={out_dir / 'results.json'}"], tmp_path)
   assert "device_kind=cpu" in out
-  result = json.loads((gen_dir / "generate.json").read_text())
+  result = json.loads((gen_dir / "generate_cpu.json").read_text())
   labels = [r["label"] for r in result["rows"]]
-  assert labels[0] == "dense" and len(labels) == 3   # + config + calibrated
+  assert labels == ["dense", "skip (≤1 % Δppl)"]     # + the calibrated point
   for r in result["rows"]:
     assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["tpot_loop_ms"] > 0
     assert 0 <= r["prefill_sparsity"] <= 1
   assert result["rows"][0]["prefill_sparsity"] == 0
   assert result["rows"][1]["prefill_sparsity"] > 0
-  assert (gen_dir / "generate.png").stat().st_size > 10_000
+  assert (gen_dir / "generate_cpu.png").stat().st_size > 10_000

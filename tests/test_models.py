@@ -350,15 +350,17 @@ def test_decode_step_logits_equal_full_forward(tiny):
       for block in model.blocks:
         block.attn.init_cache(3, 48, jnp.float32, page_size=16,
                               page_table=table)
-    first = model.prefill(jnp.asarray(np.where(
-        np.arange(40) < lengths[:, None], tokens, 0)), lengths=lengths)
+    prefill = nnx.jit(lambda m, t, n: m.prefill(t, lengths=n))
+    decode_step = nnx.jit(lambda m, t: m.decode_step(t))
+    first = prefill(model, jnp.asarray(np.where(
+        np.arange(40) < lengths[:, None], tokens, 0)), jnp.asarray(lengths))
     np.testing.assert_allclose(first, full[np.arange(3), lengths - 1],
                                atol=2e-4, rtol=2e-4)
     # Feed the true next tokens of the shorter rows; compare with full.
     for step in range(5):
       pos = lengths + step
       nxt = tokens[np.arange(3), np.minimum(pos, 39)]
-      logits = model.decode_step(jnp.asarray(nxt))
+      logits = decode_step(model, jnp.asarray(nxt))
       for b in (1, 2):
         np.testing.assert_allclose(logits[b], full[b, pos[b]],
                                    atol=2e-4, rtol=2e-4)

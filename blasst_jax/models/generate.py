@@ -11,12 +11,15 @@ benchmarks can time time-to-first-token and time-per-output-token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blasst_jax import config as config_lib
+from blasst_jax.config import SkipSoftmaxConfig
 from blasst_jax.models.llama import Llama
 
 __all__ = ["GenerationOutput", "Generator", "generate", "sample_next",
@@ -75,6 +78,83 @@ def pad_prompts(prompts, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
   return tokens, lengths
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepOptions:
+  """What the compiled steps close over (hashable: a static jit argument)."""
+
+  threshold: object
+  decode_threshold: object
+  temperature: float
+  top_p: float
+  num_splits: int | None
+  max_mode: str | None
+  return_stats: bool
+
+
+def _static_threshold(threshold, name: str):
+  """A float λ or a SkipSoftmaxConfig (compiled in: one build per value)."""
+  if isinstance(threshold, SkipSoftmaxConfig):
+    return threshold
+  config_lib.check_threshold(threshold)
+  if np.ndim(threshold):
+    raise ValueError(f"`{name}` must be a float or a SkipSoftmaxConfig for "
+                     f"generation, got shape {np.shape(threshold)}.")
+  return float(threshold)
+
+
+def _counts(stats, options: _StepOptions) -> tuple:
+  """(skipped, visited) blocks summed over layers, or () without stats."""
+  if not options.return_stats:
+    return ()
+  return (sum(jnp.sum(s.skipped_blocks) for s in stats),
+          sum(jnp.sum(s.visited_blocks) for s in stats))
+
+
+def _sample(logits, key, options: _StepOptions):
+  return sample_next(logits, key, temperature=options.temperature,
+                     top_p=options.top_p)
+
+
+@functools.partial(jax.jit, donate_argnums=0,
+                   static_argnames=("graphdef", "options"))
+def _prefill(cache, params, tokens, lengths, key, *, graphdef, options):
+  m = nnx.merge(graphdef, cache, params)
+  result = m.prefill(tokens, lengths=lengths, threshold=options.threshold,
+                     return_stats=options.return_stats)
+  logits, stats = result if options.return_stats else (result, None)
+  return ((_sample(logits, key, options),) + _counts(stats, options),
+          nnx.state(m, nnx.Cache))
+
+
+def _step_body(cache, params, tokens, key, graphdef, options):
+  m = nnx.merge(graphdef, cache, params)
+  result = m.decode_step(tokens, threshold=options.decode_threshold,
+                         num_splits=options.num_splits,
+                         max_mode=options.max_mode,
+                         return_stats=options.return_stats)
+  logits, stats = result if options.return_stats else (result, None)
+  return ((_sample(logits, key, options),) + _counts(stats, options),
+          nnx.state(m, nnx.Cache))
+
+
+_step = jax.jit(_step_body, donate_argnums=0,
+                static_argnames=("graphdef", "options"))
+
+
+@functools.partial(jax.jit, donate_argnums=0,
+                   static_argnames=("graphdef", "options", "steps"))
+def _loop(cache, params, tokens, key, *, graphdef, options, steps):
+  """`steps` decode steps in one lax.scan: int32 [batch, steps]."""
+  def body(carry, k):
+    cache, tok = carry
+    out, cache = _step_body(cache, params, tok, k, graphdef, options)
+    return (cache, out[0]), out[0]
+
+  (cache, _), toks = jax.lax.scan(body, (cache, tokens),
+                                  jax.random.split(key, steps))
+  return toks.T, cache
 
 
 @dataclasses.dataclass
@@ -137,62 +217,34 @@ class Generator:
     self._return_stats = bool(return_stats)
     self.graphdef, self.cache, self.params = nnx.split(model, nnx.Cache, ...)
     decode_threshold = threshold if decode_threshold is None else decode_threshold
-    sample = dict(temperature=float(temperature), top_p=float(top_p))
-    graphdef = self.graphdef
-
-    def counts(stats):
-      if not return_stats:
-        return ()
-      return (sum(jnp.sum(s.skipped_blocks) for s in stats),
-              sum(jnp.sum(s.visited_blocks) for s in stats))
-
-    def prefill(cache, params, tokens, lengths, key):
-      m = nnx.merge(graphdef, cache, params)
-      result = m.prefill(tokens, lengths=lengths, threshold=threshold,
-                         return_stats=return_stats)
-      logits, stats = result if return_stats else (result, None)
-      nxt = sample_next(logits, key, **sample)
-      return (nxt,) + counts(stats), nnx.state(m, nnx.Cache)
-
-    def step(cache, params, tokens, key):
-      m = nnx.merge(graphdef, cache, params)
-      result = m.decode_step(tokens, threshold=decode_threshold,
-                             num_splits=num_splits, max_mode=max_mode,
-                             return_stats=return_stats)
-      logits, stats = result if return_stats else (result, None)
-      nxt = sample_next(logits, key, **sample)
-      return (nxt,) + counts(stats), nnx.state(m, nnx.Cache)
-
-    def loop(cache, params, tokens, key, steps):
-      keys = jax.random.split(key, steps)
-
-      def scan_body(carry, k):
-        cache, tok = carry
-        out, cache = step(cache, params, tok, k)
-        return (cache, out[0]), out[0]
-
-      (cache, _), toks = jax.lax.scan(scan_body, (cache, tokens), keys)
-      return toks.T, cache                                # [b, steps]
-
-    self._prefill = jax.jit(prefill, donate_argnums=0)
-    self._step = jax.jit(step, donate_argnums=0)
-    self._loop = jax.jit(loop, donate_argnums=0, static_argnums=4)
+    threshold, decode_threshold = (_static_threshold(t, name) for t, name in (
+        (threshold, "threshold"), (decode_threshold, "decode_threshold")))
+    # Hashable options: the compiled steps are shared by every Generator of
+    # the same model structure and options (repeated `generate` calls do
+    # not recompile).
+    self._options = _StepOptions(
+        threshold=threshold, decode_threshold=decode_threshold,
+        temperature=float(temperature), top_p=float(top_p),
+        num_splits=num_splits, max_mode=max_mode,
+        return_stats=bool(return_stats))
 
   def prefill(self, tokens, lengths, key=None):
     """Runs right-padded prompts int [batch, len] (real lengths int [batch])
     and returns the first generated token of each, int32 [batch] (with
     `return_stats`: (tokens, skipped, visited))."""
     key = jax.random.key(0) if key is None else key
-    out, self.cache = self._prefill(self.cache, self.params,
-                                    jnp.asarray(tokens, jnp.int32),
-                                    jnp.asarray(lengths, jnp.int32), key)
+    out, self.cache = _prefill(self.cache, self.params,
+                               jnp.asarray(tokens, jnp.int32),
+                               jnp.asarray(lengths, jnp.int32), key,
+                               graphdef=self.graphdef, options=self._options)
     return out if len(out) > 1 else out[0]
 
   def step(self, tokens, key=None):
     """Feeds int [batch] tokens and returns the next ones (see `prefill`)."""
     key = jax.random.key(0) if key is None else key
-    out, self.cache = self._step(self.cache, self.params,
-                                 jnp.asarray(tokens, jnp.int32), key)
+    out, self.cache = _step(self.cache, self.params,
+                            jnp.asarray(tokens, jnp.int32), key,
+                            graphdef=self.graphdef, options=self._options)
     return out if len(out) > 1 else out[0]
 
   def decode_loop(self, tokens, steps: int, key=None):
@@ -203,9 +255,10 @@ class Generator:
       raise ValueError("decode_loop does not count statistics: build the "
                        "Generator with return_stats=False.")
     key = jax.random.key(0) if key is None else key
-    out, self.cache = self._loop(self.cache, self.params,
-                                 jnp.asarray(tokens, jnp.int32), key,
-                                 int(steps))
+    out, self.cache = _loop(self.cache, self.params,
+                            jnp.asarray(tokens, jnp.int32), key,
+                            graphdef=self.graphdef, options=self._options,
+                            steps=int(steps))
     return out
 
 

@@ -22,6 +22,7 @@ pytest.importorskip("tokenizers")
 
 from blasst_jax import models  # pylint: disable=g-import-not-at-top
 from blasst_jax import nn as bjnn  # pylint: disable=g-import-not-at-top
+from blasst_jax.models.generate import sample_next  # pylint: disable=g-import-not-at-top
 from blasst_jax.models import testing as mtesting  # pylint: disable=g-import-not-at-top
 from blasst_jax.models import weights  # pylint: disable=g-import-not-at-top
 
@@ -418,7 +419,7 @@ def test_decode_loop_equals_step_by_step(tiny):
 
 def test_sample_next_stays_in_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 256))
-  draws = models.generate.__globals__["sample_next"](
+  draws = sample_next(
       logits, jax.random.key(0), temperature=1.0, top_p=0.7)
   # Nucleus {0, 1} reaches 0.8 >= 0.7; tokens 2 and 3 are never drawn.
   assert set(np.asarray(draws).tolist()) == {0, 1}

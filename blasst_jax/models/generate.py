@@ -214,7 +214,6 @@ class Generator:
       raise ValueError(f"`top_p` must lie in (0, 1], got {top_p!r}.")
     model.init_cache(batch, max_len, dtype=cache_dtype, page_size=page_size)
     self.batch, self.max_len = int(batch), int(max_len)
-    self._return_stats = bool(return_stats)
     self.graphdef, self.cache, self.params = nnx.split(model, nnx.Cache, ...)
     decode_threshold = threshold if decode_threshold is None else decode_threshold
     threshold, decode_threshold = (_static_threshold(t, name) for t, name in (
@@ -251,7 +250,7 @@ class Generator:
     """`steps` decode steps in one compiled loop (no host round trip per
     token): feeds int [batch] tokens, returns int32 [batch, steps], the
     token each step produced (no EOS handling, no statistics)."""
-    if self._return_stats:
+    if self._options.return_stats:
       raise ValueError("decode_loop does not count statistics: build the "
                        "Generator with return_stats=False.")
     key = jax.random.key(0) if key is None else key

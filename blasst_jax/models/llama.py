@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from blasst_jax import nn as bjnn
-from blasst_jax.config import SkipStats
 
 __all__ = ["Llama", "LlamaConfig", "RMSNorm"]
 
@@ -360,16 +359,3 @@ class Llama(nnx.Module):
     logits = self._logits(x[:, 0])
     return (logits, stats) if return_stats else logits
 
-
-def pooled_sparsity(stats) -> float:
-  """skipped / visited blocks over a list of per-layer stats."""
-  skipped = sum(float(jnp.sum(s.skipped_blocks)) for s in stats)
-  visited = sum(float(jnp.sum(s.visited_blocks)) for s in stats)
-  return skipped / max(visited, 1.0)
-
-
-def stack_stats(stats) -> SkipStats:
-  """Per-layer stats -> one SkipStats of [num_layers, batch, heads]."""
-  return SkipStats(
-      skipped_blocks=jnp.stack([s.skipped_blocks for s in stats]),
-      visited_blocks=jnp.stack([s.visited_blocks for s in stats]))

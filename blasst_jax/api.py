@@ -151,15 +151,12 @@ def check_initial_max_array(initial_max, expected: tuple[int, ...],
 
 
 def _check_initial_max(initial_max, expected: tuple[int, ...],
-                       return_lse: bool, implementation) -> None:
+                       return_lse: bool) -> None:
   if not return_lse:
     raise ValueError("`initial_max` gives a partial result to merge: pass "
                      "return_lse=True (the call then returns out, lse and "
                      "the final row max).")
   check_initial_max_array(initial_max, expected, "[batch, q_heads, q_len]")
-  if implementation not in (None, "reference", "pallas_triton"):
-    raise ValueError(f"`initial_max` runs on 'reference' or 'pallas_triton', "
-                     f"not {implementation!r}; pass implementation=None.")
 
 
 def _block_size_for(length: int, n_blocks: int, name: str) -> int:
@@ -301,7 +298,7 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       (-inf: none), e.g. the row max over keys that precede these ones; a
       tile that starts finite may skip its first block. Chaining calls over
       consecutive key parts this way takes the skip decisions of one call
-      over all of them. "reference" and "pallas_triton" (None picks it).
+      over all of them. Every implementation takes it.
 
   Returns:
     out [batch, q_len, q_heads, head_dim] in q's dtype, or (out, SkipStats);
@@ -332,9 +329,7 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
   _check_block_mask(block_mask, (b, hq, -(-lq // block_q), -(-lk // block_kv)))
   check_implementation(implementation)
   if initial_max is not None:
-    _check_initial_max(initial_max, (b, hq, lq), return_lse, implementation)
-    implementation = implementation or (
-        "pallas_triton" if jax.default_backend() == "gpu" else "reference")
+    _check_initial_max(initial_max, (b, hq, lq), return_lse)
   # Mask blocks that are whole multiples of the Hopper kernel's tiles.
   split = _mosaic_split(block_q, block_kv, d) if tiles_from_mask else None
   if implementation is None:
@@ -550,7 +545,7 @@ def _run_forward(q, k, v, kv_lengths, log_thr, block_mask, static, *,
                  skip_mask: bool, initial_max=None):
   """The Pallas forward: ((out, skipped, visited), lse, skip mask). With
   skip_mask the kernel also records which blocks it skipped (else None);
-  with initial_max (Triton) the final row max follows."""
+  with initial_max the final row max follows."""
   opts = dict(static)
   forward = _forward_kernel(opts.pop("kernel"))
   if initial_max is not None:

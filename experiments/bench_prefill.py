@@ -1,13 +1,17 @@
 r"""Prefill speed: skip-softmax kernel against cuDNN, XLA and itself dense.
 
 Runs every implementation in the same process on the same inputs (the
-sink + local-window pattern of `blasst_jax.patterns`), prints the device kind
-and jax version, and writes a JSON table and a PNG beside it.
+sink + local-window pattern of `blasst_jax.patterns`, and optionally q/k/v
+captured from every layer of a pretrained model), prints the device kind
+and jax version, and writes a JSON table and a PNG beside it. Skip rows sit
+at target block sparsities (λ found by bisection on each input) or at
+given λ values.
 
     python experiments/bench_prefill.py --config=configs/bench_prefill.py
+    python experiments/bench_prefill.py --config=configs/bench_prefill.py:h200
 
-Rows: impl, causal, batch, seq_len, q_heads, kv_heads, head_dim, dtype,
-threshold, sparsity, time_ms, tflops, dense_equiv_tflops. `tflops` counts the
+Rows: impl, pattern, causal, batch, seq_len, q_heads, kv_heads, head_dim,
+dtype, threshold, target, sparsity, time_ms, tflops, dense_equiv_tflops. `tflops` counts the
 FLOPs actually executed (q·kᵀ for every visited block, P·V only for kept
 blocks); `dense_equiv_tflops` is dense FLOPs / time.
 """
@@ -65,10 +69,12 @@ def baseline(name, causal):
       q, k, v, is_causal=causal, implementation=impl))
 
 
-def row(impl, causal, shape, dtype, threshold, sparsity, t_ms, *, skip=True):
+def row(impl, causal, shape, dtype, threshold, sparsity, t_ms, *, skip=True,
+        pattern="sink_local", target=None):
   dense = shape.flops(causal)
   executed = dense * (1 - 0.5 * sparsity) if skip else dense
-  return dict(impl=impl, causal=causal, batch=shape.batch,
+  return dict(impl=impl, pattern=pattern, target=target, causal=causal,
+              batch=shape.batch,
               seq_len=shape.q_len, q_heads=shape.q_heads,
               kv_heads=shape.kv_heads, head_dim=shape.head_dim, dtype=dtype,
               threshold=threshold, sparsity=round(float(sparsity), 4),
@@ -81,66 +87,168 @@ def kernel_options(cfg, impl):
   if impl == "pallas_triton":
     return cfg.block_q, cfg.block_kv, pallas_triton.TritonConfig(
         cfg.num_warps, cfg.num_stages, cfg.load_v_in_branch)
-  if impl == "pallas_mosaic":
+  if impl.startswith("pallas_mosaic"):
+    variant = cfg.mosaic_variants.get(impl[len("pallas_mosaic_"):], {})
     return cfg.mosaic_block_q, cfg.mosaic_block_kv, pallas_mosaic.MosaicConfig(
-        num_stages=cfg.mosaic_num_stages)
+        num_stages=cfg.mosaic_num_stages, **variant)
   return cfg.block_q, cfg.block_kv, None
 
 
+def implementation_of(impl):
+  """"pallas_mosaic_<variant>" runs "pallas_mosaic" with other knobs."""
+  return "pallas_mosaic" if impl.startswith("pallas_mosaic") else impl
+
+
+def find_threshold(fn, args, target, *, steps):
+  """(λ, sparsity): bisection on log10 λ in [-8, 0] for the block sparsity
+  `target` through `fn(*args, λ)` (which returns (out, SkipStats)); the
+  probe nearest the target."""
+  lo, hi, best = -8.0, 0.0, None
+  for _ in range(steps):
+    mid = (lo + hi) / 2
+    sparsity = float(fn(*args, jnp.float32(10.0 ** mid))[1].total_sparsity)
+    if best is None or abs(sparsity - target) < abs(best[1] - target):
+      best = (10.0 ** mid, sparsity)
+    lo, hi = (mid, hi) if sparsity < target else (lo, mid)
+  return best
+
+
+def time_impls(cfg, on_gpu, q, k, v, shape, causal, *, pattern, thresholds,
+               targets=()):
+  """Rows of every implementation at one input: the baselines, our builds
+  without the skip check and at λ = 0, then skip rows at `targets`
+  (bisection, on the first of our kernels in cfg.impls) and `thresholds`."""
+  rows = []
+  kernels = [i for i in cfg.impls if implementation_of(i) in KERNELS
+             and (on_gpu or i == "pallas_triton")]
+  lams = [(thr, None) for thr in thresholds]
+  for impl in cfg.impls:
+    tag = f"[{pattern} {shape.name} causal={causal}] {impl}"
+    if impl in ("cudnn", "xla"):
+      if impl == "cudnn" and not on_gpu:
+        print(f"{tag}: skipped (no GPU)")
+        continue
+      if impl == "xla" and shape.q_len > cfg.xla_max_seq_len:
+        print(f"{tag}: skipped (seq_len > xla_max_seq_len)")
+        continue
+      try:
+        t_ms = testing.median_time_ms(baseline(impl, causal), q, k, v,
+                                      warmup=cfg.warmup, iters=cfg.iters)
+      except Exception as e:  # e.g. XLA out of memory at long lengths.
+        print(f"{tag}: failed: {type(e).__name__}: {str(e)[:200]}")
+        continue
+      rows.append(row(impl, causal, shape, cfg.dtype, 0.0, 0.0, t_ms,
+                      skip=False, pattern=pattern))
+      print(f"{tag}: {t_ms:.3f} ms  {rows[-1]['tflops']} TFLOP/s",
+            flush=True)
+      continue
+    if impl not in kernels and impl != "reference":
+      print(f"{tag}: skipped (no GPU)")
+      continue
+    bq, bkv, kcfg = kernel_options(cfg, impl)
+    fn = ours(cfg, causal, block_q=bq, block_kv=bkv, kernel_config=kcfg,
+              implementation=implementation_of(impl))
+    if impl in KERNELS:
+      # λ = 0 known at trace time: the build without the skip check.
+      dense_fn = jax.jit(functools.partial(
+          bj.attention, threshold=0.0, causal=causal, implementation=impl,
+          block_q=bq, block_kv=bkv, kernel_config=kcfg))
+      t_ms = testing.median_time_ms(dense_fn, q, k, v, warmup=cfg.warmup,
+                                    iters=cfg.iters)
+      rows.append(row(f"{impl}_noskip", causal, shape, cfg.dtype, 0.0, 0.0,
+                      t_ms, skip=False, pattern=pattern))
+      print(f"{tag} built without skip check: {t_ms:.3f} ms  "
+            f"{rows[-1]['tflops']} TFLOP/s", flush=True)
+    if impl == (kernels or [None])[0] and targets:
+      found = [find_threshold(fn, (q, k, v), t, steps=cfg.bisection_steps)
+               for t in targets]
+      lams = [(lam, t) for (lam, _), t in zip(found, targets)] + lams
+      print(f"{tag} λ for sparsity {list(targets)}: "
+            f"{[f'{lam:.3g}' for lam, _ in found]}", flush=True)
+    for thr, target in [(0.0, None)] + lams:
+      thr_arr = jnp.float32(thr)
+      _, stats = fn(q, k, v, thr_arr)
+      sparsity = float(stats.total_sparsity)
+      t_ms = testing.median_time_ms(fn, q, k, v, thr_arr, warmup=cfg.warmup,
+                                    iters=cfg.iters)
+      rows.append(row(impl, causal, shape, cfg.dtype, thr, sparsity, t_ms,
+                      pattern=pattern, target=target))
+      print(f"{tag} λ={thr:.3g}: sparsity {sparsity:.3f}  {t_ms:.3f} ms  "
+            f"{rows[-1]['dense_equiv_tflops']} dense-equiv TFLOP/s",
+            flush=True)
+  return rows
+
+
 def run_speed(cfg, on_gpu, save=lambda rows: None):
-  """Times every implementation; `save(rows)` after each shape."""
+  """Times every implementation on the sink/local pattern; `save(rows)`
+  after each shape."""
   rows = []
   for i, t in enumerate(cfg.shapes):
     shape = shape_of(t)
     q, k, v = make_inputs(cfg, shape, cfg.seed + i)
     for causal in cfg.causal:
-      for impl in cfg.impls:
-        tag = f"[{shape.name} causal={causal}] {impl}"
-        if impl in ("cudnn", "xla"):
-          if impl == "cudnn" and not on_gpu:
-            print(f"{tag}: skipped (no GPU)")
-            continue
-          if impl == "xla" and shape.q_len > cfg.xla_max_seq_len:
-            print(f"{tag}: skipped (seq_len > xla_max_seq_len)")
-            continue
-          try:
-            t_ms = testing.median_time_ms(baseline(impl, causal), q, k, v,
-                           warmup=cfg.warmup, iters=cfg.iters)
-          except Exception as e:  # e.g. XLA out of memory at long lengths.
-            print(f"{tag}: failed: {type(e).__name__}: {str(e)[:200]}")
-            continue
-          rows.append(row(impl, causal, shape, cfg.dtype, 0.0, 0.0, t_ms,
-                          skip=False))
-          print(f"{tag}: {t_ms:.3f} ms  {rows[-1]['tflops']} TFLOP/s",
-                flush=True)
-          continue
-        if impl == "pallas_mosaic" and not on_gpu:
-          print(f"{tag}: skipped (no GPU)")
-          continue
-        bq, bkv, kcfg = kernel_options(cfg, impl)
-        fn = ours(cfg, causal, block_q=bq, block_kv=bkv, kernel_config=kcfg,
-                  implementation=impl)
-        if impl in KERNELS:
-          # λ = 0 known at trace time: the build without the skip check.
-          dense_fn = jax.jit(functools.partial(
-              bj.attention, threshold=0.0, causal=causal, implementation=impl,
-              block_q=bq, block_kv=bkv, kernel_config=kcfg))
-          t_ms = testing.median_time_ms(dense_fn, q, k, v, warmup=cfg.warmup, iters=cfg.iters)
-          rows.append(row(f"{impl}_noskip", causal, shape, cfg.dtype,
-                          0.0, 0.0, t_ms, skip=False))
-          print(f"{tag} built without skip check: {t_ms:.3f} ms  "
-                f"{rows[-1]['tflops']} TFLOP/s", flush=True)
-        for thr in [0.0, *cfg.thresholds]:
-          thr_arr = jnp.float32(thr)
-          _, stats = fn(q, k, v, thr_arr)
-          sparsity = float(stats.total_sparsity)
-          t_ms = testing.median_time_ms(fn, q, k, v, thr_arr, warmup=cfg.warmup,
-                         iters=cfg.iters)
-          rows.append(row(impl, causal, shape, cfg.dtype, thr, sparsity, t_ms))
-          print(f"{tag} λ={thr:g}: sparsity {sparsity:.3f}  {t_ms:.3f} ms  "
-                f"{rows[-1]['dense_equiv_tflops']} dense-equiv TFLOP/s",
-                flush=True)
+      rows += time_impls(cfg, on_gpu, q, k, v, shape, causal,
+                         pattern="sink_local", thresholds=cfg.thresholds,
+                         targets=cfg.target_sparsities)
+      save(rows)
+  return rows
+
+
+def captured_model_qkv(cfg, seq_len):
+  """q/k/v of every attention layer of the config's model over
+  `windows` windows of `seq_len` tokens, stacked on the batch axis:
+  q [layers * windows, seq_len, q_heads, head_dim], k and v likewise."""
+  from blasst_jax import models  # pylint: disable=g-import-not-at-top
+  rm = cfg.real_model
+  path = rm.model_path
+  if path == "smollm2":
+    path = models.smollm2_path()
+  if path == "tiny":   # a random 2-layer checkpoint (smoke runs)
+    from blasst_jax.models import testing as model_testing  # pylint: disable=g-import-not-at-top
+    tiny = model_testing.tiny_config(max_position=max(1024, seq_len))
+    path = os.path.join(cfg.output_dir, "tiny.gguf")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    model_testing.write_gguf(path, tiny, model_testing.random_params(
+        tiny, seed=cfg.seed, qk_scale=4.0))
+  model, _ = models.load_gguf(path, dtype=jnp.dtype(cfg.dtype))
+  if rm.tokens == "random":
+    tokens = np.random.default_rng(cfg.seed).integers(
+        0, model.config.vocab_size, rm.windows * seq_len)
+  else:
+    tokens = np.load(rm.tokens)[rm.tokens_key]
+  if tokens.size < rm.windows * seq_len:
+    raise ValueError(f"{rm.tokens} holds {tokens.size} tokens, fewer than "
+                     f"{rm.windows} windows of {seq_len}.")
+  qs, ks, vs = [], [], []
+  for w in range(rm.windows):
+    ids = jnp.asarray(tokens[w * seq_len:(w + 1) * seq_len], jnp.int32)
+    captured = analysis.capture_attention_inputs(model, ids[None])
+    for inputs in captured.values():
+      qs.append(inputs.q)
+      ks.append(inputs.k)
+      vs.append(inputs.v)
+  del model
+  return tuple(jnp.concatenate(x, axis=0) for x in (qs, ks, vs))
+
+
+def run_real_model(cfg, on_gpu, save=lambda rows: None):
+  """The same rows on q/k/v captured from a pretrained model (causal)."""
+  rm = cfg.real_model
+  if not rm.model_path:
+    return []
+  rows = []
+  for seq_len in rm.seq_lens:
+    q, k, v = captured_model_qkv(cfg, seq_len)
+    b, lq, hq, d = q.shape
+    shape = testing.AttentionShape(batch=b, q_len=lq, kv_len=k.shape[1],
+                                   q_heads=hq, kv_heads=k.shape[2],
+                                   head_dim=d)
+    print(f"captured {rm.model_path}: q {q.shape} k {k.shape}", flush=True)
+    rows += time_impls(cfg, on_gpu, q, k, v, shape, True,
+                       pattern=rm.pattern_name, thresholds=rm.thresholds,
+                       targets=cfg.target_sparsities)
     save(rows)
+    del q, k, v
   return rows
 
 
@@ -181,14 +289,14 @@ def run_checks(cfg, on_gpu):
   shape = shape_of(cfg.check_shape)
   q, k, v = make_inputs(cfg, shape, cfg.seed + 100)
   checks = []
-  kernels = [i for i in cfg.impls if i in KERNELS
+  kernels = [i for i in cfg.impls if implementation_of(i) in KERNELS
              and (on_gpu or i == "pallas_triton")]
   for impl, causal in itertools.product(kernels, cfg.causal):
-    for thr in (0.0, cfg.thresholds[min(2, len(cfg.thresholds) - 1)]):
+    for thr in (0.0, cfg.check_threshold):
       bq, bkv, kcfg = kernel_options(cfg, impl)
       common = dict(threshold=thr, causal=causal, return_stats=True,
                     block_q=bq, block_kv=bkv)
-      out, stats = bj.attention(q, k, v, implementation=impl,
+      out, stats = bj.attention(q, k, v, implementation=implementation_of(impl),
                                 kernel_config=kcfg, **common)
       ref, ref_stats = bj.attention(q, k, v, implementation="reference",
                                     **common)
@@ -213,75 +321,52 @@ def run_checks(cfg, on_gpu):
   return checks
 
 
-DENSE_LABELS = {
-    "pallas_triton": "pallas_triton, λ=0 (skip check on)",
-    "pallas_triton_noskip": "pallas_triton, built without check",
-    "pallas_mosaic": "pallas_mosaic, λ=0 (skip check on)",
-    "pallas_mosaic_noskip": "pallas_mosaic, built without check"}
-
-
-def seq_label(seq_len: int, causal: bool) -> str:
+def group_label(key) -> str:
+  pattern, d, seq_len, causal = key
   size = f"{seq_len // 1024}k" if seq_len >= 1024 else str(seq_len)
-  return size + (" causal" if causal else "")
+  name = "" if pattern == "sink_local" else f"{pattern} "
+  return f"{name}{size} d{d}" + (" causal" if causal else "")
+
+
+def group_of(r):
+  return (r.get("pattern", "sink_local"), r["head_dim"], r["seq_len"],
+          r["causal"])
+
+
+def speedups(rows, impl, base_impl):
+  """{group: [(sparsity, base time / time)]} of impl's skip rows."""
+  out = {}
+  for g in sorted({group_of(r) for r in rows}):
+    base = [r for r in rows if r["impl"] == base_impl and group_of(r) == g]
+    if base:
+      pts = sorted((r["sparsity"], base[0]["time_ms"] / r["time_ms"])
+                   for r in rows if r["impl"] == impl and group_of(r) == g)
+      out[g] = pts or None
+  return {g: pts for g, pts in out.items() if pts}
 
 
 def plot(rows, path):
+  """Speedup against our dense build and against cuDNN, over sparsity."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
-  kernels = [k_ for k_ in KERNELS if any(r["impl"] == k_ for r in rows)]
-  fig = Figure(figsize=(6.5 * (1 + len(kernels)), 5))
-  axes = fig.subplots(1, 1 + len(kernels))
-  axes = list(np.atleast_1d(axes))
-  ax = axes[0]
-  groups = sorted({(r["seq_len"], r["causal"]) for r in rows})
-  impls = sorted({r["impl"] for r in rows})
-  width = 0.8 / max(1, len(impls) + 2)
-  for n, impl in enumerate(impls):
-    xs, ys = [], []
-    for g, (s, c) in enumerate(groups):
-      dense = [r for r in rows if r["impl"] == impl and r["seq_len"] == s
-               and r["causal"] == c and r["threshold"] == 0.0]
-      if dense:
-        xs.append(g + n * width)
-        ys.append(dense[0]["dense_equiv_tflops"])
-    ax.bar(xs, ys, width, color=f"C{n}",
-           label=DENSE_LABELS.get(impl, f"{impl} (dense)"))
-  for n, kernel in enumerate(kernels):
-    best = []
-    for g, (s, c) in enumerate(groups):
-      sk = [r for r in rows if r["impl"] == kernel and r["seq_len"] == s
-            and r["causal"] == c and 0.5 <= r["sparsity"] <= 0.8]
-      best.append(max(sk, key=lambda r: r["sparsity"]) if sk else None)
-    ax.bar([g + (len(impls) + n) * width for g, b in enumerate(best) if b],
-           [b["dense_equiv_tflops"] for b in best if b], width,
-           color=f"C{len(impls) + n}", label=f"{kernel}, 50-80% sparse (dense-equiv)")
-  ax.set_xticks([g + 0.4 for g in range(len(groups))])
-  ax.set_xticklabels([seq_label(s, c) for s, c in groups])
-  ax.set_ylabel("TFLOP/s (dense-equivalent)")
-  ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08),
-            ncol=2)
-  ax.set_title("Prefill forward")
-  for ax, kernel in zip(axes[1:], kernels):
-    for s, c in groups:
-      pts = [r for r in rows if r["impl"] == kernel
-             and r["seq_len"] == s and r["causal"] == c]
-      dense = [r for r in pts if r["threshold"] == 0.0]
-      cud = [r for r in rows if r["impl"] == "cudnn" and r["seq_len"] == s
-             and r["causal"] == c]
-      if not dense:
-        continue
-      base = cud[0]["time_ms"] if cud else dense[0]["time_ms"]
-      pts = sorted(pts, key=lambda r: r["sparsity"])
-      ax.plot([r["sparsity"] for r in pts],
-              [base / r["time_ms"] for r in pts], "--" if c else "-",
-              marker="o", ms=3,
-              label=seq_label(s, c))
+  skip_impls = [i for i in sorted({r["impl"] for r in rows})
+                if implementation_of(i) in KERNELS]
+  fig = Figure(figsize=(13, 5))
+  axes = fig.subplots(1, 2)
+  for ax, (base, title) in zip(axes, [
+      (None, "over our dense build (no skip check)"),
+      ("cudnn", "over cuDNN dense attention")]):
+    for n, impl in enumerate(skip_impls):
+      base_impl = base or f"{implementation_of(impl)}_noskip"
+      for m, (g, pts) in enumerate(speedups(rows, impl, base_impl).items()):
+        ax.plot(*zip(*pts), ["-", "--", ":", "-."][n % 4], marker="o",
+                ms=3, color=f"C{m % 10}",
+                label=f"{impl}: {group_label(g)}")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("block sparsity (skipped / visited)")
-    ax.set_ylabel("speedup over cuDNN dense (own dense off GPU)")
-    ax.set_title(f"{kernel}: speedup vs sparsity (λ sweep)\n"
-                 "sink + local-window scores")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylabel("speedup")
+    ax.set_title(f"Prefill forward: speedup {title}")
+    ax.legend(fontsize=6, ncol=2)
   plotting.save_figure(fig, path, dpi=120)
 
 
@@ -305,15 +390,25 @@ def main(argv):
     return testing.save_json(result, output)
 
   result["rows"] = run_speed(cfg, on_gpu, save)
+  synthetic = result["rows"]
+  result["rows"] = synthetic + run_real_model(
+      cfg, on_gpu, lambda rows: save(synthetic + rows))
   png = save(result["rows"], run_tuning(cfg))
   plot(result["rows"], png)
   print(f"\nwrote {output} and {png}")
-  print(f"{'impl':>14} {'causal':>6} {'seq':>6} {'λ':>7} {'sparsity':>8} "
-        f"{'ms':>9} {'TFLOP/s':>8} {'dense-eq':>8}")
+  print(f"{'impl':>22} {'input':>22} {'λ':>8} {'sparsity':>8} {'ms':>9} "
+        f"{'vs own dense':>12} {'vs cuDNN':>8}")
   for r in result["rows"]:
-    print(f"{r['impl']:>14} {str(r['causal']):>6} {r['seq_len']:>6} "
-          f"{r['threshold']:>7g} {r['sparsity']:>8.3f} {r['time_ms']:>9.3f} "
-          f"{r['tflops']:>8.1f} {r['dense_equiv_tflops']:>8.1f}")
+    g = group_of(r)
+    base = {i: [x["time_ms"] for x in result["rows"]
+                if x["impl"] == i and group_of(x) == g]
+            for i in ("cudnn", f"{implementation_of(r['impl'])}_noskip")}
+    own, cud = (base[f"{implementation_of(r['impl'])}_noskip"],
+                base["cudnn"])
+    print(f"{r['impl']:>22} {group_label(g):>22} {r['threshold']:>8.3g} "
+          f"{r['sparsity']:>8.3f} {r['time_ms']:>9.3f} "
+          f"{(own[0] / r['time_ms'] if own else float('nan')):>12.3f} "
+          f"{(cud[0] / r['time_ms'] if cud else float('nan')):>8.3f}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,15 @@ def test_bench_prefill_smoke(tmp_path):
   assert result["rows"] and all(fields <= set(r) for r in result["rows"])
   assert all(c["skip_count_mismatch"] == 0 for c in result["checks"])
   assert (tmp_path / "prefill.png").stat().st_size > 10_000
+  # Rows at a target sparsity (bisection), on the pattern and on q/k/v
+  # captured from every layer of a (tiny) model over two windows.
+  for pattern in ("sink_local", "smollm2"):
+    targeted = [r for r in result["rows"] if r["pattern"] == pattern
+                and r["target"] == 0.3]
+    assert targeted and all(0.0 <= r["sparsity"] <= 1.0 for r in targeted)
+  model_rows = [r for r in result["rows"] if r["pattern"] == "smollm2"]
+  assert {r["batch"] for r in model_rows} == {2 * 2}   # layers x windows
+  assert all(r["causal"] for r in model_rows)
 
 
 def test_bench_backward_smoke(tmp_path):

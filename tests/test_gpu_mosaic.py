@@ -136,3 +136,36 @@ def test_mosaic_backward_matches_oracle_autodiff(head_dim, causal, fuse_dq):
   test_backward.check_hopper_backward(
       batch=2, length=1000, q_heads=4, kv_heads=2, head_dim=head_dim,
       kv_lengths=(1000, 613), causal=causal, fuse_dq=fuse_dq)
+
+
+@pytest.mark.parametrize("copy_v_if_kept", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_mosaic_skip_structures_match_oracle_at_high_sparsity(
+    causal, copy_v_if_kept):
+  """Most blocks skipped by both tiles (so most V copies are elided, or
+  all streamed): outputs, lse and skip counts follow the oracle."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  shape = testing.AttentionShape(batch=2, q_len=1536, kv_len=1536, q_heads=9,
+                                 kv_heads=3, head_dim=64)
+  q, k, v = shape.inputs(test_base.key_for("mosaic_v", causal),
+                         dtype=jnp.bfloat16, sharpness=(16.0, 24.0))
+  kv_lengths = jnp.array([1536, 1500], jnp.int32)
+  lam = jnp.full((2,), 0.3, jnp.float32)
+  out, lse, skipped, visited = pallas_mosaic.attention_forward(
+      q, k, v, kv_lengths, config_lib.log_threshold(lam), causal=causal,
+      sm_scale=0.125, block_q=64, block_kv=128,
+      config=pallas_mosaic.MosaicConfig(copy_v_if_kept=copy_v_if_kept))
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=64, block_kv=128, threshold=0.3, causal=causal,
+      kv_lengths=kv_lengths)
+  assert float(jnp.sum(skipped)) > 0.5 * float(jnp.sum(visited))
+  test_base.assert_skips_match(skipped, oracle, 0.3, jnp.bfloat16)
+  test_base.assert_close(out, oracle.out, jnp.bfloat16)
+  test_base.assert_lse_close(lse, oracle.lse, atol=5e-2, rtol=1e-2)
+
+
+def test_mosaic_initial_max_chains_key_parts_on_gpu():
+  from tests import test_pallas_triton  # pylint: disable=g-import-not-at-top
+  test_pallas_triton.check_initial_max_chaining(
+      "pallas_mosaic", seq_len=1024, cut=512, dtype=jnp.bfloat16, tol=2e-2,
+      block_q=64, block_kv=128, head_dim=128, max_tol=1e-5)

@@ -154,3 +154,30 @@ def test_kernel_chained_from_an_initial_max_lowers_for_cuda():
                            sds((b,), jnp.int32), sds((b,), jnp.float32),
                            sds((b, hq, length), jnp.float32))
   assert lowered.as_text().count("blasst_prefill_triton") >= 1
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("copy_v_if_kept", [True, False])
+@pytest.mark.parametrize("d", [64, 128])
+def test_mosaic_kernel_chained_from_an_initial_max_lowers_for_cuda(
+    d, copy_v_if_kept, masked):
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  b, hq, hkv, lq, lk = 2, 9, 3, 1000, 700
+  bkv = pallas_mosaic.default_block_kv(d)
+  nq, nk = -(-lq // 64), -(-lk // bkv)
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, kv_lengths, log_thr, initial_max, mask):
+    return pallas_mosaic.attention_forward(
+        q, k, v, kv_lengths, log_thr, mask if masked else None, initial_max,
+        causal=True, sm_scale=d ** -0.5, block_q=64, block_kv=bkv,
+        return_skip_mask=True,
+        config=pallas_mosaic.MosaicConfig(copy_v_if_kept=copy_v_if_kept))
+
+  lowered = lower_for_h100(fn, sds((b, lq, hq, d), jnp.bfloat16),
+                           sds((b, lk, hkv, d), jnp.bfloat16),
+                           sds((b, lk, hkv, d), jnp.bfloat16),
+                           sds((b,), jnp.int32), sds((b,), jnp.float32),
+                           sds((b, hq, lq), jnp.float32),
+                           sds((b, hq, nq, nk), jnp.bool_))
+  assert "mosaic_gpu" in lowered.as_text()

@@ -23,15 +23,16 @@ BLOCK_Q, BLOCK_KV = 64, 64
 
 
 def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
-                    block_mask=None):
+                    block_mask=None, initial_max=None, copy_v_if_kept=True):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   lam = jnp.full((q.shape[0],), threshold, jnp.float32)
   interpret_pallas_call.reset_gpu_interpret_mode_state()
   result = pallas_mosaic.attention_forward(
       q, k, v, kv_lengths, config_lib.log_threshold(lam), block_mask,
-      causal=causal, sm_scale=q.shape[-1] ** -0.5, block_q=BLOCK_Q,
-      block_kv=BLOCK_KV,
-      config=pallas_mosaic.MosaicConfig(num_stages=num_stages),
+      initial_max, causal=causal, sm_scale=q.shape[-1] ** -0.5,
+      block_q=BLOCK_Q, block_kv=BLOCK_KV,
+      config=pallas_mosaic.MosaicConfig(num_stages=num_stages,
+                                        copy_v_if_kept=copy_v_if_kept),
       skip_enabled=threshold > 0, return_skip_mask=True,
       interpret=plgpu.InterpretGPUParams(detect_races=True))
   result = jax.block_until_ready(result)
@@ -39,13 +40,16 @@ def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
 
 
 @pytest.mark.parametrize(
-    "causal,q_len,kv_len,q_heads,kv_heads,num_stages,threshold",
-    [(False, 128, 320, 1, 1, 2, 0.1),      # ragged last KV block, skips
-     (True, 320, 320, 2, 1, 3, 0.1),       # causal, GQA, odd tile count
-     (False, 100, 256, 1, 1, 2, 0.0)])     # padded q rows, dense build
+    "causal,q_len,kv_len,q_heads,kv_heads,num_stages,threshold,copy_v",
+    [(False, 128, 320, 1, 1, 2, 0.1, True),   # ragged last KV block, skips
+     (True, 320, 320, 2, 1, 3, 0.1, True),    # causal, GQA, odd tile count
+     (False, 192, 448, 1, 1, 2, 0.3, True),   # most blocks skipped by both
+     (False, 128, 320, 1, 1, 2, 0.1, False),  # every V block streamed
+     (False, 100, 256, 1, 1, 2, 0.0, True)])  # padded q rows, dense build
 def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
                                                  q_heads, kv_heads,
-                                                 num_stages, threshold):
+                                                 num_stages, threshold,
+                                                 copy_v):
   dtype = jnp.bfloat16
   q, k, v = patterns.sink_local_qkv(
       test_base.key_for("mosaic_interpret", causal, q_len, kv_len),
@@ -54,7 +58,8 @@ def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
       dtype=dtype)
   kv_lengths = jnp.array([kv_len, kv_len - 37], jnp.int32)
   (out, lse, skipped, visited, skip_mask), races = run_interpreted(
-      q, k, v, kv_lengths, threshold, causal=causal, num_stages=num_stages)
+      q, k, v, kv_lengths, threshold, causal=causal, num_stages=num_stages,
+      copy_v_if_kept=copy_v)
   assert not races, "the race detector found a shared-memory data race"
 
   oracle = bj.reference.blockwise_attention(
@@ -70,6 +75,50 @@ def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
     assert int(jnp.sum(skipped)) > 0, "inputs meant to skip did not"
   test_base.assert_close(out, oracle.out, dtype)
   test_base.assert_lse_close(lse, oracle.lse, atol=5e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("causal,q_len,kv_len", [(True, 192, 320),
+                                                  (False, 128, 256)])
+def test_initial_max_matches_oracle_without_races(causal, q_len, kv_len):
+  """Rows start from given maxima: -inf (none), inside the score range, or
+  above every score (every block after the first skippable, the first
+  too); the final row max, lse, outputs and skips follow the oracle."""
+  dtype = jnp.bfloat16
+  key = test_base.key_for("mosaic_initial_max", causal, q_len)
+  q, k, v = patterns.sink_local_qkv(
+      key, batch=2, seq_len=q_len, kv_len=kv_len, q_heads=2, kv_heads=1,
+      head_dim=64, window=16, sharpness=(12.0, 20.0), dtype=dtype)
+  kv_lengths = jnp.array([kv_len, kv_len - 53], jnp.int32)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32),
+                 jnp.repeat(k, 2, axis=2).astype(jnp.float32)) * 64 ** -0.5
+  top = jnp.max(s, axis=-1)                               # [b, h, q]
+  pick = jax.random.randint(jax.random.fold_in(key, 1), top.shape, 0, 4)
+  initial_max = jnp.select(
+      [pick == 0, pick == 1, pick == 2],
+      [jnp.full_like(top, -jnp.inf), top - 3.0, top + 5.0], top - 0.5)
+  initial_max = initial_max.at[0, 0, :70].set(-jnp.inf)  # a tile with none
+  (out, lse, skipped, visited, skip_mask, row_max), races = run_interpreted(
+      q, k, v, kv_lengths, 0.1, causal=causal, num_stages=2,
+      initial_max=initial_max)
+  assert not races, "the race detector found a shared-memory data race"
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=BLOCK_Q, block_kv=BLOCK_KV, threshold=0.1,
+      causal=causal, kv_lengths=kv_lengths, initial_max=initial_max)
+  np.testing.assert_array_equal(np.asarray(visited),
+                                np.asarray(jnp.sum(oracle.visited_mask, -1)))
+  test_base.assert_skips_match(skipped, oracle, 0.1, dtype)
+  test_base.assert_skip_mask_matches(skip_mask, skipped, oracle, 0.1, dtype)
+  test_base.assert_close(out, oracle.out, dtype)
+  test_base.assert_lse_close(lse, oracle.lse, atol=5e-2, rtol=1e-2)
+  np.testing.assert_allclose(row_max, oracle.row_max, rtol=1e-5, atol=1e-5)
+
+
+def test_initial_max_chains_key_parts_through_the_api():
+  from tests import test_pallas_triton  # pylint: disable=g-import-not-at-top
+  test_pallas_triton.check_initial_max_chaining(
+      "pallas_mosaic", seq_len=192, cut=128, dtype=jnp.bfloat16,
+      interpret=True, tol=2e-2, block_q=64, block_kv=64, head_dim=64,
+      max_tol=1e-5)
 
 
 def test_interpret_through_the_api_with_stats_and_gradient():

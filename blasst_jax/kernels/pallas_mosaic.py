@@ -17,10 +17,23 @@ Skip rule per compute warpgroup and KV block (log2 units, scale folded in):
     skip  = (not the tile's first visited block)
             and max_rows(m_blk - m_prev) < log2(λ)
 
-A skipped block does no exponentials, no row sum and no P·V wgmma. V is still
-copied by the memory warpgroup (the decision is made after the copy was
-issued), and the consumer still waits on and releases both K and V slots and
-takes its turns at the schedule barrier, so the pipeline stays in step.
+A skipped block does no exponentials, no row sum and no P·V wgmma, and in a
+run of skipped blocks its V block is not copied: each compute warpgroup
+publishes its decision (one shared word, and an arrival on its vote
+barrier) as soon as it is made. The memory warpgroup runs ahead on K; it
+copies block j's V as soon as the slot is free when a tile kept block
+j - 1 (kept blocks come in runs, and their V must not wait on a vote),
+and otherwise only after the votes on block j, once one keeps it. When
+none does it arrives on V's barrier without a copy, so every V phase still
+completes once per block; a warpgroup that skipped observes that phase
+later, at its next position (`settle`), instead of waiting for the other
+tile's vote. The skipping
+warpgroup still takes its turns at the schedule barrier, so the pipeline
+stays in step. (`MosaicConfig(copy_v_if_kept=False)` builds the older
+structure, which streams every V block, for comparison.)
+
+`initial_max` (chained parts, context parallelism) starts each row's running
+max from a given value, as the oracle does, and the final max is returned.
 
 Padding: q rows are padded by repeating the last real row (and, under the
 causal mask, its position), so padded rows repeat a real row's gap and never
@@ -78,7 +91,8 @@ def shared_memory_bytes(block_q, block_kv, head_dim, num_stages,
   """q/o tiles of both compute warpgroups + the K/V ring + small buffers.
 
   The small buffers (lse, scalars, barriers) and their 1 KiB alignment took
-  5.3 KiB in a measured build; 6 KiB is reserved for them. With a block
+  5.3 KiB in a measured build; 8 KiB is reserved for them and the optional
+  ones (the V votes, the chained row max). With a block
   mask of `n_listed_blocks` KV blocks the program's block list is added,
   and with `n_recorded_blocks` the skip words of both tiles
   (`return_skip_mask`).
@@ -87,7 +101,7 @@ def shared_memory_bytes(block_q, block_kv, head_dim, num_stages,
   lists = 4 * list_width(n_listed_blocks) if n_listed_blocks else 0
   skips = (4 * COMPUTE_WGS * list_width(n_recorded_blocks)
            if n_recorded_blocks else 0)
-  return tiles + lists + skips + 6144
+  return tiles + lists + skips + 8192
 
 
 @functools.partial(jax.jit,
@@ -169,25 +183,37 @@ class MosaicConfig:
     num_stages: K/V shared-memory ring depth (>= 2).
     compute_registers: registers per thread granted to compute warpgroups
       (a multiple of 8, at most 232).
+    copy_v_if_kept: in the skip build, copy a V block only when a compute
+      warpgroup keeps it (False: stream every V block, as the dense build).
   """
 
   num_stages: int = 2
   compute_registers: int = 232
+  copy_v_if_kept: bool = True
 
   def __post_init__(self):
     check_pipeline_knobs(self.num_stages, self.compute_registers)
+    if not isinstance(self.copy_v_if_kept, bool):
+      raise ValueError(f"`copy_v_if_kept` must be a bool, got "
+                       f"{self.copy_v_if_kept!r}.")
 
 
 def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
             scoped, *, sm_scale, block_q, block_kv, head_dim, dtype, causal,
             q_len, group, num_stages, compute_registers, skip_enabled,
-            p_smem2, lists, skips):
+            p_smem2, lists, skips, votes, chain):
   # lists: None (every block of each tile's range), or (lists_ref int32
   # [batch, q_heads, n_programs, width] in global memory, its shared-memory
   # copy [width] for this program, the copy's barrier); see `program_lists`.
   # skips: None, or (skips_ref int32 [batch, q_heads, n_tiles, rows, SLOT],
   # its shared-memory copy [COMPUTE_WGS, rows, SLOT]): a word per KV block,
   # 1 where the tile skipped it (written at the blocks the tile visits).
+  # votes: None (every V block is copied), or (votes_smem int32
+  # [num_stages, SLOT], word wg of a slot's row = 1 where warpgroup wg keeps
+  # the block in that slot; vote barriers [COMPUTE_WGS * num_stages]).
+  # chain: None, or (initial_max_ref f32 [batch, q_heads, rows] in log2
+  # units, row_max_ref (same shape, the final max out), rows_smem2 f32
+  # [COMPUTE_WGS, block_q], its barriers [COMPUTE_WGS]).
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
   program = lax.axis_index("q_seq")
@@ -270,14 +296,26 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       def in_my_list(pos):
         return ((word(LIST_HEADER + pos) >> wg) & 1) == 1
 
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    if chain is None:
+      m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
+                              row_layout)
+      seen_before = False
+    else:
+      initial_max_ref, _, rows_smem2, chain_bars = chain
+      plgpu.copy_gmem_to_smem(
+          initial_max_ref.at[batch, q_head, pl.ds(q_base, block_q)],
+          rows_smem2.at[wg], chain_bars.at[wg])
+      plgpu.barrier_wait(chain_bars.at[wg])
+      m_i = plgpu.load(rows_smem2.at[wg], layout=row_layout, optimized=False)
+      # A row with a finite start has seen a block: the first may be skipped.
+      seen_before = m_i.max() > -jnp.inf
+
     plgpu.copy_gmem_to_smem(
         q_ref.at[batch, pl.ds(q_base, block_q), q_head], qo_smem,
         q_bars.at[wg])
     plgpu.barrier_wait(q_bars.at[wg])
 
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
-                            row_layout)
     l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32),
                             row_layout)
     acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32),
@@ -289,17 +327,51 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       def _():
         plgpu.barrier_wait(k_bars.at[slot_of(pos)])
 
-    def end_softmax(slot):
+    def publish(slot, keep):
+      """This warpgroup's vote on the block in `slot`, for the memory
+      warpgroup (which copies V once a vote keeps it)."""
+      if votes is not None:
+        votes_smem, vote_bars = votes
+        votes_smem[slot, wg] = keep.astype(jnp.int32)
+        plgpu.barrier_arrive(vote_bars.at[wg * num_stages + slot])
+
+    def settle(pos, owed):
+      """Closes a skip at pos - 1: waits for that block's V phase, then
+      releases its V slot. Each phase must be waited once and in order (the
+      phase bit is per thread); holding the release until then keeps the
+      slot's next copy, and so its next phase, from overtaking the wait.
+      The phase needs only the other tile's vote on pos - 1, which it cast
+      before this warpgroup's q·kᵀ turn at pos."""
+      if votes is None:
+        return owed
+
+      @pl.when(owed == 1)
+      def _():
+        prev = slot_of(pos - 1)
+        plgpu.barrier_wait(v_bars.at[prev])
+        plgpu.barrier_arrive(v_free.at[prev])
+      return jnp.int32(0)
+
+    def end_softmax(slot, *, needs_v=True):
       plgpu.barrier_arrive(sched_bar)                # done with softmax
-      plgpu.barrier_wait(v_bars.at[slot])
+      if needs_v:
+        plgpu.barrier_wait(v_bars.at[slot])
       plgpu.barrier_wait(sched_bar)                  # tensor cores are ours
+
+    def skip_v(slot):
+      """A block whose V this warpgroup will not read: 1 when its V phase
+      and slot release are left to `settle` at the next position."""
+      if votes is not None:
+        return jnp.int32(1)
+      plgpu.barrier_arrive(v_free.at[slot])
+      return jnp.int32(0)
 
     wait_k(jnp.int32(0))
     pl.when(wg == 1)(schedule_turn)
 
     def visit(pos, carry, *, masked: bool):
       """A block of this tile's: the skip rule, then softmax and P·V."""
-      acc, m_i, l_i, n_skipped, n_visited = carry
+      acc, m_i, l_i, n_skipped, n_visited, owed = carry
       slot = slot_of(pos)
 
       def qk_product(acc_ref):
@@ -322,9 +394,10 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         s = jnp.where(visible, s, -jnp.inf)
       m_blk = s.max(axis=1) * scale                  # [block_q], log2 units
 
-      def keep():
+      def keep(owed):
         m_new = jnp.maximum(m_i, m_blk)
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        m_safe = (jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                  if masked or chain is not None else m_new)
         alpha = jnp.exp2(m_i - m_safe)
         p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
         acc_scaled = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -354,38 +427,39 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
           acc_out = acc_scaled + pl.run_scoped(
               pv_product, plgpu.ACC((block_q, head_dim), jnp.float32))
-        return acc_out, m_new2, l_new, n_skipped, n_visited + 1
+        plgpu.barrier_arrive(v_free.at[slot])         # V slot may be refilled
+        return acc_out, m_new2, l_new, n_skipped, n_visited + 1, owed
 
       if not skip_enabled:
-        out = keep()
-      else:
-        gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
-        skip = (n_visited > 0) & (gap.max() < log2_thr)
-        if skips is not None:
-          block = block_at(pos)
-          skips[1].at[wg][block // SLOT, block % SLOT] = skip.astype(
-              jnp.int32)
+        return keep(owed)
+      gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
+      skip = ((n_visited > 0) | seen_before) & (gap.max() < log2_thr)
+      publish(slot, ~skip)
+      owed = settle(pos, owed)
+      if skips is not None:
+        block = block_at(pos)
+        skips[1].at[wg][block // SLOT, block % SLOT] = skip.astype(jnp.int32)
 
-        def drop():
-          end_softmax(slot)
-          wait_k(pos + 1)
-          return acc, m_i, l_i, n_skipped + 1, n_visited + 1
+      def drop(owed):
+        end_softmax(slot, needs_v=votes is None)
+        wait_k(pos + 1)
+        return acc, m_i, l_i, n_skipped + 1, n_visited + 1, skip_v(slot)
 
-        out = lax.cond(skip, drop, keep)
-      plgpu.barrier_arrive(v_free.at[slot])           # V slot may be refilled
-      return out
+      return lax.cond(skip, drop, keep, owed)
 
     def pass_by(pos, carry):
       """A block of the other tile's only: the barrier steps of a skipped
       block without its q·kᵀ, so slots are released and turns stay paired.
       Waiting on the copies too keeps every barrier phase observed."""
+      owed = carry[-1]
       slot = slot_of(pos)
+      publish(slot, jnp.bool_(False))
       schedule_turn()
+      owed = settle(pos, owed)
       plgpu.barrier_arrive(k_free.at[slot])
-      end_softmax(slot)
+      end_softmax(slot, needs_v=votes is None)
       wait_k(pos + 1)
-      plgpu.barrier_arrive(v_free.at[slot])
-      return carry
+      return carry[:-1] + (skip_v(slot),)
 
     def position(pos, carry, *, masked: bool):
       if in_my_list is None:
@@ -394,13 +468,14 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
                       functools.partial(visit, pos, masked=masked),
                       functools.partial(pass_by, pos), carry)
 
-    carry = (acc, m_i, l_i, jnp.int32(0), jnp.int32(0))
+    carry = (acc, m_i, l_i, jnp.int32(0), jnp.int32(0), jnp.int32(0))
     carry = lax.fori_loop(0, n_full, functools.partial(position, masked=False),
                           carry)
-    acc, m_i, l_i, n_skipped, n_visited = lax.fori_loop(
+    acc, m_i, l_i, n_skipped, n_visited, owed = lax.fori_loop(
         n_full, n_steps, functools.partial(position, masked=True), carry)
     # This tile is done; keep the other warpgroup company to the end.
-    lax.fori_loop(n_steps, n_stream, pass_by, None)
+    (owed,) = lax.fori_loop(n_steps, n_stream, pass_by, (owed,))
+    settle(n_stream, owed)
 
     pl.when(wg == 0)(schedule_turn)
 
@@ -410,6 +485,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     qo_smem[...] = acc.astype(dtype)
     lse_smem2.at[wg][...] = jnp.where(
         has_mass, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
+    if chain is not None:
+      rows_smem2.at[wg][...] = m_i * LN2
     stats = stats_smem2.at[wg]
     stats[0] = n_skipped
     stats[1] = n_visited
@@ -418,6 +495,9 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
                             out_ref.at[batch, pl.ds(q_base, block_q), q_head])
     plgpu.copy_smem_to_gmem(lse_smem2.at[wg],
                             lse_ref.at[batch, q_head, pl.ds(q_base, block_q)])
+    if chain is not None:
+      plgpu.copy_smem_to_gmem(
+          rows_smem2.at[wg], chain[1].at[batch, q_head, pl.ds(q_base, block_q)])
     tile = program * COMPUTE_WGS + wg
     plgpu.copy_smem_to_gmem(stats, stats_ref.at[batch, q_head, tile])
     if skips is not None:
@@ -430,22 +510,73 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
     kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
 
-    def issue(pos, slot):
-      src = (batch, pl.ds(block_at(pos) * block_kv, block_kv), kv_head)
-      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bars.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bars.at[slot])
+    def source(pos):
+      return (batch, pl.ds(block_at(pos) * block_kv, block_kv), kv_head)
 
-    for i in range(num_stages):
-      pl.when(i < n_stream)(functools.partial(issue, i, i))
+    def issue_k(pos, slot):
+      plgpu.copy_gmem_to_smem(k_ref.at[source(pos)], k_smem.at[slot],
+                              k_bars.at[slot])
 
-    @pl.loop(num_stages, n_stream)
-    def _stream(pos):
-      slot = slot_of(pos)
-      src = (batch, pl.ds(block_at(pos) * block_kv, block_kv), kv_head)
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bars.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bars.at[slot])
+    def issue_v(pos, slot):
+      plgpu.copy_gmem_to_smem(v_ref.at[source(pos)], v_smem.at[slot],
+                              v_bars.at[slot])
+
+    # The ring's first fill (no more blocks than the keys hold).
+    n_first = min(num_stages, k_ref.shape[1] // block_kv)
+    if votes is None:
+      for i in range(n_first):
+        @pl.when(i < n_stream)
+        def _():
+          issue_k(i, i)
+          issue_v(i, i)
+
+      @pl.loop(num_stages, n_stream)
+      def _stream(pos):
+        slot = slot_of(pos)
+        plgpu.barrier_wait(k_free.at[slot])
+        issue_k(pos, slot)
+        plgpu.barrier_wait(v_free.at[slot])
+        issue_v(pos, slot)
+    else:
+      votes_smem, vote_bars = votes
+
+      def vote(pos, slot, voter):
+        plgpu.barrier_wait(vote_bars.at[voter * num_stages + slot])
+        return votes_smem[slot, voter] != 0
+
+      for i in range(n_first):
+        pl.when(i < n_stream)(functools.partial(issue_k, i, i))
+
+      # K runs num_stages blocks ahead. V goes as soon as its slot is free
+      # when some tile kept the block before (a kept block is likely
+      # followed by kept ones, whose copies must not wait for a vote);
+      # after a block both skipped, block pos's V waits for the votes on
+      # it and is copied only if one keeps it (warpgroup 0 votes first: it
+      # leads the ping-pong). With no copy the phase completes empty.
+      def stream(pos, kept_before):
+        slot = slot_of(pos)
+
+        @pl.when(pos >= num_stages)
+        def _():
+          plgpu.barrier_wait(v_free.at[slot])
+
+        pl.when(kept_before)(functools.partial(issue_v, pos, slot))
+        first = vote(pos, slot, 0)
+        pl.when(~kept_before & first)(functools.partial(issue_v, pos, slot))
+        second = vote(pos, slot, 1)
+
+        @pl.when(~kept_before & ~first)
+        def _():
+          lax.cond(second, functools.partial(issue_v, pos, slot),
+                   lambda: plgpu.barrier_arrive(v_bars.at[slot]))
+
+        @pl.when(pos + num_stages < n_stream)
+        def _():
+          plgpu.barrier_wait(k_free.at[slot])
+          issue_k(pos + num_stages, slot)
+        return first | second
+
+      lax.fori_loop(0, n_stream, stream, jnp.bool_(True))
 
     # Observe the last releases too, so every barrier phase this warpgroup
     # took part in is seen before the barriers are freed.
@@ -456,8 +587,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       plgpu.barrier_wait(v_free.at[slot])
 
 
-def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
-                      causal: bool, sm_scale: float, block_q: int = 64,
+def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
+                      initial_max=None, *, causal: bool, sm_scale: float, block_q: int = 64,
                       block_kv: int = 128,
                       config: MosaicConfig = MosaicConfig(),
                       skip_enabled: bool = True, interpret=None,
@@ -476,13 +607,17 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
     interpret: None on a GPU, or a `plgpu.InterpretGPUParams` to run on CPU
       in Pallas' GPU interpret mode (barriers, TMA and races simulated; P·V
       then reads P from shared memory instead of registers). Slow: tests only.
+    initial_max: optional f32 [batch, q_heads, q_len]: the running max to
+      start from (`reference.blockwise_attention`'s `initial_max`).
     return_skip_mask: also return which blocks each tile skipped (what the
       backward needs to walk exactly the kept ones).
 
   Returns:
     out [batch, q_len, q_heads, head_dim], lse f32 [batch, q_heads, q_len],
     skipped, visited int32 [batch, q_heads, n_q_tiles] (tiles of block_q),
-    and with return_skip_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks].
+    with return_skip_mask: bool [batch, q_heads, n_q_tiles, n_kv_blocks],
+    with initial_max: the running max at the end, f32 [batch, q_heads,
+    q_len].
   """
   lists = None
   if block_mask is not None:
@@ -495,33 +630,36 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None, *,
       # from them (a deadlock on a 2-core machine). Build the lists first.
       lists = jax.block_until_ready(lists)
   record = return_skip_mask and skip_enabled
-  out, lse, skipped, visited, *flags = _forward(
-      q, k, v, kv_lengths, log_threshold, lists, causal=causal,
+  out, lse, skipped, visited, *extra = _forward(
+      q, k, v, kv_lengths, log_threshold, lists, initial_max, causal=causal,
       sm_scale=sm_scale, block_q=block_q, block_kv=block_kv, config=config,
       skip_enabled=skip_enabled, interpret=interpret, record_skips=record)
   result = (out, lse, skipped, visited)
+  row_max = () if initial_max is None else (extra.pop(),)
   if not return_skip_mask:
-    return result
+    return result + row_max
   b, hq, nq = skipped.shape
   nk = -(-k.shape[1] // block_kv)
   if not record:
-    return result + (jnp.zeros((b, hq, nq, nk), jnp.bool_),)
+    return result + (jnp.zeros((b, hq, nq, nk), jnp.bool_),) + row_max
+  flags = extra
   # Words of blocks a tile did not visit were never written.
   walked = reference.visited_blocks_mask(
       q.shape[1], k.shape[1], block_q, block_kv, kv_lengths.astype(jnp.int32),
       causal, block_mask)
   flags = flags[0].reshape(b, hq, nq, -1)[..., :nk]
-  return result + (walked & (flags != 0),)
+  return result + (walked & (flags != 0),) + row_max
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
                      "skip_enabled", "interpret", "record_skips"))
-def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
-             block_q, block_kv, config, skip_enabled, interpret,
-             record_skips=False):
+def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
+             causal, sm_scale, block_q, block_kv, config, skip_enabled,
+             interpret, record_skips=False):
   # lists: None or `program_lists`' int32 [batch, q_heads, n_programs, width].
+  # initial_max: None or f32 [batch, q_heads, q_len] (units of sm_scale·q·kᵀ).
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
   pair = COMPUTE_WGS * block_q
@@ -539,15 +677,26 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
   if lists is not None:  # [b, hq, n_prog, rows, SLOT]: see `word`.
     lists = lists.reshape(*lists.shape[:-1], -1, SLOT)
   inputs = [q, k, v, params] + ([] if lists is None else [lists])
+  chained = initial_max is not None
+  if chained:   # log2 units; padded rows repeat the last real row's start
+    inputs.append(jnp.pad(initial_max.astype(jnp.float32) * LOG2E,
+                          ((0, 0), (0, 0), (0, n_pairs * pair - lq)),
+                          mode="edge"))
   dtype = q.dtype
   num_stages = config.num_stages
+  vote = skip_enabled and config.copy_v_if_kept
 
   skip_rows = list_width(nk) // SLOT   # skip words: [skip_rows, SLOT]
 
   def blasst_prefill_mosaic(q_ref, k_ref, v_ref, params_ref, *refs):
+    # refs: [lists], [initial max], out, lse, stats, [skips], [row max].
+    if chained:
+      *refs, row_max_ref = refs
     if record_skips:
       *refs, skips_ref = refs
     *lists_ref, out_ref, lse_ref, stats_ref = refs
+    if chained:
+      *lists_ref, initial_max_ref = lists_ref
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
         plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=swizzled),
@@ -573,10 +722,25 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
     if lists_ref:
       scratch.append(plgpu.SMEM((list_width(nk) // SLOT, SLOT), jnp.int32))
       barriers.append(plgpu.Barrier())
+    # Optional buffers after the named ones, each with its barrier.
+    extra_smem, extra_bars = [], []
+    if vote:
+      extra_smem.append(plgpu.SMEM((num_stages, SLOT), jnp.int32))
+      extra_bars.append(plgpu.Barrier(num_barriers=COMPUTE_WGS * num_stages))
+    if chained:
+      extra_smem.append(plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32))
+      extra_bars.append(plgpu.Barrier(num_barriers=COMPUTE_WGS))
     n_smem = len(scratch)
+    n_bars = len(barriers)
 
     def body(*scoped):
-      smem, bars = scoped[:n_smem], scoped[n_smem:]
+      smem, bars = scoped[:n_smem], scoped[n_smem:n_smem + n_bars]
+      more_smem = list(scoped[n_smem + n_bars:n_smem + n_bars + len(
+          extra_smem)])
+      more_bars = list(scoped[n_smem + n_bars + len(extra_smem):])
+      votes = (more_smem.pop(0), more_bars.pop(0)) if vote else None
+      chain = ((initial_max_ref, row_max_ref, more_smem.pop(0),
+                more_bars.pop(0)) if chained else None)
       _kernel(
           q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           (smem[:6], bars[:3]), sm_scale=sm_scale, block_q=block_q,
@@ -587,17 +751,21 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
           p_smem2=smem[6] if interpret is not None else None,
           lists=(lists_ref[0], smem[-1], bars[-1]) if lists_ref else None,
           skips=((skips_ref, smem[n_smem - 1 - bool(lists_ref)])
-                 if record_skips else None))
+                 if record_skips else None),
+          votes=votes, chain=chain)
 
-    pl.run_scoped(body, *scratch, *barriers, collective_axes="wg")
+    pl.run_scoped(body, *scratch, *barriers, *extra_smem, *extra_bars,
+                  collective_axes="wg")
 
   out_type = (
       jax.ShapeDtypeStruct(q.shape, dtype),
       jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32),
       jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, SLOT), jnp.int32),
   ) + ((jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, skip_rows, SLOT),
-                             jnp.int32),) if record_skips else ())
-  out, lse, stats, *skips = plgpu.kernel(
+                             jnp.int32),) if record_skips else ()) + (
+      (jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32),)
+      if chained else ())
+  out, lse, stats, *extra = plgpu.kernel(
       blasst_prefill_mosaic,
       out_type=out_type,
       grid=(hq, n_pairs, b),
@@ -608,5 +776,6 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, *, causal, sm_scale,
       interpret=interpret,
   )(*inputs)
   nq = -(-lq // block_q)   # Tiles past q_len only hold padding rows.
+  row_max = (extra.pop()[:, :, :lq],) if chained else ()
   return (out[:, :lq], lse[:, :, :lq], stats[..., :nq, 0],
-          stats[..., :nq, 1]) + tuple(x[:, :, :nq] for x in skips)
+          stats[..., :nq, 1]) + tuple(x[:, :, :nq] for x in extra) + row_max

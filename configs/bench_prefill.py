@@ -99,7 +99,7 @@ def get_config(variant: str = "h100"):
     c.shapes = [t for t in c.shapes if t[1] not in (
         (4096,) if d == 128 else (16384,))]
     c.bisection_steps = 10
-    else:
+    if d == 128:
       c.real_model.model_path = ""
     c.output_name = f"prefill_{variant}"
     return c

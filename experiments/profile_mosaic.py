@@ -33,7 +33,9 @@ _HEADS = flags.DEFINE_integer("heads", 16, "Query = key/value heads.")
 _CAUSAL = flags.DEFINE_bool("causal", False, "Causal mask.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense", "0", "1e-2", "1e-1", "0.9"],
-    "λ values to run, in order; 'dense' is the build without the skip check.")
+    "λ values to run, in order; 'dense' is the build without the skip check; "
+    "'<λ>:stream_v' streams every V block (MosaicConfig(copy_v_if_kept="
+    "False)).")
 
 
 def main(argv):
@@ -45,18 +47,21 @@ def main(argv):
   kv_lengths = jnp.full((shape.batch,), shape.kv_len, jnp.int32)
   print(f"{jax.devices()[0].device_kind} jax {jax.__version__} {shape.name} "
         f"causal={_CAUSAL.value}", flush=True)
-  variants = [(0.0, False) if t == "dense" else (float(t), True)
+  variants = [(0.0, False, True) if t == "dense" else
+              (float(t.split(":")[0]), True, not t.endswith(":stream_v"))
               for t in _VARIANTS.value]
-  for threshold, skip in variants:
+  for threshold, skip, copy_v_if_kept in variants:
+    config = pallas_mosaic.MosaicConfig(copy_v_if_kept=copy_v_if_kept)
     log_thr = config_lib.log_threshold(
         jnp.full((shape.batch,), threshold, jnp.float32))
     fn = jax.jit(lambda q, k, v, lt, skip=skip: pallas_mosaic.attention_forward(
         q, k, v, kv_lengths, lt, causal=_CAUSAL.value,
-        sm_scale=shape.head_dim ** -0.5, skip_enabled=skip))
+        sm_scale=shape.head_dim ** -0.5, skip_enabled=skip, config=config))
     out = jax.block_until_ready(fn(q, k, v, log_thr))
     sparsity = float(jnp.sum(out[2])) / max(1, float(jnp.sum(out[3])))
     print(f"launch: λ={threshold:g} skip_check={skip} "
-          f"sparsity={sparsity:.3f}", flush=True)
+          f"copy_v_if_kept={copy_v_if_kept} sparsity={sparsity:.3f}",
+          flush=True)
 
 
 if __name__ == "__main__":

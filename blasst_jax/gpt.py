@@ -195,7 +195,7 @@ class GPT(nnx.Module):
         every layer (q [batch, seq_len, num_heads, head_dim], k [batch,
         seq_len, num_kv_heads, head_dim] after RoPE; the mask [batch,
         num_heads, n_q_tiles, n_kv_blocks] in the layers' block_q x block_kv
-        tiles), e.g. XAttention selection (`blasst_jax.lm_eval.
+        tiles), e.g. XAttention selection (`experiments.lm.lm_eval.
         xattention_selector`); skipping applies inside the selected blocks.
 
     Returns:

@@ -36,7 +36,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import blasst_jax as bj  # pylint: disable=g-import-not-at-top
 from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
-from blasst_jax import lm_eval  # pylint: disable=g-import-not-at-top
+from experiments.lm import lm_eval  # pylint: disable=g-import-not-at-top
 from blasst_jax import models  # pylint: disable=g-import-not-at-top
 from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
 from blasst_jax import testing  # pylint: disable=g-import-not-at-top

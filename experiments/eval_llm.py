@@ -10,7 +10,7 @@ context length of the config:
     calibrated target sparsity (λ = c / L fitted on the calibration text),
     XAttention alone and XAttention + skip; per method the block sparsity
     per layer and head, Δ perplexity vs dense, top-1 agreement with dense,
-    passkey retrieval at several depths (`blasst_jax.lm_eval`);
+    passkey retrieval at several depths (`experiments.lm.lm_eval`);
   * decode (a dense prefill, then the last `decode.steps` tokens fed one
     decode step at a time): dense, each decode λ and each calibrated decode
     target; per method the decode-block sparsity, Δ perplexity and top-1
@@ -38,7 +38,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from blasst_jax import calibration  # pylint: disable=g-import-not-at-top
 from blasst_jax import decode as decode_lib  # pylint: disable=g-import-not-at-top
-from blasst_jax import lm_eval  # pylint: disable=g-import-not-at-top
+from experiments.lm import lm_eval  # pylint: disable=g-import-not-at-top
 from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
 from blasst_jax import testing  # pylint: disable=g-import-not-at-top
 from blasst_jax.progress import ProgressBar  # pylint: disable=g-import-not-at-top

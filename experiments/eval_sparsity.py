@@ -48,7 +48,7 @@ from absl import logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from blasst_jax import lm_eval  # pylint: disable=g-import-not-at-top
+from experiments.lm import lm_eval  # pylint: disable=g-import-not-at-top
 from blasst_jax import testing  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config",

@@ -35,7 +35,7 @@ are kept as they are. Pages without prose of their own (indexes, search
 pages, `.so` man-page links, highlighted source code) are left out, as are
 documents under --min_doc_chars characters and exact duplicates (the
 first name in sorted order is kept). Then
-`blasst_jax.text_data.write_dataset` holds out documents by a hash of their
+`experiments.lm.text_data.write_dataset` holds out documents by a hash of their
 names (some long ones always), trains a byte-level BPE tokenizer on the
 training documents and writes uint16 shards, offsets and a manifest
 (sources, package versions and sha256, token counts per source) to
@@ -65,8 +65,8 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from blasst_jax import text_data  # pylint: disable=g-import-not-at-top
-from blasst_jax import text_extract  # pylint: disable=g-import-not-at-top
+from experiments.lm import text_data  # pylint: disable=g-import-not-at-top
+from experiments.lm import text_extract  # pylint: disable=g-import-not-at-top
 
 CORPORA = {
     "debian_en": ("python3.11-doc", "debian-reference-en", "linux-doc-6.1",

@@ -3,7 +3,7 @@ r"""Train a small GPT (`blasst_jax.gpt`) on tokens, dense or sparse.
 Data (`cfg.data.kind`): "synthetic" (default; `blasst_jax.synthetic_lm`,
 the other `cfg.data` fields are its arguments) or "text": random crops of
 the real-text dataset in `cfg.data.data_dir` written by
-experiments/prepare_text.py (`blasst_jax.text_data`; the vocabulary is the
+experiments/prepare_text.py (`experiments.lm.text_data`; the vocabulary is the
 tokenizer's, evaluation reads the held-out documents).
 
 Modes (`--config.mode`, or the config variant):
@@ -52,11 +52,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
 from blasst_jax import calibration  # pylint: disable=g-import-not-at-top
 from blasst_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+from experiments.lm import lm_checkpoint  # pylint: disable=g-import-not-at-top
 from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
 from blasst_jax import synthetic_lm  # pylint: disable=g-import-not-at-top
 from blasst_jax import testing  # pylint: disable=g-import-not-at-top
-from blasst_jax import text_data  # pylint: disable=g-import-not-at-top
+from experiments.lm import text_data  # pylint: disable=g-import-not-at-top
 from blasst_jax.config import SkipSoftmaxConfig  # pylint: disable=g-import-not-at-top
 from blasst_jax.progress import ProgressBar  # pylint: disable=g-import-not-at-top
 

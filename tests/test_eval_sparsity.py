@@ -1,4 +1,4 @@
-"""experiments/eval_sparsity.py end to end (CPU) and blasst_jax.lm_eval."""
+"""experiments/eval_sparsity.py end to end (CPU) and experiments.lm.lm_eval."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from blasst_jax import gpt
-from blasst_jax import lm_eval
+from experiments.lm import lm_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -167,7 +167,7 @@ def test_evaluator_dense_matches_model_and_pads_last_batch():
 # --------------------------------------------------------------- end to end
 def test_eval_sparsity_small_end_to_end(tmp_path):
   pytest.importorskip("tokenizers")
-  from blasst_jax import text_data  # pylint: disable=g-import-not-at-top
+  from experiments.lm import text_data  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   words = ("the kernel skips a block when scores fall below the running "
            "max of every row in the tile and keeps the sink").split()
@@ -234,7 +234,7 @@ def _config(name, variant):
 
 
 def _tiny_dataset(path):
-  from blasst_jax import text_data  # pylint: disable=g-import-not-at-top
+  from experiments.lm import text_data  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   words = ("the kernel skips a block when scores fall below the running "
            "max of every row in the tile and keeps the sink").split()
@@ -248,7 +248,7 @@ def _tiny_dataset(path):
 
 def _write_run(workdir, data_dir, *, seed, qk_scale=1.0, threshold=None):
   """A train_lm-shaped workdir (log.json + checkpoint) of a random model."""
-  from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+  from experiments.lm import lm_checkpoint  # pylint: disable=g-import-not-at-top
   cfg = _config("lm_small", "finetune,small")
   cfg.data.data_dir = data_dir
   cfg.seed = seed
@@ -419,7 +419,7 @@ def test_checkpoint_of_another_vocabulary_is_rejected(tmp_path):
   """Params saved with one vocabulary do not load into a model of another
   (a data_dir whose tokenizer differs from the run's): a ValueError, not
   NaN perplexities."""
-  from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+  from experiments.lm import lm_checkpoint  # pylint: disable=g-import-not-at-top
 
   def params(vocab):
     model = gpt.GPT(vocab_size=vocab, max_len=32, num_layers=1, d_model=16,

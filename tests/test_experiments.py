@@ -244,7 +244,7 @@ def test_train_lm_small_finetune_reports_sparsity_and_plots(tmp_path):
 
 def test_train_lm_small_on_text_learns_from_heldout_split(tmp_path):
   pytest.importorskip("tokenizers")
-  from blasst_jax import text_data  # pylint: disable=g-import-not-at-top
+  from experiments.lm import text_data  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   words = ("the kernel skips a block when scores fall below the running "
            "max of every row in the tile").split()

@@ -54,7 +54,10 @@ SMOKE = textwrap.dedent("""
         max_err=float(jnp.max(jnp.abs(out - ref))),
         skipped=int(stats.skipped_blocks.sum()),
         ref_skipped=int(ref_stats.skipped_blocks.sum()),
-        sparsity=float(stats.total_sparsity))))
+        sparsity=float(stats.total_sparsity),
+        # The library imports without the experiments' dependencies.
+        imported_extras=sorted(m for m in ("matplotlib", "ml_collections")
+                               if m in sys.modules))))
 """)
 
 _HIDDEN_PREFIXES = ("blasst_jax", "__editable__", "_blasst_jax")
@@ -101,6 +104,9 @@ def test_wheel_installs_and_runs_in_fresh_venv(tmp_path):
     names = set(whl.namelist())
   assert "blasst_jax/kernels/pallas_triton.py" in names
   assert not any(n.startswith(("tests/", "experiments/")) for n in names)
+  # The research harness stays out of the wheel.
+  assert not names & {f"blasst_jax/{m}.py" for m in (
+      "lm_eval", "text_data", "text_extract", "lm_checkpoint")}
 
   venv = tmp_path / "venv"
   _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
@@ -127,3 +133,4 @@ def test_wheel_installs_and_runs_in_fresh_venv(tmp_path):
   assert result["version"] == result["dist_version"]
   assert result["max_err"] < 1e-4, result
   assert result["skipped"] == result["ref_skipped"] > 0, result
+  assert result["imported_extras"] == [], result

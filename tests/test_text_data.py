@@ -1,4 +1,4 @@
-"""blasst_jax.text_data: splits, tokenizer, shards, batches (small texts)."""
+"""experiments.lm.text_data: splits, tokenizer, shards, batches (small texts)."""
 
 import json
 import os
@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from blasst_jax import text_data
-from blasst_jax import text_extract
+from experiments.lm import text_data
+from experiments.lm import text_extract
 
 pytest.importorskip("tokenizers")
 
@@ -405,7 +405,7 @@ def test_target_weights_mark_the_answer_of_passkey_rows(dataset):
 
 
 def test_passkey_template_shared_with_eval():
-  lm_eval = pytest.importorskip("blasst_jax.lm_eval")
+  lm_eval = pytest.importorskip("experiments.lm.lm_eval")
   assert lm_eval.NEEDLE == text_data.PASSKEY_NEEDLE
   assert lm_eval.QUESTION == text_data.PASSKEY_QUESTION
   assert lm_eval.ANSWER == text_data.PASSKEY_ANSWER

@@ -198,7 +198,7 @@ class Llama(nnx.Module):
     blocks: the `LlamaBlock`s (`blocks[i].attn` is a `SkipSelfAttention`).
     norm: the final `RMSNorm`.
     lm_head: `nnx.Linear` hidden -> vocab, or None when tied.
-    position: "rope" (the interface `blasst_jax.lm_eval` reads).
+    position: "rope" (the interface `experiments.lm.lm_eval` reads).
   """
 
   def __init__(self, config: LlamaConfig, *, threshold=0.0,

@@ -37,7 +37,7 @@ def _tokenizers():
 class LlamaTokenizer:
   """A `tokenizers.Tokenizer` with the ids an evaluation needs.
 
-  The interface `blasst_jax.lm_eval` reads (`encode`, `decode`, `bos_id`).
+  The interface `experiments.lm.lm_eval` reads (`encode`, `decode`, `bos_id`).
 
   Attributes:
     tokenizer: the underlying `tokenizers.Tokenizer`.

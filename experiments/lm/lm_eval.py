@@ -39,7 +39,7 @@ import numpy as np
 from blasst_jax import analysis
 from blasst_jax import calibration
 from blasst_jax import config as config_lib
-from blasst_jax import text_data
+from experiments.lm import text_data
 from blasst_jax import xattention
 from blasst_jax.config import SkipSoftmaxConfig
 from blasst_jax.progress import ProgressBar
@@ -992,7 +992,7 @@ def load_eval_model(cfg, *, workdir: str | None = None
       log.json or checkpoints, a run trained on synthetic tokens, or a
       `block_q` that is no power of two >= 16.
   """
-  from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+  from experiments.lm import lm_checkpoint  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   workdir = cfg.workdir if workdir is None else workdir
   if cfg.random_init:
@@ -1369,7 +1369,7 @@ def finetune_runs(root: str, runs: Sequence[str] = FINETUNE_RUNS
   Raises:
     ValueError: if root is a finetune root but lacks a run of `runs`.
   """
-  from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+  from experiments.lm import lm_checkpoint  # pylint: disable=g-import-not-at-top
   has_log = lambda d: os.path.isfile(os.path.join(d, lm_checkpoint.LOG_FILE))  # pylint: disable=g-long-lambda
   if has_log(root) or not all(has_log(os.path.join(root, name))
                               for name in ("finetune", "dense_control")):
@@ -1391,7 +1391,7 @@ def trained_threshold(workdir: str) -> float | None:
     The fixed λ, or scale factor / seq_len for a calibrated run; None for a
     dense run or a log without a threshold record.
   """
-  from blasst_jax import lm_checkpoint  # pylint: disable=g-import-not-at-top
+  from experiments.lm import lm_checkpoint  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, lm_checkpoint.LOG_FILE)
   if not os.path.isfile(path):
     return None

@@ -2,7 +2,7 @@
 
 Standard library only (`html.parser`, `re`); deterministic. Used by
 `experiments/prepare_text.py` to turn Debian's documentation packages into
-documents for `blasst_jax.text_data.write_dataset`:
+documents for `experiments.lm.text_data.write_dataset`:
 
     text = text_extract.html_to_text(open("page.html").read())
     text = text_extract.pod_to_text(open("perlfunc.pod").read())

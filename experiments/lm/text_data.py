@@ -2,7 +2,7 @@
 
 `experiments/prepare_text.py` collects documents (English documentation
 from Debian packages: reStructuredText, HTML, POD and man pages made plain
-text by `blasst_jax.text_extract`) and calls
+text by `experiments.lm.text_extract`) and calls
 `write_dataset`, which writes into one folder:
 
     tokenizer.json          byte-level BPE (`tokenizers`), trained on the
@@ -55,7 +55,7 @@ def _tokenizers():
     import tokenizers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(
-        "blasst_jax.text_data needs the `tokenizers` package to train or "
+        "experiments.lm.text_data needs the `tokenizers` package to train or "
         "load a tokenizer: pip install 'blasst_jax[data]'.") from e
   return tokenizers
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from blasst_jax import gpt
-from blasst_jax import text_data
+from experiments.lm import text_data
 
 CHECKPOINT_DIR = "checkpoints"
 LOG_FILE = "log.json"

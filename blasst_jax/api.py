@@ -25,6 +25,15 @@ MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)
 MOSAIC_HEAD_DIMS = (64, 128, 256)
 
 
+GPU_BACKENDS = ("gpu", "cuda", "rocm")
+
+
+def on_gpu(backend: str | None = None) -> bool:
+  """Whether `backend` (default `jax.default_backend()`) is a GPU: where the
+  Pallas kernels compile (elsewhere they run in interpret mode)."""
+  return (backend or jax.default_backend()) in GPU_BACKENDS
+
+
 def is_hopper(device=None) -> bool:
   """True for an NVIDIA Hopper GPU (H100, H200, H800, GH200: sm_90).
 
@@ -32,7 +41,7 @@ def is_hopper(device=None) -> bool:
     device: a `jax.Device`, default the first device.
   """
   device = device or jax.devices()[0]
-  if device.platform not in ("gpu", "cuda"):
+  if not on_gpu(device.platform):
     return False
   capability = getattr(device, "compute_capability", None)
   if capability is not None:
@@ -58,8 +67,7 @@ def default_implementation(backend: str | None = None, *, dtype=None,
     "reference", "pallas_triton" or "pallas_mosaic": a valid
     `implementation` for `attention`.
   """
-  backend = backend or jax.default_backend()
-  if backend not in ("gpu", "cuda", "rocm"):
+  if not on_gpu(backend):
     return "reference"
   mosaic_fits = (
       (dtype is None or jnp.dtype(dtype) in map(jnp.dtype, MOSAIC_DTYPES))
@@ -425,7 +433,7 @@ def _triton_options(head_dim, kernel_config, interpret):
   kernel_config = _kernel_config_or_default(
       kernel_config, pallas_triton.TritonConfig, "pallas_triton")
   if interpret is None:
-    interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
+    interpret = not on_gpu()
   return kernel_config, interpret
 
 

@@ -82,7 +82,7 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int,
     The split count, an int >= 1.
   """
   if num_sms is None:
-    num_sms = _num_sms() if jax.default_backend() == "gpu" else H100_SMS
+    num_sms = _num_sms() if api.on_gpu() else H100_SMS
   blocks = -(-max_len // block_kv)
   want = PROGRAMS_PER_SM * num_sms // (batch * kv_heads)
   return int(max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT)))
@@ -319,8 +319,8 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
   _check_shared_max(initial_max, max_axis_name, (b, hq), max_mode)
   api.check_sm_scale(sm_scale)
   if implementation is None:
-    implementation = ("pallas_triton" if jax.default_backend() == "gpu"
-                      and _kernel_head_dim(d) else "reference")
+    implementation = ("pallas_triton" if api.on_gpu() and _kernel_head_dim(d)
+                      else "reference")
   if num_splits is None:
     num_splits = default_num_splits(b, hkv, max_len, block_kv)
   sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
@@ -350,7 +350,7 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
       raise ValueError("`kernel_config` for 'pallas_triton' decode must be a "
                        f"DecodeConfig, got {type(kernel_config).__name__}.")
     if interpret is None:
-      interpret = jax.default_backend() != "gpu"
+      interpret = not api.on_gpu()
     rows = decode_triton.padded_rows(group)
     qg = jnp.pad(q.reshape(b, hkv, group, d),
                  ((0, 0), (0, 0), (0, rows - group), (0, 0)))

@@ -155,8 +155,8 @@ def _estimate_implementation(implementation, block_size, stride, config,
                              interpret):
   fits = xattention_triton.supports(block_size, stride, config)
   if implementation is None:
-    on_gpu = jax.default_backend() == "gpu"
-    return "pallas_triton" if fits and (on_gpu or interpret) else "xla"
+    return ("pallas_triton" if fits and (api.on_gpu() or interpret)
+            else "xla")
   if implementation not in ESTIMATE_IMPLEMENTATIONS:
     raise ValueError(f"`implementation` must be one of "
                      f"{ESTIMATE_IMPLEMENTATIONS} or None, got "

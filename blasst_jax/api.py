@@ -489,13 +489,16 @@ def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
   kernel_config = _kernel_config_or_default(
       kernel_config, pallas_mosaic.MosaicConfig, "pallas_mosaic")
   # The differentiated forward also records its skips.
+  n_recorded = _tiles(q_len, kv_len, block_q, block_kv)[1]
   smem = pallas_mosaic.shared_memory_bytes(
-      block_q, block_kv, d, kernel_config.num_stages, n_listed,
-      n_recorded_blocks=_tiles(q_len, kv_len, block_q, block_kv)[1])
+      block_q, block_kv, d, kernel_config.num_stages, n_listed, n_recorded,
+      k_stages=pallas_mosaic.k_ring_depth(kernel_config, block_q, block_kv, d,
+                                          n_listed, n_recorded))
   if smem > pallas_mosaic.MAX_SHARED_MEMORY:
     raise ValueError(
         f"block_q={block_q}, block_kv={block_kv}, head_dim={d}, "
-        f"num_stages={kernel_config.num_stages}"
+        f"num_stages={kernel_config.num_stages}, "
+        f"extra_k_stages={kernel_config.extra_k_stages}"
         + (f", a block list of {n_listed} KV blocks" if n_listed else "")
         + f" need {smem} bytes of shared memory (max "
         f"{pallas_mosaic.MAX_SHARED_MEMORY}); lower `block_kv` or num_stages"

@@ -7,8 +7,9 @@
 Variants: "h100" (λ sweep, kernel tuning), "h200" (rows at target
 sparsities on the sink/local pattern, head_dim 64 and 128, 4k-64k, and on
 SmolLM2-135M's q/k/v; --config.real_model.model_path='' leaves the model
-out; "h200_d128" and "h200_d64" split it in two runs), "quick" (two
-shapes of "h200", no model), "smoke" (CPU).
+out; "h200_d128", "h200_d64" and "h200_model" split it in three runs),
+"quick" (two shapes of "h200", no model, with an A/B of the Hopper
+kernel's pipeline knobs), "smoke" (CPU).
 """
 
 import ml_collections
@@ -29,7 +30,7 @@ def get_config(variant: str = "h100"):
   c.thresholds = [1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 0.9]
   # Rows at these block sparsities besides: λ found per input by bisection
   # (on log10 λ, `bisection_steps` probes) through the first of our kernels.
-  c.target_sparsities = []
+  c.target_sparsities = ()
   c.bisection_steps = 12
   c.check_threshold = 3e-2          # the λ of the oracle checks
   c.impls = ["cudnn", "xla", "pallas_triton", "pallas_mosaic"]
@@ -81,16 +82,28 @@ def get_config(variant: str = "h100"):
                 (1, 65536, 16, 16, 128),
                 (4, 8192, 18, 6, 64), (2, 16384, 18, 6, 64),
                 (1, 32768, 18, 6, 64)]
-    c.impls = ["cudnn", "pallas_mosaic", "pallas_mosaic_stream_v"]
-    c.mosaic_variants = {"stream_v": {"copy_v_if_kept": False}}
+    c.impls = ["cudnn", "pallas_mosaic", "pallas_mosaic_pingpong"]
+    # The two-turn ping-pong build (q·kᵀ, then softmax and P·V) for A/B.
+    c.mosaic_variants = {"pingpong": {"overlap_qk": False}}
     c.thresholds = []
-    c.target_sparsities = [0.1, 0.3, 0.5, 0.73, 0.9]
+    c.target_sparsities = (0.1, 0.3, 0.5, 0.73, 0.9)
     c.run_tuning = False
     c.iters = 10
     c.real_model.model_path = "smollm2"
     if variant == "quick":
       c.shapes = [(4, 8192, 16, 16, 128), (4, 8192, 18, 6, 64)]
       c.real_model.model_path = ""
+      # A/B of the pipeline's knobs (MosaicConfig fields).
+      c.mosaic_variants.update(
+          k_ring_2={"extra_k_stages": 0}, raster_q={"raster": "q"},
+          stream_v={"copy_v_if_kept": False})
+      c.impls += ["pallas_mosaic_k_ring_2", "pallas_mosaic_raster_q",
+                  "pallas_mosaic_stream_v"]
+  if variant == "h200_model":   # the captured model's rows alone
+    c = get_config("h200_d64")
+    c.shapes = []
+    c.output_name = "prefill_h200_model"
+    return c
   if variant in ("h200_d128", "h200_d64"):   # "h200" in two runs
     c = get_config("h200")
     d = int(variant[len("h200_d"):])
@@ -111,7 +124,7 @@ def get_config(variant: str = "h100"):
     c.tuning = []
     c.check_shape = (1, 128, 2, 1, 32)
     c.warmup, c.iters = 1, 2
-    c.target_sparsities = [0.3]
+    c.target_sparsities = (0.3,)
     c.bisection_steps = 3
     c.check_threshold = 1e-2
     c.real_model.update(model_path="tiny", tokens="random", windows=2,
@@ -120,5 +133,6 @@ def get_config(variant: str = "h100"):
     c.output_name = "prefill"
   elif variant not in ("h100", "h200", "quick"):
     raise ValueError(f"Unknown variant {variant!r}: use 'h100', 'h200', "
-                     "'h200_d128', 'h200_d64', 'quick' or 'smoke'.")
+                     "'h200_d128', 'h200_d64', 'h200_model', 'quick' or "
+                     "'smoke'.")
   return c

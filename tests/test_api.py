@@ -142,6 +142,26 @@ def test_default_implementation_follows_device_and_problem(monkeypatch):
   assert bj.default_implementation(dtype=jnp.bfloat16) == "pallas_triton"
 
 
+@pytest.mark.parametrize("d,block_kv,listed,recorded", [
+    (128, 128, 0, 64), (64, 128, 0, 512), (256, 64, 0, 64), (128, 128, 512, 0)])
+def test_mosaic_k_ring_takes_the_shared_memory_left(d, block_kv, listed,
+                                                     recorded):
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  config = pallas_mosaic.MosaicConfig()
+  depth = pallas_mosaic.k_ring_depth(config, 64, block_kv, d, listed, recorded)
+  assert config.num_stages <= depth
+  assert depth <= config.num_stages + pallas_mosaic.MAX_EXTRA_K_STAGES
+  bytes_at = lambda k_stages: pallas_mosaic.shared_memory_bytes(
+      64, block_kv, d, config.num_stages, listed, recorded, k_stages=k_stages)
+  assert depth == config.num_stages or bytes_at(depth) <= (
+      pallas_mosaic.MAX_SHARED_MEMORY)
+  # The next slot would not fit, or the ring is at its cap.
+  assert (depth == config.num_stages + pallas_mosaic.MAX_EXTRA_K_STAGES
+          or bytes_at(depth + 1) > pallas_mosaic.MAX_SHARED_MEMORY)
+  fixed = pallas_mosaic.MosaicConfig(extra_k_stages=1)
+  assert pallas_mosaic.k_ring_depth(fixed, 64, block_kv, d) == 3
+
+
 def test_mosaic_shared_memory_check(monkeypatch):
   from blasst_jax import api  # pylint: disable=g-import-not-at-top
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
@@ -150,6 +170,9 @@ def test_mosaic_shared_memory_check(monkeypatch):
   with pytest.raises(ValueError, match="shared memory"):
     api._mosaic_options(q, 1024, 1024, 64, 128,  # pylint: disable=protected-access
                         pallas_mosaic.MosaicConfig(num_stages=3), None)
+  with pytest.raises(ValueError, match="extra_k_stages=2"):
+    api._mosaic_options(q, 1024, 1024, 64, 128,  # pylint: disable=protected-access
+                        pallas_mosaic.MosaicConfig(extra_k_stages=2), None)
   with pytest.raises(ValueError, match="head_dim 64, 128 or 256"):
     api._mosaic_options(q[..., :96], 1024, 1024, None, None, None, None)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="bfloat16 or float16"):

@@ -192,10 +192,17 @@ def test_hopper_backward_lowers_for_cuda(d, causal):
     (dict(memory_registers=20), "memory_registers"),
     (dict(compute_registers=228), "multiple of 8"),
     (dict(num_stages=1), "num_stages"),
-    (dict(fuse_dq="yes"), "fuse_dq")])
+    (dict(fuse_dq="yes"), "fuse_dq"),
+    (dict(extra_k_stages=-1), "extra_k_stages"),
+    (dict(raster="batch"), "raster"),
+    (dict(overlap_qk=1), "overlap_qk")])
 def test_hopper_configs_reject_knobs_that_cannot_run(kwargs, message):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
+  if {"extra_k_stages", "raster", "overlap_qk"} & set(kwargs):  # forward's
+    with pytest.raises(ValueError, match=message):
+      pallas_mosaic.MosaicConfig(**kwargs)
+    return
   with pytest.raises(ValueError, match=message):
     pallas_mosaic_bwd.MosaicBwdConfig(**kwargs)
   if not {"fuse_dq", "memory_registers"} & set(kwargs):

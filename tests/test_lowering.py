@@ -80,6 +80,25 @@ def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, skip):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("config", [
+    {"overlap_qk": False}, {"raster": "q"}, {"extra_k_stages": 0},
+    {"copy_v_if_kept": False}])
+def test_mosaic_pipeline_knobs_lower_for_cuda(config):
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, kv_lengths, log_thr):
+    return pallas_mosaic.attention_forward(
+        q, k, v, kv_lengths, log_thr, causal=True, sm_scale=0.125,
+        block_q=64, block_kv=128, config=pallas_mosaic.MosaicConfig(**config))
+
+  lowered = lower_for_h100(fn, sds((2, 700, 4, 128), jnp.bfloat16),
+                           sds((2, 900, 2, 128), jnp.bfloat16),
+                           sds((2, 900, 2, 128), jnp.bfloat16),
+                           sds((2,), jnp.int32), sds((2,), jnp.float32))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
 def test_mosaic_mqa_lowers_with_three_stages():
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct

@@ -23,7 +23,8 @@ BLOCK_Q, BLOCK_KV = 64, 64
 
 
 def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
-                    block_mask=None, initial_max=None, copy_v_if_kept=True):
+                    block_mask=None, initial_max=None, copy_v_if_kept=True,
+                    **config):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   lam = jnp.full((q.shape[0],), threshold, jnp.float32)
   interpret_pallas_call.reset_gpu_interpret_mode_state()
@@ -32,7 +33,8 @@ def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
       initial_max, causal=causal, sm_scale=q.shape[-1] ** -0.5,
       block_q=BLOCK_Q, block_kv=BLOCK_KV,
       config=pallas_mosaic.MosaicConfig(num_stages=num_stages,
-                                        copy_v_if_kept=copy_v_if_kept),
+                                        copy_v_if_kept=copy_v_if_kept,
+                                        **config),
       skip_enabled=threshold > 0, return_skip_mask=True,
       interpret=plgpu.InterpretGPUParams(detect_races=True))
   result = jax.block_until_ready(result)
@@ -40,16 +42,19 @@ def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
 
 
 @pytest.mark.parametrize(
-    "causal,q_len,kv_len,q_heads,kv_heads,num_stages,threshold,copy_v",
-    [(False, 128, 320, 1, 1, 2, 0.1, True),   # ragged last KV block, skips
-     (True, 320, 320, 2, 1, 3, 0.1, True),    # causal, GQA, odd tile count
-     (False, 192, 448, 1, 1, 2, 0.3, True),   # most blocks skipped by both
-     (False, 128, 320, 1, 1, 2, 0.1, False),  # every V block streamed
-     (False, 100, 256, 1, 1, 2, 0.0, True)])  # padded q rows, dense build
+    "causal,q_len,kv_len,q_heads,kv_heads,num_stages,threshold,copy_v,config",
+    [(False, 128, 320, 1, 1, 2, 0.1, True, {}),  # ragged last KV block
+     (True, 320, 320, 2, 1, 3, 0.1, True, {}),   # causal, GQA, odd tile count
+     (False, 192, 448, 1, 1, 2, 0.3, True, {}),  # most skipped by both
+     (False, 128, 320, 1, 1, 2, 0.1, False, {}),  # every V block streamed
+     (False, 100, 256, 1, 1, 2, 0.0, True, {}),  # padded q rows, dense build
+     # The two-turn skip pipeline; a K ring as deep as V's.
+     (True, 320, 320, 2, 1, 2, 0.1, True, {"overlap_qk": False}),
+     (False, 192, 448, 1, 1, 2, 0.3, True, {"extra_k_stages": 0})])
 def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
                                                  q_heads, kv_heads,
                                                  num_stages, threshold,
-                                                 copy_v):
+                                                 copy_v, config):
   dtype = jnp.bfloat16
   q, k, v = patterns.sink_local_qkv(
       test_base.key_for("mosaic_interpret", causal, q_len, kv_len),
@@ -59,7 +64,7 @@ def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
   kv_lengths = jnp.array([kv_len, kv_len - 37], jnp.int32)
   (out, lse, skipped, visited, skip_mask), races = run_interpreted(
       q, k, v, kv_lengths, threshold, causal=causal, num_stages=num_stages,
-      copy_v_if_kept=copy_v)
+      copy_v_if_kept=copy_v, **config)
   assert not races, "the race detector found a shared-memory data race"
 
   oracle = bj.reference.blockwise_attention(

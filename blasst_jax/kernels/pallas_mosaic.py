@@ -6,10 +6,14 @@ CPU in Pallas' GPU interpret mode, which simulates the warpgroups, TMA and
 barriers and detects shared-memory races (tests/test_mosaic_interpret.py).
 
 Each program owns two q tiles of `block_q` rows, one per compute warpgroup,
-and a third (memory) warpgroup that streams K and V blocks into a ring of
-`num_stages` shared-memory slots with TMA. The compute warpgroups take turns
-on the tensor cores (a schedule barrier, as in FlashAttention-3): while one
-runs its q·kᵀ or P·V wgmma the other does its softmax.
+and a third (memory) warpgroup that streams K and V blocks into shared-memory
+rings with TMA (V: `num_stages` slots; K, read for every block: up to
+`MAX_EXTRA_K_STAGES` more). The compute warpgroups take turns on the tensor
+cores, as in FlashAttention-3, so that one's softmax runs under the other's
+wgmma. The skip build (`overlapped_loop`) takes one turn per block: it
+issues q·kᵀ of the next block and P·V of this one, passes the turn, and
+decides on and exponentiates the next block while both run. The dense build
+(`pingpong_loop`) takes two: q·kᵀ, then softmax and P·V.
 
 Skip rule per compute warpgroup and KV block (log2 units, scale folded in):
 
@@ -26,10 +30,10 @@ j - 1 (kept blocks come in runs, and their V must not wait on a vote),
 and otherwise only after the votes on block j, once one keeps it. When
 none does it arrives on V's barrier without a copy, so every V phase still
 completes once per block; a warpgroup that skipped observes that phase
-later, at its next position (`settle`), instead of waiting for the other
-tile's vote. The skipping warpgroup still takes its turns at the schedule
-barrier, so the pipeline stays in step. (`MosaicConfig(copy_v_if_kept=False)`
-builds the older structure, which streams every V block, for comparison.)
+later (`release_v`, `settle`) instead of waiting for the other tile's
+vote. The skipping warpgroup still takes its turns, so the pipeline stays
+in step. (`MosaicConfig(copy_v_if_kept=False)` streams every V block and
+`overlap_qk=False` builds the two-turn skip pipeline, for comparison.)
 
 `initial_max` (chained parts, context parallelism) starts each row's running
 max from a given value, as the oracle does, and the final max is returned.
@@ -86,7 +90,8 @@ def list_width(n_kv_blocks: int) -> int:
 
 
 def shared_memory_bytes(block_q, block_kv, head_dim, num_stages,
-                        n_listed_blocks=0, n_recorded_blocks=0) -> int:
+                        n_listed_blocks=0, n_recorded_blocks=0,
+                        k_stages=None) -> int:
   """q/o tiles of both compute warpgroups + the K/V ring + small buffers.
 
   The small buffers (lse, scalars, barriers) and their 1 KiB alignment took
@@ -94,9 +99,12 @@ def shared_memory_bytes(block_q, block_kv, head_dim, num_stages,
   ones (the V votes, the chained row max). With a block
   mask of `n_listed_blocks` KV blocks the program's block list is added,
   and with `n_recorded_blocks` the skip words of both tiles
-  (`return_skip_mask`).
+  (`return_skip_mask`). `k_stages` (default `num_stages`) is the K ring's
+  depth, `num_stages` the V ring's.
   """
-  tiles = (COMPUTE_WGS * block_q + 2 * num_stages * block_kv) * head_dim * 2
+  k_stages = num_stages if k_stages is None else k_stages
+  tiles = (COMPUTE_WGS * block_q + (num_stages + k_stages) * block_kv
+           ) * head_dim * 2
   lists = 4 * list_width(n_listed_blocks) if n_listed_blocks else 0
   skips = (4 * COMPUTE_WGS * list_width(n_recorded_blocks)
            if n_recorded_blocks else 0)
@@ -150,6 +158,23 @@ def pack_lists(header_words, entries):
                           jnp.int32)], axis=-1)
 
 
+MAX_EXTRA_K_STAGES = 2
+
+
+def k_ring_depth(config, block_q, block_kv, head_dim, n_listed_blocks=0,
+                 n_recorded_blocks=0) -> int:
+  """K ring slots: num_stages + extra_k_stages, or with extra_k_stages None
+  as many extra (<= MAX_EXTRA_K_STAGES) as fit in shared memory."""
+  if config.extra_k_stages is not None:
+    return config.num_stages + config.extra_k_stages
+  depth = config.num_stages
+  while depth < config.num_stages + MAX_EXTRA_K_STAGES and shared_memory_bytes(
+      block_q, block_kv, head_dim, config.num_stages, n_listed_blocks,
+      n_recorded_blocks, k_stages=depth + 1) <= MAX_SHARED_MEMORY:
+    depth += 1
+  return depth
+
+
 # Registers per thread the memory warpgroup keeps (setmaxnreg).
 MEMORY_REGISTERS = 40
 _REGISTER_FILE = 65536   # 32-bit registers per SM
@@ -179,37 +204,60 @@ class MosaicConfig:
   """Speed knobs of the Mosaic kernel (no effect on results).
 
   Attributes:
-    num_stages: K/V shared-memory ring depth (>= 2).
+    num_stages: V shared-memory ring depth (>= 2), and K's by default.
+    extra_k_stages: K ring slots beyond `num_stages` (K is read for every
+      block, V only for kept ones, so skipping blocks runs through K
+      faster); None: as many as fit in shared memory, at most
+      `MAX_EXTRA_K_STAGES`.
     compute_registers: registers per thread granted to compute warpgroups
       (a multiple of 8, at most 232).
     copy_v_if_kept: in the skip build, copy a V block only when a compute
       warpgroup keeps it (False: stream every V block, as the dense build).
+    overlap_qk: in the skip build, one tensor-core turn per block, q·kᵀ of
+      the next block issued with P·V of this one (False: the two-turn ping-pong, q·kᵀ
+      then softmax and P·V).
+    raster: which grid axis varies fastest among resident programs:
+      "heads" (programs of one q range over all heads) or "q" (programs
+      of one head over q ranges, which share its K/V in L2).
   """
 
   num_stages: int = 2
   compute_registers: int = 232
   copy_v_if_kept: bool = True
+  overlap_qk: bool = True
+  extra_k_stages: int | None = None
+  raster: str = "heads"
 
   def __post_init__(self):
     check_pipeline_knobs(self.num_stages, self.compute_registers)
-    if not isinstance(self.copy_v_if_kept, bool):
-      raise ValueError(f"`copy_v_if_kept` must be a bool, got "
-                       f"{self.copy_v_if_kept!r}.")
+    if self.extra_k_stages is not None and (
+        not isinstance(self.extra_k_stages, int) or self.extra_k_stages < 0):
+      raise ValueError(f"`extra_k_stages` must be None or an int >= 0, got "
+                       f"{self.extra_k_stages!r}.")
+    if self.raster not in ("heads", "q"):
+      raise ValueError(f"`raster` must be 'heads' or 'q', got "
+                       f"{self.raster!r}.")
+    for name in ("copy_v_if_kept", "overlap_qk"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"`{name}` must be a bool, got "
+                         f"{getattr(self, name)!r}.")
 
 
 def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
             scoped, *, sm_scale, block_q, block_kv, head_dim, dtype, causal,
-            q_len, group, num_stages, compute_registers, skip_enabled,
-            p_smem2, lists, skips, votes, chain):
+            q_len, group, num_stages, k_stages, compute_registers,
+            skip_enabled,
+            p_smem2, lists, skips, votes, chain, overlap):
   # lists: None (every block of each tile's range), or (lists_ref int32
   # [batch, q_heads, n_programs, width] in global memory, its shared-memory
   # copy [width] for this program, the copy's barrier); see `program_lists`.
   # skips: None, or (skips_ref int32 [batch, q_heads, n_tiles, rows, SLOT],
   # its shared-memory copy [COMPUTE_WGS, rows, SLOT]): a word per KV block,
   # 1 where the tile skipped it (written at the blocks the tile visits).
+  # K slots: position % k_stages; V slots: position % num_stages.
   # votes: None (every V block is copied), or (votes_smem int32
-  # [num_stages, SLOT], word wg of a slot's row = 1 where warpgroup wg keeps
-  # the block in that slot; vote barriers [COMPUTE_WGS * num_stages]).
+  # [k_stages, SLOT], word wg of a K slot's row = 1 where warpgroup wg keeps
+  # the block in that slot; vote barriers [COMPUTE_WGS * k_stages]).
   # chain: None, or (initial_max_ref f32 [batch, q_heads, rows] in log2
   # units, row_max_ref (same shape, the final max out), rows_smem2 f32
   # [COMPUTE_WGS, block_q], its barriers [COMPUTE_WGS]).
@@ -225,8 +273,11 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     plgpu.barrier_arrive(sched_bar)
     plgpu.barrier_wait(sched_bar)
 
-  def slot_of(pos):
+  def slot_of(pos):   # V slot
     return lax.rem(pos, jnp.array(num_stages, pos.dtype))
+
+  def k_slot(pos):
+    return lax.rem(pos, jnp.array(k_stages, pos.dtype))
 
   # Per-sequence scalars [kv_len, log2(λ), 0...]: one TMA per warpgroup into
   # its own 128-byte slot (TMA needs 128-byte aligned shared memory).
@@ -320,11 +371,24 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32),
                             plgpu.Layout.WGMMA)
 
+    def mask_scores(s, pos):
+      """s [block_q, block_kv] with keys past kv_len (and, causal, after
+      the row's position) at -inf, for the block at stream position pos."""
+      rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0,
+                                    layout=plgpu.Layout.WGMMA)
+      cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1,
+                                    layout=plgpu.Layout.WGMMA)
+      keys = cols + block_at(pos) * block_kv
+      visible = keys < kv_len
+      if causal:  # Padded rows sit at the last real row's position.
+        visible = visible & (jnp.minimum(rows + q_base, q_len - 1) >= keys)
+      return jnp.where(visible, s, -jnp.inf)
+
     def wait_k(pos):
       """Waits for the K block at stream position `pos`, if one comes."""
       @pl.when(pos < n_stream)
       def _():
-        plgpu.barrier_wait(k_bars.at[slot_of(pos)])
+        plgpu.barrier_wait(k_bars.at[k_slot(pos)])
 
     def publish(slot, keep):
       """This warpgroup's vote on the block in `slot`, for the memory
@@ -332,7 +396,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       if votes is not None:
         votes_smem, vote_bars = votes
         votes_smem[slot, wg] = keep.astype(jnp.int32)
-        plgpu.barrier_arrive(vote_bars.at[wg * num_stages + slot])
+        plgpu.barrier_arrive(vote_bars.at[wg * k_stages + slot])
 
     def settle(pos, owed):
       """Closes a skip at pos - 1: waits for that block's V phase, then
@@ -365,118 +429,280 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       plgpu.barrier_arrive(v_free.at[slot])
       return jnp.int32(0)
 
-    wait_k(jnp.int32(0))
-    pl.when(wg == 1)(schedule_turn)
+    def pingpong_loop(acc, m_i, l_i):
+      """Two tensor-core turns per block: q·kᵀ, then softmax and P·V."""
+      wait_k(jnp.int32(0))
+      pl.when(wg == 1)(schedule_turn)
 
-    def visit(pos, carry, *, masked: bool):
-      """A block of this tile's: the skip rule, then softmax and P·V."""
-      acc, m_i, l_i, n_skipped, n_visited, owed = carry
-      slot = slot_of(pos)
+      def visit(pos, carry, *, masked: bool):
+        """A block of this tile's: the skip rule, then softmax and P·V."""
+        acc, m_i, l_i, n_skipped, n_visited, owed = carry
+        slot, kslot = slot_of(pos), k_slot(pos)
 
-      def qk_product(acc_ref):
-        plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+        def qk_product(acc_ref):
+          plgpu.wgmma(acc_ref, qo_smem, k_smem.at[kslot].transpose((1, 0)))
+          schedule_turn()
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk_product,
+                          plgpu.ACC((block_q, block_kv), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[kslot])         # K slot may be refilled
+        if masked:
+          s = mask_scores(s, pos)
+        m_blk = s.max(axis=1) * scale                  # [block_q], log2 units
+
+        def keep(owed):
+          m_new = jnp.maximum(m_i, m_blk)
+          m_safe = (jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    if masked or chain is not None else m_new)
+          alpha = jnp.exp2(m_i - m_safe)
+          p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+          acc_scaled = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+          l_new = l_i * alpha + p.sum(axis=1)
+          p16 = p.astype(dtype)
+          acc_scaled, l_new, m_new2, p16 = lax.optimization_barrier(
+              (acc_scaled, l_new, m_new, p16))
+          end_softmax(slot)
+
+          if p_smem2 is None:
+            def pv_product(acc_ref):
+              plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+              wait_k(pos + 1)
+
+            acc_out = pl.run_state(pv_product)(plgpu.ACC.init(acc_scaled))
+          else:
+            # Interpret-mode variant: P goes through shared memory (the
+            # interpreter has no register-operand wgmma nor run_state).
+            p_smem = p_smem2.at[wg]
+            p_smem[...] = p16
+            plgpu.commit_smem()
+
+            def pv_product(acc_ref):
+              plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+              wait_k(pos + 1)
+              return acc_ref[...]
+
+            acc_out = acc_scaled + pl.run_scoped(
+                pv_product, plgpu.ACC((block_q, head_dim), jnp.float32))
+          plgpu.barrier_arrive(v_free.at[slot])         # V slot may be refilled
+          return acc_out, m_new2, l_new, n_skipped, n_visited + 1, owed
+
+        if not skip_enabled:
+          return keep(owed)
+        gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
+        skip = ((n_visited > 0) | seen_before) & (gap.max() < log2_thr)
+        publish(kslot, ~skip)
+        owed = settle(pos, owed)
+        if skips is not None:
+          block = block_at(pos)
+          skips[1].at[wg][block // SLOT, block % SLOT] = skip.astype(jnp.int32)
+
+        def drop(owed):
+          end_softmax(slot, needs_v=votes is None)
+          wait_k(pos + 1)
+          return acc, m_i, l_i, n_skipped + 1, n_visited + 1, skip_v(slot)
+
+        return lax.cond(skip, drop, keep, owed)
+
+      def pass_by(pos, carry):
+        """A block of the other tile's only: the barrier steps of a skipped
+        block without its q·kᵀ, so slots are released and turns stay paired.
+        Waiting on the copies too keeps every barrier phase observed."""
+        owed = carry[-1]
+        slot, kslot = slot_of(pos), k_slot(pos)
+        publish(kslot, jnp.bool_(False))
         schedule_turn()
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk_product,
-                        plgpu.ACC((block_q, block_kv), jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])          # K slot may be refilled
-      if masked:
-        rows = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 0,
-                                      layout=plgpu.Layout.WGMMA)
-        cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1,
-                                      layout=plgpu.Layout.WGMMA)
-        keys = cols + block_at(pos) * block_kv
-        visible = keys < kv_len
-        if causal:  # Padded rows sit at the last real row's position.
-          visible = visible & (jnp.minimum(rows + q_base, q_len - 1) >= keys)
-        s = jnp.where(visible, s, -jnp.inf)
-      m_blk = s.max(axis=1) * scale                  # [block_q], log2 units
-
-      def keep(owed):
-        m_new = jnp.maximum(m_i, m_blk)
-        m_safe = (jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                  if masked or chain is not None else m_new)
-        alpha = jnp.exp2(m_i - m_safe)
-        p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-        acc_scaled = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_new = l_i * alpha + p.sum(axis=1)
-        p16 = p.astype(dtype)
-        acc_scaled, l_new, m_new2, p16 = lax.optimization_barrier(
-            (acc_scaled, l_new, m_new, p16))
-        end_softmax(slot)
-
-        if p_smem2 is None:
-          def pv_product(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-            wait_k(pos + 1)
-
-          acc_out = pl.run_state(pv_product)(plgpu.ACC.init(acc_scaled))
-        else:
-          # Interpret-mode variant: P goes through shared memory (the
-          # interpreter has no register-operand wgmma nor run_state).
-          p_smem = p_smem2.at[wg]
-          p_smem[...] = p16
-          plgpu.commit_smem()
-
-          def pv_product(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-            wait_k(pos + 1)
-            return acc_ref[...]
-
-          acc_out = acc_scaled + pl.run_scoped(
-              pv_product, plgpu.ACC((block_q, head_dim), jnp.float32))
-        plgpu.barrier_arrive(v_free.at[slot])         # V slot may be refilled
-        return acc_out, m_new2, l_new, n_skipped, n_visited + 1, owed
-
-      if not skip_enabled:
-        return keep(owed)
-      gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
-      skip = ((n_visited > 0) | seen_before) & (gap.max() < log2_thr)
-      publish(slot, ~skip)
-      owed = settle(pos, owed)
-      if skips is not None:
-        block = block_at(pos)
-        skips[1].at[wg][block // SLOT, block % SLOT] = skip.astype(jnp.int32)
-
-      def drop(owed):
+        owed = settle(pos, owed)
+        plgpu.barrier_arrive(k_free.at[kslot])
         end_softmax(slot, needs_v=votes is None)
         wait_k(pos + 1)
-        return acc, m_i, l_i, n_skipped + 1, n_visited + 1, skip_v(slot)
+        return carry[:-1] + (skip_v(slot),)
 
-      return lax.cond(skip, drop, keep, owed)
+      def position(pos, carry, *, masked: bool):
+        if in_my_list is None:
+          return visit(pos, carry, masked=masked)
+        return lax.cond(in_my_list(pos),
+                        functools.partial(visit, pos, masked=masked),
+                        functools.partial(pass_by, pos), carry)
 
-    def pass_by(pos, carry):
-      """A block of the other tile's only: the barrier steps of a skipped
-      block without its q·kᵀ, so slots are released and turns stay paired.
-      Waiting on the copies too keeps every barrier phase observed."""
-      owed = carry[-1]
-      slot = slot_of(pos)
-      publish(slot, jnp.bool_(False))
-      schedule_turn()
-      owed = settle(pos, owed)
-      plgpu.barrier_arrive(k_free.at[slot])
-      end_softmax(slot, needs_v=votes is None)
-      wait_k(pos + 1)
-      return carry[:-1] + (skip_v(slot),)
+      carry = (acc, m_i, l_i, jnp.int32(0), jnp.int32(0), jnp.int32(0))
+      carry = lax.fori_loop(0, n_full, functools.partial(position, masked=False),
+                            carry)
+      acc, m_i, l_i, n_skipped, n_visited, owed = lax.fori_loop(
+          n_full, n_steps, functools.partial(position, masked=True), carry)
+      # This tile is done; keep the other warpgroup company to the end.
+      (owed,) = lax.fori_loop(n_steps, n_stream, pass_by, (owed,))
+      settle(n_stream, owed)
 
-    def position(pos, carry, *, masked: bool):
-      if in_my_list is None:
-        return visit(pos, carry, masked=masked)
-      return lax.cond(in_my_list(pos),
-                      functools.partial(visit, pos, masked=masked),
-                      functools.partial(pass_by, pos), carry)
+      pl.when(wg == 0)(schedule_turn)
+      return acc, m_i, l_i, n_skipped, n_visited
 
-    carry = (acc, m_i, l_i, jnp.int32(0), jnp.int32(0), jnp.int32(0))
-    carry = lax.fori_loop(0, n_full, functools.partial(position, masked=False),
-                          carry)
-    acc, m_i, l_i, n_skipped, n_visited, owed = lax.fori_loop(
-        n_full, n_steps, functools.partial(position, masked=True), carry)
-    # This tile is done; keep the other warpgroup company to the end.
-    (owed,) = lax.fori_loop(n_steps, n_stream, pass_by, (owed,))
-    settle(n_stream, owed)
+    def overlapped_loop(acc, m_i, l_i):
+      """One tensor-core turn per stream position (FlashAttention-3's
+      intra-warpgroup overlap with ping-pong). At position p a warpgroup
+      takes its turn, issues q·kᵀ of block p + 1 and, if it kept block p,
+      P·V of p, and passes the turn; the decision and softmax of p + 1 then
+      run while its P·V and the other warpgroup's products occupy the tensor
+      cores. A skipped block costs its q·kᵀ and a decision that overlaps
+      the other tile's products, and no decision waits for the other tile's.
+      """
+      turn = sched_bar   # [COMPUTE_WGS]: warpgroup w waits on turn[w]
 
-    pl.when(wg == 0)(schedule_turn)
+      def take_turn():
+        plgpu.barrier_wait(turn.at[wg])
+
+      def pass_turn():
+        plgpu.barrier_arrive(turn.at[1 - wg])
+
+      def release_v(slot):
+        """A V block this warpgroup does not read: observe its phase (the
+        copy, or the empty arrival after both votes), then free its slot."""
+        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_arrive(v_free.at[slot])
+
+      def decide(p, s, state, *, masked: bool):
+        """Skip rule and softmax of the block at position p from its scores
+        s [block_q, block_kv]; state = (m, l, p16, alpha, keep, skipped,
+        visited), with p16 and alpha what P·V of p will need and keep 1
+        where this tile keeps it."""
+        m_i, l_i, p16, alpha, _, n_skipped, n_visited = state
+        if masked:
+          s = mask_scores(s, p)
+        m_blk = s.max(axis=1) * scale                # [block_q], log2 units
+
+        def softmax():
+          m_new = jnp.maximum(m_i, m_blk)
+          m_safe = (jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    if masked or chain is not None else m_new)
+          alpha_new = jnp.exp2(m_i - m_safe)
+          p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+          l_new = l_i * alpha_new + p.sum(axis=1)
+          return m_new, l_new, p.astype(dtype), alpha_new
+
+        # (Built for the skip path only: see `overlap` in `_forward`.)
+        gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
+        skip = ((n_visited > 0) | seen_before) & (gap.max() < log2_thr)
+        publish(k_slot(p), ~skip)
+        if skips is not None:
+          block = block_at(p)
+          skips[1].at[wg][block // SLOT, block % SLOT] = skip.astype(jnp.int32)
+        kept = lax.cond(skip, lambda: (m_i, l_i, p16, alpha), softmax)
+        return kept + ((~skip).astype(jnp.int32),
+                       n_skipped + skip.astype(jnp.int32),
+                       n_visited + 1)
+
+      def step(p, carry, *, kind: str, has_pv: bool, first: bool = False):
+        """Position p: P·V of block p (has_pv: this tile kept it) and the
+        block at p + 1 (kind 'full' or 'masked': this tile's, scores
+        masked or not; 'pass': the other tile's only; 'none': past the
+        end). first: p = -1, the pipeline's fill."""
+        acc, state = carry[0], carry[1:]
+        p16, alpha = state[2], state[3]
+        nxt = p + 1
+        slot, slot_n = slot_of(p), k_slot(nxt)   # V of p, K of p + 1
+        has_qk = kind in ("full", "masked")
+        if kind != "none":
+          plgpu.barrier_wait(k_bars.at[slot_n])
+        if has_pv:
+          acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+
+        def products(*accs):
+          if has_pv and p_smem2 is None:
+            accs[-1][...] = acc
+          take_turn()
+          if has_qk:
+            plgpu.wgmma(accs[0], qo_smem, k_smem.at[slot_n].transpose((1, 0)))
+          if has_pv:
+            plgpu.barrier_wait(v_bars.at[slot])
+            if p_smem2 is None:
+              plgpu.wgmma(accs[-1], p16, v_smem.at[slot])
+            else:
+              # Interpret mode: P goes through shared memory (the
+              # interpreter has no register-operand wgmma).
+              p_smem = p_smem2.at[wg]
+              p_smem[...] = p16
+              plgpu.commit_smem()
+              plgpu.wgmma(accs[-1], p_smem, v_smem.at[slot])
+          pass_turn()
+          # Keep flags are traced: Mosaic lowers no literal out of a scope.
+          new = state[:4] + (state[4] * 0,) + state[5:]
+          if has_qk:   # q·kᵀ was issued first: wait for it alone.
+            s = plgpu.wgmma_accumulator_load(accs[0], wait_n=int(has_pv))
+            plgpu.barrier_arrive(k_free.at[slot_n])
+            new = decide(nxt, s, state, masked=kind == "masked")
+          elif kind == "pass":
+            publish(slot_n, jnp.bool_(False))
+            plgpu.barrier_arrive(k_free.at[slot_n])
+          if not has_pv:
+            if not first:
+              release_v(slot)
+            return (acc,) + new
+          # The softmax above must be done before waiting for P·V.
+          new = lax.optimization_barrier(new[:4]) + new[4:]
+          out = accs[-1][...]
+          if p_smem2 is not None:
+            out = acc + out
+          plgpu.barrier_arrive(v_free.at[slot])
+          return (out,) + new
+
+        accs = ([plgpu.ACC((block_q, block_kv), jnp.float32)] if has_qk
+                else []) + ([plgpu.ACC((block_q, head_dim), jnp.float32)]
+                            if has_pv else [])
+        return pl.run_scoped(products, *accs) if accs else products()
+
+      def at(p, carry, kind):
+        """Position p, P·V chosen at run time by the tile's decision."""
+        return lax.cond(carry[5] != 0,
+                        functools.partial(step, p, kind=kind, has_pv=True),
+                        functools.partial(step, p, kind=kind, has_pv=False),
+                        carry)
+
+      def own_or_pass(p, carry, kind):
+        if in_my_list is None:
+          return at(p, carry, kind)
+        return lax.cond(in_my_list(p + 1),
+                        lambda c: at(p, c, kind), lambda c: at(p, c, "pass"),
+                        carry)
+
+      pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
+      p16 = plgpu.layout_cast(jnp.zeros((block_q, block_kv), dtype),
+                              plgpu.Layout.WGMMA)
+      ones = plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32),
+                               row_layout)
+      zero = n_stream * 0   # traced: see `step`
+      carry = (acc, m_i, l_i, p16, ones, zero, zero, zero)
+      # The fill: q·kᵀ of position 0, whatever it is.
+      own0 = n_steps > 0
+      if in_my_list is not None:
+        own0 = own0 & in_my_list(jnp.int32(0))
+      kinds = ("none", "pass", "masked", "full")
+      kind0 = jnp.where(n_stream == 0, 0,
+                        jnp.where(~own0, 1, jnp.where(n_full > 0, 3, 2)))
+      carry = lax.switch(
+          kind0, [functools.partial(step, jnp.int32(-1), kind=k,
+                                    has_pv=False, first=True)
+                  for k in kinds], carry)
+      one = jnp.int32(1)
+      # Next positions [1, n_full): unmasked; [n_full, n_steps): masked;
+      # [n_steps, n_stream): the other tile's.
+      carry = lax.fori_loop(
+          0, n_full - 1, lambda p, c: own_or_pass(p, c, "full"), carry)
+      carry = lax.fori_loop(
+          jnp.maximum(n_full - 1, 0), n_steps - one,
+          lambda p, c: own_or_pass(p, c, "masked"), carry)
+      carry = lax.fori_loop(
+          jnp.maximum(n_steps - 1, 0), n_stream - one,
+          lambda p, c: at(p, c, "pass"), carry)
+      carry = lax.cond(n_stream > 0, lambda c: at(n_stream - 1, c, "none"),
+                       lambda c: c, carry)
+      pl.when(wg == 0)(take_turn)    # warpgroup 1's last pass
+      acc, m_i, l_i, _, _, _, n_skipped, n_visited = carry
+      return acc, m_i, l_i, n_skipped, n_visited
+
+    if overlap:
+      acc, m_i, l_i, n_skipped, n_visited = overlapped_loop(acc, m_i, l_i)
+    else:
+      acc, m_i, l_i, n_skipped, n_visited = pingpong_loop(acc, m_i, l_i)
 
     has_mass = l_i > 0
     l_safe = jnp.where(has_mass, l_i, 1.0)
@@ -520,33 +746,37 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       plgpu.copy_gmem_to_smem(v_ref.at[source(pos)], v_smem.at[slot],
                               v_bars.at[slot])
 
-    # The ring's first fill (no more blocks than the keys hold).
-    n_first = min(num_stages, k_ref.shape[1] // block_kv)
-    if votes is None:
-      for i in range(n_first):
-        @pl.when(i < n_stream)
-        def _():
-          issue_k(i, i)
-          issue_v(i, i)
+    def issue_k_ahead(pos):
+      """K runs k_stages blocks ahead: block pos + k_stages into pos's slot
+      once both tiles are done with it."""
+      @pl.when(pos + k_stages < n_stream)
+      def _():
+        kslot = k_slot(pos)
+        plgpu.barrier_wait(k_free.at[kslot])
+        issue_k(pos + k_stages, kslot)
 
-      @pl.loop(num_stages, n_stream)
+    # The K ring's first fill (no more blocks than the keys hold).
+    for i in range(min(k_stages, k_ref.shape[1] // block_kv)):
+      pl.when(i < n_stream)(functools.partial(issue_k, i, i))
+    if votes is None:
+      @pl.loop(0, n_stream)
       def _stream(pos):
         slot = slot_of(pos)
-        plgpu.barrier_wait(k_free.at[slot])
-        issue_k(pos, slot)
-        plgpu.barrier_wait(v_free.at[slot])
+
+        @pl.when(pos >= num_stages)
+        def _():
+          plgpu.barrier_wait(v_free.at[slot])
         issue_v(pos, slot)
+        issue_k_ahead(pos)
     else:
       votes_smem, vote_bars = votes
 
-      def vote(pos, slot, voter):
-        plgpu.barrier_wait(vote_bars.at[voter * num_stages + slot])
-        return votes_smem[slot, voter] != 0
+      def vote(pos, voter):
+        kslot = k_slot(pos)
+        plgpu.barrier_wait(vote_bars.at[voter * k_stages + kslot])
+        return votes_smem[kslot, voter] != 0
 
-      for i in range(n_first):
-        pl.when(i < n_stream)(functools.partial(issue_k, i, i))
-
-      # K runs num_stages blocks ahead. V goes as soon as its slot is free
+      # V goes as soon as its slot is free
       # when some tile kept the block before (a kept block is likely
       # followed by kept ones, whose copies must not wait for a vote);
       # after a block both skipped, block pos's V waits for the votes on
@@ -560,30 +790,29 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           plgpu.barrier_wait(v_free.at[slot])
 
         pl.when(kept_before)(functools.partial(issue_v, pos, slot))
-        first = vote(pos, slot, 0)
+        first = vote(pos, 0)
         pl.when(~kept_before & first)(functools.partial(issue_v, pos, slot))
-        second = vote(pos, slot, 1)
+        second = vote(pos, 1)
 
         @pl.when(~kept_before & ~first)
         def _():
           lax.cond(second, functools.partial(issue_v, pos, slot),
                    lambda: plgpu.barrier_arrive(v_bars.at[slot]))
 
-        @pl.when(pos + num_stages < n_stream)
-        def _():
-          plgpu.barrier_wait(k_free.at[slot])
-          issue_k(pos + num_stages, slot)
+        issue_k_ahead(pos)
         return first | second
 
       lax.fori_loop(0, n_stream, stream, jnp.bool_(True))
 
     # Observe the last releases too, so every barrier phase this warpgroup
     # took part in is seen before the barriers are freed.
+    @pl.loop(jnp.maximum(n_stream - k_stages, 0), n_stream)
+    def _drain_k(pos):
+      plgpu.barrier_wait(k_free.at[k_slot(pos)])
+
     @pl.loop(jnp.maximum(n_stream - num_stages, 0), n_stream)
-    def _drain(pos):
-      slot = slot_of(pos)
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
+    def _drain_v(pos):
+      plgpu.barrier_wait(v_free.at[slot_of(pos)])
 
 
 def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
@@ -683,6 +912,12 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   dtype = q.dtype
   num_stages = config.num_stages
   vote = skip_enabled and config.copy_v_if_kept
+  # The dense build keeps the two-turn ping-pong: built overlapped it ran
+  # 1.3-1.8x slower on the H200 (8k, head_dim 64 and 128).
+  overlap = config.overlap_qk and skip_enabled
+  k_stages = k_ring_depth(config, block_q, block_kv, d,
+                          0 if lists is None else nk,
+                          nk if record_skips else 0)
 
   skip_rows = list_width(nk) // SLOT   # skip words: [skip_rows, SLOT]
 
@@ -698,7 +933,7 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
         plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=swizzled),
-        plgpu.SMEM((num_stages, block_kv, d), dtype, transforms=swizzled),
+        plgpu.SMEM((k_stages, block_kv, d), dtype, transforms=swizzled),
         plgpu.SMEM((num_stages, block_kv, d), dtype, transforms=swizzled),
         plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
         plgpu.SMEM((COMPUTE_WGS, SLOT), jnp.int32),
@@ -708,12 +943,16 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
       scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype,
                                 transforms=swizzled))
     barriers = [
-        (plgpu.Barrier(num_barriers=num_stages),
+        (plgpu.Barrier(num_barriers=k_stages),
          plgpu.Barrier(num_barriers=num_stages),
          plgpu.Barrier(num_barriers=COMPUTE_WGS),
          plgpu.Barrier(num_barriers=COMPUTE_WGS + 1)),
-        (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages),) * 2,
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+        (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=k_stages),
+         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages)),
+        # The tensor-core schedule: a turn token per compute warpgroup
+        # (overlap_qk), or one barrier both arrive at.
+        (plgpu.Barrier(num_barriers=COMPUTE_WGS) if overlap
+         else plgpu.Barrier(num_arrivals=COMPUTE_WGS)),
     ]
     if record_skips:
       scratch.append(plgpu.SMEM((COMPUTE_WGS, skip_rows, SLOT), jnp.int32))
@@ -723,8 +962,8 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
     # Optional buffers after the named ones, each with its barrier.
     extra_smem, extra_bars = [], []
     if vote:
-      extra_smem.append(plgpu.SMEM((num_stages, SLOT), jnp.int32))
-      extra_bars.append(plgpu.Barrier(num_barriers=COMPUTE_WGS * num_stages))
+      extra_smem.append(plgpu.SMEM((k_stages, SLOT), jnp.int32))
+      extra_bars.append(plgpu.Barrier(num_barriers=COMPUTE_WGS * k_stages))
     if chained:
       extra_smem.append(plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32))
       extra_bars.append(plgpu.Barrier(num_barriers=COMPUTE_WGS))
@@ -743,14 +982,14 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
           q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           (smem[:6], bars[:3]), sm_scale=sm_scale, block_q=block_q,
           block_kv=block_kv, head_dim=d, dtype=dtype, causal=causal, q_len=lq,
-          group=hq // hkv, num_stages=num_stages,
+          group=hq // hkv, num_stages=num_stages, k_stages=k_stages,
           compute_registers=config.compute_registers,
           skip_enabled=skip_enabled,
           p_smem2=smem[6] if interpret is not None else None,
           lists=(lists_ref[0], smem[-1], bars[-1]) if lists_ref else None,
           skips=((skips_ref, smem[n_smem - 1 - bool(lists_ref)])
                  if record_skips else None),
-          votes=votes, chain=chain)
+          votes=votes, chain=chain, overlap=overlap)
 
     pl.run_scoped(body, *scratch, *barriers, *extra_smem, *extra_bars,
                   collective_axes="wg")
@@ -766,8 +1005,10 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   out, lse, stats, *extra = plgpu.kernel(
       blasst_prefill_mosaic,
       out_type=out_type,
-      grid=(hq, n_pairs, b),
-      grid_names=("heads", "q_seq", "batch"),
+      grid=((hq, n_pairs, b) if config.raster == "heads" else
+            (n_pairs, hq, b)),
+      grid_names=(("heads", "q_seq", "batch") if config.raster == "heads"
+                  else ("q_seq", "heads", "batch")),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -22,7 +22,7 @@ from blasst_jax import config as config_lib
 from blasst_jax import reference
 from blasst_jax.config import SkipStats
 
-IMPLEMENTATIONS = ("reference", "pallas_triton")
+IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
 MAX_MODES = reference.DECODE_MAX_MODES
 # One pass with the running max started at the sink and recent blocks:
 # skips nearly what the two-pass global max does, at one-pass speed.
@@ -202,7 +202,10 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
       the default) or "global" (two passes: K is read once to find the
       global max and the scores are kept; the split count does not matter).
     implementation: "pallas_triton" (GPU, or CPU in interpret mode),
-      "reference", or None (the kernel on GPU, the oracle elsewhere).
+      "pallas_mosaic" (Hopper: bf16/f16, head_dim 64/128/256, pages of a
+      multiple of 64 keys, "split" or "anchored", no `initial_max`; CPU in
+      Pallas' GPU interpret mode), "reference", or None (the Triton kernel
+      on GPU, the oracle elsewhere).
     return_stats: also return a `DecodeStats`.
     interpret: run the Pallas kernel in interpret mode (default: off GPU).
     kernel_config: a `kernels.decode_triton.DecodeConfig`.
@@ -305,6 +308,25 @@ def _check_shared_max(initial_max, max_axis_name, expected, max_mode):
                      "`initial_max`).")
 
 
+def _check_mosaic(q, block_kv, group, max_mode, initial_max, max_axis_name):
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  if not decode_mosaic.supports(group, q.shape[-1], block_kv, q.dtype):
+    raise ValueError(
+        "implementation='pallas_mosaic' decode needs a bf16/f16 query, "
+        "head_dim 64/128/256, pages (block_kv) of a multiple of 64 keys and "
+        f"at most {decode_mosaic.ROWS} query heads per KV head; got "
+        f"{q.dtype}, head_dim {q.shape[-1]}, block_kv {block_kv}, group "
+        f"{group}. Use implementation='pallas_triton'.")
+  if max_mode not in decode_mosaic.MAX_MODES:
+    raise ValueError(f"implementation='pallas_mosaic' decode runs max_mode "
+                     f"{decode_mosaic.MAX_MODES}, got {max_mode!r}; use "
+                     "implementation='pallas_triton'.")
+  if initial_max is not None or max_axis_name is not None:
+    raise ValueError("implementation='pallas_mosaic' decode does not take "
+                     "`initial_max` or `max_axis_name` yet; use "
+                     "implementation='pallas_triton'.")
+
+
 def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
             sm_scale, num_splits, max_mode, implementation, return_stats,
             interpret, kernel_config, return_lse: bool = False,
@@ -332,6 +354,9 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
       threshold, kv_lengths, max_len, b, phase="decode"))
   skip_enabled = not api._is_static_zero(threshold)  # pylint: disable=protected-access
 
+  if implementation == "pallas_mosaic":
+    _check_mosaic(q, block_kv, group, max_mode, initial_max, max_axis_name)
+
   if implementation == "reference":
     gather = lambda pages: pages[page_table].reshape(b, max_len, hkv, d)  # pylint: disable=g-long-lambda
     res = reference.blockwise_decode_attention(
@@ -342,6 +367,29 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
     out, lse = res.out, res.lse                                 # lse [b, hq]
     skipped = jnp.sum(res.skip_mask, axis=-1, dtype=jnp.int32)   # [b, hkv]
     visited = jnp.sum(res.visited_mask, axis=-1, dtype=jnp.int32)
+  elif implementation == "pallas_mosaic":
+    from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+    if kernel_config is None:
+      kernel_config = decode_mosaic.MosaicDecodeConfig()
+    elif not isinstance(kernel_config, decode_mosaic.MosaicDecodeConfig):
+      raise ValueError("`kernel_config` for 'pallas_mosaic' decode must be a "
+                       "MosaicDecodeConfig, got "
+                       f"{type(kernel_config).__name__}.")
+    if interpret is None:
+      interpret = not api.on_gpu()
+    interpret_params = None
+    if interpret:
+      import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+      interpret_params = plgpu.InterpretGPUParams()
+    acc, m, l, skipped, visited = decode_mosaic.decode_partials(
+        q.reshape(b, hkv, group, d), k_pages, v_pages, page_table,
+        kv_lengths, log_thr, group=group, sm_scale=sm_scale,
+        num_splits=num_splits, max_mode=max_mode, config=kernel_config,
+        interpret=interpret_params, skip_enabled=skip_enabled)
+    out, lse = merge_partials(acc, m, l, return_lse=True)
+    out = out[:, :, :group].reshape(b, hq, d).astype(q.dtype)
+    lse = lse[:, :, :group].reshape(b, hq)
+    skipped, visited = skipped.sum(axis=2), visited.sum(axis=2)  # [b, hkv]
   else:
     from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
     if kernel_config is None:

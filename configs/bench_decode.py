@@ -2,7 +2,11 @@
 Pallas decode example and a plain copy of the cache.
 
     python experiments/bench_decode.py --config=configs/bench_decode.py
+    python experiments/bench_decode.py --config=configs/bench_decode.py:h200
     python experiments/bench_decode.py --config=configs/bench_decode.py:smoke
+
+"h200": the Hopper (Mosaic GPU) decode kernel against the Triton one,
+cuDNN and a copy, on the four shapes of the H200 study.
 """
 
 import ml_collections
@@ -59,6 +63,16 @@ def get_config(variant: str = "h100"):
     c.warmup, c.iters, c.reps = 1, 2, 1
     c.output_dir = "/tmp/blasst_bench_smoke"
     c.output_name = "decode"
+  elif variant == "h200":
+    c.shapes = [(8, 32, 8, 32768, 128), (1, 32, 8, 131072, 128),
+                (64, 32, 8, 4096, 128), (1, 32, 8, 524288, 128)]
+    c.impls = ["copy", "cudnn", "pallas_triton", "pallas_mosaic"]
+    c.variants = [("anchored", None), ("split", None)]
+    c.thresholds = [1e-4, 1e-3, 1e-2, 1e-1]
+    c.tuning_shapes = []
+    c.split_sweep.shapes = []
+    c.iters = 10
   elif variant != "h100":
-    raise ValueError(f"Unknown variant {variant!r}: use 'h100' or 'smoke'.")
+    raise ValueError(f"Unknown variant {variant!r}: use 'h100', 'h200' or "
+                     "'smoke'.")
   return c

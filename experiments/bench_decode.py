@@ -168,6 +168,8 @@ def run(cfg, on_gpu):
         continue
       done = set()
       for mode, splits in cfg.variants:
+        if impl == "pallas_mosaic" and mode == "global":
+          continue   # one-pass modes only
         n_splits = splits or bj.decode.default_num_splits(
             shape[0], shape[2], shape[3], cfg.block_kv)
         if (mode, n_splits) in done:   # The default may be 1 split.

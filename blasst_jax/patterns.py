@@ -129,3 +129,65 @@ def random_qkv(key: jax.Array, *, batch: int, seq_len: int, q_heads: int,
   k = jax.random.normal(kk, (batch, kv_len, kv_heads, head_dim))
   v = jax.random.normal(kv, (batch, kv_len, kv_heads, head_dim))
   return q.astype(dtype), k.astype(dtype), v.astype(dtype)
+
+
+def scattered_qkv(key: jax.Array, *, batch: int, seq_len: int,
+                  q_heads: int, kv_heads: int | None = None,
+                  head_dim: int = 64, block: int = 128, density: float = 0.3,
+                  hit_score: float | Sequence[float] = (12.0, 16.0, 20.0),
+                  sharpness: float | Sequence[float] = (10.0, 14.0, 18.0,
+                                                        22.0),
+                  sink_tokens: int = 4, window: int = 64, noise: float = 1.0,
+                  dtype=jnp.float32):
+  """`sink_local_qkv` plus relevant keys scattered over the whole context.
+
+  Each KV block of `block` keys holds, with probability `density`, one
+  "hit": a key whose score against every query is `hit_score[h] * u` with u
+  uniform in (0, 1], so the blocks a threshold keeps far from the window
+  are isolated or in short random runs (the retrieval pattern of long-context
+  decoding), not one long run, and raising λ keeps fewer of them. One of the
+  noise dimensions carries the hit.
+
+  Args:
+    key: PRNG key.
+    batch, seq_len, q_heads, kv_heads, head_dim: shapes, as `sink_local_qkv`.
+    block: KV block size over which hits are placed (the kernel's block_kv).
+    density: probability that a block holds a hit.
+    hit_score: the largest hit score per head (cycled), in units of
+      sm_scale·q·kᵀ.
+    sharpness, sink_tokens, window, noise: as `sink_local_qkv`.
+    dtype: dtype of the returned arrays.
+
+  Returns:
+    q [batch, seq_len, q_heads, head_dim], k and v [batch, seq_len, kv_heads,
+    head_dim].
+  """
+  if head_dim < 16:
+    raise ValueError(f"head_dim must be >= 16 for this pattern, got "
+                     f"{head_dim}.")
+  if not 0.0 <= density <= 1.0:
+    raise ValueError(f"density must be in [0, 1], got {density}.")
+  kv_heads = q_heads if kv_heads is None else kv_heads
+  k_base, k_hit, k_at, k_u = jax.random.split(key, 4)
+  q, k, v = sink_local_qkv(k_base, batch=batch, seq_len=seq_len,
+                           q_heads=q_heads, kv_heads=kv_heads,
+                           head_dim=head_dim, sharpness=sharpness,
+                           sink_tokens=sink_tokens, window=window, noise=noise,
+                           dtype=jnp.float32)
+  n_blocks = -(-seq_len // block)
+  shape = (batch, n_blocks, kv_heads)
+  has_hit = jax.random.bernoulli(k_hit, density, shape)
+  offset = jax.random.randint(k_at, shape, 0, block)
+  strength = jax.random.uniform(k_u, shape, minval=1e-3, maxval=1.0)
+  pos = jnp.arange(n_blocks)[None, :, None] * block + offset    # [b, n, hkv]
+  value = jnp.where(has_hit & (pos < seq_len), strength, 0.0)
+  hit_dim = jnp.zeros((batch, n_blocks * block, kv_heads), jnp.float32)
+  bi, ni, hi = jnp.meshgrid(jnp.arange(batch), jnp.arange(n_blocks),
+                            jnp.arange(kv_heads), indexing="ij")
+  hit_dim = hit_dim.at[bi, jnp.minimum(pos, n_blocks * block - 1), hi].set(
+      value)[:, :seq_len]
+  k = k.at[..., -1].set(hit_dim)
+  # Undo the default sm_scale = 1/sqrt(head_dim) on the q side.
+  score = _per_head(hit_score, q_heads) * math.sqrt(head_dim)   # [hq]
+  q = q.at[..., -1].set(jnp.broadcast_to(score, q.shape[:-1]))
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype)

@@ -101,6 +101,20 @@ def median_time_ms(fn, *args, warmup: int, iters: int, reps: int = 1) -> float:
   return statistics.median(samples)
 
 
+def find_threshold(fn, args, target: float, *, steps: int):
+  """(λ, sparsity): bisection on log10 λ in [-8, 0] for the block sparsity
+  `target` through `fn(*args, λ)`, which returns (out, stats) with a
+  `stats.total_sparsity`; the probe nearest the target."""
+  lo, hi, best = -8.0, 0.0, None
+  for _ in range(steps):
+    mid = (lo + hi) / 2
+    sparsity = float(fn(*args, jnp.float32(10.0 ** mid))[1].total_sparsity)
+    if best is None or abs(sparsity - target) < abs(best[1] - target):
+      best = (10.0 ** mid, sparsity)
+    lo, hi = (mid, hi) if sparsity < target else (lo, mid)
+  return best
+
+
 def announce_device() -> tuple[dict, bool]:
   """Prints the device kind and jax version (a benchmark's first line).
 

@@ -31,6 +31,15 @@ def get_config(variant: str = "h100"):
   c.pattern = ml_collections.ConfigDict(dict(
       sharpness=(10.0, 14.0, 18.0, 22.0), sink_tokens=4, window=64,
       noise=1.0))
+  # Caches: "sink_local" (c.pattern) and/or "scattered" (relevant blocks
+  # scattered over the context, patterns.scattered_qkv).
+  c.patterns = ["sink_local"]
+  c.scattered = ml_collections.ConfigDict(dict(
+      density=0.3, hit_score=(12.0, 16.0, 20.0)))
+  # Block sparsities to find λ for (bisection on the first kernel in impls,
+  # its first mode), timed besides c.thresholds.
+  c.target_sparsities = ()
+  c.bisection_steps = 12
   c.warmup = 3
   c.iters = 20
   c.reps = 10          # calls per timed launch batch (hides dispatch)
@@ -57,6 +66,9 @@ def get_config(variant: str = "h100"):
     c.block_kv = 32
     c.variants = [("split", None), ("split", 2), ("anchored", 2),
                   ("global", 2)]
+    c.patterns = ["sink_local", "scattered"]
+    c.target_sparsities = (0.5,)
+    c.bisection_steps = 3
     c.split_sweep.shapes = []
     c.impls = ["copy", "xla", "reference", "pallas_triton"]
     c.tuning_shapes = []
@@ -66,9 +78,11 @@ def get_config(variant: str = "h100"):
   elif variant == "h200":
     c.shapes = [(8, 32, 8, 32768, 128), (1, 32, 8, 131072, 128),
                 (64, 32, 8, 4096, 128), (1, 32, 8, 524288, 128)]
-    c.impls = ["copy", "cudnn", "pallas_triton", "pallas_mosaic"]
+    c.impls = ["copy", "cudnn", "pallas_mosaic", "pallas_triton"]
     c.variants = [("anchored", None), ("split", None)]
-    c.thresholds = [1e-4, 1e-3, 1e-2, 1e-1]
+    c.patterns = ["sink_local", "scattered"]
+    c.target_sparsities = (0.3, 0.5, 0.7, 0.9)
+    c.thresholds = []
     c.tuning_shapes = []
     c.split_sweep.shapes = []
     c.iters = 10

@@ -32,11 +32,22 @@ def time_us(fn, *args, warmup: int, iters: int, reps: int) -> float:
                                       reps=reps)
 
 
-def make_cache(cfg, shape, seed):
+def make_cache(cfg, shape, seed, pattern="sink_local"):
+  """The newest query and a full cache of `pattern`: "sink_local"
+  (`cfg.pattern`) or "scattered" (`cfg.scattered`, relevant blocks
+  scattered over the context)."""
   b, hq, hkv, s, d = shape
-  q, k, v = patterns.sink_local_qkv(
-      jax.random.PRNGKey(seed), batch=b, seq_len=s, q_heads=hq, kv_heads=hkv,
-      head_dim=d, dtype=jnp.dtype(cfg.dtype), **cfg.pattern.to_dict())
+  common = dict(batch=b, seq_len=s, q_heads=hq, kv_heads=hkv, head_dim=d,
+                dtype=jnp.dtype(cfg.dtype))
+  key = jax.random.PRNGKey(seed)
+  if pattern == "sink_local":
+    q, k, v = patterns.sink_local_qkv(key, **common, **cfg.pattern.to_dict())
+  elif pattern == "scattered":
+    q, k, v = patterns.scattered_qkv(key, **common, block=cfg.block_kv,
+                                     **cfg.scattered.to_dict())
+  else:
+    raise ValueError(f"Unknown pattern {pattern!r}: use 'sink_local' or "
+                     "'scattered'.")
   return q[:, -1], k, v, jnp.full((b,), s, jnp.int32)
 
 
@@ -58,10 +69,11 @@ def baselines(name):
 
 
 def row(impl, shape, dtype, threshold, mode, splits, sparsity, t_us,
-        bytes_read, skip_check=False):
+        bytes_read, skip_check=False, pattern="sink_local", target=None):
   b, hq, hkv, s, d = shape
   dense = 2 * b * s * hkv * d * jnp.dtype(dtype).itemsize
-  return dict(impl=impl, batch=b, q_heads=hq, kv_heads=hkv, seq_len=s,
+  return dict(impl=impl, pattern=pattern, target_sparsity=target,
+              batch=b, q_heads=hq, kv_heads=hkv, seq_len=s,
               head_dim=d, dtype=dtype, threshold=threshold, mode=mode,
               splits=splits, skip_check=skip_check,
               sparsity=round(float(sparsity), 4),
@@ -144,57 +156,81 @@ def run_tuning(cfg):
   return out
 
 
-def run(cfg, on_gpu):
+def run(cfg, on_gpu, save=lambda rows: None):
+  """Rows of every shape and pattern; `save(rows)` after each cache."""
   rows = []
   for i, shape in enumerate(cfg.shapes):
-    shape = tuple(shape)
-    q, k, v, lengths = make_cache(cfg, shape, cfg.seed + i)
-    dense_bytes = 2 * k.size * k.dtype.itemsize
-    tag = f"[b{shape[0]} hq{shape[1]} hkv{shape[2]} s{shape[3]}]"
-    for impl in cfg.impls:
-      if impl in ("copy", "cudnn", "xla", "jax_pallas"):
-        if impl in ("cudnn", "jax_pallas") and not on_gpu:
-          continue
-        try:
-          t = time_us(baselines(impl), q, k, v, lengths, warmup=cfg.warmup,
-                      iters=cfg.iters, reps=cfg.reps)
-        except Exception as e:  # pylint: disable=broad-except
-          print(f"{tag} {impl}: failed: {type(e).__name__}: {str(e)[:200]}")
-          continue
-        read = 2 * dense_bytes if impl == "copy" else dense_bytes
-        rows.append(row(impl, shape, cfg.dtype, 0.0, "dense", 0, 0.0, t, read))
-        print(f"{tag} {impl}: {t:.1f} us  effective {rows[-1]['effective_tbps']}"
-              f" TB/s  read {rows[-1]['read_tbps']} TB/s", flush=True)
+    for pattern in cfg.patterns:
+      rows += run_cache(cfg, on_gpu, tuple(shape), cfg.seed + i, pattern)
+      save(rows)
+  return rows
+
+
+def run_cache(cfg, on_gpu, shape, seed, pattern):
+  """Rows of every implementation on one cache: the baselines, then each
+  (mode, splits) of our kernels dense, at λ = 0, at the λ found for each of
+  `cfg.target_sparsities` (bisection on the first kernel) and at
+  `cfg.thresholds`."""
+  rows = []
+  q, k, v, lengths = make_cache(cfg, shape, seed, pattern)
+  dense_bytes = 2 * k.size * k.dtype.itemsize
+  tag = f"[{pattern} b{shape[0]} hq{shape[1]} hkv{shape[2]} s{shape[3]}]"
+  lams = None   # [(λ, target)], found once per cache
+  for impl in cfg.impls:
+    if impl in ("copy", "cudnn", "xla", "jax_pallas"):
+      if impl in ("cudnn", "jax_pallas") and not on_gpu:
         continue
-      done = set()
-      for mode, splits in cfg.variants:
-        if impl == "pallas_mosaic" and mode == "global":
-          continue   # one-pass modes only
-        n_splits = splits or bj.decode.default_num_splits(
-            shape[0], shape[2], shape[3], cfg.block_kv)
-        if (mode, n_splits) in done:   # The default may be 1 split.
-          continue
-        done.add((mode, n_splits))
-        # "dense": the build without the skip check; then λ = 0 with it.
-        points = [(0.0, False), (0.0, True)] + [(t, True)
-                                                for t in cfg.thresholds]
-        fns = {check: ours(cfg, impl, splits, mode, dense=not check)
-               for check in (False, True)}
-        for thr, check in points:
-          fn = fns[check]
-          thr_arr = jnp.float32(thr)
-          _, stats = fn(q, k, v, lengths, thr_arr)
-          t = time_us(fn, q, k, v, lengths, thr_arr, warmup=cfg.warmup,
-                      iters=cfg.iters, reps=cfg.reps)
-          rows.append(row(impl, shape, cfg.dtype, thr, mode, n_splits,
-                          stats.total_sparsity, t,
-                          jnp.sum(stats.bytes_read), skip_check=check))
-          r = rows[-1]
-          print(f"{tag} {impl} {mode} splits={n_splits} λ={thr:g} check="
-                f"{check}: sparsity "
-                f"{r['sparsity']:.3f} {t:.1f} us effective "
-                f"{r['effective_tbps']} TB/s read {r['read_tbps']} TB/s",
-                flush=True)
+      try:
+        t = time_us(baselines(impl), q, k, v, lengths, warmup=cfg.warmup,
+                    iters=cfg.iters, reps=cfg.reps)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"{tag} {impl}: failed: {type(e).__name__}: {str(e)[:200]}")
+        continue
+      read = 2 * dense_bytes if impl == "copy" else dense_bytes
+      rows.append(row(impl, shape, cfg.dtype, 0.0, "dense", 0, 0.0, t, read,
+                      pattern=pattern))
+      print(f"{tag} {impl}: {t:.1f} us  effective {rows[-1]['effective_tbps']}"
+            f" TB/s  read {rows[-1]['read_tbps']} TB/s", flush=True)
+      continue
+    done = set()
+    for mode, splits in cfg.variants:
+      if impl == "pallas_mosaic" and mode == "global":
+        continue   # one-pass modes only
+      n_splits = splits or bj.decode.default_num_splits(
+          shape[0], shape[2], shape[3], cfg.block_kv)
+      if (mode, n_splits) in done:   # The default may be 1 split.
+        continue
+      done.add((mode, n_splits))
+      fns = {check: ours(cfg, impl, splits, mode, dense=not check)
+             for check in (False, True)}
+      if lams is None:
+        found = [testing.find_threshold(fns[True], (q, k, v, lengths), t,
+                                        steps=cfg.bisection_steps)
+                 for t in cfg.target_sparsities]
+        lams = [(lam, t) for (lam, _), t in zip(found, cfg.target_sparsities)]
+        print(f"{tag} {impl} {mode}: λ for sparsity "
+              f"{list(cfg.target_sparsities)}: "
+              f"{[f'{lam:.3g}' for lam, _ in lams]}", flush=True)
+      # "dense": the build without the skip check; then λ = 0 with it.
+      points = ([(0.0, False, None), (0.0, True, None)]
+                + [(lam, True, t) for lam, t in lams]
+                + [(t, True, None) for t in cfg.thresholds])
+      for thr, check, target in points:
+        fn = fns[check]
+        thr_arr = jnp.float32(thr)
+        _, stats = fn(q, k, v, lengths, thr_arr)
+        t = time_us(fn, q, k, v, lengths, thr_arr, warmup=cfg.warmup,
+                    iters=cfg.iters, reps=cfg.reps)
+        rows.append(row(impl, shape, cfg.dtype, thr, mode, n_splits,
+                        stats.total_sparsity, t,
+                        jnp.sum(stats.bytes_read), skip_check=check,
+                        pattern=pattern, target=target))
+        r = rows[-1]
+        print(f"{tag} {impl} {mode} splits={n_splits} λ={thr:.3g} check="
+              f"{check}: sparsity "
+              f"{r['sparsity']:.3f} {t:.1f} us effective "
+              f"{r['effective_tbps']} TB/s read {r['read_tbps']} TB/s",
+              flush=True)
   return rows
 
 
@@ -204,13 +240,15 @@ def plot(rows, path):
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  shapes = sorted({(r["batch"], r["seq_len"]) for r in rows})
+  shapes = sorted({(r.get("pattern", "sink_local"), r["batch"], r["seq_len"])
+                   for r in rows})
   fig = Figure(figsize=(6 * len(shapes), 8.5))
   axes = fig.subplots(2, len(shapes), squeeze=False)
   colors = {"copy": "k", "cudnn": "C3", "xla": "C4", "jax_pallas": "C5"}
-  for col, (b, s) in enumerate(shapes):
+  for col, (pattern, b, s) in enumerate(shapes):
     top, bottom = axes[0, col], axes[1, col]
-    rs = [r for r in rows if r["batch"] == b and r["seq_len"] == s]
+    rs = [r for r in rows if r["batch"] == b and r["seq_len"] == s
+          and r.get("pattern", "sink_local") == pattern]
     for r in rs:
       if r["mode"] == "dense":   # copy: its read + write rate, the ceiling.
         value = r["read_tbps"] if r["impl"] == "copy" else r["effective_tbps"]
@@ -218,8 +256,8 @@ def plot(rows, path):
                     label=f"{r['impl']} (dense)" + (
                         " read+write" if r["impl"] == "copy" else ""))
     dense_build = [r["time_us"] for r in rs
-                   if r["impl"] == "pallas_triton" and not r.get(
-                       "skip_check", True)]
+                   if r["impl"] in ("pallas_triton", "pallas_mosaic")
+                   and not r.get("skip_check", True)]
     base = min(dense_build) if dense_build else None
     keys = sorted({(r["impl"], r["mode"], r["splits"]) for r in rs
                    if r["mode"] != "dense"})
@@ -238,7 +276,7 @@ def plot(rows, path):
     bottom.plot(grid, 1 / (0.5 + 0.5 * (1 - grid)), "k--", lw=1,
                 label="ceiling: K always read, V of kept blocks")
     bottom.axhline(1.0, color="gray", lw=0.5)
-    top.set_title(f"decode b{b} seq {s // 1024}k")
+    top.set_title(f"decode {pattern} b{b} seq {s // 1024}k")
     top.set_ylabel("effective TB/s (dense K+V bytes / time)")
     bottom.set_ylabel("speedup over our dense build (fastest split count)")
     for ax in (top, bottom):
@@ -253,18 +291,48 @@ def main(argv):
   header, on_gpu = testing.announce_device()
   output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
                                header["device_kind"])
-  rows = run(cfg, on_gpu)
   result = dict(**header,
-                tuning=run_tuning(cfg) if on_gpu else [],
-                split_sweep=run_split_sweep(cfg) if on_gpu else [],
                 pattern=dict(name="sink_local", **cfg.pattern.to_dict()),
-                block_kv=cfg.block_kv, rows=rows,
+                scattered=cfg.scattered.to_dict(),
+                block_kv=cfg.block_kv,
                 notes=("effective_tbps = dense K+V bytes / time; read_tbps = "
                        "bytes read / time (copy: read + written); jax_pallas "
                        "includes the K/V transposes its gqa wrapper makes."))
+
+  def save(rows):
+    result["rows"] = rows
+    return testing.save_json(result, output)
+
+  rows = run(cfg, on_gpu, save)
+  result.update(tuning=run_tuning(cfg) if on_gpu else [],
+                split_sweep=run_split_sweep(cfg) if on_gpu else [], rows=rows)
   png = testing.save_json(result, output)
   plot(rows, png)
   print(f"wrote {output} and {png}")
+  print_summary(rows)
+
+
+def print_summary(rows):
+  """Per cache: TB/s of the dense builds and baselines, then each skipping
+  row's sparsity and speedup over its own implementation's dense build."""
+  caches = sorted({(r["pattern"], r["batch"], r["seq_len"], r["head_dim"])
+                   for r in rows})
+  for key in caches:
+    rs = [r for r in rows
+          if (r["pattern"], r["batch"], r["seq_len"], r["head_dim"]) == key]
+    dense = {r["impl"]: r for r in rs
+             if r["mode"] == "dense" or not r["skip_check"]}
+    print(f"\n{key[0]} b{key[1]} s{key[2]} d{key[3]}: " + ", ".join(
+        f"{impl} {r['effective_tbps']:.2f}" for impl, r in dense.items())
+          + " TB/s (dense)")
+    for r in rs:
+      if r["mode"] == "dense" or not r["skip_check"]:
+        continue
+      base = dense.get(r["impl"])
+      speedup = base["time_us"] / r["time_us"] if base else float("nan")
+      print(f"  {r['impl']:>14} {r['mode']:>8} λ={r['threshold']:<9.3g} "
+            f"sparsity {r['sparsity']:.3f}  {r['time_us']:8.1f} us  "
+            f"x{speedup:.2f} own dense")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import os
 import sys
 
 from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -99,20 +98,6 @@ def implementation_of(impl):
   return "pallas_mosaic" if impl.startswith("pallas_mosaic") else impl
 
 
-def find_threshold(fn, args, target, *, steps):
-  """(λ, sparsity): bisection on log10 λ in [-8, 0] for the block sparsity
-  `target` through `fn(*args, λ)` (which returns (out, SkipStats)); the
-  probe nearest the target."""
-  lo, hi, best = -8.0, 0.0, None
-  for _ in range(steps):
-    mid = (lo + hi) / 2
-    sparsity = float(fn(*args, jnp.float32(10.0 ** mid))[1].total_sparsity)
-    if best is None or abs(sparsity - target) < abs(best[1] - target):
-      best = (10.0 ** mid, sparsity)
-    lo, hi = (mid, hi) if sparsity < target else (lo, mid)
-  return best
-
-
 def time_impls(cfg, on_gpu, q, k, v, shape, causal, *, pattern, thresholds,
                targets=()):
   """Rows of every implementation at one input: the baselines, our builds
@@ -160,7 +145,7 @@ def time_impls(cfg, on_gpu, q, k, v, shape, causal, *, pattern, thresholds,
       print(f"{tag} built without skip check: {t_ms:.3f} ms  "
             f"{rows[-1]['tflops']} TFLOP/s", flush=True)
     if impl == (kernels or [None])[0] and targets:
-      found = [find_threshold(fn, (q, k, v), t, steps=cfg.bisection_steps)
+      found = [testing.find_threshold(fn, (q, k, v), t, steps=cfg.bisection_steps)
                for t in targets]
       lams = [(lam, t) for (lam, _), t in zip(found, targets)] + lams
       print(f"{tag} λ for sparsity {list(targets)}: "

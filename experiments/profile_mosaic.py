@@ -1,19 +1,31 @@
-r"""Runs the Hopper kernel once per λ, for a hardware profiler to read.
+r"""Runs the Hopper kernel once per variant, for a profiler to read.
 
-Each variant is compiled, warmed up outside the profiled range, then run once
-inside `jax.profiler.TraceAnnotation`-free straight code, so that
+Each variant is compiled, warmed up, then run once, so that
 
     ncu --clock-control none -k regex:blasst_prefill_mosaic \
         --launch-skip-before-match 0 --section SpeedOfLight \
         python experiments/profile_mosaic.py --seq_len=16384
 
-reports one launch per line of this script's output, in the same order
-(one variant per process, `--variants=1e-2`, if the profiler struggles with
-several compilations in one process).
+reports one launch per line of this script's output, in the same order.
+
+`--trace=DIR` instead builds each variant with the kernel's own timeline
+(`MosaicConfig(trace_dir=..., trace_events=...)`): every warpgroup records
+the clock around its named regions (barrier waits, the vote, the softmax).
+The script sums the regions per warpgroup role and prints, per variant, the
+mean cycles a program's warpgroup spends in each, and in each per block, and
+writes the table to DIR/summary.json. Keep the grid small (the trace is a
+host-side JSON per call), e.g. `--batch=1 --heads=4 --seq_len=8192`.
+
+Variants: 'dense' (the build without the skip check) or a λ, with optional
+':'-separated knobs: 'stream_v' (copy_v_if_kept=False), 'pingpong'
+(overlap_qk=False), 'k<N>' (extra_k_stages=N), 'raster_q'.
 """
 
 from __future__ import annotations
 
+import collections
+import glob
+import json
 import os
 import sys
 
@@ -21,6 +33,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from blasst_jax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -30,38 +43,133 @@ from blasst_jax.kernels import pallas_mosaic
 _BATCH = flags.DEFINE_integer("batch", 2, "Batch size.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 16384, "q_len = kv_len.")
 _HEADS = flags.DEFINE_integer("heads", 16, "Query = key/value heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
 _CAUSAL = flags.DEFINE_bool("causal", False, "Causal mask.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense", "0", "1e-2", "1e-1", "0.9"],
-    "λ values to run, in order; 'dense' is the build without the skip check; "
-    "'<λ>:stream_v' streams every V block (MosaicConfig(copy_v_if_kept="
-    "False)).")
+    "Variants, in order: 'dense' or a λ, with ':'-separated knobs "
+    "(stream_v, pingpong, k<N>, raster_q).")
+_TRACE = flags.DEFINE_string(
+    "trace", "", "Directory: record the kernel's timeline and sum it.")
+_TRACE_EVENTS = flags.DEFINE_integer(
+    "trace_events", 1200, "Named regions a warpgroup may record (--trace).")
+_TIME = flags.DEFINE_bool("time", False, "Also print the median time.")
+
+ROLES = ("compute0", "compute1", "memory")
+
+
+def parse_variant(text: str, trace_dir: str):
+  """'1e-2:pingpong:k0' -> (λ, skip_enabled, MosaicConfig)."""
+  head, *knobs = text.split(":")
+  kwargs = {}
+  for knob in knobs:
+    if knob == "stream_v":
+      kwargs["copy_v_if_kept"] = False
+    elif knob == "pingpong":
+      kwargs["overlap_qk"] = False
+    elif knob == "raster_q":
+      kwargs["raster"] = "q"
+    elif knob.startswith("k") and knob[1:].isdigit():
+      kwargs["extra_k_stages"] = int(knob[1:])
+    else:
+      raise ValueError(f"Unknown knob {knob!r} in variant {text!r}.")
+  if trace_dir:
+    # The trace buffer takes shared memory the auto-sized K ring would use.
+    kwargs.setdefault("extra_k_stages", 0)
+    kwargs.update(trace_dir=trace_dir, trace_events=_TRACE_EVENTS.value)
+  dense = head == "dense"
+  return (0.0 if dense else float(head)), not dense, (
+      pallas_mosaic.MosaicConfig(**kwargs))
+
+
+def summarize_trace(path: str) -> dict:
+  """Mean cycles per program in each named region, per warpgroup role."""
+  with open(path) as f:
+    events = json.load(f)["traceEvents"]
+  totals = collections.defaultdict(lambda: collections.defaultdict(float))
+  counts = collections.defaultdict(lambda: collections.defaultdict(int))
+  spans = collections.defaultdict(list)
+  open_at = {}
+  first_last = {}
+  for e in events:
+    tid, name, ts = e["tid"], e["name"], e["ts"] * 1e3   # cycles
+    role = ROLES[(tid - 1) % 3]
+    lo, hi = first_last.get(tid, (ts, ts))
+    first_last[tid] = (min(lo, ts), max(hi, ts))
+    if e["ph"] == "B":
+      open_at[(tid, name)] = ts
+    else:
+      totals[role][name] += ts - open_at.pop((tid, name))
+      counts[role][name] += 1
+  for tid, (lo, hi) in first_last.items():
+    spans[ROLES[(tid - 1) % 3]].append(hi - lo)
+  n_tids = collections.Counter(ROLES[(t - 1) % 3] for t in first_last)
+  out = {}
+  for role in ROLES:
+    n = max(1, n_tids[role])
+    out[role] = {
+        "programs": n_tids[role],
+        "span_cycles": float(np.mean(spans[role])) if spans[role] else 0.0,
+        "regions": {name: {"cycles": totals[role][name] / n,
+                           "count": counts[role][name] / n,
+                           "per_event": totals[role][name]
+                                        / max(1, counts[role][name])}
+                    for name in sorted(totals[role])},
+    }
+  return out
+
+
+def print_summary(label: str, summary: dict) -> None:
+  print(f"  trace {label}")
+  for role, info in summary.items():
+    span = max(info["span_cycles"], 1.0)
+    print(f"    {role}: {info['span_cycles']:.0f} cycles from first to last "
+          f"event ({info['programs']} warpgroups)")
+    for name, r in sorted(info["regions"].items(),
+                          key=lambda kv: -kv[1]["cycles"]):
+      print(f"      {name:10s} {r['cycles']:10.0f} cycles "
+            f"{100 * r['cycles'] / span:5.1f}%  x{r['count']:.0f} "
+            f"({r['per_event']:.0f} each)")
 
 
 def main(argv):
   del argv
   shape = testing.AttentionShape(_BATCH.value, _SEQ_LEN.value, _SEQ_LEN.value,
-                                 _HEADS.value, _HEADS.value, 128)
+                                 _HEADS.value, _HEADS.value, _HEAD_DIM.value)
   q, k, v = shape.inputs(jax.random.PRNGKey(0), pattern="sink_local",
                          dtype=jnp.bfloat16, sharpness=(10., 14., 18., 22.))
   kv_lengths = jnp.full((shape.batch,), shape.kv_len, jnp.int32)
   print(f"{jax.devices()[0].device_kind} jax {jax.__version__} {shape.name} "
         f"causal={_CAUSAL.value}", flush=True)
-  variants = [(0.0, False, True) if t == "dense" else
-              (float(t.split(":")[0]), True, not t.endswith(":stream_v"))
-              for t in _VARIANTS.value]
-  for threshold, skip, copy_v_if_kept in variants:
-    config = pallas_mosaic.MosaicConfig(copy_v_if_kept=copy_v_if_kept)
+  summaries = {}
+  for text in _VARIANTS.value:
+    trace_dir = ""
+    if _TRACE.value:
+      trace_dir = os.path.join(_TRACE.value, text.replace(":", "_"))
+      os.makedirs(trace_dir, exist_ok=True)
+    threshold, skip, config = parse_variant(text, trace_dir)
     log_thr = config_lib.log_threshold(
         jnp.full((shape.batch,), threshold, jnp.float32))
-    fn = jax.jit(lambda q, k, v, lt, skip=skip: pallas_mosaic.attention_forward(
-        q, k, v, kv_lengths, lt, causal=_CAUSAL.value,
-        sm_scale=shape.head_dim ** -0.5, skip_enabled=skip, config=config))
+    fn = jax.jit(lambda q, k, v, lt, skip=skip, config=config:
+                 pallas_mosaic.attention_forward(
+                     q, k, v, kv_lengths, lt, causal=_CAUSAL.value,
+                     sm_scale=shape.head_dim ** -0.5, skip_enabled=skip,
+                     config=config))
     out = jax.block_until_ready(fn(q, k, v, log_thr))
     sparsity = float(jnp.sum(out[2])) / max(1, float(jnp.sum(out[3])))
-    print(f"launch: λ={threshold:g} skip_check={skip} "
-          f"copy_v_if_kept={copy_v_if_kept} sparsity={sparsity:.3f}",
-          flush=True)
+    line = f"launch: {text} sparsity={sparsity:.3f}"
+    if _TIME.value:
+      line += f" {testing.median_time_ms(fn, q, k, v, log_thr):.3f} ms"
+    print(line, flush=True)
+    if trace_dir:
+      newest = max(glob.glob(os.path.join(trace_dir, "*-trace.json")),
+                   key=os.path.getmtime)
+      summaries[text] = dict(sparsity=sparsity, **summarize_trace(newest))
+      print_summary(text, summaries[text])
+  if _TRACE.value:
+    with open(os.path.join(_TRACE.value, "summary.json"), "w") as f:
+      json.dump(dict(device=jax.devices()[0].device_kind, shape=shape.name,
+                     causal=_CAUSAL.value, variants=summaries), f, indent=1)
 
 
 if __name__ == "__main__":

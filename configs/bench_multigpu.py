@@ -60,6 +60,9 @@ def get_config(variant: str = "h100"):
     c.prefill_shapes = [(1, 256, 2, 1, 32)]
     c.decode_shapes = [(2, 4, 2, 256, 32)]
     c.prefill_thresholds = [0.0, 5e-2]
+    # Each of share_max and load_balance on and off; every pair of them is
+    # checked against one device in tests/test_sharding.py.
+    c.prefill_variants = [(False, False), (True, True)]
     c.decode_thresholds = [0.0, 1e-2]
     c.block_kv = 32
     c.prefill_block_q = c.prefill_block_kv = 16

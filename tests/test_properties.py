@@ -39,8 +39,8 @@ def make(p):
   return q, k, v, kv_lengths
 
 
+# Examples per run: the active profile's (tests/conftest.py; 12 in CI).
 @hypothesis.given(problems())
-@hypothesis.settings(max_examples=20)
 def test_error_against_dense_is_bounded_by_lambda(p):
   q, k, v, kv_lengths = make(p)
   r = bj.reference.blockwise_attention(

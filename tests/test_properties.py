@@ -1,6 +1,8 @@
 """Property tests (hypothesis): error bounds and oracle agreement on random
 shapes, masks and score sharpness."""
 
+import functools
+
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -29,45 +31,65 @@ def problems(draw):
       short=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "sharpness", "window"))
+def pattern_inputs(key, *, shape, sharpness, window):
+  """`shape.inputs` as one program (its eager ops compile one by one)."""
+  return shape.inputs(key, sharpness=sharpness, window=window)
+
+
 def make(p):
   shape = p["shape"]
-  q, k, v = shape.inputs(jax.random.PRNGKey(p["seed"]),
-                         sharpness=p["sharpness"], window=p["window"])
+  q, k, v = pattern_inputs(jax.random.PRNGKey(p["seed"]), shape=shape,
+                           sharpness=p["sharpness"], window=p["window"])
   kv_lengths = None
   if p["short"]:
     kv_lengths = jnp.maximum(shape.kv_len - 7 * jnp.arange(shape.batch), 0)
   return q, k, v, kv_lengths
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "causal", "block_q", "block_kv", "threshold", "bq", "bkv"))
+def bound_terms(q, k, v, kv_lengths, *, causal, block_q, block_kv, threshold,
+                bq, bkv):
+  """The oracle, dense attention and both bounds of one example, as one
+  program (one compilation per example instead of one per eager op)."""
+  r = bj.reference.blockwise_attention(
+      q, k, v, block_q=block_q, block_kv=block_kv, threshold=threshold,
+      causal=causal, kv_lengths=kv_lengths)
+  dense = bj.reference.dense_attention(q, k, v, causal=causal,
+                                       kv_lengths=kv_lengths)
+  bound = analysis.skip_error_bound(v, r.skip_mask, threshold, block_q=bq,
+                                    block_kv=bkv, q_len=q.shape[1])
+  err = jnp.max(jnp.abs(r.out - dense), axis=-1).transpose(0, 2, 1)
+  mass = analysis.dropped_attention_mass(
+      q, k, r.skip_mask, block_q=bq, block_kv=bkv, causal=causal,
+      kv_lengths=kv_lengths)
+  n_skip = jnp.sum(r.skip_mask, -1).astype(jnp.float32)
+  dropped = jnp.repeat(n_skip * bkv * threshold, bq, axis=-1)
+  dropped = dropped[..., :q.shape[1]]
+  return dict(out=r.out, skipped=jnp.sum(r.stats.skipped_blocks), err=err,
+              bound=bound, mass=mass, dropped=dropped,
+              skipped_unvisited=jnp.sum(r.skip_mask & ~r.visited_mask))
+
+
 # Examples per run: the active profile's (tests/conftest.py; 12 in CI).
 @hypothesis.given(problems())
 def test_error_against_dense_is_bounded_by_lambda(p):
   q, k, v, kv_lengths = make(p)
-  r = bj.reference.blockwise_attention(
-      q, k, v, block_q=p["block_q"], block_kv=p["block_kv"],
-      threshold=p["threshold"], causal=p["causal"], kv_lengths=kv_lengths)
-  dense = bj.reference.dense_attention(q, k, v, causal=p["causal"],
-                                       kv_lengths=kv_lengths)
-  assert not bool(jnp.any(jnp.isnan(r.out)))
-  if p["threshold"] == 0.0:
-    assert int(jnp.sum(r.stats.skipped_blocks)) == 0
   bq, bkv = bj.config.effective_block_sizes(p["shape"].q_len,
                                             p["shape"].kv_len, p["block_q"],
                                             p["block_kv"])
-  bound = analysis.skip_error_bound(v, r.skip_mask, p["threshold"],
-                                    block_q=bq, block_kv=bkv,
-                                    q_len=p["shape"].q_len)
-  err = jnp.max(jnp.abs(r.out - dense), axis=-1).transpose(0, 2, 1)
-  assert bool(jnp.all(err <= bound + 1e-5)), float(jnp.max(err - bound))
+  t = bound_terms(q, k, v, kv_lengths, causal=p["causal"],
+                  block_q=p["block_q"], block_kv=p["block_kv"],
+                  threshold=p["threshold"], bq=bq, bkv=bkv)
+  assert not bool(jnp.any(jnp.isnan(t["out"])))
+  if p["threshold"] == 0.0:
+    assert int(t["skipped"]) == 0
+  assert bool(jnp.all(t["err"] <= t["bound"] + 1e-5)), float(
+      jnp.max(t["err"] - t["bound"]))
   # The dropped mass obeys the same bound: δ <= D / (1 + D).
-  mass = analysis.dropped_attention_mass(
-      q, k, r.skip_mask, block_q=bq, block_kv=bkv, causal=p["causal"],
-      kv_lengths=kv_lengths)
-  n_skip = jnp.sum(r.skip_mask, -1).astype(jnp.float32)
-  dropped = jnp.repeat(n_skip * bkv * p["threshold"], bq, axis=-1)
-  dropped = dropped[..., :p["shape"].q_len]
-  assert bool(jnp.all(mass <= dropped / (1 + dropped) + 1e-6))
-  assert int(jnp.sum(r.skip_mask & ~r.visited_mask)) == 0
+  assert bool(jnp.all(t["mass"] <= t["dropped"] / (1 + t["dropped"]) + 1e-6))
+  assert int(t["skipped_unvisited"]) == 0
 
 
 @hypothesis.given(problems())

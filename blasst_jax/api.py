@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from blasst_jax import config as config_lib
 from blasst_jax import reference
-from blasst_jax.config import SkipSoftmaxConfig, SkipStats
+from blasst_jax import validation
+from blasst_jax.config import SkipStats
 
-IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+IMPLEMENTATIONS = validation.IMPLEMENTATIONS
+SUPPORTED_DTYPES = validation.SUPPORTED_DTYPES
 # The Triton kernel keeps a [block_q, head_dim] accumulator in registers.
 MAX_TRITON_HEAD_DIM = 256
 
@@ -75,181 +73,6 @@ def default_implementation(backend: str | None = None, *, dtype=None,
   if mosaic_fits and is_hopper():
     return "pallas_mosaic"
   return "pallas_triton"
-
-
-def _shape_of(name: str, x: Any) -> tuple[int, ...]:
-  shape = getattr(x, "shape", None)
-  if shape is None:
-    raise ValueError(f"`{name}` must be an array, got {type(x).__name__}.")
-  return tuple(shape)
-
-
-def _check_qkv(q, k, v):
-  qs, ks, vs = _shape_of("q", q), _shape_of("k", k), _shape_of("v", v)
-  for name, s in (("q", qs), ("k", ks), ("v", vs)):
-    if len(s) != 4:
-      raise ValueError(
-          f"`{name}` must have rank 4 [batch, seq_len, heads, head_dim], got "
-          f"shape {s}. For a single sequence add a batch axis with x[None]; "
-          "for decoding with q [batch, heads, head_dim] use "
-          "bj.decode_attention.")
-  if ks != vs:
-    raise ValueError(f"`k` and `v` must have the same shape, got {ks} and {vs}.")
-  if qs[0] != ks[0]:
-    raise ValueError(
-        f"`q` and `k` must have the same batch size, got {qs[0]} and {ks[0]}.")
-  if qs[3] != ks[3]:
-    raise ValueError(
-        f"`q` and `k` must have the same head_dim, got {qs[3]} and {ks[3]}.")
-  if ks[2] == 0 or qs[2] % ks[2]:
-    raise ValueError(
-        f"num_q_heads ({qs[2]}) must be a multiple of num_kv_heads ({ks[2]}) "
-        "(MHA: equal, GQA: a divisor, MQA: 1).")
-  if min(qs[1], ks[1], qs[3]) == 0:
-    raise ValueError(f"Empty input: q {qs}, k {ks}.")
-  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
-  if len(dtypes) != 1:
-    raise ValueError(
-        "`q`, `k` and `v` must share one dtype, got "
-        f"{q.dtype}, {k.dtype}, {v.dtype}; cast them with .astype().")
-  (dtype,) = dtypes
-  if dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-    raise ValueError(
-        f"dtype {dtype} is not supported; use float32, bfloat16 or float16.")
-
-
-def _check_kv_lengths(kv_lengths, batch: int):
-  if kv_lengths is None:
-    return
-  shape = _shape_of("kv_lengths", kv_lengths)
-  if shape != (batch,):
-    raise ValueError(
-        f"`kv_lengths` must have shape [batch]=({batch},), got {shape}.")
-  if not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
-    raise ValueError(
-        f"`kv_lengths` must be an integer array, got {kv_lengths.dtype}.")
-
-
-def _check_block_mask(block_mask, expected: tuple[int, ...]):
-  if block_mask is None:
-    return
-  shape = _shape_of("block_mask", block_mask)
-  if shape != expected:
-    raise ValueError(
-        f"`block_mask` must have shape [batch, q_heads, n_q_tiles, "
-        f"n_kv_blocks]={expected} for these block sizes, got {shape}; its "
-        "blocks are the kernel tiles (pass block_q/block_kv equal to the "
-        "mask's block size, or leave both None to infer them).")
-  if block_mask.dtype != jnp.bool_:
-    raise ValueError(f"`block_mask` must be bool, got {block_mask.dtype}; "
-                     "use mask.astype(bool).")
-
-
-def check_initial_max_array(initial_max, expected: tuple[int, ...],
-                            dims: str) -> None:
-  """ValueError unless `initial_max` is a float array of shape `expected`
-  (`dims` names its dimensions in the message)."""
-  shape = _shape_of("initial_max", initial_max)
-  if shape != expected:
-    raise ValueError(f"`initial_max` must have shape {dims}={expected}, "
-                     f"got {shape}.")
-  if not jnp.issubdtype(jnp.result_type(initial_max), jnp.floating):
-    raise ValueError(f"`initial_max` must be a float array, got "
-                     f"{jnp.result_type(initial_max)}.")
-
-
-def _check_initial_max(initial_max, expected: tuple[int, ...],
-                       return_lse: bool) -> None:
-  if not return_lse:
-    raise ValueError("`initial_max` gives a partial result to merge: pass "
-                     "return_lse=True (the call then returns out, lse and "
-                     "the final row max).")
-  check_initial_max_array(initial_max, expected, "[batch, q_heads, q_len]")
-
-
-def _block_size_for(length: int, n_blocks: int, name: str) -> int:
-  """The smallest power-of-two tile >= 16 that cuts `length` into
-  `n_blocks` tiles (a block mask's block size)."""
-  size = config_lib.MIN_BLOCK
-  while size < 2 * max(length, 1):
-    if -(-length // size) == n_blocks:
-      return size
-    size *= 2
-  raise ValueError(
-      f"`block_mask` has {n_blocks} blocks along {name} of length {length}: "
-      "no power-of-two block size gives that; build it with the kernel's "
-      "block sizes (e.g. bj.xattention.select_blocks(block_size=128)).")
-
-
-def check_causal(causal) -> None:
-  """Raises ValueError unless `causal` is a Python or NumPy bool (a string
-  such as "False" would otherwise be truthy)."""
-  if not isinstance(causal, (bool, np.bool_)):
-    raise ValueError(f"`causal` must be True or False, got {causal!r} "
-                     f"({type(causal).__name__}).")
-
-
-def is_concrete(x) -> bool:
-  """Whether x's values are known now (not a tracer inside jit/vmap/grad)."""
-  return not isinstance(x, jax.core.Tracer)
-
-
-def check_lengths_range(kv_lengths, max_len: int, name: str = "kv_lengths"
-                        ) -> None:
-  """Concrete lengths must lie in [0, max_len]; traced ones are left to the
-  caller to clamp."""
-  if kv_lengths is None or not is_concrete(kv_lengths):
-    return
-  values = np.asarray(kv_lengths)
-  if values.size and (values.min() < 0 or values.max() > max_len):
-    raise ValueError(
-        f"`{name}` must lie in [0, {max_len}] (the cache holds {max_len} "
-        f"tokens per sequence), got min {values.min()}, max {values.max()}.")
-
-
-def check_sm_scale(sm_scale):
-  """Raises ValueError unless `sm_scale` is None or a positive finite float."""
-  if sm_scale is None:
-    return
-  if isinstance(sm_scale, bool) or not isinstance(
-      sm_scale, (int, float, np.floating)) or not (
-      math.isfinite(sm_scale) and sm_scale > 0):
-    raise ValueError(
-        f"`sm_scale` must be a positive finite Python float, got {sm_scale!r}.")
-
-
-def _check_threshold(threshold, batch: int):
-  if isinstance(threshold, SkipSoftmaxConfig):
-    return
-  config_lib.check_threshold(threshold)
-  shape = np.shape(threshold)
-  if shape not in ((), (1,), (batch,)):
-    raise ValueError(
-        f"`threshold` must be a scalar or have shape [batch]=({batch},), got "
-        f"shape {shape}.")
-
-
-def check_implementation(implementation):
-  """Raises ValueError unless `implementation` is a known name or None."""
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"`implementation` must be one of {IMPLEMENTATIONS} or None, got "
-        f"{implementation!r}.")
-
-
-def _is_static_zero(threshold) -> bool:
-  """λ known at trace time to be 0: the dense kernel build can be used."""
-  if isinstance(threshold, SkipSoftmaxConfig):
-    return (threshold.threshold == 0.0 or (
-        threshold.threshold is None
-        and not any(threshold.scale_factors.values())))
-  if isinstance(threshold, jax.core.Tracer):
-    return False
-  try:
-    return bool(np.all(np.asarray(threshold) == 0))
-  except (TypeError, jax.errors.ConcretizationTypeError,
-          jax.errors.TracerArrayConversionError):
-    return False
 
 
 def attention(q, k, v, *, threshold=0.0, causal: bool = False,
@@ -317,27 +140,24 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
     ValueError: on bad shapes, dtypes, thresholds, block sizes or
       implementation names, before any kernel is traced.
   """
-  _check_qkv(q, k, v)
+  validation.check_attention_args(q, k, v, kv_lengths=kv_lengths,
+                                  causal=causal, sm_scale=sm_scale,
+                                  threshold=threshold)
   b, lq, hq, d = q.shape
   lk = k.shape[1]
-  _check_kv_lengths(kv_lengths, b)
-  check_causal(causal)
-  check_sm_scale(sm_scale)
-  _check_threshold(threshold, b)
   tiles_from_mask = (block_mask is not None and block_q is None
                      and block_kv is None)
   if tiles_from_mask:
-    mask_shape = _shape_of("block_mask", block_mask)
+    mask_shape = validation.shape_of("block_mask", block_mask)
     if len(mask_shape) == 4:
-      block_q = _block_size_for(lq, mask_shape[2], "q_len")
-      block_kv = _block_size_for(lk, mask_shape[3], "kv_len")
+      block_q = validation.mask_block_size(lq, mask_shape[2], "q_len")
+      block_kv = validation.mask_block_size(lk, mask_shape[3], "kv_len")
   block_q_arg, block_kv_arg = block_q, block_kv
   block_q, block_kv = config_lib.effective_block_sizes(lq, lk, block_q,
                                                        block_kv)
-  _check_block_mask(block_mask, (b, hq, -(-lq // block_q), -(-lk // block_kv)))
-  check_implementation(implementation)
-  if initial_max is not None:
-    _check_initial_max(initial_max, (b, hq, lq), return_lse)
+  validation.check_block_mask(block_mask, (b, hq, -(-lq // block_q), -(-lk // block_kv)))
+  validation.check_implementation(implementation)
+  validation.check_initial_max(initial_max, (b, hq, lq), return_lse)
   # Mask blocks that are whole multiples of the Hopper kernel's tiles.
   split = _mosaic_split(block_q, block_kv, d) if tiles_from_mask else None
   if implementation is None:
@@ -387,7 +207,7 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       config_lib.resolve_threshold(threshold, kv_lengths, lk, b))
   static = dict(kernel=implementation, causal=causal, sm_scale=sm_scale,
                 block_q=block_q, block_kv=block_kv, config=kernel_config,
-                skip_enabled=not _is_static_zero(threshold))
+                skip_enabled=not validation.is_static_zero(threshold))
   if implementation == "pallas_triton":
     static["interpret"] = bool(interpret)
   elif interpret:
@@ -430,21 +250,11 @@ def _triton_options(head_dim, kernel_config, interpret):
     raise ValueError(
         f"head_dim {head_dim} is too large for implementation='pallas_triton'"
         f" (max {MAX_TRITON_HEAD_DIM}); use implementation='reference'.")
-  kernel_config = _kernel_config_or_default(
-      kernel_config, pallas_triton.TritonConfig, "pallas_triton")
+  kernel_config = validation.kernel_config_or_default(
+      kernel_config, pallas_triton.TritonConfig, repr("pallas_triton"))
   if interpret is None:
     interpret = not on_gpu()
   return kernel_config, interpret
-
-
-def _kernel_config_or_default(kernel_config, config_class, implementation):
-  if kernel_config is None:
-    return config_class()
-  if not isinstance(kernel_config, config_class):
-    raise ValueError(
-        f"`kernel_config` for {implementation!r} must be a "
-        f"{config_class.__name__}, got {type(kernel_config).__name__}.")
-  return kernel_config
 
 
 def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
@@ -486,8 +296,8 @@ def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
   # Tiles smaller than 64 only arise for short sequences, where widening
   # them to one wgmma tile changes no decision (one tile either way).
   block_q, block_kv = max(block_q, 64), max(block_kv, 64)
-  kernel_config = _kernel_config_or_default(
-      kernel_config, pallas_mosaic.MosaicConfig, "pallas_mosaic")
+  kernel_config = validation.kernel_config_or_default(
+      kernel_config, pallas_mosaic.MosaicConfig, repr("pallas_mosaic"))
   # The differentiated forward also records its skips.
   n_recorded = _tiles(q_len, kv_len, block_q, block_kv)[1]
   smem = pallas_mosaic.shared_memory_bytes(

@@ -279,3 +279,24 @@ class SkipStats:
     return (f"SkipStats(sparsity={float(self.total_sparsity):.3f}, "
             f"skipped={int(jnp.sum(self.skipped_blocks))}, "
             f"visited={int(jnp.sum(self.visited_blocks))})")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeStats(SkipStats):
+  """`SkipStats` per (batch, q-head) plus the cache bytes read.
+
+  Attributes:
+    bytes_read: f32 [batch]: K bytes of every visited block, V bytes of every
+      kept block, and in "global" mode the scores written and read back
+      (block granularity). The anchor blocks every split of "anchored" mode
+      re-reads are part of the visited blocks and not counted again (their
+      repeats are L2 hits).
+  """
+
+  bytes_read: jax.Array = None
+
+  def __repr__(self):
+    return (super().__repr__()[:-1].replace("SkipStats", "DecodeStats")
+            + (f", bytes_read={float(jnp.sum(self.bytes_read)):.4g})"
+               if not isinstance(self.bytes_read, jax.core.Tracer) else ")"))

@@ -43,6 +43,7 @@ from blasst_jax import api
 from blasst_jax import config as config_lib
 from blasst_jax import decode as decode_lib
 from blasst_jax import reference
+from blasst_jax import validation
 from blasst_jax.config import SkipStats
 
 AxisName = str | tuple[str, ...] | None
@@ -347,7 +348,7 @@ def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
              else jnp.asarray(kv_lengths, jnp.int32))
   # λ per row from the whole sequence, as one device's.
   thr_array = config_lib.resolve_threshold(threshold, lengths, lk, b)
-  dense = api._is_static_zero(threshold)  # pylint: disable=protected-access
+  dense = validation.is_static_zero(threshold)
   qkv_spec = P(batch_axis, context_axis, head_axis, None)
   row_spec = P(batch_axis)
   head_spec = P(batch_axis, head_axis)
@@ -450,7 +451,7 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
     _check_decode_share_max(context_axis, max_mode, max_len // nc, block_kv)
   if context_axis is None:
     thr_array, thr_static = _split_threshold(threshold, b)
-  elif api._is_static_zero(threshold):  # pylint: disable=protected-access
+  elif validation.is_static_zero(threshold):
     thr_array, thr_static = None, 0.0     # the kernels without the check
   else:
     # λ per row from the whole sequence (a scale factor divides by its

@@ -4,7 +4,7 @@ Every check raises a `ValueError` that names the argument and the fix, before
 any kernel is traced. `attention`, `decode_attention`,
 `paged_decode_attention`, `xattention.select_blocks`, the Flax layers,
 `analysis` and `calibration` share them. What only one backend can or cannot
-run is checked where that backend is dispatched, not here.
+run is checked by its op (`blasst_jax.ops`), not here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from blasst_jax import config as config_lib
 from blasst_jax import reference
 from blasst_jax.config import SkipSoftmaxConfig
 
-# The implementation names `attention` and `decode_attention` accept.
+# The implementation names `attention` and `decode_attention` accept (the
+# ops registry, `blasst_jax.ops.base`, maps each to an op).
 IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 DECODE_MAX_MODES = reference.DECODE_MAX_MODES

@@ -27,10 +27,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from blasst_jax import api
 from blasst_jax import reference
 from blasst_jax import validation
 from blasst_jax.kernels import xattention_triton
+from blasst_jax.ops import base as ops_base
 
 ESTIMATE_IMPLEMENTATIONS = ("xla", "pallas_triton")
 
@@ -115,7 +115,7 @@ def _estimate_implementation(implementation, block_size, stride, config,
                              interpret):
   fits = xattention_triton.supports(block_size, stride, config)
   if implementation is None:
-    return ("pallas_triton" if fits and (api.on_gpu() or interpret)
+    return ("pallas_triton" if fits and (ops_base.on_gpu() or interpret)
             else "xla")
   if implementation not in ESTIMATE_IMPLEMENTATIONS:
     raise ValueError(f"`implementation` must be one of "

@@ -42,6 +42,25 @@ def default_implementation(backend: str | None = None, *, dtype=None,
                              head_dim=head_dim).name
 
 
+def default_tiles(implementation: str | None = None, *, head_dim: int,
+                  dtype=None) -> tuple[int, int]:
+  """(block_q, block_kv) `attention` uses when none are given.
+
+  128 x 64 for "reference" and "pallas_triton", 64 x 128 for
+  "pallas_mosaic" (64 x 64 at head_dim 256). Tiles longer than a sequence
+  are shrunk to cover it, which changes no decision.
+
+  Args:
+    implementation: an implementation name, or None for the one
+      `default_implementation` picks for `dtype` and `head_dim` here.
+    head_dim: the head dimension.
+    dtype: the dtype of q/k/v, if known (None: any).
+  """
+  if implementation is None:
+    implementation = default_implementation(dtype=dtype, head_dim=head_dim)
+  return ops_base.get_op("attention", implementation).default_tiles(head_dim)
+
+
 def attention(q, k, v, *, threshold=0.0, causal: bool = False,
               sm_scale: float | None = None, kv_lengths=None, block_mask=None,
               implementation: str | None = None, return_stats: bool = False,
@@ -80,8 +99,12 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       current backend and problem (`default_implementation`).
     return_stats: also return a `SkipStats`.
     block_q, block_kv: tile sizes (powers of two >= 16). They define the
-      skip granularity. Default 128/64; for "pallas_mosaic" 64/128 (64/64
-      at head_dim 256), block_q being the rows of one compute warpgroup.
+      skip granularity, so the same λ skips differently at other tiles.
+      None: the implementation's default (`default_tiles`): 128/64 for
+      "reference" and "pallas_triton", 64/128 (64/64 at head_dim 256) for
+      "pallas_mosaic", block_q being the rows of one compute warpgroup.
+      Pass both to take the same decisions on every backend; the returned
+      `SkipStats` name the tiles that decided (`stats.tiles`).
     interpret: run Pallas kernels in interpret mode; default True when no GPU
       is present for "pallas_triton". For "pallas_mosaic", True runs Pallas'
       GPU interpret mode (barriers and TMA simulated on CPU; slow).
@@ -99,7 +122,8 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       over all of them. Every implementation takes it.
 
   Returns:
-    out [batch, q_len, q_heads, head_dim] in q's dtype, or (out, SkipStats);
+    out [batch, q_len, q_heads, head_dim] in q's dtype, or (out, SkipStats)
+    (with the tiles that decided: `stats.block_q`, `stats.block_kv`);
     out is (out, lse) with return_lse, and (out, lse, row_max) with
     initial_max: the running max at the end, f32 [batch, q_heads, q_len].
 

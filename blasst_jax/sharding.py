@@ -207,12 +207,14 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
       ("kv_lengths", kv_lengths, row_spec),
       ("block_mask", block_mask, mask_spec)) if x is not None}
   names = tuple(extras)
+  tiles = {}    # the tiles that decided, static: recorded while tracing
 
   def body(q, k, v, *extra):
     opts = dict(zip(names, extra))
     if "threshold" not in opts:
       opts["threshold"] = thr_static
     out, stats = api.attention(q, k, v, return_stats=True, **opts, **kwargs)
+    tiles.update(block_q=stats.block_q, block_kv=stats.block_kv)
     masked = (stats.masked_blocks if stats.masked_blocks is not None else
               jnp.zeros_like(stats.skipped_blocks))
     return out, stats.skipped_blocks, stats.visited_blocks, masked
@@ -227,7 +229,7 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
     return out
   return out, SkipStats(skipped_blocks=skipped, visited_blocks=visited,
                         masked_blocks=masked if block_mask is not None
-                        else None)
+                        else None, **tiles)
 
 
 def merge_by_lse(out, lse, axis_name: AxisName):
@@ -509,7 +511,7 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
     return out
   return out, decode_lib.DecodeStats(skipped_blocks=skipped,
                                      visited_blocks=visited,
-                                     bytes_read=bytes_read)
+                                     block_kv=block_kv, bytes_read=bytes_read)
 
 
 def _check_decode_share_max(context_axis, max_mode, part: int,

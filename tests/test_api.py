@@ -143,6 +143,22 @@ def test_default_implementation_follows_device_and_problem(monkeypatch):
   assert bj.default_implementation(dtype=jnp.bfloat16) == "pallas_triton"
 
 
+def test_default_tiles_are_stated_and_reported():
+  assert bj.api.default_tiles("reference", head_dim=64) == (128, 64)
+  assert bj.api.default_tiles("pallas_triton", head_dim=64) == (128, 64)
+  assert bj.api.default_tiles("pallas_mosaic", head_dim=128) == (64, 128)
+  assert bj.api.default_tiles("pallas_mosaic", head_dim=256) == (64, 64)
+  q, k, v = qkv()
+  _, stats = bj.attention(q, k, v, threshold=1e-2, return_stats=True)
+  assert stats.tiles == (64, 64)        # 128 x 64, shrunk to cover L = 40
+  _, stats = bj.attention(q, k, v, threshold=1e-2, return_stats=True,
+                          block_q=16, block_kv=32)
+  assert stats.tiles == (16, 32) and "tiles=16x32" in repr(stats)
+  _, stats = bj.decode_attention(q[:, -1], k, v, jnp.full((B,), L),
+                                 block_kv=16, return_stats=True)
+  assert stats.tiles == (None, 16) and "block_kv=16" in repr(stats)
+
+
 @pytest.mark.parametrize("d,block_kv,listed,recorded", [
     (128, 128, 0, 64), (64, 128, 0, 512), (256, 64, 0, 64), (128, 128, 512, 0)])
 def test_mosaic_k_ring_takes_the_shared_memory_left(d, block_kv, listed,

@@ -56,7 +56,8 @@ class AttentionResult:
       q_heads, q_len] / [batch, q_heads]; -inf for rows that kept none), or
       None where the call did not ask for it (the differentiable Pallas
       forward leaves it out: it has no gradient).
-    stats: `SkipStats` (decode: `DecodeStats`) per (batch, q-head).
+    stats: `SkipStats` (decode: `DecodeStats`) per (batch, q-head), with the
+      tiles that decided.
     skip_mask: bool, the blocks each tile skipped ([batch, q_heads,
       n_q_tiles, n_kv_blocks]), where the op recorded them, else None.
     row_max: f32 [batch, q_heads, q_len], the running max at the end, when

@@ -10,7 +10,8 @@ share.
     result = op(q, k, v, plan, kv_lengths=..., threshold=..., ...)
 
 `prepare` raises a `ValueError` for what the op cannot run and fixes the
-tiles and the kernel config once; the call returns an `AttentionResult`.
+tiles and the kernel config once; the call returns an `AttentionResult`
+whose stats carry those tiles.
 """
 
 from __future__ import annotations
@@ -101,8 +102,11 @@ class AttentionOp(base.Op):
 
   def complete_stats(self, stats: SkipStats, plan: Plan, *, q_len, kv_len,
                      kv_lengths, causal) -> SkipStats:
-    """`stats` with, under a block mask, `masked_blocks`: pairs the
-    causal/length masks allow, less those visited."""
+    """`stats` with the tiles that decided and, with a block mask,
+    `masked_blocks`: pairs the causal/length masks allow, less those
+    visited."""
+    stats = dataclasses.replace(stats, block_q=plan.block_q,
+                                block_kv=plan.block_kv)
     if plan.block_mask is None:
       return stats
     b = plan.block_mask.shape[0]

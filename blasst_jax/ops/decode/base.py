@@ -98,6 +98,7 @@ def decode_stats(skipped, visited, *, group: int, block_kv: int,
   per_head = lambda x: jnp.repeat(x, group, axis=1)  # pylint: disable=g-long-lambda
   return DecodeStats(
       skipped_blocks=per_head(skipped), visited_blocks=per_head(visited),
+      block_kv=block_kv,
       bytes_read=jnp.sum(bytes_read.astype(jnp.float32), axis=1))
 
 

@@ -13,11 +13,11 @@ from blasst_jax import sharding
 from blasst_jax import xattention
 from blasst_jax.api import attention
 from blasst_jax.api import default_implementation
+from blasst_jax.config import DecodeStats
 from blasst_jax.config import SkipSoftmaxConfig
-from blasst_jax.decode import DecodeStats
+from blasst_jax.config import SkipStats
 from blasst_jax.decode import decode_attention
 from blasst_jax.decode import paged_decode_attention
-from blasst_jax.config import SkipStats
 
 __version__ = "0.1.0"
 

@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blasst_jax import api
 from blasst_jax import config as config_lib
 from blasst_jax import reference
+from blasst_jax import validation
 from blasst_jax.progress import ProgressBar
 
 # Histogram bins of the block-max gap, natural-log units: log λ for λ in
@@ -653,10 +653,11 @@ def _check_context_lengths(context_lengths, kv_len: int) -> list[int]:
   return lengths
 
 
-def _check_inputs(inputs: AttentionInputs) -> None:
-  api._check_qkv(inputs.q, inputs.k, inputs.v)  # pylint: disable=protected-access
-  api._check_kv_lengths(inputs.kv_lengths, inputs.q.shape[0])  # pylint: disable=protected-access
-  api.check_sm_scale(inputs.sm_scale)
+def check_inputs(inputs: AttentionInputs) -> None:
+  """ValueError unless `inputs` hold valid q/k/v, lengths and scale."""
+  validation.check_qkv(inputs.q, inputs.k, inputs.v)
+  validation.check_kv_lengths(inputs.kv_lengths, inputs.q.shape[0])
+  validation.check_sm_scale(inputs.sm_scale)
 
 
 def _oracle_gaps(q, k, v, kv_lengths, *, causal, sm_scale, block_q, block_kv):
@@ -808,7 +809,7 @@ def analyze_inputs(inputs: AttentionInputs, *, thresholds,
       `blasst_jax.attention`), λ outside [0, 1), or context lengths outside
       [1, kv_len].
   """
-  _check_inputs(inputs)
+  check_inputs(inputs)
   thresholds = _check_thresholds(thresholds)
   q, k, v = inputs.q, inputs.k, inputs.v
   b, lq, hq, d = q.shape

@@ -1,52 +1,23 @@
-"""Public entry point: validation and dispatch to an implementation."""
+"""Public entry point of prefill attention: canonicalise, resolve tiles once,
+dispatch to an op, unwrap its result.
+
+The argument checks live in `blasst_jax.validation`; everything one backend
+can or cannot run, its kernel config, tiles and gradient live in its op
+(`blasst_jax.ops.attention.*`), picked from the one registry of
+implementations (`blasst_jax.ops.base`).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from blasst_jax import config as config_lib
 from blasst_jax import reference
-from blasst_jax.config import SkipSoftmaxConfig, SkipStats
+from blasst_jax import validation
+from blasst_jax.ops import base as ops_base
 
-IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-# The Triton kernel keeps a [block_q, head_dim] accumulator in registers.
-MAX_TRITON_HEAD_DIM = 256
-
-
-MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)
-MOSAIC_HEAD_DIMS = (64, 128, 256)
-
-
-GPU_BACKENDS = ("gpu", "cuda", "rocm")
-
-
-def on_gpu(backend: str | None = None) -> bool:
-  """Whether `backend` (default `jax.default_backend()`) is a GPU: where the
-  Pallas kernels compile (elsewhere they run in interpret mode)."""
-  return (backend or jax.default_backend()) in GPU_BACKENDS
-
-
-def is_hopper(device=None) -> bool:
-  """True for an NVIDIA Hopper GPU (H100, H200, H800, GH200: sm_90).
-
-  Args:
-    device: a `jax.Device`, default the first device.
-  """
-  device = device or jax.devices()[0]
-  if not on_gpu(device.platform):
-    return False
-  capability = getattr(device, "compute_capability", None)
-  if capability is not None:
-    return str(capability).split(".")[0] == "9"
-  return any(name in device.device_kind for name in ("H100", "H200", "H800"))
+IMPLEMENTATIONS = validation.IMPLEMENTATIONS
+SUPPORTED_DTYPES = validation.SUPPORTED_DTYPES
+on_gpu = ops_base.on_gpu
+is_hopper = ops_base.is_hopper
 
 
 def default_implementation(backend: str | None = None, *, dtype=None,
@@ -67,189 +38,27 @@ def default_implementation(backend: str | None = None, *, dtype=None,
     "reference", "pallas_triton" or "pallas_mosaic": a valid
     `implementation` for `attention`.
   """
-  if not on_gpu(backend):
-    return "reference"
-  mosaic_fits = (
-      (dtype is None or jnp.dtype(dtype) in map(jnp.dtype, MOSAIC_DTYPES))
-      and (head_dim is None or head_dim in MOSAIC_HEAD_DIMS))
-  if mosaic_fits and is_hopper():
-    return "pallas_mosaic"
-  return "pallas_triton"
+  return ops_base.default_op("attention", backend=backend, dtype=dtype,
+                             head_dim=head_dim).name
 
 
-def _shape_of(name: str, x: Any) -> tuple[int, ...]:
-  shape = getattr(x, "shape", None)
-  if shape is None:
-    raise ValueError(f"`{name}` must be an array, got {type(x).__name__}.")
-  return tuple(shape)
+def default_tiles(implementation: str | None = None, *, head_dim: int,
+                  dtype=None) -> tuple[int, int]:
+  """(block_q, block_kv) `attention` uses when none are given.
 
+  128 x 64 for "reference" and "pallas_triton", 64 x 128 for
+  "pallas_mosaic" (64 x 64 at head_dim 256). Tiles longer than a sequence
+  are shrunk to cover it, which changes no decision.
 
-def _check_qkv(q, k, v):
-  qs, ks, vs = _shape_of("q", q), _shape_of("k", k), _shape_of("v", v)
-  for name, s in (("q", qs), ("k", ks), ("v", vs)):
-    if len(s) != 4:
-      raise ValueError(
-          f"`{name}` must have rank 4 [batch, seq_len, heads, head_dim], got "
-          f"shape {s}. For a single sequence add a batch axis with x[None]; "
-          "for decoding with q [batch, heads, head_dim] use "
-          "bj.decode_attention.")
-  if ks != vs:
-    raise ValueError(f"`k` and `v` must have the same shape, got {ks} and {vs}.")
-  if qs[0] != ks[0]:
-    raise ValueError(
-        f"`q` and `k` must have the same batch size, got {qs[0]} and {ks[0]}.")
-  if qs[3] != ks[3]:
-    raise ValueError(
-        f"`q` and `k` must have the same head_dim, got {qs[3]} and {ks[3]}.")
-  if ks[2] == 0 or qs[2] % ks[2]:
-    raise ValueError(
-        f"num_q_heads ({qs[2]}) must be a multiple of num_kv_heads ({ks[2]}) "
-        "(MHA: equal, GQA: a divisor, MQA: 1).")
-  if min(qs[1], ks[1], qs[3]) == 0:
-    raise ValueError(f"Empty input: q {qs}, k {ks}.")
-  dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
-  if len(dtypes) != 1:
-    raise ValueError(
-        "`q`, `k` and `v` must share one dtype, got "
-        f"{q.dtype}, {k.dtype}, {v.dtype}; cast them with .astype().")
-  (dtype,) = dtypes
-  if dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-    raise ValueError(
-        f"dtype {dtype} is not supported; use float32, bfloat16 or float16.")
-
-
-def _check_kv_lengths(kv_lengths, batch: int):
-  if kv_lengths is None:
-    return
-  shape = _shape_of("kv_lengths", kv_lengths)
-  if shape != (batch,):
-    raise ValueError(
-        f"`kv_lengths` must have shape [batch]=({batch},), got {shape}.")
-  if not jnp.issubdtype(kv_lengths.dtype, jnp.integer):
-    raise ValueError(
-        f"`kv_lengths` must be an integer array, got {kv_lengths.dtype}.")
-
-
-def _check_block_mask(block_mask, expected: tuple[int, ...]):
-  if block_mask is None:
-    return
-  shape = _shape_of("block_mask", block_mask)
-  if shape != expected:
-    raise ValueError(
-        f"`block_mask` must have shape [batch, q_heads, n_q_tiles, "
-        f"n_kv_blocks]={expected} for these block sizes, got {shape}; its "
-        "blocks are the kernel tiles (pass block_q/block_kv equal to the "
-        "mask's block size, or leave both None to infer them).")
-  if block_mask.dtype != jnp.bool_:
-    raise ValueError(f"`block_mask` must be bool, got {block_mask.dtype}; "
-                     "use mask.astype(bool).")
-
-
-def check_initial_max_array(initial_max, expected: tuple[int, ...],
-                            dims: str) -> None:
-  """ValueError unless `initial_max` is a float array of shape `expected`
-  (`dims` names its dimensions in the message)."""
-  shape = _shape_of("initial_max", initial_max)
-  if shape != expected:
-    raise ValueError(f"`initial_max` must have shape {dims}={expected}, "
-                     f"got {shape}.")
-  if not jnp.issubdtype(jnp.result_type(initial_max), jnp.floating):
-    raise ValueError(f"`initial_max` must be a float array, got "
-                     f"{jnp.result_type(initial_max)}.")
-
-
-def _check_initial_max(initial_max, expected: tuple[int, ...],
-                       return_lse: bool) -> None:
-  if not return_lse:
-    raise ValueError("`initial_max` gives a partial result to merge: pass "
-                     "return_lse=True (the call then returns out, lse and "
-                     "the final row max).")
-  check_initial_max_array(initial_max, expected, "[batch, q_heads, q_len]")
-
-
-def _block_size_for(length: int, n_blocks: int, name: str) -> int:
-  """The smallest power-of-two tile >= 16 that cuts `length` into
-  `n_blocks` tiles (a block mask's block size)."""
-  size = config_lib.MIN_BLOCK
-  while size < 2 * max(length, 1):
-    if -(-length // size) == n_blocks:
-      return size
-    size *= 2
-  raise ValueError(
-      f"`block_mask` has {n_blocks} blocks along {name} of length {length}: "
-      "no power-of-two block size gives that; build it with the kernel's "
-      "block sizes (e.g. bj.xattention.select_blocks(block_size=128)).")
-
-
-def check_causal(causal) -> None:
-  """Raises ValueError unless `causal` is a Python or NumPy bool (a string
-  such as "False" would otherwise be truthy)."""
-  if not isinstance(causal, (bool, np.bool_)):
-    raise ValueError(f"`causal` must be True or False, got {causal!r} "
-                     f"({type(causal).__name__}).")
-
-
-def is_concrete(x) -> bool:
-  """Whether x's values are known now (not a tracer inside jit/vmap/grad)."""
-  return not isinstance(x, jax.core.Tracer)
-
-
-def check_lengths_range(kv_lengths, max_len: int, name: str = "kv_lengths"
-                        ) -> None:
-  """Concrete lengths must lie in [0, max_len]; traced ones are left to the
-  caller to clamp."""
-  if kv_lengths is None or not is_concrete(kv_lengths):
-    return
-  values = np.asarray(kv_lengths)
-  if values.size and (values.min() < 0 or values.max() > max_len):
-    raise ValueError(
-        f"`{name}` must lie in [0, {max_len}] (the cache holds {max_len} "
-        f"tokens per sequence), got min {values.min()}, max {values.max()}.")
-
-
-def check_sm_scale(sm_scale):
-  """Raises ValueError unless `sm_scale` is None or a positive finite float."""
-  if sm_scale is None:
-    return
-  if isinstance(sm_scale, bool) or not isinstance(
-      sm_scale, (int, float, np.floating)) or not (
-      math.isfinite(sm_scale) and sm_scale > 0):
-    raise ValueError(
-        f"`sm_scale` must be a positive finite Python float, got {sm_scale!r}.")
-
-
-def _check_threshold(threshold, batch: int):
-  if isinstance(threshold, SkipSoftmaxConfig):
-    return
-  config_lib.check_threshold(threshold)
-  shape = np.shape(threshold)
-  if shape not in ((), (1,), (batch,)):
-    raise ValueError(
-        f"`threshold` must be a scalar or have shape [batch]=({batch},), got "
-        f"shape {shape}.")
-
-
-def check_implementation(implementation):
-  """Raises ValueError unless `implementation` is a known name or None."""
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"`implementation` must be one of {IMPLEMENTATIONS} or None, got "
-        f"{implementation!r}.")
-
-
-def _is_static_zero(threshold) -> bool:
-  """λ known at trace time to be 0: the dense kernel build can be used."""
-  if isinstance(threshold, SkipSoftmaxConfig):
-    return (threshold.threshold == 0.0 or (
-        threshold.threshold is None
-        and not any(threshold.scale_factors.values())))
-  if isinstance(threshold, jax.core.Tracer):
-    return False
-  try:
-    return bool(np.all(np.asarray(threshold) == 0))
-  except (TypeError, jax.errors.ConcretizationTypeError,
-          jax.errors.TracerArrayConversionError):
-    return False
+  Args:
+    implementation: an implementation name, or None for the one
+      `default_implementation` picks for `dtype` and `head_dim` here.
+    head_dim: the head dimension.
+    dtype: the dtype of q/k/v, if known (None: any).
+  """
+  if implementation is None:
+    implementation = default_implementation(dtype=dtype, head_dim=head_dim)
+  return ops_base.get_op("attention", implementation).default_tiles(head_dim)
 
 
 def attention(q, k, v, *, threshold=0.0, causal: bool = False,
@@ -290,8 +99,12 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       current backend and problem (`default_implementation`).
     return_stats: also return a `SkipStats`.
     block_q, block_kv: tile sizes (powers of two >= 16). They define the
-      skip granularity. Default 128/64; for "pallas_mosaic" 64/128 (64/64
-      at head_dim 256), block_q being the rows of one compute warpgroup.
+      skip granularity, so the same λ skips differently at other tiles.
+      None: the implementation's default (`default_tiles`): 128/64 for
+      "reference" and "pallas_triton", 64/128 (64/64 at head_dim 256) for
+      "pallas_mosaic", block_q being the rows of one compute warpgroup.
+      Pass both to take the same decisions on every backend; the returned
+      `SkipStats` name the tiles that decided (`stats.tiles`).
     interpret: run Pallas kernels in interpret mode; default True when no GPU
       is present for "pallas_triton". For "pallas_mosaic", True runs Pallas'
       GPU interpret mode (barriers and TMA simulated on CPU; slow).
@@ -309,7 +122,8 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       over all of them. Every implementation takes it.
 
   Returns:
-    out [batch, q_len, q_heads, head_dim] in q's dtype, or (out, SkipStats);
+    out [batch, q_len, q_heads, head_dim] in q's dtype, or (out, SkipStats)
+    (with the tiles that decided: `stats.block_q`, `stats.block_kv`);
     out is (out, lse) with return_lse, and (out, lse, row_max) with
     initial_max: the running max at the end, f32 [batch, q_heads, q_len].
 
@@ -317,296 +131,59 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
     ValueError: on bad shapes, dtypes, thresholds, block sizes or
       implementation names, before any kernel is traced.
   """
-  _check_qkv(q, k, v)
+  validation.check_attention_args(q, k, v, kv_lengths=kv_lengths,
+                                  causal=causal, sm_scale=sm_scale,
+                                  threshold=threshold)
   b, lq, hq, d = q.shape
   lk = k.shape[1]
-  _check_kv_lengths(kv_lengths, b)
-  check_causal(causal)
-  check_sm_scale(sm_scale)
-  _check_threshold(threshold, b)
-  tiles_from_mask = (block_mask is not None and block_q is None
-                     and block_kv is None)
-  if tiles_from_mask:
-    mask_shape = _shape_of("block_mask", block_mask)
-    if len(mask_shape) == 4:
-      block_q = _block_size_for(lq, mask_shape[2], "q_len")
-      block_kv = _block_size_for(lk, mask_shape[3], "kv_len")
-  block_q_arg, block_kv_arg = block_q, block_kv
-  block_q, block_kv = config_lib.effective_block_sizes(lq, lk, block_q,
-                                                       block_kv)
-  _check_block_mask(block_mask, (b, hq, -(-lq // block_q), -(-lk // block_kv)))
-  check_implementation(implementation)
-  if initial_max is not None:
-    _check_initial_max(initial_max, (b, hq, lq), return_lse)
-  # Mask blocks that are whole multiples of the Hopper kernel's tiles.
-  split = _mosaic_split(block_q, block_kv, d) if tiles_from_mask else None
+  block_q, block_kv, mask_inferred = _caller_tiles(q, k, block_mask, block_q,
+                                                   block_kv)
+  validation.check_implementation(implementation)
+  validation.check_initial_max(initial_max, (b, hq, lq), return_lse)
   if implementation is None:
-    implementation = default_implementation(dtype=q.dtype, head_dim=d)
-    if implementation == "pallas_mosaic" and (interpret or (
-        block_mask is not None and not split
-        and not _mosaic_tiles_fit(lq, lk, block_q, block_kv, d))):
-      implementation = "pallas_triton"
-  if implementation == "pallas_mosaic" and split:
-    # Repeat each mask block per kernel tile (tiles wholly past the
-    # sequence end are dropped).
-    block_q, block_kv = block_q // split[0], block_kv // split[1]
-    block_mask = jnp.repeat(jnp.repeat(block_mask, split[0], axis=2),
-                            split[1], axis=3)[:, :, :-(-lq // block_q),
-                                              :-(-lk // block_kv)]
+    op = ops_base.default_op(
+        "attention", dtype=q.dtype, head_dim=d, interpret=interpret,
+        q_len=lq, kv_len=lk, mask_inferred=mask_inferred,
+        mask_tiles=None if block_mask is None else (block_q, block_kv))
+  else:
+    op = ops_base.get_op("attention", implementation)
+  plan = op.prepare(q_len=lq, kv_len=lk, head_dim=d, dtype=q.dtype,
+                    block_q=block_q, block_kv=block_kv, block_mask=block_mask,
+                    mask_inferred=mask_inferred, kernel_config=kernel_config,
+                    interpret=interpret)
   sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
       sm_scale)
-
-  if implementation == "reference":
-    if kernel_config is not None:
-      raise ValueError(
-          "`kernel_config` tunes a Pallas kernel; implementation='reference' "
-          "takes none (pass kernel_config=None).")
-    result = reference.blockwise_attention(
-        q, k, v, block_q=block_q, block_kv=block_kv, threshold=threshold,
-        causal=causal, sm_scale=sm_scale, kv_lengths=kv_lengths,
-        block_mask=block_mask, initial_max=initial_max)
-    out = (result.out, result.lse) if return_lse else result.out
-    if initial_max is not None:
-      out += (result.row_max,)
-    if not return_stats:
-      return out
-    return out, _with_masked_count(
-        result.stats, block_mask, lq, lk, block_q, block_kv, kv_lengths,
-        causal)
-
-  if implementation == "pallas_triton":
-    kernel_config, interpret = _triton_options(d, kernel_config, interpret)
-  else:
-    if block_mask is not None:  # The mask's tiles, not the kernel defaults.
-      block_q_arg, block_kv_arg = block_q, block_kv
-    block_q, block_kv, kernel_config = _mosaic_options(
-        q, lq, lk, block_q_arg, block_kv_arg, kernel_config, interpret,
-        block_mask)
-  kv_lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
-  log_thr = config_lib.log_threshold(
-      config_lib.resolve_threshold(threshold, kv_lengths, lk, b))
-  static = dict(kernel=implementation, causal=causal, sm_scale=sm_scale,
-                block_q=block_q, block_kv=block_kv, config=kernel_config,
-                skip_enabled=not _is_static_zero(threshold))
-  if implementation == "pallas_triton":
-    static["interpret"] = bool(interpret)
-  elif interpret:
-    static["interpret"] = _mosaic_interpret_params()
-  static = tuple(sorted(static.items()))
+  result = op(q, k, v, plan, kv_lengths=kv_lengths, threshold=threshold,
+              causal=causal, sm_scale=sm_scale, initial_max=initial_max,
+              return_lse=return_lse)
+  out = result.out
   if return_lse:
-    (out, skipped, visited), lse, _, *row_max = _run_forward(
-        q, k, v, kv_lengths, log_thr, block_mask, static, skip_mask=False,
-        initial_max=initial_max)
-    out = (out, lse, *row_max)
-  else:
-    out, skipped, visited = _kernel_with_vjp(q, k, v, kv_lengths, log_thr,
-                                             block_mask, static)
-  if not return_stats:
-    return out
-  stats = SkipStats(skipped_blocks=jnp.sum(skipped, axis=-1),
-                    visited_blocks=jnp.sum(visited, axis=-1))
-  return out, _with_masked_count(stats, block_mask, lq, lk, block_q, block_kv,
-                                 kv_lengths, causal)
+    out = (out, result.lse) + (() if initial_max is None
+                               else (result.row_max,))
+  return (out, result.stats) if return_stats else out
 
 
-def _with_masked_count(stats, block_mask, q_len, kv_len, block_q, block_kv,
-                       kv_lengths, causal):
-  """`stats` with `masked_blocks`: pairs the causal/length masks allow, less
-  those visited (None without a block mask)."""
-  if block_mask is None:
-    return stats
-  b = block_mask.shape[0]
-  allowed = reference.visited_blocks_mask(
-      q_len, kv_len, block_q, block_kv,
-      reference.kv_lengths_or_full(kv_lengths, b, kv_len), causal)
-  allowed = jnp.sum(allowed, axis=(2, 3), dtype=jnp.int32)       # [b, 1]
-  return dataclasses.replace(
-      stats, masked_blocks=allowed - stats.visited_blocks)
+def _caller_tiles(q, k, block_mask, block_q, block_kv):
+  """The caller's tiles, checked: (block_q, block_kv, mask_inferred).
 
-
-def _triton_options(head_dim, kernel_config, interpret):
-  from blasst_jax.kernels import pallas_triton  # pylint: disable=g-import-not-at-top
-  if head_dim > MAX_TRITON_HEAD_DIM:
-    raise ValueError(
-        f"head_dim {head_dim} is too large for implementation='pallas_triton'"
-        f" (max {MAX_TRITON_HEAD_DIM}); use implementation='reference'.")
-  kernel_config = _kernel_config_or_default(
-      kernel_config, pallas_triton.TritonConfig, "pallas_triton")
-  if interpret is None:
-    interpret = not on_gpu()
-  return kernel_config, interpret
-
-
-def _kernel_config_or_default(kernel_config, config_class, implementation):
-  if kernel_config is None:
-    return config_class()
-  if not isinstance(kernel_config, config_class):
-    raise ValueError(
-        f"`kernel_config` for {implementation!r} must be a "
-        f"{config_class.__name__}, got {type(kernel_config).__name__}.")
-  return kernel_config
-
-
-def _mosaic_options(q, q_len, kv_len, block_q, block_kv, kernel_config,
-                    interpret, block_mask=None):
-  """Checks what the Hopper kernel supports; returns its block sizes.
-
-  `block_q`, `block_kv` are the caller's (None: the kernel's defaults).
+  Without a block mask they are passed on as given (None: the op's
+  defaults). With one they are its tiles: given, or inferred from its shape
+  (mask_inferred), None ones at 128 x 64, shrunk to the sequence; the mask
+  must have their shape.
   """
-  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  if not interpret and not is_hopper():
-    raise ValueError(
-        "implementation='pallas_mosaic' needs an NVIDIA Hopper GPU (sm_90), "
-        f"this is {jax.devices()[0].device_kind!r}; use 'pallas_triton', "
-        "'reference', or interpret=True (a slow simulation, for debugging).")
-  if jnp.dtype(q.dtype) not in map(jnp.dtype, MOSAIC_DTYPES):
-    raise ValueError(
-        f"implementation='pallas_mosaic' takes bfloat16 or float16, got "
-        f"{q.dtype}; cast q, k, v or use 'pallas_triton'.")
-  d = q.shape[-1]
-  if d not in MOSAIC_HEAD_DIMS:
-    raise ValueError(
-        f"implementation='pallas_mosaic' supports head_dim 64, 128 or 256, "
-        f"got {d}; use 'pallas_triton'.")
-  if block_q is None:
-    block_q = pallas_mosaic.DEFAULT_BLOCK_Q
-  if block_kv is None:
-    block_kv = pallas_mosaic.default_block_kv(d)
-  block_q, block_kv = config_lib.effective_block_sizes(q_len, kv_len, block_q,
-                                                       block_kv)
-  n_listed = 0
-  if block_mask is not None:
-    if _widened_tiles(q_len, kv_len, block_q, block_kv) != _tiles(
-        q_len, kv_len, block_q, block_kv):
-      raise ValueError(
-          f"`block_mask` tiles of {block_q}x{block_kv} are smaller than the "
-          "64x64 wgmma tiles of implementation='pallas_mosaic'; build the "
-          "mask with block size >= 64 or use 'pallas_triton'.")
-    n_listed = _tiles(q_len, kv_len, block_q, block_kv)[1]
-  # Tiles smaller than 64 only arise for short sequences, where widening
-  # them to one wgmma tile changes no decision (one tile either way).
-  block_q, block_kv = max(block_q, 64), max(block_kv, 64)
-  kernel_config = _kernel_config_or_default(
-      kernel_config, pallas_mosaic.MosaicConfig, "pallas_mosaic")
-  # The differentiated forward also records its skips.
-  n_recorded = _tiles(q_len, kv_len, block_q, block_kv)[1]
-  smem = pallas_mosaic.shared_memory_bytes(
-      block_q, block_kv, d, kernel_config.num_stages, n_listed, n_recorded,
-      k_stages=pallas_mosaic.k_ring_depth(kernel_config, block_q, block_kv, d,
-                                          n_listed, n_recorded))
-  if smem > pallas_mosaic.MAX_SHARED_MEMORY:
-    raise ValueError(
-        f"block_q={block_q}, block_kv={block_kv}, head_dim={d}, "
-        f"num_stages={kernel_config.num_stages}, "
-        f"extra_k_stages={kernel_config.extra_k_stages}"
-        + (f", a block list of {n_listed} KV blocks" if n_listed else "")
-        + f" need {smem} bytes of shared memory (max "
-        f"{pallas_mosaic.MAX_SHARED_MEMORY}); lower `block_kv` or num_stages"
-        + (", or use larger mask blocks" if n_listed else "") + ".")
-  return block_q, block_kv, kernel_config
-
-
-def _tiles(q_len, kv_len, block_q, block_kv):
-  return -(-q_len // block_q), -(-kv_len // block_kv)
-
-
-def _widened_tiles(q_len, kv_len, block_q, block_kv):
-  return _tiles(q_len, kv_len, max(block_q, 64), max(block_kv, 64))
-
-
-def _mosaic_split(block_q, block_kv, head_dim):
-  """(q, kv) factors that cut mask blocks of block_q x block_kv into the
-  Hopper kernel's default tiles (e.g. XAttention's 128 x 128 blocks -> 2 x 1
-  tiles of 64 x 128), or None when they are those tiles or do not divide
-  evenly."""
-  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  tq, tk = pallas_mosaic.DEFAULT_BLOCK_Q, pallas_mosaic.default_block_kv(
-      head_dim)
-  if block_q % tq or block_kv % tk or (block_q, block_kv) == (tq, tk):
-    return None
-  return block_q // tq, block_kv // tk
-
-
-def _mosaic_tiles_fit(q_len, kv_len, block_q, block_kv, head_dim) -> bool:
-  """Whether a block mask's tiles are ones the Hopper kernel is built and
-  measured for (64-row q tiles, KV blocks up to its default), so that
-  implementation=None may pick it."""
-  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  return (_widened_tiles(q_len, kv_len, block_q, block_kv)
-          == _tiles(q_len, kv_len, block_q, block_kv)
-          and max(block_q, 64) == pallas_mosaic.DEFAULT_BLOCK_Q
-          and max(block_kv, 64) <= pallas_mosaic.default_block_kv(head_dim))
-
-
-def _mosaic_interpret_params():
-  """GPU interpret mode for the Mosaic kernel (CPU simulation)."""
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-  return plgpu.InterpretGPUParams()
-
-
-def _forward_kernel(name):
-  if name == "pallas_triton":
-    from blasst_jax.kernels import pallas_triton  # pylint: disable=g-import-not-at-top
-    return pallas_triton.attention_forward
-  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  return pallas_mosaic.attention_forward
-
-
-def _run_forward(q, k, v, kv_lengths, log_thr, block_mask, static, *,
-                 skip_mask: bool, initial_max=None):
-  """The Pallas forward: ((out, skipped, visited), lse, skip mask). With
-  skip_mask the kernel also records which blocks it skipped (else None);
-  with initial_max the final row max follows."""
-  opts = dict(static)
-  forward = _forward_kernel(opts.pop("kernel"))
-  if initial_max is not None:
-    opts["initial_max"] = initial_max
-  out, lse, skipped, visited, *extra = forward(
-      q, k, v, kv_lengths, log_thr, block_mask, return_skip_mask=skip_mask,
-      **opts)
-  skips = extra.pop(0) if skip_mask else None
-  return ((out, skipped, visited), lse, skips) + tuple(extra)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _kernel_with_vjp(q, k, v, kv_lengths, log_thr, block_mask, static):
-  """A Pallas forward, differentiable: the gradient of the sparse forward
-  (skipped blocks carry zero probability). The forward records the blocks
-  it skipped; the Pallas backward of the same family
-  (`pallas_mosaic_bwd` on Hopper for head_dim 64/128, else
-  `pallas_triton_bwd`) walks exactly the blocks it kept."""
-  return _run_forward(q, k, v, kv_lengths, log_thr, block_mask, static,
-                      skip_mask=False)[0]
-
-
-def _kernel_fwd(q, k, v, kv_lengths, log_thr, block_mask, static):
-  outputs, lse, skip_mask = _run_forward(
-      q, k, v, kv_lengths, log_thr, block_mask, static, skip_mask=True)
-  return outputs, (q, k, v, kv_lengths, log_thr, block_mask, outputs[0], lse,
-                   skip_mask)
-
-
-def _kernel_bwd(static, residuals, cotangents):
-  q, k, v, kv_lengths, log_thr, block_mask, out, lse, skip_mask = residuals
-  opts = dict(static)
-  # Kept blocks: selected and not skipped.
-  keep = ~skip_mask if block_mask is None else block_mask & ~skip_mask
-  common = dict(causal=opts["causal"], sm_scale=opts["sm_scale"],
-                block_q=opts["block_q"], block_kv=opts["block_kv"])
-  args = (q, k, v, out, lse, cotangents[0], kv_lengths, keep)
-  hopper = opts["kernel"] == "pallas_mosaic"
-  if hopper:
-    from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
-    hopper = pallas_mosaic_bwd.supports(q.shape[-1], q.dtype)
-  if hopper:
-    grads = pallas_mosaic_bwd.attention_backward(
-        *args, interpret=opts.get("interpret"), **common)
-  else:
-    from blasst_jax.kernels import pallas_triton_bwd  # pylint: disable=g-import-not-at-top
-    # (The Hopper forward at head_dim 256 falls back here.)
-    grads = pallas_triton_bwd.attention_backward(
-        *args, interpret=bool(opts.get("interpret")), **common)
-  return grads + (None, jnp.zeros_like(log_thr), None)
-
-
-_kernel_with_vjp.defvjp(_kernel_fwd, _kernel_bwd)
+  b, lq, hq, _ = q.shape
+  lk = k.shape[1]
+  mask_inferred = (block_mask is not None and block_q is None
+                   and block_kv is None)
+  if mask_inferred:
+    mask_shape = validation.shape_of("block_mask", block_mask)
+    if len(mask_shape) == 4:
+      block_q = validation.mask_block_size(lq, mask_shape[2], "q_len")
+      block_kv = validation.mask_block_size(lk, mask_shape[3], "kv_len")
+  # Checks the sizes (powers of two >= 16) whether or not a mask is given.
+  mask_tiles = config_lib.effective_block_sizes(lq, lk, block_q, block_kv)
+  if block_mask is None:
+    return block_q, block_kv, False
+  validation.check_block_mask(
+      block_mask, (b, hq, -(-lq // mask_tiles[0]), -(-lk // mask_tiles[1])))
+  return (*mask_tiles, mask_inferred)

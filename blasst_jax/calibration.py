@@ -40,6 +40,7 @@ from blasst_jax import analysis
 from blasst_jax import config as config_lib
 from blasst_jax import decode as decode_lib
 from blasst_jax import reference
+from blasst_jax import validation
 from blasst_jax.config import SkipSoftmaxConfig
 from blasst_jax.progress import ProgressBar
 
@@ -225,10 +226,10 @@ def _check_phase_inputs(phase: str, inputs) -> list:
         "decode_inputs_from_prefill(...) for decode).")
   for x in inputs:
     if phase == "prefill":
-      analysis._check_inputs(x)  # pylint: disable=protected-access
+      analysis.check_inputs(x)
     else:
-      decode_lib._check_decode_inputs(x.q, x.k_cache, x.v_cache, x.kv_lengths,  # pylint: disable=protected-access
-                                      cache_name="cache")
+      validation.check_decode_inputs(x.q, x.k_cache, x.v_cache,
+                                     x.kv_lengths, cache_name="cache")
   return inputs
 
 

@@ -234,11 +234,25 @@ class SkipStats:
       those not removed by the causal mask, `kv_lengths` or a block mask.
     masked_blocks: int32 [batch, q_heads] or None: pairs the causal and
       length masks allow but a block mask removed (None without one).
+    block_q, block_kv: the tiles that took the decisions (static ints, part
+      of the pytree structure), or None where not known. The skip decision
+      is per tile, so the same λ skips differently at other tiles; each
+      implementation has its own default tiles (`blasst_jax.api.
+      default_tiles`). Decode stats give block_kv (the page size) only.
   """
 
   skipped_blocks: jax.Array
   visited_blocks: jax.Array
   masked_blocks: jax.Array | None = None
+  block_q: int | None = dataclasses.field(default=None,
+                                          metadata=dict(static=True))
+  block_kv: int | None = dataclasses.field(default=None,
+                                           metadata=dict(static=True))
+
+  @property
+  def tiles(self) -> tuple[int | None, int | None]:
+    """(block_q, block_kv): the tiles that took the decisions."""
+    return self.block_q, self.block_kv
 
   @property
   def sparsity(self) -> jax.Array:
@@ -278,4 +292,33 @@ class SkipStats:
               f"visited_blocks={self.visited_blocks!r})")
     return (f"SkipStats(sparsity={float(self.total_sparsity):.3f}, "
             f"skipped={int(jnp.sum(self.skipped_blocks))}, "
-            f"visited={int(jnp.sum(self.visited_blocks))})")
+            f"visited={int(jnp.sum(self.visited_blocks))}"
+            + self._tiles_repr() + ")")
+
+  def _tiles_repr(self) -> str:
+    if self.block_q is None and self.block_kv is None:
+      return ""
+    if self.block_q is None:
+      return f", block_kv={self.block_kv}"
+    return f", tiles={self.block_q}x{self.block_kv}"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeStats(SkipStats):
+  """`SkipStats` per (batch, q-head) plus the cache bytes read.
+
+  Attributes:
+    bytes_read: f32 [batch]: K bytes of every visited block, V bytes of every
+      kept block, and in "global" mode the scores written and read back
+      (block granularity). The anchor blocks every split of "anchored" mode
+      re-reads are part of the visited blocks and not counted again (their
+      repeats are L2 hits).
+  """
+
+  bytes_read: jax.Array = None
+
+  def __repr__(self):
+    return (super().__repr__()[:-1].replace("SkipStats", "DecodeStats")
+            + (f", bytes_read={float(jnp.sum(self.bytes_read)):.4g})"
+               if not isinstance(self.bytes_read, jax.core.Tracer) else ")"))

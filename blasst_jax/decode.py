@@ -11,19 +11,21 @@ block's V is not read from memory, which is where decode gains.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from blasst_jax import api
 from blasst_jax import config as config_lib
 from blasst_jax import reference
-from blasst_jax.config import SkipStats
+from blasst_jax import validation
+from blasst_jax.ops import base as ops_base
+from blasst_jax.ops.decode import base as decode_base
 
-IMPLEMENTATIONS = ("reference", "pallas_triton", "pallas_mosaic")
-MAX_MODES = reference.DECODE_MAX_MODES
+# Public names kept here: the stats class and the split-K merge.
+DecodeStats = config_lib.DecodeStats
+merge_partials = decode_base.merge_partials
+
+IMPLEMENTATIONS = validation.IMPLEMENTATIONS
+MAX_MODES = validation.DECODE_MAX_MODES
 # One pass with the running max started at the sink and recent blocks:
 # skips nearly what the two-pass global max does, at one-pass speed.
 DEFAULT_MAX_MODE = "anchored"
@@ -35,27 +37,6 @@ DEFAULT_BLOCK_KV = 128
 PROGRAMS_PER_SM = 2
 H100_SMS = 132
 MIN_BLOCKS_PER_SPLIT = 4
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeStats(SkipStats):
-  """`SkipStats` per (batch, q-head) plus the cache bytes read.
-
-  Attributes:
-    bytes_read: f32 [batch]: K bytes of every visited block, V bytes of every
-      kept block, and in "global" mode the scores written and read back
-      (block granularity). The anchor blocks every split of "anchored" mode
-      re-reads are part of the visited blocks and not counted again (their
-      repeats are L2 hits).
-  """
-
-  bytes_read: jax.Array = None
-
-  def __repr__(self):
-    return (super().__repr__()[:-1].replace("SkipStats", "DecodeStats")
-            + (f", bytes_read={float(jnp.sum(self.bytes_read)):.4g})"
-               if not isinstance(self.bytes_read, jax.core.Tracer) else ")"))
 
 
 def _num_sms() -> int:
@@ -82,92 +63,10 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int,
     The split count, an int >= 1.
   """
   if num_sms is None:
-    num_sms = _num_sms() if api.on_gpu() else H100_SMS
+    num_sms = _num_sms() if ops_base.on_gpu() else H100_SMS
   blocks = -(-max_len // block_kv)
   want = PROGRAMS_PER_SM * num_sms // (batch * kv_heads)
   return int(max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT)))
-
-
-def _check_decode_inputs(q, k, v, kv_lengths, *, cache_name: str):
-  q_shape = api._shape_of("q", q)  # pylint: disable=protected-access
-  if len(q_shape) == 4 and q_shape[1] != 1:
-    raise ValueError(
-        f"`q` [batch, 1, q_heads, head_dim] must hold one token, got shape "
-        f"{q_shape}; for several query tokens use bj.attention.")
-  if len(q_shape) not in (3, 4):
-    raise ValueError(
-        f"`q` must be [batch, q_heads, head_dim] (or [batch, 1, q_heads, "
-        f"head_dim]), got shape {q_shape}.")
-  ks = api._shape_of(f"k_{cache_name}", k)  # pylint: disable=protected-access
-  vs = api._shape_of(f"v_{cache_name}", v)  # pylint: disable=protected-access
-  if ks != vs or len(ks) != 4:
-    raise ValueError(
-        f"`k_{cache_name}` and `v_{cache_name}` must have the same rank-4 "
-        f"shape, got {ks} and {vs}.")
-  hq, d = q_shape[-2], q_shape[-1]
-  if ks[3] != d:
-    raise ValueError(f"head_dim of q ({d}) and of the cache ({ks[3]}) differ.")
-  if ks[2] == 0 or hq % ks[2]:
-    raise ValueError(
-        f"num_q_heads ({hq}) must be a multiple of num_kv_heads ({ks[2]}).")
-  if len({jnp.dtype(x.dtype) for x in (q, k, v)}) != 1:
-    raise ValueError(
-        f"`q` and the caches must share one dtype, got {q.dtype}, {k.dtype}, "
-        f"{v.dtype}; cast q with .astype(cache.dtype).")
-  if jnp.dtype(q.dtype) not in [jnp.dtype(t) for t in api.SUPPORTED_DTYPES]:
-    raise ValueError(f"dtype {q.dtype} is not supported; use float32, "
-                     "bfloat16 or float16.")
-  if kv_lengths is None:
-    raise ValueError("`kv_lengths` int [batch] is required for decoding: the "
-                     "number of valid tokens in each sequence's cache.")
-  api._check_kv_lengths(kv_lengths, q_shape[0])  # pylint: disable=protected-access
-
-
-def _kernel_head_dim(head_dim: int) -> bool:
-  """Head dims the decode kernel takes (Triton tiles: powers of two >= 16)."""
-  return head_dim >= 16 and not head_dim & (head_dim - 1)
-
-
-def _check_block_kv(block_kv) -> None:
-  if (not isinstance(block_kv, (int, np.integer)) or block_kv < 16
-      or block_kv & (block_kv - 1)):
-    raise ValueError(f"`block_kv` (the page size for paged caches) must be a "
-                     f"power of two >= 16, got {block_kv!r}.")
-
-
-def _check_page_table(page_table, kv_lengths, num_pages: int,
-                      page_size: int) -> None:
-  """Concrete tables and lengths: lengths fit the table, and every page a
-  sequence reads lies in the pool (entries past the length are free)."""
-  if not (api.is_concrete(page_table) and api.is_concrete(kv_lengths)):
-    return
-  table = np.asarray(page_table)
-  lengths = np.asarray(kv_lengths)
-  api.check_lengths_range(lengths, table.shape[1] * page_size)
-  used = np.arange(table.shape[1])[None, :] < -(-lengths[:, None] // page_size)
-  bad = used & ((table < 0) | (table >= num_pages))
-  if bad.any():
-    row, col = map(int, np.argwhere(bad)[0])
-    raise ValueError(
-        f"`page_table`[{row}, {col}] = {int(table[row, col])} is outside the "
-        f"pool of {num_pages} pages but sequence {row} reads it "
-        f"(kv_lengths[{row}] = {int(lengths[row])}).")
-
-
-def _check_options(implementation, num_splits, block_kv, head_dim, max_mode):
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"`implementation` must be one of {IMPLEMENTATIONS} or "
-                     f"None, got {implementation!r}.")
-  if max_mode not in MAX_MODES:
-    raise ValueError(f"`max_mode` must be one of {MAX_MODES}, got "
-                     f"{max_mode!r}.")
-  if num_splits is not None and (not isinstance(num_splits, (int, np.integer))
-                                 or num_splits < 1):
-    raise ValueError(f"`num_splits` must be a positive int, got {num_splits!r}.")
-  _check_block_kv(block_kv)
-  if implementation == "pallas_triton" and not _kernel_head_dim(head_dim):
-    raise ValueError(f"The decode kernel needs head_dim a power of two >= 16, "
-                     f"got {head_dim}; use implementation='reference'.")
 
 
 def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
@@ -228,12 +127,13 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
   Raises:
     ValueError: on bad shapes, dtypes, lengths, thresholds or options.
   """
-  _check_decode_inputs(q, k_cache, v_cache, kv_lengths, cache_name="cache")
-  _check_block_kv(block_kv)
+  validation.check_decode_inputs(q, k_cache, v_cache, kv_lengths,
+                                 cache_name="cache")
+  validation.check_decode_block_kv(block_kv)
   b, max_len, hkv, d = k_cache.shape
   if q.shape[0] != b:
     raise ValueError(f"`q` has batch {q.shape[0]} but the cache has {b}.")
-  api.check_lengths_range(kv_lengths, max_len)
+  validation.check_lengths_range(kv_lengths, max_len)
   # Traced lengths: clamped to the cache before it is padded to whole blocks.
   kv_lengths = jnp.clip(jnp.asarray(kv_lengths), 0, max_len)
   pad = -max_len % block_kv
@@ -281,16 +181,10 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
     ValueError: on bad shapes, dtypes, lengths, page tables, thresholds or
       options.
   """
-  _check_decode_inputs(q, k_pages, v_pages, kv_lengths, cache_name="pages")
-  table_shape = api._shape_of("page_table", page_table)  # pylint: disable=protected-access
-  if (len(table_shape) != 2 or table_shape[0] != q.shape[0]
-      or not jnp.issubdtype(page_table.dtype, jnp.integer)):
-    raise ValueError(f"`page_table` must be int [batch, pages_per_seq] with "
-                     f"batch={q.shape[0]}, got {page_table.dtype}"
-                     f"{list(table_shape)}.")
-  _check_block_kv(k_pages.shape[1])
-  _check_page_table(page_table, kv_lengths, k_pages.shape[0],
-                    k_pages.shape[1])
+  validation.check_decode_inputs(q, k_pages, v_pages, kv_lengths,
+                                 cache_name="pages")
+  validation.check_page_table(page_table, kv_lengths, k_pages.shape[0],
+                              k_pages.shape[1])
   return _decode(q, k_pages, v_pages, page_table.astype(jnp.int32),
                  kv_lengths, threshold=threshold, sm_scale=sm_scale,
                  num_splits=num_splits, max_mode=max_mode,
@@ -298,51 +192,29 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
                  interpret=interpret, kernel_config=kernel_config)
 
 
-def _check_shared_max(initial_max, max_axis_name, expected, max_mode):
-  if initial_max is not None:
-    api.check_initial_max_array(initial_max, expected, "[batch, q_heads]")
-  if max_axis_name is not None and max_mode != "global":
-    raise ValueError(f"`max_axis_name` shares the global max of "
-                     f"max_mode='global', got max_mode={max_mode!r}; pass "
-                     "max_mode='global' (or share the anchors with "
-                     "`initial_max`).")
-
-
-def _check_mosaic(q, block_kv, group, max_mode, initial_max, max_axis_name):
-  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
-  if not decode_mosaic.supports(group, q.shape[-1], block_kv, q.dtype):
-    raise ValueError(
-        "implementation='pallas_mosaic' decode needs a bf16/f16 query, "
-        "head_dim 64/128/256, pages (block_kv) of a multiple of 64 keys and "
-        f"at most {decode_mosaic.ROWS} query heads per KV head; got "
-        f"{q.dtype}, head_dim {q.shape[-1]}, block_kv {block_kv}, group "
-        f"{group}. Use implementation='pallas_triton'.")
-  if max_mode not in decode_mosaic.MAX_MODES:
-    raise ValueError(f"implementation='pallas_mosaic' decode runs max_mode "
-                     f"{decode_mosaic.MAX_MODES}, got {max_mode!r}; use "
-                     "implementation='pallas_triton'.")
-  if initial_max is not None or max_axis_name is not None:
-    raise ValueError("implementation='pallas_mosaic' decode does not take "
-                     "`initial_max` or `max_axis_name` yet; use "
-                     "implementation='pallas_triton'.")
-
-
 def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
             sm_scale, num_splits, max_mode, implementation, return_stats,
             interpret, kernel_config, return_lse: bool = False,
             initial_max=None, max_axis_name=None):
+  """Canonicalises a paged decode call, dispatches it to an op and unwraps
+  the result."""
   q_shape = q.shape
   q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])       # [b, hq, d]
   b, hq, d = q.shape
   _, block_kv, hkv, _ = k_pages.shape
-  group = hq // hkv
   max_len = page_table.shape[1] * block_kv
-  _check_options(implementation, num_splits, block_kv, d, max_mode)
-  _check_shared_max(initial_max, max_axis_name, (b, hq), max_mode)
-  api.check_sm_scale(sm_scale)
+  validation.check_decode_options(implementation, num_splits, block_kv,
+                                  max_mode)
+  validation.check_shared_max(initial_max, max_axis_name, (b, hq), max_mode)
+  validation.check_sm_scale(sm_scale)
   if implementation is None:
-    implementation = ("pallas_triton" if api.on_gpu() and _kernel_head_dim(d)
-                      else "reference")
+    op = ops_base.default_op("decode", head_dim=d)
+  else:
+    op = ops_base.get_op("decode", implementation)
+  plan = op.prepare(dtype=q.dtype, head_dim=d, group=hq // hkv,
+                    block_kv=block_kv, max_mode=max_mode,
+                    initial_max=initial_max, max_axis_name=max_axis_name,
+                    kernel_config=kernel_config, interpret=interpret)
   if num_splits is None:
     num_splits = default_num_splits(b, hkv, max_len, block_kv)
   sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
@@ -352,108 +224,13 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
   kv_lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, max_len)
   log_thr = config_lib.log_threshold(config_lib.resolve_threshold(
       threshold, kv_lengths, max_len, b, phase="decode"))
-  skip_enabled = not api._is_static_zero(threshold)  # pylint: disable=protected-access
+  result = op(q, k_pages, v_pages, page_table, kv_lengths, plan,
+              log_threshold=log_thr,
+              skip_enabled=not validation.is_static_zero(threshold),
+              sm_scale=sm_scale, num_splits=num_splits, max_mode=max_mode,
+              initial_max=initial_max, max_axis_name=max_axis_name)
 
-  if implementation == "pallas_mosaic":
-    _check_mosaic(q, block_kv, group, max_mode, initial_max, max_axis_name)
-
-  if implementation == "reference":
-    gather = lambda pages: pages[page_table].reshape(b, max_len, hkv, d)  # pylint: disable=g-long-lambda
-    res = reference.blockwise_decode_attention(
-        q, gather(k_pages), gather(v_pages), kv_lengths, block_kv=block_kv,
-        num_splits=num_splits, max_mode=max_mode, sm_scale=sm_scale,
-        log_threshold=log_thr, initial_max=initial_max,
-        max_axis_name=max_axis_name)
-    out, lse = res.out, res.lse                                 # lse [b, hq]
-    skipped = jnp.sum(res.skip_mask, axis=-1, dtype=jnp.int32)   # [b, hkv]
-    visited = jnp.sum(res.visited_mask, axis=-1, dtype=jnp.int32)
-  elif implementation == "pallas_mosaic":
-    from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
-    if kernel_config is None:
-      kernel_config = decode_mosaic.MosaicDecodeConfig()
-    elif not isinstance(kernel_config, decode_mosaic.MosaicDecodeConfig):
-      raise ValueError("`kernel_config` for 'pallas_mosaic' decode must be a "
-                       "MosaicDecodeConfig, got "
-                       f"{type(kernel_config).__name__}.")
-    if interpret is None:
-      interpret = not api.on_gpu()
-    interpret_params = None
-    if interpret:
-      import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
-      interpret_params = plgpu.InterpretGPUParams()
-    acc, m, l, skipped, visited = decode_mosaic.decode_partials(
-        q.reshape(b, hkv, group, d), k_pages, v_pages, page_table,
-        kv_lengths, log_thr, group=group, sm_scale=sm_scale,
-        num_splits=num_splits, max_mode=max_mode, config=kernel_config,
-        interpret=interpret_params, skip_enabled=skip_enabled)
-    out, lse = merge_partials(acc, m, l, return_lse=True)
-    out = out[:, :, :group].reshape(b, hq, d).astype(q.dtype)
-    lse = lse[:, :, :group].reshape(b, hq)
-    skipped, visited = skipped.sum(axis=2), visited.sum(axis=2)  # [b, hkv]
-  else:
-    from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
-    if kernel_config is None:
-      kernel_config = decode_triton.DecodeConfig()
-    elif not isinstance(kernel_config, decode_triton.DecodeConfig):
-      raise ValueError("`kernel_config` for 'pallas_triton' decode must be a "
-                       f"DecodeConfig, got {type(kernel_config).__name__}.")
-    if interpret is None:
-      interpret = not api.on_gpu()
-    rows = decode_triton.padded_rows(group)
-    qg = jnp.pad(q.reshape(b, hkv, group, d),
-                 ((0, 0), (0, 0), (0, rows - group), (0, 0)))
-    if initial_max is not None:   # log2 units, padding rows at -inf
-      initial_max = jnp.pad(
-          initial_max.astype(jnp.float32).reshape(b, hkv, group)
-          * decode_triton.LOG2E, ((0, 0), (0, 0), (0, rows - group)),
-          constant_values=-jnp.inf)
-    acc, m, l, skipped, visited = decode_triton.decode_partials(
-        qg, k_pages, v_pages, page_table, kv_lengths, log_thr, initial_max,
-        group=group, sm_scale=sm_scale, num_splits=num_splits,
-        max_mode=max_mode, config=kernel_config, interpret=bool(interpret),
-        skip_enabled=skip_enabled, max_axis_name=max_axis_name)
-    out, lse = merge_partials(acc, m, l, return_lse=True)
-    out = out[:, :, :group].reshape(b, hq, d).astype(q.dtype)
-    lse = lse[:, :, :group].reshape(b, hq)
-    skipped, visited = skipped.sum(axis=2), visited.sum(axis=2)  # [b, hkv]
-  out = out.reshape(q_shape)
+  out = result.out.reshape(q_shape)
   if return_lse:   # context parallelism merges shards by it
-    out = (out, lse)
-  if not return_stats:
-    return out
-  itemsize = jnp.dtype(q.dtype).itemsize
-  block_bytes = block_kv * d * itemsize
-  bytes_read = (visited * block_bytes + (visited - skipped) * block_bytes)
-  if max_mode == "global":  # Real rows' scores, written once and read once.
-    bytes_read = bytes_read + visited * (2 * block_kv * group * 4)
-  per_head = lambda x: jnp.repeat(x, group, axis=1)  # pylint: disable=g-long-lambda
-  return out, DecodeStats(
-      skipped_blocks=per_head(skipped), visited_blocks=per_head(visited),
-      bytes_read=jnp.sum(bytes_read.astype(jnp.float32), axis=1))
-
-
-def merge_partials(acc, m, l, *, return_lse: bool = False):
-  """Combines split-K partials.
-
-  Args:
-    acc: f32 [..., splits, rows, d] unnormalized accumulators.
-    m: f32 [..., splits, rows] row max (log2 units), -inf for a split that
-      kept no key.
-    l: f32 [..., splits, rows] row sums.
-    return_lse: also return the natural-log log-sum-exp of the kept scores.
-
-  Returns:
-    f32 [..., rows, d]; rows with no kept key give 0. With return_lse also
-    f32 [..., rows] (-inf for those rows).
-  """
-  m_all = jnp.max(m, axis=-2, keepdims=True)
-  m_all = jnp.where(m_all == -jnp.inf, 0.0, m_all)
-  w = jnp.where(m == -jnp.inf, 0.0, jnp.exp2(m - m_all))         # [..., s, r]
-  l_all = jnp.sum(w * l, axis=-2)
-  acc_all = jnp.sum(w[..., None] * acc, axis=-3)
-  out = acc_all / jnp.where(l_all > 0, l_all, 1.0)[..., None]
-  if not return_lse:
-    return out
-  lse = jnp.where(l_all > 0, (m_all[..., 0, :] + jnp.log2(
-      jnp.where(l_all > 0, l_all, 1.0))) * jnp.log(2.0), -jnp.inf)
-  return out, lse
+    out = (out, result.lse)
+  return (out, result.stats) if return_stats else out

@@ -38,8 +38,9 @@ from flax import nnx
 
 from blasst_jax import api
 from blasst_jax import decode as decode_lib
-from blasst_jax import sharding as sharding_lib
 from blasst_jax import config as config_lib
+from blasst_jax import sharding as sharding_lib
+from blasst_jax import validation
 from blasst_jax.config import SkipSoftmaxConfig, SkipStats
 
 __all__ = ["SkipSelfAttention", "apply_rope", "make_attention_fn"]
@@ -69,10 +70,10 @@ def _check_options(threshold, implementation, block_q, block_kv,
                    sm_scale) -> None:
   """Validates factory/constructor arguments before any call is traced."""
   _check_threshold(threshold)
-  api.check_implementation(implementation)
+  validation.check_implementation(implementation)
   # Shape-independent part of the block size check (power of two >= 16).
   config_lib.effective_block_sizes(1, 1, block_q, block_kv)
-  api.check_sm_scale(sm_scale)
+  validation.check_sm_scale(sm_scale)
 
 
 ROPE_PAIRINGS = ("half", "interleaved")
@@ -189,7 +190,7 @@ def make_attention_fn(threshold=0.0, *, causal: bool = False,
       sm_scale (here), and at call time on `mask`, `bias` or active dropout.
   """
   _check_options(threshold, implementation, block_q, block_kv, sm_scale)
-  api.check_causal(causal)
+  validation.check_causal(causal)
 
   def skip_softmax_attention(query, key, value, bias=None, mask=None,
                              broadcast_dropout=True, dropout_rng=None,
@@ -328,7 +329,7 @@ class SkipSelfAttention(nnx.Module):
     elif not isinstance(head_dim, (int, np.integer)) or head_dim <= 0:
       raise ValueError(f"`head_dim` must be a positive int, got {head_dim!r}.")
     _check_options(threshold, implementation, block_q, block_kv, None)
-    api.check_causal(causal)
+    validation.check_causal(causal)
     if rope and head_dim % 2:
       raise ValueError(f"`rope` needs an even head_dim, got {head_dim}.")
     if not rope_base > 1:

@@ -43,6 +43,7 @@ from blasst_jax import api
 from blasst_jax import config as config_lib
 from blasst_jax import decode as decode_lib
 from blasst_jax import reference
+from blasst_jax import validation
 from blasst_jax.config import SkipStats
 
 AxisName = str | tuple[str, ...] | None
@@ -206,12 +207,14 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
       ("kv_lengths", kv_lengths, row_spec),
       ("block_mask", block_mask, mask_spec)) if x is not None}
   names = tuple(extras)
+  tiles = {}    # the tiles that decided, static: recorded while tracing
 
   def body(q, k, v, *extra):
     opts = dict(zip(names, extra))
     if "threshold" not in opts:
       opts["threshold"] = thr_static
     out, stats = api.attention(q, k, v, return_stats=True, **opts, **kwargs)
+    tiles.update(block_q=stats.block_q, block_kv=stats.block_kv)
     masked = (stats.masked_blocks if stats.masked_blocks is not None else
               jnp.zeros_like(stats.skipped_blocks))
     return out, stats.skipped_blocks, stats.visited_blocks, masked
@@ -226,7 +229,7 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
     return out
   return out, SkipStats(skipped_blocks=skipped, visited_blocks=visited,
                         masked_blocks=masked if block_mask is not None
-                        else None)
+                        else None, **tiles)
 
 
 def merge_by_lse(out, lse, axis_name: AxisName):
@@ -347,7 +350,7 @@ def _context_parallel_attention(q, k, v, *, mesh, batch_axis, head_axis,
              else jnp.asarray(kv_lengths, jnp.int32))
   # λ per row from the whole sequence, as one device's.
   thr_array = config_lib.resolve_threshold(threshold, lengths, lk, b)
-  dense = api._is_static_zero(threshold)  # pylint: disable=protected-access
+  dense = validation.is_static_zero(threshold)
   qkv_spec = P(batch_axis, context_axis, head_axis, None)
   row_spec = P(batch_axis)
   head_spec = P(batch_axis, head_axis)
@@ -450,7 +453,7 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
     _check_decode_share_max(context_axis, max_mode, max_len // nc, block_kv)
   if context_axis is None:
     thr_array, thr_static = _split_threshold(threshold, b)
-  elif api._is_static_zero(threshold):  # pylint: disable=protected-access
+  elif validation.is_static_zero(threshold):
     thr_array, thr_static = None, 0.0     # the kernels without the check
   else:
     # λ per row from the whole sequence (a scale factor divides by its
@@ -508,7 +511,7 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
     return out
   return out, decode_lib.DecodeStats(skipped_blocks=skipped,
                                      visited_blocks=visited,
-                                     bytes_read=bytes_read)
+                                     block_kv=block_kv, bytes_read=bytes_read)
 
 
 def _check_decode_share_max(context_axis, max_mode, part: int,

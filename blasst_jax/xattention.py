@@ -26,54 +26,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from blasst_jax import api
 from blasst_jax import reference
+from blasst_jax import validation
 from blasst_jax.kernels import xattention_triton
+from blasst_jax.ops import base as ops_base
 
 ESTIMATE_IMPLEMENTATIONS = ("xla", "pallas_triton")
-
-
-def _check(q, k, block_size, stride, threshold, q_chunk):
-  if q.ndim != 4 or k.ndim != 4:
-    raise ValueError(f"`q` [batch, q_len, q_heads, head_dim] and `k` [batch, "
-                     f"kv_len, kv_heads, head_dim] must be rank 4, got "
-                     f"{q.shape} and {k.shape}.")
-  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-    raise ValueError(f"`q` {q.shape} and `k` {k.shape} must share batch and "
-                     "head_dim.")
-  for name, x in (("q", q), ("k", k)):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"`{name}` must be a float array, got {x.dtype}.")
-  if q.dtype != k.dtype:
-    raise ValueError(f"`q` and `k` must share one dtype, got {q.dtype} and "
-                     f"{k.dtype}; cast one with .astype.")
-  if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-    raise ValueError(f"num_q_heads ({q.shape[2]}) must be a multiple of "
-                     f"num_kv_heads ({k.shape[2]}).")
-  if not isinstance(stride, (int, np.integer)) or stride < 1:
-    raise ValueError(f"`stride` must be a positive int, got {stride!r}.")
-  if (not isinstance(block_size, (int, np.integer)) or block_size < stride
-      or block_size % stride):
-    raise ValueError(f"`block_size` must be a positive multiple of `stride` "
-                     f"({stride}), got {block_size!r}.")
-  if not isinstance(q_chunk, (int, np.integer)) or q_chunk < 1:
-    raise ValueError(f"`q_chunk_blocks` must be a positive int, got "
-                     f"{q_chunk!r}.")
-  thr = np.asarray(threshold) if not isinstance(threshold, jax.core.Tracer) \
-      else None
-  if thr is not None:
-    if thr.ndim > 2 or (thr.ndim >= 1 and thr.shape[-1] not in (1, q.shape[2])):
-      raise ValueError(f"`threshold` must be a float, [q_heads] or [batch, "
-                       f"q_heads], got shape {thr.shape}.")
-    try:
-      thr = thr.astype(np.float64)
-    except (TypeError, ValueError):
-      raise ValueError(f"`threshold` τ must be a number in (0, 1], got "
-                       f"{threshold!r}.") from None
-    if np.any(~np.isfinite(thr)) or np.any(thr <= 0) or np.any(thr > 1):
-      raise ValueError(f"`threshold` τ must be in (0, 1], got {threshold!r}.")
 
 
 def _strided(x, stride: int, reverse: bool):
@@ -126,10 +85,11 @@ def block_scores(q, k, *, block_size: int = 128, stride: int = 8,
       size that does not fit, an unknown `implementation`, or
       "pallas_triton" with a block_size / stride it cannot tile.
   """
-  _check(q, k, block_size, stride, 0.5, q_chunk_blocks)
-  api.check_causal(causal)
-  api.check_sm_scale(sm_scale)
-  api._check_kv_lengths(kv_lengths, q.shape[0])  # pylint: disable=protected-access
+  validation.check_select_blocks_args(q, k, block_size, stride, 0.5,
+                                       q_chunk_blocks)
+  validation.check_causal(causal)
+  validation.check_sm_scale(sm_scale)
+  validation.check_kv_lengths(kv_lengths, q.shape[0])
   config = config or xattention_triton.EstimateConfig()
   implementation = _estimate_implementation(implementation, block_size,
                                             stride, config, interpret)
@@ -155,7 +115,7 @@ def _estimate_implementation(implementation, block_size, stride, config,
                              interpret):
   fits = xattention_triton.supports(block_size, stride, config)
   if implementation is None:
-    return ("pallas_triton" if fits and (api.on_gpu() or interpret)
+    return ("pallas_triton" if fits and (ops_base.on_gpu() or interpret)
             else "xla")
   if implementation not in ESTIMATE_IMPLEMENTATIONS:
     raise ValueError(f"`implementation` must be one of "
@@ -288,7 +248,8 @@ def select_blocks(q, k, *, block_size: int = 128, stride: int = 8,
       another shape, or an estimate `implementation` that cannot run (see
       `block_scores`).
   """
-  _check(q, k, block_size, stride, threshold, q_chunk_blocks)
+  validation.check_select_blocks_args(q, k, block_size, stride, threshold,
+                                       q_chunk_blocks)
   b, lq = q.shape[:2]
   lk = k.shape[1]
   scores = block_scores(q, k, block_size=block_size, stride=stride,

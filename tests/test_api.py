@@ -7,6 +7,8 @@ import pytest
 
 import blasst_jax as bj
 from blasst_jax.kernels import pallas_triton
+from blasst_jax.ops import base as ops_base
+from blasst_jax.ops.attention import pallas_mosaic_gpu as mosaic_op
 from tests import test_base
 
 B, L, H, D = 2, 40, 4, 16
@@ -129,17 +131,32 @@ def test_mosaic_needs_a_gpu_and_supported_inputs():
 
 
 def test_default_implementation_follows_device_and_problem(monkeypatch):
-  from blasst_jax import api  # pylint: disable=g-import-not-at-top
   assert bj.default_implementation("cpu") == "reference"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(api, "is_hopper", lambda: True)
+  monkeypatch.setattr(ops_base, "is_hopper", lambda: True)
   assert bj.default_implementation() == "pallas_mosaic"
   assert bj.default_implementation(dtype=jnp.bfloat16,
                                    head_dim=128) == "pallas_mosaic"
   assert bj.default_implementation(dtype=jnp.float32) == "pallas_triton"
   assert bj.default_implementation(head_dim=96) == "pallas_triton"
-  monkeypatch.setattr(api, "is_hopper", lambda: False)
+  monkeypatch.setattr(ops_base, "is_hopper", lambda: False)
   assert bj.default_implementation(dtype=jnp.bfloat16) == "pallas_triton"
+
+
+def test_default_tiles_are_stated_and_reported():
+  assert bj.api.default_tiles("reference", head_dim=64) == (128, 64)
+  assert bj.api.default_tiles("pallas_triton", head_dim=64) == (128, 64)
+  assert bj.api.default_tiles("pallas_mosaic", head_dim=128) == (64, 128)
+  assert bj.api.default_tiles("pallas_mosaic", head_dim=256) == (64, 64)
+  q, k, v = qkv()
+  _, stats = bj.attention(q, k, v, threshold=1e-2, return_stats=True)
+  assert stats.tiles == (64, 64)        # 128 x 64, shrunk to cover L = 40
+  _, stats = bj.attention(q, k, v, threshold=1e-2, return_stats=True,
+                          block_q=16, block_kv=32)
+  assert stats.tiles == (16, 32) and "tiles=16x32" in repr(stats)
+  _, stats = bj.decode_attention(q[:, -1], k, v, jnp.full((B,), L),
+                                 block_kv=16, return_stats=True)
+  assert stats.tiles == (None, 16) and "block_kv=16" in repr(stats)
 
 
 @pytest.mark.parametrize("d,block_kv,listed,recorded", [
@@ -162,47 +179,51 @@ def test_mosaic_k_ring_takes_the_shared_memory_left(d, block_kv, listed,
   assert pallas_mosaic.k_ring_depth(fixed, 64, block_kv, d) == 3
 
 
+def _mosaic_plan(q_len, kv_len, head_dim, block_q, block_kv, config=None,
+                 block_mask=None):
+  """The Hopper op's plan for a bf16 problem (tiles, config)."""
+  return mosaic_op.OP.prepare(
+      q_len=q_len, kv_len=kv_len, head_dim=head_dim, dtype=jnp.bfloat16,
+      block_q=block_q, block_kv=block_kv, block_mask=block_mask,
+      kernel_config=config)
+
+
 def test_mosaic_shared_memory_check(monkeypatch):
-  from blasst_jax import api  # pylint: disable=g-import-not-at-top
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(api, "is_hopper", lambda: True)
-  q = jnp.zeros((1, 1024, 2, 128), jnp.bfloat16)
+  monkeypatch.setattr(ops_base, "is_hopper", lambda: True)
   with pytest.raises(ValueError, match="shared memory"):
-    api._mosaic_options(q, 1024, 1024, 64, 128,  # pylint: disable=protected-access
-                        pallas_mosaic.MosaicConfig(num_stages=3), None)
+    _mosaic_plan(1024, 1024, 128, 64, 128,
+                 pallas_mosaic.MosaicConfig(num_stages=3))
   with pytest.raises(ValueError, match="extra_k_stages=2"):
-    api._mosaic_options(q, 1024, 1024, 64, 128,  # pylint: disable=protected-access
-                        pallas_mosaic.MosaicConfig(extra_k_stages=2), None)
+    _mosaic_plan(1024, 1024, 128, 64, 128,
+                 pallas_mosaic.MosaicConfig(extra_k_stages=2))
   with pytest.raises(ValueError, match="head_dim 64, 128 or 256"):
-    api._mosaic_options(q[..., :96], 1024, 1024, None, None, None, None)  # pylint: disable=protected-access
+    _mosaic_plan(1024, 1024, 96, None, None)
   with pytest.raises(ValueError, match="bfloat16 or float16"):
-    api._mosaic_options(q.astype(jnp.float32), 1024, 1024, None, None, None,  # pylint: disable=protected-access
-                        None)
-  bq, bkv, _ = api._mosaic_options(q, 1024, 1024, None, None, None, None)  # pylint: disable=protected-access
-  assert (bq, bkv) == (64, 128)
-  bq, bkv, _ = api._mosaic_options(q, 20, 20, None, None, None, None)  # pylint: disable=protected-access
-  assert (bq, bkv) == (64, 64)
+    mosaic_op.OP.prepare(q_len=1024, kv_len=1024, head_dim=128,
+                         dtype=jnp.float32, block_q=None, block_kv=None)
+  plan = _mosaic_plan(1024, 1024, 128, None, None)
+  assert (plan.block_q, plan.block_kv) == (64, 128)
+  plan = _mosaic_plan(20, 20, 128, None, None)
+  assert (plan.block_q, plan.block_kv) == (64, 64)
 
 
 def test_block_mask_on_mosaic_tiles_and_shared_memory(monkeypatch):
-  from blasst_jax import api  # pylint: disable=g-import-not-at-top
-  fit = api._mosaic_tiles_fit  # pylint: disable=protected-access
+  fit = mosaic_op.OP.mask_tiles_fit
   assert fit(1024, 1024, 64, 128, 128) and fit(1024, 1024, 64, 64, 256)
   assert not fit(1024, 1024, 128, 128, 128)    # 128-row tiles: Triton
   assert not fit(1024, 1024, 64, 128, 256)     # above its KV block at hd 256
   assert not fit(1024, 1024, 32, 32, 128)      # below one wgmma tile
   assert fit(20, 20, 32, 32, 128)              # one tile covers it all
-  monkeypatch.setattr(api, "is_hopper", lambda: True)
-  q = jnp.zeros((1, 1024, 2, 256), jnp.bfloat16)
+  monkeypatch.setattr(ops_base, "is_hopper", lambda: True)
   mask = jnp.ones((1, 2, 16, 16), bool)
   with pytest.raises(ValueError, match="64x64 wgmma tiles"):
-    api._mosaic_options(q, 1024, 1024, 32, 32, None, None, mask)  # pylint: disable=protected-access
+    _mosaic_plan(1024, 1024, 256, 32, 32, block_mask=mask)
   # The block list of a 600k-key sequence does not fit beside the tiles.
   with pytest.raises(ValueError, match="block list of 9375 KV blocks"):
-    api._mosaic_options(q, 1024, 600_000, 64, 64, None, None, mask)  # pylint: disable=protected-access
-  assert api._mosaic_options(q, 1024, 100_000, 64, 64, None, None,  # pylint: disable=protected-access
-                             mask)[:2] == (64, 64)
-
+    _mosaic_plan(1024, 600_000, 256, 64, 64, block_mask=mask)
+  plan = _mosaic_plan(1024, 100_000, 256, 64, 64, block_mask=mask)
+  assert (plan.block_q, plan.block_kv) == (64, 64)
 
 
 def test_initial_max_errors_name_the_argument():

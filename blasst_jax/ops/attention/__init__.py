@@ -1,0 +1,1 @@
+"""Prefill attention ops: reference, pallas_triton, pallas_mosaic_gpu."""

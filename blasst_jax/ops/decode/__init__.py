@@ -1,0 +1,1 @@
+"""Decode attention ops: reference, pallas_triton, pallas_mosaic_gpu."""

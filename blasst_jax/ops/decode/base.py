@@ -1,0 +1,116 @@
+"""The decode op interface, and what the split-K decode kernels share:
+merging their partials and counting the cache bytes read.
+
+`blasst_jax.decode` validates its arguments, views a contiguous cache as
+pages, picks an op and calls
+
+    plan = op.prepare(dtype=..., head_dim=..., group=..., block_kv=...,
+                      max_mode=..., initial_max=..., max_axis_name=...,
+                      kernel_config=..., interpret=...)
+    result = op(q, k_pages, v_pages, page_table, kv_lengths, plan, ...)
+
+with q [batch, q_heads, head_dim]; the result is an `AttentionResult` with
+out [batch, q_heads, head_dim], lse [batch, q_heads] and `DecodeStats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from blasst_jax.config import DecodeStats
+from blasst_jax.ops import base
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+  """What `prepare` resolved: the kernel config and interpret setting."""
+
+  config: Any = None
+  interpret: Any = None
+
+
+class DecodeOp(base.Op):
+  """A decode backend."""
+
+  family = "decode"
+
+  def supports(self, *, backend=None, head_dim=None) -> bool:
+    """Whether `implementation=None` may pick this op."""
+    raise NotImplementedError
+
+  def prepare(self, *, dtype, head_dim, group, block_kv, max_mode,
+              initial_max, max_axis_name, kernel_config,
+              interpret) -> DecodePlan:
+    """Checks that this op runs the problem; resolves config and interpret.
+
+    Raises:
+      ValueError: naming what this op cannot run and what to use instead.
+    """
+    raise NotImplementedError
+
+  def __call__(self, q, k_pages, v_pages, page_table, kv_lengths,
+               plan: DecodePlan, *, log_threshold, skip_enabled: bool,
+               sm_scale: float, num_splits: int, max_mode: str,
+               initial_max=None, max_axis_name=None) -> base.AttentionResult:
+    raise NotImplementedError
+
+
+def merge_partials(acc, m, l, *, return_lse: bool = False):
+  """Combines split-K partials.
+
+  Args:
+    acc: f32 [..., splits, rows, d] unnormalized accumulators.
+    m: f32 [..., splits, rows] row max (log2 units), -inf for a split that
+      kept no key.
+    l: f32 [..., splits, rows] row sums.
+    return_lse: also return the natural-log log-sum-exp of the kept scores.
+
+  Returns:
+    f32 [..., rows, d]; rows with no kept key give 0. With return_lse also
+    f32 [..., rows] (-inf for those rows).
+  """
+  m_all = jnp.max(m, axis=-2, keepdims=True)
+  m_all = jnp.where(m_all == -jnp.inf, 0.0, m_all)
+  w = jnp.where(m == -jnp.inf, 0.0, jnp.exp2(m - m_all))         # [..., s, r]
+  l_all = jnp.sum(w * l, axis=-2)
+  acc_all = jnp.sum(w[..., None] * acc, axis=-3)
+  out = acc_all / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+  if not return_lse:
+    return out
+  lse = jnp.where(l_all > 0, (m_all[..., 0, :] + jnp.log2(
+      jnp.where(l_all > 0, l_all, 1.0))) * jnp.log(2.0), -jnp.inf)
+  return out, lse
+
+
+def decode_stats(skipped, visited, *, group: int, block_kv: int,
+                 head_dim: int, dtype, max_mode: str) -> DecodeStats:
+  """`DecodeStats` from block counts per (batch, KV head) [batch, kv_heads]:
+  every head of a group reports its group's counts; bytes_read counts K of
+  every visited block, V of every kept one and, in "global" mode, the
+  scores written and read back."""
+  block_bytes = block_kv * head_dim * jnp.dtype(dtype).itemsize
+  bytes_read = (visited * block_bytes + (visited - skipped) * block_bytes)
+  if max_mode == "global":  # Real rows' scores, written once and read once.
+    bytes_read = bytes_read + visited * (2 * block_kv * group * 4)
+  per_head = lambda x: jnp.repeat(x, group, axis=1)  # pylint: disable=g-long-lambda
+  return DecodeStats(
+      skipped_blocks=per_head(skipped), visited_blocks=per_head(visited),
+      block_kv=block_kv,
+      bytes_read=jnp.sum(bytes_read.astype(jnp.float32), axis=1))
+
+
+def result_from_partials(q, acc, m, l, skipped, visited, *, group: int,
+                         block_kv: int, max_mode: str) -> base.AttentionResult:
+  """A split-K kernel's partials (rows of each KV head's group first, any
+  padding rows after) as the result for q [batch, q_heads, head_dim]."""
+  b, hq, d = q.shape
+  out, lse = merge_partials(acc, m, l, return_lse=True)
+  out = out[:, :, :group].reshape(b, hq, d).astype(q.dtype)
+  lse = lse[:, :, :group].reshape(b, hq)
+  stats = decode_stats(skipped.sum(axis=2), visited.sum(axis=2),  # [b, hkv]
+                       group=group, block_kv=block_kv, head_dim=d,
+                       dtype=q.dtype, max_mode=max_mode)
+  return base.AttentionResult(out=out, lse=lse, stats=stats)

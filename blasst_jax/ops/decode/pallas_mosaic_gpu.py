@@ -1,0 +1,68 @@
+"""The Hopper decode kernel (Pallas Mosaic GPU) as an op: opt-in
+(`implementation="pallas_mosaic"`), never picked by default until it is
+measured."""
+
+from __future__ import annotations
+
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+from blasst_jax.kernels import decode_mosaic
+from blasst_jax.ops import base
+from blasst_jax.ops.decode import base as decode_base
+
+
+class PallasMosaicGpuDecode(decode_base.DecodeOp):
+  """`implementation="pallas_mosaic"`: bf16/f16, head_dim 64/128/256, pages
+  of a multiple of 64 keys, "split" or "anchored", no `initial_max` or
+  `max_axis_name`."""
+
+  name = "pallas_mosaic"
+  config_class = decode_mosaic.MosaicDecodeConfig
+
+  def supports(self, **problem) -> bool:
+    del problem
+    return False   # opt-in
+
+  def prepare(self, *, dtype, head_dim, group, block_kv, max_mode,
+              initial_max, max_axis_name, kernel_config,
+              interpret) -> decode_base.DecodePlan:
+    if not decode_mosaic.supports(group, head_dim, block_kv, dtype):
+      raise ValueError(
+          "implementation='pallas_mosaic' decode needs a bf16/f16 query, "
+          "head_dim 64/128/256, pages (block_kv) of a multiple of 64 keys "
+          f"and at most {decode_mosaic.ROWS} query heads per KV head; got "
+          f"{dtype}, head_dim {head_dim}, block_kv {block_kv}, group "
+          f"{group}. Use implementation='pallas_triton'.")
+    if max_mode not in decode_mosaic.MAX_MODES:
+      raise ValueError(f"implementation='pallas_mosaic' decode runs max_mode "
+                       f"{decode_mosaic.MAX_MODES}, got {max_mode!r}; use "
+                       "implementation='pallas_triton'.")
+    if initial_max is not None or max_axis_name is not None:
+      raise ValueError("implementation='pallas_mosaic' decode does not take "
+                       "`initial_max` or `max_axis_name` yet; use "
+                       "implementation='pallas_triton'.")
+    config = self.kernel_config(kernel_config)
+    if interpret is None:
+      interpret = not base.on_gpu()
+    return decode_base.DecodePlan(
+        config=config,
+        interpret=plgpu.InterpretGPUParams() if interpret else None)
+
+  def __call__(self, q, k_pages, v_pages, page_table, kv_lengths, plan, *,
+               log_threshold, skip_enabled, sm_scale, num_splits, max_mode,
+               initial_max=None, max_axis_name=None) -> base.AttentionResult:
+    del initial_max, max_axis_name   # refused by `prepare`
+    b, hq, d = q.shape
+    block_kv, hkv = k_pages.shape[1], k_pages.shape[2]
+    group = hq // hkv
+    acc, m, l, skipped, visited = decode_mosaic.decode_partials(
+        q.reshape(b, hkv, group, d), k_pages, v_pages, page_table,
+        kv_lengths, log_threshold, group=group, sm_scale=sm_scale,
+        num_splits=num_splits, max_mode=max_mode, config=plan.config,
+        interpret=plan.interpret, skip_enabled=skip_enabled)
+    return decode_base.result_from_partials(
+        q, acc, m, l, skipped, visited, group=group, block_kv=block_kv,
+        max_mode=max_mode)
+
+
+OP = PallasMosaicGpuDecode()

@@ -36,8 +36,6 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
-from blasst_jax.kernels import tiles
-
 LOG2E = math.log2(math.e)
 ROWS = 64          # wgmma M: the query heads of a group, zero-padded
 SLOT = 32          # int32/f32 words in 128 bytes (TMA alignment)
@@ -210,7 +208,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
       return jnp.where(keys < kv_len, s * scale, -jnp.inf)
 
     def anchor(kp, m):
-      return jnp.maximum(m, tiles.row_max(scores(kp)))
+      return jnp.maximum(m, scores(kp).max(axis=1))
 
     m_init = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
                                row_layout)
@@ -242,7 +240,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
         alpha = jnp.exp2(m_acc - m_safe)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
         acc_scaled = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_new = l * alpha + tiles.row_sum(p)
+        l_new = l * alpha + p.sum(axis=1)
         p16 = p.astype(dtype)
         if p_smem is None:
           def pv(acc_ref):
@@ -268,7 +266,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
       accumulates block vp - 1 (its V copy ran meanwhile)."""
       acc, l, m_acc, m, n_skipped, pending = carry
       s = scores(vp + n_anchor)
-      m_blk = tiles.row_max(s)
+      m_blk = s.max(axis=1)
       if skip_enabled:
         # max over real rows of (block max - running max), from the scores
         # of visible keys; padded rows take no part. A split's first block

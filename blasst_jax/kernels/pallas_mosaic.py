@@ -63,7 +63,6 @@ import jax.numpy as jnp
 
 from blasst_jax import reference
 from blasst_jax.kernels import block_lists as lists_lib
-from blasst_jax.kernels import tiles
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -465,7 +464,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         plgpu.barrier_arrive(k_free.at[kslot])         # K slot may be refilled
         if masked:
           s = mask_scores(s, pos)
-        m_blk = tiles.row_max(s) * scale               # [block_q], log2 units
+        m_blk = s.max(axis=1) * scale                  # [block_q], log2 units
 
         @jax.named_scope("softmax")
         def keep(owed):
@@ -475,7 +474,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           alpha = jnp.exp2(m_i - m_safe)
           p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
           acc_scaled = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-          l_new = l_i * alpha + tiles.row_sum(p)
+          l_new = l_i * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
           acc_scaled, l_new, m_new2, p16 = lax.optimization_barrier(
               (acc_scaled, l_new, m_new, p16))
@@ -589,7 +588,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         m_i, l_i, p16, alpha, _, n_skipped, n_visited = state
         if masked:
           s = mask_scores(s, p)
-        m_blk = tiles.row_max(s) * scale             # [block_q], log2 units
+        m_blk = s.max(axis=1) * scale                # [block_q], log2 units
 
         def softmax():
           m_new = jnp.maximum(m_i, m_blk)
@@ -597,7 +596,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
                     if masked or chain is not None else m_new)
           alpha_new = jnp.exp2(m_i - m_safe)
           p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-          l_new = l_i * alpha_new + tiles.row_sum(p)
+          l_new = l_i * alpha_new + p.sum(axis=1)
           return m_new, l_new, p.astype(dtype), alpha_new
 
         # (Built for the skip path only: see `overlap` in `_forward`.)

@@ -52,24 +52,3 @@ def output_grad_dot(d_out, out):
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32),
                   axis=-1)                                     # [b, len, h]
   return jnp.swapaxes(lax.optimization_barrier(delta), 1, 2)
-
-
-def _halved(s, combine):
-  """Combines the column halves of a [rows, cols] register tile down to 16
-  columns with independent elementwise ops: a reduction's own loop is one
-  dependent chain per row, the halving runs at instruction throughput."""
-  cols = s.shape[1]
-  while cols > 16 and cols % 2 == 0:
-    cols //= 2
-    s = combine(s[:, :cols], s[:, cols:])
-  return s
-
-
-def row_max(s):
-  """[rows] max of each row of a [rows, cols] register tile."""
-  return _halved(s, jnp.maximum).max(axis=1)
-
-
-def row_sum(s):
-  """[rows] sum of each row of a [rows, cols] register tile."""
-  return _halved(s, jnp.add).sum(axis=1)

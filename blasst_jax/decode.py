@@ -77,14 +77,16 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
                      implementation: str | None = None,
                      return_stats: bool = False, interpret: bool | None = None,
                      kernel_config=None, return_lse: bool = False,
-                     initial_max=None, max_axis_name=None):
+                     initial_max=None, max_axis_name=None, k_scale=None,
+                     v_scale=None):
   """Skip-softmax attention of one new token against a contiguous KV cache.
 
   Args:
     q: [batch, q_heads, head_dim] or [batch, 1, q_heads, head_dim].
     k_cache, v_cache: [batch, max_len, kv_heads, head_dim], same dtype as q
-      (f32, bf16, f16); q_heads % kv_heads == 0 (GQA: the heads of a group
-      are processed together; MQA: kv_heads = 1).
+      (f32, bf16, f16) or FP8 (float8_e4m3fn, with `k_scale`/`v_scale`);
+      q_heads % kv_heads == 0 (GQA: the heads of a group are processed
+      together; MQA: kv_heads = 1).
     kv_lengths: int [batch], valid tokens per sequence (0..max_len: checked
       when concrete, clamped into that range when traced); the
       new token's key and value are expected to be in the cache already.
@@ -119,6 +121,11 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
     max_axis_name: inside `shard_map` with the cache positions cut over this
       mesh axis: "global" mode takes the global max over every device's
       part, so each part decides as one device would.
+    k_scale, v_scale: FP8 caches only: f32 [kv_heads] (or a scalar), the
+      cache holding values / scale (`quantize_cache` makes both). The
+      "pallas_mosaic" kernel reads the FP8 pages (half the bytes of bf16)
+      and widens them in shared memory; "pallas_triton" and "reference"
+      dequantize the cache to q's dtype (f32 for the oracle) first.
 
   Returns:
     out with q's shape and dtype, or (out, DecodeStats); out is (out, lse)
@@ -128,7 +135,8 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
     ValueError: on bad shapes, dtypes, lengths, thresholds or options.
   """
   validation.check_decode_inputs(q, k_cache, v_cache, kv_lengths,
-                                 cache_name="cache")
+                                 cache_name="cache", k_scale=k_scale,
+                                 v_scale=v_scale)
   validation.check_decode_block_kv(block_kv)
   b, max_len, hkv, d = k_cache.shape
   if q.shape[0] != b:
@@ -151,7 +159,8 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
                  implementation=implementation, return_stats=return_stats,
                  interpret=interpret, kernel_config=kernel_config,
                  return_lse=return_lse, initial_max=initial_max,
-                 max_axis_name=max_axis_name)
+                 max_axis_name=max_axis_name, k_scale=k_scale,
+                 v_scale=v_scale)
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
@@ -160,7 +169,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
                            max_mode: str = DEFAULT_MAX_MODE,
                            implementation: str | None = None,
                            return_stats: bool = False,
-                           interpret: bool | None = None, kernel_config=None):
+                           interpret: bool | None = None, kernel_config=None,
+                           k_scale=None, v_scale=None):
   """`decode_attention` over a paged KV cache, as serving engines keep it.
 
   Args:
@@ -172,7 +182,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
       read.
     kv_lengths: int [batch] <= pages_per_seq * page_size.
     threshold, sm_scale, num_splits, max_mode, implementation, return_stats,
-      interpret, kernel_config: as `decode_attention`.
+      interpret, kernel_config, k_scale, v_scale: as `decode_attention`
+      (FP8 pools: float8_e4m3fn pages with their scales).
 
   Returns:
     out with q's shape and dtype, or (out, DecodeStats).
@@ -182,20 +193,42 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
       options.
   """
   validation.check_decode_inputs(q, k_pages, v_pages, kv_lengths,
-                                 cache_name="pages")
+                                 cache_name="pages", k_scale=k_scale,
+                                 v_scale=v_scale)
   validation.check_page_table(page_table, kv_lengths, k_pages.shape[0],
                               k_pages.shape[1])
   return _decode(q, k_pages, v_pages, page_table.astype(jnp.int32),
                  kv_lengths, threshold=threshold, sm_scale=sm_scale,
                  num_splits=num_splits, max_mode=max_mode,
                  implementation=implementation, return_stats=return_stats,
-                 interpret=interpret, kernel_config=kernel_config)
+                 interpret=interpret, kernel_config=kernel_config,
+                 k_scale=k_scale, v_scale=v_scale)
+
+
+def quantize_cache(cache, *, axis=(0, 1, 3)):
+  """An FP8 (float8_e4m3fn) copy of a KV cache and its per-head scales.
+
+  Args:
+    cache: [batch, max_len, kv_heads, head_dim] (or a page pool [pages,
+      page_size, kv_heads, head_dim]), any float dtype.
+    axis: the axes one scale covers (default: all but the KV head).
+
+  Returns:
+    (fp8 cache of the same shape, f32 [kv_heads] scales) with
+    cache ≈ fp8.astype(f32) * scale: each head's largest magnitude maps to
+    e4m3's largest finite value, 448.
+  """
+  x = jnp.asarray(cache, jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=axis) / 448.0
+  scale = jnp.where(scale > 0, scale, 1.0)            # all-zero heads
+  return (x / scale[None, None, :, None]).astype(jnp.float8_e4m3fn), scale
 
 
 def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
             sm_scale, num_splits, max_mode, implementation, return_stats,
             interpret, kernel_config, return_lse: bool = False,
-            initial_max=None, max_axis_name=None):
+            initial_max=None, max_axis_name=None, k_scale=None,
+            v_scale=None):
   """Canonicalises a paged decode call, dispatches it to an op and unwraps
   the result."""
   q_shape = q.shape
@@ -224,7 +257,12 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
   kv_lengths = jnp.clip(kv_lengths.astype(jnp.int32), 0, max_len)
   log_thr = config_lib.log_threshold(config_lib.resolve_threshold(
       threshold, kv_lengths, max_len, b, phase="decode"))
+  if k_scale is not None:   # [kv_heads] f32 from a scalar or per-head
+    k_scale, v_scale = (jnp.broadcast_to(
+        jnp.asarray(x, jnp.float32).reshape(-1), (hkv,))
+                        for x in (k_scale, v_scale))
   result = op(q, k_pages, v_pages, page_table, kv_lengths, plan,
+              k_scale=k_scale, v_scale=v_scale,
               log_threshold=log_thr,
               skip_enabled=not validation.is_static_zero(threshold),
               sm_scale=sm_scale, num_splits=num_splits, max_mode=max_mode,

@@ -242,9 +242,14 @@ def check_attention_args(q, k, v, *, kv_lengths, causal, sm_scale,
 # Decode.
 
 
-def check_decode_inputs(q, k, v, kv_lengths, *, cache_name: str) -> None:
+FP8_CACHE_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),)
+
+
+def check_decode_inputs(q, k, v, kv_lengths, *, cache_name: str,
+                        k_scale=None, v_scale=None) -> None:
   """q [batch, (1,) q_heads, head_dim] against a rank-4 cache or page pool
-  (`cache_name`: "cache" or "pages"), one dtype, lengths [batch]."""
+  (`cache_name`: "cache" or "pages"), one dtype (or an FP8 cache with its
+  scales), lengths [batch]."""
   q_shape = shape_of("q", q)
   if len(q_shape) == 4 and q_shape[1] != 1:
     raise ValueError(
@@ -266,7 +271,15 @@ def check_decode_inputs(q, k, v, kv_lengths, *, cache_name: str) -> None:
   if ks[2] == 0 or hq % ks[2]:
     raise ValueError(
         f"num_q_heads ({hq}) must be a multiple of num_kv_heads ({ks[2]}).")
-  if len({jnp.dtype(x.dtype) for x in (q, k, v)}) != 1:
+  fp8 = jnp.dtype(k.dtype) in FP8_CACHE_DTYPES
+  if fp8 or jnp.dtype(v.dtype) in FP8_CACHE_DTYPES:
+    check_fp8_cache(k, v, k_scale, v_scale, ks[2], cache_name)
+  elif k_scale is not None or v_scale is not None:
+    raise ValueError(
+        f"`k_scale` and `v_scale` dequantize an FP8 (float8_e4m3fn) cache; "
+        f"this one is {k.dtype}: drop them, or store the cache as "
+        f"(cache / scale).astype(jnp.float8_e4m3fn).")
+  if not fp8 and len({jnp.dtype(x.dtype) for x in (q, k, v)}) != 1:
     raise ValueError(
         f"`q` and the caches must share one dtype, got {q.dtype}, {k.dtype}, "
         f"{v.dtype}; cast q with .astype(cache.dtype).")
@@ -275,6 +288,34 @@ def check_decode_inputs(q, k, v, kv_lengths, *, cache_name: str) -> None:
     raise ValueError("`kv_lengths` int [batch] is required for decoding: the "
                      "number of valid tokens in each sequence's cache.")
   check_kv_lengths(kv_lengths, q_shape[0])
+
+
+def check_fp8_cache(k, v, k_scale, v_scale, kv_heads: int,
+                    cache_name: str) -> None:
+  """Both caches float8_e4m3fn, with k_scale and v_scale: a scalar or
+  [kv_heads] of positive finite floats (the cache holds values / scale)."""
+  if jnp.dtype(k.dtype) != jnp.dtype(v.dtype):
+    raise ValueError(
+        f"`k_{cache_name}` and `v_{cache_name}` must both be float8_e4m3fn, "
+        f"got {k.dtype} and {v.dtype}.")
+  for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+    if scale is None:
+      raise ValueError(
+          f"An FP8 cache needs `k_scale` and `v_scale` (f32 [kv_heads] or a "
+          f"scalar, the cache holding values / scale); `{name}` is missing.")
+    shape = (() if isinstance(scale, (int, float, np.number))
+             else shape_of(name, scale))
+    if shape not in ((), (1,), (kv_heads,)):
+      raise ValueError(f"`{name}` must be a scalar or [kv_heads] = "
+                       f"[{kv_heads}], got shape {shape}.")
+    if not jnp.issubdtype(jnp.result_type(scale), jnp.floating):
+      raise ValueError(f"`{name}` must be floating point, got "
+                       f"{jnp.result_type(scale)}.")
+    if is_concrete(scale):
+      values = np.asarray(scale, np.float64)
+      if not np.all(np.isfinite(values) & (values > 0)):
+        raise ValueError(f"`{name}` must be positive and finite, got "
+                         f"{values}.")
 
 
 def check_decode_block_kv(block_kv) -> None:

@@ -26,6 +26,8 @@ def get_config(variant: str = "h100"):
   c.variants = [("split", None), ("split", 1), ("anchored", None),
                 ("global", None)]
   c.impls = ["copy", "cudnn", "xla", "jax_pallas", "pallas_triton"]
+  # Kernels also run on an FP8 (e4m3) copy of each cache, at the same λs.
+  c.fp8_impls = []
   # Score pattern of the cache (blasst_jax.patterns.sink_local_qkv); the
   # query is the last position's.
   c.pattern = ml_collections.ConfigDict(dict(
@@ -78,6 +80,7 @@ def get_config(variant: str = "h100"):
                         seq_lens=[128])
     c.split_sweep.shapes = []
     c.impls = ["copy", "xla", "pallas_triton"]
+    c.fp8_impls = ["pallas_triton"]
     c.tuning_shapes = []
     c.warmup, c.iters, c.reps = 1, 2, 1
     c.output_dir = "/tmp/blasst_bench_smoke"
@@ -86,6 +89,7 @@ def get_config(variant: str = "h100"):
     c.shapes = [(8, 32, 8, 32768, 128), (1, 32, 8, 131072, 128),
                 (64, 32, 8, 4096, 128), (1, 32, 8, 524288, 128)]
     c.impls = ["copy", "cudnn", "pallas_mosaic", "pallas_triton"]
+    c.fp8_impls = ["pallas_mosaic"]
     c.variants = [("anchored", None), ("split", None)]
     c.patterns = ["sink_local", "scattered"]
     c.target_sparsities = (0.3, 0.5, 0.7, 0.9)

@@ -69,10 +69,14 @@ def baselines(name):
 
 
 def row(impl, shape, dtype, threshold, mode, splits, sparsity, t_us,
-        bytes_read, skip_check=False, pattern="sink_local", target=None):
+        bytes_read, skip_check=False, pattern="sink_local", target=None,
+        cache_dtype=None):
+  """One timing; effective_tbps counts the dense cache in `dtype` (an FP8
+  cache's rows too, so that speeds compare at equal length)."""
   b, hq, hkv, s, d = shape
   dense = 2 * b * s * hkv * d * jnp.dtype(dtype).itemsize
   return dict(impl=impl, pattern=pattern, target_sparsity=target,
+              cache_dtype=cache_dtype or dtype,
               batch=b, q_heads=hq, kv_heads=hkv, seq_len=s,
               head_dim=d, dtype=dtype, threshold=threshold, mode=mode,
               splits=splits, skip_check=skip_check,
@@ -86,13 +90,14 @@ def ours(cfg, impl, splits, max_mode, block_kv=None, kernel_config=None,
          dense=False):
   """Jitted decode; `dense` builds the kernel without the skip check (λ is a
   static 0 then, and the threshold argument is ignored)."""
-  def fn(q, k, v, lengths, thr):
+  def fn(q, k, v, lengths, thr, k_scale=None, v_scale=None):
     return bj.decode_attention(q, k, v, lengths,
                                threshold=0.0 if dense else thr,
                                block_kv=block_kv or cfg.block_kv,
                                num_splits=splits, max_mode=max_mode,
                                implementation=impl, return_stats=True,
-                               kernel_config=kernel_config)
+                               kernel_config=kernel_config, k_scale=k_scale,
+                               v_scale=v_scale)
   return jax.jit(fn)
 
 
@@ -190,10 +195,18 @@ def run_cache(cfg, on_gpu, shape, cache, pattern):
   `cfg.thresholds`."""
   rows = []
   q, k, v, lengths = cache
+  # FP8 runs: the same cache quantized per KV head.
+  k8, k_scale = bj.decode.quantize_cache(k) if cfg.fp8_impls else (k, None)
+  v8, v_scale = bj.decode.quantize_cache(v) if cfg.fp8_impls else (v, None)
   dense_bytes = 2 * k.size * k.dtype.itemsize
   tag = f"[{pattern} b{shape[0]} hq{shape[1]} hkv{shape[2]} s{shape[3]}]"
   lams = None   # [(λ, target)], found once per cache
-  for impl in cfg.impls:
+  runs = [(impl, False) for impl in cfg.impls] + [
+      (impl, True) for impl in cfg.fp8_impls]
+  for impl, fp8 in runs:
+    cache_args = (q, k8, v8, lengths) if fp8 else (q, k, v, lengths)
+    scales = (k_scale, v_scale) if fp8 else ()
+    cache_dtype = "float8_e4m3fn" if fp8 else cfg.dtype
     if impl in ("copy", "cudnn", "xla", "jax_pallas"):
       if impl in ("cudnn", "jax_pallas") and not on_gpu:
         continue
@@ -221,7 +234,7 @@ def run_cache(cfg, on_gpu, shape, cache, pattern):
       fns = {check: ours(cfg, impl, splits, mode, dense=not check)
              for check in (False, True)}
       if lams is None:
-        found = [testing.find_threshold(fns[True], (q, k, v, lengths), t,
+        found = [testing.find_threshold(fns[True], cache_args, t,
                                         steps=cfg.bisection_steps)
                  for t in cfg.target_sparsities]
         lams = [(lam, t) for (lam, _), t in zip(found, cfg.target_sparsities)]
@@ -235,15 +248,17 @@ def run_cache(cfg, on_gpu, shape, cache, pattern):
       for thr, check, target in points:
         fn = fns[check]
         thr_arr = jnp.float32(thr)
-        _, stats = fn(q, k, v, lengths, thr_arr)
-        t = time_us(fn, q, k, v, lengths, thr_arr, warmup=cfg.warmup,
+        _, stats = fn(*cache_args, thr_arr, *scales)
+        t = time_us(fn, *cache_args, thr_arr, *scales, warmup=cfg.warmup,
                     iters=cfg.iters, reps=cfg.reps)
         rows.append(row(impl, shape, cfg.dtype, thr, mode, n_splits,
                         stats.total_sparsity, t,
                         jnp.sum(stats.bytes_read), skip_check=check,
-                        pattern=pattern, target=target))
+                        pattern=pattern, target=target,
+                        cache_dtype=cache_dtype))
         r = rows[-1]
-        print(f"{tag} {impl} {mode} splits={n_splits} λ={thr:.3g} check="
+        print(f"{tag} {impl}{' fp8' if fp8 else ''} {mode} splits={n_splits}"
+              f" λ={thr:.3g} check="
               f"{check}: sparsity "
               f"{r['sparsity']:.3f} {t:.1f} us effective "
               f"{r['effective_tbps']} TB/s read {r['read_tbps']} TB/s",
@@ -274,12 +289,13 @@ def plot(rows, path):
                         " read+write" if r["impl"] == "copy" else ""))
     dense_build = [r["time_us"] for r in rs
                    if r["impl"] in ("pallas_triton", "pallas_mosaic")
+                   and run_label(r) == r["impl"]       # bf16 caches
                    and not r.get("skip_check", True)]
     base = min(dense_build) if dense_build else None
-    keys = sorted({(r["impl"], r["mode"], r["splits"]) for r in rs
+    keys = sorted({(run_label(r), r["mode"], r["splits"]) for r in rs
                    if r["mode"] != "dense"})
     for n, key in enumerate(keys):
-      pts = sorted([r for r in rs if (r["impl"], r["mode"], r["splits"])
+      pts = sorted([r for r in rs if (run_label(r), r["mode"], r["splits"])
                     == key and r.get("skip_check", True)],
                    key=lambda r: r["sparsity"])
       label = f"{key[0]} {key[1]} splits={key[2]}"
@@ -329,27 +345,40 @@ def main(argv):
   print_summary(rows)
 
 
+def run_label(r) -> str:
+  """An implementation and, for FP8 caches, its cache dtype."""
+  fp8 = r.get("cache_dtype", r["dtype"]) != r["dtype"]
+  return r["impl"] + (" fp8" if fp8 else "")
+
+
 def print_summary(rows):
   """Per cache: TB/s of the dense builds and baselines, then each skipping
-  row's sparsity and speedup over its own implementation's dense build."""
+  row's sparsity and speedup over its own implementation's dense build
+  (FP8 rows: over the same kernel's dense build on the bf16 cache too)."""
   caches = sorted({(r["pattern"], r["batch"], r["seq_len"], r["head_dim"])
                    for r in rows})
   for key in caches:
     rs = [r for r in rows
           if (r["pattern"], r["batch"], r["seq_len"], r["head_dim"]) == key]
-    dense = {r["impl"]: r for r in rs
-             if r["mode"] == "dense" or not r["skip_check"]}
+    dense = {}   # fastest dense build (any split count) per label
+    for r in rs:
+      if (r["mode"] == "dense" or not r["skip_check"]) and (
+          run_label(r) not in dense or r["time_us"] < dense[run_label(r)]["time_us"]):
+        dense[run_label(r)] = r
     print(f"\n{key[0]} b{key[1]} s{key[2]} d{key[3]}: " + ", ".join(
-        f"{impl} {r['effective_tbps']:.2f}" for impl, r in dense.items())
+        f"{name} {r['effective_tbps']:.2f}" for name, r in dense.items())
           + " TB/s (dense)")
     for r in rs:
-      if r["mode"] == "dense" or not r["skip_check"]:
+      if r["mode"] == "dense":
         continue
-      base = dense.get(r["impl"])
+      base, wide = dense.get(run_label(r)), dense.get(r["impl"])
       speedup = base["time_us"] / r["time_us"] if base else float("nan")
-      print(f"  {r['impl']:>14} {r['mode']:>8} λ={r['threshold']:<9.3g} "
-            f"sparsity {r['sparsity']:.3f}  {r['time_us']:8.1f} us  "
-            f"x{speedup:.2f} own dense")
+      line = (f"  {run_label(r):>18} {r['mode']:>8} λ={r['threshold']:<9.3g} "
+              f"check={str(r['skip_check']):5} sparsity {r['sparsity']:.3f}"
+              f"  {r['time_us']:8.1f} us  x{speedup:.2f} own dense")
+      if wide is not None and wide is not base:
+        line += f", x{wide['time_us'] / r['time_us']:.2f} its bf16 dense"
+      print(line)
 
 
 if __name__ == "__main__":

@@ -95,14 +95,11 @@ def k_ring_depth(config, head_dim, block_kv, pages_per_seq, fp8=False) -> int:
   return depth
 
 
-def supports(group: int, head_dim: int, block_kv: int, dtype,
-             cache_dtype=None) -> bool:
-  """Whether the kernel runs this cache: a bf16/f16 query with a cache of
-  its dtype or float8_e4m3fn, head_dim 64/128/256, pages of a multiple of
-  64 keys, at most 64 query heads per KV head."""
-  cache_dtype = jnp.dtype(dtype if cache_dtype is None else cache_dtype)
+def supports(group: int, head_dim: int, block_kv: int, dtype) -> bool:
+  """Whether the kernel runs this problem: a bf16/f16 query (its cache of
+  the same dtype or float8_e4m3fn), head_dim 64/128/256, pages of a
+  multiple of 64 keys, at most 64 query heads per KV head."""
   return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-          and (cache_dtype == jnp.dtype(dtype) or cache_dtype in FP8_DTYPES)
           and head_dim in HEAD_DIMS and block_kv % 64 == 0
           and 1 <= group <= ROWS)
 

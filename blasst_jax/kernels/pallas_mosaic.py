@@ -384,6 +384,12 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32),
                             plgpu.Layout.WGMMA)
 
+    def any_kept_row(m_blk, m_prev):
+      """Whether some row's gap m_blk - m_prev reaches log2(λ) (rows
+      with no visible key have none)."""
+      gap = jnp.where(m_blk > -jnp.inf, m_blk - m_prev, -jnp.inf)
+      return gap.max() >= log2_thr
+
     def mask_scores(s, pos):
       """s [block_q, block_kv] with keys past kv_len (and, causal, after
       the row's position) at -inf, for the block at stream position pos."""
@@ -507,8 +513,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
         if not skip_enabled:
           return keep(owed)
-        gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
-        skip = ((n_visited > 0) | seen_before) & (gap.max() < log2_thr)
+        skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk, m_i)
         publish(kslot, ~skip)
         owed = settle(pos, owed)
         if skips is not None:
@@ -586,9 +591,10 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         visited), with p16 and alpha what P·V of p will need and keep 1
         where this tile keeps it."""
         m_i, l_i, p16, alpha, _, n_skipped, n_visited = state
-        if masked:
-          s = mask_scores(s, p)
-        m_blk = s.max(axis=1) * scale                # [block_q], log2 units
+        with jax.named_scope("rowmax"):
+          if masked:
+            s = mask_scores(s, p)
+          m_blk = s.max(axis=1) * scale              # [block_q], log2 units
 
         def softmax():
           m_new = jnp.maximum(m_i, m_blk)
@@ -601,8 +607,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
         # (Built for the skip path only: see `overlap` in `_forward`.)
         with jax.named_scope("vote"):
-          gap = jnp.where(m_blk > -jnp.inf, m_blk - m_i, -jnp.inf)
-          skip = ((n_visited > 0) | seen_before) & (gap.max() < log2_thr)
+          skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk, m_i)
           publish(k_slot(p), ~skip)
           if skips is not None:
             block = block_at(p)

@@ -54,8 +54,18 @@ class DecodeOp(base.Op):
   def __call__(self, q, k_pages, v_pages, page_table, kv_lengths,
                plan: DecodePlan, *, log_threshold, skip_enabled: bool,
                sm_scale: float, num_splits: int, max_mode: str,
-               initial_max=None, max_axis_name=None) -> base.AttentionResult:
+               initial_max=None, max_axis_name=None, k_scale=None,
+               v_scale=None) -> base.AttentionResult:
+    """k_scale, v_scale: f32 [kv_heads] with FP8 pages, else None."""
     raise NotImplementedError
+
+
+def dequantize(pages, scale, dtype):
+  """FP8 pages [..., kv_heads, head_dim] times their per-head scale, as
+  `dtype`; other pages (scale None) unchanged."""
+  if scale is None:
+    return pages
+  return (pages.astype(jnp.float32) * scale[:, None]).astype(dtype)
 
 
 def merge_partials(acc, m, l, *, return_lse: bool = False):
@@ -103,14 +113,17 @@ def decode_stats(skipped, visited, *, group: int, block_kv: int,
 
 
 def result_from_partials(q, acc, m, l, skipped, visited, *, group: int,
-                         block_kv: int, max_mode: str) -> base.AttentionResult:
+                         block_kv: int, max_mode: str,
+                         cache_dtype=None) -> base.AttentionResult:
   """A split-K kernel's partials (rows of each KV head's group first, any
-  padding rows after) as the result for q [batch, q_heads, head_dim]."""
+  padding rows after) as the result for q [batch, q_heads, head_dim];
+  bytes counted in `cache_dtype` (default q's)."""
   b, hq, d = q.shape
   out, lse = merge_partials(acc, m, l, return_lse=True)
   out = out[:, :, :group].reshape(b, hq, d).astype(q.dtype)
   lse = lse[:, :, :group].reshape(b, hq)
   stats = decode_stats(skipped.sum(axis=2), visited.sum(axis=2),  # [b, hkv]
                        group=group, block_kv=block_kv, head_dim=d,
-                       dtype=q.dtype, max_mode=max_mode)
+                       dtype=q.dtype if cache_dtype is None else cache_dtype,
+                       max_mode=max_mode)
   return base.AttentionResult(out=out, lse=lse, stats=stats)

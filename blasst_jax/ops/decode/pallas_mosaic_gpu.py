@@ -50,19 +50,21 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
 
   def __call__(self, q, k_pages, v_pages, page_table, kv_lengths, plan, *,
                log_threshold, skip_enabled, sm_scale, num_splits, max_mode,
-               initial_max=None, max_axis_name=None) -> base.AttentionResult:
+               initial_max=None, max_axis_name=None, k_scale=None,
+               v_scale=None) -> base.AttentionResult:
     del initial_max, max_axis_name   # refused by `prepare`
     b, hq, d = q.shape
     block_kv, hkv = k_pages.shape[1], k_pages.shape[2]
     group = hq // hkv
     acc, m, l, skipped, visited = decode_mosaic.decode_partials(
         q.reshape(b, hkv, group, d), k_pages, v_pages, page_table,
-        kv_lengths, log_threshold, group=group, sm_scale=sm_scale,
+        kv_lengths, log_threshold, k_scale, v_scale, group=group,
+        sm_scale=sm_scale,
         num_splits=num_splits, max_mode=max_mode, config=plan.config,
         interpret=plan.interpret, skip_enabled=skip_enabled)
     return decode_base.result_from_partials(
         q, acc, m, l, skipped, visited, group=group, block_kv=block_kv,
-        max_mode=max_mode)
+        max_mode=max_mode, cache_dtype=k_pages.dtype)
 
 
 OP = PallasMosaicGpuDecode()

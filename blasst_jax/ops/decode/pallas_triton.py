@@ -39,7 +39,11 @@ class PallasTritonDecode(decode_base.DecodeOp):
 
   def __call__(self, q, k_pages, v_pages, page_table, kv_lengths, plan, *,
                log_threshold, skip_enabled, sm_scale, num_splits, max_mode,
-               initial_max=None, max_axis_name=None) -> base.AttentionResult:
+               initial_max=None, max_axis_name=None, k_scale=None,
+               v_scale=None) -> base.AttentionResult:
+    # FP8 pages are widened to q's dtype first (the kernel reads those).
+    k_pages = decode_base.dequantize(k_pages, k_scale, q.dtype)
+    v_pages = decode_base.dequantize(v_pages, v_scale, q.dtype)
     b, hq, d = q.shape
     block_kv, hkv = k_pages.shape[1], k_pages.shape[2]
     group = hq // hkv

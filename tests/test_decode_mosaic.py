@@ -51,9 +51,11 @@ def paged(k, v, page, extra_pages=3, seed=1):
 
 
 @pytest.mark.parametrize("max_mode,num_splits,kv_heads,threshold,stages", [
-    ("anchored", 2, 2, 1e-2, (4, 2)),   # GQA 4/2, anchors, ragged ends
-    ("split", 3, 1, 1e-2, (2, 3)),      # MQA 8/1, more V than K slots
-    ("anchored", 1, 2, 0.0, (4, 2))])   # the dense build
+    ("anchored", 2, 2, 1e-2, (4, 2, 2)),   # GQA 4/2, anchors, ragged ends
+    ("split", 3, 1, 1e-2, (2, 4, 2)),      # MQA 8/1, more V than K slots
+    ("anchored", 1, 2, 0.0, (4, 2, 2)),    # the dense build
+    ("anchored", 2, 2, 1e-2, (4, 2, 1)),   # one compute warpgroup
+    ("split", 1, 1, 1e-2, (2, 3, 1))])
 def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
                                             threshold, stages):
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top

@@ -1,26 +1,35 @@
 """Hopper skip-softmax decode kernel (Pallas Mosaic GPU), paged KV cache.
 
-One program per (split, KV head, sequence) with two warpgroups. The memory
-warpgroup streams the split's K pages into a shared-memory ring with TMA,
-`k_stages` blocks ahead, and copies a V page only once the compute
-warpgroup has kept its block; for a skipped block it completes the V slot's
-phase with an empty arrival, so a skipped block's V is never read. The
-compute warpgroup folds the `group` query heads of the KV head into the
-rows of one 64-row wgmma tile (zero rows pad it), scores block j, decides it
-against the running max and publishes the decision, then accumulates block
-j - 1, whose V copy ran while block j was scored.
+One program per (split, KV head, sequence) with a memory warpgroup and
+`compute_wgs` (1 or 2) compute warpgroups. The memory warpgroup streams the
+split's K pages into a shared-memory ring with TMA, `k_stages` blocks
+ahead, and copies a V page only once its block has been kept; for a skipped
+block it completes the V slot's phase with an empty arrival, so a skipped
+block's V is never read. Each compute warpgroup folds the `group` query
+heads of the KV head into the rows of one 64-row wgmma tile (zero rows pad
+it), scores its next block j, decides it against the running max and
+publishes the decision, then accumulates its previous block, whose V copy
+ran while block j was scored.
+
+With two compute warpgroups, block j belongs to warpgroup j % 2: the score
+products, softmax and P·V of neighbouring blocks run side by side, and only
+the decision is serial: the running max after block j - 1 is handed over in
+shared memory (one row vector and a barrier), so the decisions are those of
+one warpgroup walking the split in order. Each warpgroup keeps its own
+accumulator; the two are written as two partials of the split.
 
 Max modes as `reference.blockwise_decode_attention`: "split" starts every
 split's running max at -inf; "anchored" first scores the sequence's first
 and last blocks (two K pages more per split, L2 hits across splits). The
-split-K partials (unnormalized accumulators, row max, row sums) are merged
-by the caller (`decode.merge_partials`), as for the Triton kernel.
+split-K partials (unnormalized accumulators, row max, row sums; one per
+compute warpgroup of a split) are merged by the caller
+(`decode.merge_partials`), as for the Triton kernel.
 
 FP8 caches (float8_e4m3fn pages with a scale per KV head, value = stored ·
 scale): the pages travel as FP8, half the bytes. The compute warpgroup
-widens each page it reads into an f16 tile in shared memory (e4m3 -> f16 is
-exact and one instruction per pair; the K or V slot is free as soon as it is
-widened) and runs both products in f16 with the query cast to f16; the K
+widens each page it reads into its f16 tile in shared memory (e4m3 -> f16
+is exact and one instruction per pair; the K or V slot is free as soon as it
+is widened) and runs both products in f16 with the query cast to f16; the K
 scale is folded into the score scale and the V scale into the accumulator.
 """
 
@@ -29,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
@@ -52,10 +62,15 @@ class MosaicDecodeConfig:
     k_stages: K pages in flight (shared-memory ring slots), >= 2; None: as
       many as fit in shared memory, at most `MAX_K_STAGES`.
     v_stages: V pages in flight, >= 2.
+    compute_wgs: compute warpgroups per program, 1 or 2 (neighbouring
+      blocks on alternate warpgroups); with 2, both rings hold an even
+      number of pages. None: 2 where registers and shared memory allow
+      (head_dim + block_kv <= 192), else 1.
   """
 
   k_stages: int | None = None
   v_stages: int = 2
+  compute_wgs: int | None = None
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -64,6 +79,16 @@ class MosaicDecodeConfig:
         continue
       if not isinstance(value, int) or value < 2:
         raise ValueError(f"`{name}` must be an int >= 2, got {value!r}.")
+    if self.compute_wgs not in (None, 1, 2):
+      raise ValueError(f"`compute_wgs` must be None, 1 or 2, got "
+                       f"{self.compute_wgs!r}.")
+    for name in ("k_stages", "v_stages"):
+      value = getattr(self, name)
+      if value is not None and self.compute_wgs and value % self.compute_wgs:
+        raise ValueError(
+            f"With compute_wgs={self.compute_wgs}, `{name}` must be a "
+            f"multiple of it (each warpgroup owns alternate slots), got "
+            f"{value}.")
 
 
 MAX_K_STAGES = 4
@@ -71,28 +96,43 @@ MAX_SHARED_MEMORY = 232448   # per block on H100/H200 (227 KiB)
 
 
 def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
-                        v_stages, itemsize=2, fp8=False) -> int:
-  """q tile + K ring (which the f32 output tile reuses at the end) + V
+                        v_stages, itemsize=2, fp8=False,
+                        compute_wgs=1) -> int:
+  """q tile + K ring (which the f32 output tiles reuse at the end) + V
   ring + the page table + 4 KiB for the small buffers and barriers; with
-  `fp8` pages (1 byte) the two f16 tiles they are widened into."""
+  `fp8` pages (1 byte) the f16 tile of each compute warpgroup they are
+  widened into."""
   page = block_kv * head_dim * (1 if fp8 else itemsize)
-  wide = 2 * block_kv * head_dim * 2 if fp8 else 0
+  wide = compute_wgs * block_kv * head_dim * 2 if fp8 else 0
   table = 4 * -(-pages_per_seq // SLOT) * SLOT
   return (ROWS * head_dim * itemsize
-          + max(k_stages * page, ROWS * head_dim * 4) + v_stages * page
-          + wide + table + 4096)
+          + max(k_stages * page, compute_wgs * ROWS * head_dim * 4)
+          + v_stages * page + wide + table + 4096)
 
 
-def k_ring_depth(config, head_dim, block_kv, pages_per_seq, fp8=False) -> int:
-  """config.k_stages, or the deepest K ring (<= MAX_K_STAGES) that fits."""
+def pipeline(config, head_dim, block_kv, pages_per_seq,
+             fp8=False) -> tuple[int, int]:
+  """(compute warpgroups, K ring depth): config's, else two warpgroups
+  where their rings and output tiles fit in shared memory (even rings),
+  and the deepest K ring (<= MAX_K_STAGES) that fits."""
+  def fits(wgs, k_stages):
+    return shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
+                               config.v_stages, fp8=fp8,
+                               compute_wgs=wgs) <= MAX_SHARED_MEMORY
+  wgs = config.compute_wgs
+  if wgs is None:   # Three warpgroups leave 168 registers a thread: the
+    # accumulator (d/2), the scores (block_kv/2) and the P carried a step
+    # (block_kv/4) fit up to d + block_kv = 192 (H200: 2.7 vs 3.5 TB/s
+    # at 128 + 128, where they spill).
+    wgs = 2 if (head_dim + block_kv <= 192 and config.v_stages % 2 == 0
+                and fits(2, 2) and (config.k_stages is None
+                                    or config.k_stages % 2 == 0)) else 1
   if config.k_stages is not None:
-    return config.k_stages
+    return wgs, config.k_stages
   depth = 2
-  while depth < MAX_K_STAGES and shared_memory_bytes(
-      head_dim, block_kv, pages_per_seq, depth + 1,
-      config.v_stages, fp8=fp8) <= MAX_SHARED_MEMORY:
-    depth += 1
-  return depth
+  while depth + wgs <= MAX_K_STAGES and fits(wgs, depth + wgs):
+    depth += wgs
+  return wgs, depth
 
 
 def supports(group: int, head_dim: int, block_kv: int, dtype) -> bool:
@@ -112,34 +152,61 @@ def _split_range(kv_len, split, num_splits: int, block_kv: int):
   return start, jnp.minimum(n_blocks, start + per_split), n_blocks
 
 
-def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
-            stats_ref, scoped, *, sm_scale, block_kv, head_dim, dtype, group,
-            num_splits, skip_enabled, anchored, k_stages, v_stages,
-            p_smem, wide):
+class _Scratch(NamedTuple):
+  """Shared memory of one program (C = compute warpgroups)."""
+  q: Any         # [ROWS, d] the group's query heads, zero rows below
+  k: Any         # [k_stages, block_kv, d] K ring
+  out: Any       # f32 [C, ROWS, d] output tiles, over the K ring at the end
+  v: Any         # [v_stages, block_kv, d] V ring
+  table: Any     # int32 [table_rows, SLOT] the sequence's pages
+  params: Any    # f32 [C + 1, SLOT] one copy per warpgroup
+  votes: Any     # int32 [k_stages] keep (1) / skip (0), by block % k_stages
+  handoff: Any   # f32 [2, ROWS] running max after block j, in slot j % 2
+  ml: Any        # f32 [C, 2, ROWS] row max (log2 units), row sum
+  stats: Any     # int32 [C, SLOT] skipped, visited
+  p: Any         # interpret mode: [C, ROWS, block_kv] P through memory
+  scales: Any    # FP8: f32 [SLOT] (K scale, V scale)
+  wide: Any      # FP8: f16 [C, block_kv, d] widened page per warpgroup
+
+
+class _Barriers(NamedTuple):
+  q: Any
+  table: Any
+  params: Any    # [C + 1]
+  k: Any         # [k_stages] K copied
+  k_free: Any    # [k_stages] K slot read
+  v: Any         # [v_stages] V copied (or skipped: an empty arrival)
+  v_free: Any    # [v_stages]
+  votes: Any     # [k_stages]
+  handoff: Any   # [2]
+  done: Any      # every compute warpgroup has read its last K page
+  scales: Any    # FP8 only
+
+
+def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, acc_ref,
+            ml_ref, stats_ref, sc: _Scratch, bars: _Barriers, *, sm_scale,
+            block_kv, head_dim, dtype, group, num_splits, skip_enabled,
+            anchored, k_stages, v_stages, compute_wgs):
   # q_ref [b, hkv, ROWS, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
   # table_ref int32 [b, table_rows, SLOT]; params_ref f32 [b, SLOT]
-  # ([kv_len, log2 λ, 0...]); outputs acc_ref f32 [b, hkv, splits, ROWS, d],
-  # ml_ref f32 [b, hkv, splits, 2, ROWS] (row max in log2 units, row sum),
-  # stats_ref int32 [b, hkv, splits, SLOT] ([skipped, visited, 0...]).
-  # wide: None, or FP8 pages: (scales_ref f32 [hkv, SLOT] ([k scale,
-  # v scale, 0...]), its shared-memory copy [SLOT], its barrier, the f16
-  # K and V tiles [block_kv, d] the pages are widened into).
+  # ([kv_len, log2 λ, 0...]); scales_ref (FP8 pages, else None) f32
+  # [hkv, SLOT] ([k scale, v scale, 0...]). Outputs, one partial per
+  # (split, compute warpgroup): acc_ref f32 [b, hkv, splits * C, ROWS, d],
+  # ml_ref f32 [b, hkv, splits * C, 2, ROWS] (row max in log2 units, row
+  # sum), stats_ref int32 [b, hkv, splits * C, SLOT] ([skipped, visited]).
+  n_wgs = compute_wgs
   split = lax.axis_index("split")
   kv_head = lax.axis_index("kv_heads")
   batch = lax.axis_index("batch")
   wg = lax.axis_index("wg")
-  smem, bars = scoped
-  q_smem, (k_smem, acc_smem), v_smem, table_smem, params_smem = smem[:5]
-  votes_smem, ml_smem, stats_smem = smem[5:8]
-  (q_bar, table_bar, params_bars, k_bars, k_free, v_bars, v_free,
-   vote_bars) = bars
+  fp8 = sc.wide is not None
 
   # Per-sequence scalars, one TMA per warpgroup into its own slot.
-  plgpu.copy_gmem_to_smem(params_ref.at[batch], params_smem.at[wg],
-                          params_bars.at[wg])
-  plgpu.barrier_wait(params_bars.at[wg])
-  kv_len = params_smem[wg, 0].astype(jnp.int32)
-  log2_thr = params_smem[wg, 1]
+  plgpu.copy_gmem_to_smem(params_ref.at[batch], sc.params.at[wg],
+                          bars.params.at[wg])
+  plgpu.barrier_wait(bars.params.at[wg])
+  kv_len = sc.params[wg, 0].astype(jnp.int32)
+  log2_thr = sc.params[wg, 1]
   start, end, n_blocks = _split_range(kv_len, split, num_splits, block_kv)
   n = jnp.maximum(end - start, 0)               # this split's blocks
   # "anchored": the sequence's first and last blocks come first in the K
@@ -159,67 +226,111 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
   def v_slot(vp):
     return lax.rem(vp, jnp.array(v_stages, vp.dtype))
 
-  @pl.when(wg == 0)
+  @pl.when(wg < n_wgs)
   def _compute():
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head], q_smem, q_bar)
-    plgpu.barrier_wait(q_bar)
+    # Block vp (and K stream position vp + n_anchor) belongs to warpgroup
+    # vp % C; with even rings (and 0 or 2 anchors) each slot has one reader,
+    # so every warpgroup waits on each of its barriers' phases in order.
+    w = wg
+    pl.when(w == 0)(lambda: plgpu.copy_gmem_to_smem(
+        q_ref.at[batch, kv_head], sc.q, bars.q))
+    plgpu.barrier_wait(bars.q)
     scale = sm_scale * LOG2E
     v_scale = None
-    if wide is not None:
-      scales_ref, scales_smem, scales_bar, k_wide, v_wide = wide
-      plgpu.copy_gmem_to_smem(scales_ref.at[kv_head], scales_smem,
-                              scales_bar)
-      plgpu.barrier_wait(scales_bar)
-      scale = scale * scales_smem[0]
-      v_scale = scales_smem[1]
+    wide = p_smem = None
+    if fp8:
+      pl.when(w == 0)(lambda: plgpu.copy_gmem_to_smem(
+          scales_ref.at[kv_head], sc.scales, bars.scales))
+      plgpu.barrier_wait(bars.scales)
+      scale = scale * sc.scales[0]
+      v_scale = sc.scales[1]
+      wide = sc.wide.at[w]
+    if sc.p is not None:
+      p_smem = sc.p.at[w]
 
-    def widen(page_ref, tile_ref):
-      """An FP8 page into its f16 tile (exact)."""
+    def widen(page_ref):
+      """An FP8 page into this warpgroup's f16 tile (exact)."""
       page8 = plgpu.load(page_ref, layout=plgpu.Layout.WGMMA_8BIT,
                          optimized=False)
-      tile_ref[...] = page8.astype(jnp.float16)
+      wide[...] = page8.astype(jnp.float16)
       plgpu.commit_smem()
+      return wide
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     key_iota = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1,
                                       layout=plgpu.Layout.WGMMA)
+    minus_inf = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
+                                  row_layout)
 
     def scores(kp):
       """Scaled scores [ROWS, block_kv] (log2 units) of K position kp,
       keys past kv_len at -inf; frees its K slot."""
       slot = k_slot(kp)
-      plgpu.barrier_wait(k_bars.at[slot])
-      k_tile = k_smem.at[slot]
-      if wide is not None:   # The slot is free once widened.
-        widen(k_tile, k_wide)
-        plgpu.barrier_arrive(k_free.at[slot])
-        k_tile = k_wide
+      plgpu.barrier_wait(bars.k.at[slot])
+      k_tile = sc.k.at[slot]
+      if fp8:   # The slot is free once widened.
+        k_tile = widen(k_tile)
+        plgpu.barrier_arrive(bars.k_free.at[slot])
 
       def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_tile.transpose((1, 0)))
+        plgpu.wgmma(acc_ref, sc.q, k_tile.transpose((1, 0)))
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
-      if wide is None:
-        plgpu.barrier_arrive(k_free.at[slot])
+      if not fp8:
+        plgpu.barrier_arrive(bars.k_free.at[slot])
       keys = key_iota + k_block(kp) * block_kv
       return jnp.where(keys < kv_len, s * scale, -jnp.inf)
 
-    def anchor(kp, m):
-      return jnp.maximum(m, scores(kp).max(axis=1))
+    def hand_over(j, m):
+      """Publishes the running max after block j (-1: the anchors)."""
+      slot = lax.rem(j + 2, 2)
+      sc.handoff.at[slot][...] = m
+      plgpu.barrier_arrive(bars.handoff.at[slot])
 
-    m_init = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
-                               row_layout)
-    m = lax.fori_loop(0, n_anchor, anchor, m_init)
+    def take_over(j):
+      """The running max after block j, from the other warpgroup."""
+      slot = lax.rem(j + 2, 2)
+      plgpu.barrier_wait(bars.handoff.at[slot])
+      return plgpu.load(sc.handoff.at[slot], layout=row_layout)
 
-    def accumulate(vp, pending, acc, l, m_acc, m):
-      """Block vp (its scores s and decision): waits for its V phase,
-      adds p·V at the running max m if kept, frees the V slot."""
-      s, keep = pending
+    # The running max before the split's first block: the anchors' row
+    # max ("anchored"; with two warpgroups each scores one anchor and the
+    # second hands its max to the first), else -inf.
+    handing = skip_enabled and n_wgs == 2
+    if anchored and skip_enabled:
+      if n_wgs == 1:
+        m0 = lax.fori_loop(0, n_anchor, lambda kp, m: jnp.maximum(
+            m, scores(kp).max(axis=1)), minus_inf)
+      else:
+        own = lax.cond(n_anchor > 0, lambda: scores(w).max(axis=1),
+                       lambda: minus_inf)
+
+        def first_anchor():
+          pl.when(w == 1)(lambda: hand_over(jnp.int32(-1), own))
+          return lax.cond(w == 0, lambda: jnp.maximum(
+              own, take_over(jnp.int32(-1))), lambda: own)
+        m0 = lax.cond(n_anchor > 0, first_anchor, lambda: own)
+    else:
+      m0 = minus_inf
+
+    def probabilities(s, m):
+      """P = 2^(s - m) [ROWS, block_kv] in the products' dtype, and its row
+      sums: a kept block's weights at the running max m."""
+      m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+      p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+      return p.astype(dtype), p.sum(axis=1)
+
+    def accumulate(vp, pending, acc, l, m_acc):
+      """Block vp (its P, row sums, the max they are taken at, and its
+      decision): waits for its V phase, adds P·V if kept, frees the V
+      slot. P rather than the f32 scores is what waits a step in
+      registers (half the registers)."""
+      p16, p_sum, m_p, keep = pending
       slot = v_slot(vp)
-      plgpu.barrier_wait(v_bars.at[slot])
-      v_tile = v_smem.at[slot] if wide is None else v_wide
+      plgpu.barrier_wait(bars.v.at[slot])
+      v_tile = sc.v.at[slot]
 
-      def zero_past_end():
+      def zero_past_end(v_tile):
         # Past kv_len a page may hold anything, NaN included: 0·NaN must
         # not reach the accumulator.
         v = plgpu.load(v_tile, layout=plgpu.Layout.WGMMA)
@@ -230,41 +341,47 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
         plgpu.commit_smem()
 
       def kept():
-        if wide is not None:
-          widen(v_smem.at[slot], v_wide)
-        pl.when((start + vp + 1) * block_kv > kv_len)(zero_past_end)
-        m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-        alpha = jnp.exp2(m_acc - m_safe)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+        tile = widen(v_tile) if fp8 else v_tile
+        pl.when((start + vp + 1) * block_kv > kv_len)(
+            lambda: zero_past_end(tile))
+        alpha = jnp.exp2(m_acc - jnp.where(m_p == -jnp.inf, 0.0, m_p))
         acc_scaled = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_new = l * alpha + p.sum(axis=1)
-        p16 = p.astype(dtype)
+        l_new = l * alpha + p_sum
         if p_smem is None:
           def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_tile)
+            plgpu.wgmma(acc_ref, p16, tile)
           acc_new = pl.run_state(pv)(plgpu.ACC.init(acc_scaled))
         else:  # Interpret mode: P through shared memory.
           p_smem[...] = p16
           plgpu.commit_smem()
 
           def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, v_tile)
+            plgpu.wgmma(acc_ref, p_smem, tile)
             return acc_ref[...]
           acc_new = acc_scaled + pl.run_scoped(
               pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
-        return acc_new, l_new, m
+        return acc_new, l_new, m_p
 
       out = lax.cond(keep, kept, lambda: (acc, l, m_acc))
-      plgpu.barrier_arrive(v_free.at[slot])
+      plgpu.barrier_arrive(bars.v_free.at[slot])
       return out
 
-    def step(vp, carry):
-      """Scores and decides block vp, publishes the decision, then
-      accumulates block vp - 1 (its V copy ran meanwhile)."""
+    no_probs = (plgpu.layout_cast(jnp.zeros((ROWS, block_kv), dtype),
+                                  plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32),
+                                  row_layout))
+
+    def step(i, carry):
+      """Scores and decides this warpgroup's i-th block vp, publishes the
+      decision, takes its P if kept, then accumulates its previous block
+      (whose V copy ran meanwhile)."""
       acc, l, m_acc, m, n_skipped, pending = carry
+      vp = w + i * n_wgs
       s = scores(vp + n_anchor)
       m_blk = s.max(axis=1)
       if skip_enabled:
+        if handing:   # The running max after block vp - 1.
+          m = lax.cond(vp == 0, lambda: m, lambda: take_over(vp - 1))
         # max over real rows of (block max - running max), from the scores
         # of visible keys; padded rows take no part. A split's first block
         # without anchors meets m = -inf: gap +inf, kept.
@@ -272,62 +389,78 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
                                            layout=row_layout) < group
         gap = jnp.where(real_rows, m_blk - m, -jnp.inf)
         keep = gap.max() >= log2_thr
-        slot = v_slot(vp)
-        votes_smem[slot] = keep.astype(jnp.int32)
-        plgpu.barrier_arrive(vote_bars.at[slot])
+        m = lax.cond(keep, lambda: jnp.maximum(m, m_blk), lambda: m)
+        if handing:
+          hand_over(vp, m)
+        sc.votes[k_slot(vp)] = keep.astype(jnp.int32)
+        plgpu.barrier_arrive(bars.votes.at[k_slot(vp)])
+        p16, p_sum = lax.cond(keep, lambda: probabilities(s, m),
+                              lambda: no_probs)
       else:
         keep = vp >= 0
+        m = jnp.maximum(m, m_blk)
+        p16, p_sum = probabilities(s, m)
       acc, l, m_acc = lax.cond(
-          vp > 0, lambda: accumulate(vp - 1, pending, acc, l, m_acc, m),
+          i > 0, lambda: accumulate(vp - n_wgs, pending, acc, l, m_acc),
           lambda: (acc, l, m_acc))
-      m = lax.cond(keep, lambda: jnp.maximum(m, m_blk), lambda: m)
       return (acc, l, m_acc, m, n_skipped + 1 - keep.astype(jnp.int32),
-              (s, keep))
+              (p16, p_sum, m, keep))
 
+    n_mine = lax.div(jnp.maximum(n - w + n_wgs - 1, 0), n_wgs)
     acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32),
                             plgpu.Layout.WGMMA)
     l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
-    nothing = (plgpu.layout_cast(
-        jnp.full((ROWS, block_kv), -jnp.inf, jnp.float32),
-        plgpu.Layout.WGMMA), n < 0)
-    zero = n * 0
+    nothing = (*no_probs, minus_inf, n < 0)
     acc, l, m_acc, m, n_skipped, pending = lax.fori_loop(
-        0, n, step, (acc, l, m_init, m, zero, nothing))
+        0, n_mine, step, (acc, l, minus_inf, m0, n * 0, nothing))
+    if handing:   # The last hand-over is for the other warpgroup.
+      @pl.when((n > 0) & (lax.rem(n - 1, 2) != w))
+      def _():
+        take_over(n - 1)
     acc, l, m_acc = lax.cond(
-        n > 0, lambda: accumulate(n - 1, pending, acc, l, m_acc, m),
+        n_mine > 0,
+        lambda: accumulate(w + (n_mine - 1) * n_wgs, pending, acc, l,
+                           m_acc),
         lambda: (acc, l, m_acc))
 
-    # Every K copy has been read: the output tile reuses the K ring.
-    acc_smem[...] = acc if v_scale is None else acc * v_scale
-    ml_smem.at[0][...] = m_acc
-    ml_smem.at[1][...] = l
-    stats_smem[0] = n_skipped
-    stats_smem[1] = n
+    # Every K copy has been read (by both warpgroups): the output tiles
+    # reuse the K ring.
+    if n_wgs > 1:
+      plgpu.barrier_arrive(bars.done)
+      plgpu.barrier_wait(bars.done)
+    out_tile = sc.out.at[w]
+    out_tile[...] = acc if v_scale is None else acc * v_scale
+    sc.ml.at[w, 0][...] = m_acc
+    sc.ml.at[w, 1][...] = l
+    sc.stats[w, 0] = n_skipped
+    sc.stats[w, 1] = n_mine
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(acc_smem, acc_ref.at[batch, kv_head, split])
-    plgpu.copy_smem_to_gmem(ml_smem, ml_ref.at[batch, kv_head, split])
-    plgpu.copy_smem_to_gmem(stats_smem, stats_ref.at[batch, kv_head, split])
+    part = split * n_wgs + w
+    plgpu.copy_smem_to_gmem(out_tile, acc_ref.at[batch, kv_head, part])
+    plgpu.copy_smem_to_gmem(sc.ml.at[w], ml_ref.at[batch, kv_head, part])
+    plgpu.copy_smem_to_gmem(sc.stats.at[w],
+                            stats_ref.at[batch, kv_head, part])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == 1)
+  @pl.when(wg == n_wgs)
   def _memory():
-    plgpu.copy_gmem_to_smem(table_ref.at[batch], table_smem, table_bar)
-    plgpu.barrier_wait(table_bar)
+    plgpu.copy_gmem_to_smem(table_ref.at[batch], sc.table, bars.table)
+    plgpu.barrier_wait(bars.table)
 
     def page(block):   # The table is [rows, SLOT]: TMA boxes hold <= 256.
-      return table_smem[block // SLOT, block % SLOT]
+      return sc.table[block // SLOT, block % SLOT]
 
     def issue_k(kp):
       slot = k_slot(kp)
       plgpu.copy_gmem_to_smem(
           k_ref.at[page(k_block(kp)), pl.ds(0, block_kv), kv_head],
-          k_smem.at[slot], k_bars.at[slot])
+          sc.k.at[slot], bars.k.at[slot])
 
     def refill_k(kp):
       """K position kp + k_stages into kp's slot once it is free."""
       @pl.when(kp + k_stages < n_k)
       def _():
-        plgpu.barrier_wait(k_free.at[k_slot(kp)])
+        plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
         issue_k(kp + k_stages)
 
     for i in range(k_stages):
@@ -343,18 +476,21 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
 
       @pl.when(vp >= v_stages)
       def _():
-        plgpu.barrier_wait(v_free.at[slot])
+        plgpu.barrier_wait(bars.v_free.at[slot])
 
       def issue_v():
         plgpu.copy_gmem_to_smem(
             v_ref.at[page(start + vp), pl.ds(0, block_kv), kv_head],
-            v_smem.at[slot], v_bars.at[slot])
+            sc.v.at[slot], bars.v.at[slot])
 
       if skip_enabled:   # V once the block is kept; else an empty phase.
-        plgpu.barrier_wait(vote_bars.at[slot])
-        pl.when(votes_smem[slot] != 0)(issue_v)
-        pl.when(votes_smem[slot] == 0)(
-            lambda: plgpu.barrier_arrive(v_bars.at[slot]))
+        # The vote of block vp is read before K of block vp + k_stages is
+        # issued: its writer cannot overwrite the vote slot too early.
+        vote = k_slot(vp)
+        plgpu.barrier_wait(bars.votes.at[vote])
+        pl.when(sc.votes[vote] != 0)(issue_v)
+        pl.when(sc.votes[vote] == 0)(
+            lambda: plgpu.barrier_arrive(bars.v.at[slot]))
       else:
         issue_v()
 
@@ -363,11 +499,11 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
     # Observe the last releases, so every phase is seen before exit.
     @pl.loop(jnp.maximum(n_k - k_stages, 0), n_k)
     def _drain_k(kp):
-      plgpu.barrier_wait(k_free.at[k_slot(kp)])
+      plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
 
     @pl.loop(jnp.maximum(n - v_stages, 0), n)
     def _drain_v(vp):
-      plgpu.barrier_wait(v_free.at[v_slot(vp)])
+      plgpu.barrier_wait(bars.v_free.at[v_slot(vp)])
 
 
 @functools.partial(
@@ -397,9 +533,10 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
     skip_enabled: False builds the dense kernel (every V page read).
 
   Returns:
-    acc f32 [batch, kv_heads, splits, 64, head_dim] (unnormalized; rows past
-    `group` are padding), m f32 [batch, kv_heads, splits, 64] (row max,
-    log2 units, -inf where a split kept nothing), l f32 (row sums),
+    acc f32 [batch, kv_heads, parts, 64, head_dim] (unnormalized; rows past
+    `group` are padding; parts = splits * config.compute_wgs, one per
+    compute warpgroup of a split), m f32 [batch, kv_heads, parts, 64] (row
+    max, log2 units, -inf where a part kept nothing), l f32 (row sums);
     skipped, visited int32 [batch, kv_heads, splits].
   """
   b, hkv, g, d = q.shape
@@ -425,16 +562,17 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   params = jnp.zeros((b, SLOT), jnp.float32)
   params = params.at[:, 0].set(kv_lengths.astype(jnp.float32))
   params = params.at[:, 1].set(log_threshold * LOG2E)
-  k_stages = k_ring_depth(config, d, block_kv, pages_per_seq, fp8)
+  n_wgs, k_stages = pipeline(config, d, block_kv, pages_per_seq, fp8)
   v_stages = config.v_stages
   smem_bytes = shared_memory_bytes(d, block_kv, pages_per_seq, k_stages,
-                                   v_stages, fp8=fp8)
+                                   v_stages, fp8=fp8, compute_wgs=n_wgs)
   if smem_bytes > MAX_SHARED_MEMORY:
     raise ValueError(
         f"head_dim {d}, pages of {block_kv} keys, a page table of "
-        f"{pages_per_seq} pages and rings of {k_stages} K / {v_stages} V "
-        f"pages need {smem_bytes} bytes of shared memory (max "
-        f"{MAX_SHARED_MEMORY}); use smaller pages or fewer stages.")
+        f"{pages_per_seq} pages, rings of {k_stages} K / {v_stages} V "
+        f"pages and {n_wgs} compute warpgroups need {smem_bytes} bytes of "
+        f"shared memory (max {MAX_SHARED_MEMORY}); use smaller pages, fewer "
+        "stages or compute_wgs=1.")
   def swizzled(itemsize):   # Rows of d elements, in 128 or 64 bytes.
     swizzle = 128 if d * itemsize >= 128 else 64
     return (plgpu.TilingTransform((8, swizzle // itemsize)),
@@ -447,70 +585,68 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
     scales = jnp.zeros((hkv, SLOT), jnp.float32)
     scales = scales.at[:, 0].set(jnp.asarray(k_scale, jnp.float32))
     inputs.append(scales.at[:, 1].set(jnp.asarray(v_scale, jnp.float32)))
+  parts = num_splits * n_wgs
 
   def blasst_decode_mosaic(q_ref, k_ref, v_ref, table_ref, params_ref,
                            *refs):
     *scales_ref, acc_ref, ml_ref, stats_ref = refs
-    smem = [
-        plgpu.SMEM((ROWS, d), dtype, transforms=swizzled(2)),
-        plgpu.RefUnion(
+    scratch = _Scratch(
+        q=plgpu.SMEM((ROWS, d), dtype, transforms=swizzled(2)),
+        k=plgpu.RefUnion(
             plgpu.SMEM((k_stages, block_kv, d), page_dtype,
                        transforms=page_swizzle),
-            plgpu.SMEM((ROWS, d), jnp.float32)),
-        plgpu.SMEM((v_stages, block_kv, d), page_dtype,
-                   transforms=page_swizzle),
-        plgpu.SMEM((width // SLOT, SLOT), jnp.int32),
-        plgpu.SMEM((2, SLOT), jnp.float32),
-        plgpu.SMEM((v_stages,), jnp.int32),
-        plgpu.SMEM((2, ROWS), jnp.float32),
-        plgpu.SMEM((SLOT,), jnp.int32),
-    ]
-    if interpret is not None:
-      smem.append(plgpu.SMEM((ROWS, block_kv), dtype, transforms=swizzled(2)))
-    n_base = len(smem)
-    if fp8:   # scales, then the K and V tiles the pages widen into
-      smem += [plgpu.SMEM((SLOT,), jnp.float32)] + [
-          plgpu.SMEM((block_kv, d), jnp.float16, transforms=swizzled(2))
-          for _ in range(2)]
-    bars = [
-        plgpu.Barrier(), plgpu.Barrier(), plgpu.Barrier(num_barriers=2),
-        plgpu.Barrier(num_barriers=k_stages),
-        plgpu.Barrier(num_barriers=k_stages),
-        plgpu.Barrier(num_barriers=v_stages),
-        plgpu.Barrier(num_barriers=v_stages),
-        plgpu.Barrier(num_barriers=v_stages),
-    ] + ([plgpu.Barrier()] if fp8 else [])
-    n_smem = len(smem)
+            plgpu.SMEM((n_wgs, ROWS, d), jnp.float32)),
+        out=None,
+        v=plgpu.SMEM((v_stages, block_kv, d), page_dtype,
+                     transforms=page_swizzle),
+        table=plgpu.SMEM((width // SLOT, SLOT), jnp.int32),
+        params=plgpu.SMEM((n_wgs + 1, SLOT), jnp.float32),
+        votes=plgpu.SMEM((k_stages,), jnp.int32),
+        handoff=plgpu.SMEM((2, ROWS), jnp.float32),
+        ml=plgpu.SMEM((n_wgs, 2, ROWS), jnp.float32),
+        stats=plgpu.SMEM((n_wgs, SLOT), jnp.int32),
+        p=(plgpu.SMEM((n_wgs, ROWS, block_kv), dtype, transforms=swizzled(2))
+           if interpret is not None else None),
+        scales=plgpu.SMEM((SLOT,), jnp.float32) if fp8 else None,
+        wide=(plgpu.SMEM((n_wgs, block_kv, d), jnp.float16,
+                         transforms=swizzled(2)) if fp8 else None))
+    barriers = _Barriers(
+        q=plgpu.Barrier(), table=plgpu.Barrier(),
+        params=plgpu.Barrier(num_barriers=n_wgs + 1),
+        k=plgpu.Barrier(num_barriers=k_stages),
+        k_free=plgpu.Barrier(num_barriers=k_stages),
+        v=plgpu.Barrier(num_barriers=v_stages),
+        v_free=plgpu.Barrier(num_barriers=v_stages),
+        votes=plgpu.Barrier(num_barriers=k_stages),
+        handoff=plgpu.Barrier(num_barriers=2),
+        done=plgpu.Barrier(num_arrivals=n_wgs),
+        scales=plgpu.Barrier() if fp8 else None)
 
-    def body(*scoped):
-      smem_refs = scoped[:n_smem]
-      wide = None
-      if fp8:
-        scales_smem, k_wide, v_wide = smem_refs[n_base:]
-        wide = (scales_ref[0], scales_smem, scoped[-1], k_wide, v_wide)
-      _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, acc_ref, ml_ref,
-              stats_ref, (smem_refs, scoped[n_smem:n_smem + 8]),
-              sm_scale=sm_scale,
+    def body(sc, bars):
+      k_ring, out_tiles = sc.k
+      _kernel(q_ref, k_ref, v_ref, table_ref, params_ref,
+              scales_ref[0] if fp8 else None, acc_ref, ml_ref, stats_ref,
+              sc._replace(k=k_ring, out=out_tiles), bars, sm_scale=sm_scale,
               block_kv=block_kv, head_dim=d, dtype=dtype, group=g,
               num_splits=num_splits, skip_enabled=skip_enabled,
               anchored=max_mode == "anchored", k_stages=k_stages,
-              v_stages=v_stages,
-              p_smem=smem_refs[8] if interpret is not None else None,
-              wide=wide)
+              v_stages=v_stages, compute_wgs=n_wgs)
 
-    pl.run_scoped(body, *smem, *bars, collective_axes="wg")
+    pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 
   acc, ml, stats = plgpu.kernel(
       blasst_decode_mosaic,
       out_type=(
-          jax.ShapeDtypeStruct((b, hkv, num_splits, ROWS, d), jnp.float32),
-          jax.ShapeDtypeStruct((b, hkv, num_splits, 2, ROWS), jnp.float32),
-          jax.ShapeDtypeStruct((b, hkv, num_splits, SLOT), jnp.int32)),
+          jax.ShapeDtypeStruct((b, hkv, parts, ROWS, d), jnp.float32),
+          jax.ShapeDtypeStruct((b, hkv, parts, 2, ROWS), jnp.float32),
+          jax.ShapeDtypeStruct((b, hkv, parts, SLOT), jnp.int32)),
       grid=(num_splits, hkv, b),
       grid_names=("split", "kv_heads", "batch"),
-      num_threads=2,
+      num_threads=n_wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
   )(*inputs)
-  return (acc, ml[..., 0, :], ml[..., 1, :], stats[..., 0], stats[..., 1])
+  # Per split: the compute warpgroups' block counts add up.
+  counts = stats[..., :2].reshape(b, hkv, num_splits, n_wgs, 2).sum(axis=3)
+  return (acc, ml[..., 0, :], ml[..., 1, :], counts[..., 0], counts[..., 1])

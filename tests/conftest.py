@@ -4,6 +4,9 @@ import os
 
 # Eight host devices for the sharding tests (tests/test_sharding.py); set
 # before jax starts. One device stays the default for every other test.
+# They also give XLA's CPU client enough threads for GPU interpret mode:
+# with fewer, a three-warpgroup kernel (two of them blocked in barrier
+# callbacks) can starve the third and hang on a two-core machine.
 if "xla_force_host_platform_device_count" not in os.environ.get(
     "XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

@@ -270,7 +270,8 @@ class SkipSelfAttention(nnx.Module):
                implementation: str | None = None, block_q: int | None = None,
                block_kv: int | None = None, dtype=None,
                param_dtype=jnp.float32, interpret: bool | None = None,
-               kernel_config=None, rope: bool = False,
+               kernel_config=None, decode_implementation: str | None = None,
+               rope: bool = False,
                rope_base: float = 10000.0, rope_scale: float = 1.0,
                rope_pairing: str = "half",
                mesh=None, batch_axis=None, head_axis=None,
@@ -289,6 +290,11 @@ class SkipSelfAttention(nnx.Module):
       use_bias: biases in the projections.
       implementation, block_q, block_kv, interpret, kernel_config: passed to
         `blasst_jax.attention`.
+      decode_implementation: what `decode` passes to
+        `blasst_jax.decode_attention` ("pallas_mosaic": the Hopper decode
+        kernel, opt-in); None: `implementation`, except "pallas_mosaic"
+        (whose decode kernel is opt-in), which decodes with the backend's
+        default.
       dtype: computation dtype of the projections (and so of attention).
       param_dtype: dtype of the parameters.
       rope: rotate q and k by their positions (RoPE) before attention;
@@ -329,6 +335,8 @@ class SkipSelfAttention(nnx.Module):
     elif not isinstance(head_dim, (int, np.integer)) or head_dim <= 0:
       raise ValueError(f"`head_dim` must be a positive int, got {head_dim!r}.")
     _check_options(threshold, implementation, block_q, block_kv, None)
+    if decode_implementation is not None:
+      validation.check_implementation(decode_implementation)
     validation.check_causal(causal)
     if rope and head_dim % 2:
       raise ValueError(f"`rope` needs an even head_dim, got {head_dim}.")
@@ -345,6 +353,7 @@ class SkipSelfAttention(nnx.Module):
     self.threshold = threshold
     self.causal = causal
     self.implementation = implementation
+    self.decode_implementation = decode_implementation
     self.block_q = block_q
     self.block_kv = block_kv
     self.interpret = interpret
@@ -614,10 +623,12 @@ class SkipSelfAttention(nnx.Module):
     lengths = jnp.minimum(pos + 1, max_len)
     self.cache_lengths[...] = lengths
     threshold = self.threshold if threshold is None else threshold
-    impl = self.implementation
+    impl = self.decode_implementation
+    if impl is None and self.implementation != "pallas_mosaic":
+      impl = self.implementation
     options = dict(
         threshold=threshold, num_splits=num_splits, max_mode=max_mode,
-        implementation=None if impl == "pallas_mosaic" else impl,
+        implementation=impl,
         return_stats=return_stats, interpret=self.interpret)
     q = q.astype(self.k_cache[...].dtype)
     if self.page_table is not None:

@@ -328,6 +328,37 @@ def test_error_layer_arguments():
     layer(_x(shape=(2, 8, 16)))
 
 
+def test_decode_step_runs_the_hopper_decode_kernel_on_a_paged_cache(
+    monkeypatch):
+  """`decode_implementation="pallas_mosaic"` (interpret mode on CPU) runs
+  the Mosaic decode kernel and gives the reference decode's tokens."""
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  calls = []
+  kernel = decode_mosaic.decode_partials
+  monkeypatch.setattr(decode_mosaic, "decode_partials",
+                      lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+  b, features = 2, 128
+  outs = {}
+  for impl in ("pallas_mosaic", "reference"):
+    layer = SkipSelfAttention(
+        2, features, num_kv_heads=1, dtype=jnp.bfloat16, threshold=0.1,
+        interpret=True, decode_implementation=impl, rngs=nnx.Rngs(0))
+    layer.init_cache(b, max_len=128, dtype=jnp.bfloat16, page_size=64)
+    step = nnx.jit(lambda layer, token: layer.decode(
+        token, max_mode="anchored", num_splits=1))
+    x = jax.random.normal(jax.random.PRNGKey(4), (b, 2, features),
+                          jnp.bfloat16)
+    outs[impl] = jnp.concatenate([step(layer, x[:, i:i + 1])
+                                  for i in range(2)], axis=1)
+  assert calls, "the Mosaic decode kernel did not run"
+  np.testing.assert_allclose(np.asarray(outs["pallas_mosaic"], np.float32),
+                             np.asarray(outs["reference"], np.float32),
+                             atol=3e-2, rtol=3e-2)
+  with pytest.raises(ValueError, match="implementation"):
+    SkipSelfAttention(2, features, decode_implementation="cuda",
+                      rngs=nnx.Rngs(0))
+
+
 def test_decode_step_with_kv_cache_in_nnx_state_matches_full_attention():
   """Token-by-token generation through the decode kernel equals one causal
   pass over the whole sequence (λ = 0), and skips blocks with λ > 0."""

@@ -10,7 +10,7 @@ import ml_collections
 
 
 def model_config() -> ml_collections.ConfigDict:
-  """`blasst_jax.toy_model.SinkLocalTransformer` arguments: two layers (a
+  """`experiments.lm.toy_model.SinkLocalTransformer` arguments: two layers (a
   SkipSelfAttention with GQA, an nnx.MultiHeadAttention), one sharpness per
   head, from diffuse (2) to peaked (24)."""
   return ml_collections.ConfigDict(dict(

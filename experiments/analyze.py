@@ -1,6 +1,6 @@
 r"""Skip-softmax statistics of a small Flax model, per layer and head.
 
-Runs `blasst_jax.toy_model.SinkLocalTransformer` (attention heads with
+Runs `experiments.lm.toy_model.SinkLocalTransformer` (attention heads with
 planted sink + local-window scores, one sharpness per head) on random
 tokens, captures every attention layer's q/k/v, and measures over a λ sweep:
 block sparsity (overall, per q tile, against context length), dropped
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
 from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
 from blasst_jax import testing  # pylint: disable=g-import-not-at-top
-from blasst_jax import toy_model  # pylint: disable=g-import-not-at-top
+from experiments.lm import toy_model  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/analyze.py")
 

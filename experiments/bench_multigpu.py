@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import blasst_jax as bj  # pylint: disable=g-import-not-at-top
 from blasst_jax import patterns
 from blasst_jax import plotting
-from blasst_jax import progress
+from blasst_jax import _progress as progress
 from blasst_jax import sharding
 from blasst_jax import testing
 

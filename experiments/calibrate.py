@@ -1,7 +1,7 @@
 r"""Calibrate skip-softmax scale factors for a target sparsity, per phase.
 
 Feeds random token sequences through a small Flax model
-(`blasst_jax.toy_model.SinkLocalTransformer`), captures every attention
+(`experiments.lm.toy_model.SinkLocalTransformer`), captures every attention
 layer's q/k/v, and replays decode steps from them (the query of position
 t - 1 against the first t keys). On the calibration inputs it sweeps the
 scale factor c (λ = c / kv_len), fits c = a·exp(b·sparsity) per phase
@@ -32,7 +32,7 @@ from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
 from blasst_jax import calibration  # pylint: disable=g-import-not-at-top
 from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
 from blasst_jax import testing  # pylint: disable=g-import-not-at-top
-from blasst_jax import toy_model  # pylint: disable=g-import-not-at-top
+from experiments.lm import toy_model  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/calibrate.py")
 

@@ -41,7 +41,7 @@ from blasst_jax import decode as decode_lib  # pylint: disable=g-import-not-at-t
 from experiments.lm import lm_eval  # pylint: disable=g-import-not-at-top
 from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
 from blasst_jax import testing  # pylint: disable=g-import-not-at-top
-from blasst_jax.progress import ProgressBar  # pylint: disable=g-import-not-at-top
+from blasst_jax._progress import ProgressBar  # pylint: disable=g-import-not-at-top
 from experiments.lm import pretrained  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_llm.py")

@@ -1,6 +1,6 @@
-r"""Train a small GPT (`blasst_jax.gpt`) on tokens, dense or sparse.
+r"""Train a small GPT (`experiments.lm.gpt`) on tokens, dense or sparse.
 
-Data (`cfg.data.kind`): "synthetic" (default; `blasst_jax.synthetic_lm`,
+Data (`cfg.data.kind`): "synthetic" (default; `experiments.lm.synthetic_lm`,
 the other `cfg.data` fields are its arguments) or "text": random crops of
 the real-text dataset in `cfg.data.data_dir` written by
 experiments/prepare_text.py (`experiments.lm.text_data`; the vocabulary is the
@@ -54,11 +54,11 @@ from blasst_jax import calibration  # pylint: disable=g-import-not-at-top
 from blasst_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from experiments.lm import lm_checkpoint  # pylint: disable=g-import-not-at-top
 from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
-from blasst_jax import synthetic_lm  # pylint: disable=g-import-not-at-top
+from experiments.lm import synthetic_lm  # pylint: disable=g-import-not-at-top
 from blasst_jax import testing  # pylint: disable=g-import-not-at-top
 from experiments.lm import text_data  # pylint: disable=g-import-not-at-top
 from blasst_jax.config import SkipSoftmaxConfig  # pylint: disable=g-import-not-at-top
-from blasst_jax.progress import ProgressBar  # pylint: disable=g-import-not-at-top
+from blasst_jax._progress import ProgressBar  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_lm.py")
 _PLOT_LOGS = flags.DEFINE_list(

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blasst_jax import gpt
+from experiments.lm import gpt
 from experiments.lm import lm_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -552,7 +552,7 @@ def insert_passkey(filler, *, bos_id: int, needle_ids, question_ids,
 class TextBatches:
   """Random crops of a split's token stream, deterministic in batch index.
 
-  A drop-in for `blasst_jax.synthetic_lm.SyntheticLM` as a token source: a
+  A drop-in for `experiments.lm.synthetic_lm.SyntheticLM` as a token source: a
   batch is a function of (seed, split, index) only, so a resumed run sees
   the batches it would have seen. Crops run across document boundaries
   (every document opens with bos_id).

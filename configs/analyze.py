@@ -1,8 +1,8 @@
 """Sparsity statistics of a small Flax model (CPU, ~30 s).
 
-    python experiments/analyze.py --config=configs/analyze.py
-    python experiments/analyze.py --config=configs/analyze.py:small
-    python experiments/analyze.py --config=configs/analyze.py \
+    python -m experiments.analyze --config=configs/analyze.py
+    python -m experiments.analyze --config=configs/analyze.py:small
+    python -m experiments.analyze --config=configs/analyze.py \
         --config.seq_len=2048 --config.output_dir=/tmp/analysis
 """
 

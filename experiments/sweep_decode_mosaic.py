@@ -3,10 +3,10 @@ split count) against the Triton kernel, cuDNN and a copy of the cache, on
 the decode study's shapes; then FP8 pages against bf16 through the kernel's
 partials. Exploration only: the study is experiments/bench_decode.py.
 
-    python experiments/sweep_decode_mosaic.py OUT.json
+    python -m experiments.sweep_decode_mosaic OUT.json
 """
-import sys, os, json
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import json
+import sys
 import jax, jax.numpy as jnp
 import blasst_jax as bj
 from blasst_jax import patterns, testing

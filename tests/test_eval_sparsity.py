@@ -1,4 +1,4 @@
-"""experiments/eval_sparsity.py end to end (CPU) and experiments.lm.lm_eval."""
+"""experiments.eval_sparsity end to end (CPU) and experiments.lm.lm_eval."""
 
 import json
 import os
@@ -180,7 +180,7 @@ def test_eval_sparsity_small_end_to_end(tmp_path):
   out_dir = tmp_path / "out"
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "experiments/eval_sparsity.py",
+      [sys.executable, "-m", "experiments.eval_sparsity",
        "--config=configs/eval_sparsity.py:small",
        f"--config.data_dir={data_dir}", f"--config.output_dir={out_dir}"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -375,7 +375,7 @@ def test_compare_a_run_with_itself_is_identical(finetune_root, tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   out = tmp_path / "self"
   proc = subprocess.run(
-      [sys.executable, "experiments/eval_sparsity.py",
+      [sys.executable, "-m", "experiments.eval_sparsity",
        "--config=configs/eval_sparsity.py:small",
        "--config.random_init=False", "--config.data_dir=",
        f"--config.output_dir={out}",

@@ -40,13 +40,15 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from experiments import repo_path
+
 BOS_TOKEN = "<|doc|>"
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
-DEFAULT_DATA_DIR = "data/debian_en"
-_PREPARE = "run experiments/prepare_text.py"
+DEFAULT_DATA_DIR = repo_path("data", "debian_en")
+_PREPARE = "run python -m experiments.prepare_text"
 
 
 def _tokenizers():

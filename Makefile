@@ -23,7 +23,7 @@ $(DOCS_STAMP): $(STAMP)
 	@touch $(DOCS_STAMP)
 
 demo: $(STAMP)
-	$(PY) experiments/demo.py --config=configs/demo.py
+	$(PY) -m experiments.demo --config=configs/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=10 tests
@@ -39,7 +39,8 @@ bazel-test: $(STAMP)
 # API reference from the docstrings: docs/api/index.html. pdoc follows the
 # package's __all__, which names only the submodules imported in __init__.py;
 # every other module is named here.
-ALL_MODULES := $(basename $(subst /,.,$(wildcard blasst_jax/*.py)))
+# Private modules (_name.py) stay out.
+ALL_MODULES := $(basename $(subst /,.,$(filter-out blasst_jax/_%,$(wildcard blasst_jax/*.py))))
 EXPORTED_MODULES := blasst_jax.__init__ \
   $(shell sed -n 's/^from blasst_jax import \([a-z_]*\)$$/blasst_jax.\1/p' blasst_jax/__init__.py)
 DOC_MODULES := blasst_jax blasst_jax.kernels \

@@ -36,7 +36,7 @@ import numpy as np
 from blasst_jax import config as config_lib
 from blasst_jax import reference
 from blasst_jax import validation
-from blasst_jax.progress import ProgressBar
+from blasst_jax._progress import ProgressBar
 
 # Histogram bins of the block-max gap, natural-log units: log λ for λ in
 # [1e-13, 1) lies in [-30, 0); positive gaps are blocks that raise the max.

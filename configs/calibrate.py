@@ -3,9 +3,9 @@
 Calibration and held-out inputs are different random token sequences fed
 through the same small Flax model (`configs/analyze.py`'s).
 
-    python experiments/calibrate.py --config=configs/calibrate.py
-    python experiments/calibrate.py --config=configs/calibrate.py:small
-    python experiments/calibrate.py --config=configs/calibrate.py \
+    python -m experiments.calibrate --config=configs/calibrate.py
+    python -m experiments.calibrate --config=configs/calibrate.py:small
+    python -m experiments.calibrate --config=configs/calibrate.py \
         --config.target_sparsity.prefill=0.2
 """
 

@@ -18,6 +18,8 @@ checkpoint written on the spot, text from --config.text.files, seconds).
 
 import ml_collections
 
+from experiments import repo_path
+
 
 def get_config(variant: str = "default"):
   parts = [p for p in variant.split(",") if p and p != "default"]
@@ -45,7 +47,7 @@ def get_config(variant: str = "default"):
       calibration_module="mhcc",      # Matthew Henry, Concise Commentary
       sword_root="",                  # "": fetch the Debian packages
       files=(),                       # source="files": (eval, calibration)
-      cache="data/eval_llm_tokens.npz",   # tokenized text (rebuilt if stale)
+      cache=repo_path("data", "eval_llm_tokens.npz"),   # tokenized text (rebuilt if stale)
       max_tokens=1_000_000))          # per text, whole documents
   c.context_lengths = (2048, 4096, 8192)
   c.thresholds = (0.0, 1e-3, 1e-2, 3e-2, 1e-1, 2e-1, 3e-1, 5e-1, 7e-1, 9e-1)

@@ -7,17 +7,19 @@ Variants (comma-separated): `default` (GPU: 1k-8k, the model of the run in
 `workdir`) and `small` (CPU tests: a random-init tiny model, reference
 implementation, seconds).
 
-    python experiments/eval_sparsity.py --config=configs/eval_sparsity.py \
+    python -m experiments.eval_sparsity --config=configs/eval_sparsity.py \
         --config.workdir=lm_small_output
-    python experiments/eval_sparsity.py --config=configs/eval_sparsity.py \
+    python -m experiments.eval_sparsity --config=configs/eval_sparsity.py \
         --config.random_init=True          # no checkpoint: a smoke run
-    python experiments/eval_sparsity.py --config=configs/eval_sparsity.py \
+    python -m experiments.eval_sparsity --config=configs/eval_sparsity.py \
         --config.workdir=lm_finetune_output    # finetune vs dense control
-    python experiments/eval_sparsity.py --config=configs/eval_sparsity.py \
+    python -m experiments.eval_sparsity --config=configs/eval_sparsity.py \
         --config.compare_workdirs="('a=RUN_A', 'b=RUN_B')"
 """
 
 import ml_collections
+
+from experiments import repo_path
 
 
 def get_config(variant: str = "default"):
@@ -84,7 +86,7 @@ def get_config(variant: str = "default"):
   if "small" in parts:            # CPU: seconds
     c.random_init = True
     c.random_qk_scale = 4.0       # peaked attention: something to skip
-    c.data_dir = "data/debian_en"
+    c.data_dir = repo_path("data", "debian_en")
     c.implementation = "reference"
     c.context_lengths = (128, 256)
     c.train_seq_len = 128

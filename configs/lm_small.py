@@ -1,6 +1,6 @@
 """Train a small RoPE GPT on real English text (experiments/train_lm.py).
 
-Data: `python experiments/prepare_text.py` first (writes data/debian_en/,
+Data: `python -m experiments.prepare_text` first (writes data/debian_en/,
 ~2.5 min: English documentation of 17 Debian main packages (Python, Linux
 kernel, Perl, PostgreSQL, Django, SQLite, Git, man-pages, ...), byte-level
 BPE with 8192 tokens, ~20.4 M training tokens in 7,533 documents, ~1.2 M
@@ -26,11 +26,11 @@ with skip-softmax for `steps` and runs the dense control, both from that
 checkpoint with `finetune_optim` (peak_lr 3e-4, 20 warmup steps) over
 `optim`.
 
-    python experiments/prepare_text.py && python experiments/train_lm.py \
+    python -m experiments.prepare_text && python -m experiments.train_lm \
         --config=configs/lm_small.py
-    python experiments/train_lm.py --config=configs/lm_small.py \
+    python -m experiments.train_lm --config=configs/lm_small.py \
         --config.data.passkey_prob=0 --config.workdir=lm_small_plain
-    python experiments/train_lm.py --config=configs/lm_small.py:finetune \
+    python -m experiments.train_lm --config=configs/lm_small.py:finetune \
         --config.init_from=lm_small_output --config.workdir=/tmp/ft
 
 GPU size: 8 layers, d_model 512, 8 query heads / 2 KV heads of 64 (GQA),
@@ -42,6 +42,8 @@ the evaluations every 50 steps show whether this one does.
 """
 
 import ml_collections
+
+from experiments import repo_path
 
 MODES = ("dense", "sparse", "finetune")
 
@@ -64,7 +66,7 @@ def get_config(variant: str = "dense"):
   # format of the evaluation (0: plain text only); passkey_answer_weight:
   # loss weight of the answer's targets (1: an ordinary token).
   c.data = ml_collections.ConfigDict(dict(
-      kind="text", data_dir="data/debian_en", seed=0, start="random",
+      kind="text", data_dir=repo_path("data", "debian_en"), seed=0, start="random",
       passkey_prob=0.1, passkey_digits=5, passkey_answer_weight=1.0))
   c.model = ml_collections.ConfigDict(dict(
       num_layers=8, d_model=512, num_heads=8, num_kv_heads=2, mlp_ratio=4,

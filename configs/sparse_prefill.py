@@ -1,11 +1,11 @@
 """Sparse prefill: dense, skip-softmax (BLASST), XAttention block selection,
 and both combined, on one input.
 
-    python experiments/sparse_prefill.py --config=configs/sparse_prefill.py:combined
-    python experiments/sparse_prefill.py --config=configs/sparse_prefill.py:all
-    python experiments/sparse_prefill.py --config=configs/sparse_prefill.py:all,small
+    python -m experiments.sparse_prefill --config=configs/sparse_prefill.py:combined
+    python -m experiments.sparse_prefill --config=configs/sparse_prefill.py:all
+    python -m experiments.sparse_prefill --config=configs/sparse_prefill.py:all,small
 
-    python experiments/sparse_prefill.py --config=configs/sparse_prefill.py:frontier
+    python -m experiments.sparse_prefill --config=configs/sparse_prefill.py:frontier
 
 Variant: dense | blasst | xattention | combined | all | frontier (sweeps of
 λ, τ and (τ, λ) pairs for the error/speed frontier), then optionally ",small"

@@ -3,10 +3,10 @@
 Variants (comma-separated): a mode, `dense` (default), `sparse` or
 `finetune`, and optionally `small` (CPU, seconds).
 
-    python experiments/train_lm.py --config=configs/train_lm.py
-    python experiments/train_lm.py --config=configs/train_lm.py:sparse
-    python experiments/train_lm.py --config=configs/train_lm.py:finetune,small
-    python experiments/train_lm.py --config=configs/train_lm.py:finetune \
+    python -m experiments.train_lm --config=configs/train_lm.py
+    python -m experiments.train_lm --config=configs/train_lm.py:sparse
+    python -m experiments.train_lm --config=configs/train_lm.py:finetune,small
+    python -m experiments.train_lm --config=configs/train_lm.py:finetune \
         --config.init_from=/tmp/train_lm/dense --config.workdir=/tmp/ft
 
 `finetune` without `init_from` trains dense for `dense_steps` into

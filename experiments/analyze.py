@@ -1,6 +1,6 @@
 r"""Skip-softmax statistics of a small Flax model, per layer and head.
 
-Runs `blasst_jax.toy_model.SinkLocalTransformer` (attention heads with
+Runs `experiments.lm.toy_model.SinkLocalTransformer` (attention heads with
 planted sink + local-window scores, one sharpness per head) on random
 tokens, captures every attention layer's q/k/v, and measures over a λ sweep:
 block sparsity (overall, per q tile, against context length), dropped
@@ -8,15 +8,14 @@ softmax mass, output error against dense attention and the block-gap
 distribution. Prints a table per layer and head; writes `analysis.json` and
 PNG figures into `--config.output_dir`.
 
-    python experiments/analyze.py --config=configs/analyze.py
-    python experiments/analyze.py --config=configs/analyze.py:small
+    python -m experiments.analyze --config=configs/analyze.py
+    python -m experiments.analyze --config=configs/analyze.py:small
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -24,13 +23,13 @@ from flax import nnx
 import jax
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
-from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
-from blasst_jax import testing  # pylint: disable=g-import-not-at-top
-from blasst_jax import toy_model  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+from blasst_jax import analysis
+from blasst_jax import plotting
+from blasst_jax import testing
+from experiments.lm import toy_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/analyze.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("analyze"))
 
 
 def build_model(cfg) -> toy_model.SinkLocalTransformer:

@@ -1,7 +1,7 @@
 r"""Forward + backward (one `jax.grad` step) of skip-softmax attention
 against cuDNN's dense attention, in one process on the same inputs.
 
-    python experiments/bench_backward.py --config=configs/bench_backward.py
+    python -m experiments.bench_backward --config=configs/bench_backward.py
 
 Per shape: cuDNN forward+backward, ours at each λ (λ = 0: the dense build),
 the forward alone, the skip sparsity, and the gradient's relative error
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
-import sys
 
 from absl import app
 import jax
@@ -22,13 +20,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import blasst_jax as bj  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+import blasst_jax as bj
 from blasst_jax import patterns
 from blasst_jax import testing
 
-_CONFIG = config_flags.DEFINE_config_file("config",
-                                          "configs/bench_backward.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("bench_backward"))
 
 
 def grad_step(attend):

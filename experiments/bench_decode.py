@@ -1,7 +1,7 @@
 r"""Decode speed: skip-softmax decode against cuDNN, XLA, jax's Pallas decode
 kernel and a plain copy of the KV cache, in one process on the same cache.
 
-    python experiments/bench_decode.py --config=configs/bench_decode.py
+    python -m experiments.bench_decode --config=configs/bench_decode.py
 
 Rows: impl, batch, q_heads, kv_heads, seq_len, head_dim, dtype, threshold,
 mode, splits, sparsity, time_us, bytes_read, effective_tbps (dense K+V bytes
@@ -11,20 +11,18 @@ written).
 
 from __future__ import annotations
 
-import os
-import sys
 
 from absl import app
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import blasst_jax as bj  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+import blasst_jax as bj
 from blasst_jax import patterns
 from blasst_jax import testing
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_decode.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("bench_decode"))
 
 
 def time_us(fn, *args, warmup: int, iters: int, reps: int) -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
 
 from absl import app
@@ -33,17 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import blasst_jax as bj  # pylint: disable=g-import-not-at-top
-from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
-from experiments.lm import lm_eval  # pylint: disable=g-import-not-at-top
-from blasst_jax import models  # pylint: disable=g-import-not-at-top
-from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
-from blasst_jax import testing  # pylint: disable=g-import-not-at-top
-from experiments.lm import pretrained  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+import blasst_jax as bj
+from blasst_jax import analysis
+from experiments.lm import lm_eval
+from blasst_jax import models
+from blasst_jax import plotting
+from blasst_jax import testing
+from experiments.lm import pretrained
 
-_CONFIG = config_flags.DEFINE_config_file("config",
-                                          "configs/bench_generate.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("bench_generate"))
 
 
 def operating_points(cfg) -> list[dict]:

@@ -1,6 +1,6 @@
 r"""Context-parallel scaling of skip-softmax prefill and decode.
 
-    python experiments/bench_multigpu.py --config=configs/bench_multigpu.py
+    python -m experiments.bench_multigpu --config=configs/bench_multigpu.py
 
 For each shape and λ: one device's `bj.attention` / `bj.decode_attention`
 and cuDNN's dense attention (the baselines), then `bj.sharding` with the
@@ -19,8 +19,6 @@ device's `bj` time of the same λ / time_ms).
 
 from __future__ import annotations
 
-import os
-import sys
 
 from absl import app
 import jax
@@ -28,16 +26,15 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import blasst_jax as bj  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+import blasst_jax as bj
 from blasst_jax import patterns
 from blasst_jax import plotting
-from blasst_jax import progress
+from blasst_jax import _progress as progress
 from blasst_jax import sharding
 from blasst_jax import testing
 
-_CONFIG = config_flags.DEFINE_config_file("config",
-                                          "configs/bench_multigpu.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("bench_multigpu"))
 AXIS = "context"
 
 

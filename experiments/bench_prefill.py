@@ -7,8 +7,8 @@ and jax version, and writes a JSON table and a PNG beside it. Skip rows sit
 at target block sparsities (λ found by bisection on each input) or at
 given λ values.
 
-    python experiments/bench_prefill.py --config=configs/bench_prefill.py
-    python experiments/bench_prefill.py --config=configs/bench_prefill.py:h200
+    python -m experiments.bench_prefill --config=configs/bench_prefill.py
+    python -m experiments.bench_prefill --config=configs/bench_prefill.py:h200
 
 Rows: impl, pattern, causal, batch, seq_len, q_heads, kv_heads, head_dim,
 dtype, threshold, target, sparsity, time_ms, tflops, dense_equiv_tflops. `tflops` counts the
@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
-import sys
 
 from absl import app
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import blasst_jax as bj  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+import blasst_jax as bj
 from blasst_jax import analysis
 from blasst_jax import testing
 from blasst_jax.kernels import pallas_mosaic
@@ -37,7 +35,7 @@ from blasst_jax.kernels import pallas_triton
 
 KERNELS = ("pallas_triton", "pallas_mosaic")
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_prefill.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("bench_prefill"))
 
 
 def shape_of(t) -> testing.AttentionShape:

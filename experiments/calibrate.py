@@ -1,7 +1,7 @@
 r"""Calibrate skip-softmax scale factors for a target sparsity, per phase.
 
 Feeds random token sequences through a small Flax model
-(`blasst_jax.toy_model.SinkLocalTransformer`), captures every attention
+(`experiments.lm.toy_model.SinkLocalTransformer`), captures every attention
 layer's q/k/v, and replays decode steps from them (the query of position
 t - 1 against the first t keys). On the calibration inputs it sweeps the
 scale factor c (λ = c / kv_len), fits c = a·exp(b·sparsity) per phase
@@ -10,15 +10,14 @@ oracle with the resulting `SkipSoftmaxConfig` and reports whether the
 achieved sparsity is within the tolerance (±3 points) of the target. Writes
 `calibration.json` and `calibration.png` into `--config.output_dir`.
 
-    python experiments/calibrate.py --config=configs/calibrate.py
-    python experiments/calibrate.py --config=configs/calibrate.py:small
+    python -m experiments.calibrate --config=configs/calibrate.py
+    python -m experiments.calibrate --config=configs/calibrate.py:small
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -27,14 +26,14 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
-from blasst_jax import calibration  # pylint: disable=g-import-not-at-top
-from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
-from blasst_jax import testing  # pylint: disable=g-import-not-at-top
-from blasst_jax import toy_model  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+from blasst_jax import analysis
+from blasst_jax import calibration
+from blasst_jax import plotting
+from blasst_jax import testing
+from experiments.lm import toy_model
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/calibrate.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("calibrate"))
 
 
 def phase_inputs(cfg, model, seed: int, batch: int) -> dict[str, list]:

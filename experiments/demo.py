@@ -5,15 +5,14 @@ one head per sharpness, sweeps λ, prints a table per head (block sparsity,
 max/mean error against dense attention, dropped softmax mass) and writes a
 plot.
 
-    python experiments/demo.py --config=configs/demo.py
-    python experiments/demo.py --config=configs/demo.py --config.seq_len=4096
+    python -m experiments.demo --config=configs/demo.py
+    python -m experiments.demo --config=configs/demo.py --config.seq_len=4096
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -22,12 +21,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import blasst_jax as bj  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+import blasst_jax as bj
 from blasst_jax import analysis
 from blasst_jax import patterns
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("demo"))
 
 
 def make_inputs(cfg, seq_len):

@@ -28,23 +28,22 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 from absl import app
 from absl import logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from blasst_jax import calibration  # pylint: disable=g-import-not-at-top
-from blasst_jax import decode as decode_lib  # pylint: disable=g-import-not-at-top
-from experiments.lm import lm_eval  # pylint: disable=g-import-not-at-top
-from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
-from blasst_jax import testing  # pylint: disable=g-import-not-at-top
-from blasst_jax.progress import ProgressBar  # pylint: disable=g-import-not-at-top
-from experiments.lm import pretrained  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+from blasst_jax import calibration
+from blasst_jax import decode as decode_lib
+from experiments.lm import lm_eval
+from blasst_jax import plotting
+from blasst_jax import testing
+from blasst_jax._progress import ProgressBar
+from experiments.lm import pretrained
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval_llm.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("eval_llm"))
 
 
 # ------------------------------------------------------------------ decode

@@ -30,29 +30,27 @@ with) into output_dir/<label>/, and output_dir/comparison.json and
 comparison.png put sparsity, Δ perplexity (vs each run's dense and vs the
 reference's dense) and retrieval against λ side by side.
 
-    python experiments/eval_sparsity.py --config=configs/eval_sparsity.py \
+    python -m experiments.eval_sparsity --config=configs/eval_sparsity.py \
         --config.workdir=lm_small_output
-    python experiments/eval_sparsity.py --config=configs/eval_sparsity.py:small
-    python experiments/eval_sparsity.py --config=configs/eval_sparsity.py \
+    python -m experiments.eval_sparsity --config=configs/eval_sparsity.py:small
+    python -m experiments.eval_sparsity --config=configs/eval_sparsity.py \
         --config.workdir=lm_finetune_output     # finetune vs dense_control
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import app
 from absl import logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from experiments.lm import lm_eval  # pylint: disable=g-import-not-at-top
-from blasst_jax import testing  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+from experiments.lm import lm_eval
+from blasst_jax import testing
 
-_CONFIG = config_flags.DEFINE_config_file("config",
-                                          "configs/eval_sparsity.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("eval_sparsity"))
 
 
 def main(argv):

@@ -5,7 +5,7 @@ Needs PyTorch, Triton and a checkout of x-attention (not part of this
 project); its `block_sparse_attn` import may be stubbed, only the estimate
 runs:
 
-    python experiments/peer_check_xattention.py --xattention_path=/path/to/x-attention
+    python -m experiments.peer_check_xattention --xattention_path=/path/to/x-attention
 
 Prints, per (seq_len, stride, τ) and per estimate path (torch, triton), the
 fraction of causal (q-block, kv-block) entries on which the two masks agree,
@@ -14,7 +14,6 @@ their Jaccard index and each side's selected fraction.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app
@@ -23,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from blasst_jax import patterns  # pylint: disable=g-import-not-at-top
+from blasst_jax import patterns
 from blasst_jax import xattention
 
 _PATH = flags.DEFINE_string("xattention_path", None,

@@ -41,10 +41,10 @@ training documents and writes uint16 shards, offsets and a manifest
 (sources, package versions and sha256, token counts per source) to
 --out_dir. Same packages and flags give byte-identical files.
 
-    python experiments/prepare_text.py                     # -> data/debian_en/
-    python experiments/prepare_text.py --corpus=pydoc      # -> data/pydoc/
-    python experiments/prepare_text.py --deb_dir=/tmp/debs # reuse .debs
-    python experiments/prepare_text.py --packages=python3.11-doc,perl-doc \
+    python -m experiments.prepare_text                     # -> data/debian_en/
+    python -m experiments.prepare_text --corpus=pydoc      # -> data/pydoc/
+    python -m experiments.prepare_text --deb_dir=/tmp/debs # reuse .debs
+    python -m experiments.prepare_text --packages=python3.11-doc,perl-doc \
         --vocab_size=4096 --out_dir=/tmp/small4k
 """
 
@@ -57,16 +57,15 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from experiments.lm import text_data  # pylint: disable=g-import-not-at-top
-from experiments.lm import text_extract  # pylint: disable=g-import-not-at-top
+from experiments import repo_path
+from experiments.lm import text_data
+from experiments.lm import text_extract
 
 CORPORA = {
     "debian_en": ("python3.11-doc", "debian-reference-en", "linux-doc-6.1",
@@ -83,7 +82,8 @@ PACKAGES = CORPORA[DEFAULT_CORPUS]
 _CORPUS = flags.DEFINE_enum("corpus", DEFAULT_CORPUS, list(CORPORA),
                            "Named corpus: its packages and data/<corpus>/.")
 _OUT_DIR = flags.DEFINE_string(
-    "out_dir", "", "Folder to write the dataset to; empty: data/<corpus>.")
+    "out_dir", "", "Folder to write the dataset to; empty: the "
+    "repository's data/<corpus>.")
 _PACKAGES = flags.DEFINE_list(
     "packages", [], f"Debian packages to read (of {PACKAGES}); empty: "
     "those of --corpus.")
@@ -391,7 +391,7 @@ def main(argv):
   del argv
   t0 = time.perf_counter()
   packages = _PACKAGES.value or list(CORPORA[_CORPUS.value])
-  out_dir = _OUT_DIR.value or os.path.join("data", _CORPUS.value)
+  out_dir = _OUT_DIR.value or repo_path("data", _CORPUS.value)
   documents, sources = collect(packages, _DEB_DIR.value,
                                min_doc_chars=_MIN_DOC_CHARS.value)
   t1 = time.perf_counter()

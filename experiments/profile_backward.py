@@ -5,9 +5,9 @@ cudaProfilerStart/Stop, so that
 
     ncu --profile-from-start off --clock-control none --cache-control none \
         --metrics gpu__time_duration.sum --csv --print-units base \
-        --page raw python experiments/profile_backward.py --variant=cudnn \
+        --page raw python -m experiments.profile_backward --variant=cudnn \
         > cudnn.csv
-    python experiments/profile_backward.py --summarize=cudnn.csv
+    python -m experiments.profile_backward --summarize=cudnn.csv
 
 lists every kernel of that backward (XLA's prologue passes included) with
 its duration. Variants: `cudnn` (jax.nn.dot_product_attention's vjp; its
@@ -28,8 +28,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from blasst_jax import patterns  # pylint: disable=g-import-not-at-top
+from blasst_jax import patterns
 from blasst_jax.kernels import pallas_mosaic
 from blasst_jax.kernels import pallas_mosaic_bwd
 

@@ -2,7 +2,7 @@ r"""Runs the decode kernel once per variant, for a hardware profiler to read.
 
     ncu --clock-control none -k regex:blasst_decode \
         --section SpeedOfLight --section Occupancy --section LaunchStats \
-        python experiments/profile_decode.py --batch=1 --seq_len=131072 \
+        python -m experiments.profile_decode --batch=1 --seq_len=131072 \
         --variants=dense:anchored,1e-3:anchored
 
 Each variant ("λ:max_mode[:splits]", λ "dense" for the build without the
@@ -12,16 +12,13 @@ output prints one line per profiled call, in order.
 
 from __future__ import annotations
 
-import os
-import sys
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import blasst_jax as bj  # pylint: disable=g-import-not-at-top
+import blasst_jax as bj
 from blasst_jax import patterns
 
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences.")

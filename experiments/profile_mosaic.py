@@ -4,7 +4,7 @@ Each variant is compiled, warmed up, then run once, so that
 
     ncu --clock-control none -k regex:blasst_prefill_mosaic \
         --launch-skip-before-match 0 --section SpeedOfLight \
-        python experiments/profile_mosaic.py --seq_len=16384
+        python -m experiments.profile_mosaic --seq_len=16384
 
 reports one launch per line of this script's output, in the same order.
 
@@ -27,7 +27,6 @@ import collections
 import glob
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -35,8 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from blasst_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from blasst_jax import config as config_lib
 from blasst_jax import testing
 from blasst_jax.kernels import pallas_mosaic
 

@@ -1,6 +1,6 @@
 r"""Sparse prefill: dense, skip-softmax, XAttention selection, and both.
 
-    python experiments/sparse_prefill.py --config=configs/sparse_prefill.py:all
+    python -m experiments.sparse_prefill --config=configs/sparse_prefill.py:all
 
 For each method of the config, on the same (q, k, v): the XAttention mask
 (if any; its estimate timed on its own), attention with the method's λ and
@@ -16,8 +16,6 @@ Writes JSON (+ PNG) to --config.output.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
 from absl import app
 import jax
@@ -25,15 +23,14 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import blasst_jax as bj  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+import blasst_jax as bj
 from blasst_jax import patterns
 from blasst_jax import testing
 from blasst_jax import xattention
 from blasst_jax.kernels import xattention_triton
 
-_CONFIG = config_flags.DEFINE_config_file("config",
-                                          "configs/sparse_prefill.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("sparse_prefill"))
 
 
 def make_inputs(cfg):

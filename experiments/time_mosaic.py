@@ -1,6 +1,5 @@
 """Quick tile sweep of the Mosaic kernel against cuDNN."""
-import sys, os, functools
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import functools
 import jax, jax.numpy as jnp
 import blasst_jax as bj
 from blasst_jax import config as config_lib, testing

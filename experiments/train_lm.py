@@ -1,6 +1,6 @@
-r"""Train a small GPT (`blasst_jax.gpt`) on tokens, dense or sparse.
+r"""Train a small GPT (`experiments.lm.gpt`) on tokens, dense or sparse.
 
-Data (`cfg.data.kind`): "synthetic" (default; `blasst_jax.synthetic_lm`,
+Data (`cfg.data.kind`): "synthetic" (default; `experiments.lm.synthetic_lm`,
 the other `cfg.data` fields are its arguments) or "text": random crops of
 the real-text dataset in `cfg.data.data_dir` written by
 experiments/prepare_text.py (`experiments.lm.text_data`; the vocabulary is the
@@ -25,8 +25,8 @@ skip sparsity per layer and tokens/s to WORKDIR/log.json and redraws
 WORKDIR/training.png. Checkpoints (orbax) hold params, optimizer state,
 step and data position: rerunning with the same workdir resumes.
 
-    python experiments/train_lm.py --config=configs/train_lm.py:sparse,small
-    python experiments/train_lm.py --plot_logs=a/log.json,b/log.json \
+    python -m experiments.train_lm --config=configs/train_lm.py:sparse,small
+    python -m experiments.train_lm --plot_logs=a/log.json,b/log.json \
         --plot_output=compare.png
 """
 
@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 
 from absl import app
@@ -48,19 +47,19 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from blasst_jax import analysis  # pylint: disable=g-import-not-at-top
-from blasst_jax import calibration  # pylint: disable=g-import-not-at-top
-from blasst_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from experiments.lm import lm_checkpoint  # pylint: disable=g-import-not-at-top
-from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
-from blasst_jax import synthetic_lm  # pylint: disable=g-import-not-at-top
-from blasst_jax import testing  # pylint: disable=g-import-not-at-top
-from experiments.lm import text_data  # pylint: disable=g-import-not-at-top
-from blasst_jax.config import SkipSoftmaxConfig  # pylint: disable=g-import-not-at-top
-from blasst_jax.progress import ProgressBar  # pylint: disable=g-import-not-at-top
+from experiments import config_file
+from blasst_jax import analysis
+from blasst_jax import calibration
+from blasst_jax import config as config_lib
+from experiments.lm import lm_checkpoint
+from blasst_jax import plotting
+from experiments.lm import synthetic_lm
+from blasst_jax import testing
+from experiments.lm import text_data
+from blasst_jax.config import SkipSoftmaxConfig
+from blasst_jax._progress import ProgressBar
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_lm.py")
+_CONFIG = config_flags.DEFINE_config_file("config", config_file("train_lm"))
 _PLOT_LOGS = flags.DEFINE_list(
     "plot_logs", None, "Only plot these JSON logs (e.g. a dense run and a "
     "sparse fine-tune) into --plot_output, then exit.")

@@ -6,13 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
-run() { python3 "$@" --config.output_dir="$out" 2>&1 | tee "$out/$(basename "$1" .py).log"; }
-run experiments/bench_prefill.py --config=configs/bench_prefill.py
-run experiments/bench_decode.py --config=configs/bench_decode.py
-run experiments/bench_backward.py --config=configs/bench_backward.py
-run experiments/sparse_prefill.py --config=configs/sparse_prefill.py
-run experiments/sparse_prefill.py --config=configs/sparse_prefill.py:frontier
-run experiments/bench_multigpu.py --config=configs/bench_multigpu.py
+run() { python3 -m "experiments.$1" "${@:2}" --config.output_dir="$out" 2>&1 | tee "$out/$1.log"; }
+run bench_prefill --config=configs/bench_prefill.py
+run bench_decode --config=configs/bench_decode.py
+run bench_backward --config=configs/bench_backward.py
+run sparse_prefill --config=configs/sparse_prefill.py
+run sparse_prefill --config=configs/sparse_prefill.py:frontier
+run bench_multigpu --config=configs/bench_multigpu.py
 # The pretrained-model study and its latency (needs the [lm] extra and SmolLM2).
 tag=$(python3 -c 'import jax; from blasst_jax import testing; print(testing.device_tag(jax.devices()[0].device_kind))')
 python3 -m experiments.eval_llm --config=configs/eval_llm.py \

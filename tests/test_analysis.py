@@ -20,8 +20,8 @@ import blasst_jax.nn as bjnn
 from blasst_jax import analysis
 from blasst_jax import plotting
 from blasst_jax import testing
-from blasst_jax import toy_model
-from blasst_jax.progress import ProgressBar
+from experiments.lm import toy_model
+from blasst_jax._progress import ProgressBar
 from tests.test_base import key_for
 
 # ----------------------------------------------------------------------------

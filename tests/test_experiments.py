@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,29 +14,39 @@ import blasst_jax as bj
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(args, tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+# XLA's optimisation passes dominate these tiny CPU runs; the results do
+# not depend on them.
+ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+           JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+
+
+def run(args, tmp_path, *, cwd=ROOT):
+  """`python -m experiments.NAME ARGS...` (args[0] is NAME) from cwd."""
+  del tmp_path
+  proc = subprocess.run([sys.executable, "-m", f"experiments.{args[0]}",
+                         *args[1:]], cwd=cwd, env=ENV, capture_output=True,
+                        text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   return proc.stdout
 
 
 def run_with_output(script, config, tmp_path, name):
-  """Runs experiments/SCRIPT.py --config=configs/CONFIG writing
+  """Runs `python -m experiments.SCRIPT --config=configs/CONFIG` writing
   tmp_path/NAME.json; returns (stdout, the JSON it wrote)."""
   output = tmp_path / f"{name}.json"
-  out = run([f"experiments/{script}.py", f"--config=configs/{config}",
+  out = run([script, f"--config=configs/{config}",
              f"--config.output_dir={tmp_path}",
              f"--config.output_name={name}"], tmp_path)
   return out, json.loads(output.read_text())
 
 
 def test_demo_runs_and_writes_plot(tmp_path):
-  out = run(["experiments/demo.py", "--config=configs/demo.py",
-             "--config.seq_len=256", "--config.kernel_check_seq_len=128",
+  # From outside the repository, with the default config: the script finds
+  # the repository's configs/demo.py itself.
+  out = run(["demo", "--config.seq_len=256",
+             "--config.kernel_check_seq_len=128",
              "--config.block_q=32", "--config.block_kv=32",
-             f"--config.output_dir={tmp_path}"], tmp_path)
+             f"--config.output_dir={tmp_path}"], tmp_path, cwd=tmp_path)
   assert "plot written to" in out
   assert "same skip counts as the oracle: True" in out
   png = tmp_path / "demo_sparsity_error.png"
@@ -91,7 +102,7 @@ def test_profile_backward_summarizes_an_ncu_report(tmp_path):
             for i, (n, t) in enumerate(zip(names, times_ns))]
   report = tmp_path / "ncu.csv"
   report.write_text("\n".join(lines) + "\n")
-  out = run(["experiments/profile_backward.py", f"--summarize={report}"],
+  out = run(["profile_backward", f"--summarize={report}"],
             tmp_path).splitlines()
   assert [line.split(None, 2)[2] for line in out[:3]] == names
   got = [float(line.split()[0]) for line in out[:3]]
@@ -100,9 +111,9 @@ def test_profile_backward_summarizes_an_ncu_report(tmp_path):
                                                    abs=1e-3)
   report.write_text("==PROF== nothing profiled\n")
   proc = subprocess.run(
-      [sys.executable, "experiments/profile_backward.py",
+      [sys.executable, "-m", "experiments.profile_backward",
        f"--summarize={report}"], cwd=ROOT, capture_output=True, text=True,
-      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), timeout=600)
+      env=ENV, timeout=600)
   assert proc.returncode != 0 and "--csv --page raw" in proc.stderr
 
 
@@ -149,7 +160,7 @@ def test_sparse_prefill_all_methods_small(tmp_path):
 
 
 def test_analyze_small_prints_table_and_writes_plots(tmp_path):
-  out = run(["experiments/analyze.py", "--config=configs/analyze.py:small",
+  out = run(["analyze", "--config=configs/analyze.py:small",
              f"--config.output_dir={tmp_path}"], tmp_path)
   report = json.loads((tmp_path / "analysis.json").read_text())
   layers = report["layers"]
@@ -169,7 +180,7 @@ def test_analyze_small_prints_table_and_writes_plots(tmp_path):
 
 
 def test_calibrate_small_hits_target_on_held_out(tmp_path):
-  out = run(["experiments/calibrate.py",
+  out = run(["calibrate",
              "--config=configs/calibrate.py:small",
              f"--config.output_dir={tmp_path}"], tmp_path)
   result = json.loads((tmp_path / "calibration.json").read_text())
@@ -184,39 +195,28 @@ def test_calibrate_small_hits_target_on_held_out(tmp_path):
   assert (tmp_path / "calibration.png").stat().st_size > 10_000
 
 
-def test_train_lm_small_dense_learns_checkpoints_and_resumes(tmp_path):
-  args = ["experiments/train_lm.py", "--config=configs/train_lm.py:small",
-          f"--config.workdir={tmp_path}"]
-  run(args, tmp_path)
-  log = json.loads((tmp_path / "log.json").read_text())
-  evals = log["evals"]
+def test_train_lm_small_finetune_trains_dense_resumes_and_plots(tmp_path):
+  """`finetune,small` trains dense into WORKDIR/dense (the steps of a plain
+  `small` dense run), fine-tunes from it and runs the dense control; the
+  dense run then resumes from a checkpoint as a plain `small` run."""
+  out = run(["train_lm", "--config=configs/train_lm.py:finetune,small",
+             f"--config.workdir={tmp_path}"], tmp_path)
+  assert "initialised from" in out
+  dense = json.loads((tmp_path / "dense" / "log.json").read_text())
+  sparse = json.loads((tmp_path / "finetune" / "log.json").read_text())
+  # The dense phase learns, logs and checkpoints.
+  evals = dense["evals"]
+  assert dense["mode"] == "dense"
   assert [e["step"] for e in evals] == [10, 20, 30]
   losses = [e["eval_loss"] for e in evals]
   assert losses == sorted(losses, reverse=True)
   assert losses[-1] < losses[0] - 0.3 and losses[0] < 4.2  # ln(64) = 4.16
   assert all(e["sparsity"] == [0.0, 0.0] for e in evals)   # λ = 0
   assert all(e["tokens_per_s"] > 0 for e in evals)
-  ckpts = tmp_path / "checkpoints"
+  ckpts = tmp_path / "dense" / "checkpoints"
   assert sorted(p.name for p in ckpts.iterdir()) == ["step_20", "step_30"]
-  assert (tmp_path / "training.png").stat().st_size > 10_000
-  # Lose the last checkpoint: the rerun continues from step 20, with the
-  # same optimizer state and data position, so it reproduces step 30.
-  import shutil  # pylint: disable=g-import-not-at-top
-  shutil.rmtree(ckpts / "step_30")
-  out = run(args, tmp_path)
-  assert "resumed from step 20" in out
-  resumed = json.loads((tmp_path / "log.json").read_text())["evals"]
-  assert [e["step"] for e in resumed] == [10, 20, 30]
-  assert abs(resumed[-1]["eval_loss"] - evals[-1]["eval_loss"]) < 1e-4
+  assert (tmp_path / "dense" / "training.png").stat().st_size > 10_000
 
-
-def test_train_lm_small_finetune_reports_sparsity_and_plots(tmp_path):
-  out = run(["experiments/train_lm.py",
-             "--config=configs/train_lm.py:finetune,small",
-             f"--config.workdir={tmp_path}"], tmp_path)
-  assert "initialised from" in out
-  dense = json.loads((tmp_path / "dense" / "log.json").read_text())
-  sparse = json.loads((tmp_path / "finetune" / "log.json").read_text())
   assert sparse["step_offset"] == dense["evals"][-1]["step"] == 30
   assert sparse["threshold"] == {"threshold": 0.9}
   assert all(max(e["sparsity"]) > 0 for e in sparse["evals"])
@@ -242,11 +242,22 @@ def test_train_lm_small_finetune_reports_sparsity_and_plots(tmp_path):
     assert max(e["sparsity_at_threshold"]) > 0
     assert e["eval_loss_at_threshold"] >= e["eval_loss"] - 0.05
   assert (tmp_path / "dense_vs_finetune.png").stat().st_size > 10_000
-  out = run(["experiments/train_lm.py",
+  out = run(["train_lm",
              f"--plot_logs={tmp_path}/dense/log.json,"
              f"{tmp_path}/finetune/log.json",
              f"--plot_output={tmp_path}/again.png"], tmp_path)
   assert (tmp_path / "again.png").stat().st_size > 10_000
+
+  # Lose the dense run's last checkpoint: a plain dense run in its workdir
+  # continues from step 20, with the same optimizer state and data position,
+  # so it reproduces step 30.
+  shutil.rmtree(ckpts / "step_30")
+  out = run(["train_lm", "--config=configs/train_lm.py:small",
+             f"--config.workdir={tmp_path / 'dense'}"], tmp_path)
+  assert "resumed from step 20" in out
+  resumed = json.loads((tmp_path / "dense" / "log.json").read_text())["evals"]
+  assert [e["step"] for e in resumed] == [10, 20, 30]
+  assert abs(resumed[-1]["eval_loss"] - evals[-1]["eval_loss"]) < 1e-4
 
 
 def test_train_lm_small_on_text_learns_from_heldout_split(tmp_path):
@@ -262,7 +273,7 @@ def test_train_lm_small_on_text_learns_from_heldout_split(tmp_path):
                                      heldout_fraction=0.2)
   workdir = tmp_path / "run"
   # Weighted passkey answers: the per-target weights path of the loss.
-  run(["experiments/train_lm.py", "--config=configs/lm_small.py:small",
+  run(["train_lm", "--config=configs/lm_small.py:small",
        f"--config.workdir={workdir}", f"--config.data.data_dir={data_dir}",
        "--config.data.passkey_answer_weight=8.0"], tmp_path)
   log = json.loads((workdir / "log.json").read_text())
@@ -276,14 +287,13 @@ def test_train_lm_small_on_text_learns_from_heldout_split(tmp_path):
   assert [e["step"] for e in log["evals"]] == [10, 20]
   assert losses[-1] < losses[0] < np.log(manifest["vocab_size"]) + 0.5
   proc = subprocess.run(
-      [sys.executable, "experiments/train_lm.py",
+      [sys.executable, "-m", "experiments.train_lm",
        "--config=configs/lm_small.py:small",
        f"--config.workdir={tmp_path / 'x'}",
        f"--config.data.data_dir={tmp_path / 'missing'}"], cwd=ROOT,
-      env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
-      capture_output=True, text=True, timeout=600)
+      env=ENV, capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0
-  assert "run experiments/prepare_text.py" in proc.stderr
+  assert "run python -m experiments.prepare_text" in proc.stderr
 
 
 def test_bench_multigpu_smoke(tmp_path):
@@ -335,7 +345,7 @@ def test_eval_llm_and_bench_generate_small(tmp_path):
     files.append(str(path))
   text = f"--config.text.files=('{files[0]}', '{files[1]}')"
   out_dir = tmp_path / "eval"
-  out = run(["-m", "experiments.eval_llm", "--config=configs/eval_llm.py:small",
+  out = run(["eval_llm", "--config=configs/eval_llm.py:small",
              text, f"--config.output_dir={out_dir}",
              "--config.context_lengths=(256,)", "--config.progress=False"],
             tmp_path)
@@ -356,7 +366,7 @@ def test_eval_llm_and_bench_generate_small(tmp_path):
     assert (out_dir / png).stat().st_size > 10_000
 
   gen_dir = tmp_path / "gen"
-  out = run(["-m", "experiments.bench_generate",
+  out = run(["bench_generate",
              "--config=configs/bench_generate.py:small", text,
              f"--config.output_dir={gen_dir}", "--config.batch_sizes=(1,)",
              "--config.repeats=1", "--config.points=()",

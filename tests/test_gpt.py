@@ -1,4 +1,4 @@
-"""blasst_jax.gpt: shapes, causality, config errors; synthetic_lm data."""
+"""experiments.lm.gpt: shapes, causality, config errors; synthetic_lm data."""
 
 from flax import nnx
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blasst_jax import gpt
-from blasst_jax import synthetic_lm
+from experiments.lm import gpt
+from experiments.lm import synthetic_lm
 
 
 def small_model(**kwargs):

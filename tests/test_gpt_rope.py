@@ -1,4 +1,4 @@
-"""RoPE in blasst_jax.nn / blasst_jax.gpt: relative positions, causality."""
+"""RoPE in blasst_jax.nn / experiments.lm.gpt: relative positions, causality."""
 
 from flax import nnx
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blasst_jax import gpt
+from experiments.lm import gpt
 from blasst_jax import nn as bjnn
 
 

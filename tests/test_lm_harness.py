@@ -2,14 +2,12 @@
 
 import os
 import struct
-import sys
 import zlib
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments.lm import sword  # pylint: disable=g-import-not-at-top
+from experiments.lm import sword
 
 BLOCKS = [
     '<div sID="a" type="x-p"/> Psalm 1 <div eID="a" type="x-p"/>'

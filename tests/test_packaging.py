@@ -18,6 +18,10 @@ the installed copy, never this checkout or its editable install:
   are exactly satisfied by what it sees, and the test asserts that
   `blasst_jax.__file__` lies inside the fresh venv.
 
+The wheel holds the library only (no research harness), and the library
+imports without optax and matplotlib except where a module needs them (see
+NEEDS_FLAX_NNX and NEEDS_MATPLOTLIB).
+
 Needs pip's build isolation to fetch setuptools (from PyPI or pip's cache).
 """
 
@@ -59,6 +63,39 @@ SMOKE = textwrap.dedent("""
         imported_extras=sorted(m for m in ("matplotlib", "ml_collections")
                                if m in sys.modules))))
 """)
+
+# Runs inside the fresh venv: imports each module named on the command line
+# with the listed packages made unimportable (a None entry in sys.modules
+# makes `import name` raise ImportError); prints {module: error} for those
+# that fail.
+IMPORT_WITHOUT = textwrap.dedent("""
+    import importlib, json, sys
+    blocked, modules = sys.argv[1].split(","), sys.argv[2:]
+    for name in blocked:
+      sys.modules[name] = None
+    failed = {}
+    for module in modules:
+      try:
+        importlib.import_module(module)
+      except ImportError as e:
+        failed[module] = str(e)
+    print(json.dumps(failed))
+""")
+
+# What needs optax: flax.nnx imports it (optax is a flax requirement, so it
+# is always installed with the library), hence every module built on nnx.
+NEEDS_FLAX_NNX = {"blasst_jax.nn", "blasst_jax.models",
+                  "blasst_jax.models.generate", "blasst_jax.models.llama",
+                  "blasst_jax.models.testing", "blasst_jax.models.tokenizer",
+                  "blasst_jax.models.weights"}
+# What needs the `plot` extra.
+NEEDS_MATPLOTLIB = {"blasst_jax.plotting"}
+
+# The research harness (experiments/lm) and the old public name of the
+# progress bar (now private) stay out of the wheel.
+HARNESS = ("gpt", "synthetic_lm", "toy_model", "progress", "lm_eval",
+           "text_data", "text_extract", "lm_checkpoint", "pretrained",
+           "sword")
 
 _HIDDEN_PREFIXES = ("blasst_jax", "__editable__", "_blasst_jax")
 _HIDDEN_SUFFIXES = (".pth", ".egg-link")
@@ -103,10 +140,16 @@ def test_wheel_installs_and_runs_in_fresh_venv(tmp_path):
   with zipfile.ZipFile(wheels[0]) as whl:
     names = set(whl.namelist())
   assert "blasst_jax/kernels/pallas_triton.py" in names
-  assert not any(n.startswith(("tests/", "experiments/")) for n in names)
-  # The research harness stays out of the wheel.
-  assert not names & {f"blasst_jax/{m}.py" for m in (
-      "lm_eval", "text_data", "text_extract", "lm_checkpoint")}
+  assert not any(n.startswith(("tests/", "experiments/", "configs/"))
+                 for n in names), sorted(names)
+  assert "blasst_jax/_progress.py" in names
+  harness = {n for n in names
+             if n.rsplit("/", 1)[-1].removesuffix(".py") in HARNESS}
+  assert not harness, harness
+  modules = sorted(n.removesuffix("/__init__.py").removesuffix(".py")
+                   .replace("/", ".") for n in names
+                   if n.startswith("blasst_jax/") and n.endswith(".py"))
+  assert set(modules) >= NEEDS_FLAX_NNX | NEEDS_MATPLOTLIB, modules
 
   venv = tmp_path / "venv"
   _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
@@ -134,3 +177,17 @@ def test_wheel_installs_and_runs_in_fresh_venv(tmp_path):
   assert result["max_err"] < 1e-4, result
   assert result["skipped"] == result["ref_skipped"] > 0, result
   assert result["imported_extras"] == [], result
+
+  # Every module imports without optax and matplotlib but those that need
+  # flax.nnx (which imports optax) or the plot extra; with only matplotlib
+  # missing, everything but plotting imports.
+  def failing_imports(blocked):
+    out = _run([python, "-I", "-c", IMPORT_WITHOUT, ",".join(blocked),
+                *modules], cwd=work, env=_clean_env(JAX_PLATFORMS="cpu"))
+    return json.loads(out.strip().splitlines()[-1])
+  failed = failing_imports(["optax", "matplotlib"])
+  assert set(failed) == NEEDS_FLAX_NNX | NEEDS_MATPLOTLIB, failed
+  assert all("optax" in failed[m] for m in NEEDS_FLAX_NNX), failed
+  assert all("matplotlib" in failed[m] for m in NEEDS_MATPLOTLIB), failed
+  failed = failing_imports(["matplotlib"])
+  assert set(failed) == NEEDS_MATPLOTLIB, failed

@@ -415,7 +415,7 @@ def test_context_parallel_prefill_errors():
 
 def test_gpt_with_mesh_matches_one_device():
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from blasst_jax import gpt  # pylint: disable=g-import-not-at-top
+  from experiments.lm import gpt  # pylint: disable=g-import-not-at-top
   common = dict(num_layers=2, d_model=64, num_heads=8, num_kv_heads=4,
                 threshold=0.1, implementation="reference", block_q=16,
                 block_kv=16, position="rope", norm="rmsnorm")

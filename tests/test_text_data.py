@@ -147,7 +147,7 @@ def test_errors(dataset, tmp_path):
   for load in (text_data.load_tokenizer, text_data.load_manifest,
                lambda d: text_data.load_documents(d, "train"),
                text_data.TextBatches):
-    with pytest.raises(ValueError, match="run experiments/prepare_text.py"):
+    with pytest.raises(ValueError, match="run python -m experiments.prepare_text"):
       load(missing)
   with pytest.raises(ValueError, match="split"):
     text_data.load_documents(out, "test")

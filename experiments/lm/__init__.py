@@ -1,1 +1,3 @@
-"""Research harness for real-model studies (outside the blasst_jax wheel)."""
+"""Research harness outside the blasst_jax wheel: the small GPT, synthetic
+and real-text training data, planted-pattern models, pretrained checkpoints
+and the evaluation of real-model studies."""

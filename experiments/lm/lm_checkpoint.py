@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from blasst_jax import gpt
+from experiments.lm import gpt
 from experiments.lm import text_data
 
 CHECKPOINT_DIR = "checkpoints"

@@ -42,7 +42,7 @@ from blasst_jax import config as config_lib
 from experiments.lm import text_data
 from blasst_jax import xattention
 from blasst_jax.config import SkipSoftmaxConfig
-from blasst_jax.progress import ProgressBar
+from blasst_jax._progress import ProgressBar
 
 WINDOW_SOURCES = ("auto", "documents", "stream")
 # The template training augmentation shares (text_data.TextBatches).

@@ -40,13 +40,15 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from experiments import repo_path
+
 BOS_TOKEN = "<|doc|>"
 SPLITS = ("train", "heldout")
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
-DEFAULT_DATA_DIR = "data/debian_en"
-_PREPARE = "run experiments/prepare_text.py"
+DEFAULT_DATA_DIR = repo_path("data", "debian_en")
+_PREPARE = "run python -m experiments.prepare_text"
 
 
 def _tokenizers():
@@ -552,7 +554,7 @@ def insert_passkey(filler, *, bos_id: int, needle_ids, question_ids,
 class TextBatches:
   """Random crops of a split's token stream, deterministic in batch index.
 
-  A drop-in for `blasst_jax.synthetic_lm.SyntheticLM` as a token source: a
+  A drop-in for `experiments.lm.synthetic_lm.SyntheticLM` as a token source: a
   batch is a function of (seed, split, index) only, so a resumed run sees
   the batches it would have seen. Crops run across document boundaries
   (every document opens with bos_id).

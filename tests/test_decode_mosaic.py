@@ -162,6 +162,25 @@ def test_config_rejects_shallow_rings():
     decode_mosaic.MosaicDecodeConfig(k_stages=1)
   with pytest.raises(ValueError, match="v_stages"):
     decode_mosaic.MosaicDecodeConfig(v_stages="2")
+  with pytest.raises(ValueError, match="compute_wgs"):
+    decode_mosaic.MosaicDecodeConfig(compute_wgs=3)
+  with pytest.raises(ValueError, match="multiple"):
+    decode_mosaic.MosaicDecodeConfig(v_stages=3, compute_wgs=2)
+
+
+@pytest.mark.parametrize("d,block_kv,fp8,wgs", [
+    (128, 128, False, 1),   # three warpgroups would spill
+    (128, 64, False, 2), (64, 128, False, 2), (64, 128, True, 2),
+    (256, 64, False, 1)])
+def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
+                                                           wgs):
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  config = decode_mosaic.MosaicDecodeConfig()
+  n_wgs, k_stages = decode_mosaic.pipeline(config, d, block_kv, 64, fp8)
+  assert n_wgs == wgs and k_stages % n_wgs == 0 and k_stages >= 2
+  assert decode_mosaic.shared_memory_bytes(
+      d, block_kv, 64, k_stages, config.v_stages, fp8=fp8,
+      compute_wgs=n_wgs) <= decode_mosaic.MAX_SHARED_MEMORY
 
 
 @pytest.mark.parametrize("d,block_kv,group", [(128, 128, 4), (64, 64, 3),

@@ -24,9 +24,10 @@ def get_config(variant: str = "h100"):
   c.block_kv = 128
   # (max_mode, num_splits) runs of our kernel; None: the default split count
   # (fills the GPU). Each runs the dense build, λ = 0 with the check, and
-  # every threshold.
-  c.variants = [("split", None), ("split", 1), ("anchored", None),
-                ("global", None)]
+  # every threshold. A tuple, so that a run may pick some:
+  # --config.variants="(('anchored', None),)".
+  c.variants = (("split", None), ("split", 1), ("anchored", None),
+                ("global", None))
   c.impls = ["copy", "cudnn", "xla", "jax_pallas", "pallas_triton"]
   # Kernels also run on an FP8 (e4m3) copy of each cache, at the same λs.
   c.fp8_impls = []
@@ -74,7 +75,7 @@ def get_config(variant: str = "h100"):
     c.shapes = [(2, 4, 2, 256, 32)]
     c.thresholds = [1e-2]
     c.block_kv = 32
-    c.variants = [("split", 2), ("anchored", 2), ("global", 2)]
+    c.variants = (("split", 2), ("anchored", 2), ("global", 2))
     c.patterns = ["scattered"]
     c.target_sparsities = (0.5,)
     c.bisection_steps = 3
@@ -92,7 +93,7 @@ def get_config(variant: str = "h100"):
                 (64, 32, 8, 4096, 128), (1, 32, 8, 524288, 128)]
     c.impls = ["copy", "cudnn", "pallas_mosaic", "pallas_triton"]
     c.fp8_impls = ["pallas_mosaic"]
-    c.variants = [("anchored", None), ("split", None)]
+    c.variants = (("anchored", None), ("split", None))
     c.patterns = ["sink_local", "scattered"]
     c.target_sparsities = (0.3, 0.5, 0.7, 0.9)
     c.thresholds = []

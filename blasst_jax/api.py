@@ -107,7 +107,9 @@ def attention(q, k, v, *, threshold=0.0, causal: bool = False,
       `SkipStats` name the tiles that decided (`stats.tiles`).
     interpret: run Pallas kernels in interpret mode; default True when no GPU
       is present for "pallas_triton". For "pallas_mosaic", True runs Pallas'
-      GPU interpret mode (barriers and TMA simulated on CPU; slow).
+      GPU interpret mode (barriers and TMA simulated on CPU; slow), and a
+      `jax.experimental.pallas.mosaic_gpu.InterpretGPUParams` runs it with
+      those settings (e.g. `detect_races=True`).
     kernel_config: implementation-specific speed knobs, e.g.
       `blasst_jax.kernels.pallas_triton.TritonConfig`.
     return_lse: return (out, lse) in place of out: lse f32 [batch, q_heads,

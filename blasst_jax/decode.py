@@ -108,7 +108,9 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
       Pallas' GPU interpret mode), "reference", or None (the Triton kernel
       on GPU, the oracle elsewhere).
     return_stats: also return a `DecodeStats`.
-    interpret: run the Pallas kernel in interpret mode (default: off GPU).
+    interpret: run the Pallas kernel in interpret mode (default: off GPU);
+      for "pallas_mosaic" also a `plgpu.InterpretGPUParams` (e.g.
+      `detect_races=True`).
     kernel_config: a `kernels.decode_triton.DecodeConfig`.
     return_lse: return (out, lse) in place of out: lse f32 [batch, q_heads],
       the natural-log log-sum-exp of the kept scores (-inf where none),

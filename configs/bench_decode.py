@@ -11,15 +11,21 @@ cuDNN and a copy, on the four shapes of the H200 study.
 
 import ml_collections
 
+from blasst_jax import testing
 from experiments import repo_path
+
+
+def rows(shapes):
+  """`testing.DecodeShape`s as the config's (batch, q_heads, kv_heads,
+  seq_len, head_dim) rows."""
+  return tuple(s.bench_tuple for s in shapes)
 
 
 def get_config(variant: str = "h100"):
   c = ml_collections.ConfigDict()
-  # (batch, q_heads, kv_heads, seq_len, head_dim); every sequence is full.
-  # Tuples, like `variants`, so that a run may pick some.
-  c.shapes = ((8, 32, 8, 32768, 128), (1, 32, 8, 131072, 128),
-              (64, 32, 8, 4096, 128))
+  # (batch, q_heads, kv_heads, seq_len, head_dim); every sequence is full
+  # (the lists live in blasst_jax.testing).
+  c.shapes = rows(testing.DECODE_BENCH_SHAPES)
   c.dtype = "bfloat16"
   c.thresholds = [1e-4, 3e-4, 1e-3, 1e-2, 1e-1]
   c.block_kv = 128
@@ -73,7 +79,7 @@ def get_config(variant: str = "h100"):
   c.output_name = ""
   c.stem = "decode"
   if variant == "smoke":
-    c.shapes = ((2, 4, 2, 256, 32),)
+    c.shapes = rows(testing.DECODE_SMOKE_BENCH_SHAPES)
     c.thresholds = [1e-2]
     c.block_kv = 32
     c.variants = (("split", 2), ("anchored", 2), ("global", 2))
@@ -90,8 +96,7 @@ def get_config(variant: str = "h100"):
     c.output_dir = "/tmp/blasst_bench_smoke"
     c.output_name = "decode"
   elif variant == "h200":
-    c.shapes = ((8, 32, 8, 32768, 128), (1, 32, 8, 131072, 128),
-                (64, 32, 8, 4096, 128), (1, 32, 8, 524288, 128))
+    c.shapes = rows(testing.DECODE_H200_BENCH_SHAPES)
     c.impls = ["copy", "cudnn", "pallas_mosaic", "pallas_triton"]
     c.fp8_impls = ["pallas_mosaic"]
     c.variants = (("anchored", None), ("split", None))

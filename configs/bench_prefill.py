@@ -14,16 +14,21 @@ kernel's pipeline knobs), "smoke" (CPU).
 
 import ml_collections
 
+from blasst_jax import testing
 from experiments import repo_path
+
+
+def rows(shapes):
+  """`testing.AttentionShape`s as the config's (batch, seq_len, q_heads,
+  kv_heads, head_dim) rows."""
+  return [s.bench_tuple for s in shapes]
 
 
 def get_config(variant: str = "h100"):
   c = ml_collections.ConfigDict()
-  # Problems: (batch, seq_len, q_heads, kv_heads, head_dim); q_len = kv_len.
-  # batch * heads * q_len / 128 >= 8192 tiles: every shape fills 132 SMs.
-  c.shapes = [(8, 4096, 16, 16, 128), (4, 8192, 16, 16, 128),
-              (2, 16384, 16, 16, 128), (1, 32768, 16, 16, 128),
-              (1, 65536, 16, 16, 128)]
+  # Problems: (batch, seq_len, q_heads, kv_heads, head_dim); q_len = kv_len
+  # (the lists live in blasst_jax.testing).
+  c.shapes = rows(testing.PREFILL_BENCH_SHAPES)
   c.causal = [False, True]
   c.dtype = "bfloat16"
   # λ sweep for the skip rows; the sink/local pattern gives ~50-75% block
@@ -66,24 +71,20 @@ def get_config(variant: str = "h100"):
   # Kernel tuning sweep at one shape: (block_q, block_kv, num_warps,
   # num_stages, load_v_in_branch), dense and at thresholds[2].
   c.run_tuning = True
-  c.tuning_shape = (4, 8192, 16, 16, 128)
+  c.tuning_shape = testing.PREFILL_TUNING_SHAPE.bench_tuple
   c.tuning = [(128, 64, 4, 3, True), (128, 64, 4, 3, False),
               (128, 64, 4, 4, True), (128, 64, 8, 3, True),
               (128, 128, 4, 3, True), (128, 128, 8, 2, True),
               (128, 32, 4, 3, True), (64, 64, 4, 3, True)]
   # Correctness against the oracle and cuDNN on a slice that fits the oracle.
-  c.check_shape = (1, 4096, 4, 4, 128)
+  c.check_shape = testing.PREFILL_CHECK_SHAPE.bench_tuple
   # Results go to output_dir/<output_name or prefill_<device>>.json (+ .png);
   # --config.output_dir=benchmarks/results refreshes the committed ones.
   c.output_dir = "bench_prefill_output"
   c.output_name = ""
   c.stem = "prefill"
   if variant in ("h200", "quick"):
-    c.shapes = [(8, 4096, 16, 16, 128), (4, 8192, 16, 16, 128),
-                (2, 16384, 16, 16, 128), (1, 32768, 16, 16, 128),
-                (1, 65536, 16, 16, 128),
-                (4, 8192, 18, 6, 64), (2, 16384, 18, 6, 64),
-                (1, 32768, 18, 6, 64)]
+    c.shapes = rows(testing.PREFILL_H200_BENCH_SHAPES)
     c.impls = ["cudnn", "pallas_mosaic", "pallas_mosaic_pingpong"]
     # The two-turn ping-pong build (q·kᵀ, then softmax and P·V) for A/B.
     c.mosaic_variants = {"pingpong": {"overlap_qk": False}}
@@ -93,7 +94,7 @@ def get_config(variant: str = "h100"):
     c.iters = 10
     c.real_model.model_path = "smollm2"
     if variant == "quick":
-      c.shapes = [(4, 8192, 16, 16, 128), (4, 8192, 18, 6, 64)]
+      c.shapes = rows(testing.PREFILL_QUICK_BENCH_SHAPES)
       c.real_model.model_path = ""
       # A/B of the pipeline's knobs (MosaicConfig fields).
       c.mosaic_variants.update(
@@ -119,12 +120,12 @@ def get_config(variant: str = "h100"):
     c.output_name = f"prefill_{variant}"
     return c
   if variant == "smoke":   # Seconds on a CPU: checks the script, not speed.
-    c.shapes = [(1, 256, 2, 1, 32)]
+    c.shapes = rows(testing.PREFILL_SMOKE_BENCH_SHAPES)
     c.thresholds = [1e-2]
     c.impls = ["xla", "reference", "pallas_triton"]
     c.block_q = c.block_kv = 64
     c.tuning = []
-    c.check_shape = (1, 128, 2, 1, 32)
+    c.check_shape = testing.PREFILL_SMOKE_CHECK_SHAPE.bench_tuple
     c.warmup, c.iters = 1, 2
     c.target_sparsities = (0.3,)
     c.bisection_steps = 3

@@ -22,7 +22,7 @@ from blasst_jax import plotting
 from blasst_jax import testing
 from experiments.lm import toy_model
 from blasst_jax._progress import ProgressBar
-from tests.test_base import key_for
+from blasst_jax.testing import key_for
 
 # ----------------------------------------------------------------------------
 # A case small enough to compute by hand.

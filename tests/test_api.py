@@ -9,7 +9,7 @@ import blasst_jax as bj
 from blasst_jax.kernels import pallas_triton
 from blasst_jax.ops import base as ops_base
 from blasst_jax.ops.attention import pallas_mosaic_gpu as mosaic_op
-from tests import test_base
+from blasst_jax import testing
 
 B, L, H, D = 2, 40, 4, 16
 
@@ -23,7 +23,7 @@ def no_kernel_tracing(monkeypatch):
 
 
 def qkv(dtype=jnp.float32, hkv=2):
-  key = test_base.key_for("api")
+  key = testing.key_for("api")
   q = jax.random.normal(key, (B, L, H, D), dtype)
   k = jax.random.normal(key, (B, L, hkv, D), dtype)
   return q, k, k

@@ -11,7 +11,6 @@ from blasst_jax import config as config_lib
 from blasst_jax import testing
 from blasst_jax.kernels import pallas_triton
 from blasst_jax.kernels import pallas_triton_bwd
-from tests import test_base
 
 BLOCK_Q, BLOCK_KV = 32, 16
 
@@ -27,7 +26,7 @@ def test_backward_matches_oracle_autodiff(causal, q_len, kv_len, q_heads,
   shape = testing.AttentionShape(batch=2, q_len=q_len, kv_len=kv_len,
                                  q_heads=q_heads, kv_heads=kv_heads,
                                  head_dim=24)   # padded to 32 in the kernel
-  key = test_base.key_for("backward", causal, q_len, kv_len, masked)
+  key = testing.key_for("backward", causal, q_len, kv_len, masked)
   q, k, v = shape.inputs(key, sharpness=(6.0, 16.0), window=12)
   kv_lengths = jnp.array(lengths, jnp.int32)
   nq, nk = -(-q_len // BLOCK_Q), -(-kv_len // BLOCK_KV)
@@ -82,7 +81,7 @@ def lower_backward(backward, *, d, causal, block_q, block_kv):
 
   qs = sds((b, length, hq, d), jnp.bfloat16)
   kvs = sds((b, length, hkv, d), jnp.bfloat16)
-  return test_base.lower_for_h100(
+  return testing.lower_for_h100(
       fn, qs, kvs, kvs, qs, sds((b, hq, length), jnp.float32), qs,
       sds((b,), jnp.int32), sds((b, hq, nq, nk), jnp.bool_)).as_text()
 
@@ -99,7 +98,7 @@ def test_forward_tiles_are_cut_into_backward_tiles():
   on the 64 x 64 backward tiles as the oracle over the same kept blocks."""
   shape = testing.AttentionShape(batch=1, q_len=300, kv_len=300, q_heads=2,
                                  kv_heads=1, head_dim=16)
-  key = test_base.key_for("backward_cut")
+  key = testing.key_for("backward_cut")
   q, k, v = shape.inputs(key, sharpness=(6.0, 16.0), window=12)
   kv_lengths = jnp.array([300], jnp.int32)
   keep = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.6,
@@ -128,7 +127,7 @@ def check_hopper_backward(*, batch, length, q_heads, kv_heads, head_dim,
   from blasst_jax import patterns  # pylint: disable=g-import-not-at-top
   from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
   d = head_dim
-  key = test_base.key_for("hopper_backward", length, head_dim, causal)
+  key = testing.key_for("hopper_backward", length, head_dim, causal)
   q, k, v = patterns.sink_local_qkv(
       key, batch=batch, seq_len=length, q_heads=q_heads, kv_heads=kv_heads,
       head_dim=d, window=16, sharpness=(8.0, 16.0), dtype=jnp.bfloat16)
@@ -158,6 +157,19 @@ def check_hopper_backward(*, batch, length, q_heads, kv_heads, head_dim,
     assert err < 1.5e-2, (name, err)   # bf16 P and dS operands
   for i, n in enumerate(np.asarray(kv_lengths)):
     np.testing.assert_array_equal(np.asarray(f32(grads[1][i, n:])), 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse_dq", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_backward_compiled_matches_oracle_autodiff(head_dim, causal,
+                                                         fuse_dq):
+  """Compiled on a GPU: both dQ strategies at both head sizes, GQA, ragged
+  lengths (one not a multiple of 64), a random keep mask."""
+  check_hopper_backward(
+      batch=2, length=1000, q_heads=4, kv_heads=2, head_dim=head_dim,
+      kv_lengths=(1000, 613), causal=causal, fuse_dq=fuse_dq)
 
 
 @pytest.mark.parametrize("fuse_dq", [True, False])

@@ -1,16 +1,22 @@
-"""Shared checks: every implementation of `bj.attention` runs this suite.
+"""Shared suites: every implementation of `bj.attention` runs
+`AttentionTestBase`, every implementation of `bj.decode_attention` runs
+`DecodeTestBase` (tokamax's `test_base` pattern).
 
-A test module subclasses `AttentionTestBase` and sets `implementation`
-(tokamax's `test_base` pattern). Shapes come from `blasst_jax.testing` so the
-benchmarks exercise the same problems.
+A test module subclasses a suite, sets `implementation` and says what the
+implementation takes with the `supports_*` flags, its shapes, dtype and
+tiles; checks it cannot run are skipped, not weakened. Every check compares
+against the oracle (`bj.reference.blockwise_attention` /
+`blockwise_decode_attention`: outputs, lse, skip counts, the recorded skip
+mask) or against dense attention at λ = 0. Shapes come from
+`blasst_jax.testing`, which the benchmarks read too; shared checks live
+there as well.
 """
 
 from __future__ import annotations
 
-import zlib
+import math
 
 import jax
-from jax._src import mesh as mesh_lib
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,197 +24,735 @@ import pytest
 import blasst_jax as bj
 from blasst_jax import analysis
 from blasst_jax import config as config_lib
+from blasst_jax import reference
 from blasst_jax import testing
+from blasst_jax.ops import base as ops_base
 
-# An abstract H100 for lowering CUDA kernels on a machine without a GPU.
-H100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
-                               num_cores=132, platform="cuda")
-
-
-def lower_for_h100(fn, *specs):
-  """`fn` traced on `specs` and lowered for CUDA under an abstract H100."""
-  mesh = jax.sharding.AbstractMesh(
-      (1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,),
-      abstract_device=H100)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(fn).trace(*specs).lower(lowering_platforms=("cuda",))
-
-SHAPES = testing.CPU_TEST_SHAPES
-# Natural-log distance from log λ under which kernel and oracle may disagree
-# on a skip decision (rounding of the scores).
-NEAR_TIE = {jnp.float32: 1e-3, jnp.bfloat16: 5e-2, jnp.float16: 2e-2}
-OUT_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+key_for = testing.key_for
+assert_close = testing.assert_close
 
 
-def key_for(*parts) -> jax.Array:
-  """A distinct PRNG key per test case, the same in every run."""
-  return jax.random.PRNGKey(zlib.crc32(repr(parts).encode()) % 2**31)
+def shape_ids(shape) -> str:
+  return shape.name
 
 
-def assert_close(actual, expected, dtype, scale=1.0):
-  tol = OUT_TOL[dtype] * scale
-  a = np.asarray(jnp.asarray(actual, jnp.float32))
-  e = np.asarray(jnp.asarray(expected, jnp.float32))
-  assert not np.any(np.isnan(a)), "NaN in output"
-  np.testing.assert_allclose(a, e, atol=tol, rtol=tol)
+def away_from_ties(out, expected, oracle, threshold, dtype, block_q):
+  """`out` equals `expected` on every row of a q tile whose skip decisions
+  all sit clear of log λ (a near-tie may go either way)."""
+  near = testing.near_tie_tiles(oracle, threshold,
+                                testing.NEAR_TIE[dtype])     # [b, h, nq]
+  rows = jnp.repeat(near, block_q, axis=-1)[..., :out.shape[1]]
+  keep = ~jnp.swapaxes(rows, 1, 2)[..., None]               # [b, q, h, 1]
+  testing.assert_close(jnp.where(keep, out.astype(jnp.float32), 0),
+                       jnp.where(keep, expected.astype(jnp.float32), 0), dtype)
+  return bool(jnp.any(near))
 
 
-def assert_lse_close(lse, expected, *, atol, rtol):
-  """Log-sum-exp equal to `expected` wherever `expected` is finite."""
-  finite = jnp.isfinite(expected)
-  np.testing.assert_allclose(np.asarray(jnp.where(finite, lse, 0)),
-                             np.asarray(jnp.where(finite, expected, 0)),
-                             atol=atol, rtol=rtol)
-
-
-def near_tie_tiles(result, threshold, tol) -> jax.Array:
-  """bool, `result.block_gap` less its last axis: a visited block sits near
-  log λ ([batch, q_heads, n_q_tiles] for prefill, [batch, kv_heads] for a
-  decode result)."""
-  gap = result.block_gap
-  lam = jnp.broadcast_to(jnp.asarray(threshold, jnp.float32), (gap.shape[0],))
-  log_thr = config_lib.log_threshold(lam).reshape((-1,) + (1,) * (gap.ndim - 1))
-  near = result.visited_mask & (jnp.abs(result.block_gap - log_thr) < tol)
-  return jnp.any(near, axis=-1)
-
-
-def assert_skips_match(skipped_per_tile, result, threshold, dtype):
-  """Per-tile skip counts equal the oracle's except at near-ties."""
-  expected = jnp.sum(result.skip_mask, axis=-1)
-  differ = np.asarray(skipped_per_tile != expected)
-  near = np.asarray(near_tie_tiles(result, threshold, NEAR_TIE[dtype]))
-  bad = differ & ~near
-  assert not bad.any(), (
-      f"{bad.sum()} tiles disagree with the oracle away from a near-tie: "
-      f"kernel {np.asarray(skipped_per_tile)[bad][:8]}, oracle "
-      f"{np.asarray(expected)[bad][:8]}")
-
-
-def assert_skip_mask_matches(skip_mask, skipped_per_tile, result, threshold,
-                             dtype):
-  """A kernel's recorded skip mask: consistent with its per-tile counts and
-  equal to the oracle's blocks except in near-tie tiles."""
-  np.testing.assert_array_equal(np.asarray(jnp.sum(skip_mask, axis=-1)),
-                                np.asarray(skipped_per_tile))
-  near = np.asarray(near_tie_tiles(result, threshold, NEAR_TIE[dtype]))
-  bad = np.asarray(skip_mask != result.skip_mask) & ~near[..., None]
-  assert not bad.any(), f"{bad.sum()} blocks differ away from a near-tie"
-
-
+# ================================================================= prefill
 class AttentionTestBase:
-  """The suite; subclasses set `implementation`."""
+  """The prefill suite; subclasses set `implementation` and what it takes."""
 
   implementation: str = ""
+  # Problems, input dtype and the tiles (block_q, block_kv) of the checks.
+  shapes: tuple[testing.AttentionShape, ...] = testing.CPU_TEST_SHAPES
+  dtype = jnp.float32
+  tiles: tuple[int, int] = (16, 16)
+  # Shapes of the block mask check (None: the second of `shapes`).
+  mask_shapes: tuple[testing.AttentionShape, ...] | None = None
+  # Dtypes checked besides `dtype` (outputs and skips within their rounding).
+  low_precision_dtypes: tuple = (jnp.bfloat16, jnp.float16)
+  # `interpret` and `kernel_config` passed to every call.
+  interpret = None
+  kernel_config = None
+  supports_causal = True
+  supports_masks = True            # block_mask
+  supports_initial_max = True
+  supports_lse = True              # return_lse
+  supports_skip_record = True      # the skip mask the backward walks around
+  supports_traced_threshold = True
+
+  def tiles_for(self, shape) -> tuple[int, int]:
+    del shape
+    return self.tiles
+
+  def check_call(self):
+    """Called after every kernel call (race checks of the interpreter)."""
 
   def attention(self, q, k, v, **kwargs):
-    return bj.attention(q, k, v, implementation=self.implementation, **kwargs)
+    """`bj.attention` through the public API."""
+    kwargs.setdefault("interpret", self.interpret)
+    kwargs.setdefault("kernel_config", self.kernel_config)
+    out = jax.block_until_ready(bj.attention(
+        q, k, v, implementation=self.implementation, **kwargs))
+    self.check_call()
+    return out
 
-  @pytest.mark.parametrize("causal", [False, True])
-  @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-  def test_dense_matches_jax(self, shape, causal):
-    q, k, v = shape.inputs(key_for("dense", shape, causal), pattern="random")
-    out = self.attention(q, k, v, causal=causal, block_q=32, block_kv=32)
-    expected = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert_close(out, expected, jnp.float32)
+  def run(self, q, k, v, *, threshold, causal=False, block_q=None,
+          block_kv=None, kv_lengths=None, block_mask=None,
+          initial_max=None) -> ops_base.AttentionResult:
+    """The op's whole result (out, lse, stats, skip record, row max)."""
+    op = ops_base.get_op("attention", self.implementation)
+    plan = op.prepare(q_len=q.shape[1], kv_len=k.shape[1],
+                      head_dim=q.shape[-1], dtype=q.dtype, block_q=block_q,
+                      block_kv=block_kv, block_mask=block_mask,
+                      kernel_config=self.kernel_config,
+                      interpret=self.interpret)
+    result = jax.block_until_ready(op(
+        q, k, v, plan, kv_lengths=kv_lengths, threshold=threshold,
+        causal=causal, sm_scale=reference.default_sm_scale(q.shape[-1]),
+        initial_max=initial_max, return_lse=True,
+        record_skips=self.supports_skip_record))
+    self.check_call()
+    return result
 
-  @pytest.mark.parametrize("causal", [False, True])
-  @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
-  def test_skipping_matches_oracle(self, shape, causal):
-    q, k, v = shape.inputs(key_for("skip", shape, causal),
-                           sharpness=(8.0, 16.0), window=16)
-    threshold = 0.02
-    out, stats = self.attention(q, k, v, threshold=threshold, causal=causal,
-                                block_q=16, block_kv=16, return_stats=True)
-    oracle = bj.reference.blockwise_attention(
-        q, k, v, block_q=16, block_kv=16, threshold=threshold, causal=causal)
-    assert int(jnp.sum(oracle.stats.skipped_blocks)) > 0, "nothing skipped"
-    np.testing.assert_array_equal(stats.visited_blocks,
+  def pytest_generate_tests(self, metafunc):
+    """Parameters from what the subclass takes: `shape` over its shapes,
+    `causal` over the masks it runs, `lowp_dtype` over its low precision
+    dtypes."""
+    if "shape" in metafunc.fixturenames:
+      metafunc.parametrize("shape", self.shapes, ids=shape_ids)
+    if "mask_shape" in metafunc.fixturenames:
+      metafunc.parametrize("mask_shape", self.mask_shapes or self.shapes[1:2],
+                           ids=shape_ids)
+    if "causal" in metafunc.fixturenames:
+      metafunc.parametrize("causal", [False, True] if self.supports_causal
+                           else [False])
+    if "lowp_dtype" in metafunc.fixturenames:
+      metafunc.parametrize("lowp_dtype", self.low_precision_dtypes,
+                           ids=lambda d: jnp.dtype(d).name)
+
+  def require(self, flag: str):
+    if not getattr(self, flag):
+      pytest.skip(f"{self.implementation} does not take it ({flag})")
+
+  def check_against_oracle(self, result, oracle, threshold, *, block_q,
+                           expect_skips=True):
+    """visited, skip counts, skip mask, outputs and lse against the
+    oracle's."""
+    dtype = self.dtype
+    np.testing.assert_array_equal(result.stats.visited_blocks,
                                   oracle.stats.visited_blocks)
-    near = near_tie_tiles(oracle, threshold, NEAR_TIE[jnp.float32])
-    if not bool(jnp.any(near)):
-      np.testing.assert_array_equal(stats.skipped_blocks,
+    # Tiles whose walk takes a decision (beyond the first visited block).
+    decisions = int(jnp.sum(oracle.visited_mask)) - int(
+        jnp.sum(jnp.any(oracle.visited_mask, axis=-1)))
+    if expect_skips and decisions >= 8:
+      assert int(jnp.sum(oracle.stats.skipped_blocks)) > 0, "nothing skipped"
+    if result.skip_mask is not None:
+      skipped_per_tile = jnp.sum(result.skip_mask, axis=-1)
+      testing.assert_skips_match(skipped_per_tile, oracle, threshold, dtype)
+      testing.assert_skip_mask_matches(result.skip_mask, skipped_per_tile,
+                                       oracle, threshold, dtype)
+      assert not bool(jnp.any(result.skip_mask & ~oracle.visited_mask))
+    near = away_from_ties(result.out, oracle.out, oracle, threshold, dtype,
+                          block_q)
+    if not near:
+      np.testing.assert_array_equal(result.stats.skipped_blocks,
                                     oracle.stats.skipped_blocks)
-      assert_close(out, oracle.out, jnp.float32)
+    if result.lse is not None:
+      testing.assert_lse_close(result.lse, oracle.lse,
+                               atol=1e-4 if dtype == jnp.float32 else 5e-2,
+                               rtol=1e-5 if dtype == jnp.float32 else 1e-2)
 
-  @pytest.mark.parametrize("causal", [False, True])
-  def test_kv_lengths_and_empty_rows(self, causal):
-    shape = SHAPES[1]
-    q, k, v = shape.inputs(key_for("kvl", causal), pattern="random")
-    q, k, v = (jnp.concatenate([x, x], axis=0) for x in (q, k, v))
+  # ------------------------------------------------------------- dense
+  def test_dense_matches_jax(self, shape, causal):
+    """λ = 0 (the build without the skip check) is dense attention."""
+    bq, bkv = self.tiles_for(shape)
+    q, k, v = shape.inputs(key_for("dense", shape, causal), pattern="random",
+                           dtype=self.dtype)
+    out, stats = self.attention(q, k, v, causal=causal, block_q=bq,
+                                block_kv=bkv, return_stats=True)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    expected = jax.nn.dot_product_attention(*f32, is_causal=causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, expected, self.dtype)
+    assert int(jnp.sum(stats.skipped_blocks)) == 0
+
+  # ------------------------------------------------------- the skip rule
+  def test_skipping_matches_oracle(self, shape, causal):
+    """Sink + local-window scores of varied sharpness, ragged lengths: the
+    kernel skips what the oracle skips, and outputs, lse and the skip
+    record follow it."""
+    bq, bkv = self.tiles_for(shape)
+    q, k, v = shape.inputs(key_for("skip", shape, causal), dtype=self.dtype,
+                           sharpness=(8.0, 16.0, 24.0), window=16)
+    kv_lengths = jnp.array([shape.kv_len - 37 * i for i in range(shape.batch)],
+                           jnp.int32)
+    threshold = jnp.array([0.02, 0.1][:shape.batch], jnp.float32)
+    threshold = jnp.broadcast_to(threshold, (shape.batch,))
+    result = self.run(q, k, v, threshold=threshold, causal=causal,
+                      block_q=bq, block_kv=bkv, kv_lengths=kv_lengths)
+    oracle = bj.reference.blockwise_attention(
+        q, k, v, block_q=bq, block_kv=bkv, threshold=threshold, causal=causal,
+        kv_lengths=kv_lengths)
+    self.check_against_oracle(result, oracle, threshold, block_q=bq)
+    assert (result.stats.block_q, result.stats.block_kv) == (bq, bkv)
+
+  def test_kv_lengths_and_keys_past_them(self, causal):
+    shape = self.shapes[1]
+    bq, bkv = self.tiles_for(shape)
+    q, k, v = shape.inputs(key_for("kvl", causal), pattern="random",
+                           dtype=self.dtype)
+    q, k, v = (jnp.concatenate([x[:1], x[:1]], axis=0) for x in (q, k, v))
     kv_lengths = jnp.array([shape.kv_len, 37], jnp.int32)
     out = self.attention(q, k, v, causal=causal, kv_lengths=kv_lengths,
-                         block_q=32, block_kv=32, threshold=0.01)
+                         block_q=bq, block_kv=bkv, threshold=0.01)
     oracle = bj.reference.blockwise_attention(
-        q, k, v, block_q=32, block_kv=32, threshold=0.01, causal=causal,
+        q, k, v, block_q=bq, block_kv=bkv, threshold=0.01, causal=causal,
         kv_lengths=kv_lengths)
-    assert_close(out, oracle.out, jnp.float32)
+    assert_close(out, oracle.out, self.dtype)
     # Keys past the length must not matter.
     k2 = k.at[1, 37:].set(100.0)
-    v2 = v.at[1, 37:].set(jnp.nan)
-    out2 = self.attention(q, k2, v2, causal=causal, kv_lengths=kv_lengths,
-                          block_q=32, block_kv=32, threshold=0.01)
-    assert_close(out2, out, jnp.float32)
+    out2 = self.attention(q, k2, v, causal=causal, kv_lengths=kv_lengths,
+                          block_q=bq, block_kv=bkv, threshold=0.01)
+    assert_close(out2, out, self.dtype)
+
+  def test_nan_past_the_length_does_not_leak(self, causal):
+    """Caches past a sequence's length hold garbage (NaN here) that must
+    not reach its output, in the block that holds its last key too."""
+    shape = self.shapes[1]
+    bq, bkv = self.tiles_for(shape)
+    q, k, v = shape.inputs(key_for("kvl", causal), pattern="random",
+                           dtype=self.dtype)
+    kv_lengths = jnp.array([37], jnp.int32)
+    q, k, v = q[:1], k[:1], v[:1]
+    out = self.attention(q, k.at[:, 37:].set(jnp.nan),
+                         v.at[:, 37:].set(jnp.nan), causal=causal,
+                         kv_lengths=kv_lengths, block_q=bq, block_kv=bkv,
+                         threshold=0.01)
+    oracle = bj.reference.blockwise_attention(
+        q, k, v, block_q=bq, block_kv=bkv, threshold=0.01, causal=causal,
+        kv_lengths=kv_lengths)
+    assert_close(out, oracle.out, self.dtype)
 
   def test_fully_masked_rows_are_zero(self):
-    shape = SHAPES[0]
-    q, k, v = shape.inputs(key_for("masked"), pattern="random")
+    shape = self.shapes[0]
+    assert shape.batch == 2
+    bq, bkv = self.tiles_for(shape)
+    causal = self.supports_causal
+    q, k, v = shape.inputs(key_for("masked"), pattern="random",
+                           dtype=self.dtype)
     kv_lengths = jnp.array([0, 5], jnp.int32)
-    out, stats = self.attention(q, k, v, kv_lengths=kv_lengths, causal=True,
+    out, stats = self.attention(q, k, v, kv_lengths=kv_lengths, causal=causal,
                                 threshold=0.1, return_stats=True,
-                                block_q=32, block_kv=32)
+                                block_q=bq, block_kv=bkv)
     assert not bool(jnp.any(jnp.isnan(out)))
-    np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
+    np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
     assert int(jnp.sum(stats.visited_blocks[0])) == 0
+    f32 = [x[1:].astype(jnp.float32) for x in (q, k, v)]
     expected = jax.nn.dot_product_attention(
-        q[1:], k[1:], v[1:], is_causal=True, key_value_seq_lengths=kv_lengths[1:])
+        *f32, is_causal=causal, key_value_seq_lengths=kv_lengths[1:])
     # Causal rows 0..3 see keys 0..i; later rows see keys 0..4.
-    assert_close(out[1:], expected, jnp.float32)
+    assert_close(out[1:], expected, self.dtype)
 
-  @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-  def test_low_precision(self, dtype):
-    shape = SHAPES[1]
+  def test_low_precision(self, lowp_dtype):
+    dtype = lowp_dtype
+    shape = self.shapes[1]
+    bq, bkv = self.tiles_for(shape)
+    causal = self.supports_causal
     q, k, v = shape.inputs(key_for("lowp", dtype), dtype=dtype)
-    out, stats = self.attention(q, k, v, causal=True, threshold=1e-3,
-                                block_q=32, block_kv=32, return_stats=True)
+    out, stats = self.attention(q, k, v, causal=causal, threshold=1e-3,
+                                block_q=bq, block_kv=bkv, return_stats=True)
     oracle = bj.reference.blockwise_attention(
-        q, k, v, block_q=32, block_kv=32, threshold=1e-3, causal=True)
+        q, k, v, block_q=bq, block_kv=bkv, threshold=1e-3, causal=causal)
     assert out.dtype == dtype
     assert_close(out, oracle.out, dtype)
     diff = jnp.abs(stats.skipped_blocks - oracle.stats.skipped_blocks)
-    assert int(jnp.sum(diff)) <= max(1, int(jnp.sum(oracle.stats.visited_blocks)) // 50)
+    assert int(jnp.sum(diff)) <= max(
+        1, int(jnp.sum(oracle.stats.visited_blocks)) // 50)
 
   def test_threshold_zero_is_dense_and_traced_threshold(self):
-    shape = SHAPES[2]
-    q, k, v = shape.inputs(key_for("traced"))
-    fn = jax.jit(lambda t: self.attention(q, k, v, threshold=t, causal=True,
-                                          block_q=16, block_kv=16,
-                                          return_stats=True))
-    out0, stats0 = fn(jnp.float32(0.0))
+    """One compiled call serves every λ; λ = 0 traced is dense and the
+    error at λ > 0 obeys the analytic bound."""
+    self.require("supports_traced_threshold")
+    shape = max(self.shapes, key=lambda s: s.q_len * s.kv_len)
+    bq, bkv = self.tiles_for(shape)
+    causal = self.supports_causal
+    q, k, v = shape.inputs(key_for("traced"), dtype=self.dtype,
+                           sharpness=(8.0, 16.0), window=16)
+    fn = jax.jit(lambda t: bj.attention(
+        q, k, v, threshold=t, causal=causal, block_q=bq, block_kv=bkv,
+        return_stats=True, implementation=self.implementation,
+        interpret=self.interpret, kernel_config=self.kernel_config))
+    out0, stats0 = jax.block_until_ready(fn(jnp.float32(0.0)))
+    self.check_call()
     assert int(jnp.sum(stats0.skipped_blocks)) == 0
-    assert_close(out0, bj.reference.dense_attention(q, k, v, causal=True),
-                 jnp.float32)
-    out1, stats1 = fn(jnp.float32(0.05))
+    assert_close(out0, bj.reference.dense_attention(q, k, v, causal=causal),
+                 self.dtype)
+    out1, stats1 = jax.block_until_ready(fn(jnp.float32(0.05)))
+    self.check_call()
     assert int(jnp.sum(stats1.skipped_blocks)) > 0
     bound = analysis.skip_error_bound(
-        v, bj.reference.blockwise_attention(
-            q, k, v, block_q=16, block_kv=16, threshold=0.05,
-            causal=True).skip_mask, 0.05, block_q=16, block_kv=16,
+        v.astype(jnp.float32), bj.reference.blockwise_attention(
+            q, k, v, block_q=bq, block_kv=bkv, threshold=0.05,
+            causal=causal).skip_mask, 0.05, block_q=bq, block_kv=bkv,
         q_len=shape.q_len)
-    err = jnp.max(jnp.abs(out1 - out0), axis=-1).transpose(0, 2, 1)
-    assert bool(jnp.all(err <= bound + 1e-5))
+    err = jnp.max(jnp.abs(out1.astype(jnp.float32)
+                          - out0.astype(jnp.float32)),
+                  axis=-1).transpose(0, 2, 1)
+    slack = 1e-5 if self.dtype == jnp.float32 else testing.OUT_TOL[self.dtype]
+    assert bool(jnp.all(err <= bound + slack))
 
   def test_per_sequence_threshold_and_config(self):
-    shape = SHAPES[0]
-    q, k, v = shape.inputs(key_for("config"), sharpness=16.0, window=8)
+    shape = self.shapes[0]
+    assert shape.batch == 2
+    bq, bkv = self.tiles_for(shape)
+    q, k, v = shape.inputs(key_for("config"), sharpness=16.0, window=8,
+                           dtype=self.dtype)
     _, s_arr = self.attention(q, k, v, threshold=jnp.array([0.0, 0.05]),
-                              block_q=16, block_kv=16, return_stats=True)
+                              block_q=bq, block_kv=bkv, return_stats=True)
     assert int(jnp.sum(s_arr.skipped_blocks[0])) == 0
     assert int(jnp.sum(s_arr.skipped_blocks[1])) > 0
     cfg = bj.SkipSoftmaxConfig(threshold_scale_factor={"prefill": 6.4,
                                                         "decode": 0.0})
-    _, s_cfg = self.attention(q, k, v, threshold=cfg, block_q=16,
-                              block_kv=16, return_stats=True)
+    _, s_cfg = self.attention(q, k, v, threshold=cfg, block_q=bq,
+                              block_kv=bkv, return_stats=True)
     _, s_thr = self.attention(q, k, v, threshold=6.4 / shape.kv_len,
-                              block_q=16, block_kv=16, return_stats=True)
+                              block_q=bq, block_kv=bkv, return_stats=True)
     np.testing.assert_array_equal(s_cfg.skipped_blocks, s_thr.skipped_blocks)
+
+  def test_padded_rows_take_no_part_in_causal_decisions(self):
+    """q_len < kv_len, causal: the rows padding the last q tile must not
+    see keys past the last real row (a large score there would otherwise
+    veto the one skip)."""
+    self.require("supports_causal")
+    t = self.tiles_for(self.shapes[0])[0]     # square tiles of block_q
+    d = self.shapes[0].head_dim
+    q_len, kv_len = t + (9 * t) // 16, 4 * t
+    spike = q_len + (t - (q_len - t)) // 2     # in block 1, past row q_len-1
+    keys = jax.random.split(key_for("padded_rows"), 3)
+    q = (0.1 * jax.random.normal(keys[0], (1, q_len, 1, d))).at[..., 0].set(4.0)
+    k = 0.1 * jax.random.normal(keys[1], (1, kv_len, 1, d))
+    k = k.at[:, 0, 0, 0].set(8.0).at[:, spike, 0, 0].set(12.0)
+    v = jax.random.normal(keys[2], (1, kv_len, 1, d))
+    q, k, v = (x.astype(self.dtype) for x in (q, k, v))
+    result = self.run(q, k, v, threshold=0.1, causal=True, block_q=t,
+                      block_kv=t)
+    oracle = bj.reference.blockwise_attention(
+        q, k, v, block_q=t, block_kv=t, threshold=0.1, causal=True)
+    np.testing.assert_array_equal(result.stats.skipped_blocks,
+                                  oracle.stats.skipped_blocks)
+    assert int(jnp.sum(result.stats.skipped_blocks)) == 1
+    assert_close(result.out, oracle.out, self.dtype)
+
+  # -------------------------------------------------------- block masks
+  def program_mask(self, key, shape, causal):
+    """bool [batch, q_heads, n_q_tiles, n_kv_blocks] with what a block-list
+    walk must get right: neighbouring tiles select different blocks, tile
+    1 selects one block (its diagonal under causal), tile 2 of the first
+    (batch, head) none; the sink block is kept elsewhere."""
+    single = 1 if causal else shape[-1] - 1
+    mask = jax.random.bernoulli(key, 0.6, shape).at[..., 0].set(True)
+    mask = mask.at[:, :, 1].set(False).at[:, :, 1, single].set(True)
+    return mask.at[0, 0, 2].set(False)
+
+  def test_block_mask_matches_oracle(self, mask_shape, causal):
+    self.require("supports_masks")
+    shape = mask_shape
+    bq, bkv = self.tiles_for(shape)
+    key = key_for("block_mask", shape, causal)
+    q, k, v = shape.inputs(key, dtype=self.dtype, sharpness=(16.0, 24.0),
+                           window=16)
+    kv_lengths = jnp.array([shape.kv_len - 37 * i for i in range(shape.batch)],
+                           jnp.int32)
+    nq, nk = -(-shape.q_len // bq), -(-shape.kv_len // bkv)
+    assert nq >= 3, "the mask needs three q tiles"
+    mask = self.program_mask(jax.random.fold_in(key, 1),
+                             (shape.batch, shape.q_heads, nq, nk), causal)
+    threshold = 0.1
+    result = self.run(q, k, v, threshold=threshold, causal=causal,
+                      block_q=bq, block_kv=bkv, kv_lengths=kv_lengths,
+                      block_mask=mask)
+    oracle = bj.reference.blockwise_attention(
+        q, k, v, block_q=bq, block_kv=bkv, threshold=threshold, causal=causal,
+        kv_lengths=kv_lengths, block_mask=mask)
+    walked = np.asarray(oracle.visited_mask)
+    assert (walked[:, :, 0] != walked[:, :, 1]).any()   # lists that differ
+    allowed = bj.reference.visited_blocks_mask(shape.q_len, shape.kv_len, bq,
+                                               bkv, kv_lengths, causal)
+    assert (int(jnp.sum(allowed)) * shape.q_heads
+            > int(jnp.sum(result.stats.visited_blocks))), "no mask"
+    self.check_against_oracle(result, oracle, threshold, block_q=bq)
+    # The tile that selects nothing is zero.
+    np.testing.assert_array_equal(
+        np.asarray(result.out[0, 2 * bq:3 * bq, 0], np.float32), 0.0)
+    # masked_blocks through the public API: allowed less visited.
+    _, stats = self.attention(q, k, v, threshold=threshold, causal=causal,
+                              kv_lengths=kv_lengths, block_mask=mask,
+                              block_q=bq, block_kv=bkv, return_stats=True)
+    _, ref_stats = bj.attention(q, k, v, threshold=threshold, causal=causal,
+                                kv_lengths=kv_lengths, block_mask=mask,
+                                block_q=bq, block_kv=bkv, return_stats=True,
+                                implementation="reference")
+    np.testing.assert_array_equal(stats.masked_blocks, ref_stats.masked_blocks)
+    assert int(jnp.sum(stats.masked_blocks)) > 0
+
+  # ------------------------------------------------- lse and initial max
+  def test_return_lse_matches_dense_lse(self):
+    self.require("supports_lse")
+    shape = self.shapes[0]
+    bq, bkv = self.tiles_for(shape)
+    causal = self.supports_causal
+    q, k, v = shape.inputs(key_for("lse"), dtype=self.dtype)
+    kv_lengths = jnp.asarray([shape.kv_len, 0], jnp.int32)  # 2nd sees none
+    (out, lse), stats = self.attention(
+        q, k, v, causal=causal, kv_lengths=kv_lengths, block_q=bq,
+        block_kv=bkv, return_lse=True, return_stats=True)
+    want, want_lse = reference.dense_attention(
+        q, k, v, causal=causal, kv_lengths=kv_lengths, return_lse=True)
+    assert lse.shape == (2, shape.q_heads, shape.q_len)
+    assert lse.dtype == jnp.float32
+    assert_close(out, want, self.dtype)
+    tol = 1e-4 if self.dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(lse[0], want_lse[0], atol=tol, rtol=tol)
+    assert bool(jnp.all(lse[1] == -jnp.inf)) and not jnp.any(jnp.isnan(out))
+    assert int(jnp.sum(stats.visited_blocks[1])) == 0
+
+  def test_initial_max_matches_oracle(self, causal):
+    """Rows start from given maxima: -inf (none), inside the score range,
+    or above every score (every block skippable, the first too); the final
+    row max, lse, outputs and skips follow the oracle."""
+    self.require("supports_initial_max")
+    shape = self.shapes[1]
+    bq, bkv = self.tiles_for(shape)
+    key = key_for("initial_max", shape, causal)
+    q, k, v = shape.inputs(key, dtype=self.dtype, sharpness=(12.0, 20.0),
+                           window=16)
+    kv_lengths = jnp.array([shape.kv_len - 53 * i for i in range(shape.batch)],
+                           jnp.int32)
+    group = shape.q_heads // shape.kv_heads
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32),
+                   jnp.repeat(k, group, axis=2).astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST) * shape.head_dim ** -0.5
+    top = jnp.max(s, axis=-1)                               # [b, h, q]
+    pick = jax.random.randint(jax.random.fold_in(key, 1), top.shape, 0, 4)
+    initial_max = jnp.select(
+        [pick == 0, pick == 1, pick == 2],
+        [jnp.full_like(top, -jnp.inf), top - 3.0, top + 5.0], top - 0.5)
+    initial_max = initial_max.at[0, 0, :bq + 6].set(-jnp.inf)  # a tile: none
+    result = self.run(q, k, v, threshold=0.1, causal=causal, block_q=bq,
+                      block_kv=bkv, kv_lengths=kv_lengths,
+                      initial_max=initial_max)
+    oracle = bj.reference.blockwise_attention(
+        q, k, v, block_q=bq, block_kv=bkv, threshold=0.1, causal=causal,
+        kv_lengths=kv_lengths, initial_max=initial_max)
+    self.check_against_oracle(result, oracle, 0.1, block_q=bq)
+    np.testing.assert_allclose(result.row_max, oracle.row_max, rtol=1e-5,
+                               atol=1e-5)
+
+  def test_initial_max_chains_key_parts_like_one_call(self):
+    """Two calls over consecutive key parts, the second started from the
+    first's final row max, skip what one call over all keys skips; merged by
+    lse they give its output. Without the start the second part skips less.
+    The final max is the row max of all scores (a skipped block never holds
+    a larger one)."""
+    self.require("supports_initial_max")
+    from blasst_jax import sharding  # pylint: disable=g-import-not-at-top
+    shape = self.shapes[1]
+    bq, bkv = self.tiles_for(shape)
+    # Two or more KV blocks per part, the cut on a block boundary.
+    n_blocks = -(-shape.kv_len // bkv)
+    cut = bkv * max(1, n_blocks // 3)
+    b, hq, hkv, d = 2, 4, 2, shape.head_dim
+    seq_len = shape.kv_len
+    q, k, v = bj.patterns.sink_local_qkv(
+        jax.random.PRNGKey(28), batch=b, seq_len=seq_len, q_heads=hq,
+        kv_heads=hkv, head_dim=d, window=24, sharpness=(4.0, 12.0, 20.0),
+        dtype=self.dtype)
+    opts = dict(block_q=bq, block_kv=bkv, threshold=0.05, return_stats=True)
+    want, want_stats = self.attention(q, k, v, **opts)
+    start = jnp.full((b, hq, seq_len), -jnp.inf)
+    (out0, lse0, max0), stats0 = self.attention(
+        q, k[:, :cut], v[:, :cut], return_lse=True, initial_max=start, **opts)
+    (out1, lse1, max1), stats1 = self.attention(
+        q, k[:, cut:], v[:, cut:], return_lse=True, initial_max=max0, **opts)
+    _, alone = self.attention(q, k[:, cut:], v[:, cut:], **opts)
+    np.testing.assert_array_equal(
+        stats0.skipped_blocks + stats1.skipped_blocks,
+        want_stats.skipped_blocks)
+    assert bool(jnp.all(alone.skipped_blocks <= stats1.skipped_blocks))
+    assert int(jnp.sum(alone.skipped_blocks)) < int(jnp.sum(
+        stats1.skipped_blocks))
+    merged = sharding.merge_parts(jnp.stack([out0, out1]),
+                                  jnp.swapaxes(jnp.stack([lse0, lse1]), 2, 3))
+    tol = 2e-5 if self.dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(merged, want.astype(jnp.float32), atol=tol,
+                               rtol=tol)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32),
+                   jnp.repeat(k, hq // hkv, axis=2).astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST) * d ** -0.5
+    np.testing.assert_allclose(max1, jnp.max(s, axis=-1), rtol=1e-4,
+                               atol=1e-4)
+
+
+# ================================================================== decode
+def decode_lengths(shape: testing.DecodeShape) -> jax.Array:
+  """Full, not a multiple of a block, a single token (cycled over the
+  batch)."""
+  pick = [shape.max_len, shape.max_len // 2 + 17, 1]
+  return jnp.array([pick[i % 3] for i in range(shape.batch)], jnp.int32)
+
+
+class DecodeTestBase:
+  """The decode suite; subclasses set `implementation` and what it takes."""
+
+  implementation: str = ""
+  shapes: tuple[testing.DecodeShape, ...] = testing.DECODE_CPU_TEST_SHAPES
+  fp8_shapes = testing.DECODE_FP8_TEST_SHAPES
+  dtype = jnp.float32
+  block_kv: int = 32
+  max_modes: tuple[str, ...] = bj.decode.MAX_MODES
+  split_counts: tuple[int, ...] = (1, 3)
+  # The mode of the checks that are not about modes.
+  default_mode: str = "anchored"
+  low_precision_dtypes: tuple = (jnp.bfloat16,)
+  interpret = None
+  supports_initial_max = True
+  supports_fp8 = True
+  supports_paged = True
+  supports_lse = True
+  # Bytes per cache element an FP8 cache is read at (2: widened first).
+  fp8_itemsize = 1
+  # Reports the reference's bytes_read (K of every visited block, V of the
+  # kept ones).
+  bytes_match_reference = False
+
+  def check_call(self):
+    """Called after every kernel call (race checks of the interpreter)."""
+
+  def require(self, flag: str):
+    if not getattr(self, flag):
+      pytest.skip(f"{self.implementation} does not take it ({flag})")
+
+  def marks_for(self, test_name: str, shape) -> list:
+    """pytest marks of one test on one shape (a known failure: xfail)."""
+    del test_name, shape
+    return []
+
+  def block_kv_for(self, shape) -> int:
+    del shape
+    return self.block_kv
+
+  def decode(self, q, k, v, kv_lengths, **kwargs):
+    kwargs.setdefault("interpret", self.interpret)
+    out = jax.block_until_ready(bj.decode_attention(
+        q, k, v, kv_lengths, implementation=self.implementation, **kwargs))
+    self.check_call()
+    return out
+
+  def paged_decode(self, q, k_pages, v_pages, table, kv_lengths, **kwargs):
+    kwargs.setdefault("interpret", self.interpret)
+    out = jax.block_until_ready(bj.paged_decode_attention(
+        q, k_pages, v_pages, table, kv_lengths,
+        implementation=self.implementation, **kwargs))
+    self.check_call()
+    return out
+
+  def check_against_oracle(self, out, stats, oracle, threshold, dtype, *,
+                           lse=None):
+    testing.assert_close(out, oracle.out, dtype)
+    np.testing.assert_array_equal(stats.visited_blocks,
+                                  oracle.stats.visited_blocks)
+    group = stats.skipped_blocks.shape[1] // oracle.skip_mask.shape[1]
+    # Every head of a group reports the group's count: compare one per group.
+    testing.assert_skips_match(stats.skipped_blocks[:, ::group], oracle,
+                               threshold, dtype)
+    if lse is not None:
+      testing.assert_lse_close(lse, oracle.lse,
+                               atol=1e-4 if dtype == jnp.float32 else 5e-2,
+                               rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+
+  def pytest_generate_tests(self, metafunc):
+    """Parameters from what the subclass takes: `shape` over its shapes,
+    `max_mode` over its modes, `num_splits` over its split counts,
+    `lowp_dtype` over its low precision dtypes."""
+    name = metafunc.function.__name__
+    for arg, shapes in (("shape", self.shapes), ("fp8_shape", self.fp8_shapes)):
+      if arg in metafunc.fixturenames:
+        metafunc.parametrize("shape" if arg == "shape" else arg, [
+            pytest.param(s, marks=self.marks_for(name, s), id=shape_ids(s))
+            for s in shapes])
+    if "max_mode" in metafunc.fixturenames:
+      metafunc.parametrize("max_mode", self.max_modes)
+    if "num_splits" in metafunc.fixturenames:
+      metafunc.parametrize("num_splits", self.split_counts,
+                           ids=lambda n: f"splits{n}")
+    if "lowp_dtype" in metafunc.fixturenames:
+      metafunc.parametrize("lowp_dtype", self.low_precision_dtypes,
+                           ids=lambda d: jnp.dtype(d).name)
+
+  def test_matches_oracle(self, shape, max_mode, num_splits):
+    """Ragged lengths, sink + local caches: outputs, lse and skips follow
+    the oracle, and skipped V blocks are not read."""
+    q, k, v = shape.inputs(key_for("decode", shape), dtype=self.dtype)
+    kv_lengths = decode_lengths(shape)
+    # Garbage past the lengths must not leak.
+    past = jnp.arange(shape.max_len)[None, :, None, None] >= kv_lengths[
+        :, None, None, None]
+    k, v = jnp.where(past, jnp.nan, k), jnp.where(past, jnp.nan, v)
+    threshold = 1e-2
+    bkv = self.block_kv_for(shape)
+    (out, lse), stats = self.decode(
+        q, k, v, kv_lengths, threshold=threshold, block_kv=bkv,
+        num_splits=num_splits, max_mode=max_mode, return_stats=True,
+        return_lse=True)
+    oracle = bj.reference.blockwise_decode_attention(
+        q, k, v, kv_lengths, block_kv=bkv, threshold=threshold,
+        num_splits=num_splits, max_mode=max_mode)
+    self.check_against_oracle(out, stats, oracle, threshold, self.dtype,
+                              lse=lse if self.supports_lse else None)
+    if max_mode != "split" or num_splits == 1:
+      # (Splits with their own running max may skip nothing here.)
+      assert int(jnp.sum(stats.skipped_blocks)) > 0, "nothing skipped"
+    itemsize = jnp.dtype(self.dtype).itemsize
+    block_bytes = bkv * shape.head_dim * itemsize
+    dense_bytes = 2 * jnp.sum(oracle.visited_mask, axis=(1, 2)) * block_bytes
+    if max_mode != "global":   # the global max reads every K block twice
+      assert bool(jnp.all(stats.bytes_read <= dense_bytes))
+      if int(jnp.sum(stats.skipped_blocks)) > 0:
+        assert float(jnp.sum(stats.bytes_read)) < float(jnp.sum(dense_bytes))
+    if self.bytes_match_reference:
+      _, ref_stats = bj.decode_attention(
+          q, k, v, kv_lengths, threshold=threshold, block_kv=bkv,
+          num_splits=num_splits, max_mode=max_mode, return_stats=True,
+          implementation="reference")
+      np.testing.assert_array_equal(stats.bytes_read, ref_stats.bytes_read)
+
+  def test_zero_threshold_is_dense_attention(self, max_mode):
+    shape = self.shapes[0]
+    q, k, v = shape.inputs(key_for("decode_dense", shape), dtype=self.dtype)
+    kv_lengths = decode_lengths(shape)
+    bkv = self.block_kv_for(shape)
+    out, stats = self.decode(q, k, v, kv_lengths, threshold=0.0,
+                             max_mode=max_mode, num_splits=2,
+                             block_kv=bkv, return_stats=True)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    dense = bj.reference.dense_attention(f32[0][:, None], *f32[1:],
+                                         kv_lengths=kv_lengths)[:, 0]
+    testing.assert_close(out, dense, self.dtype)
+    assert int(jnp.sum(stats.skipped_blocks)) == 0
+
+  def test_low_precision_and_four_dim_query(self, lowp_dtype):
+    dtype = lowp_dtype
+    shape = self.shapes[0]
+    q, k, v = shape.inputs(key_for("decode_lowp", dtype), dtype=dtype)
+    kv_lengths = decode_lengths(shape)
+    # The API's defaults: block size, split count and max mode.
+    out = self.decode(q[:, None], k, v, kv_lengths, threshold=1e-3)
+    assert out.shape == (shape.batch, 1, shape.q_heads, shape.head_dim)
+    assert out.dtype == dtype
+    block_kv = bj.decode.DEFAULT_BLOCK_KV
+    oracle = bj.reference.blockwise_decode_attention(
+        q, k, v, kv_lengths, block_kv=block_kv, threshold=1e-3,
+        max_mode=bj.decode.DEFAULT_MAX_MODE,
+        num_splits=bj.decode.default_num_splits(
+            shape.batch, shape.kv_heads, shape.max_len, block_kv))
+    testing.assert_close(out[:, 0], oracle.out, dtype)
+
+  def test_scale_factor_config_uses_the_decode_phase(self):
+    shape = self.shapes[0]
+    q, k, v = shape.inputs(key_for("decode_cfg"), dtype=self.dtype)
+    # λ = 3 / length stays below 1.
+    kv_lengths = jnp.maximum(decode_lengths(shape), 40)
+    cfg = bj.SkipSoftmaxConfig(threshold_scale_factor={"prefill": 0.0,
+                                                       "decode": 3.0})
+    max_mode = self.default_mode
+    bkv = self.block_kv_for(shape)
+    out, stats = self.decode(q, k, v, kv_lengths, threshold=cfg,
+                             block_kv=bkv, max_mode=max_mode,
+                             num_splits=2, return_stats=True)
+    lam = 3.0 / kv_lengths.astype(jnp.float32)
+    oracle = bj.reference.blockwise_decode_attention(
+        q, k, v, kv_lengths, block_kv=bkv, threshold=lam,
+        max_mode=max_mode, num_splits=2)
+    self.check_against_oracle(out, stats, oracle, lam, self.dtype)
+    assert int(jnp.sum(stats.skipped_blocks)) > 0
+
+  def test_paged_cache_matches_oracle(self):
+    """Pages scattered over a shuffled pool whose other pages hold NaN:
+    the oracle on the contiguous cache, and the contiguous call."""
+    self.require("supports_paged")
+    shape = self.shapes[0]
+    q, k, v = shape.inputs(key_for("decode_paged", shape), dtype=self.dtype)
+    kv_lengths = decode_lengths(shape)
+    bkv = self.block_kv_for(shape)
+    pool_k, pool_v, table = testing.paged_cache(k, v, bkv)
+    max_mode = self.default_mode
+    common = dict(threshold=1e-2, num_splits=2, max_mode=max_mode,
+                  return_stats=True)
+    out, stats = self.paged_decode(q, pool_k, pool_v, table, kv_lengths,
+                                   **common)
+    oracle = bj.reference.blockwise_decode_attention(
+        q, k, v, kv_lengths, block_kv=bkv, threshold=1e-2,
+        num_splits=2, max_mode=max_mode)
+    self.check_against_oracle(out, stats, oracle, 1e-2, self.dtype)
+    assert int(jnp.sum(stats.skipped_blocks)) > 0
+    ref, ref_stats = self.decode(q, k, v, kv_lengths, block_kv=bkv,
+                                 **common)
+    testing.assert_close(out, ref, self.dtype)
+    np.testing.assert_array_equal(stats.skipped_blocks,
+                                  ref_stats.skipped_blocks)
+
+  def test_fp8_cache_matches_the_oracle_on_the_dequantized_cache(
+      self, fp8_shape):
+    """float8_e4m3fn caches with a scale per KV head, paged: the f32 oracle
+    on the dequantized cache; the bytes read count FP8 elements once."""
+    self.require("supports_fp8")
+    shape = fp8_shape
+    c = testing.fp8_cache(key_for("decode_fp8", shape), shape)
+    kv_lengths = decode_lengths(shape)
+    threshold, max_mode = 1e-2, self.default_mode
+    bkv = self.block_kv_for(shape)
+    page = bkv
+    k_pages, v_pages, table = testing.paged_cache(c.k8, c.v8, page)
+    out, stats = self.paged_decode(
+        c.q, k_pages, v_pages, table, kv_lengths, threshold=threshold,
+        k_scale=c.k_scale, v_scale=c.v_scale, num_splits=2,
+        max_mode=max_mode, return_stats=True)
+    assert out.dtype == c.q.dtype
+    k, v = c.dequantized()
+    oracle = bj.reference.blockwise_decode_attention(
+        c.q.astype(jnp.float32), k, v, kv_lengths, block_kv=page,
+        threshold=threshold, num_splits=2, max_mode=max_mode)
+    self.check_against_oracle(out, stats, oracle, threshold, jnp.bfloat16)
+    assert int(jnp.sum(stats.skipped_blocks)) > 0, "nothing skipped"
+    group = shape.group
+    visited = np.asarray(stats.visited_blocks[:, ::group]).sum(1)
+    kept = visited - np.asarray(stats.skipped_blocks[:, ::group]).sum(1)
+    np.testing.assert_allclose(
+        np.asarray(stats.bytes_read),
+        (visited + kept) * page * shape.head_dim * self.fp8_itemsize)
+
+  def test_initial_max_matches_oracle(self, max_mode):
+    """A given lower bound of the row max: the kernel decides as the
+    oracle, and a higher start only adds skips."""
+    self.require("supports_initial_max")
+    shape = self.shapes[0]
+    b, hq, hkv, d = shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim
+    q, k, v = shape.inputs(key_for("decode_initial_max", max_mode),
+                           dtype=self.dtype)
+    kv_lengths = decode_lengths(shape).at[-1].set(0)
+    s = jnp.einsum("bhgd,bkhd->bhgk", q.astype(jnp.float32).reshape(
+        b, hkv, hq // hkv, d), k.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST) / math.sqrt(d)
+    s = jnp.where(jnp.arange(shape.max_len) < kv_lengths[:, None, None, None],
+                  s, -jnp.inf)
+    # Their true max (as "global"), but one KV group given nothing and one
+    # row of another.
+    top = jnp.max(s, axis=-1).reshape(b, hq)
+    initial_max = top.at[1, :shape.group].set(-jnp.inf).at[0, -1].set(
+        -jnp.inf)
+    bkv = self.block_kv_for(shape)
+    opts = dict(block_kv=bkv, threshold=1e-2, num_splits=3,
+                max_mode=max_mode)
+    out, stats = self.decode(q, k, v, kv_lengths, return_stats=True,
+                             initial_max=initial_max, **opts)
+    oracle = bj.reference.blockwise_decode_attention(
+        q, k, v, kv_lengths, initial_max=initial_max, **opts)
+    self.check_against_oracle(out, stats, oracle, 1e-2, self.dtype)
+    assert not bool(jnp.any(jnp.isnan(out)))
+    plain = bj.reference.blockwise_decode_attention(q, k, v, kv_lengths,
+                                                    **opts)
+    # The running max stays at or above the plain walk's: only more skips.
+    assert not bool(jnp.any(plain.skip_mask & ~oracle.skip_mask))
+    if max_mode == "split":   # the others start from the max here already
+      assert int(oracle.skip_mask.sum()) > int(plain.skip_mask.sum())

@@ -16,7 +16,7 @@ import blasst_jax as bj
 from blasst_jax import analysis
 from blasst_jax import calibration
 from blasst_jax import testing
-from tests.test_base import key_for
+from blasst_jax.testing import key_for
 
 
 @hypothesis.given(log_a=st.floats(-8.0, 8.0), b=st.floats(2.0, 60.0),

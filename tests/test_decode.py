@@ -1,4 +1,6 @@
-"""Decode attention: kernels against the decode oracle, on CPU (interpret)."""
+"""Decode attention on CPU: the portable kernel (interpret mode) through the
+shared decode suite, and checks of the decode oracle's max modes, split
+counts and errors."""
 
 import jax
 import jax.numpy as jnp
@@ -7,55 +9,24 @@ import pytest
 
 import blasst_jax as bj
 from blasst_jax import patterns
+from blasst_jax import testing
 from tests import test_base
 
-IMPLS = ["pallas_triton", "reference"]
+
+
+class TestPallasTritonDecode(test_base.DecodeTestBase):
+  implementation = "pallas_triton"
+  fp8_itemsize = 2   # FP8 pages are widened to the query's dtype first
 
 
 def cache_inputs(key, *, batch=3, max_len=320, q_heads=8, kv_heads=2,
-                 head_dim=32, dtype=jnp.float32):
+                 head_dim=32):
   """q [b, hq, d] for the last position, caches with sink + local scores."""
-  q, k, v = patterns.sink_local_qkv(
-      key, batch=batch, seq_len=max_len, q_heads=q_heads, kv_heads=kv_heads,
-      head_dim=head_dim, window=16, sharpness=(16.0, 24.0), dtype=dtype)
-  return q[:, -1], k, v
-
-
-def assert_matches_oracle(out, stats, oracle, threshold, dtype):
-  test_base.assert_close(out, oracle.out, dtype)
-  np.testing.assert_array_equal(stats.visited_blocks,
-                                oracle.stats.visited_blocks)
-  group = stats.skipped_blocks.shape[1] // oracle.skip_mask.shape[1]
-  # Every head of a group reports the group's count: compare one per group.
-  test_base.assert_skips_match(stats.skipped_blocks[:, ::group], oracle,
-                               threshold, dtype)
+  return testing.DecodeShape(batch=batch, q_heads=q_heads, kv_heads=kv_heads,
+                             max_len=max_len, head_dim=head_dim).inputs(key)
 
 
 MODES = bj.decode.MAX_MODES
-
-
-@pytest.mark.parametrize("max_mode", MODES)
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
-def test_kernel_matches_oracle(kv_heads, num_splits, max_mode):
-  q, k, v = cache_inputs(test_base.key_for("decode", kv_heads), kv_heads=kv_heads)
-  # Ragged: full, not a multiple of the block, a single token.
-  kv_lengths = jnp.array([320, 177, 1], jnp.int32)
-  threshold = 1e-2
-  out, stats = bj.decode_attention(
-      q, k, v, kv_lengths, threshold=threshold, block_kv=32,
-      num_splits=num_splits, max_mode=max_mode,
-      implementation="pallas_triton", return_stats=True)
-  oracle = bj.reference.blockwise_decode_attention(
-      q, k, v, kv_lengths, block_kv=32, threshold=threshold,
-      num_splits=num_splits, max_mode=max_mode)
-  assert_matches_oracle(out, stats, oracle, threshold, jnp.float32)
-  assert int(jnp.sum(stats.skipped_blocks)) > 0
-  # Skipped V blocks are not read.
-  dense_bytes = 2 * jnp.sum(oracle.visited_mask, axis=(1, 2)) * 32 * 32 * 4
-  if max_mode != "global":
-    assert bool(jnp.all(stats.bytes_read <= dense_bytes))
-    assert float(jnp.sum(stats.bytes_read)) < float(jnp.sum(dense_bytes))
 
 
 @pytest.mark.parametrize("batch,kv_heads,max_len", [
@@ -79,7 +50,7 @@ def test_default_splits_fill_one_wave(batch, kv_heads, max_len):
 def test_v_prefetch_and_branch_loads_agree():
   """The software-pipelined skip loop against the plain one (both kernels)."""
   from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
-  q, k, v = cache_inputs(test_base.key_for("decode_prefetch"), max_len=288)
+  q, k, v = cache_inputs(testing.key_for("decode_prefetch"), max_len=288)
   v = v.at[2, 150:].set(jnp.nan)   # Garbage past the length must not leak.
   kv_lengths = jnp.array([288, 31, 150], jnp.int32)
   results = [bj.decode_attention(
@@ -95,7 +66,7 @@ def test_v_prefetch_and_branch_loads_agree():
 
 
 def test_more_splits_skip_less_unless_the_max_is_shared():
-  q, k, v = cache_inputs(test_base.key_for("decode_splits"), max_len=512)
+  q, k, v = cache_inputs(testing.key_for("decode_splits"), max_len=512)
   lengths = jnp.array([512, 400, 300], jnp.int32)
   sparsity = {}
   for mode in MODES:
@@ -116,7 +87,7 @@ def test_more_splits_skip_less_unless_the_max_is_shared():
 def test_skip_sets_nest_split_anchored_global(num_splits):
   """Each mode's reference max bounds the next one's from below, so its skips
   are a subset: split ⊆ anchored ⊆ global, for any inputs."""
-  key = test_base.key_for("decode_nest", num_splits)
+  key = testing.key_for("decode_nest", num_splits)
   kq, kk, kv, kl = jax.random.split(key, 4)
   # Unstructured scores: the anchors usually do not hold the max.
   q = jax.random.normal(kq, (4, 6, 16)) * 3.0
@@ -143,34 +114,8 @@ def _masked_scores(q, k, kv_lengths):
                    -jnp.inf)
 
 
-@pytest.mark.parametrize("max_mode", MODES)
-def test_initial_max_kernel_matches_oracle(max_mode):
-  """A given lower bound of the row max: the kernel decides as the oracle,
-  and a higher start only adds skips."""
-  q, k, v = cache_inputs(test_base.key_for("decode_initial_max", max_mode))
-  kv_lengths = jnp.array([320, 177, 0], jnp.int32)
-  # Their true max (as "global"), but one KV group given nothing and one
-  # row of another.
-  top = jnp.max(_masked_scores(q, k, kv_lengths), axis=-1).reshape(3, 8)
-  initial_max = top.at[1, :4].set(-jnp.inf).at[0, 5].set(-jnp.inf)
-  opts = dict(block_kv=32, threshold=1e-2, num_splits=3, max_mode=max_mode)
-  out, stats = bj.decode_attention(
-      q, k, v, kv_lengths, implementation="pallas_triton", return_stats=True,
-      initial_max=initial_max, **opts)
-  oracle = bj.reference.blockwise_decode_attention(
-      q, k, v, kv_lengths, initial_max=initial_max, **opts)
-  assert_matches_oracle(out, stats, oracle, 1e-2, jnp.float32)
-  assert not bool(jnp.any(jnp.isnan(out)))
-  plain = bj.reference.blockwise_decode_attention(q, k, v, kv_lengths,
-                                                  **opts)
-  # The running max stays at or above the plain walk's: only more skips.
-  assert not bool(jnp.any(plain.skip_mask & ~oracle.skip_mask))
-  if max_mode == "split":   # the others start from the max here already
-    assert int(oracle.skip_mask.sum()) > int(plain.skip_mask.sum())
-
-
 def test_split_walk_from_the_anchors_is_the_anchored_walk():
-  q, k, v = cache_inputs(test_base.key_for("decode_anchor_start"))
+  q, k, v = cache_inputs(testing.key_for("decode_anchor_start"))
   kv_lengths = jnp.array([320, 177, 1], jnp.int32)
   opts = dict(block_kv=32, threshold=0.05, num_splits=3)
   anchored = bj.reference.blockwise_decode_attention(
@@ -183,71 +128,6 @@ def test_split_walk_from_the_anchors_is_the_anchored_walk():
   np.testing.assert_array_equal(split.skip_mask, anchored.skip_mask)
   np.testing.assert_allclose(split.out, anchored.out, atol=1e-6)
   assert int(anchored.skip_mask.sum()) > 0
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("max_mode", MODES)
-def test_zero_threshold_is_dense_attention(impl, max_mode):
-  q, k, v = cache_inputs(test_base.key_for("decode_dense", impl), kv_heads=4,
-                         max_len=200)
-  kv_lengths = jnp.array([200, 63, 64], jnp.int32)
-  out, stats = bj.decode_attention(q, k, v, kv_lengths, threshold=0.0,
-                                   max_mode=max_mode, num_splits=2,
-                                   implementation=impl, return_stats=True)
-  dense = bj.reference.dense_attention(q[:, None], k, v,
-                                       kv_lengths=kv_lengths)[:, 0]
-  test_base.assert_close(out, dense, jnp.float32)
-  assert int(jnp.sum(stats.skipped_blocks)) == 0
-
-
-def test_bf16_and_four_dim_query():
-  q, k, v = cache_inputs(test_base.key_for("decode_bf16"), dtype=jnp.bfloat16,
-                         head_dim=64)
-  kv_lengths = jnp.array([320, 250, 100], jnp.int32)
-  out = bj.decode_attention(q[:, None], k, v, kv_lengths, threshold=1e-3,
-                            implementation="pallas_triton")
-  assert out.shape == (3, 1, 8, 64) and out.dtype == jnp.bfloat16
-  oracle = bj.reference.blockwise_decode_attention(
-      q, k, v, kv_lengths, block_kv=128, threshold=1e-3, max_mode="anchored",
-      num_splits=bj.decode.default_num_splits(3, 2, 320, 128))
-  test_base.assert_close(out[:, 0], oracle.out, jnp.bfloat16)
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-def test_paged_cache_equals_contiguous(impl):
-  q, k, v = cache_inputs(test_base.key_for("decode_paged", impl), max_len=256)
-  b, page, hkv, d = 3, 32, 2, 32
-  pages_per_seq = 256 // page
-  # Scatter every sequence's pages at random places of a larger pool.
-  perm = jax.random.permutation(jax.random.PRNGKey(1), b * pages_per_seq + 5)
-  table = perm[: b * pages_per_seq].reshape(b, pages_per_seq).astype(jnp.int32)
-  pool_k = jnp.full((b * pages_per_seq + 5, page, hkv, d), jnp.nan)
-  pool_v = jnp.full_like(pool_k, jnp.nan)
-  pool_k = pool_k.at[table].set(k.reshape(b, pages_per_seq, page, hkv, d))
-  pool_v = pool_v.at[table].set(v.reshape(b, pages_per_seq, page, hkv, d))
-  kv_lengths = jnp.array([256, 100, 33], jnp.int32)
-  common = dict(threshold=1e-2, num_splits=2, implementation=impl,
-                return_stats=True)
-  out, stats = bj.paged_decode_attention(q, pool_k, pool_v, table, kv_lengths,
-                                         **common)
-  ref, ref_stats = bj.decode_attention(q, k, v, kv_lengths, block_kv=page,
-                                       **common)
-  test_base.assert_close(out, ref, jnp.float32)
-  np.testing.assert_array_equal(stats.skipped_blocks, ref_stats.skipped_blocks)
-
-
-def test_scale_factor_config_uses_the_decode_phase():
-  q, k, v = cache_inputs(test_base.key_for("decode_cfg"))
-  kv_lengths = jnp.array([320, 160, 40], jnp.int32)
-  cfg = bj.SkipSoftmaxConfig(threshold_scale_factor={"prefill": 0.0,
-                                                     "decode": 3.0})
-  out = bj.decode_attention(q, k, v, kv_lengths, threshold=cfg,
-                            implementation="pallas_triton", block_kv=32)
-  oracle = bj.reference.blockwise_decode_attention(
-      q, k, v, kv_lengths, block_kv=32,
-      threshold=3.0 / kv_lengths.astype(jnp.float32), max_mode="anchored",
-      num_splits=bj.decode.default_num_splits(3, 2, 320, 32))
-  test_base.assert_close(out, oracle.out, jnp.float32)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -292,7 +172,7 @@ def test_decode_kernel_lowers_for_cuda():
     for initial_max in ((), (sds((2, 8, 16), jnp.float32),)):
       fn = lambda *a, mode=mode: decode_triton.decode_partials(  # pylint: disable=g-long-lambda
           *a, group=4, sm_scale=0.1, num_splits=4, max_mode=mode)
-      lowered = test_base.lower_for_h100(
+      lowered = testing.lower_for_h100(
           fn, sds((2, 8, 16, 128), jnp.bfloat16),
           sds((64, 64, 8, 128), jnp.bfloat16),
           sds((64, 64, 8, 128), jnp.bfloat16), sds((2, 32), jnp.int32),
@@ -306,7 +186,7 @@ def test_scattered_pattern_keeps_isolated_hit_blocks():
   larger λ keeps a subset of them."""
   block, n_blocks = 32, 64
   q, k, v = patterns.scattered_qkv(
-      test_base.key_for("scattered"), batch=2, seq_len=block * n_blocks,
+      testing.key_for("scattered"), batch=2, seq_len=block * n_blocks,
       q_heads=4, kv_heads=2, head_dim=32, block=block, density=0.3)
   q, lengths = q[:, -1], jnp.full((2,), block * n_blocks, jnp.int32)
   hit = np.asarray(k[..., -1], np.float32).reshape(

@@ -1,26 +1,23 @@
-"""FP8 (float8_e4m3fn) KV caches through the public decode API: every
-implementation against the f32 oracle run on the dequantized cache, the
-bytes it reports, and the errors for malformed scales."""
+"""FP8 (float8_e4m3fn) KV caches: the quantizer, scalar scales over a page
+pool, and the errors for malformed scales. Every implementation against the
+oracle on the dequantized cache: the decode suite (tests/test_base.py)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import blasst_jax as bj
-from tests import test_base
-from tests import test_decode
+from blasst_jax import testing
 
 
 def fp8_inputs(name, *, head_dim=64, kv_heads=2, max_len=256):
   """q (bf16) and a cache whose KV heads differ 10x in magnitude, quantized
   per head."""
-  q, k, v = test_decode.cache_inputs(
-      test_base.key_for("decode_fp8", name), batch=2, max_len=max_len,
-      q_heads=4 * kv_heads, kv_heads=kv_heads, head_dim=head_dim)
-  k = k * (10.0 ** jnp.arange(kv_heads))[None, None, :, None]
-  k8, k_scale = bj.decode.quantize_cache(k)
-  v8, v_scale = bj.decode.quantize_cache(v)
-  return q.astype(jnp.bfloat16), k8, v8, k_scale, v_scale
+  shape = testing.DecodeShape(batch=2, q_heads=4 * kv_heads,
+                              kv_heads=kv_heads, max_len=max_len,
+                              head_dim=head_dim)
+  c = testing.fp8_cache(testing.key_for("decode_fp8", name), shape)
+  return c.q, c.k8, c.v8, c.k_scale, c.v_scale
 
 
 def dequantized(cache8, scale):
@@ -28,9 +25,9 @@ def dequantized(cache8, scale):
 
 
 def test_quantize_cache_round_trips_within_e4m3_precision():
-  _, k, _ = test_decode.cache_inputs(
-      test_base.key_for("decode_fp8", "round_trip"), batch=2, max_len=256,
-      q_heads=8, kv_heads=2, head_dim=64)
+  _, k, _ = testing.DecodeShape(batch=2, q_heads=8, kv_heads=2, max_len=256,
+                                head_dim=64).inputs(
+                                    testing.key_for("decode_fp8", "round_trip"))
   k = k * jnp.array([1.0, 10.0])[None, None, :, None]
   k8, k_scale = bj.decode.quantize_cache(k)
   assert k8.dtype == jnp.float8_e4m3fn and k_scale.shape == (2,)
@@ -42,34 +39,6 @@ def test_quantize_cache_round_trips_within_e4m3_precision():
   bound = jnp.abs(k) / 16 + k_scale[:, None] * 2.0 ** -9
   assert bool(jnp.all(err <= bound))
   assert float(jnp.max(err)) > 0, "the quantization should lose something"
-
-
-@pytest.mark.parametrize("implementation", ["reference", "pallas_triton",
-                                            "pallas_mosaic"])
-def test_fp8_cache_matches_the_oracle_on_the_dequantized_cache(
-    implementation):
-  q, k8, v8, k_scale, v_scale = fp8_inputs(implementation)
-  kv_lengths = jnp.array([256, 150], jnp.int32)
-  threshold = 1e-2
-  out, stats = bj.decode_attention(
-      q, k8, v8, kv_lengths, threshold=threshold, k_scale=k_scale,
-      v_scale=v_scale, block_kv=64, num_splits=2, max_mode="anchored",
-      implementation=implementation, return_stats=True)
-  assert out.dtype == q.dtype
-  oracle = bj.reference.blockwise_decode_attention(
-      q.astype(jnp.float32), dequantized(k8, k_scale),
-      dequantized(v8, v_scale), kv_lengths, block_kv=64, threshold=threshold,
-      num_splits=2, max_mode="anchored")
-  test_decode.assert_matches_oracle(out, stats, oracle, threshold,
-                                    jnp.bfloat16)
-  assert int(jnp.sum(stats.skipped_blocks)) > 0, "inputs meant to skip did not"
-  # Bytes: one per element where the kernel reads FP8 pages, two where the
-  # cache is widened to bf16 first.
-  itemsize = 1 if implementation != "pallas_triton" else 2
-  visited = np.asarray(stats.visited_blocks[:, ::4]).sum(1)
-  kept = visited - np.asarray(stats.skipped_blocks[:, ::4]).sum(1)
-  np.testing.assert_allclose(
-      np.asarray(stats.bytes_read), (visited + kept) * 64 * 64 * itemsize)
 
 
 def test_fp8_paged_pool_with_scalar_scales():
@@ -89,7 +58,7 @@ def test_fp8_paged_pool_with_scalar_scales():
       v8.astype(jnp.float32) * 0.02, kv_lengths, block_kv=page,
       threshold=1e-2, max_mode="anchored",
       num_splits=bj.decode.default_num_splits(b, 1, max_len, page))
-  test_base.assert_close(out, oracle.out, jnp.bfloat16)
+  testing.assert_close(out, oracle.out, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -37,9 +37,8 @@ from blasst_jax import testing
 # options, and a function traced before that is traced (and compiled) again.
 from blasst_jax.kernels import pallas_triton  # pylint: disable=unused-import
 from blasst_jax.kernels import pallas_triton_bwd  # pylint: disable=unused-import
-from tests import test_base
 
-key_for = test_base.key_for
+key_for = testing.key_for
 
 BLOCK = 16
 # λ candidates, largest (most pruning) first.
@@ -249,7 +248,7 @@ class GradientTestBase:
     assert int(jnp.sum(expected.stats.skipped_blocks)) > 0, "nothing skipped"
     np.testing.assert_array_equal(stats.skipped_blocks,
                                   expected.stats.skipped_blocks)
-    test_base.assert_close(out, expected.out, jnp.float32)
+    testing.assert_close(out, expected.out, jnp.float32)
     want = oracle_vjp(q, k, v, d_out, lam, causal=causal, **masks)
     assert_grads_close(grads, want)
     # Keys past a sequence's length get no gradient.
@@ -272,7 +271,7 @@ class GradientTestBase:
     assert int(jnp.sum(stats.skipped_blocks)) == 0
     want_out, want_vjp = jax.jit(lambda q, k, v: jax.vjp(functools.partial(
         jax.nn.dot_product_attention, is_causal=causal), q, k, v))(q, k, v)
-    test_base.assert_close(out, want_out, jnp.float32)
+    testing.assert_close(out, want_out, jnp.float32)
     assert_grads_close(grads, want_vjp(d_out))
 
   # 4. Composition with jit, checkpoint and vmap.

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import pytest
 
 from blasst_jax.kernels import pallas_triton
-from tests import test_base
+from blasst_jax import testing
 
-lower_for_h100 = test_base.lower_for_h100
+lower_for_h100 = testing.lower_for_h100
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The oracle: the shared suite, plus checks of the skip rule itself."""
+"""The oracle: the shared suites, plus checks of the skip rule itself."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 
 import blasst_jax as bj
 from blasst_jax import analysis
+from blasst_jax import testing
 from tests import test_base
 
 
@@ -14,17 +15,22 @@ class TestReference(test_base.AttentionTestBase):
   implementation = "reference"
 
 
+class TestReferenceDecode(test_base.DecodeTestBase):
+  implementation = "reference"
+  bytes_match_reference = True
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_dense_attention_matches_jax(causal):
-  shape = test_base.SHAPES[1]
-  q, k, v = shape.inputs(test_base.key_for("dense_ref", causal),
+  shape = testing.CPU_TEST_SHAPES[1]
+  q, k, v = shape.inputs(testing.key_for("dense_ref", causal),
                          pattern="random", scale=3.0)
   kvl = jnp.array([150], jnp.int32)
   out, lse = bj.reference.dense_attention(q, k, v, causal=causal,
                                           kv_lengths=kvl, return_lse=True)
   expected = jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                           key_value_seq_lengths=kvl)
-  test_base.assert_close(out, expected, jnp.float32)
+  testing.assert_close(out, expected, jnp.float32)
   s = bj.reference.attention_scores(q, k, causal=causal, kv_lengths=kvl)
   np.testing.assert_allclose(lse, jax.nn.logsumexp(s, axis=-1), rtol=1e-5,
                              atol=1e-5)
@@ -57,8 +63,8 @@ def test_skip_rule_on_hand_built_scores():
 
 def test_masked_rows_do_not_forbid_a_skip():
   """A tile whose later rows see no key of a block still skips it."""
-  shape = test_base.SHAPES[0]
-  q, k, v = shape.inputs(test_base.key_for("rows"), sharpness=20.0, window=4)
+  shape = testing.CPU_TEST_SHAPES[0]
+  q, k, v = shape.inputs(testing.key_for("rows"), sharpness=20.0, window=4)
   r = bj.reference.blockwise_attention(q, k, v, block_q=32, block_kv=16,
                                        threshold=0.05, causal=True)
   # Diagonal tiles: blocks partially above the diagonal are visited and

@@ -8,7 +8,7 @@ import pytest
 import blasst_jax as bj
 from blasst_jax import patterns
 from blasst_jax import xattention
-from tests import test_base
+from blasst_jax import testing
 
 
 def inputs(key, *, batch=2, seq_len=1000, q_heads=4, kv_heads=2, head_dim=32,
@@ -25,7 +25,7 @@ def causal_allowed(n_blocks):
 
 def test_block_scores_match_a_direct_antidiagonal_computation():
   """Each score is the softmax mass of the strided antidiagonal sums."""
-  kq, kk = jax.random.split(test_base.key_for("xattn_scores"))
+  kq, kk = jax.random.split(testing.key_for("xattn_scores"))
   b, n, h, d, stride, bs = 1, 64, 2, 8, 4, 16
   q = jax.random.normal(kq, (b, n, h, d))
   k = jax.random.normal(kk, (b, n, h, d))
@@ -50,7 +50,7 @@ def test_block_scores_match_a_direct_antidiagonal_computation():
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_threshold_one_keeps_every_causal_block(kv_heads):
-  q, k, _ = inputs(test_base.key_for("xattn_all", kv_heads), kv_heads=kv_heads)
+  q, k, _ = inputs(testing.key_for("xattn_all", kv_heads), kv_heads=kv_heads)
   mask = xattention.select_blocks(q, k, block_size=64, stride=8,
                                   threshold=1.0, causal=True)
   assert mask.shape == (2, 4, 16, 16) and mask.dtype == jnp.bool_
@@ -59,7 +59,7 @@ def test_threshold_one_keeps_every_causal_block(kv_heads):
 
 
 def test_sink_and_diagonal_kept_nothing_above_the_diagonal():
-  q, k, _ = inputs(test_base.key_for("xattn_forced"))
+  q, k, _ = inputs(testing.key_for("xattn_forced"))
   mask = np.asarray(xattention.select_blocks(
       q, k, block_size=64, stride=16, threshold=0.3, causal=True))
   assert mask[..., 0].all()
@@ -82,7 +82,7 @@ def test_sink_and_diagonal_kept_nothing_above_the_diagonal():
 
 
 def test_selection_is_monotone_in_threshold_and_reaches_its_mass():
-  q, k, _ = inputs(test_base.key_for("xattn_monotone"), seq_len=768)
+  q, k, _ = inputs(testing.key_for("xattn_monotone"), seq_len=768)
   scores = xattention.block_scores(q, k, block_size=64, stride=8, causal=True)
   previous = None
   for tau in (0.2, 0.5, 0.8, 0.95, 1.0):
@@ -97,7 +97,7 @@ def test_selection_is_monotone_in_threshold_and_reaches_its_mass():
 
 
 def test_per_head_thresholds():
-  q, k, _ = inputs(test_base.key_for("xattn_heads"))
+  q, k, _ = inputs(testing.key_for("xattn_heads"))
   taus = jnp.array([0.3, 1.0, 0.6, 0.9])
   mask = xattention.select_blocks(q, k, block_size=64, threshold=taus,
                                   causal=True)
@@ -109,7 +109,7 @@ def test_per_head_thresholds():
 
 
 def test_kv_lengths_blocks_never_selected():
-  q, k, _ = inputs(test_base.key_for("xattn_len"))
+  q, k, _ = inputs(testing.key_for("xattn_len"))
   lengths = jnp.array([1000, 300])
   mask = np.asarray(xattention.select_blocks(
       q, k, block_size=64, threshold=1.0, causal=False, kv_lengths=lengths))
@@ -139,7 +139,7 @@ def test_select_blocks_bad_input(kwargs, match):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
 def test_block_masked_kernel_matches_oracle(causal, kv_heads):
-  q, k, v = inputs(test_base.key_for("xattn_kernel", causal, kv_heads),
+  q, k, v = inputs(testing.key_for("xattn_kernel", causal, kv_heads),
                    seq_len=700, kv_heads=kv_heads)
   kv_lengths = jnp.array([700, 433])
   # τ near 1 leaves light blocks for skip-softmax to prune on top.
@@ -153,13 +153,13 @@ def test_block_masked_kernel_matches_oracle(causal, kv_heads):
   oracle = bj.reference.blockwise_attention(
       q, k, v, block_q=64, block_kv=64, threshold=threshold, causal=causal,
       kv_lengths=kv_lengths, block_mask=mask)
-  test_base.assert_close(out, oracle.out, jnp.float32)
+  testing.assert_close(out, oracle.out, jnp.float32)
   np.testing.assert_array_equal(stats.visited_blocks,
                                 oracle.stats.visited_blocks)
   # Per (batch, head) totals equal the oracle's except where a tile holds a
   # near-tie.
-  near = np.asarray(test_base.near_tie_tiles(
-      oracle, threshold, test_base.NEAR_TIE[jnp.float32])).any(axis=-1)
+  near = np.asarray(testing.near_tie_tiles(
+      oracle, threshold, testing.NEAR_TIE[jnp.float32])).any(axis=-1)
   differ = np.asarray(stats.skipped_blocks != oracle.stats.skipped_blocks)
   assert not (differ & ~near).any()
   assert int(jnp.sum(stats.masked_blocks)) > 0
@@ -168,24 +168,24 @@ def test_block_masked_kernel_matches_oracle(causal, kv_heads):
       q, k, v, threshold=threshold, causal=causal, kv_lengths=kv_lengths,
       block_mask=mask, implementation="reference", return_stats=True)
   np.testing.assert_array_equal(ref_stats.masked_blocks, stats.masked_blocks)
-  test_base.assert_close(out, ref_out, jnp.float32)
+  testing.assert_close(out, ref_out, jnp.float32)
 
 
 @pytest.mark.parametrize("impl", ["pallas_triton", "reference"])
 def test_full_mask_is_no_mask_and_dense_at_zero_threshold(impl):
-  q, k, v = inputs(test_base.key_for("xattn_full", impl), seq_len=300)
+  q, k, v = inputs(testing.key_for("xattn_full", impl), seq_len=300)
   full = jnp.ones((2, 4, 5, 5), bool)
   out, stats = bj.attention(q, k, v, causal=True, block_mask=full,
                             implementation=impl, return_stats=True)
   dense = bj.reference.dense_attention(q, k, v, causal=True)
-  test_base.assert_close(out, dense, jnp.float32)
+  testing.assert_close(out, dense, jnp.float32)
   assert int(jnp.sum(stats.masked_blocks)) == 0
   assert float(stats.combined_sparsity) == 0.0
 
 
 def test_masked_blocks_change_the_output_like_the_oracle_says():
   """Dropping a block the oracle keeps changes the output: the mask bites."""
-  q, k, v = inputs(test_base.key_for("xattn_bites"), seq_len=256)
+  q, k, v = inputs(testing.key_for("xattn_bites"), seq_len=256)
   mask = jnp.ones((2, 4, 4, 4), bool).at[:, :, 3, 1].set(False)
   out = bj.attention(q, k, v, block_mask=mask, implementation="pallas_triton")
   dense = bj.reference.dense_attention(q, k, v)
@@ -194,7 +194,7 @@ def test_masked_blocks_change_the_output_like_the_oracle_says():
 
 
 def test_block_mask_gradients_follow_the_oracle():
-  q, k, v = inputs(test_base.key_for("xattn_grad"), seq_len=128, batch=1)
+  q, k, v = inputs(testing.key_for("xattn_grad"), seq_len=128, batch=1)
   mask = jnp.ones((1, 4, 2, 2), bool).at[:, 1, 1, 0].set(False)
   loss = lambda impl: lambda q: jnp.sum(bj.attention(  # pylint: disable=g-long-lambda
       q, k, v, block_mask=mask, threshold=1e-3, implementation=impl) ** 2)
@@ -209,14 +209,14 @@ def test_block_mask_gradients_follow_the_oracle():
     (jnp.ones((2, 4, 5), bool), "block_mask"),
 ])
 def test_bad_block_mask_raises(mask, match):
-  q, k, v = inputs(test_base.key_for("xattn_bad"), seq_len=300)
+  q, k, v = inputs(testing.key_for("xattn_bad"), seq_len=300)
   with pytest.raises(ValueError, match=match):
     bj.attention(q, k, v, block_mask=mask, block_q=64, block_kv=64,
                  implementation="pallas_triton")
 
 
 def test_mask_block_size_inferred_and_small_tiles_refused_by_mosaic():
-  q, k, v = inputs(test_base.key_for("xattn_infer"), seq_len=1000)
+  q, k, v = inputs(testing.key_for("xattn_infer"), seq_len=1000)
   mask = xattention.select_blocks(q, k, block_size=128, threshold=0.9,
                                   causal=True)
   out = bj.attention(q, k, v, causal=True, block_mask=mask,

@@ -8,8 +8,8 @@ import pytest
 
 from blasst_jax import patterns
 from blasst_jax import xattention
+from blasst_jax import testing
 from blasst_jax.kernels import xattention_triton
-from tests import test_base
 
 SMALL = xattention_triton.EstimateConfig(block_rows=16, block_cols=32)
 
@@ -33,7 +33,7 @@ def estimates(q, k, kv_lengths, *, causal, block_size, stride, config=SMALL):
 def test_kernel_matches_xla_estimate(q_len, kv_len, q_heads, kv_heads,
                                      head_dim, block_size, stride, causal,
                                      lengths):
-  key = test_base.key_for("xattn_kernel", q_len, kv_len, stride, causal)
+  key = testing.key_for("xattn_kernel", q_len, kv_len, stride, causal)
   kq, kk = jax.random.split(key)
   q, k, _ = patterns.sink_local_qkv(
       kq, batch=2, seq_len=max(q_len, kv_len), q_heads=q_heads,
@@ -53,7 +53,7 @@ def test_kernel_matches_xla_estimate(q_len, kv_len, q_heads, kv_heads,
 
 def test_kernel_selection_matches_xla_selection():
   q, k, _ = patterns.sink_local_qkv(
-      test_base.key_for("xattn_kernel_select"), batch=1, seq_len=1024,
+      testing.key_for("xattn_kernel_select"), batch=1, seq_len=1024,
       q_heads=4, kv_heads=2, head_dim=32, window=64, sharpness=(4.0, 12.0))
   kwargs = dict(block_size=64, stride=8, threshold=0.9, causal=True)
   want = xattention.select_blocks(q, k, implementation="xla", **kwargs)
@@ -74,7 +74,7 @@ def test_kernel_lowers_for_cuda(causal, stride):
         q, k, kv_lengths, block_size=128, stride=stride, causal=causal,
         sm_scale=d ** -0.5)
 
-  lowered = test_base.lower_for_h100(
+  lowered = testing.lower_for_h100(
       fn, sds((b, length, hq, d), jnp.bfloat16),
       sds((b, length, hkv, d), jnp.bfloat16), sds((b,), jnp.int32))
   assert lowered.as_text().count("blasst_xattention_estimate") >= 1
@@ -98,7 +98,7 @@ def test_bad_estimate_options_are_rejected():
 @pytest.mark.parametrize("stride", [8, 16])
 def test_compiled_kernel_matches_xla_on_gpu(causal, stride):
   q, k, _ = patterns.sink_local_qkv(
-      test_base.key_for("xattn_gpu", causal, stride), batch=2, seq_len=5000,
+      testing.key_for("xattn_gpu", causal, stride), batch=2, seq_len=5000,
       q_heads=8, kv_heads=2, head_dim=128, window=256, sharpness=(4.0, 20.0),
       dtype=jnp.bfloat16)
   kv_lengths = jnp.array([5000, 3001])

@@ -44,6 +44,16 @@ def is_hopper(device=None) -> bool:
   return any(name in device.device_kind for name in ("H100", "H200", "H800"))
 
 
+def gpu_interpret_params(interpret):
+  """Pallas' GPU interpret settings (Mosaic GPU ops) for the caller's
+  `interpret`: None when off, defaults for True, and a
+  `plgpu.InterpretGPUParams` as given (e.g. `detect_races=True`)."""
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+  if isinstance(interpret, plgpu.InterpretGPUParams):
+    return interpret
+  return plgpu.InterpretGPUParams() if interpret else None
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionResult:

@@ -96,8 +96,11 @@ class AttentionOp(base.Op):
     raise NotImplementedError
 
   def __call__(self, q, k, v, plan: Plan, *, kv_lengths, threshold, causal,
-               sm_scale: float, initial_max=None,
-               return_lse: bool = False) -> base.AttentionResult:
+               sm_scale: float, initial_max=None, return_lse: bool = False,
+               record_skips: bool = False) -> base.AttentionResult:
+    """The op's `AttentionResult`. return_lse: with lse (for merging
+    partial results); record_skips: with the skip record `skip_mask`. Either
+    gives no gradient in the Pallas ops."""
     raise NotImplementedError
 
   def complete_stats(self, stats: SkipStats, plan: Plan, *, q_len, kv_len,
@@ -139,8 +142,8 @@ class PallasAttentionOp(AttentionOp):
     raise NotImplementedError
 
   def __call__(self, q, k, v, plan: Plan, *, kv_lengths, threshold, causal,
-               sm_scale: float, initial_max=None,
-               return_lse: bool = False) -> base.AttentionResult:
+               sm_scale: float, initial_max=None, return_lse: bool = False,
+               record_skips: bool = False) -> base.AttentionResult:
     b, lq, _, _ = q.shape
     lk = k.shape[1]
     kv_lengths = reference.kv_lengths_or_full(kv_lengths, b, lk)
@@ -151,9 +154,10 @@ class PallasAttentionOp(AttentionOp):
                   skip_enabled=not validation.is_static_zero(threshold),
                   **self.kernel_options(plan))
     static = tuple(sorted(static.items()))
-    if return_lse:   # for merging partial results: no gradient
+    if return_lse or record_skips:   # no gradient
       result = self.forward(q, k, v, kv_lengths, log_thr, plan.block_mask,
-                            static, initial_max=initial_max)
+                            static, initial_max=initial_max,
+                            record_skips=record_skips)
     else:
       result = _differentiable(self, q, k, v, kv_lengths, log_thr,
                                plan.block_mask, static)

@@ -6,7 +6,6 @@ the Triton backward otherwise)."""
 from __future__ import annotations
 
 import jax
-import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from blasst_jax import config as config_lib
@@ -131,8 +130,7 @@ class PallasMosaicGpuAttention(attention_base.PallasAttentionOp):
                              tile_counts(q_len, kv_len, block_q, block_kv)[1])
     return attention_base.Plan(
         block_q=block_q, block_kv=block_kv, config=config,
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-        block_mask=block_mask)
+        interpret=base.gpu_interpret_params(interpret), block_mask=block_mask)
 
   def check_shared_memory(self, block_q, block_kv, head_dim, config,
                           n_listed, n_recorded) -> None:

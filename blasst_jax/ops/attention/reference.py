@@ -29,9 +29,9 @@ class ReferenceAttention(attention_base.AttentionOp):
                                block_mask=block_mask)
 
   def __call__(self, q, k, v, plan, *, kv_lengths, threshold, causal,
-               sm_scale, initial_max=None,
-               return_lse=False) -> base.AttentionResult:
-    del return_lse   # the oracle always has it
+               sm_scale, initial_max=None, return_lse=False,
+               record_skips=False) -> base.AttentionResult:
+    del return_lse, record_skips   # the oracle always has both
     r = reference.blockwise_attention(
         q, k, v, block_q=plan.block_q, block_kv=plan.block_kv,
         threshold=threshold, causal=causal, sm_scale=sm_scale,

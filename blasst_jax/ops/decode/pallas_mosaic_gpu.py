@@ -4,7 +4,6 @@ measured."""
 
 from __future__ import annotations
 
-import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from blasst_jax.kernels import decode_mosaic
 from blasst_jax.ops import base
@@ -46,7 +45,7 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
       interpret = not base.on_gpu()
     return decode_base.DecodePlan(
         config=config,
-        interpret=plgpu.InterpretGPUParams() if interpret else None)
+        interpret=base.gpu_interpret_params(interpret))
 
   def __call__(self, q, k_pages, v_pages, page_table, kv_lengths, plan, *,
                log_threshold, skip_enabled, sm_scale, num_splits, max_mode,

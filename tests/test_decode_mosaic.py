@@ -32,18 +32,6 @@ class TestMosaicDecodeInterpret(test_base.DecodeTestBase):
   fp8_shapes = testing.DECODE_FP8_TEST_SHAPES + (
       testing.MOSAIC_DECODE_CPU_TEST_SHAPES[1],)
 
-  def marks_for(self, test_name, shape):
-    # A sequence that fills 384 keys walks three 64-key pages per split (two
-    # splits) through the default rings: the race detector reports a race
-    # on shared memory read in _compute (decode_mosaic.py). Known in the
-    # kernel; kept here so that a fix shows as XPASS.
-    if shape.max_len == 384 and test_name in (
-        "test_matches_oracle",
-        "test_fp8_cache_matches_the_oracle_on_the_dequantized_cache"):
-      return [pytest.mark.xfail(
-          strict=True, reason="known race: 3 pages per split, default rings")]
-    return []
-
   def decode(self, *args, **kwargs):
     interpret_pallas_call.reset_gpu_interpret_mode_state()
     return super().decode(*args, **kwargs)

@@ -70,6 +70,8 @@ class AttentionTestBase:
   supports_lse = True              # return_lse
   supports_skip_record = True      # the skip mask the backward walks around
   supports_traced_threshold = True
+  # Keys of the initial_max chaining check (None: those of `shapes[1]`).
+  chain_len: int | None = None
 
   def tiles_for(self, shape) -> tuple[int, int]:
     del shape
@@ -450,10 +452,10 @@ class AttentionTestBase:
     shape = self.shapes[1]
     bq, bkv = self.tiles_for(shape)
     # Two or more KV blocks per part, the cut on a block boundary.
-    n_blocks = -(-shape.kv_len // bkv)
+    n_blocks = -(-(self.chain_len or shape.kv_len) // bkv)
     cut = bkv * max(1, n_blocks // 3)
     b, hq, hkv, d = 2, 4, 2, shape.head_dim
-    seq_len = shape.kv_len
+    seq_len = self.chain_len or shape.kv_len
     q, k, v = bj.patterns.sink_local_qkv(
         jax.random.PRNGKey(28), batch=b, seq_len=seq_len, q_heads=hq,
         kv_heads=hkv, head_dim=d, window=24, sharpness=(4.0, 12.0, 20.0),

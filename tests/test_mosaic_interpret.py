@@ -35,6 +35,7 @@ class TestMosaicInterpret(test_base.AttentionTestBase):
   tiles = (BLOCK_Q, BLOCK_KV)
   low_precision_dtypes = (jnp.float16,)
   interpret = plgpu.InterpretGPUParams(detect_races=True)
+  chain_len = 192   # three KV blocks
 
   def attention(self, *args, **kwargs):
     interpret_pallas_call.reset_gpu_interpret_mode_state()

@@ -417,12 +417,12 @@ def capture_attention_inputs(model, *args, **kwargs) -> dict[str, AttentionInput
 # Result types.
 
 
-def _json_safe(value):
+def json_safe(value):
   """Nested lists/dicts with NaN and ±inf replaced by None."""
   if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
+    return {k: json_safe(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
+    return [json_safe(v) for v in value]
   if isinstance(value, float) and not math.isfinite(value):
     return None
   return value
@@ -528,7 +528,7 @@ class LayerReport:
 
   def to_dict(self) -> dict[str, Any]:
     """Nested lists and numbers for JSON (NaN and ±inf become None)."""
-    return _json_safe(dataclasses.asdict(self))
+    return json_safe(dataclasses.asdict(self))
 
   @classmethod
   def from_dict(cls, data: dict[str, Any]) -> "LayerReport":

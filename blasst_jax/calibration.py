@@ -457,7 +457,7 @@ class Calibration:
 
   def to_dict(self) -> dict[str, Any]:
     """Nested dicts, lists and numbers for JSON."""
-    return analysis._json_safe(dataclasses.asdict(self))  # pylint: disable=protected-access
+    return analysis.json_safe(dataclasses.asdict(self))
 
 
 def calibrate(*, target_sparsity, prefill_inputs=None, decode_inputs=None,

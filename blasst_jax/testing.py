@@ -21,6 +21,7 @@ import numpy as np
 
 from blasst_jax import config as config_lib
 from blasst_jax import patterns
+from blasst_jax.ops import base as ops_base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,7 +400,7 @@ def announce_device() -> tuple[dict, bool]:
   print(f"device_kind={device.device_kind} platform={device.platform} "
         f"jax={jax.__version__}", flush=True)
   return (dict(device_kind=device.device_kind, jax_version=jax.__version__),
-          device.platform == "gpu")
+          ops_base.on_gpu(device.platform))
 
 
 def device_tag(device_kind: str) -> str:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 from jax import lax
@@ -256,35 +257,68 @@ class MosaicConfig:
                          f"{getattr(self, name)!r}.")
 
 
-def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
-            scoped, *, sm_scale, block_q, block_kv, head_dim, dtype, causal,
-            q_len, group, num_stages, k_stages, compute_registers,
-            skip_enabled,
-            p_smem2, lists, skips, votes, chain, overlap):
-  # lists: None (every block of each tile's range), or (lists_ref int32
-  # [batch, q_heads, n_programs, width] in global memory, its shared-memory
-  # copy [width] for this program, the copy's barrier); see `program_lists`.
-  # skips: None, or (skips_ref int32 [batch, q_heads, n_tiles, rows, SLOT],
-  # its shared-memory copy [COMPUTE_WGS, rows, SLOT]): a word per KV block,
-  # 1 where the tile skipped it (written at the blocks the tile visits).
-  # K slots: position % k_stages; V slots: position % num_stages.
-  # votes: None (every V block is copied), or (votes_smem int32
-  # [k_stages, SLOT], word wg of a K slot's row = 1 where warpgroup wg keeps
-  # the block in that slot; vote barriers [COMPUTE_WGS * k_stages]).
-  # chain: None, or (initial_max_ref f32 [batch, q_heads, rows] in log2
-  # units, row_max_ref (same shape, the final max out), rows_smem2 f32
-  # [COMPUTE_WGS, block_q], its barriers [COMPUTE_WGS]).
+class _Refs(NamedTuple):
+  """The kernel's global-memory operands; None where a feature is off."""
+  q: Any            # [batch, padded q_len, q_heads, d]
+  k: Any            # [batch, padded kv_len, kv_heads, d]
+  v: Any
+  v_tail: Any       # [batch, block_kv, kv_heads, d] the V block holding kv_len,
+                    # zero past it (P·V would turn NaN there into NaN rows)
+  params: Any       # f32 [batch, SLOT]: kv_len, log2(λ), 0...
+  lists: Any        # int32 [batch, q_heads, n_programs, rows, SLOT]
+  initial_max: Any  # f32 [batch, q_heads, padded q_len], log2 units
+  out: Any          # [batch, padded q_len, q_heads, d]
+  lse: Any          # f32 [batch, q_heads, padded q_len]
+  stats: Any        # int32 [batch, q_heads, n_tiles, SLOT]: skipped, visited
+  skips: Any        # int32 [batch, q_heads, n_tiles, rows, SLOT]: 1 = skipped
+  row_max: Any      # f32 [batch, q_heads, padded q_len]: the final max
+
+
+class _Scratch(NamedTuple):
+  """Shared memory of one program (C = COMPUTE_WGS); None where off."""
+  qo: Any           # [C, block_q, d] q tiles, then the output tiles
+  k: Any            # [k_stages, block_kv, d] K ring
+  v: Any            # [num_stages, block_kv, d] V ring
+  lse: Any          # f32 [C, block_q]
+  stats: Any        # int32 [C, SLOT]
+  params: Any       # f32 [C + 1, SLOT] one copy per warpgroup
+  p: Any            # interpret mode: [C, block_q, block_kv] P through memory
+  skips: Any        # int32 [C, rows, SLOT] a word per KV block, 1 = skipped
+  lists: Any        # int32 [rows, SLOT] this program's `program_lists` row
+  votes: Any        # int32 [k_stages, SLOT]: word wg of a K slot's row is 1
+                    # where warpgroup wg keeps the block in that slot
+  rows: Any         # f32 [C, block_q] initial max in, final max out
+
+
+class _Barriers(NamedTuple):
+  k: Any            # [k_stages] K copied
+  v: Any            # [num_stages] V copied (or an empty arrival: no copy)
+  q: Any            # [C]
+  params: Any       # [C + 1]
+  k_free: Any       # [k_stages] both tiles are done with a K slot
+  v_free: Any       # [num_stages]
+  sched: Any        # tensor-core turns: a token per warpgroup (overlapped
+                    # build), or one barrier both arrive at
+  lists: Any
+  votes: Any        # [C * k_stages]
+  rows: Any         # [C]
+
+
+def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
+            block_kv, head_dim, dtype, causal, q_len, group, num_stages,
+            k_stages, compute_registers, skip_enabled, overlap):
+  # K slots: position % k_stages; V slots: position % num_stages. Optional
+  # features are on where their buffers are: block lists (sc.lists), the
+  # skip record (sc.skips), votes on V copies (sc.votes), a chained running
+  # max (sc.rows), P through shared memory in interpret mode (sc.p).
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
   program = lax.axis_index("q_seq")
   wg = lax.axis_index("wg")
-  (qo_smem2, k_smem, v_smem, lse_smem2, stats_smem2, params_smem), bars = (
-      scoped)
-  (k_bars, v_bars, q_bars, params_bar), (k_free, v_free), sched_bar = bars
 
   def schedule_turn():
-    plgpu.barrier_arrive(sched_bar)
-    plgpu.barrier_wait(sched_bar)
+    plgpu.barrier_arrive(bars.sched)
+    plgpu.barrier_wait(bars.sched)
 
   def slot_of(pos):   # V slot
     return lax.rem(pos, jnp.array(num_stages, pos.dtype))
@@ -294,9 +328,9 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
   # Per-sequence scalars [kv_len, log2(λ), 0...]: one TMA per warpgroup into
   # its own 128-byte slot (TMA needs 128-byte aligned shared memory).
-  my_params = params_smem.at[wg]
-  plgpu.copy_gmem_to_smem(params_ref.at[batch], my_params, params_bar.at[wg])
-  plgpu.barrier_wait(params_bar.at[wg])
+  my_params = sc.params.at[wg]
+  plgpu.copy_gmem_to_smem(io.params.at[batch], my_params, bars.params.at[wg])
+  plgpu.barrier_wait(bars.params.at[wg])
   kv_len = my_params[0].astype(jnp.int32)
   log2_thr = my_params[1]
   scale = sm_scale * LOG2E
@@ -314,21 +348,19 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
   # The memory warpgroup streams `n_stream` blocks, block_at(pos) at stream
   # position pos: the longer of the two tiles' ranges, or the union of
   # their block lists.
-  if lists is None:
+  if sc.lists is None:
     n_stream = jnp.maximum(steps_for(pair_base),
                            steps_for(pair_base + block_q))
     block_at = lambda pos: pos  # pylint: disable=g-long-lambda
   else:
-    lists_ref, list_smem, list_bar = lists
-
     @pl.when(wg == COMPUTE_WGS)
     def _():
-      plgpu.copy_gmem_to_smem(lists_ref.at[batch, q_head, program], list_smem,
-                              list_bar)
+      plgpu.copy_gmem_to_smem(io.lists.at[batch, q_head, program], sc.lists,
+                              bars.lists)
 
-    plgpu.barrier_wait(list_bar)
+    plgpu.barrier_wait(bars.lists)
     def word(i):  # The list is [rows, SLOT]: TMA boxes hold <= 256 per dim.
-      return list_smem[i // SLOT, i % SLOT]
+      return sc.lists[i // SLOT, i % SLOT]
 
     n_stream = word(0)
 
@@ -338,9 +370,9 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
   @pl.when(wg < COMPUTE_WGS)
   def _compute():
     plgpu.set_max_registers(compute_registers, action="increase")
-    qo_smem = qo_smem2.at[wg]
+    qo_smem = sc.qo.at[wg]
     q_base = pair_base + wg * block_q
-    if lists is None:
+    if sc.lists is None:
       # Positions [0, n_full): blocks no mask touches for any row of this
       # tile; [n_full, n_steps): masked; [n_steps, n_stream): the other
       # tile's only.
@@ -360,24 +392,23 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         return ((word(LIST_HEADER + pos) >> wg) & 1) == 1
 
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    if chain is None:
+    if sc.rows is None:
       m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
                               row_layout)
       seen_before = False
     else:
-      initial_max_ref, _, rows_smem2, chain_bars = chain
       plgpu.copy_gmem_to_smem(
-          initial_max_ref.at[batch, q_head, pl.ds(q_base, block_q)],
-          rows_smem2.at[wg], chain_bars.at[wg])
-      plgpu.barrier_wait(chain_bars.at[wg])
-      m_i = plgpu.load(rows_smem2.at[wg], layout=row_layout, optimized=False)
+          io.initial_max.at[batch, q_head, pl.ds(q_base, block_q)],
+          sc.rows.at[wg], bars.rows.at[wg])
+      plgpu.barrier_wait(bars.rows.at[wg])
+      m_i = plgpu.load(sc.rows.at[wg], layout=row_layout, optimized=False)
       # A row with a finite start has seen a block: the first may be skipped.
       seen_before = m_i.max() > -jnp.inf
 
     plgpu.copy_gmem_to_smem(
-        q_ref.at[batch, pl.ds(q_base, block_q), q_head], qo_smem,
-        q_bars.at[wg])
-    plgpu.barrier_wait(q_bars.at[wg])
+        io.q.at[batch, pl.ds(q_base, block_q), q_head], qo_smem,
+        bars.q.at[wg])
+    plgpu.barrier_wait(bars.q.at[wg])
 
     l_i = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32),
                             row_layout)
@@ -407,15 +438,14 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       """Waits for the K block at stream position `pos`, if one comes."""
       @pl.when(pos < n_stream)
       def _():
-        plgpu.barrier_wait(k_bars.at[k_slot(pos)])
+        plgpu.barrier_wait(bars.k.at[k_slot(pos)])
 
     def publish(slot, keep):
       """This warpgroup's vote on the block in `slot`, for the memory
       warpgroup (which copies V once a vote keeps it)."""
-      if votes is not None:
-        votes_smem, vote_bars = votes
-        votes_smem[slot, wg] = keep.astype(jnp.int32)
-        plgpu.barrier_arrive(vote_bars.at[wg * k_stages + slot])
+      if sc.votes is not None:
+        sc.votes[slot, wg] = keep.astype(jnp.int32)
+        plgpu.barrier_arrive(bars.votes.at[wg * k_stages + slot])
 
     def settle(pos, owed):
       """Closes a skip at pos - 1: waits for that block's V phase, then
@@ -424,28 +454,28 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       slot's next copy, and so its next phase, from overtaking the wait.
       The phase needs at most the other tile's vote on pos - 1, which it
       cast before this warpgroup's q·kᵀ turn at pos."""
-      if votes is None:
+      if sc.votes is None:
         return owed
 
       @pl.when(owed == 1)
       def _():
         prev = slot_of(pos - 1)
-        plgpu.barrier_wait(v_bars.at[prev])
-        plgpu.barrier_arrive(v_free.at[prev])
+        plgpu.barrier_wait(bars.v.at[prev])
+        plgpu.barrier_arrive(bars.v_free.at[prev])
       return jnp.int32(0)
 
     def end_softmax(slot, *, needs_v=True):
-      plgpu.barrier_arrive(sched_bar)                # done with softmax
+      plgpu.barrier_arrive(bars.sched)                # done with softmax
       if needs_v:
-        plgpu.barrier_wait(v_bars.at[slot])
-      plgpu.barrier_wait(sched_bar)                  # tensor cores are ours
+        plgpu.barrier_wait(bars.v.at[slot])
+      plgpu.barrier_wait(bars.sched)                  # tensor cores are ours
 
     def skip_v(slot):
       """A block whose V this warpgroup will not read: 1 when its V phase
       and slot release are left to `settle` at the next position."""
-      if votes is not None:
+      if sc.votes is not None:
         return jnp.int32(1)
-      plgpu.barrier_arrive(v_free.at[slot])
+      plgpu.barrier_arrive(bars.v_free.at[slot])
       return jnp.int32(0)
 
     def pingpong_loop(acc, m_i, l_i):
@@ -459,7 +489,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         slot, kslot = slot_of(pos), k_slot(pos)
 
         def qk_product(acc_ref):
-          plgpu.wgmma(acc_ref, qo_smem, k_smem.at[kslot].transpose((1, 0)))
+          plgpu.wgmma(acc_ref, qo_smem, sc.k.at[kslot].transpose((1, 0)))
           with jax.named_scope("turn"):
             schedule_turn()
           with jax.named_scope("wait_qk"):
@@ -467,7 +497,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
 
         s = pl.run_scoped(qk_product,
                           plgpu.ACC((block_q, block_kv), jnp.float32))
-        plgpu.barrier_arrive(k_free.at[kslot])         # K slot may be refilled
+        plgpu.barrier_arrive(bars.k_free.at[kslot])         # K slot may be refilled
         if masked:
           s = mask_scores(s, pos)
         m_blk = s.max(axis=1) * scale                  # [block_q], log2 units
@@ -476,7 +506,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         def keep(owed):
           m_new = jnp.maximum(m_i, m_blk)
           m_safe = (jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                    if masked or chain is not None else m_new)
+                    if masked or sc.rows is not None else m_new)
           alpha = jnp.exp2(m_i - m_safe)
           p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
           acc_scaled = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -487,9 +517,9 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           with jax.named_scope("turn"):
             end_softmax(slot)
 
-          if p_smem2 is None:
+          if sc.p is None:
             def pv_product(acc_ref):
-              plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+              plgpu.wgmma(acc_ref, p16, sc.v.at[slot])
               with jax.named_scope("wait_k"):
                 wait_k(pos + 1)
 
@@ -497,18 +527,18 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           else:
             # Interpret-mode variant: P goes through shared memory (the
             # interpreter has no register-operand wgmma nor run_state).
-            p_smem = p_smem2.at[wg]
+            p_smem = sc.p.at[wg]
             p_smem[...] = p16
             plgpu.commit_smem()
 
             def pv_product(acc_ref):
-              plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+              plgpu.wgmma(acc_ref, p_smem, sc.v.at[slot])
               wait_k(pos + 1)
               return acc_ref[...]
 
             acc_out = acc_scaled + pl.run_scoped(
                 pv_product, plgpu.ACC((block_q, head_dim), jnp.float32))
-          plgpu.barrier_arrive(v_free.at[slot])         # V slot may be refilled
+          plgpu.barrier_arrive(bars.v_free.at[slot])         # V slot may be refilled
           return acc_out, m_new2, l_new, n_skipped, n_visited + 1, owed
 
         if not skip_enabled:
@@ -516,12 +546,12 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk, m_i)
         publish(kslot, ~skip)
         owed = settle(pos, owed)
-        if skips is not None:
+        if sc.skips is not None:
           block = block_at(pos)
-          skips[1].at[wg][block // SLOT, block % SLOT] = skip.astype(jnp.int32)
+          sc.skips.at[wg][block // SLOT, block % SLOT] = skip.astype(jnp.int32)
 
         def drop(owed):
-          end_softmax(slot, needs_v=votes is None)
+          end_softmax(slot, needs_v=sc.votes is None)
           wait_k(pos + 1)
           return acc, m_i, l_i, n_skipped + 1, n_visited + 1, skip_v(slot)
 
@@ -536,8 +566,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         publish(kslot, jnp.bool_(False))
         schedule_turn()
         owed = settle(pos, owed)
-        plgpu.barrier_arrive(k_free.at[kslot])
-        end_softmax(slot, needs_v=votes is None)
+        plgpu.barrier_arrive(bars.k_free.at[kslot])
+        end_softmax(slot, needs_v=sc.votes is None)
         wait_k(pos + 1)
         return carry[:-1] + (skip_v(slot),)
 
@@ -569,7 +599,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       cores. A skipped block costs its q·kᵀ and a decision that overlaps
       the other tile's products, and no decision waits for the other tile's.
       """
-      turn = sched_bar   # [COMPUTE_WGS]: warpgroup w waits on turn[w]
+      turn = bars.sched   # [COMPUTE_WGS]: warpgroup w waits on turn[w]
 
       @jax.named_scope("turn")
       def take_turn():
@@ -582,8 +612,8 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       def release_v(slot):
         """A V block this warpgroup does not read: observe its phase (the
         copy, or the empty arrival after both votes), then free its slot."""
-        plgpu.barrier_wait(v_bars.at[slot])
-        plgpu.barrier_arrive(v_free.at[slot])
+        plgpu.barrier_wait(bars.v.at[slot])
+        plgpu.barrier_arrive(bars.v_free.at[slot])
 
       def decide(p, s, state, *, masked: bool):
         """Skip rule and softmax of the block at position p from its scores
@@ -599,7 +629,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         def softmax():
           m_new = jnp.maximum(m_i, m_blk)
           m_safe = (jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                    if masked or chain is not None else m_new)
+                    if masked or sc.rows is not None else m_new)
           alpha_new = jnp.exp2(m_i - m_safe)
           p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
           l_new = l_i * alpha_new + p.sum(axis=1)
@@ -609,9 +639,9 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         with jax.named_scope("vote"):
           skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk, m_i)
           publish(k_slot(p), ~skip)
-          if skips is not None:
+          if sc.skips is not None:
             block = block_at(p)
-            skips[1].at[wg][block // SLOT, block % SLOT] = skip.astype(
+            sc.skips.at[wg][block // SLOT, block % SLOT] = skip.astype(
                 jnp.int32)
         kept = lax.cond(skip, lambda: (m_i, l_i, p16, alpha),
                         jax.named_scope("softmax")(softmax))
@@ -631,40 +661,40 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         has_qk = kind in ("full", "masked")
         if kind != "none":
           with jax.named_scope("wait_k"):
-            plgpu.barrier_wait(k_bars.at[slot_n])
+            plgpu.barrier_wait(bars.k.at[slot_n])
         if has_pv:
           acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
         def products(*accs):
-          if has_pv and p_smem2 is None:
+          if has_pv and sc.p is None:
             accs[-1][...] = acc
           take_turn()
           if has_qk:
-            plgpu.wgmma(accs[0], qo_smem, k_smem.at[slot_n].transpose((1, 0)))
+            plgpu.wgmma(accs[0], qo_smem, sc.k.at[slot_n].transpose((1, 0)))
           if has_pv:
             with jax.named_scope("wait_v"):
-              plgpu.barrier_wait(v_bars.at[slot])
-            if p_smem2 is None:
-              plgpu.wgmma(accs[-1], p16, v_smem.at[slot])
+              plgpu.barrier_wait(bars.v.at[slot])
+            if sc.p is None:
+              plgpu.wgmma(accs[-1], p16, sc.v.at[slot])
             else:
               # Interpret mode: P goes through shared memory (the
               # interpreter has no register-operand wgmma).
-              p_smem = p_smem2.at[wg]
+              p_smem = sc.p.at[wg]
               p_smem[...] = p16
               plgpu.commit_smem()
-              plgpu.wgmma(accs[-1], p_smem, v_smem.at[slot])
+              plgpu.wgmma(accs[-1], p_smem, sc.v.at[slot])
           pass_turn()
           # Keep flags are traced: Mosaic lowers no literal out of a scope.
           new = state[:4] + (state[4] * 0,) + state[5:]
           if has_qk:   # q·kᵀ was issued first: wait for it alone.
             with jax.named_scope("wait_qk"):
               s = plgpu.wgmma_accumulator_load(accs[0], wait_n=int(has_pv))
-            plgpu.barrier_arrive(k_free.at[slot_n])
+            plgpu.barrier_arrive(bars.k_free.at[slot_n])
             with jax.named_scope("decide"):
               new = decide(nxt, s, state, masked=kind == "masked")
           elif kind == "pass":
             publish(slot_n, jnp.bool_(False))
-            plgpu.barrier_arrive(k_free.at[slot_n])
+            plgpu.barrier_arrive(bars.k_free.at[slot_n])
           if not has_pv:
             if not first:
               release_v(slot)
@@ -673,9 +703,9 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
           new = lax.optimization_barrier(new[:4]) + new[4:]
           with jax.named_scope("wait_pv"):
             out = accs[-1][...]
-          if p_smem2 is not None:
+          if sc.p is not None:
             out = acc + out
-          plgpu.barrier_arrive(v_free.at[slot])
+          plgpu.barrier_arrive(bars.v_free.at[slot])
           return (out,) + new
 
         accs = ([plgpu.ACC((block_q, block_kv), jnp.float32)] if has_qk
@@ -741,26 +771,26 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     l_safe = jnp.where(has_mass, l_i, 1.0)
     acc = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
     qo_smem[...] = acc.astype(dtype)
-    lse_smem2.at[wg][...] = jnp.where(
+    sc.lse.at[wg][...] = jnp.where(
         has_mass, (m_i + jnp.log2(l_safe)) * LN2, -jnp.inf)
-    if chain is not None:
-      rows_smem2.at[wg][...] = m_i * LN2
-    stats = stats_smem2.at[wg]
+    if sc.rows is not None:
+      sc.rows.at[wg][...] = m_i * LN2
+    stats = sc.stats.at[wg]
     stats[0] = n_skipped
     stats[1] = n_visited
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(qo_smem,
-                            out_ref.at[batch, pl.ds(q_base, block_q), q_head])
-    plgpu.copy_smem_to_gmem(lse_smem2.at[wg],
-                            lse_ref.at[batch, q_head, pl.ds(q_base, block_q)])
-    if chain is not None:
+                            io.out.at[batch, pl.ds(q_base, block_q), q_head])
+    plgpu.copy_smem_to_gmem(sc.lse.at[wg],
+                            io.lse.at[batch, q_head, pl.ds(q_base, block_q)])
+    if sc.rows is not None:
       plgpu.copy_smem_to_gmem(
-          rows_smem2.at[wg], chain[1].at[batch, q_head, pl.ds(q_base, block_q)])
+          sc.rows.at[wg], io.row_max.at[batch, q_head, pl.ds(q_base, block_q)])
     tile = program * COMPUTE_WGS + wg
-    plgpu.copy_smem_to_gmem(stats, stats_ref.at[batch, q_head, tile])
-    if skips is not None:
-      plgpu.copy_smem_to_gmem(skips[1].at[wg],
-                              skips[0].at[batch, q_head, tile])
+    plgpu.copy_smem_to_gmem(stats, io.stats.at[batch, q_head, tile])
+    if sc.skips is not None:
+      plgpu.copy_smem_to_gmem(sc.skips.at[wg],
+                              io.skips.at[batch, q_head, tile])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == COMPUTE_WGS)
@@ -772,12 +802,22 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       return (batch, pl.ds(block_at(pos) * block_kv, block_kv), kv_head)
 
     def issue_k(pos, slot):
-      plgpu.copy_gmem_to_smem(k_ref.at[source(pos)], k_smem.at[slot],
-                              k_bars.at[slot])
+      plgpu.copy_gmem_to_smem(io.k.at[source(pos)], sc.k.at[slot],
+                              bars.k.at[slot])
 
     def issue_v(pos, slot):
-      plgpu.copy_gmem_to_smem(v_ref.at[source(pos)], v_smem.at[slot],
-                              v_bars.at[slot])
+      tail = block_at(pos) == lax.div(kv_len, block_kv)
+
+      @pl.when(~tail)
+      def _():
+        plgpu.copy_gmem_to_smem(io.v.at[source(pos)], sc.v.at[slot],
+                                bars.v.at[slot])
+
+      @pl.when(tail)
+      def _():
+        plgpu.copy_gmem_to_smem(
+            io.v_tail.at[batch, pl.ds(0, block_kv), kv_head], sc.v.at[slot],
+            bars.v.at[slot])
 
     def issue_k_ahead(pos):
       """K runs k_stages blocks ahead: block pos + k_stages into pos's slot
@@ -785,31 +825,30 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
       @pl.when(pos + k_stages < n_stream)
       def _():
         kslot = k_slot(pos)
-        with jax.named_scope("k_free"):
-          plgpu.barrier_wait(k_free.at[kslot])
+        with jax.named_scope("bars.k_free"):
+          plgpu.barrier_wait(bars.k_free.at[kslot])
         issue_k(pos + k_stages, kslot)
 
     # The K ring's first fill (no more blocks than the keys hold).
-    for i in range(min(k_stages, k_ref.shape[1] // block_kv)):
+    for i in range(min(k_stages, io.k.shape[1] // block_kv)):
       pl.when(i < n_stream)(functools.partial(issue_k, i, i))
-    if votes is None:
+    if sc.votes is None:
       @pl.loop(0, n_stream)
       def _stream(pos):
         slot = slot_of(pos)
 
         @pl.when(pos >= num_stages)
         def _():
-          plgpu.barrier_wait(v_free.at[slot])
+          plgpu.barrier_wait(bars.v_free.at[slot])
         issue_v(pos, slot)
         issue_k_ahead(pos)
     else:
-      votes_smem, vote_bars = votes
 
       def vote(pos, voter):
         kslot = k_slot(pos)
         with jax.named_scope(f"vote{voter}"):
-          plgpu.barrier_wait(vote_bars.at[voter * k_stages + kslot])
-        return votes_smem[kslot, voter] != 0
+          plgpu.barrier_wait(bars.votes.at[voter * k_stages + kslot])
+        return sc.votes[kslot, voter] != 0
 
       # V goes as soon as its slot is free
       # when some tile kept the block before (a kept block is likely
@@ -821,9 +860,9 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         slot = slot_of(pos)
 
         @pl.when(pos >= num_stages)
-        @jax.named_scope("v_free")
+        @jax.named_scope("bars.v_free")
         def _():
-          plgpu.barrier_wait(v_free.at[slot])
+          plgpu.barrier_wait(bars.v_free.at[slot])
 
         pl.when(kept_before)(functools.partial(issue_v, pos, slot))
         first = vote(pos, 0)
@@ -833,7 +872,7 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
         @pl.when(~kept_before & ~first)
         def _():
           lax.cond(second, functools.partial(issue_v, pos, slot),
-                   lambda: plgpu.barrier_arrive(v_bars.at[slot]))
+                   lambda: plgpu.barrier_arrive(bars.v.at[slot]))
 
         issue_k_ahead(pos)
         return first | second
@@ -844,11 +883,11 @@ def _kernel(q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
     # took part in is seen before the barriers are freed.
     @pl.loop(jnp.maximum(n_stream - k_stages, 0), n_stream)
     def _drain_k(pos):
-      plgpu.barrier_wait(k_free.at[k_slot(pos)])
+      plgpu.barrier_wait(bars.k_free.at[k_slot(pos)])
 
     @pl.loop(jnp.maximum(n_stream - num_stages, 0), n_stream)
     def _drain_v(pos):
-      plgpu.barrier_wait(v_free.at[slot_of(pos)])
+      plgpu.barrier_wait(bars.v_free.at[slot_of(pos)])
 
 
 def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
@@ -914,6 +953,20 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
   return result + (walked & (flags != 0),) + row_max
 
 
+def _tail_block(v, kv_lengths, block_kv):
+  """[batch, block_kv, kv_heads, d]: the V block holding each sequence's
+  end (kv_len // block_kv), its rows at and past kv_len zeroed. The kernel
+  copies it in place of that block, so that whatever the cache holds past
+  the length (NaN, Inf) meets its zero weights as zeros in P·V."""
+  start = (kv_lengths // block_kv) * block_kv            # [batch]
+  rows = start[:, None] + jnp.arange(block_kv)           # [batch, block_kv]
+  # Clamped at the end: a length on a block boundary keeps no row of it.
+  block = jax.vmap(lambda x, s: lax.dynamic_slice_in_dim(x, s, block_kv))(
+      v, jnp.minimum(start, v.shape[1] - block_kv))
+  keep = rows < kv_lengths[:, None]
+  return jnp.where(keep[:, :, None, None], block, jnp.zeros_like(block))
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
@@ -934,17 +987,21 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
               mode="edge")
   k = jnp.pad(k, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, 0)))
   v = jnp.pad(v, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, 0)))
+  kv_lengths = kv_lengths.astype(jnp.int32)
   params = jnp.zeros((b, SLOT), jnp.float32)
   params = params.at[:, 0].set(kv_lengths.astype(jnp.float32))
   params = params.at[:, 1].set(log_threshold * LOG2E)
-  if lists is not None:  # [b, hq, n_prog, rows, SLOT]: see `word`.
-    lists = lists.reshape(*lists.shape[:-1], -1, SLOT)
-  inputs = [q, k, v, params] + ([] if lists is None else [lists])
   chained = initial_max is not None
-  if chained:   # log2 units; padded rows repeat the last real row's start
-    inputs.append(jnp.pad(initial_max.astype(jnp.float32) * LOG2E,
-                          ((0, 0), (0, 0), (0, n_pairs * pair - lq)),
-                          mode="edge"))
+  inputs = dict(
+      q=q, k=k, v=v, v_tail=_tail_block(v, kv_lengths, block_kv),
+      params=params,
+      # [b, hq, n_prog, rows, SLOT]: see `word`.
+      lists=(None if lists is None
+             else lists.reshape(*lists.shape[:-1], -1, SLOT)),
+      # log2 units; padded rows repeat the last real row's start.
+      initial_max=(jnp.pad(initial_max.astype(jnp.float32) * LOG2E,
+                           ((0, 0), (0, 0), (0, n_pairs * pair - lq)),
+                           mode="edge") if chained else None))
   dtype = q.dtype
   num_stages = config.num_stages
   vote = skip_enabled and config.copy_v_if_kept
@@ -956,91 +1013,65 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
                           nk if record_skips else 0)
 
   skip_rows = list_width(nk) // SLOT   # skip words: [skip_rows, SLOT]
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  scratch = _Scratch(
+      qo=plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=swizzled),
+      k=plgpu.SMEM((k_stages, block_kv, d), dtype, transforms=swizzled),
+      v=plgpu.SMEM((num_stages, block_kv, d), dtype, transforms=swizzled),
+      lse=plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
+      stats=plgpu.SMEM((COMPUTE_WGS, SLOT), jnp.int32),
+      params=plgpu.SMEM((COMPUTE_WGS + 1, SLOT), jnp.float32),
+      p=(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype,
+                    transforms=swizzled) if interpret is not None else None),
+      skips=(plgpu.SMEM((COMPUTE_WGS, skip_rows, SLOT), jnp.int32)
+             if record_skips else None),
+      lists=(plgpu.SMEM((list_width(nk) // SLOT, SLOT), jnp.int32)
+             if lists is not None else None),
+      votes=plgpu.SMEM((k_stages, SLOT), jnp.int32) if vote else None,
+      rows=(plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32) if chained
+            else None))
+  barriers = _Barriers(
+      k=plgpu.Barrier(num_barriers=k_stages),
+      v=plgpu.Barrier(num_barriers=num_stages),
+      q=plgpu.Barrier(num_barriers=COMPUTE_WGS),
+      params=plgpu.Barrier(num_barriers=COMPUTE_WGS + 1),
+      k_free=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=k_stages),
+      v_free=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages),
+      sched=(plgpu.Barrier(num_barriers=COMPUTE_WGS) if overlap
+             else plgpu.Barrier(num_arrivals=COMPUTE_WGS)),
+      lists=plgpu.Barrier() if lists is not None else None,
+      votes=(plgpu.Barrier(num_barriers=COMPUTE_WGS * k_stages) if vote
+             else None),
+      rows=plgpu.Barrier(num_barriers=COMPUTE_WGS) if chained else None)
+  in_names = [name for name, x in inputs.items() if x is not None]
+  out_shapes = dict(
+      out=jax.ShapeDtypeStruct(q.shape, dtype),
+      lse=jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32),
+      stats=jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, SLOT),
+                                 jnp.int32),
+      skips=(jax.ShapeDtypeStruct(
+          (b, hq, n_pairs * COMPUTE_WGS, skip_rows, SLOT), jnp.int32)
+             if record_skips else None),
+      row_max=(jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32)
+               if chained else None))
+  out_names = [name for name, x in out_shapes.items() if x is not None]
 
-  def blasst_prefill_mosaic(q_ref, k_ref, v_ref, params_ref, *refs):
-    # refs: [lists], [initial max], out, lse, stats, [skips], [row max].
-    if chained:
-      *refs, row_max_ref = refs
-    if record_skips:
-      *refs, skips_ref = refs
-    *lists_ref, out_ref, lse_ref, stats_ref = refs
-    if chained:
-      *lists_ref, initial_max_ref = lists_ref
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    scratch = [
-        plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=swizzled),
-        plgpu.SMEM((k_stages, block_kv, d), dtype, transforms=swizzled),
-        plgpu.SMEM((num_stages, block_kv, d), dtype, transforms=swizzled),
-        plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
-        plgpu.SMEM((COMPUTE_WGS, SLOT), jnp.int32),
-        plgpu.SMEM((COMPUTE_WGS + 1, SLOT), jnp.float32),
-    ]
-    if interpret is not None:
-      scratch.append(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype,
-                                transforms=swizzled))
-    barriers = [
-        (plgpu.Barrier(num_barriers=k_stages),
-         plgpu.Barrier(num_barriers=num_stages),
-         plgpu.Barrier(num_barriers=COMPUTE_WGS),
-         plgpu.Barrier(num_barriers=COMPUTE_WGS + 1)),
-        (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=k_stages),
-         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages)),
-        # The tensor-core schedule: a turn token per compute warpgroup
-        # (overlap_qk), or one barrier both arrive at.
-        (plgpu.Barrier(num_barriers=COMPUTE_WGS) if overlap
-         else plgpu.Barrier(num_arrivals=COMPUTE_WGS)),
-    ]
-    if record_skips:
-      scratch.append(plgpu.SMEM((COMPUTE_WGS, skip_rows, SLOT), jnp.int32))
-    if lists_ref:
-      scratch.append(plgpu.SMEM((list_width(nk) // SLOT, SLOT), jnp.int32))
-      barriers.append(plgpu.Barrier())
-    # Optional buffers after the named ones, each with its barrier.
-    extra_smem, extra_bars = [], []
-    if vote:
-      extra_smem.append(plgpu.SMEM((k_stages, SLOT), jnp.int32))
-      extra_bars.append(plgpu.Barrier(num_barriers=COMPUTE_WGS * k_stages))
-    if chained:
-      extra_smem.append(plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32))
-      extra_bars.append(plgpu.Barrier(num_barriers=COMPUTE_WGS))
-    n_smem = len(scratch)
-    n_bars = len(barriers)
+  def blasst_prefill_mosaic(*refs):
+    io = _Refs(**{**dict.fromkeys(_Refs._fields),
+                  **dict(zip(in_names + out_names, refs))})
 
-    def body(*scoped):
-      smem, bars = scoped[:n_smem], scoped[n_smem:n_smem + n_bars]
-      more_smem = list(scoped[n_smem + n_bars:n_smem + n_bars + len(
-          extra_smem)])
-      more_bars = list(scoped[n_smem + n_bars + len(extra_smem):])
-      votes = (more_smem.pop(0), more_bars.pop(0)) if vote else None
-      chain = ((initial_max_ref, row_max_ref, more_smem.pop(0),
-                more_bars.pop(0)) if chained else None)
-      _kernel(
-          q_ref, k_ref, v_ref, params_ref, out_ref, lse_ref, stats_ref,
-          (smem[:6], bars[:3]), sm_scale=sm_scale, block_q=block_q,
-          block_kv=block_kv, head_dim=d, dtype=dtype, causal=causal, q_len=lq,
-          group=hq // hkv, num_stages=num_stages, k_stages=k_stages,
-          compute_registers=config.compute_registers,
-          skip_enabled=skip_enabled,
-          p_smem2=smem[6] if interpret is not None else None,
-          lists=(lists_ref[0], smem[-1], bars[-1]) if lists_ref else None,
-          skips=((skips_ref, smem[n_smem - 1 - bool(lists_ref)])
-                 if record_skips else None),
-          votes=votes, chain=chain, overlap=overlap)
+    def body(sc, bars):
+      _kernel(io, sc, bars, sm_scale=sm_scale, block_q=block_q,
+              block_kv=block_kv, head_dim=d, dtype=dtype, causal=causal,
+              q_len=lq, group=hq // hkv, num_stages=num_stages,
+              k_stages=k_stages, compute_registers=config.compute_registers,
+              skip_enabled=skip_enabled, overlap=overlap)
 
-    pl.run_scoped(body, *scratch, *barriers, *extra_smem, *extra_bars,
-                  collective_axes="wg")
+    pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 
-  out_type = (
-      jax.ShapeDtypeStruct(q.shape, dtype),
-      jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32),
-      jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, SLOT), jnp.int32),
-  ) + ((jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, skip_rows, SLOT),
-                             jnp.int32),) if record_skips else ()) + (
-      (jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32),)
-      if chained else ())
-  out, lse, stats, *extra = plgpu.kernel(
+  results = plgpu.kernel(
       blasst_prefill_mosaic,
-      out_type=out_type,
+      out_type=tuple(out_shapes[name] for name in out_names),
       grid=((hq, n_pairs, b) if config.raster == "heads" else
             (n_pairs, hq, b)),
       grid_names=(("heads", "q_seq", "batch") if config.raster == "heads"
@@ -1051,8 +1082,11 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
           approx_math=True, profile_space=config.trace_events,
           profile_dir=config.trace_dir),
       interpret=interpret,
-  )(*inputs)
+  )(*(inputs[name] for name in in_names))
+  res = dict(zip(out_names, results))
   nq = -(-lq // block_q)   # Tiles past q_len only hold padding rows.
-  row_max = (extra.pop()[:, :, :lq],) if chained else ()
-  return (out[:, :lq], lse[:, :, :lq], stats[..., :nq, 0],
-          stats[..., :nq, 1]) + tuple(x[:, :, :nq] for x in extra) + row_max
+  return (res["out"][:, :lq], res["lse"][:, :, :lq], res["stats"][..., :nq, 0],
+          res["stats"][..., :nq, 1]) + (
+              (res["skips"][:, :, :nq],) if record_skips else ()) + (
+                  (res["row_max"][:, :, :lq],) if chained else ())
+

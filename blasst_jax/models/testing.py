@@ -169,7 +169,7 @@ def write_gguf(path: str, cfg: LlamaConfig, params: Mapping[str, np.ndarray],
   writer.add_token_merges([" ".join(m) for m in merges])
   writer.add_bos_token_id(cfg.bos_id)
   writer.add_eos_token_id(cfg.eos_id)
-  inverse = {v: k for k, v in weights._GGUF_NAMES.items()}  # pylint: disable=protected-access
+  inverse = {v: k for k, v in weights.GGUF_NAMES.items()}
   for name, value in params.items():
     value = np.asarray(value, np.float32)
     layer = None

@@ -37,7 +37,7 @@ __all__ = ["assign_params", "gguf_field", "load_gguf", "load_hf",
 REQUIRED = object()
 
 # GGUF tensor name -> Hugging Face name ("{i}": the layer).
-_GGUF_NAMES = {
+GGUF_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -207,12 +207,12 @@ def _hf_name(gguf_name: str) -> str:
   parts = gguf_name.split(".")
   if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit():
     template = ".".join(["blk", "{i}"] + parts[2:])
-    if template in _GGUF_NAMES:
-      return _GGUF_NAMES[template].format(i=parts[1])
-  elif gguf_name in _GGUF_NAMES:
-    return _GGUF_NAMES[gguf_name]
+    if template in GGUF_NAMES:
+      return GGUF_NAMES[template].format(i=parts[1])
+  elif gguf_name in GGUF_NAMES:
+    return GGUF_NAMES[gguf_name]
   raise ValueError(f"GGUF tensor {gguf_name!r} is not part of a Llama model "
-                   f"(known: {sorted(_GGUF_NAMES)}).")
+                   f"(known: {sorted(GGUF_NAMES)}).")
 
 
 # ------------------------------------------------------------ Hugging Face

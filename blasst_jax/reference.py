@@ -102,11 +102,16 @@ def attention_scores(q, k, *, causal=False, sm_scale=None, kv_lengths=None):
   _, lk, hkv, _ = k.shape
   sm_scale = default_sm_scale(d) if sm_scale is None else sm_scale
   qg = _group_q(q, hkv)
+  kv_lengths = kv_lengths_or_full(kv_lengths, b, lk)
+  # Keys past the length may hold garbage (NaN): zeroed, so that the
+  # gradient's 0-weight · key stays 0.
+  key_valid = jnp.arange(lk)[None, :] < kv_lengths[:, None]
+  k = jnp.where(key_valid[:, :, None, None], k, jnp.zeros_like(k))
   s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k,
                  preferred_element_type=jnp.float32,
                  precision=jax.lax.Precision.HIGHEST)
   s = s.reshape(b, hq, lq, lk) * sm_scale
-  mask = key_mask(lq, lk, kv_lengths_or_full(kv_lengths, b, lk), causal)
+  mask = key_mask(lq, lk, kv_lengths, causal)
   return jnp.where(mask[:, None], s, -jnp.inf)
 
 
@@ -258,9 +263,10 @@ def blockwise_attention(q, k, v, *, block_q=None, block_kv=None,
   qt = qp.reshape(b, nq, block_q, hkv, g, d)
   kp = jnp.pad(k, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, 0)))
   vp = jnp.pad(v, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, 0)))
-  # Padding keys may hold garbage (even NaN): zero their values so that
-  # 0-weight · NaN cannot reach the output.
+  # Padding keys may hold garbage (even NaN): zero them so that 0-weight ·
+  # NaN reaches neither the output (V) nor the gradients (K, V).
   key_valid = jnp.arange(nk * block_kv)[None, :] < kv_lengths[:, None]
+  kp = jnp.where(key_valid[:, :, None, None], kp, 0)
   vp = jnp.where(key_valid[:, :, None, None], vp, 0)
   kb = kp.reshape(b, nk, block_kv, hkv, d).swapaxes(0, 1)  # [nk, b, bkv, h, d]
   vb = vp.reshape(b, nk, block_kv, hkv, d).swapaxes(0, 1)

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 
 from blasst_jax import reference
 from blasst_jax.kernels import block_lists as lists_lib
+from blasst_jax.kernels import tiles
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -953,20 +954,6 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
   return result + (walked & (flags != 0),) + row_max
 
 
-def _tail_block(v, kv_lengths, block_kv):
-  """[batch, block_kv, kv_heads, d]: the V block holding each sequence's
-  end (kv_len // block_kv), its rows at and past kv_len zeroed. The kernel
-  copies it in place of that block, so that whatever the cache holds past
-  the length (NaN, Inf) meets its zero weights as zeros in P·V."""
-  start = (kv_lengths // block_kv) * block_kv            # [batch]
-  rows = start[:, None] + jnp.arange(block_kv)           # [batch, block_kv]
-  # Clamped at the end: a length on a block boundary keeps no row of it.
-  block = jax.vmap(lambda x, s: lax.dynamic_slice_in_dim(x, s, block_kv))(
-      v, jnp.minimum(start, v.shape[1] - block_kv))
-  keep = rows < kv_lengths[:, None]
-  return jnp.where(keep[:, :, None, None], block, jnp.zeros_like(block))
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sm_scale", "block_q", "block_kv", "config",
@@ -993,7 +980,7 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   params = params.at[:, 1].set(log_threshold * LOG2E)
   chained = initial_max is not None
   inputs = dict(
-      q=q, k=k, v=v, v_tail=_tail_block(v, kv_lengths, block_kv),
+      q=q, k=k, v=v, v_tail=tiles.tail_block(v, kv_lengths, block_kv),
       params=params,
       # [b, hq, n_prog, rows, SLOT]: see `word`.
       lists=(None if lists is None

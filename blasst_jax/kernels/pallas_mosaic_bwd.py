@@ -218,7 +218,28 @@ def _stream(pipe, issue, free_bars, registers):
     plgpu.barrier_wait(free_bars.at[pipe.slot(pos)])
 
 
-def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
+def _copy_kv_block(k_ref, v_ref, tail_ref, batch, kv_head, block, kv_len,
+                   dst, bars):
+  """Copies K and V block `block` (of BLOCK keys) into dst = (K, V) with
+  barriers bars; the block holding kv_len comes from tail_ref [batch, 2,
+  BLOCK, kv_heads, d] (zero past the length: NaN there would reach dS)."""
+  tail = block == lax.div(kv_len, BLOCK)
+
+  @pl.when(~tail)
+  def _():
+    rows_at = (batch, pl.ds(block * BLOCK, BLOCK), kv_head)
+    for src, to, bar in zip((k_ref, v_ref), dst, bars):
+      plgpu.copy_gmem_to_smem(src.at[rows_at], to, bar)
+
+  @pl.when(tail)
+  def _():
+    for i, (to, bar) in enumerate(zip(dst, bars)):
+      plgpu.copy_gmem_to_smem(
+          tail_ref.at[batch, i, pl.ds(0, BLOCK), kv_head], to, bar)
+
+
+def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, tail_ref, params_ref,
+                 lists_ref,
                  *refs, scale, causal, group, dtype, head_dim, num_stages,
                  compute_registers, memory_registers, fuse_dq, reduce_dq):
   # q_ref, do_ref [b, lq_pad, hq, d]; ld_ref f32 [b, hq, n_q_tiles, 2,
@@ -249,11 +270,10 @@ def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
     a_smem = None if a_smem2 is None else a_smem2.at[wg]
     k_base = (program * COMPUTE_WGS + wg) * BLOCK
     kv_head = lax.div(head, jnp.array(group, head.dtype))
-    rows_at = (batch, pl.ds(k_base, BLOCK), kv_head)
     # kv_bars: [K of wg 0, K of wg 1, V of wg 0, V of wg 1].
-    plgpu.copy_gmem_to_smem(k_ref.at[rows_at], k_smem, kv_bars.at[wg])
-    plgpu.copy_gmem_to_smem(v_ref.at[rows_at], v_smem,
-                            kv_bars.at[COMPUTE_WGS + wg])
+    _copy_kv_block(k_ref, v_ref, tail_ref, batch, kv_head, k_base // BLOCK,
+                   kv_len, (k_smem, v_smem),
+                   (kv_bars.at[wg], kv_bars.at[COMPUTE_WGS + wg]))
     plgpu.barrier_wait(kv_bars.at[wg])
     plgpu.barrier_wait(kv_bars.at[COMPUTE_WGS + wg])
     layout = plgpu.Layout.WGMMA
@@ -373,7 +393,8 @@ def _dkdv_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
     _stream(pipe, issue, free_bars, memory_registers)
 
 
-def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
+def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, tail_ref, params_ref,
+               lists_ref,
                dq_ref, smem, bars, *, scale, causal, group, dtype, head_dim,
                num_stages, compute_registers, memory_registers, n_programs):
   # As `_dkdv_kernel`, with the roles swapped: q tiles stay, KV streams.
@@ -442,11 +463,10 @@ def _dq_kernel(q_ref, do_ref, ld_ref, k_ref, v_ref, params_ref, lists_ref,
     kv_head = lax.div(head, jnp.array(group, head.dtype))
 
     def issue(pos, slot):
-      rows_at = (batch, pl.ds(pipe.block_at(pos) * BLOCK, BLOCK), kv_head)
-      plgpu.copy_gmem_to_smem(k_ref.at[rows_at], k_ring.at[slot],
-                              k_bars.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[rows_at], v_ring.at[slot],
-                              v_bars.at[slot])
+      _copy_kv_block(k_ref, v_ref, tail_ref, batch, kv_head,
+                     pipe.block_at(pos), kv_len,
+                     (k_ring.at[slot], v_ring.at[slot]),
+                     (k_bars.at[slot], v_bars.at[slot]))
     _stream(pipe, issue, free_bars, memory_registers)
 
 
@@ -544,7 +564,9 @@ def _backward(q, k, v, out, lse, d_out, kv_lengths, q_lists, kv_lists, *,
   kp, vp = tiles.pad_to(k, lk_pad, d), tiles.pad_to(v, lk_pad, d)
   params = jnp.zeros((b, SLOT), jnp.float32).at[:, 0].set(
       kv_lengths.astype(jnp.float32))
-  inputs = (qp, dop, ld, kp, vp, params)
+  tail = jnp.stack([tiles.tail_block(x, kv_lengths, BLOCK) for x in (kp, vp)],
+                   axis=1)                        # [b, 2, BLOCK, hkv, d]
+  inputs = (qp, dop, ld, kp, vp, tail, params)
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
   def tile_smem(*lead):

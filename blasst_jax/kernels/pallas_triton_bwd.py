@@ -48,7 +48,8 @@ def _probs_and_dscores(q, k, v, do, lse, delta, rows, keys, *, q_len, kv_len,
   lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
   p = jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
   dp = plgpu.dot(do, v, trans_b=True)
-  return p, p * (dp - delta[:, None])
+  # V past the length may hold NaN: 0 · NaN must not reach dS.
+  return p, jnp.where(visible, p * (dp - delta[:, None]), 0.0)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_len_ref,
@@ -97,11 +98,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kv_len_ref,
   def step(t, dq):
     j = tiles.list_entry(ids, t)
     keys_at = pl.ds(j * block_kv, block_kv)
-    k = k_ref[keys_at, :]
+    keys = j * block_kv + jnp.arange(block_kv)
+    # Keys past the length may hold NaN: zeroed for dS · K.
+    k = jnp.where((keys < kv_len)[:, None], k_ref[keys_at, :], 0)
     _, ds = _probs_and_dscores(
-        q, k, v_ref[keys_at, :], do, lse, delta, rows,
-        j * block_kv + jnp.arange(block_kv), q_len=q_len, kv_len=kv_len,
-        causal=causal, scale=scale)
+        q, k, v_ref[keys_at, :], do, lse, delta, rows, keys, q_len=q_len,
+        kv_len=kv_len, causal=causal, scale=scale)
     return dq + plgpu.dot(ds.astype(k.dtype), k)
 
   dq = lax.fori_loop(0, n_ref[...], step, jnp.zeros(q.shape, jnp.float32))

@@ -7,6 +7,7 @@ what lies past the real lengths).
 
 from __future__ import annotations
 
+import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -52,3 +53,18 @@ def output_grad_dot(d_out, out):
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32),
                   axis=-1)                                     # [b, len, h]
   return jnp.swapaxes(lax.optimization_barrier(delta), 1, 2)
+
+
+def tail_block(x, kv_lengths, block_kv: int):
+  """[batch, block_kv, heads, d]: the block of x [batch, kv_len, heads, d]
+  holding each sequence's end (kv_lengths // block_kv), rows at and past
+  the length zeroed. Kernels copy it in place of that block, so that
+  whatever a cache holds past the length (NaN, Inf) meets its zero weights
+  as zeros. A length on a block boundary gives an all-zero block."""
+  kv_lengths = kv_lengths.astype(jnp.int32)
+  start = (kv_lengths // block_kv) * block_kv            # [batch]
+  rows = start[:, None] + jnp.arange(block_kv)           # [batch, block_kv]
+  block = jax.vmap(lambda x, s: lax.dynamic_slice_in_dim(x, s, block_kv))(
+      x, jnp.minimum(start, x.shape[1] - block_kv))
+  keep = rows < kv_lengths[:, None]
+  return jnp.where(keep[:, :, None, None], block, jnp.zeros_like(block))

@@ -6,6 +6,8 @@
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(variant: str = "h100"):
   if variant not in ("h100", "small"):
@@ -28,11 +30,7 @@ def get_config(variant: str = "h100"):
   c.warmup = 2
   c.iters = 10
   c.seed = 0
-  # Results go to output_dir/<output_name or backward_<device>>.json (+ .png);
-  # --config.output_dir=benchmarks/results refreshes the committed ones.
-  c.output_dir = "bench_backward_output"
-  c.output_name = ""
-  c.stem = "backward"
+  common.result_files(c, "backward", "bench_backward_output")
   if variant == "small":
     c.shapes = ((1, 256, 4, 2, 32),)
     c.dtype = "float32"

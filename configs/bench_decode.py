@@ -12,6 +12,7 @@ cuDNN and a copy, on the four shapes of the H200 study.
 import ml_collections
 
 from blasst_jax import testing
+from configs import common
 from experiments import repo_path
 
 
@@ -73,11 +74,7 @@ def get_config(variant: str = "h100"):
   c.split_sweep = ml_collections.ConfigDict(dict(
       shapes=[0, 1], splits=[4, 8, 16, 24, 33, 48, 66, 132],
       thresholds=[0.0, 1e-3], mode="anchored"))
-  # Results go to output_dir/<output_name or decode_<device>>.json (+ .png);
-  # --config.output_dir=benchmarks/results refreshes the committed ones.
-  c.output_dir = "bench_decode_output"
-  c.output_name = ""
-  c.stem = "decode"
+  common.result_files(c, "decode", "bench_decode_output")
   if variant == "smoke":
     c.shapes = rows(testing.DECODE_SMOKE_BENCH_SHAPES)
     c.thresholds = [1e-2]

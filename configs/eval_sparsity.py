@@ -19,14 +19,12 @@ implementation, seconds).
 
 import ml_collections
 
+from configs import common
 from experiments import repo_path
 
 
 def get_config(variant: str = "default"):
-  parts = [p for p in variant.split(",") if p and p != "default"]
-  if set(parts) - {"small"}:
-    raise ValueError(f"Unknown variant {variant!r}: use 'default' or "
-                     "'small'.")
+  _, small = common.parse_variant(variant)
   c = ml_collections.ConfigDict()
   c.workdir = "lm_small_output"   # a train_lm run (log.json, checkpoints/)
   c.step = -1                     # checkpoint step; -1: the latest
@@ -83,7 +81,7 @@ def get_config(variant: str = "default"):
       norm="rmsnorm", dtype="bfloat16", param_dtype="float32",
       implementation=None, block_q=64, block_kv=128))
 
-  if "small" in parts:            # CPU: seconds
+  if small:            # CPU: seconds
     c.random_init = True
     c.random_qk_scale = 4.0       # peaked attention: something to skip
     c.data_dir = repo_path("data", "debian_en")

@@ -43,23 +43,12 @@ the evaluations every 50 steps show whether this one does.
 
 import ml_collections
 
+from configs import train_lm
 from experiments import repo_path
-
-MODES = ("dense", "sparse", "finetune")
 
 
 def get_config(variant: str = "dense"):
-  parts = [p for p in variant.split(",") if p and p != "default"]
-  unknown = set(parts) - set(MODES) - {"small"}
-  modes = [p for p in parts if p in MODES]
-  if unknown or len(modes) > 1:
-    raise ValueError(f"Unknown variant {variant!r}: use one of {MODES}, "
-                     "optionally with ',small'.")
-  c = ml_collections.ConfigDict()
-  c.mode = modes[0] if modes else "dense"
-  c.workdir = "lm_small_output"
-  c.init_from = ""          # checkpoint dir to take the params from
-  c.seed = 0                # model init
+  c, small = train_lm.new_config(variant, "lm_small_output")
   # Random 4097-token crops of the training stream (documents open with
   # <|doc|>); the vocabulary is the tokenizer's.
   # passkey_prob: share of training sequences in the passkey-retrieval
@@ -78,40 +67,13 @@ def get_config(variant: str = "dense"):
   c.batch_size = 16
   c.steps = 1000            # ~3.2 passes over data/debian_en's train split
   c.dense_steps = 1000      # finetune mode without init_from: dense phase
-  c.optim = ml_collections.ConfigDict(dict(
-      peak_lr=1e-3, end_lr_ratio=0.1, warmup_steps=50, weight_decay=0.1,
-      b1=0.9, b2=0.95, clip_norm=1.0))
-  # Skip-softmax during sparse / finetune training: exactly one of these.
-  c.sparsity = ml_collections.ConfigDict(dict(
-      threshold=0.0, scale_factor=0.0, target_sparsity=0.0))
-  c.eval_every = 50
-  c.eval_batches = 4        # 4 x 65k tokens of held-out crops
-  c.checkpoint_every = 250
-  c.keep_checkpoints = 2
-  c.progress = True
-  if c.mode in ("sparse", "finetune"):
-    c.sparsity.target_sparsity = 0.3
-  if c.mode == "finetune":
-    c.steps = 500
-    # The fine-tune (and its dense control) overrides these `optim` fields;
-    # the dense phase trains with `optim` itself.
-    c.finetune_optim = ml_collections.ConfigDict(dict(peak_lr=3e-4,
-                                                      warmup_steps=20))
+  # Evaluation: 4 batches, 4 x 65k tokens of held-out crops.
+  train_lm.add_training(c, warmup_steps=50, eval_every=50)
 
-  if "small" in parts:      # tests: seconds on CPU
+  if small:                 # tests: seconds on CPU
     c.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
                    dtype="float32", block_q=16, block_kv=16)
     c.seq_len = 128
     c.batch_size = 4
-    c.steps = 20
-    c.dense_steps = 20
-    c.optim.update(peak_lr=3e-3, warmup_steps=4)
-    c.eval_every = 10
-    c.eval_batches = 2
-    c.checkpoint_every = 10
-    if c.mode in ("sparse", "finetune"):
-      c.sparsity.update(threshold=0.9, target_sparsity=0.0)
-    if c.mode == "finetune":
-      c.steps = 10
-      c.finetune_optim.update(peak_lr=1e-3, warmup_steps=4)
+    train_lm.shrink_training(c, steps=20, warmup_steps=4, finetune_steps=10)
   return c

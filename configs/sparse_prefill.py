@@ -14,6 +14,8 @@ Variant: dense | blasst | xattention | combined | all | frontier (sweeps of
 
 import ml_collections
 
+from configs import common
+
 METHODS = {
     # name: (XAttention τ or None, skip-softmax λ)
     "dense": (None, 0.0),
@@ -72,11 +74,9 @@ def get_config(variant: str = "all"):
   c.warmup = 2
   c.iters = 10
   c.seed = 0
-  # Results go to output_dir/<output_name or stem_<device>>.json (+ .png);
-  # --config.output_dir=benchmarks/results refreshes the committed ones.
-  c.output_dir = "sparse_prefill_output"
-  c.output_name = ""
-  c.stem = "xattention_frontier" if names == "frontier" else "xattention"
+  common.result_files(
+      c, "xattention_frontier" if names == "frontier" else "xattention",
+      "sparse_prefill_output")
   if size == "small":
     c.shape = (1, 1024, 8, 2, 64)
     c.dtype = "float32"

@@ -18,21 +18,66 @@ WORKDIR/dense_vs_finetune.png.
 
 import ml_collections
 
+from configs import common
+
 MODES = ("dense", "sparse", "finetune")
 
 
-def get_config(variant: str = "dense"):
-  parts = [p for p in variant.split(",") if p and p != "default"]
-  unknown = set(parts) - set(MODES) - {"small"}
-  modes = [p for p in parts if p in MODES]
-  if unknown or len(modes) > 1:
-    raise ValueError(f"Unknown variant {variant!r}: use one of {MODES}, "
-                     "optionally with ',small'.")
+def new_config(variant: str, workdir: str):
+  """(c, small): a train_lm config's first fields (mode, workdir, init_from,
+  seed) and whether `variant` asks for the CPU size of the tests."""
+  mode, small = common.parse_variant(variant, MODES)
   c = ml_collections.ConfigDict()
-  c.mode = modes[0] if modes else "dense"
-  c.workdir = "train_lm_output"
+  c.mode = mode
+  c.workdir = workdir
   c.init_from = ""          # checkpoint dir to take the params from
   c.seed = 0                # model init
+  return c, small
+
+
+def add_training(c, *, warmup_steps: int, eval_every: int) -> None:
+  """The optimiser, skip-softmax, evaluation and checkpoint fields of a
+  train_lm config (this one and configs/lm_small.py), after its `steps`."""
+  c.optim = ml_collections.ConfigDict(dict(
+      peak_lr=1e-3, end_lr_ratio=0.1, warmup_steps=warmup_steps,
+      weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0))
+  # Skip-softmax during sparse / finetune training: exactly one of these.
+  c.sparsity = ml_collections.ConfigDict(dict(
+      threshold=0.0, scale_factor=0.0, target_sparsity=0.0))
+  c.eval_every = eval_every
+  c.eval_batches = 4
+  c.checkpoint_every = 250
+  c.keep_checkpoints = 2
+  c.progress = True
+  if c.mode in ("sparse", "finetune"):
+    c.sparsity.target_sparsity = 0.3
+  if c.mode == "finetune":
+    c.steps = 500
+    # The fine-tune (and its dense control) overrides these `optim` fields;
+    # the dense phase trains with `optim` itself.
+    c.finetune_optim = ml_collections.ConfigDict(dict(peak_lr=3e-4,
+                                                      warmup_steps=20))
+
+
+def shrink_training(c, *, steps: int, warmup_steps: int,
+                    finetune_steps: int) -> None:
+  """`add_training`'s fields at the CPU size of the tests (seconds)."""
+  c.steps = steps
+  c.dense_steps = steps
+  c.optim.update(peak_lr=3e-3, warmup_steps=warmup_steps)
+  c.eval_every = 10
+  c.eval_batches = 2
+  c.checkpoint_every = 10
+  if c.mode in ("sparse", "finetune"):
+    # A fixed λ: calibration is exercised by the GPU configs.
+    c.sparsity.update(threshold=0.9, target_sparsity=0.0)
+  if c.mode == "finetune":
+    c.steps = finetune_steps
+    c.finetune_optim.update(peak_lr=1e-3, warmup_steps=4)
+
+
+def get_config(variant: str = "dense"):
+  c, small = new_config(variant, "train_lm_output")
   # A bos token and a prompt recalled from the start of the context give
   # heads a reason to look at (and park on) the first block.
   c.data = ml_collections.ConfigDict(dict(
@@ -49,27 +94,9 @@ def get_config(variant: str = "dense"):
   c.batch_size = 8
   c.steps = 1500
   c.dense_steps = 1500      # finetune mode without init_from: dense phase
-  c.optim = ml_collections.ConfigDict(dict(
-      peak_lr=1e-3, end_lr_ratio=0.1, warmup_steps=100, weight_decay=0.1,
-      b1=0.9, b2=0.95, clip_norm=1.0))
-  # Skip-softmax during sparse / finetune training: exactly one of these.
-  c.sparsity = ml_collections.ConfigDict(dict(
-      threshold=0.0, scale_factor=0.0, target_sparsity=0.0))
-  c.eval_every = 100
-  c.eval_batches = 4
-  c.checkpoint_every = 250
-  c.keep_checkpoints = 2
-  c.progress = True
-  if c.mode in ("sparse", "finetune"):
-    c.sparsity.target_sparsity = 0.3
-  if c.mode == "finetune":
-    c.steps = 500
-    # The fine-tune (and its dense control) overrides these `optim` fields;
-    # the dense phase trains with `optim` itself.
-    c.finetune_optim = ml_collections.ConfigDict(dict(peak_lr=3e-4,
-                                                      warmup_steps=20))
+  add_training(c, warmup_steps=100, eval_every=100)
 
-  if "small" in parts:      # tests: seconds on CPU
+  if small:                 # tests: seconds on CPU
     c.data.update(vocab_size=64, copy_len=8, min_copy_distance=16,
                   copy_prob=0.02, prompt_len=8, recall_prob=0.02)
     c.model.update(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
@@ -77,16 +104,5 @@ def get_config(variant: str = "dense"):
                    implementation=None)
     c.seq_len = 128
     c.batch_size = 8
-    c.steps = 30
-    c.dense_steps = 30
-    c.optim.update(peak_lr=3e-3, warmup_steps=5)
-    c.eval_every = 10
-    c.eval_batches = 2
-    c.checkpoint_every = 10
-    if c.mode in ("sparse", "finetune"):
-      # A fixed λ: calibration is exercised by the GPU configs.
-      c.sparsity.update(threshold=0.9, target_sparsity=0.0)
-    if c.mode == "finetune":
-      c.steps = 20
-      c.finetune_optim.update(peak_lr=1e-3, warmup_steps=4)
+    shrink_training(c, steps=30, warmup_steps=5, finetune_steps=20)
   return c

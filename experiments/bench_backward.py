@@ -18,12 +18,11 @@ from absl import app
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 
 from experiments import config_file
+from experiments import harness
 import blasst_jax as bj
 from blasst_jax import patterns
-from blasst_jax import testing
 
 _CONFIG = config_flags.DEFINE_config_file("config", config_file("bench_backward"))
 
@@ -50,7 +49,6 @@ def run_shape(cfg, shape, on_gpu):
       **cfg.pattern.to_dict())
   d_out = jax.random.normal(jax.random.PRNGKey(cfg.seed + 1), q.shape,
                             jnp.float32)
-  timing = dict(warmup=cfg.warmup, iters=cfg.iters)
   if on_gpu:
     baseline = lambda q, k, v: jax.nn.dot_product_attention(  # pylint: disable=g-long-lambda
         q, k, v, is_causal=cfg.causal, implementation="cudnn")
@@ -62,10 +60,9 @@ def run_shape(cfg, shape, on_gpu):
   base = dict(shape=list(shape), impl="cudnn" if on_gpu else "xla",
               threshold=0.0, sparsity=0.0, grad_rel_error=0.0)
   if on_gpu:
-    base["fwd_bwd_ms"] = testing.median_time_ms(grad_step(baseline), q, k, v,
-                                                d_out, **timing)
-    base["fwd_ms"] = testing.median_time_ms(jax.jit(baseline), q, k, v,
-                                            **timing)
+    base["fwd_bwd_ms"] = harness.time_ms(cfg, grad_step(baseline), q, k, v,
+                                         d_out)
+    base["fwd_ms"] = harness.time_ms(cfg, jax.jit(baseline), q, k, v)
   rows.append(base)
   for impl, lam in itertools.product(cfg.implementations, cfg.thresholds):
     block_q, block_kv = cfg.block_sizes[impl]
@@ -79,10 +76,8 @@ def run_shape(cfg, shape, on_gpu):
                               / jnp.maximum(jnp.sum(stats.visited_blocks), 1)),
                grad_rel_error=rel_error(step(q, k, v, d_out), base_grads))
     if on_gpu:
-      row["fwd_bwd_ms"] = testing.median_time_ms(step, q, k, v, d_out,
-                                                 **timing)
-      row["fwd_ms"] = testing.median_time_ms(jax.jit(attend), q, k, v,
-                                             **timing)
+      row["fwd_bwd_ms"] = harness.time_ms(cfg, step, q, k, v, d_out)
+      row["fwd_ms"] = harness.time_ms(cfg, jax.jit(attend), q, k, v)
       row["vs_cudnn"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
       # The backward alone: the grad step less a plain forward (ours also
       # records its skip mask in the step, so this slightly favours cuDNN).
@@ -93,11 +88,8 @@ def run_shape(cfg, shape, on_gpu):
 
 
 def plot(result, path):
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
   rows = [r for r in result["rows"] if "vs_cudnn" in r]
-  fig = Figure(figsize=(12, 4.5))
-  axes = fig.subplots(1, 2, sharey=True)
+  fig, axes = harness.figure(1, 2, (12, 4.5), sharey=True)
   shapes = sorted({tuple(r["shape"]) for r in rows})
   impls = sorted({r["impl"] for r in rows})
   for ax, key, what in zip(axes, ("vs_cudnn", "bwd_vs_cudnn"),
@@ -114,31 +106,30 @@ def plot(result, path):
     ax.set_title(f"{what}: {result['device_kind']}, {result['dtype']}, "
                  "causal", fontsize=9)
   axes[0].legend(fontsize=7)
-  plotting.save_figure(fig, path)
+  harness.save_figure(fig, path)
+
+
+def describe(r, on_gpu) -> str:
+  """The printed line of a row: sparsity, gradient error and (GPU) times."""
+  timing = (f" fwd+bwd {r['fwd_bwd_ms']:.3f} ms fwd {r['fwd_ms']:.3f} ms"
+            + (f" ({r['vs_cudnn']:.2f}x cuDNN, backward "
+               f"{r['bwd_vs_cudnn']:.2f}x)" if "vs_cudnn" in r
+               else "") if on_gpu else "")
+  return (f"{r['shape']} {r['impl']} λ={r['threshold']:g}: sparsity "
+          f"{r['sparsity']:.3f} grad rel err {r['grad_rel_error']:.2e}"
+          f"{timing}")
 
 
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  header, on_gpu = testing.announce_device()
-  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
-                               header["device_kind"])
-  result = dict(**header, dtype=cfg.dtype, causal=cfg.causal,
-                block_sizes=cfg.block_sizes.to_dict(), rows=[])
+  bench = harness.start(cfg, dtype=cfg.dtype, causal=cfg.causal,
+                        block_sizes=cfg.block_sizes.to_dict(), rows=[])
   for shape in cfg.shapes:
-    for r in run_shape(cfg, tuple(shape), on_gpu):
-      result["rows"].append(r)
-      timing = (f" fwd+bwd {r['fwd_bwd_ms']:.3f} ms fwd {r['fwd_ms']:.3f} ms"
-                + (f" ({r['vs_cudnn']:.2f}x cuDNN, backward "
-                   f"{r['bwd_vs_cudnn']:.2f}x)" if "vs_cudnn" in r
-                   else "") if on_gpu else "")
-      print(f"{r['shape']} {r['impl']} λ={r['threshold']:g}: sparsity "
-            f"{r['sparsity']:.3f} grad rel err {r['grad_rel_error']:.2e}"
-            f"{timing}", flush=True)
-  png = testing.save_json(result, output)
-  if on_gpu:
-    plot(result, png)
-  print(f"wrote {output}")
+    for r in run_shape(cfg, tuple(shape), bench.on_gpu):
+      bench.add(r, describe(r, bench.on_gpu))
+  # Off a GPU there are no times to plot.
+  bench.finish(plot if bench.on_gpu else None)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from experiments import config_file
+from experiments import harness
 import blasst_jax as bj
 from blasst_jax import patterns
 from blasst_jax import testing
@@ -25,9 +26,10 @@ from blasst_jax import testing
 _CONFIG = config_flags.DEFINE_config_file("config", config_file("bench_decode"))
 
 
-def time_us(fn, *args, warmup: int, iters: int, reps: int) -> float:
-  return 1e3 * testing.median_time_ms(fn, *args, warmup=warmup, iters=iters,
-                                      reps=reps)
+def time_us(cfg, fn, *args) -> float:
+  """Median µs of fn(*args), `cfg.reps` calls queued per sample (a step
+  takes microseconds: host dispatch would dominate one call)."""
+  return 1e3 * harness.time_ms(cfg, fn, *args, reps=cfg.reps)
 
 
 def make_cache(cfg, shape, seed, pattern="sink_local"):
@@ -114,8 +116,7 @@ def run_split_sweep(cfg):
         fn = fns[thr == 0]
         thr_arr = jnp.float32(thr)
         _, stats = fn(q, k, v, lengths, thr_arr)
-        t = time_us(fn, q, k, v, lengths, thr_arr, warmup=cfg.warmup,
-                    iters=cfg.iters, reps=cfg.reps)
+        t = time_us(cfg, fn, q, k, v, lengths, thr_arr)
         r = row("pallas_triton", shape, cfg.dtype, thr, cfg.split_sweep.mode,
                 splits, stats.total_sparsity, t, jnp.sum(stats.bytes_read),
                 skip_check=thr != 0)
@@ -143,8 +144,7 @@ def run_tuning(cfg):
         fn = fns[thr == 0]
         thr_arr = jnp.float32(thr)
         _, stats = fn(q, k, v, lengths, thr_arr)
-        t = time_us(fn, q, k, v, lengths, thr_arr, warmup=cfg.warmup,
-                    iters=cfg.iters, reps=cfg.reps)
+        t = time_us(cfg, fn, q, k, v, lengths, thr_arr)
         r = row("pallas_triton", shape, cfg.dtype, thr, "anchored",
                 bj.decode.default_num_splits(shape[0], shape[2], shape[3],
                                              bkv),
@@ -209,10 +209,9 @@ def run_cache(cfg, on_gpu, shape, cache, pattern):
       if impl in ("cudnn", "jax_pallas") and not on_gpu:
         continue
       try:
-        t = time_us(baselines(impl), q, k, v, lengths, warmup=cfg.warmup,
-                    iters=cfg.iters, reps=cfg.reps)
+        t = time_us(cfg, baselines(impl), q, k, v, lengths)
       except Exception as e:  # pylint: disable=broad-except
-        print(f"{tag} {impl}: failed: {type(e).__name__}: {str(e)[:200]}")
+        print(f"{tag} {impl}: failed: {harness.error_text(e)}")
         continue
       read = 2 * dense_bytes if impl == "copy" else dense_bytes
       rows.append(row(impl, shape, cfg.dtype, 0.0, "dense", 0, 0.0, t, read,
@@ -247,8 +246,7 @@ def run_cache(cfg, on_gpu, shape, cache, pattern):
         fn = fns[check]
         thr_arr = jnp.float32(thr)
         _, stats = fn(*cache_args, thr_arr, *scales)
-        t = time_us(fn, *cache_args, thr_arr, *scales, warmup=cfg.warmup,
-                    iters=cfg.iters, reps=cfg.reps)
+        t = time_us(cfg, fn, *cache_args, thr_arr, *scales)
         rows.append(row(impl, shape, cfg.dtype, thr, mode, n_splits,
                         stats.total_sparsity, t,
                         jnp.sum(stats.bytes_read), skip_check=check,
@@ -264,16 +262,15 @@ def run_cache(cfg, on_gpu, shape, cache, pattern):
   return rows
 
 
-def plot(rows, path):
+def plot(result, path):
   """Top: effective TB/s against sparsity, baselines as lines. Bottom:
   speedup over our dense build, with the ceiling when K is always read."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  rows = result["rows"]
   shapes = sorted({(r.get("pattern", "sink_local"), r["batch"], r["seq_len"])
                    for r in rows})
-  fig = Figure(figsize=(6 * len(shapes), 8.5))
-  axes = fig.subplots(2, len(shapes), squeeze=False)
+  fig, axes = harness.figure(2, len(shapes), (6 * len(shapes), 8.5),
+                             squeeze=False)
   colors = {"copy": "k", "cudnn": "C3", "xla": "C4", "jax_pallas": "C5"}
   for col, (pattern, b, s) in enumerate(shapes):
     top, bottom = axes[0, col], axes[1, col]
@@ -313,33 +310,24 @@ def plot(rows, path):
     for ax in (top, bottom):
       ax.set_xlabel("block sparsity")
       ax.legend(fontsize=6)
-  plotting.save_figure(fig, path)
+  harness.save_figure(fig, path)
 
 
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  header, on_gpu = testing.announce_device()
-  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
-                               header["device_kind"])
-  result = dict(**header,
-                pattern=dict(name="sink_local", **cfg.pattern.to_dict()),
-                scattered=cfg.scattered.to_dict(),
-                block_kv=cfg.block_kv,
-                notes=("effective_tbps = dense K+V bytes / time; read_tbps = "
-                       "bytes read / time (copy: read + written); jax_pallas "
-                       "includes the K/V transposes its gqa wrapper makes."))
-
-  def save(rows):
-    result["rows"] = rows
-    return testing.save_json(result, output)
-
-  rows = run(cfg, on_gpu, save)
-  result.update(tuning=run_tuning(cfg) if on_gpu else [],
-                split_sweep=run_split_sweep(cfg) if on_gpu else [], rows=rows)
-  png = testing.save_json(result, output)
-  plot(rows, png)
-  print(f"wrote {output} and {png}")
+  bench = harness.start(
+      cfg, pattern=dict(name="sink_local", **cfg.pattern.to_dict()),
+      scattered=cfg.scattered.to_dict(), block_kv=cfg.block_kv,
+      notes=("effective_tbps = dense K+V bytes / time; read_tbps = "
+             "bytes read / time (copy: read + written); jax_pallas "
+             "includes the K/V transposes its gqa wrapper makes."))
+  on_gpu = bench.on_gpu
+  rows = run(cfg, on_gpu, lambda rows: bench.save(rows=rows))
+  bench.result.update(tuning=run_tuning(cfg) if on_gpu else [],
+                      split_sweep=run_split_sweep(cfg) if on_gpu else [],
+                      rows=rows)
+  bench.finish(plot)
   print_summary(rows)
 
 

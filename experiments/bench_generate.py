@@ -21,7 +21,6 @@ run with statistics. Writes JSON + PNG.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 
@@ -33,11 +32,11 @@ import numpy as np
 from ml_collections import config_flags
 
 from experiments import config_file
+from experiments import harness
 import blasst_jax as bj
 from blasst_jax import analysis
 from experiments.lm import lm_eval
 from blasst_jax import models
-from blasst_jax import plotting
 from blasst_jax import testing
 from experiments.lm import pretrained
 
@@ -157,14 +156,13 @@ def time_attention(inputs, point: dict, cfg) -> dict:
     try:
       out["cudnn_prefill_attention_ms"] = time_ms(cudnn, qs, ks, vs)
     except Exception as e:  # pylint: disable=broad-except
-      out["cudnn_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+      out["cudnn_error"] = harness.error_text(e)
   return out
 
 
 def plot(result: dict, path: str) -> None:
   rows = result["rows"]
-  fig = plotting.Figure(figsize=(12, 4.5))
-  axes = fig.subplots(1, 2)
+  fig, axes = harness.figure(1, 2, (12, 4.5))
   labels = [f"B{r['batch']}\n{r['label']}" for r in rows]
   x = np.arange(len(rows))
   for ax, total, attn, title in (
@@ -190,14 +188,14 @@ def plot(result: dict, path: str) -> None:
     ax.legend(fontsize=8)
   fig.suptitle(f"{result['model']['file']} generate() on "
                f"{result['device_kind']}")
-  plotting.save_figure(fig, path)
+  harness.save_figure(fig, path)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   cfg = _CONFIG.value
-  device, _ = testing.announce_device()
+  bench = harness.start(cfg, stem="generate")
   model, tok, model_record = pretrained.load_model(cfg, cfg.output_dir)
   texts = pretrained.load_texts(cfg, tok)
   prompt_len = cfg.context - cfg.new_tokens
@@ -243,13 +241,10 @@ def main(argv):
     row["ttft_speedup"] = dense["ttft_ms"] / row["ttft_ms"]
     row["tpot_speedup"] = dense["tpot_ms"] / row["tpot_ms"]
     row["tpot_loop_speedup"] = dense["tpot_loop_ms"] / row["tpot_loop_ms"]
-  result = {**device, "config": cfg.to_dict(), "model": model_record,
-            "text": texts["record"]["eval"], "prompt_len": prompt_len,
-            "points": points, "rows": rows}
-  path = testing.save_json(result, testing.result_path(
-      cfg.output_dir, cfg.output_name, "generate", device["device_kind"]))
-  plot(result, path)
-  print(f"written {os.path.abspath(path)} and its .json")
+  bench.result.update(config=cfg.to_dict(), model=model_record,
+                      text=texts["record"]["eval"], prompt_len=prompt_len,
+                      points=points, rows=rows)
+  bench.finish(plot)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,11 @@ from absl import app
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 
 from experiments import config_file
+from experiments import harness
 import blasst_jax as bj
 from blasst_jax import patterns
-from blasst_jax import plotting
 from blasst_jax import _progress as progress
 from blasst_jax import sharding
 from blasst_jax import testing
@@ -46,10 +45,9 @@ def time_ms(cfg, fn, *args, decode: bool = False) -> float:
       return testing.median_time_ms(fn, *args, warmup=cfg.decode_warmup,
                                     iters=cfg.decode_iters,
                                     reps=cfg.decode_reps)
-    return testing.median_time_ms(fn, *args, warmup=cfg.warmup,
-                                  iters=cfg.iters)
+    return harness.time_ms(cfg, fn, *args)
   except Exception as e:  # pylint: disable=broad-except
-    print(f"FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    print(f"FAILED: {harness.error_text(e, 300)}", flush=True)
     return float("nan")
 
 
@@ -260,8 +258,6 @@ def plot(result, path):
   """Speedup over one device's `bj` against the device count: one panel per
   (phase, λ), a colour per variant, a line style per sequence length."""
   import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   rows = [r for r in result["rows"] if r["impl"] == "bj.sharding"]
   panels = sorted({(r["phase"], r["threshold"]) for r in rows},
                   key=lambda p: (p[0] != "prefill", p[1]))
@@ -270,9 +266,10 @@ def plot(result, path):
   lengths = sorted({r["seq_len"] for r in rows}, reverse=True)
   styles = dict(zip(lengths, ["-", "--", ":", "-."] * 4))
   labels = sorted({variant_label(r) for r in rows})
-  colors = dict(zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2),
-                           squeeze=False)
+  colors = dict(zip(labels,
+                    matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]))
+  fig, axes = harness.figure(1, len(panels), (4.6 * len(panels), 4.2),
+                             squeeze=False)
   for ax, (phase, thr) in zip(axes[0], panels):
     mine = [r for r in rows if r["phase"] == phase and r["threshold"] == thr]
     for label in labels:
@@ -299,29 +296,25 @@ def plot(result, path):
                f"({result['num_devices']} present), jax "
                f"{result['jax_version']}; modeled = the slowest device's "
                "share timed alone", fontsize=9)
-  fig.tight_layout()
-  plotting.save_figure(fig, path)
+  harness.save_figure(fig, path)
 
 
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  header, on_gpu = testing.announce_device()
-  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
-                               header["device_kind"])
+  bench = harness.start(cfg, num_devices=len(jax.devices()), dtype=cfg.dtype,
+                        rows=[])
   print(f"devices: {len(jax.devices())}", flush=True)
-  result = dict(**header, num_devices=len(jax.devices()), dtype=cfg.dtype,
-                rows=[])
   work = [(run_prefill, shape) for shape in cfg.prefill_shapes
           if "prefill" in cfg.phases] + [
               (run_decode, shape) for shape in cfg.decode_shapes
               if "decode" in cfg.phases]
   with progress.ProgressBar(len(work), "shapes") as bar:
     for run_shape, shape in work:
-      result["rows"] += run_shape(cfg, tuple(shape), on_gpu)
-      testing.save_json(result, output)    # kept if a later shape fails
+      bench.result["rows"] += run_shape(cfg, tuple(shape), bench.on_gpu)
+      bench.save()
       bar.update()
-  for r in result["rows"]:
+  for r in bench.result["rows"]:
     extra = "".join(f" {key}={r[key]}" for key in ("share_max",
                                                    "load_balance") if key in r)
     speed = f" {r['speedup']:.2f}x" if "speedup" in r else ""
@@ -329,9 +322,7 @@ def main(argv):
     print(f"{r['phase']} {r['seq_len']} {r['mode']} {r['impl']} "
           f"n={r['devices']} λ={r['threshold']:g}{extra}{sparsity}: "
           f"{r['time_ms']:.2f} ms{speed}", flush=True)
-  png = testing.save_json(result, output)
-  plot(result, png)
-  print(f"wrote {output} and {png}")
+  bench.finish(plot)
 
 
 if __name__ == "__main__":

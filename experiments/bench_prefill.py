@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 
 from experiments import config_file
+from experiments import harness
 import blasst_jax as bj
 from blasst_jax import analysis
 from blasst_jax import testing
@@ -114,10 +115,9 @@ def time_impls(cfg, on_gpu, q, k, v, shape, causal, *, pattern, thresholds,
         print(f"{tag}: skipped (seq_len > xla_max_seq_len)")
         continue
       try:
-        t_ms = testing.median_time_ms(baseline(impl, causal), q, k, v,
-                                      warmup=cfg.warmup, iters=cfg.iters)
+        t_ms = harness.time_ms(cfg, baseline(impl, causal), q, k, v)
       except Exception as e:  # e.g. XLA out of memory at long lengths.
-        print(f"{tag}: failed: {type(e).__name__}: {str(e)[:200]}")
+        print(f"{tag}: failed: {harness.error_text(e)}")
         continue
       rows.append(row(impl, causal, shape, cfg.dtype, 0.0, 0.0, t_ms,
                       skip=False, pattern=pattern))
@@ -135,8 +135,7 @@ def time_impls(cfg, on_gpu, q, k, v, shape, causal, *, pattern, thresholds,
       dense_fn = jax.jit(functools.partial(
           bj.attention, threshold=0.0, causal=causal, implementation=impl,
           block_q=bq, block_kv=bkv, kernel_config=kcfg))
-      t_ms = testing.median_time_ms(dense_fn, q, k, v, warmup=cfg.warmup,
-                                    iters=cfg.iters)
+      t_ms = harness.time_ms(cfg, dense_fn, q, k, v)
       rows.append(row(f"{impl}_noskip", causal, shape, cfg.dtype, 0.0, 0.0,
                       t_ms, skip=False, pattern=pattern))
       print(f"{tag} built without skip check: {t_ms:.3f} ms  "
@@ -151,8 +150,7 @@ def time_impls(cfg, on_gpu, q, k, v, shape, causal, *, pattern, thresholds,
       thr_arr = jnp.float32(thr)
       _, stats = fn(q, k, v, thr_arr)
       sparsity = float(stats.total_sparsity)
-      t_ms = testing.median_time_ms(fn, q, k, v, thr_arr, warmup=cfg.warmup,
-                                    iters=cfg.iters)
+      t_ms = harness.time_ms(cfg, fn, q, k, v, thr_arr)
       rows.append(row(impl, causal, shape, cfg.dtype, thr, sparsity, t_ms,
                       pattern=pattern, target=target))
       print(f"{tag} λ={thr:.3g}: sparsity {sparsity:.3f}  {t_ms:.3f} ms  "
@@ -214,11 +212,10 @@ def run_tuning(cfg):
         thr_arr = jnp.float32(thr)
         try:
           _, stats = fn(q, k, v, thr_arr)
-          t_ms = testing.median_time_ms(fn, q, k, v, thr_arr, warmup=cfg.warmup,
-                         iters=cfg.iters)
+          t_ms = harness.time_ms(cfg, fn, q, k, v, thr_arr)
         except Exception as e:  # A config Triton cannot compile.
           print(f"tuning {bq}x{bkv} w{warps} s{stages} vin={vin}: failed: "
-                f"{type(e).__name__}: {str(e)[:200]}")
+                f"{harness.error_text(e)}")
           continue
         r = row("pallas_triton", causal, shape, cfg.dtype, thr,
                 float(stats.total_sparsity), t_ms)
@@ -292,14 +289,12 @@ def speedups(rows, impl, base_impl):
   return {g: pts for g, pts in out.items() if pts}
 
 
-def plot(rows, path):
+def plot(result, path):
   """Speedup against our dense build and against cuDNN, over sparsity."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
+  rows = result["rows"]
   skip_impls = [i for i in sorted({r["impl"] for r in rows})
                 if implementation_of(i) in KERNELS]
-  fig = Figure(figsize=(13, 5))
-  axes = fig.subplots(1, 2)
+  fig, axes = harness.figure(1, 2, (13, 5))
   for ax, (base, title) in zip(axes, [
       (None, "over our dense build (no skip check)"),
       ("cudnn", "over cuDNN dense attention")]):
@@ -314,35 +309,32 @@ def plot(rows, path):
     ax.set_ylabel("speedup")
     ax.set_title(f"Prefill forward: speedup {title}")
     ax.legend(fontsize=6, ncol=2)
-  plotting.save_figure(fig, path, dpi=120)
+  harness.save_figure(fig, path, dpi=120)
 
 
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  header, on_gpu = testing.announce_device()
-  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
-                               header["device_kind"])
-  result = dict(**header,
-                pattern=dict(name="sink_local", **cfg.pattern.to_dict()),
-                block_q=cfg.block_q, block_kv=cfg.block_kv,
-                notes=("tflops = executed FLOPs (q·kᵀ on visited blocks, P·V "
-                       "on kept blocks) / time; dense_equiv_tflops = dense "
-                       "FLOPs / time; times are medians of "
-                       f"{cfg.iters} runs after {cfg.warmup} warm-ups."))
+  bench = harness.start(
+      cfg, pattern=dict(name="sink_local", **cfg.pattern.to_dict()),
+      block_q=cfg.block_q, block_kv=cfg.block_kv,
+      notes=("tflops = executed FLOPs (q·kᵀ on visited blocks, P·V "
+             "on kept blocks) / time; dense_equiv_tflops = dense "
+             "FLOPs / time; times are medians of "
+             f"{cfg.iters} runs after {cfg.warmup} warm-ups."))
+  on_gpu, result = bench.on_gpu, bench.result
   result["checks"] = run_checks(cfg, on_gpu)
 
-  def save(rows, tuning=()):
-    result.update(rows=rows, tuning=list(tuning))
-    return testing.save_json(result, output)
+  def save(rows):   # the tuning sweep, if any, runs last
+    return bench.save(rows=rows, tuning=[])
 
   result["rows"] = run_speed(cfg, on_gpu, save)
   synthetic = result["rows"]
   result["rows"] = synthetic + run_real_model(
       cfg, on_gpu, lambda rows: save(synthetic + rows))
-  png = save(result["rows"], run_tuning(cfg))
-  plot(result["rows"], png)
-  print(f"\nwrote {output} and {png}")
+  result["tuning"] = run_tuning(cfg)
+  print()   # the summary below stands apart from the progress lines
+  bench.finish(plot)
   print(f"{'impl':>22} {'input':>22} {'λ':>8} {'sparsity':>8} {'ms':>9} "
         f"{'vs own dense':>12} {'vs cuDNN':>8}")
   for r in result["rows"]:

@@ -24,9 +24,9 @@ from ml_collections import config_flags
 import numpy as np
 
 from experiments import config_file
+from experiments import harness
 import blasst_jax as bj
 from blasst_jax import patterns
-from blasst_jax import testing
 from blasst_jax import xattention
 from blasst_jax.kernels import xattention_triton
 
@@ -94,10 +94,8 @@ def run_method(cfg, method, q, k, v, dense, on_gpu):
           .round(4).tolist(),
           rel_error=err.tolist()))
   if on_gpu:
-    timing = dict(warmup=cfg.warmup, iters=cfg.iters)
-    row["attention_ms"] = testing.median_time_ms(attend, q, k, v, mask,
-                                                 **timing)
-    row["estimate_ms"] = (testing.median_time_ms(estimate, q, k, **timing)
+    row["attention_ms"] = harness.time_ms(cfg, attend, q, k, v, mask)
+    row["estimate_ms"] = (harness.time_ms(cfg, estimate, q, k)
                           if estimate else 0.0)
     row["total_ms"] = row["attention_ms"] + row["estimate_ms"]
   return row
@@ -107,7 +105,6 @@ def time_estimates(cfg, q, k):
   """The block-score estimate alone: XLA and each kernel tuning, per stride
   (GPU). Returns rows of {stride, implementation, config, ms}."""
   rows = []
-  timing = dict(warmup=cfg.warmup, iters=cfg.iters)
   for stride in cfg.estimate.strides:
     options = [("xla", None)] + [
         ("pallas_triton", xattention_triton.EstimateConfig(*c))
@@ -118,10 +115,10 @@ def time_estimates(cfg, q, k):
                        q, k, block_size=cfg.block_size, stride=s,
                        causal=cfg.causal, implementation=i, config=c))
       try:
-        ms = testing.median_time_ms(fn, q, k, **timing)
+        ms = harness.time_ms(cfg, fn, q, k)
       except Exception as e:  # pylint: disable=broad-except
         print(f"estimate stride {stride} {implementation} {config}: "
-              f"failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+              f"failed: {harness.error_text(e)}", flush=True)
         continue
       rows.append(dict(stride=stride, implementation=implementation,
                        config=None if config is None else list(
@@ -151,11 +148,8 @@ def family(name: str) -> str:
 
 
 def plot(result, path):
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  from blasst_jax import plotting  # pylint: disable=g-import-not-at-top
   rows = result["rows"]
-  fig = Figure(figsize=(21, 4.5))
-  axes = fig.subplots(1, 4)
+  fig, axes = harness.figure(1, 4, (21, 4.5))
   names = [r["method"] for r in rows]
   x = np.arange(len(rows))
   axes[0].bar(x - 0.2, [r["mask_sparsity"] for r in rows], 0.4,
@@ -206,36 +200,33 @@ def plot(result, path):
   b, s, hq, hkv, d = result["shape"]
   fig.suptitle(f"sparse prefill b{b} s{s} hq{hq} hkv{hkv} d{d} "
                f"{result['device_kind']}")
-  plotting.save_figure(fig, path)
+  harness.save_figure(fig, path)
 
 
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  header, on_gpu = testing.announce_device()
-  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
-                               header["device_kind"])
+  bench = harness.start(cfg, shape=list(cfg.shape), dtype=cfg.dtype,
+                        causal=cfg.causal, implementation=cfg.implementation,
+                        block_size=cfg.block_size, stride=cfg.stride,
+                        pattern=cfg.pattern.to_dict(), rows=[])
+  on_gpu, result = bench.on_gpu, bench.result
   q, k, v = make_inputs(cfg)
   dense = dense_output(cfg, q, k, v, on_gpu)
-  result = dict(**header, shape=list(cfg.shape), dtype=cfg.dtype,
-                causal=cfg.causal, implementation=cfg.implementation,
-                block_size=cfg.block_size, stride=cfg.stride,
-                pattern=cfg.pattern.to_dict(), rows=[])
   if on_gpu:
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=cfg.causal, implementation="cudnn"))
-    result["cudnn_ms"] = testing.median_time_ms(
-        cudnn, q, k, v, warmup=cfg.warmup, iters=cfg.iters)
+    result["cudnn_ms"] = harness.time_ms(cfg, cudnn, q, k, v)
     print(f"cuDNN dense: {result['cudnn_ms']:.3f} ms", flush=True)
   for method in cfg.methods:
     row = run_method(cfg, method, q, k, v, dense, on_gpu)
-    result["rows"].append(row)
     timing = (f" estimate {row['estimate_ms']:.3f} ms attention "
               f"{row['attention_ms']:.3f} ms ({result['cudnn_ms'] / row['total_ms']:.2f}x "
               "cuDNN)" if on_gpu else "")
-    print(f"{method.name}: mask {row['mask_sparsity']:.3f} skip "
-          f"{row['skip_sparsity']:.3f} combined {row['combined_sparsity']:.3f}"
-          f" rel_error {row['rel_error']:.2e}{timing}", flush=True)
+    bench.add(row, f"{method.name}: mask {row['mask_sparsity']:.3f} skip "
+              f"{row['skip_sparsity']:.3f} combined "
+              f"{row['combined_sparsity']:.3f} rel_error "
+              f"{row['rel_error']:.2e}{timing}")
   if on_gpu:
     result["pareto"] = pareto(result["rows"])
     print("error/speed Pareto front: " + "; ".join(result["pareto"]))
@@ -246,9 +237,7 @@ def main(argv):
       r["fraction_of_cudnn"] = r["ms"] / result["cudnn_ms"]
       if dense_ms:
         r["fraction_of_dense"] = r["ms"] / dense_ms[0]
-  png = testing.save_json(result, output)
-  plot(result, png)
-  print(f"wrote {output} and {png}")
+  bench.finish(plot)
 
 
 if __name__ == "__main__":

@@ -72,4 +72,6 @@ def get_config(variant: str = "h100"):
     c.decode_warmup, c.decode_iters, c.decode_reps = 0, 1, 1
     c.output_dir = "/tmp/blasst_bench_smoke"
     c.output_name = "multigpu"
+  elif variant != "h100":
+    raise ValueError(f"Unknown variant {variant!r}: use 'h100' or 'smoke'.")
   return c

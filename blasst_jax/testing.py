@@ -296,6 +296,18 @@ def assert_skip_mask_matches(skip_mask, skipped_per_tile, result, threshold,
   assert not bad.any(), f"{bad.sum()} blocks differ away from a near-tie"
 
 
+def program_mask(key, shape, causal) -> jax.Array:
+  """A block mask, bool `shape` = [batch, q_heads, n_q_tiles, n_kv_blocks]
+  (n_q_tiles >= 3), with what a block-list walk must get right: neighbouring
+  tiles (the two tiles of a Hopper program) select different blocks, tile 1
+  selects one block (its diagonal under causal), tile 2 of the first
+  (batch, head) none; the sink block is kept elsewhere."""
+  single = 1 if causal else shape[-1] - 1
+  mask = jax.random.bernoulli(key, 0.6, shape).at[..., 0].set(True)
+  mask = mask.at[:, :, 1].set(False).at[:, :, 1, single].set(True)
+  return mask.at[0, 0, 2].set(False)
+
+
 def lower_for_h100(fn, *specs):
   """`fn` traced on `specs` and lowered for CUDA under an abstract H100 (a
   CUDA lowering check on a machine without a GPU)."""

@@ -337,16 +337,6 @@ class AttentionTestBase:
     assert_close(result.out, oracle.out, self.dtype)
 
   # -------------------------------------------------------- block masks
-  def program_mask(self, key, shape, causal):
-    """bool [batch, q_heads, n_q_tiles, n_kv_blocks] with what a block-list
-    walk must get right: neighbouring tiles select different blocks, tile
-    1 selects one block (its diagonal under causal), tile 2 of the first
-    (batch, head) none; the sink block is kept elsewhere."""
-    single = 1 if causal else shape[-1] - 1
-    mask = jax.random.bernoulli(key, 0.6, shape).at[..., 0].set(True)
-    mask = mask.at[:, :, 1].set(False).at[:, :, 1, single].set(True)
-    return mask.at[0, 0, 2].set(False)
-
   def test_block_mask_matches_oracle(self, mask_shape, causal):
     self.require("supports_masks")
     shape = mask_shape
@@ -358,8 +348,8 @@ class AttentionTestBase:
                            jnp.int32)
     nq, nk = -(-shape.q_len // bq), -(-shape.kv_len // bkv)
     assert nq >= 3, "the mask needs three q tiles"
-    mask = self.program_mask(jax.random.fold_in(key, 1),
-                             (shape.batch, shape.q_heads, nq, nk), causal)
+    mask = testing.program_mask(jax.random.fold_in(key, 1),
+                                (shape.batch, shape.q_heads, nq, nk), causal)
     threshold = 0.1
     result = self.run(q, k, v, threshold=threshold, causal=causal,
                       block_q=bq, block_kv=bkv, kv_lengths=kv_lengths,

@@ -135,17 +135,6 @@ def test_gradient_through_the_api_matches_the_reference():
   testing.assert_close(g, g_ref, jnp.bfloat16, scale=5.0)
 
 
-def program_mask(key, shape, causal):
-  """bool [batch, q_heads, n_q_tiles, n_kv_blocks] with what the union walk
-  must get right: the two tiles of a program select different blocks, tile
-  1 selects one block (its diagonal under causal), tile 2 of the first
-  (batch, head) none; the sink block is kept elsewhere."""
-  single = 1 if causal else shape[-1] - 1
-  mask = jax.random.bernoulli(key, 0.6, shape).at[..., 0].set(True)
-  mask = mask.at[:, :, 1].set(False).at[:, :, 1, single].set(True)
-  return mask.at[0, 0, 2].set(False)
-
-
 # The suite's block mask check runs causal and not, GQA, an odd tile count;
 # these are three stages and a short causal q with padded rows.
 @pytest.mark.parametrize(
@@ -163,7 +152,8 @@ def test_block_masked_interpret_matches_oracle(causal, q_len, kv_len, q_heads,
       dtype=dtype)
   kv_lengths = jnp.array([kv_len, kv_len - 37], jnp.int32)
   nq, nk = -(-q_len // BLOCK_Q), -(-kv_len // BLOCK_KV)
-  mask = program_mask(jax.random.fold_in(key, 1), (2, q_heads, nq, nk), causal)
+  mask = testing.program_mask(jax.random.fold_in(key, 1), (2, q_heads, nq, nk),
+                              causal)
   (out, lse, skipped, visited, skip_mask), races = run_interpreted(
       q, k, v, kv_lengths, threshold, causal=causal, num_stages=num_stages,
       block_mask=mask)

@@ -164,6 +164,21 @@ MOSAIC_CPU_TEST_SHAPES = (
     AttentionShape(batch=1, q_len=100, kv_len=256, q_heads=2, kv_heads=2, head_dim=64),
 )
 
+# The gradient suite (GradientTestBase) on 16 x 16 tiles in f32: finite
+# differences without masks and causal with ragged lengths (odd lengths, GQA,
+# q_len != kv_len); comparisons with other gradients (GQA, head_dim 24, which
+# the Triton kernels pad to 32); the training step.
+GRADIENT_FD_SHAPES = (AttentionShape(1, 53, 61, 2, 1, 16),
+                      AttentionShape(2, 93, 93, 2, 1, 16))
+GRADIENT_TEST_SHAPE = AttentionShape(2, 61, 77, 4, 2, 24)
+GRADIENT_TRAIN_SHAPE = AttentionShape(2, 111, 111, 4, 2, 16)
+# The same on 64 x 64 tiles in bf16 (the Hopper kernels, race-checked on CPU;
+# compiled kernels): odd lengths, GQA, head_dim 64; five causal q tiles, so
+# that some skip a block between the sink and their local window.
+GRADIENT_WIDE_TEST_SHAPE = AttentionShape(2, 141, 205, 4, 2, 64)
+GRADIENT_WIDE_CAUSAL_SHAPE = AttentionShape(2, 300, 300, 4, 2, 64)
+GRADIENT_WIDE_TRAIN_SHAPE = AttentionShape(2, 300, 300, 4, 2, 64)
+
 # Compiled on a GPU (tests/test_gpu*.py): long enough for many tiles per
 # program, one ragged length, GQA/MQA, every head_dim the kernels take.
 GPU_TEST_SHAPES = (

@@ -1,4 +1,4 @@
-"""Mosaic GPU kernel on a GPU (marker `gpu`): the shared suite compiled, the
+"""Mosaic GPU kernel on a GPU (marker `gpu`): the shared suites compiled, the
 API's choice of it, and its high-sparsity builds."""
 
 import jax
@@ -27,6 +27,15 @@ class TestMosaicGpu(test_base.AttentionTestBase):
   def tiles_for(self, shape):
     from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
     return 64, pallas_mosaic.default_block_kv(shape.head_dim)
+
+
+class TestMosaicGpuGradients(test_base.WideGradientTestBase):
+  """The gradient suite compiled (forward and Hopper backward), bf16 on
+  64 x 64 tiles."""
+
+  implementation = "pallas_mosaic"
+  interpret = False
+
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_mosaic_through_the_api(causal):

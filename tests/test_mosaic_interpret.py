@@ -25,7 +25,7 @@ from tests import test_base
 BLOCK_Q, BLOCK_KV = 64, 64
 
 
-class TestMosaicInterpret(test_base.AttentionTestBase):
+class TestMosaicInterpret(test_base.RaceChecked, test_base.AttentionTestBase):
   """The shared suite, race-checked: every call fails on a shared-memory
   data race."""
 
@@ -34,20 +34,7 @@ class TestMosaicInterpret(test_base.AttentionTestBase):
   dtype = jnp.bfloat16
   tiles = (BLOCK_Q, BLOCK_KV)
   low_precision_dtypes = (jnp.float16,)
-  interpret = plgpu.InterpretGPUParams(detect_races=True)
   chain_len = 192   # three KV blocks
-
-  def attention(self, *args, **kwargs):
-    interpret_pallas_call.reset_gpu_interpret_mode_state()
-    return super().attention(*args, **kwargs)
-
-  def run(self, *args, **kwargs):
-    interpret_pallas_call.reset_gpu_interpret_mode_state()
-    return super().run(*args, **kwargs)
-
-  def check_call(self):
-    assert not interpret_pallas_call.get_races().races_found, (
-        "the race detector found a shared-memory data race")
 
   # P·V multiplies the zero weights of keys past the length with their V
   # rows: NaN there (garbage of a padded cache) gives NaN outputs.

@@ -146,6 +146,16 @@ class AttentionTestBase(SuiteBase):
     self.check_call()
     return result
 
+  def ragged_problem(self, name, shape, causal, *, sharpness, step):
+    """(key, (q, k, v), kv_lengths): sink + local-window inputs of `shape`
+    under the key of (name, shape, causal), each sequence `step` keys
+    shorter than the one before."""
+    key = key_for(name, shape, causal)
+    qkv = shape.inputs(key, dtype=self.dtype, sharpness=sharpness, window=16)
+    kv_lengths = jnp.array([shape.kv_len - step * i
+                            for i in range(shape.batch)], jnp.int32)
+    return key, qkv, kv_lengths
+
   def pytest_generate_tests(self, metafunc):
     """Parameters from what the subclass takes: `shape` over its shapes,
     `causal` over the masks it runs, `lowp_dtype` over its low precision
@@ -210,10 +220,8 @@ class AttentionTestBase(SuiteBase):
     kernel skips what the oracle skips, and outputs, lse and the skip
     record follow it."""
     bq, bkv = self.tiles_for(shape)
-    q, k, v = shape.inputs(key_for("skip", shape, causal), dtype=self.dtype,
-                           sharpness=(8.0, 16.0, 24.0), window=16)
-    kv_lengths = jnp.array([shape.kv_len - 37 * i for i in range(shape.batch)],
-                           jnp.int32)
+    _, (q, k, v), kv_lengths = self.ragged_problem(
+        "skip", shape, causal, sharpness=(8.0, 16.0, 24.0), step=37)
     threshold = jnp.array([0.02, 0.1][:shape.batch], jnp.float32)
     threshold = jnp.broadcast_to(threshold, (shape.batch,))
     result = self.run(q, k, v, threshold=threshold, causal=causal,
@@ -378,11 +386,8 @@ class AttentionTestBase(SuiteBase):
     self.require("supports_masks")
     shape = mask_shape
     bq, bkv = self.tiles_for(shape)
-    key = key_for("block_mask", shape, causal)
-    q, k, v = shape.inputs(key, dtype=self.dtype, sharpness=(16.0, 24.0),
-                           window=16)
-    kv_lengths = jnp.array([shape.kv_len - 37 * i for i in range(shape.batch)],
-                           jnp.int32)
+    key, (q, k, v), kv_lengths = self.ragged_problem(
+        "block_mask", shape, causal, sharpness=(16.0, 24.0), step=37)
     nq, nk = -(-shape.q_len // bq), -(-shape.kv_len // bkv)
     assert nq >= 3, "the mask needs three q tiles"
     mask = testing.program_mask(jax.random.fold_in(key, 1),
@@ -443,11 +448,8 @@ class AttentionTestBase(SuiteBase):
     self.require("supports_initial_max")
     shape = self.shapes[1]
     bq, bkv = self.tiles_for(shape)
-    key = key_for("initial_max", shape, causal)
-    q, k, v = shape.inputs(key, dtype=self.dtype, sharpness=(12.0, 20.0),
-                           window=16)
-    kv_lengths = jnp.array([shape.kv_len - 53 * i for i in range(shape.batch)],
-                           jnp.int32)
+    key, (q, k, v), kv_lengths = self.ragged_problem(
+        "initial_max", shape, causal, sharpness=(12.0, 20.0), step=53)
     group = shape.q_heads // shape.kv_heads
     s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32),
                    jnp.repeat(k, group, axis=2).astype(jnp.float32),

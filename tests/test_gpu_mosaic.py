@@ -13,6 +13,10 @@ from tests import test_base
 
 pytestmark = pytest.mark.gpu
 
+# The checks through the public API (GQA, head_dim 128).
+API_SHAPE = testing.AttentionShape(batch=2, q_len=1024, kv_len=1024,
+                                   q_heads=4, kv_heads=2, head_dim=128)
+
 
 class TestMosaicGpu(test_base.AttentionTestBase):
   """The shared suite, compiled (bf16), on the kernel's default tiles."""
@@ -39,8 +43,7 @@ class TestMosaicGpuGradients(test_base.WideGradientTestBase):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_mosaic_through_the_api(causal):
-  shape = testing.AttentionShape(batch=2, q_len=1024, kv_len=1024, q_heads=4,
-                                 kv_heads=2, head_dim=128)
+  shape = API_SHAPE
   q, k, v = shape.inputs(testing.key_for("mosaic_api", causal),
                          dtype=jnp.bfloat16)
   common = dict(threshold=1e-2, causal=causal, return_stats=True)
@@ -61,8 +64,7 @@ def test_mosaic_through_the_api(causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_xattention_mask_runs_on_mosaic_by_default(causal, monkeypatch):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  shape = testing.AttentionShape(batch=2, q_len=1024, kv_len=1024, q_heads=4,
-                                 kv_heads=2, head_dim=128)
+  shape = API_SHAPE
   q, k, v = shape.inputs(testing.key_for("mosaic_xattn", causal),
                          dtype=jnp.bfloat16)
   mask = bj.xattention.select_blocks(q, k, block_size=64, stride=8,

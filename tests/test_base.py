@@ -96,6 +96,8 @@ class AttentionTestBase(SuiteBase):
 
   # Problems, input dtype and the tiles (block_q, block_kv) of the checks.
   shapes: tuple[testing.AttentionShape, ...] = testing.CPU_TEST_SHAPES
+  # Shapes of the dense and skipping checks, run on each (None: `shapes`).
+  sweep_shapes: tuple[testing.AttentionShape, ...] | None = None
   dtype = jnp.float32
   tiles: tuple[int, int] = (16, 16)
   # Shapes of the block mask check (None: the second of `shapes`).
@@ -110,8 +112,10 @@ class AttentionTestBase(SuiteBase):
   supports_lse = True              # return_lse
   supports_skip_record = True      # the skip mask the backward walks around
   supports_traced_threshold = True
-  # Keys of the initial_max chaining check (None: those of `shapes[1]`).
-  chain_len: int | None = None
+  # Problem of the initial_max chaining check, its queries at the first
+  # q_len positions (None: batch 2, 4 x 2 heads, as many queries as keys,
+  # the keys and head_dim of `shapes[1]`).
+  chain_shape: testing.AttentionShape | None = None
 
   def tiles_for(self, shape) -> tuple[int, int]:
     del shape
@@ -161,7 +165,8 @@ class AttentionTestBase(SuiteBase):
     `causal` over the masks it runs, `lowp_dtype` over its low precision
     dtypes."""
     if "shape" in metafunc.fixturenames:
-      metafunc.parametrize("shape", self.shapes, ids=shape_ids)
+      metafunc.parametrize("shape", self.sweep_shapes or self.shapes,
+                           ids=shape_ids)
     if "mask_shape" in metafunc.fixturenames:
       metafunc.parametrize("mask_shape", self.mask_shapes or self.shapes[1:2],
                            ids=shape_ids)
@@ -478,20 +483,21 @@ class AttentionTestBase(SuiteBase):
     a larger one)."""
     self.require("supports_initial_max")
     from blasst_jax import sharding  # pylint: disable=g-import-not-at-top
-    shape = self.shapes[1]
+    shape = self.chain_shape or testing.AttentionShape(
+        batch=2, q_len=self.shapes[1].kv_len, kv_len=self.shapes[1].kv_len,
+        q_heads=4, kv_heads=2, head_dim=self.shapes[1].head_dim)
     bq, bkv = self.tiles_for(shape)
     # Two or more KV blocks per part, the cut on a block boundary.
-    n_blocks = -(-(self.chain_len or shape.kv_len) // bkv)
+    n_blocks = -(-shape.kv_len // bkv)
     cut = bkv * max(1, n_blocks // 3)
-    b, hq, hkv, d = 2, 4, 2, shape.head_dim
-    seq_len = self.chain_len or shape.kv_len
+    b, hq, hkv, d = shape.batch, shape.q_heads, shape.kv_heads, shape.head_dim
     q, k, v = bj.patterns.sink_local_qkv(
-        jax.random.PRNGKey(28), batch=b, seq_len=seq_len, q_heads=hq,
-        kv_heads=hkv, head_dim=d, window=24, sharpness=(4.0, 12.0, 20.0),
-        dtype=self.dtype)
+        jax.random.PRNGKey(28), batch=b, seq_len=shape.q_len,
+        kv_len=shape.kv_len, q_heads=hq, kv_heads=hkv, head_dim=d, window=24,
+        sharpness=(4.0, 12.0, 20.0), dtype=self.dtype)
     opts = dict(block_q=bq, block_kv=bkv, threshold=0.05, return_stats=True)
     want, want_stats = self.attention(q, k, v, **opts)
-    start = jnp.full((b, hq, seq_len), -jnp.inf)
+    start = jnp.full((b, hq, shape.q_len), -jnp.inf)
     (out0, lse0, max0), stats0 = self.attention(
         q, k[:, :cut], v[:, :cut], return_lse=True, initial_max=start, **opts)
     (out1, lse1, max1), stats1 = self.attention(
@@ -1197,6 +1203,7 @@ class GradientTestBase(SuiteBase):
 
   # 6. Rows that see no key: zero output and gradient, never NaN.
   def test_rows_without_keys_have_zero_gradient(self):
+    self.require("supports_causal")
     shape, block = self.shape_for(True), self.block
     key = key_for("grad_empty", 1)
     q, k, v = shape.inputs(key, dtype=self.dtype, **PATTERN)

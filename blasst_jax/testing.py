@@ -157,8 +157,11 @@ PROPERTY_TEST_SHAPES = (
 )
 # The Hopper kernel's CPU problems (race-checked interpret mode is slow):
 # its 64 x 64 wgmma tiles, head_dim 64, bf16; ragged ends, q_len < kv_len;
-# the second, which most checks run, GQA with four q tiles, the last of them
-# padded, and a padded last KV block.
+# the second, which most checks run, GQA with four q tiles (causal skips
+# need four: a tile's local window reaches into the block before it), the
+# last of them padded, and a padded last KV block. An odd q tile count (a
+# program with one tile) runs in tests/test_mosaic_interpret.py's pipeline
+# checks.
 MOSAIC_CPU_TEST_SHAPES = (
     AttentionShape(batch=2, q_len=128, kv_len=320, q_heads=1, kv_heads=1, head_dim=64),
     AttentionShape(batch=2, q_len=200, kv_len=264, q_heads=2, kv_heads=1, head_dim=64),

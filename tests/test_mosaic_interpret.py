@@ -110,13 +110,13 @@ def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
   testing.assert_lse_close(lse, oracle.lse, atol=5e-2, rtol=1e-2)
 
 
-# The suite's block mask check runs causal and not, GQA, an odd tile count;
-# these are three stages and a short causal q with padded rows.
+# The suite's block mask check runs causal and not, GQA, q_len < kv_len and
+# padded rows on four q tiles and two stages; this is an odd tile count (the
+# last program has one) and three stages.
 @pytest.mark.parametrize(
     "causal,q_len,kv_len,q_heads,kv_heads,num_stages",
-    [(True, 320, 320, 2, 1, 3),       # causal, GQA, three stages
-     (True, 200, 320, 1, 1, 2)],      # q_len < kv_len, padded rows
-    ids=["causal_gqa_3_stages", "causal_short_q"])
+    [(True, 320, 320, 2, 1, 3)],      # causal, GQA, three stages
+    ids=["causal_gqa_3_stages"])
 def test_block_masked_interpret_matches_oracle(causal, q_len, kv_len, q_heads,
                                                kv_heads, num_stages):
   dtype, threshold = jnp.bfloat16, 0.1

@@ -157,13 +157,31 @@ PROPERTY_TEST_SHAPES = (
     AttentionShape(batch=1, q_len=64, kv_len=64, q_heads=2, kv_heads=2, head_dim=16),
 )
 # The Hopper kernel's CPU problems (race-checked interpret mode is slow):
-# its 64 x 64 wgmma tiles, head_dim 64, bf16; ragged ends, GQA, q_len <
-# kv_len and a padded last q tile.
+# its 64 x 64 wgmma tiles, head_dim 64, bf16; ragged ends, q_len < kv_len;
+# the second, which most checks run, GQA with four q tiles (causal skips
+# need four: a tile's local window reaches into the block before it), the
+# last of them padded, and a padded last KV block. An odd q tile count (a
+# program with one tile) runs in tests/test_mosaic_interpret.py's pipeline
+# checks.
 MOSAIC_CPU_TEST_SHAPES = (
     AttentionShape(batch=2, q_len=128, kv_len=320, q_heads=1, kv_heads=1, head_dim=64),
-    AttentionShape(batch=2, q_len=320, kv_len=320, q_heads=2, kv_heads=1, head_dim=64),
-    AttentionShape(batch=1, q_len=100, kv_len=256, q_heads=2, kv_heads=2, head_dim=64),
+    AttentionShape(batch=2, q_len=200, kv_len=264, q_heads=2, kv_heads=1, head_dim=64),
 )
+
+# The gradient suite (GradientTestBase) on 16 x 16 tiles in f32: finite
+# differences without masks and causal with ragged lengths (odd lengths, GQA,
+# q_len != kv_len); comparisons with other gradients (GQA, head_dim 24, which
+# the Triton kernels pad to 32); the training step.
+GRADIENT_FD_SHAPES = (AttentionShape(1, 53, 61, 2, 1, 16),
+                      AttentionShape(2, 93, 93, 2, 1, 16))
+GRADIENT_TEST_SHAPE = AttentionShape(2, 61, 77, 4, 2, 24)
+GRADIENT_TRAIN_SHAPE = AttentionShape(2, 111, 111, 4, 2, 16)
+# The same on 64 x 64 tiles in bf16 (the Hopper kernels, race-checked on CPU;
+# compiled kernels): odd lengths, GQA, head_dim 64; five causal q tiles, so
+# that some skip a block between the sink and their local window.
+GRADIENT_WIDE_TEST_SHAPE = AttentionShape(2, 141, 205, 4, 2, 64)
+GRADIENT_WIDE_CAUSAL_SHAPE = AttentionShape(2, 300, 300, 4, 2, 64)
+GRADIENT_WIDE_TRAIN_SHAPE = AttentionShape(2, 300, 300, 4, 2, 64)
 
 # Compiled on a GPU (tests/test_gpu*.py): long enough for many tiles per
 # program, one ragged length, GQA/MQA, every head_dim the kernels take.
@@ -295,6 +313,18 @@ def assert_skip_mask_matches(skip_mask, skipped_per_tile, result, threshold,
   near = np.asarray(near_tie_tiles(result, threshold, NEAR_TIE[dtype]))
   bad = np.asarray(skip_mask != result.skip_mask) & ~near[..., None]
   assert not bad.any(), f"{bad.sum()} blocks differ away from a near-tie"
+
+
+def program_mask(key, shape, causal) -> jax.Array:
+  """A block mask, bool `shape` = [batch, q_heads, n_q_tiles, n_kv_blocks]
+  (n_q_tiles >= 3), with what a block-list walk must get right: neighbouring
+  tiles (the two tiles of a Hopper program) select different blocks, tile 1
+  selects one block (its diagonal under causal), tile 2 of the first
+  (batch, head) none; the sink block is kept elsewhere."""
+  single = 1 if causal else shape[-1] - 1
+  mask = jax.random.bernoulli(key, 0.6, shape).at[..., 0].set(True)
+  mask = mask.at[:, :, 1].set(False).at[:, :, 1, single].set(True)
+  return mask.at[0, 0, 2].set(False)
 
 
 def lower_for_h100(fn, *specs):

@@ -15,7 +15,8 @@ from blasst_jax import testing
 from tests import test_base
 
 
-class TestMosaicDecodeInterpret(test_base.DecodeTestBase):
+class TestMosaicDecodeInterpret(test_base.RaceChecked,
+                                test_base.DecodeTestBase):
   """Race-checked: every call fails on a shared-memory data race."""
 
   implementation = "pallas_mosaic"
@@ -25,24 +26,11 @@ class TestMosaicDecodeInterpret(test_base.DecodeTestBase):
   max_modes = ("split", "anchored")
   split_counts = (2,)
   low_precision_dtypes = (jnp.float16,)
-  interpret = plgpu.InterpretGPUParams(detect_races=True)
   supports_initial_max = False
   bytes_match_reference = True
 
   fp8_shapes = testing.DECODE_FP8_TEST_SHAPES + (
       testing.MOSAIC_DECODE_CPU_TEST_SHAPES[1],)
-
-  def decode(self, *args, **kwargs):
-    interpret_pallas_call.reset_gpu_interpret_mode_state()
-    return super().decode(*args, **kwargs)
-
-  def paged_decode(self, *args, **kwargs):
-    interpret_pallas_call.reset_gpu_interpret_mode_state()
-    return super().paged_decode(*args, **kwargs)
-
-  def check_call(self):
-    assert not interpret_pallas_call.get_races().races_found, (
-        "the race detector found a shared-memory data race")
 
 
 def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,

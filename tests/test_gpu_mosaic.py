@@ -1,4 +1,4 @@
-"""Mosaic GPU kernel on a GPU (marker `gpu`): the shared suite compiled, the
+"""Mosaic GPU kernel on a GPU (marker `gpu`): the shared suites compiled, the
 API's choice of it, and its high-sparsity builds."""
 
 import jax
@@ -12,6 +12,10 @@ from blasst_jax import testing
 from tests import test_base
 
 pytestmark = pytest.mark.gpu
+
+# The checks through the public API (GQA, head_dim 128).
+API_SHAPE = testing.AttentionShape(batch=2, q_len=1024, kv_len=1024,
+                                   q_heads=4, kv_heads=2, head_dim=128)
 
 
 class TestMosaicGpu(test_base.AttentionTestBase):
@@ -28,10 +32,18 @@ class TestMosaicGpu(test_base.AttentionTestBase):
     from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
     return 64, pallas_mosaic.default_block_kv(shape.head_dim)
 
+
+class TestMosaicGpuGradients(test_base.WideGradientTestBase):
+  """The gradient suite compiled (forward and Hopper backward), bf16 on
+  64 x 64 tiles."""
+
+  implementation = "pallas_mosaic"
+  interpret = False
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_mosaic_through_the_api(causal):
-  shape = testing.AttentionShape(batch=2, q_len=1024, kv_len=1024, q_heads=4,
-                                 kv_heads=2, head_dim=128)
+  shape = API_SHAPE
   q, k, v = shape.inputs(testing.key_for("mosaic_api", causal),
                          dtype=jnp.bfloat16)
   common = dict(threshold=1e-2, causal=causal, return_stats=True)
@@ -52,8 +64,7 @@ def test_mosaic_through_the_api(causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_xattention_mask_runs_on_mosaic_by_default(causal, monkeypatch):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  shape = testing.AttentionShape(batch=2, q_len=1024, kv_len=1024, q_heads=4,
-                                 kv_heads=2, head_dim=128)
+  shape = API_SHAPE
   q, k, v = shape.inputs(testing.key_for("mosaic_xattn", causal),
                          dtype=jnp.bfloat16)
   mask = bj.xattention.select_blocks(q, k, block_size=64, stride=8,

@@ -25,29 +25,23 @@ from tests import test_base
 BLOCK_Q, BLOCK_KV = 64, 64
 
 
-class TestMosaicInterpret(test_base.AttentionTestBase):
+class TestMosaicInterpret(test_base.RaceChecked, test_base.AttentionTestBase):
   """The shared suite, race-checked: every call fails on a shared-memory
   data race."""
 
   implementation = "pallas_mosaic"
   shapes = testing.MOSAIC_CPU_TEST_SHAPES
+  # The dense and skipping checks on the second alone (odd lengths, GQA,
+  # causal and not): the first adds no path of its own to them.
+  sweep_shapes = testing.MOSAIC_CPU_TEST_SHAPES[1:]
   dtype = jnp.bfloat16
   tiles = (BLOCK_Q, BLOCK_KV)
   low_precision_dtypes = (jnp.float16,)
-  interpret = plgpu.InterpretGPUParams(detect_races=True)
-  chain_len = 192   # three KV blocks
-
-  def attention(self, *args, **kwargs):
-    interpret_pallas_call.reset_gpu_interpret_mode_state()
-    return super().attention(*args, **kwargs)
-
-  def run(self, *args, **kwargs):
-    interpret_pallas_call.reset_gpu_interpret_mode_state()
-    return super().run(*args, **kwargs)
-
-  def check_call(self):
-    assert not interpret_pallas_call.get_races().races_found, (
-        "the race detector found a shared-memory data race")
+  # Three KV blocks, GQA, one q tile whose local windows lie in the first
+  # part: the second part is all skippable with the start; alone, its first
+  # block is not.
+  chain_shape = testing.AttentionShape(batch=1, q_len=64, kv_len=192,
+                                       q_heads=2, kv_heads=1, head_dim=64)
 
 
 def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
@@ -109,43 +103,13 @@ def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
   testing.assert_lse_close(lse, oracle.lse, atol=5e-2, rtol=1e-2)
 
 
-def test_gradient_through_the_api_matches_the_reference():
-  q, k, v = patterns.sink_local_qkv(
-      testing.key_for("mosaic_interpret_api"), batch=1, seq_len=256,
-      q_heads=2, kv_heads=1, head_dim=64, window=16, sharpness=24.0,
-      dtype=jnp.bfloat16)
-
-  def loss(q, implementation, **kwargs):
-    o = bj.attention(q, k, v, threshold=0.1, block_q=64, block_kv=64,
-                     implementation=implementation, **kwargs)
-    return jnp.sum(o.astype(jnp.float32) ** 2)
-
-  _, stats = bj.attention(q, k, v, threshold=0.1, block_q=64, block_kv=64,
-                          implementation="reference", return_stats=True)
-  assert int(jnp.sum(stats.skipped_blocks)) > 0
-  g = jax.grad(loss)(q, "pallas_mosaic", interpret=True)
-  g_ref = jax.grad(loss)(q, "reference")
-  testing.assert_close(g, g_ref, jnp.bfloat16, scale=5.0)
-
-
-def program_mask(key, shape, causal):
-  """bool [batch, q_heads, n_q_tiles, n_kv_blocks] with what the union walk
-  must get right: the two tiles of a program select different blocks, tile
-  1 selects one block (its diagonal under causal), tile 2 of the first
-  (batch, head) none; the sink block is kept elsewhere."""
-  single = 1 if causal else shape[-1] - 1
-  mask = jax.random.bernoulli(key, 0.6, shape).at[..., 0].set(True)
-  mask = mask.at[:, :, 1].set(False).at[:, :, 1, single].set(True)
-  return mask.at[0, 0, 2].set(False)
-
-
-# The suite's block mask check runs causal and not, GQA, an odd tile count;
-# these are three stages and a short causal q with padded rows.
+# The suite's block mask check runs causal and not, GQA, q_len < kv_len and
+# padded rows on four q tiles and two stages; this is an odd tile count (the
+# last program has one) and three stages.
 @pytest.mark.parametrize(
     "causal,q_len,kv_len,q_heads,kv_heads,num_stages",
-    [(True, 320, 320, 2, 1, 3),       # causal, GQA, three stages
-     (True, 200, 320, 1, 1, 2)],      # q_len < kv_len, padded rows
-    ids=["causal_gqa_3_stages", "causal_short_q"])
+    [(True, 320, 320, 2, 1, 3)],      # causal, GQA, three stages
+    ids=["causal_gqa_3_stages"])
 def test_block_masked_interpret_matches_oracle(causal, q_len, kv_len, q_heads,
                                                kv_heads, num_stages):
   dtype, threshold = jnp.bfloat16, 0.1
@@ -156,7 +120,8 @@ def test_block_masked_interpret_matches_oracle(causal, q_len, kv_len, q_heads,
       dtype=dtype)
   kv_lengths = jnp.array([kv_len, kv_len - 37], jnp.int32)
   nq, nk = -(-q_len // BLOCK_Q), -(-kv_len // BLOCK_KV)
-  mask = program_mask(jax.random.fold_in(key, 1), (2, q_heads, nq, nk), causal)
+  mask = testing.program_mask(jax.random.fold_in(key, 1), (2, q_heads, nq, nk),
+                              causal)
   (out, lse, skipped, visited, skip_mask), races = run_interpreted(
       q, k, v, kv_lengths, threshold, causal=causal, num_stages=num_stages,
       block_mask=mask)

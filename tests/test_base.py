@@ -1235,6 +1235,32 @@ class GradientTestBase(SuiteBase):
         *as_f32(q, k, v, d_out), threshold, causal=True, block=block,
         **masks))
 
+  # 7. Garbage past a sequence's length (NaN in K and V) reaches no
+  # gradient: 0-weight · NaN would, in dS · K and dO · Vᵀ.
+  def test_nan_past_the_length_reaches_no_gradient(self):
+    shape = self.shape
+    key = key_for("grad_nan")
+    q, k, v = shape.inputs(key, dtype=self.dtype, **PATTERN)
+    d_out = self.cotangent(jax.random.fold_in(key, 2), q)
+    # Ends inside a block, so that block holds keys on both sides.
+    kv_lengths = jnp.array([shape.kv_len, self.block + 7], jnp.int32)
+    past = (jnp.arange(shape.kv_len)[None, :] >=
+            kv_lengths[:, None])[:, :, None, None]
+    k_nan = jnp.where(past, jnp.nan, k).astype(self.dtype)
+    v_nan = jnp.where(past, jnp.nan, v).astype(self.dtype)
+    threshold = jnp.float32(clear_threshold(
+        (q, k, v), causal=False, block=self.block, kv_lengths=kv_lengths))
+    out, grads, _ = self.call(attention_vjp, q, k_nan, v_nan, d_out,
+                              threshold, causal=False, kv_lengths=kv_lengths)
+    out, f32_grads = as_f32(out)[0], as_f32(*grads)
+    for x in (out,) + f32_grads:
+      assert not np.isnan(np.asarray(x)).any()
+    for x in f32_grads[1:]:   # dK, dV of the keys past the length
+      np.testing.assert_array_equal(jnp.where(past, x, 0.0), 0.0)
+    self.assert_grads_close(grads, grad_oracle_vjp(
+        *as_f32(q, k, v, d_out), threshold, causal=False, block=self.block,
+        kv_lengths=kv_lengths))
+
 
 class WideGradientTestBase(GradientTestBase):
   """The suite in bf16 on 64 x 64 tiles, the Hopper kernels' wgmma tiles

@@ -970,6 +970,9 @@ class GradientTestBase(SuiteBase):
   # jit / checkpoint / vmap (None: the first of `fd_shapes`).
   compose_shape: testing.AttentionShape | None = None
   train_shape: testing.AttentionShape = testing.GRADIENT_TRAIN_SHAPE
+  # Adam moves every weight by about this much: small enough that one step
+  # goes downhill on `train_shape`'s layer.
+  train_learning_rate = 1e-3
   supports_causal = True
   # f32 inputs: finite differences, and the training step's f32 twin (else
   # that twin runs the reference).
@@ -1166,7 +1169,7 @@ class GradientTestBase(SuiteBase):
       select = jnp.eye(x.shape[-1])[:, offsets[i]:offsets[i + 1]]
       proj.kernel[...] = select + 0.01 * proj.kernel[...]
     graphdef, params = nnx.split(model)
-    tx = optax.adamw(1e-3)
+    tx = optax.adamw(self.train_learning_rate)
 
     @jax.jit
     def train_step(params, opt_state):
@@ -1272,6 +1275,7 @@ class WideGradientTestBase(GradientTestBase):
   causal_shape = testing.GRADIENT_WIDE_CAUSAL_SHAPE
   compose_shape = testing.GRADIENT_WIDE_TEST_SHAPE
   train_shape = testing.GRADIENT_WIDE_TRAIN_SHAPE
+  train_learning_rate = 1e-4   # 512 features a token: smaller steps
   # Finite differences need f32 inputs (they run on 16 x 16 tiles, CPU);
   # the training step's f32 twin runs on the reference.
   supports_float32 = False

@@ -157,7 +157,9 @@ def main(argv):
                      config=config))
     out = jax.block_until_ready(fn(q, k, v, log_thr))
     sparsity = float(jnp.sum(out[2])) / max(1, float(jnp.sum(out[3])))
-    line = f"launch: {text} sparsity={sparsity:.3f}"
+    # Skipped blocks and an output digest: builds that agree show both equal.
+    line = (f"launch: {text} sparsity={sparsity:.3f} skipped="
+            f"{int(jnp.sum(out[2]))} |out|={float(jnp.abs(out[0].astype(jnp.float32)).sum()):.6e}")
     if _TIME.value:
       line += (f" {testing.median_time_ms(fn, q, k, v, log_thr, warmup=3, iters=10):.3f}"
                " ms")

@@ -31,9 +31,10 @@ MAX_MODES = validation.DECODE_MAX_MODES
 DEFAULT_MAX_MODE = "anchored"
 # 128-key blocks read the cache fastest (tuning in decode_h100.json).
 DEFAULT_BLOCK_KV = 128
-# The kernel holds 2 programs per SM (registers; Nsight Compute), so a grid
-# of at most 2 * SMs programs runs as one wave: a few programs more would
-# add a second, nearly empty wave (+15% time at B8 32k, 5 vs 4 splits).
+# The Triton kernel holds 2 programs per SM (registers; Nsight Compute), so
+# a grid of at most 2 * SMs programs runs as one wave: a few programs more
+# would add a second, nearly empty wave (+15% time at B8 32k, 5 vs 4
+# splits). Each op says its own (`DecodeOp.programs_per_sm`).
 PROGRAMS_PER_SM = 2
 H100_SMS = 132
 MIN_BLOCKS_PER_SPLIT = 4
@@ -45,12 +46,14 @@ def _num_sms() -> int:
 
 
 def default_num_splits(batch: int, kv_heads: int, max_len: int,
-                       block_kv: int, num_sms: int | None = None) -> int:
+                       block_kv: int, num_sms: int | None = None, *,
+                       implementation: str | None = None) -> int:
   """The split-K factor `decode_attention` uses when none is given.
 
   The most splits whose (batch, kv-head, split) programs still run in one
-  wave (PROGRAMS_PER_SM per SM), with at least MIN_BLOCKS_PER_SPLIT blocks
-  per split; 1 when batch * kv_heads alone fills the GPU.
+  wave (the implementation's programs per SM), with at least
+  MIN_BLOCKS_PER_SPLIT blocks per split; 1 when batch * kv_heads alone
+  fills the GPU.
 
   Args:
     batch, kv_heads: the cache's batch size and key/value heads.
@@ -58,14 +61,18 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int,
     block_kv: keys per block.
     num_sms: streaming multiprocessors; default the current device's (132
       off GPU: an H100).
+    implementation: the decode implementation whose programs fill the SMs
+      (`DecodeOp.programs_per_sm`); None: `PROGRAMS_PER_SM`.
 
   Returns:
     The split count, an int >= 1.
   """
   if num_sms is None:
     num_sms = _num_sms() if ops_base.on_gpu() else H100_SMS
+  per_sm = (PROGRAMS_PER_SM if implementation is None else
+            ops_base.get_op("decode", implementation).programs_per_sm)
   blocks = -(-max_len // block_kv)
-  want = PROGRAMS_PER_SM * num_sms // (batch * kv_heads)
+  want = per_sm * num_sms // (batch * kv_heads)
   return int(max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT)))
 
 
@@ -251,7 +258,8 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
                     initial_max=initial_max, max_axis_name=max_axis_name,
                     kernel_config=kernel_config, interpret=interpret)
   if num_splits is None:
-    num_splits = default_num_splits(b, hkv, max_len, block_kv)
+    num_splits = default_num_splits(b, hkv, max_len, block_kv,
+                                    implementation=op.name)
   sm_scale = reference.default_sm_scale(d) if sm_scale is None else float(
       sm_scale)
   # Traced lengths cannot be checked: clamp them to the cache (concrete

@@ -224,7 +224,7 @@ def run_cache(cfg, on_gpu, shape, cache, pattern):
       if impl == "pallas_mosaic" and mode == "global":
         continue   # one-pass modes only
       n_splits = splits or bj.decode.default_num_splits(
-          shape[0], shape[2], shape[3], cfg.block_kv)
+          shape[0], shape[2], shape[3], cfg.block_kv, implementation=impl)
       if (mode, n_splits) in done:   # The default may be 1 split.
         continue
       done.add((mode, n_splits))

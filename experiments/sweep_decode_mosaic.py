@@ -4,6 +4,10 @@ cache, on the decode study's shapes, with bf16 and FP8 caches. Exploration
 only: the study is experiments/bench_decode.py.
 
     python -m experiments.sweep_decode_mosaic OUT.json [SHAPE_INDEX ...]
+    python -m experiments.sweep_decode_mosaic --splits OUT.json [SHAPE_INDEX ...]
+
+With --splits: the Mosaic and Triton kernels' time against the split-K
+count (dense, and λ = 1e-3 anchored), against `decode.default_num_splits`.
 """
 import json
 import sys
@@ -23,7 +27,7 @@ KNOBS = [(128, dict(compute_wgs=1)), (128, dict(compute_wgs=2)),
          (64, dict(compute_wgs=1)), (64, dict(compute_wgs=2))]
 
 
-def main(out_path, shape_ids):
+def main(out_path, shape_ids, split_sweep=False):
   print(jax.devices()[0].device_kind, jax.__version__, flush=True)
   t_us = lambda fn, *a: 1e3 * testing.median_time_ms(  # pylint: disable=g-long-lambda
       fn, *a, warmup=3, iters=10, reps=10)
@@ -47,13 +51,13 @@ def main(out_path, shape_ids):
     rows.append(dict(tag=tag, impl="copy", us=copy))
     rows.append(dict(tag=tag, impl="cudnn", us=cudnn))
 
-    def run(impl, bkv, thr, dense, cfg=None, fp8=False):
+    def run(impl, bkv, thr, dense, cfg=None, fp8=False, splits=None):
       cache = (k8, v8) if fp8 else (k, v)
       scales = dict(k_scale=ks, v_scale=vs) if fp8 else {}
       fn = jax.jit(lambda q, k, v, n, t: bj.decode_attention(
           q, k, v, n, threshold=0.0 if dense else t, block_kv=bkv,
           max_mode="anchored", implementation=impl, return_stats=True,
-          kernel_config=cfg, **scales))
+          kernel_config=cfg, num_splits=splits, **scales))
       try:
         _, st = fn(q, *cache, lengths, jnp.float32(thr))
         t = t_us(fn, q, *cache, lengths, jnp.float32(thr))
@@ -62,26 +66,50 @@ def main(out_path, shape_ids):
               f"{str(e)[:400]}", flush=True)
         return
       sp = float(st.total_sparsity)
-      print(f"{tag} {impl}{' fp8' if fp8 else ''} bkv{bkv} {cfg} λ={thr:g} "
+      print(f"{tag} {impl}{' fp8' if fp8 else ''} bkv{bkv} {cfg} "
+            f"splits={splits} λ={thr:g} "
             f"dense={dense}: sparsity {sp:.3f} {t:.1f} us "
             f"{dense_bytes / t / 1e6:.2f} TB/s", flush=True)
       rows.append(dict(tag=tag, impl=impl, fp8=fp8, bkv=bkv, cfg=str(cfg),
-                       thr=thr, dense=dense, sparsity=sp, us=t))
+                       splits=splits, thr=thr, dense=dense, sparsity=sp,
+                       us=t))
 
-    run("pallas_triton", 128, 0.0, True)
-    run("pallas_triton", 128, 1e-3, False)
-    for bkv, knobs in KNOBS:
-      cfg = decode_mosaic.MosaicDecodeConfig(**knobs)
-      run("pallas_mosaic", bkv, 0.0, True, cfg)
-      for thr in (0.0, 1e-3, 1e-2):
-        run("pallas_mosaic", bkv, thr, False, cfg)
-    for wgs in (1, 2):
-      cfg = decode_mosaic.MosaicDecodeConfig(compute_wgs=wgs)
-      run("pallas_mosaic", 128, 0.0, True, cfg, fp8=True)
-      run("pallas_mosaic", 128, 1e-3, False, cfg, fp8=True)
+    if split_sweep:
+      blocks = -(-s // 128)
+      print(f"{tag} default splits: " + ", ".join(
+          f"{impl} "
+          f"{bj.decode.default_num_splits(b, hkv, s, 128, implementation=impl)}"
+          for impl in ("pallas_mosaic", "pallas_triton")), flush=True)
+      for splits in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 33, 48}):
+        if splits * 4 > blocks:
+          continue
+        for impl in ("pallas_mosaic", "pallas_triton"):
+          run(impl, 128, 0.0, True, splits=splits)
+          run(impl, 128, 1e-3, False, splits=splits)
+    else:
+      run_knobs(run)
     with open(out_path, "w") as f:
       json.dump(rows, f, indent=0)
 
 
+def run_knobs(run):
+  """The knob sweep of one shape: `run(impl, block_kv, λ, dense, config,
+  fp8)` times one build."""
+  run("pallas_triton", 128, 0.0, True)
+  run("pallas_triton", 128, 1e-3, False)
+  for bkv, knobs in KNOBS:
+    cfg = decode_mosaic.MosaicDecodeConfig(**knobs)
+    run("pallas_mosaic", bkv, 0.0, True, cfg)
+    for thr in (0.0, 1e-3, 1e-2):
+      run("pallas_mosaic", bkv, thr, False, cfg)
+  for wgs in (1, 2):
+    cfg = decode_mosaic.MosaicDecodeConfig(compute_wgs=wgs)
+    run("pallas_mosaic", 128, 0.0, True, cfg, fp8=True)
+    run("pallas_mosaic", 128, 1e-3, False, cfg, fp8=True)
+
+
 if __name__ == "__main__":
-  main(sys.argv[1], [int(a) for a in sys.argv[2:]] or range(len(SHAPES)))
+  args = sys.argv[1:]
+  sweep = args[0] == "--splits"
+  args = args[sweep:]
+  main(args[0], [int(a) for a in args[1:]] or range(len(SHAPES)), sweep)

@@ -675,7 +675,8 @@ class DecodeTestBase(SuiteBase):
         q, k, v, kv_lengths, block_kv=block_kv, threshold=1e-3,
         max_mode=bj.decode.DEFAULT_MAX_MODE,
         num_splits=bj.decode.default_num_splits(
-            shape.batch, shape.kv_heads, shape.max_len, block_kv))
+            shape.batch, shape.kv_heads, shape.max_len, block_kv,
+            implementation=self.implementation))
     testing.assert_close(out[:, 0], oracle.out, dtype)
 
   def test_scale_factor_config_uses_the_decode_phase(self):

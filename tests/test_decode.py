@@ -10,6 +10,7 @@ import pytest
 import blasst_jax as bj
 from blasst_jax import patterns
 from blasst_jax import testing
+from blasst_jax.ops import base as ops_base
 from tests import test_base
 
 
@@ -29,12 +30,18 @@ def cache_inputs(key, *, batch=3, max_len=320, q_heads=8, kv_heads=2,
 MODES = bj.decode.MAX_MODES
 
 
+@pytest.mark.parametrize("implementation", [None, "pallas_triton",
+                                            "pallas_mosaic"])
 @pytest.mark.parametrize("batch,kv_heads,max_len", [
     (8, 8, 32768), (1, 8, 131072), (64, 8, 4096), (3, 2, 1000), (1, 1, 256)])
-def test_default_splits_fill_one_wave(batch, kv_heads, max_len):
+def test_default_splits_fill_one_wave(batch, kv_heads, max_len,
+                                      implementation):
   splits = bj.decode.default_num_splits(batch, kv_heads, max_len, 128,
-                                        num_sms=132)
-  slots = bj.decode.PROGRAMS_PER_SM * 132
+                                        num_sms=132,
+                                        implementation=implementation)
+  per_sm = (bj.decode.PROGRAMS_PER_SM if implementation is None else
+            ops_base.get_op("decode", implementation).programs_per_sm)
+  slots = per_sm * 132
   blocks = -(-max_len // 128)
   assert splits >= 1 and splits * bj.decode.MIN_BLOCKS_PER_SPLIT <= max(
       blocks, bj.decode.MIN_BLOCKS_PER_SPLIT)
@@ -45,6 +52,15 @@ def test_default_splits_fill_one_wave(batch, kv_heads, max_len):
             or (splits + 1) * bj.decode.MIN_BLOCKS_PER_SPLIT > blocks)
   else:
     assert splits == 1
+
+
+def test_each_implementation_fills_its_own_wave():
+  # The Hopper kernel holds one program per SM, the Triton kernel two: at
+  # one sequence of 128k with 8 KV heads the defaults differ twofold.
+  split = lambda impl: bj.decode.default_num_splits(  # pylint: disable=g-long-lambda
+      1, 8, 131072, 128, num_sms=132, implementation=impl)
+  assert split("pallas_mosaic") == 16
+  assert split("pallas_triton") == split(None) == 33
 
 
 def test_v_prefetch_and_branch_loads_agree():

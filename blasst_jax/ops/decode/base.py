@@ -16,7 +16,7 @@ out [batch, q_heads, head_dim], lse [batch, q_heads] and `DecodeStats`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -36,6 +36,9 @@ class DecodeOp(base.Op):
   """A decode backend."""
 
   family = "decode"
+  # Programs resident on one SM at a time: the split-K default fills one
+  # wave of them (`decode.default_num_splits`).
+  programs_per_sm: ClassVar[int] = 2
 
   def supports(self, *, backend=None, head_dim=None) -> bool:
     """Whether `implementation=None` may pick this op."""

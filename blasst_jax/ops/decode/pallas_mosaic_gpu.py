@@ -17,6 +17,11 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
 
   name = "pallas_mosaic"
   config_class = decode_mosaic.MosaicDecodeConfig
+  # Three warpgroups take the register file (or, at head_dim 128, the K
+  # ring takes shared memory): one program per SM. At B1 128k on the H200,
+  # 16 splits instead of 33: dense 181 -> 173 us, 94 % skipped 133 -> 122
+  # us (`benchmarks/results/decode_splits_h200.log`).
+  programs_per_sm = 1
 
   def supports(self, **problem) -> bool:
     del problem

@@ -1,6 +1,10 @@
-"""Test setup: 8 CPU devices, the `gpu` marker, hypothesis profiles."""
+"""Test setup: 8 CPU devices, the `gpu` marker, hypothesis profiles, a
+compilation cache shared by the run's workers."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Eight host devices for the sharding tests (tests/test_sharding.py); set
 # before jax starts. One device stays the default for every other test.
@@ -18,6 +22,20 @@ import pytest
 
 # Numerics tests compare against f32 oracles: keep XLA's dots exact on CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Many tests compile the same programs (a suite's shapes, the oracle, the
+# kernels) through fresh jitted callables: a compilation cache shared by
+# the pytest-xdist workers of one run compiles each once. Its directory
+# comes from the controller (below) or BLASST_TEST_COMPILATION_CACHE; "0"
+# turns it off.
+_CACHE_ENV = "BLASST_TEST_COMPILATION_CACHE"
+if _CACHE_ENV not in os.environ:   # the controller (or a run without xdist)
+  os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="blasst_jax_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], ignore_errors=True)
+if os.environ.get(_CACHE_ENV, "") not in ("", "0"):
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 hypothesis.settings.register_profile(
     "ci", max_examples=12, deadline=None, derandomize=True,

@@ -30,6 +30,7 @@ communication); in decode the devices share the reference max of
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any
 
@@ -96,12 +97,25 @@ def auto_mesh(mesh: Mesh) -> Mesh:
               axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-def _run_sharded(body, mesh: Mesh, in_specs, out_specs, *args):
+# Jitted shard_maps by static configuration: called eagerly, a fresh
+# `shard_map` closure would be traced and compiled again on every call
+# (a Flax layer's decode step with a mesh: 7 s each on CPU).
+_SHARDED_FNS: collections.OrderedDict = collections.OrderedDict()
+_MAX_SHARDED_FNS = 64
+
+
+def _run_sharded(body, mesh: Mesh, in_specs, out_specs, *args, key=None,
+                 traced=None):
   """`jax.shard_map(body)(*args)`, the inputs laid out as `in_specs` first.
 
   Inside a `jax.set_mesh` context with Explicit axes the inputs are
   resharded on that mesh; otherwise the map runs on an Auto-axes copy of
   `mesh`, which reshards whatever layout the inputs have.
+
+  key: None, or a hashable value that determines `body` (everything it
+  closes over): the jitted map is then reused by later calls with an equal
+  key, mesh and specs. traced: a dict `body` fills while it is traced;
+  a reused map's is copied into it.
   """
   context = jax.sharding.get_abstract_mesh()
   explicit = not context.empty and any(
@@ -112,8 +126,31 @@ def _run_sharded(body, mesh: Mesh, in_specs, out_specs, *args):
     mesh = auto_mesh(mesh)
   # check_vma=False: the kernels' loop carries start as per-device
   # constants, which the varying-axes type check would reject.
-  return jax.shard_map(body, mesh=mesh, in_specs=in_specs,
-                       out_specs=out_specs, check_vma=False)(*args)
+  make = lambda: jax.jit(jax.shard_map(  # pylint: disable=g-long-lambda
+      body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+      check_vma=False))
+  if key is not None:
+    # Shapes too: what `body` records while tracing may depend on them.
+    key = (key, mesh, tuple(in_specs), tuple(out_specs), explicit,
+           tuple((jnp.shape(x), jnp.result_type(x)) for x in args))
+    try:
+      hash(key)
+    except TypeError:    # e.g. an unhashable kernel config
+      key = None
+  if key is None:
+    return make()(*args)
+  if key not in _SHARDED_FNS:
+    fn, filled = make(), {} if traced is None else traced
+    out = fn(*args)
+    _SHARDED_FNS[key] = (fn, dict(filled))
+    if len(_SHARDED_FNS) > _MAX_SHARDED_FNS:
+      _SHARDED_FNS.popitem(last=False)
+    return out
+  _SHARDED_FNS.move_to_end(key)
+  fn, filled = _SHARDED_FNS[key]
+  if traced is not None:
+    traced.update(filled)
+  return fn(*args)
 
 
 def _split_threshold(threshold, batch: int):
@@ -224,7 +261,9 @@ def attention(q, k, v, *, mesh: Mesh, batch_axis: AxisName = None,
       (qkv_spec, qkv_spec, qkv_spec) + tuple(
           spec for _, spec in extras.values()),
       (qkv_spec, head_spec, head_spec, head_spec),
-      q, k, v, *(x for x, _ in extras.values()))
+      q, k, v, *(x for x, _ in extras.values()),
+      key=("attention", names, thr_static, tuple(sorted(kwargs.items()))),
+      traced=tiles)
   if not return_stats:
     return out
   return out, SkipStats(skipped_blocks=skipped, visited_blocks=visited,
@@ -506,7 +545,9 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, mesh: Mesh,
       body, mesh,
       (q_spec, cache_spec, cache_spec, row_spec) + (row_spec,) * len(thr_args),
       (q_spec, head_spec, head_spec, row_spec),
-      q, k_cache, v_cache, kv_lengths, *thr_args)
+      q, k_cache, v_cache, kv_lengths, *thr_args,
+      key=("decode", context_axis, summed, share_max, max_mode, block_kv,
+           thr_static, tuple(sorted(kwargs.items()))))
   if not return_stats:
     return out
   return out, decode_lib.DecodeStats(skipped_blocks=skipped,

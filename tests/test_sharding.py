@@ -428,3 +428,31 @@ def test_gpt_with_mesh_matches_one_device():
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
   for a, b in zip(stats, want_stats):
     _assert_stats_equal(a, b)
+
+
+def test_eager_sharded_calls_trace_once(monkeypatch):
+  # A fresh shard_map per call would trace (and compile) every eager call
+  # again; equal calls reuse one jitted map, and a new shape traces anew.
+  traces = []
+  attention = sharding.api.attention
+
+  def counting(*args, **kwargs):
+    traces.append(args[0].shape)
+    return attention(*args, **kwargs)
+
+  monkeypatch.setattr(sharding.api, "attention", counting)
+  q, k, v = _inputs(31, batch=4, seq_len=32, q_heads=4, kv_heads=4,
+                    head_dim=16)
+  call = lambda q, k, v, thr: sharding.attention(  # pylint: disable=g-long-lambda
+      q, k, v, mesh=_mesh(), batch_axis="data", head_axis="model",
+      threshold=thr, block_q=16, block_kv=16, implementation="reference",
+      return_stats=True)
+  first, stats = call(q, k, v, 0.1)
+  again, stats_again = call(q, k, v, 0.1)
+  assert len(traces) == 1
+  np.testing.assert_array_equal(first, again)
+  assert (stats_again.block_q, stats_again.block_kv) == (stats.block_q,
+                                                         stats.block_kv)
+  call(q, k, v, 0.2)                       # another static λ: a new body
+  call(q[:2], k[:2], v[:2], 0.1)           # another shape
+  assert len(traces) == 3

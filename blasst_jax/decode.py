@@ -31,11 +31,9 @@ MAX_MODES = validation.DECODE_MAX_MODES
 DEFAULT_MAX_MODE = "anchored"
 # 128-key blocks read the cache fastest (tuning in decode_h100.json).
 DEFAULT_BLOCK_KV = 128
-# The Triton kernel holds 2 programs per SM (registers; Nsight Compute), so
-# a grid of at most 2 * SMs programs runs as one wave: a few programs more
-# would add a second, nearly empty wave (+15% time at B8 32k, 5 vs 4
-# splits). Each op says its own (`DecodeOp.programs_per_sm`).
-PROGRAMS_PER_SM = 2
+# Programs per SM that the split-K default fills one wave of, unless an op
+# says its own (`DecodeOp.programs_per_sm`).
+PROGRAMS_PER_SM = decode_base.DecodeOp.programs_per_sm
 H100_SMS = 132
 MIN_BLOCKS_PER_SPLIT = 4
 

@@ -140,9 +140,9 @@ def _run_sharded(body, mesh: Mesh, in_specs, out_specs, *args, key=None,
   if key is None:
     return make()(*args)
   if key not in _SHARDED_FNS:
-    fn, filled = make(), {} if traced is None else traced
-    out = fn(*args)
-    _SHARDED_FNS[key] = (fn, dict(filled))
+    fn = make()
+    out = fn(*args)     # traces body, which fills `traced`
+    _SHARDED_FNS[key] = (fn, dict(traced or {}))
     if len(_SHARDED_FNS) > _MAX_SHARDED_FNS:
       _SHARDED_FNS.popitem(last=False)
     return out

@@ -158,8 +158,9 @@ def main(argv):
     out = jax.block_until_ready(fn(q, k, v, log_thr))
     sparsity = float(jnp.sum(out[2])) / max(1, float(jnp.sum(out[3])))
     # Skipped blocks and an output digest: builds that agree show both equal.
-    line = (f"launch: {text} sparsity={sparsity:.3f} skipped="
-            f"{int(jnp.sum(out[2]))} |out|={float(jnp.abs(out[0].astype(jnp.float32)).sum()):.6e}")
+    digest = float(jnp.abs(out[0].astype(jnp.float32)).sum())
+    line = (f"launch: {text} sparsity={sparsity:.3f} "
+            f"skipped={int(jnp.sum(out[2]))} |out|={digest:.6e}")
     if _TIME.value:
       line += (f" {testing.median_time_ms(fn, q, k, v, log_thr, warmup=3, iters=10):.3f}"
                " ms")

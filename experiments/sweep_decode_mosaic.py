@@ -81,7 +81,7 @@ def main(out_path, shape_ids, split_sweep=False):
           f"{bj.decode.default_num_splits(b, hkv, s, 128, implementation=impl)}"
           for impl in ("pallas_mosaic", "pallas_triton")), flush=True)
       for splits in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 33, 48}):
-        if splits * 4 > blocks:
+        if splits * bj.decode.MIN_BLOCKS_PER_SPLIT > blocks:
           continue
         for impl in ("pallas_mosaic", "pallas_triton"):
           run(impl, 128, 0.0, True, splits=splits)

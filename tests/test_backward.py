@@ -210,12 +210,16 @@ def test_hopper_backward_lowers_for_cuda(d, causal):
     (dict(overlap_qk=1), "overlap_qk"),
     (dict(trace_dir="/tmp/t"), "trace_events"),
     (dict(trace_events=64), "trace_dir"),
-    (dict(trace_dir="/tmp/t", trace_events=-1), "trace_events")])
+    (dict(trace_dir="/tmp/t", trace_events=-1), "trace_events"),
+    (dict(compute_wgs=4), "compute_wgs"),
+    (dict(compute_wgs=3, overlap_qk=False), "overlap_qk"),
+    # Three compute warpgroups of 168 registers over-commit the file.
+    (dict(compute_wgs=3, compute_registers=168), "compute_registers")])
 def test_hopper_configs_reject_knobs_that_cannot_run(kwargs, message):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
   if {"extra_k_stages", "raster", "overlap_qk", "trace_dir",
-      "trace_events"} & set(kwargs):  # forward's
+      "trace_events", "compute_wgs"} & set(kwargs):  # forward's
     with pytest.raises(ValueError, match=message):
       pallas_mosaic.MosaicConfig(**kwargs)
     return
@@ -226,3 +230,32 @@ def test_hopper_configs_reject_knobs_that_cannot_run(kwargs, message):
       pallas_mosaic.MosaicConfig(**kwargs)
   # With a smaller memory warpgroup the compute warpgroups may have 240.
   pallas_mosaic_bwd.MosaicBwdConfig(compute_registers=240, memory_registers=24)
+
+
+def test_hopper_forward_config_resolves_warpgroups_and_registers():
+  """compute_wgs and compute_registers left to None are filled in per
+  head_dim; explicit registers that over-commit the resolved warpgroups
+  raise before anything is traced."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  for d in (64, 128, 256):
+    cfg = pallas_mosaic.MosaicConfig().resolved(d)
+    assert cfg.compute_wgs == pallas_mosaic.default_compute_wgs(d)
+    assert cfg.compute_registers == pallas_mosaic.REGISTERS[cfg.compute_wgs][0]
+  three = pallas_mosaic.MosaicConfig(compute_wgs=3).resolved(128)
+  assert (three.compute_wgs, three.compute_registers) == (
+      3, pallas_mosaic.REGISTERS[3][0])
+  assert three.memory_registers == pallas_mosaic.REGISTERS[3][1]
+  # A larger memory warpgroup leaves the compute warpgroups the rest.
+  roomy = pallas_mosaic.MosaicConfig(compute_wgs=3, memory_registers=56)
+  assert roomy.resolved(64).compute_registers == 152
+  # The dense build keeps the two-turn ping-pong of two warpgroups.
+  assert pallas_mosaic.MosaicConfig().resolved(
+      64, skip_enabled=False).compute_wgs == 2
+  # The two-turn pipeline is built for two warpgroups whatever the head_dim.
+  assert pallas_mosaic.MosaicConfig(overlap_qk=False).resolved(
+      64).compute_wgs == 2
+  wide = pallas_mosaic.MosaicConfig(compute_registers=232)
+  assert wide.resolved(128).compute_registers == 232
+  if pallas_mosaic.default_compute_wgs(64) == 3:
+    with pytest.raises(ValueError, match="compute_registers"):
+      wide.resolved(64)

@@ -99,6 +99,41 @@ def test_mosaic_pipeline_knobs_lower_for_cuda(config):
   assert "mosaic_gpu" in lowered.as_text()
 
 
+def lower_mosaic_forward(*, causal, d, lk, masked, config, skip=True,
+                         return_skip_mask=False):
+  """The Hopper forward lowered for CUDA at 1000 queries, GQA 4/2, with a
+  block mask of 64 x block_kv tiles if `masked`."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  b, hq, hkv, lq = 2, 4, 2, 1000
+  bkv = pallas_mosaic.default_block_kv(d)
+  nq, nk = -(-lq // 64), -(-lk // bkv)
+  sds = jax.ShapeDtypeStruct
+
+  def fn(q, k, v, kv_lengths, log_thr, mask):
+    return pallas_mosaic.attention_forward(
+        q, k, v, kv_lengths, log_thr, mask if masked else None,
+        causal=causal, sm_scale=d ** -0.5, block_q=64, block_kv=bkv,
+        skip_enabled=skip, return_skip_mask=return_skip_mask, config=config)
+
+  return lower_for_h100(fn, sds((b, lq, hq, d), jnp.bfloat16),
+                        sds((b, lk, hkv, d), jnp.bfloat16),
+                        sds((b, lk, hkv, d), jnp.bfloat16),
+                        sds((b,), jnp.int32), sds((b,), jnp.float32),
+                        sds((b, hq, nq, nk), jnp.bool_))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mosaic_three_compute_warpgroups_lower_for_cuda(skip, masked):
+  """Three q tiles a program (head_dim 64), dense and skipping, with and
+  without a block mask (lists of three tiles)."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  lowered = lower_mosaic_forward(
+      causal=True, d=64, lk=700, masked=masked, skip=skip,
+      config=pallas_mosaic.MosaicConfig(compute_wgs=3))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
 def test_mosaic_mqa_lowers_with_three_stages():
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct
@@ -123,22 +158,9 @@ def test_mosaic_mqa_lowers_with_three_stages():
                                                     (False, 128, 2, 40000)])
 def test_block_masked_mosaic_kernel_lowers_for_cuda(causal, d, num_stages, lk):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
-  b, hq, hkv, lq = 2, 4, 2, 1000
-  bkv = pallas_mosaic.default_block_kv(d)
-  nq, nk = -(-lq // 64), -(-lk // bkv)
-  sds = jax.ShapeDtypeStruct
-
-  def fn(q, k, v, kv_lengths, log_thr, mask):
-    return pallas_mosaic.attention_forward(
-        q, k, v, kv_lengths, log_thr, mask, causal=causal, sm_scale=d ** -0.5,
-        block_q=64, block_kv=bkv, return_skip_mask=True,
-        config=pallas_mosaic.MosaicConfig(num_stages=num_stages))
-
-  lowered = lower_for_h100(fn, sds((b, lq, hq, d), jnp.bfloat16),
-                           sds((b, lk, hkv, d), jnp.bfloat16),
-                           sds((b, lk, hkv, d), jnp.bfloat16),
-                           sds((b,), jnp.int32), sds((b,), jnp.float32),
-                           sds((b, hq, nq, nk), jnp.bool_))
+  lowered = lower_mosaic_forward(
+      causal=causal, d=d, lk=lk, masked=True, return_skip_mask=True,
+      config=pallas_mosaic.MosaicConfig(num_stages=num_stages))
   assert "mosaic_gpu" in lowered.as_text()
 
 

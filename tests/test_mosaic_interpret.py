@@ -71,7 +71,11 @@ def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
      (False, 128, 320, 1, 1, 2, 0.1, False, {}),  # every V block streamed
      # The two-turn skip pipeline; a K ring as deep as V's.
      (True, 320, 320, 2, 1, 2, 0.1, True, {"overlap_qk": False}),
-     (False, 192, 448, 1, 1, 2, 0.3, True, {"extra_k_stages": 0})])
+     (False, 192, 448, 1, 1, 2, 0.3, True, {"extra_k_stages": 0}),
+     # Three compute warpgroups: skipping (the last program holds two real
+     # tiles), and the dense build, which runs the overlapped loop too.
+     (True, 320, 320, 2, 1, 2, 0.1, True, {"compute_wgs": 3}),
+     (False, 200, 264, 2, 1, 2, 0.0, True, {"compute_wgs": 3})])
 def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
                                                  q_heads, kv_heads,
                                                  num_stages, threshold,
@@ -107,11 +111,13 @@ def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
 # padded rows on four q tiles and two stages; this is an odd tile count (the
 # last program has one) and three stages.
 @pytest.mark.parametrize(
-    "causal,q_len,kv_len,q_heads,kv_heads,num_stages",
-    [(True, 320, 320, 2, 1, 3)],      # causal, GQA, three stages
-    ids=["causal_gqa_3_stages"])
+    "causal,q_len,kv_len,q_heads,kv_heads,num_stages,compute_wgs",
+    [(True, 320, 320, 2, 1, 3, 2),      # causal, GQA, three stages
+     (False, 320, 264, 2, 1, 2, 3)],    # three tiles a program
+    ids=["causal_gqa_3_stages", "three_compute_warpgroups"])
 def test_block_masked_interpret_matches_oracle(causal, q_len, kv_len, q_heads,
-                                               kv_heads, num_stages):
+                                               kv_heads, num_stages,
+                                               compute_wgs):
   dtype, threshold = jnp.bfloat16, 0.1
   key = testing.key_for("mosaic_masked", causal, q_len, kv_len)
   q, k, v = patterns.sink_local_qkv(
@@ -124,7 +130,7 @@ def test_block_masked_interpret_matches_oracle(causal, q_len, kv_len, q_heads,
                               causal)
   (out, lse, skipped, visited, skip_mask), races = run_interpreted(
       q, k, v, kv_lengths, threshold, causal=causal, num_stages=num_stages,
-      block_mask=mask)
+      block_mask=mask, compute_wgs=compute_wgs)
   assert not races, "the race detector found a shared-memory data race"
 
   oracle = bj.reference.blockwise_attention(

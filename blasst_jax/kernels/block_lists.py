@@ -66,19 +66,19 @@ def pair_union(visit, pair: int = 2):
 
   Returns:
     entries int32 [batch, heads, n_programs, n_blocks]: the union of the
-    program's tiles' blocks, ascending, each as `block << 2 | membership`
-    (bit t: in tile t's list), then zeros; n_union int32 [batch, heads,
-    n_programs]; visit padded to whole programs and reshaped to [batch,
-    heads, n_programs, pair, n_blocks].
+    program's tiles' blocks, ascending, each as `block << pair |
+    membership` (bit t: in tile t's list), then zeros; n_union int32
+    [batch, heads, n_programs]; visit padded to whole programs and
+    reshaped to [batch, heads, n_programs, pair, n_blocks].
   """
   b, h, n_tiles, nk = visit.shape
   n_prog = tiles.cdiv(n_tiles, pair)
-  # A padding tile (odd tile count) visits nothing.
+  # A padding tile (a tile count not a multiple of pair) visits nothing.
   visit = jnp.pad(visit, ((0, 0), (0, 0), (0, n_prog * pair - n_tiles),
                           (0, 0))).reshape(b, h, n_prog, pair, nk)
   ids, n_union = compact(jnp.any(visit, axis=3))
   member = sum(visit[:, :, :, t].astype(jnp.int32) << t for t in range(pair))
-  entries = (ids << 2) | jnp.take_along_axis(member, ids, axis=-1)
+  entries = (ids << pair) | jnp.take_along_axis(member, ids, axis=-1)
   entries = jnp.where(jnp.arange(nk) < n_union[..., None], entries, 0)
   return entries, n_union, visit
 

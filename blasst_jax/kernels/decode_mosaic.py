@@ -66,11 +66,15 @@ class MosaicDecodeConfig:
       blocks on alternate warpgroups); with 2, both rings hold an even
       number of pages. None: 2 where registers and shared memory allow
       (head_dim + block_kv <= 192), else 1.
+    split_registers: with two compute warpgroups, hand the memory
+      warpgroup's registers to them (setmaxnreg `REGISTERS`: 232 / 40 a
+      thread instead of 168 each at launch).
   """
 
   k_stages: int | None = None
   v_stages: int = 2
   compute_wgs: int | None = None
+  split_registers: bool = False
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -79,6 +83,9 @@ class MosaicDecodeConfig:
         continue
       if not isinstance(value, int) or value < 2:
         raise ValueError(f"`{name}` must be an int >= 2, got {value!r}.")
+    if not isinstance(self.split_registers, bool):
+      raise ValueError(f"`split_registers` must be a bool, got "
+                       f"{self.split_registers!r}.")
     if self.compute_wgs not in (None, 1, 2):
       raise ValueError(f"`compute_wgs` must be None, 1 or 2, got "
                        f"{self.compute_wgs!r}.")
@@ -92,6 +99,9 @@ class MosaicDecodeConfig:
 
 
 MAX_K_STAGES = 4
+# setmaxnreg with two compute warpgroups (`split_registers`): (compute,
+# memory) registers a thread, 2 x 232 + 40 of the 512 a thread slot allows.
+REGISTERS = (232, 40)
 MAX_SHARED_MEMORY = 232448   # per block on H100/H200 (227 KiB)
 
 
@@ -186,7 +196,7 @@ class _Barriers(NamedTuple):
 def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, acc_ref,
             ml_ref, stats_ref, sc: _Scratch, bars: _Barriers, *, sm_scale,
             block_kv, head_dim, dtype, group, num_splits, skip_enabled,
-            anchored, k_stages, v_stages, compute_wgs):
+            anchored, k_stages, v_stages, compute_wgs, split_registers):
   # q_ref [b, hkv, ROWS, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
   # table_ref int32 [b, table_rows, SLOT]; params_ref f32 [b, SLOT]
   # ([kv_len, log2 λ, 0...]); scales_ref (FP8 pages, else None) f32
@@ -231,6 +241,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, acc_ref,
     # Block vp (and K stream position vp + n_anchor) belongs to warpgroup
     # vp % C; with even rings (and 0 or 2 anchors) each slot has one reader,
     # so every warpgroup waits on each of its barriers' phases in order.
+    if split_registers:
+      plgpu.set_max_registers(REGISTERS[0], action="increase")
     w = wg
     pl.when(w == 0)(lambda: plgpu.copy_gmem_to_smem(
         q_ref.at[batch, kv_head], sc.q, bars.q))
@@ -444,6 +456,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, acc_ref,
 
   @pl.when(wg == n_wgs)
   def _memory():
+    if split_registers:
+      plgpu.set_max_registers(REGISTERS[1], action="decrease")
     plgpu.copy_gmem_to_smem(table_ref.at[batch], sc.table, bars.table)
     plgpu.barrier_wait(bars.table)
 
@@ -630,7 +644,8 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
               block_kv=block_kv, head_dim=d, dtype=dtype, group=g,
               num_splits=num_splits, skip_enabled=skip_enabled,
               anchored=max_mode == "anchored", k_stages=k_stages,
-              v_stages=v_stages, compute_wgs=n_wgs)
+              v_stages=v_stages, compute_wgs=n_wgs,
+              split_registers=config.split_registers and n_wgs == 2)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 

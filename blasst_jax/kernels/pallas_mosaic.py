@@ -5,15 +5,17 @@
 CPU in Pallas' GPU interpret mode, which simulates the warpgroups, TMA and
 barriers and detects shared-memory races (tests/test_mosaic_interpret.py).
 
-Each program owns two q tiles of `block_q` rows, one per compute warpgroup,
-and a third (memory) warpgroup that streams K and V blocks into shared-memory
-rings with TMA (V: `num_stages` slots; K, read for every block: up to
-`MAX_EXTRA_K_STAGES` more). The compute warpgroups take turns on the tensor
-cores, as in FlashAttention-3, so that one's softmax runs under the other's
-wgmma. The skip build (`overlapped_loop`) takes one turn per block: it
-issues q·kᵀ of the next block and P·V of this one, passes the turn, and
-decides on and exponentiates the next block while both run. The dense build
-(`pingpong_loop`) takes two: q·kᵀ, then softmax and P·V.
+Each program owns two (or three: `MosaicConfig.compute_wgs`) q tiles of
+`block_q` rows, one per compute warpgroup, and one more (memory) warpgroup
+that streams K and V blocks into shared-memory rings with TMA (V:
+`num_stages` slots; K, read for every block: up to `MAX_EXTRA_K_STAGES`
+more). The compute warpgroups take turns on the tensor cores, as in
+FlashAttention-3, so that one's softmax runs under the others' wgmma. The
+skip build (`overlapped_loop`) takes one turn per block: it issues q·kᵀ of
+the next block and P·V of this one, passes the turn to the next warpgroup,
+and decides on and exponentiates the next block while the products run.
+The dense build of two warpgroups (`pingpong_loop`) takes two: q·kᵀ, then
+softmax and P·V; with three it runs the overlapped loop without the vote.
 
 Skip rule per compute warpgroup and KV block (log2 units, scale folded in):
 
@@ -44,7 +46,7 @@ change a decision; keys past `kv_len` are masked in the last blocks.
 
 Block masks: each compute warpgroup's tile has its own ascending list of
 the blocks it visits (`block_lists`); the memory warpgroup streams the union
-of the two lists (`program_lists`). At a union position whose block is not
+of the tiles' lists (`program_lists`). At a union position whose block is not
 in its own list a compute warpgroup computes and counts nothing, but waits
 on and releases the slots and takes its turns as for a skipped block.
 """
@@ -68,7 +70,9 @@ from blasst_jax.kernels import tiles
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-COMPUTE_WGS = 2
+# Compute warpgroups per program, a q tile each: two, or three (192 rows,
+# FlashAttention-3's tile at head_dim 64) where a tile's registers fit.
+COMPUTE_WGS_CHOICES = (2, 3)
 # 32 words = 128 bytes: the alignment TMA needs for shared-memory slots.
 SLOT = 32
 
@@ -77,9 +81,20 @@ DEFAULT_BLOCK_Q = 64
 # Shared memory per block on H100/H200 (227 KiB).
 MAX_SHARED_MEMORY = 232448
 # A program's block list (`program_lists`), int32: [n_union, n_unmasked of
-# tile 0, of tile 1, 0, entries...]; entry u = block id << 2 | (in tile 1's
-# list) << 1 | (in tile 0's list).
+# tile 0, of tile 1, (of tile 2 or 0), entries...]; entry u = block id <<
+# compute_wgs | bit t set where the block is in tile t's list.
 LIST_HEADER = 4
+
+
+def default_compute_wgs(head_dim: int, skip_enabled: bool = True) -> int:
+  """Compute warpgroups per program by default (see `MosaicConfig`): three
+  for the skip build at head_dim 64, where a tile fits in 160 registers per
+  thread and two warpgroups' products cover each one's decision and
+  softmax (H200, GQA 18/6, 8k, 73 % skipped: 2.23 ms against 2.72 ms with
+  two; docs/prefill_h200.md); two elsewhere (the dense build of three is
+  slower than the two-turn ping-pong of two, and at larger head_dims a
+  tile's accumulators need more registers than three can have)."""
+  return 3 if head_dim == 64 and skip_enabled else 2
 
 
 def default_block_kv(head_dim: int) -> int:
@@ -93,31 +108,32 @@ def list_width(n_kv_blocks: int) -> int:
 
 def shared_memory_bytes(block_q, block_kv, head_dim, num_stages,
                         n_listed_blocks=0, n_recorded_blocks=0,
-                        k_stages=None) -> int:
-  """q/o tiles of both compute warpgroups + the K/V ring + small buffers.
+                        k_stages=None, compute_wgs=2) -> int:
+  """q/o tiles of the compute warpgroups + the K/V ring + small buffers.
 
   The small buffers (lse, scalars, barriers) and their 1 KiB alignment took
   5.3 KiB in a measured build; 8 KiB is reserved for them and the optional
   ones (the V votes, the chained row max). With a block
   mask of `n_listed_blocks` KV blocks the program's block list is added,
-  and with `n_recorded_blocks` the skip words of both tiles
+  and with `n_recorded_blocks` the skip words of every tile
   (`return_skip_mask`). `k_stages` (default `num_stages`) is the K ring's
   depth, `num_stages` the V ring's.
   """
   k_stages = num_stages if k_stages is None else k_stages
-  tiles = (COMPUTE_WGS * block_q + (num_stages + k_stages) * block_kv
+  tiles = (compute_wgs * block_q + (num_stages + k_stages) * block_kv
            ) * head_dim * 2
   lists = 4 * list_width(n_listed_blocks) if n_listed_blocks else 0
-  skips = (4 * COMPUTE_WGS * list_width(n_recorded_blocks)
+  skips = (4 * compute_wgs * list_width(n_recorded_blocks)
            if n_recorded_blocks else 0)
   return tiles + lists + skips + 8192
 
 
 @functools.partial(jax.jit,
-                   static_argnames=("q_len", "block_q", "block_kv", "causal"))
+                   static_argnames=("q_len", "block_q", "block_kv", "causal",
+                                    "compute_wgs"))
 def program_lists(block_mask, kv_lengths, *, q_len, block_q, block_kv,
-                  causal):
-  """The blocks each program streams: the union of its two tiles' lists.
+                  causal, compute_wgs=2):
+  """The blocks each program streams: the union of its tiles' lists.
 
   The union is ascending. The blocks no causal or length mask touches for a
   tile lie below a bound, so they are a prefix of the union; the header
@@ -132,19 +148,19 @@ def program_lists(block_mask, kv_lengths, *, q_len, block_q, block_kv,
     as `LIST_HEADER` says.
   """
   b, hq, nq, nk = block_mask.shape
-  n_prog = -(-nq // COMPUTE_WGS)
+  n_prog = -(-nq // compute_wgs)
   visit = lists_lib.walked_blocks(block_mask, kv_lengths, q_len=q_len,
                                   block_q=block_q, block_kv=block_kv,
                                   causal=causal)
-  entries, n_union, visit = lists_lib.pair_union(visit, COMPUTE_WGS)
+  entries, n_union, visit = lists_lib.pair_union(visit, compute_wgs)
   union = jnp.any(visit, axis=3)                           # [b, hq, np, nk]
-  full = lists_lib.unmasked_blocks(kv_lengths, n_prog * COMPUTE_WGS, nk,
+  full = lists_lib.unmasked_blocks(kv_lengths, n_prog * compute_wgs, nk,
                                    block_q=block_q, block_kv=block_kv,
                                    causal=causal)
-  full = jnp.broadcast_to(full, (b, 1, n_prog * COMPUTE_WGS, nk)).reshape(
-      b, 1, n_prog, COMPUTE_WGS, nk)
+  full = jnp.broadcast_to(full, (b, 1, n_prog * compute_wgs, nk)).reshape(
+      b, 1, n_prog, compute_wgs, nk)
   n_unmasked = jnp.sum(union[:, :, :, None] & full, axis=-1,
-                       dtype=jnp.int32)                    # [b, hq, np, 2]
+                       dtype=jnp.int32)                    # [b, hq, np, C]
   return pack_lists([n_union[..., None], n_unmasked], entries)
 
 
@@ -170,9 +186,11 @@ def k_ring_depth(config, block_q, block_kv, head_dim, n_listed_blocks=0,
   if config.extra_k_stages is not None:
     return config.num_stages + config.extra_k_stages
   depth = config.num_stages
+  wgs = config.resolved(head_dim).compute_wgs
   while depth < config.num_stages + MAX_EXTRA_K_STAGES and shared_memory_bytes(
       block_q, block_kv, head_dim, config.num_stages, n_listed_blocks,
-      n_recorded_blocks, k_stages=depth + 1) <= MAX_SHARED_MEMORY:
+      n_recorded_blocks, k_stages=depth + 1,
+      compute_wgs=wgs) <= MAX_SHARED_MEMORY:
     depth += 1
   return depth
 
@@ -180,10 +198,13 @@ def k_ring_depth(config, block_q, block_kv, head_dim, n_listed_blocks=0,
 # Registers per thread the memory warpgroup keeps (setmaxnreg).
 MEMORY_REGISTERS = 40
 _REGISTER_FILE = 65536   # 32-bit registers per SM
+# setmaxnreg's split by compute warpgroups: (compute, memory) registers.
+REGISTERS = {2: (232, MEMORY_REGISTERS), 3: (160, 32)}
 
 
 def check_pipeline_knobs(num_stages, compute_registers,
-                         memory_registers=MEMORY_REGISTERS) -> None:
+                         memory_registers=MEMORY_REGISTERS,
+                         compute_wgs=2) -> None:
   """ValueError unless the ring depth and register split can run: an
   over-committed register file makes setmaxnreg wait forever."""
   if not isinstance(num_stages, int) or num_stages < 2:
@@ -192,13 +213,14 @@ def check_pipeline_knobs(num_stages, compute_registers,
       or not 24 <= memory_registers <= 256):
     raise ValueError(f"`memory_registers` must be a multiple of 8 in "
                      f"[24, 256], got {memory_registers!r}.")
-  most = (_REGISTER_FILE // 128 - memory_registers) // COMPUTE_WGS // 8 * 8
+  most = (_REGISTER_FILE // 128 - memory_registers) // compute_wgs // 8 * 8
   if (not isinstance(compute_registers, int) or compute_registers % 8
       or not 24 <= compute_registers <= most):
     raise ValueError(
-        f"`compute_registers` must be a multiple of 8 in [24, {most}] (two "
-        f"compute warpgroups and a memory warpgroup of {memory_registers} "
-        f"share {_REGISTER_FILE} registers), got {compute_registers!r}.")
+        f"`compute_registers` must be a multiple of 8 in [24, {most}] "
+        f"({compute_wgs} compute warpgroups and a memory warpgroup of "
+        f"{memory_registers} share {_REGISTER_FILE} registers), got "
+        f"{compute_registers!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +233,16 @@ class MosaicConfig:
       block, V only for kept ones, so skipping blocks runs through K
       faster); None: as many as fit in shared memory, at most
       `MAX_EXTRA_K_STAGES`.
+    compute_wgs: compute warpgroups per program, a q tile of `block_q`
+      rows each: 2, or 3 (the products of two cover each one's softmax and
+      decision; registers allow it at head_dim 64 only); None:
+      `default_compute_wgs(head_dim, skip_enabled)`. Three need
+      `overlap_qk`: their dense build runs the overlapped loop too.
     compute_registers: registers per thread granted to compute warpgroups
-      (a multiple of 8, at most 232).
+      (a multiple of 8; None: `REGISTERS[compute_wgs]`, 232 for two, 160
+      for three, or the most `memory_registers` leave).
+    memory_registers: registers per thread the memory warpgroup keeps
+      (None: `REGISTERS[compute_wgs]`, 40 for two, 32 for three).
     copy_v_if_kept: in the skip build, copy a V block only when a compute
       warpgroup keeps it (False: stream every V block, as the dense build).
     overlap_qk: in the skip build, one tensor-core turn per block, q·kᵀ of
@@ -230,16 +260,24 @@ class MosaicConfig:
   """
 
   num_stages: int = 2
-  compute_registers: int = 232
+  compute_registers: int | None = None
   copy_v_if_kept: bool = True
   overlap_qk: bool = True
   extra_k_stages: int | None = None
   raster: str = "heads"
   trace_dir: str = ""
   trace_events: int = 0
+  compute_wgs: int | None = None
+  memory_registers: int | None = None
 
   def __post_init__(self):
-    check_pipeline_knobs(self.num_stages, self.compute_registers)
+    if self.compute_wgs not in (None,) + COMPUTE_WGS_CHOICES:
+      raise ValueError(f"`compute_wgs` must be None, 2 or 3, got "
+                       f"{self.compute_wgs!r}.")
+    if self.compute_wgs == 3 and not self.overlap_qk:
+      raise ValueError("`compute_wgs=3` runs the overlapped pipeline only; "
+                       "set overlap_qk=True or compute_wgs=2.")
+    self._registers(self.compute_wgs or 2)
     if self.extra_k_stages is not None and (
         not isinstance(self.extra_k_stages, int) or self.extra_k_stages < 0):
       raise ValueError(f"`extra_k_stages` must be None or an int >= 0, got "
@@ -256,6 +294,32 @@ class MosaicConfig:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
+
+  def resolved(self, head_dim: int, skip_enabled: bool = True
+               ) -> MosaicConfig:
+    """This config with `compute_wgs` and the registers filled in for
+    `head_dim` and the build (ValueError where the registers then
+    over-commit)."""
+    wgs = self.compute_wgs
+    if wgs is None:
+      wgs = (default_compute_wgs(head_dim, skip_enabled) if self.overlap_qk
+             else 2)
+    compute, memory = self._registers(wgs)
+    return dataclasses.replace(self, compute_wgs=wgs,
+                               compute_registers=compute,
+                               memory_registers=memory)
+
+  def _registers(self, wgs: int) -> tuple[int, int]:
+    """(compute, memory) registers for `wgs` compute warpgroups, checked."""
+    memory = self.memory_registers
+    if memory is None:
+      memory = REGISTERS[wgs][1]
+    compute = self.compute_registers
+    if compute is None:
+      most = (_REGISTER_FILE // 128 - memory) // wgs // 8 * 8
+      compute = min(REGISTERS[wgs][0], most)
+    check_pipeline_knobs(self.num_stages, compute, memory, wgs)
+    return compute, memory
 
 
 class _Refs(NamedTuple):
@@ -276,7 +340,7 @@ class _Refs(NamedTuple):
 
 
 class _Scratch(NamedTuple):
-  """Shared memory of one program (C = COMPUTE_WGS); None where off."""
+  """Shared memory of one program (C compute warpgroups); None where off."""
   qo: Any           # [C, block_q, d] q tiles, then the output tiles
   k: Any            # [k_stages, block_kv, d] K ring
   v: Any            # [num_stages, block_kv, d] V ring
@@ -303,11 +367,14 @@ class _Barriers(NamedTuple):
   lists: Any
   votes: Any        # [C * k_stages]
   rows: Any         # [C]
+  vote_lock: Any    # [C]: warpgroup w may reduce across its warps when
+                    # vote_lock[w] completes (a ring, three warpgroups)
 
 
 def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
             block_kv, head_dim, dtype, causal, q_len, group, num_stages,
-            k_stages, compute_registers, skip_enabled, overlap):
+            k_stages, compute_wgs, compute_registers, memory_registers,
+            skip_enabled, overlap):
   # K slots: position % k_stages; V slots: position % num_stages. Optional
   # features are on where their buffers are: block lists (sc.lists), the
   # skip record (sc.skips), votes on V copies (sc.votes), a chained running
@@ -336,7 +403,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
   log2_thr = my_params[1]
   scale = sm_scale * LOG2E
 
-  pair_base = program * (COMPUTE_WGS * block_q)
+  C = compute_wgs  # pylint: disable=invalid-name
+  program_base = program * (C * block_q)
   kv_blocks = lax.div(kv_len + block_kv - 1, block_kv)
 
   def steps_for(q_base):
@@ -347,14 +415,14 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
     return jnp.minimum(kv_blocks, lax.div(last_row, block_kv) + 1)
 
   # The memory warpgroup streams `n_stream` blocks, block_at(pos) at stream
-  # position pos: the longer of the two tiles' ranges, or the union of
-  # their block lists.
+  # position pos: the longest of the tiles' ranges, or the union of their
+  # block lists.
   if sc.lists is None:
-    n_stream = jnp.maximum(steps_for(pair_base),
-                           steps_for(pair_base + block_q))
+    n_stream = functools.reduce(
+        jnp.maximum, [steps_for(program_base + t * block_q) for t in range(C)])
     block_at = lambda pos: pos  # pylint: disable=g-long-lambda
   else:
-    @pl.when(wg == COMPUTE_WGS)
+    @pl.when(wg == C)
     def _():
       plgpu.copy_gmem_to_smem(io.lists.at[batch, q_head, program], sc.lists,
                               bars.lists)
@@ -366,13 +434,13 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
     n_stream = word(0)
 
     def block_at(pos):
-      return word(LIST_HEADER + pos) >> 2
+      return word(LIST_HEADER + pos) >> C
 
-  @pl.when(wg < COMPUTE_WGS)
+  @pl.when(wg < C)
   def _compute():
     plgpu.set_max_registers(compute_registers, action="increase")
     qo_smem = sc.qo.at[wg]
-    q_base = pair_base + wg * block_q
+    q_base = program_base + wg * block_q
     if sc.lists is None:
       # Positions [0, n_full): blocks no mask touches for any row of this
       # tile; [n_full, n_steps): masked; [n_steps, n_stream): the other
@@ -392,6 +460,24 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       def in_my_list(pos):
         return ((word(LIST_HEADER + pos) >> wg) & 1) == 1
 
+    def under_vote_lock(fn):
+      """fn() with this warpgroup's turn on the vote lock. A reduction
+      across a warpgroup's warps goes through one shared-memory scratch
+      that Mosaic gives every warpgroup at the same address; with three
+      compute warpgroups their votes would overlap there (and a torn max
+      could split a warpgroup's branch), so they take turns, in turn order.
+      With two, the tensor-core turns keep their votes apart."""
+      if bars.vote_lock is None:
+        return fn()
+      plgpu.barrier_wait(bars.vote_lock.at[wg])
+      out = fn()
+      plgpu.barrier_arrive(
+          bars.vote_lock.at[jnp.where(wg == C - 1, 0, wg + 1)])
+      return out
+
+    if bars.vote_lock is not None:
+      pl.when(wg == C - 1)(lambda: plgpu.barrier_arrive(bars.vote_lock.at[0]))
+
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     if sc.rows is None:
       m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
@@ -404,7 +490,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       plgpu.barrier_wait(bars.rows.at[wg])
       m_i = plgpu.load(sc.rows.at[wg], layout=row_layout, optimized=False)
       # A row with a finite start has seen a block: the first may be skipped.
-      seen_before = m_i.max() > -jnp.inf
+      seen_before = under_vote_lock(lambda: m_i.max() > -jnp.inf)
 
     plgpu.copy_gmem_to_smem(
         io.q.at[batch, pl.ds(q_base, block_q), q_head], qo_smem,
@@ -595,19 +681,21 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       """One tensor-core turn per stream position (FlashAttention-3's
       intra-warpgroup overlap with ping-pong). At position p a warpgroup
       takes its turn, issues q·kᵀ of block p + 1 and, if it kept block p,
-      P·V of p, and passes the turn; the decision and softmax of p + 1 then
-      run while its P·V and the other warpgroup's products occupy the tensor
-      cores. A skipped block costs its q·kᵀ and a decision that overlaps
-      the other tile's products, and no decision waits for the other tile's.
+      P·V of p, and passes the turn to the next warpgroup (a ring); the
+      decision and softmax of p + 1 then run while its P·V and the other
+      warpgroups' products occupy the tensor cores. A skipped block costs
+      its q·kᵀ and a decision that overlaps the other tiles' products, and
+      no decision waits for another tile's. The dense build of three
+      warpgroups runs this loop without the decision.
       """
-      turn = bars.sched   # [COMPUTE_WGS]: warpgroup w waits on turn[w]
+      turn = bars.sched   # [C]: warpgroup w waits on turn[w]
 
       @jax.named_scope("turn")
       def take_turn():
         plgpu.barrier_wait(turn.at[wg])
 
       def pass_turn():
-        plgpu.barrier_arrive(turn.at[1 - wg])
+        plgpu.barrier_arrive(turn.at[jnp.where(wg == C - 1, 0, wg + 1)])
 
       @jax.named_scope("release_v")
       def release_v(slot):
@@ -636,9 +724,14 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           l_new = l_i * alpha_new + p.sum(axis=1)
           return m_new, l_new, p.astype(dtype), alpha_new
 
-        # (Built for the skip path only: see `overlap` in `_forward`.)
+        if not skip_enabled:   # The dense build (three warpgroups).
+          # keep = 1 derived from a traced value: Mosaic's lowering wants
+          # the loop carry's scalars as IR values, not constants.
+          kept = n_visited * 0 + 1
+          return softmax() + (kept, n_skipped, n_visited + 1)
         with jax.named_scope("vote"):
-          skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk, m_i)
+          skip = ((n_visited > 0) | seen_before) & ~under_vote_lock(
+              lambda: any_kept_row(m_blk, m_i))
           publish(k_slot(p), ~skip)
           if sc.skips is not None:
             block = block_at(p)
@@ -694,6 +787,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
             with jax.named_scope("decide"):
               new = decide(nxt, s, state, masked=kind == "masked")
           elif kind == "pass":
+            under_vote_lock(lambda: None)
             publish(slot_n, jnp.bool_(False))
             plgpu.barrier_arrive(bars.k_free.at[slot_n])
           if not has_pv:
@@ -723,12 +817,14 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
 
       def own_or_pass(p, carry, kind):
         if in_my_list is None:
+          if not skip_enabled:   # Every block before p + 1 < n_steps is kept.
+            return step(p, carry, kind=kind, has_pv=True)
           return at(p, carry, kind)
         return lax.cond(in_my_list(p + 1),
                         lambda c: at(p, c, kind), lambda c: at(p, c, "pass"),
                         carry)
 
-      pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
+      pl.when(wg == C - 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
       p16 = plgpu.layout_cast(jnp.zeros((block_q, block_kv), dtype),
                               plgpu.Layout.WGMMA)
       ones = plgpu.layout_cast(jnp.full((block_q,), 1.0, jnp.float32),
@@ -759,7 +855,9 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           lambda p, c: at(p, c, "pass"), carry)
       carry = lax.cond(n_stream > 0, lambda c: at(n_stream - 1, c, "none"),
                        lambda c: c, carry)
-      pl.when(wg == 0)(take_turn)    # warpgroup 1's last pass
+      pl.when(wg == 0)(take_turn)    # the last warpgroup's last pass
+      if bars.vote_lock is not None:
+        pl.when(wg == 0)(lambda: plgpu.barrier_wait(bars.vote_lock.at[0]))
       acc, m_i, l_i, _, _, _, n_skipped, n_visited = carry
       return acc, m_i, l_i, n_skipped, n_visited
 
@@ -787,16 +885,16 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
     if sc.rows is not None:
       plgpu.copy_smem_to_gmem(
           sc.rows.at[wg], io.row_max.at[batch, q_head, pl.ds(q_base, block_q)])
-    tile = program * COMPUTE_WGS + wg
+    tile = program * C + wg
     plgpu.copy_smem_to_gmem(stats, io.stats.at[batch, q_head, tile])
     if sc.skips is not None:
       plgpu.copy_smem_to_gmem(sc.skips.at[wg],
                               io.skips.at[batch, q_head, tile])
     plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == COMPUTE_WGS)
+  @pl.when(wg == C)
   def _memory():
-    plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+    plgpu.set_max_registers(memory_registers, action="decrease")
     kv_head = lax.div(q_head, jnp.array(group, q_head.dtype))
 
     def source(pos):
@@ -822,7 +920,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
 
     def issue_k_ahead(pos):
       """K runs k_stages blocks ahead: block pos + k_stages into pos's slot
-      once both tiles are done with it."""
+      once every tile is done with it."""
       @pl.when(pos + k_stages < n_stream)
       def _():
         kslot = k_slot(pos)
@@ -854,9 +952,9 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       # V goes as soon as its slot is free
       # when some tile kept the block before (a kept block is likely
       # followed by kept ones, whose copies must not wait for a vote);
-      # after a block both skipped, block pos's V waits for the votes on
-      # it and is copied only if one keeps it (warpgroup 0 votes first: it
-      # leads the ping-pong). With no copy the phase completes empty.
+      # after a block every tile skipped, block pos's V waits for the votes
+      # on it, in turn order, and is copied at the first that keeps it.
+      # With no copy the phase completes empty.
       def stream(pos, kept_before):
         slot = slot_of(pos)
 
@@ -866,17 +964,20 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           plgpu.barrier_wait(bars.v_free.at[slot])
 
         pl.when(kept_before)(functools.partial(issue_v, pos, slot))
-        first = vote(pos, 0)
-        pl.when(~kept_before & first)(functools.partial(issue_v, pos, slot))
-        second = vote(pos, 1)
+        issued, kept = kept_before, jnp.bool_(False)
+        for voter in range(C - 1):
+          keep = vote(pos, voter)
+          pl.when(~issued & keep)(functools.partial(issue_v, pos, slot))
+          issued, kept = issued | keep, kept | keep
+        last = vote(pos, C - 1)
 
-        @pl.when(~kept_before & ~first)
+        @pl.when(~issued)
         def _():
-          lax.cond(second, functools.partial(issue_v, pos, slot),
+          lax.cond(last, functools.partial(issue_v, pos, slot),
                    lambda: plgpu.barrier_arrive(bars.v.at[slot]))
 
         issue_k_ahead(pos)
-        return first | second
+        return kept | last
 
       lax.fori_loop(0, n_stream, stream, jnp.bool_(True))
 
@@ -907,7 +1008,7 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
       (natural log).
     block_mask: optional bool [batch, q_heads, n_q_tiles, n_kv_blocks] with
       tiles of block_q x block_kv: only selected blocks are visited, and
-      only those selected for either tile of a program are read.
+      only those selected for some tile of a program are read.
     interpret: None on a GPU, or a `plgpu.InterpretGPUParams` to run on CPU
       in Pallas' GPU interpret mode (barriers, TMA and races simulated; P·V
       then reads P from shared memory instead of registers). Slow: tests only.
@@ -923,11 +1024,13 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
     with initial_max: the running max at the end, f32 [batch, q_heads,
     q_len].
   """
+  config = config.resolved(q.shape[-1], skip_enabled)
   lists = None
   if block_mask is not None:
     lists = program_lists(block_mask, kv_lengths.astype(jnp.int32),
                           q_len=q.shape[1], block_q=block_q,
-                          block_kv=block_kv, causal=causal)
+                          block_kv=block_kv, causal=causal,
+                          compute_wgs=config.compute_wgs)
     if interpret is not None and not isinstance(lists, jax.core.Tracer):
       # The interpreter runs the warpgroups as host threads that need XLA's
       # CPU pool; XLA work in the kernel's own program can take the pool
@@ -965,12 +1068,15 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   # initial_max: None or f32 [batch, q_heads, q_len] (units of sm_scale·q·kᵀ).
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
-  pair = COMPUTE_WGS * block_q
-  n_pairs = -(-lq // pair)
+  config = config.resolved(d, skip_enabled)
+  C = config.compute_wgs  # pylint: disable=invalid-name
+  program_rows = C * block_q
+  n_programs = -(-lq // program_rows)
+  lq_pad = n_programs * program_rows
   nk = -(-lk // block_kv)
   # Padded q rows repeat the last real row: their gaps equal a real row's,
   # so they never change a decision. Their outputs are dropped.
-  q = jnp.pad(q, ((0, 0), (0, n_pairs * pair - lq), (0, 0), (0, 0)),
+  q = jnp.pad(q, ((0, 0), (0, lq_pad - lq), (0, 0), (0, 0)),
               mode="edge")
   k = jnp.pad(k, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, 0)))
   v = jnp.pad(v, ((0, 0), (0, nk * block_kv - lk), (0, 0), (0, 0)))
@@ -987,14 +1093,14 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
              else lists.reshape(*lists.shape[:-1], -1, SLOT)),
       # log2 units; padded rows repeat the last real row's start.
       initial_max=(jnp.pad(initial_max.astype(jnp.float32) * LOG2E,
-                           ((0, 0), (0, 0), (0, n_pairs * pair - lq)),
+                           ((0, 0), (0, 0), (0, lq_pad - lq)),
                            mode="edge") if chained else None))
   dtype = q.dtype
   num_stages = config.num_stages
   vote = skip_enabled and config.copy_v_if_kept
-  # The dense build keeps the two-turn ping-pong: built overlapped it ran
-  # 1.3-1.8x slower on the H200 (8k, head_dim 64 and 128).
-  overlap = config.overlap_qk and skip_enabled
+  # The dense build of two warpgroups keeps the two-turn ping-pong: built
+  # overlapped it ran 1.3-1.8x slower on the H200 (8k, head_dim 64 and 128).
+  overlap = config.overlap_qk and (skip_enabled or C > 2)
   k_stages = k_ring_depth(config, block_q, block_kv, d,
                           0 if lists is None else nk,
                           nk if record_skips else 0)
@@ -1002,44 +1108,46 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   skip_rows = list_width(nk) // SLOT   # skip words: [skip_rows, SLOT]
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   scratch = _Scratch(
-      qo=plgpu.SMEM((COMPUTE_WGS, block_q, d), dtype, transforms=swizzled),
+      qo=plgpu.SMEM((C, block_q, d), dtype, transforms=swizzled),
       k=plgpu.SMEM((k_stages, block_kv, d), dtype, transforms=swizzled),
       v=plgpu.SMEM((num_stages, block_kv, d), dtype, transforms=swizzled),
-      lse=plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32),
-      stats=plgpu.SMEM((COMPUTE_WGS, SLOT), jnp.int32),
-      params=plgpu.SMEM((COMPUTE_WGS + 1, SLOT), jnp.float32),
-      p=(plgpu.SMEM((COMPUTE_WGS, block_q, block_kv), dtype,
+      lse=plgpu.SMEM((C, block_q), jnp.float32),
+      stats=plgpu.SMEM((C, SLOT), jnp.int32),
+      params=plgpu.SMEM((C + 1, SLOT), jnp.float32),
+      p=(plgpu.SMEM((C, block_q, block_kv), dtype,
                     transforms=swizzled) if interpret is not None else None),
-      skips=(plgpu.SMEM((COMPUTE_WGS, skip_rows, SLOT), jnp.int32)
+      skips=(plgpu.SMEM((C, skip_rows, SLOT), jnp.int32)
              if record_skips else None),
       lists=(plgpu.SMEM((list_width(nk) // SLOT, SLOT), jnp.int32)
              if lists is not None else None),
       votes=plgpu.SMEM((k_stages, SLOT), jnp.int32) if vote else None,
-      rows=(plgpu.SMEM((COMPUTE_WGS, block_q), jnp.float32) if chained
+      rows=(plgpu.SMEM((C, block_q), jnp.float32) if chained
             else None))
   barriers = _Barriers(
       k=plgpu.Barrier(num_barriers=k_stages),
       v=plgpu.Barrier(num_barriers=num_stages),
-      q=plgpu.Barrier(num_barriers=COMPUTE_WGS),
-      params=plgpu.Barrier(num_barriers=COMPUTE_WGS + 1),
-      k_free=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=k_stages),
-      v_free=plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=num_stages),
-      sched=(plgpu.Barrier(num_barriers=COMPUTE_WGS) if overlap
-             else plgpu.Barrier(num_arrivals=COMPUTE_WGS)),
+      q=plgpu.Barrier(num_barriers=C),
+      params=plgpu.Barrier(num_barriers=C + 1),
+      k_free=plgpu.Barrier(num_arrivals=C, num_barriers=k_stages),
+      v_free=plgpu.Barrier(num_arrivals=C, num_barriers=num_stages),
+      sched=(plgpu.Barrier(num_barriers=C) if overlap
+             else plgpu.Barrier(num_arrivals=C)),
       lists=plgpu.Barrier() if lists is not None else None,
-      votes=(plgpu.Barrier(num_barriers=COMPUTE_WGS * k_stages) if vote
+      votes=(plgpu.Barrier(num_barriers=C * k_stages) if vote
              else None),
-      rows=plgpu.Barrier(num_barriers=COMPUTE_WGS) if chained else None)
+      rows=plgpu.Barrier(num_barriers=C) if chained else None,
+      vote_lock=(plgpu.Barrier(num_barriers=C)
+                 if overlap and skip_enabled and C > 2 else None))
   in_names = [name for name, x in inputs.items() if x is not None]
   out_shapes = dict(
       out=jax.ShapeDtypeStruct(q.shape, dtype),
-      lse=jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32),
-      stats=jax.ShapeDtypeStruct((b, hq, n_pairs * COMPUTE_WGS, SLOT),
+      lse=jax.ShapeDtypeStruct((b, hq, lq_pad), jnp.float32),
+      stats=jax.ShapeDtypeStruct((b, hq, n_programs * C, SLOT),
                                  jnp.int32),
       skips=(jax.ShapeDtypeStruct(
-          (b, hq, n_pairs * COMPUTE_WGS, skip_rows, SLOT), jnp.int32)
+          (b, hq, n_programs * C, skip_rows, SLOT), jnp.int32)
              if record_skips else None),
-      row_max=(jax.ShapeDtypeStruct((b, hq, n_pairs * pair), jnp.float32)
+      row_max=(jax.ShapeDtypeStruct((b, hq, lq_pad), jnp.float32)
                if chained else None))
   out_names = [name for name, x in out_shapes.items() if x is not None]
 
@@ -1051,7 +1159,9 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
       _kernel(io, sc, bars, sm_scale=sm_scale, block_q=block_q,
               block_kv=block_kv, head_dim=d, dtype=dtype, causal=causal,
               q_len=lq, group=hq // hkv, num_stages=num_stages,
-              k_stages=k_stages, compute_registers=config.compute_registers,
+              k_stages=k_stages, compute_wgs=C,
+              compute_registers=config.compute_registers,
+              memory_registers=config.memory_registers,
               skip_enabled=skip_enabled, overlap=overlap)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
@@ -1059,11 +1169,11 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   results = plgpu.kernel(
       blasst_prefill_mosaic,
       out_type=tuple(out_shapes[name] for name in out_names),
-      grid=((hq, n_pairs, b) if config.raster == "heads" else
-            (n_pairs, hq, b)),
+      grid=((hq, n_programs, b) if config.raster == "heads" else
+            (n_programs, hq, b)),
       grid_names=(("heads", "q_seq", "batch") if config.raster == "heads"
                   else ("q_seq", "heads", "batch")),
-      num_threads=COMPUTE_WGS + 1,
+      num_threads=C + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(
           approx_math=True, profile_space=config.trace_events,

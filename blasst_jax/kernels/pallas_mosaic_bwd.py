@@ -49,9 +49,9 @@ from blasst_jax.kernels import pallas_mosaic
 from blasst_jax.kernels import tiles
 
 LOG2E = math.log2(math.e)
-# The forward's program layout: 2 compute warpgroups, lists of
+# Two compute warpgroups, a tile each; block lists as the forward's:
 # [n_union, 0, 0, 0] + entries in 128-byte slots of SLOT words.
-COMPUTE_WGS = pallas_mosaic.COMPUTE_WGS
+COMPUTE_WGS = 2
 SLOT = pallas_mosaic.SLOT
 LIST_HEADER = pallas_mosaic.LIST_HEADER
 BLOCK = 64            # q tile and KV block rows (one wgmma M tile)
@@ -160,7 +160,7 @@ class _Pipeline:
     return self.word(0)
 
   def block_at(self, pos):
-    return self.word(LIST_HEADER + pos) >> 2
+    return self.word(LIST_HEADER + pos) >> COMPUTE_WGS
 
   def in_list(self, pos, wg):
     return ((self.word(LIST_HEADER + pos) >> wg) & 1) == 1

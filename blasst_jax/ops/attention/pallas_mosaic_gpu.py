@@ -137,10 +137,12 @@ class PallasMosaicGpuAttention(attention_base.PallasAttentionOp):
     """ValueError unless the tiles, pipeline, a block list of `n_listed`
     KV blocks and the skip record of `n_recorded` (the differentiated
     forward records its skips) fit in shared memory."""
+    config = config.resolved(head_dim)
     smem = pallas_mosaic.shared_memory_bytes(
         block_q, block_kv, head_dim, config.num_stages, n_listed, n_recorded,
         k_stages=pallas_mosaic.k_ring_depth(config, block_q, block_kv,
-                                            head_dim, n_listed, n_recorded))
+                                            head_dim, n_listed, n_recorded),
+        compute_wgs=config.compute_wgs)
     if smem > pallas_mosaic.MAX_SHARED_MEMORY:
       raise ValueError(
           f"block_q={block_q}, block_kv={block_kv}, head_dim={head_dim}, "

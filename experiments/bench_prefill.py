@@ -290,26 +290,36 @@ def speedups(rows, impl, base_impl):
 
 
 def plot(result, path):
-  """Speedup against our dense build and against cuDNN, over sparsity."""
+  """Speedup against our dense build and against cuDNN, over sparsity: a
+  row of panels per head_dim, a colour per input, a line style per build."""
   rows = result["rows"]
   skip_impls = [i for i in sorted({r["impl"] for r in rows})
-                if implementation_of(i) in KERNELS]
-  fig, axes = harness.figure(1, 2, (13, 5))
-  for ax, (base, title) in zip(axes, [
-      (None, "over our dense build (no skip check)"),
-      ("cudnn", "over cuDNN dense attention")]):
-    for n, impl in enumerate(skip_impls):
-      base_impl = base or f"{implementation_of(impl)}_noskip"
-      for m, (g, pts) in enumerate(speedups(rows, impl, base_impl).items()):
-        ax.plot(*zip(*pts), ["-", "--", ":", "-."][n % 4], marker="o",
-                ms=3, color=f"C{m % 10}",
-                label=f"{impl}: {group_label(g)}")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xlabel("block sparsity (skipped / visited)")
-    ax.set_ylabel("speedup")
-    ax.set_title(f"Prefill forward: speedup {title}")
-    ax.legend(fontsize=6, ncol=2)
-  harness.save_figure(fig, path, dpi=120)
+                if implementation_of(i) in KERNELS
+                and not i.endswith("_noskip")]
+  head_dims = sorted({r["head_dim"] for r in rows})
+  fig, axes = harness.figure(len(head_dims), 2, (13, 4.5 * len(head_dims)),
+                             squeeze=False)
+  for axes_row, d in zip(axes, head_dims):
+    groups = sorted({group_of(r) for r in rows if r["head_dim"] == d})
+    for ax, (base, title) in zip(axes_row, [
+        (None, "over our dense build (no skip check)"),
+        ("cudnn", "over cuDNN dense attention")]):
+      for n, impl in enumerate(skip_impls):
+        base_impl = base or f"{implementation_of(impl)}_noskip"
+        for g, pts in speedups(rows, impl, base_impl).items():
+          if g[1] != d:
+            continue
+          ax.plot(*zip(*pts), ["-", ":", "--", "-."][n % 4], marker="o",
+                  ms=3, color=f"C{groups.index(g) % 10}",
+                  label=group_label(g) if n == 0 else None)
+      for n, impl in enumerate(skip_impls):   # the line styles' key
+        ax.plot([], [], ["-", ":", "--", "-."][n % 4], color="k", label=impl)
+      ax.axhline(1.0, color="gray", lw=0.8)
+      ax.set_xlabel("block sparsity (skipped / visited)")
+      ax.set_ylabel("speedup")
+      ax.set_title(f"head_dim {d}: speedup {title}", fontsize=10)
+      ax.legend(fontsize=7, ncol=2)
+  harness.save_figure(fig, path, dpi=110)
 
 
 def main(argv):

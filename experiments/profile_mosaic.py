@@ -18,7 +18,9 @@ host-side JSON per call), e.g. `--batch=1 --heads=4 --seq_len=8192`.
 
 Variants: 'dense' (the build without the skip check) or a λ, with optional
 ':'-separated knobs: 'stream_v' (copy_v_if_kept=False), 'pingpong'
-(overlap_qk=False), 'k<N>' (extra_k_stages=N), 'raster_q'.
+(overlap_qk=False), 'k<N>' (extra_k_stages=N), 'w<N>' (compute_wgs=N),
+'m<N>' (memory_registers=N),
+'raster_q'. With --time, cuDNN's time on the same inputs is printed first.
 """
 
 from __future__ import annotations
@@ -40,20 +42,24 @@ from blasst_jax.kernels import pallas_mosaic
 
 _BATCH = flags.DEFINE_integer("batch", 2, "Batch size.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 16384, "q_len = kv_len.")
-_HEADS = flags.DEFINE_integer("heads", 16, "Query = key/value heads.")
+_HEADS = flags.DEFINE_integer("heads", 16, "Query heads.")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 0, "KV heads (0: = heads).")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
 _CAUSAL = flags.DEFINE_bool("causal", False, "Causal mask.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense", "0", "1e-2", "1e-1", "0.9"],
     "Variants, in order: 'dense' or a λ, with ':'-separated knobs "
-    "(stream_v, pingpong, k<N>, raster_q).")
+    "(stream_v, pingpong, k<N>, w<N>, raster_q).")
 _TRACE = flags.DEFINE_string(
     "trace", "", "Directory: record the kernel's timeline and sum it.")
 _TRACE_EVENTS = flags.DEFINE_integer(
     "trace_events", 1200, "Named regions a warpgroup may record (--trace).")
 _TIME = flags.DEFINE_bool("time", False, "Also print the median time.")
 
-ROLES = ("compute0", "compute1", "memory")
+
+
+def roles(compute_wgs: int) -> tuple[str, ...]:
+  return tuple(f"compute{w}" for w in range(compute_wgs)) + ("memory",)
 
 
 def parse_variant(text: str, trace_dir: str):
@@ -69,6 +75,10 @@ def parse_variant(text: str, trace_dir: str):
       kwargs["raster"] = "q"
     elif knob.startswith("k") and knob[1:].isdigit():
       kwargs["extra_k_stages"] = int(knob[1:])
+    elif knob.startswith("w") and knob[1:].isdigit():
+      kwargs["compute_wgs"] = int(knob[1:])
+    elif knob.startswith("m") and knob[1:].isdigit():
+      kwargs["memory_registers"] = int(knob[1:])
     else:
       raise ValueError(f"Unknown knob {knob!r} in variant {text!r}.")
   if trace_dir:
@@ -80,8 +90,10 @@ def parse_variant(text: str, trace_dir: str):
       pallas_mosaic.MosaicConfig(**kwargs))
 
 
-def summarize_trace(path: str) -> dict:
+def summarize_trace(path: str, compute_wgs: int) -> dict:
   """Mean cycles per program in each named region, per warpgroup role."""
+  names = roles(compute_wgs)
+  role_of = lambda tid: names[(tid - 1) % len(names)]  # pylint: disable=g-long-lambda
   with open(path) as f:
     events = json.load(f)["traceEvents"]
   totals = collections.defaultdict(lambda: collections.defaultdict(float))
@@ -91,7 +103,7 @@ def summarize_trace(path: str) -> dict:
   first_last = {}
   for e in events:
     tid, name, ts = e["tid"], e["name"], e["ts"] * 1e3   # cycles
-    role = ROLES[(tid - 1) % 3]
+    role = role_of(tid)
     lo, hi = first_last.get(tid, (ts, ts))
     first_last[tid] = (min(lo, ts), max(hi, ts))
     if e["ph"] == "B":
@@ -100,10 +112,10 @@ def summarize_trace(path: str) -> dict:
       totals[role][name] += ts - open_at.pop((tid, name))
       counts[role][name] += 1
   for tid, (lo, hi) in first_last.items():
-    spans[ROLES[(tid - 1) % 3]].append(hi - lo)
-  n_tids = collections.Counter(ROLES[(t - 1) % 3] for t in first_last)
+    spans[role_of(tid)].append(hi - lo)
+  n_tids = collections.Counter(role_of(t) for t in first_last)
   out = {}
-  for role in ROLES:
+  for role in names:
     n = max(1, n_tids[role])
     out[role] = {
         "programs": n_tids[role],
@@ -120,7 +132,7 @@ def summarize_trace(path: str) -> dict:
 def print_summary(label: str, summary: dict) -> None:
   print(f"  trace {label}")
   for role, info in summary.items():
-    if role not in ROLES:
+    if not isinstance(info, dict) or "regions" not in info:
       continue
     span = max(info["span_cycles"], 1.0)
     print(f"    {role}: {info['span_cycles']:.0f} cycles from first to last "
@@ -135,12 +147,18 @@ def print_summary(label: str, summary: dict) -> None:
 def main(argv):
   del argv
   shape = testing.AttentionShape(_BATCH.value, _SEQ_LEN.value, _SEQ_LEN.value,
-                                 _HEADS.value, _HEADS.value, _HEAD_DIM.value)
+                                 _HEADS.value, _KV_HEADS.value or _HEADS.value,
+                                 _HEAD_DIM.value)
   q, k, v = shape.inputs(jax.random.PRNGKey(0), pattern="sink_local",
                          dtype=jnp.bfloat16, sharpness=(10., 14., 18., 22.))
   kv_lengths = jnp.full((shape.batch,), shape.kv_len, jnp.int32)
   print(f"{jax.devices()[0].device_kind} jax {jax.__version__} {shape.name} "
         f"causal={_CAUSAL.value}", flush=True)
+  if _TIME.value:
+    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=_CAUSAL.value, implementation="cudnn"))
+    t = testing.median_time_ms(cudnn, q, k, v, warmup=3, iters=10)
+    print(f"cudnn {t:.3f} ms", flush=True)
   summaries = {}
   for text in _VARIANTS.value:
     trace_dir = ""
@@ -168,7 +186,8 @@ def main(argv):
     if trace_dir:
       newest = max(glob.glob(os.path.join(trace_dir, "*-trace.json")),
                    key=os.path.getmtime)
-      summaries[text] = dict(sparsity=sparsity, **summarize_trace(newest))
+      summaries[text] = dict(sparsity=sparsity, **summarize_trace(
+          newest, config.resolved(shape.head_dim).compute_wgs))
       print_summary(text, summaries[text])
   if _TRACE.value:
     with open(os.path.join(_TRACE.value, "summary.json"), "w") as f:

@@ -5,9 +5,13 @@ only: the study is experiments/bench_decode.py.
 
     python -m experiments.sweep_decode_mosaic OUT.json [SHAPE_INDEX ...]
     python -m experiments.sweep_decode_mosaic --splits OUT.json [SHAPE_INDEX ...]
+    python -m experiments.sweep_decode_mosaic --registers OUT.json [SHAPE_INDEX ...]
 
 With --splits: the Mosaic and Triton kernels' time against the split-K
 count (dense, and λ = 1e-3 anchored), against `decode.default_num_splits`.
+With --registers: one compute warpgroup against two, with and without
+setmaxnreg handing them the memory warpgroup's registers
+(`MosaicDecodeConfig.split_registers`), bf16 and FP8 caches.
 """
 import json
 import sys
@@ -27,7 +31,7 @@ KNOBS = [(128, dict(compute_wgs=1)), (128, dict(compute_wgs=2)),
          (64, dict(compute_wgs=1)), (64, dict(compute_wgs=2))]
 
 
-def main(out_path, shape_ids, split_sweep=False):
+def main(out_path, shape_ids, mode=""):
   print(jax.devices()[0].device_kind, jax.__version__, flush=True)
   t_us = lambda fn, *a: 1e3 * testing.median_time_ms(  # pylint: disable=g-long-lambda
       fn, *a, warmup=3, iters=10, reps=10)
@@ -74,7 +78,7 @@ def main(out_path, shape_ids, split_sweep=False):
                        splits=splits, thr=thr, dense=dense, sparsity=sp,
                        us=t))
 
-    if split_sweep:
+    if mode == "--splits":
       blocks = -(-s // 128)
       print(f"{tag} default splits: " + ", ".join(
           f"{impl} "
@@ -86,6 +90,8 @@ def main(out_path, shape_ids, split_sweep=False):
         for impl in ("pallas_mosaic", "pallas_triton"):
           run(impl, 128, 0.0, True, splits=splits)
           run(impl, 128, 1e-3, False, splits=splits)
+    elif mode == "--registers":
+      run_registers(run)
     else:
       run_knobs(run)
     with open(out_path, "w") as f:
@@ -108,8 +114,20 @@ def run_knobs(run):
     run("pallas_mosaic", 128, 1e-3, False, cfg, fp8=True)
 
 
+def run_registers(run):
+  """One compute warpgroup, two at launch's registers, two with the memory
+  warpgroup's handed over (`run` as in `run_knobs`)."""
+  for knobs in (dict(compute_wgs=1), dict(compute_wgs=2),
+                dict(compute_wgs=2, split_registers=True)):
+    cfg = decode_mosaic.MosaicDecodeConfig(**knobs)
+    run("pallas_mosaic", 128, 0.0, True, cfg)
+    for thr in (1e-3, 1e-2):
+      run("pallas_mosaic", 128, thr, False, cfg)
+    run("pallas_mosaic", 128, 0.0, True, cfg, fp8=True)
+
+
 if __name__ == "__main__":
   args = sys.argv[1:]
-  sweep = args[0] == "--splits"
-  args = args[sweep:]
-  main(args[0], [int(a) for a in args[1:]] or range(len(SHAPES)), sweep)
+  sweep_mode = args[0] if args[0].startswith("--") else ""
+  args = args[bool(sweep_mode):]
+  main(args[0], [int(a) for a in args[1:]] or range(len(SHAPES)), sweep_mode)

@@ -19,8 +19,8 @@ host-side JSON per call), e.g. `--batch=1 --heads=4 --seq_len=8192`.
 Variants: 'dense' (the build without the skip check) or a λ, with optional
 ':'-separated knobs: 'stream_v' (copy_v_if_kept=False), 'pingpong'
 (overlap_qk=False), 'k<N>' (extra_k_stages=N), 'w<N>' (compute_wgs=N),
-'m<N>' (memory_registers=N),
-'raster_q'. With --time, cuDNN's time on the same inputs is printed first.
+'m<N>' (memory_registers=N), 'e<N>' (exp2_fma_cols=N: N columns of each
+score tile exponentiated on the FMA pipe), 'raster_q'. With --time, cuDNN's time on the same inputs is printed first.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ _CAUSAL = flags.DEFINE_bool("causal", False, "Causal mask.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense", "0", "1e-2", "1e-1", "0.9"],
     "Variants, in order: 'dense' or a λ, with ':'-separated knobs "
-    "(stream_v, pingpong, k<N>, w<N>, raster_q).")
+    "(stream_v, pingpong, k<N>, w<N>, m<N>, e<N>, raster_q).")
 _TRACE = flags.DEFINE_string(
     "trace", "", "Directory: record the kernel's timeline and sum it.")
 _TRACE_EVENTS = flags.DEFINE_integer(
@@ -79,6 +79,8 @@ def parse_variant(text: str, trace_dir: str):
       kwargs["compute_wgs"] = int(knob[1:])
     elif knob.startswith("m") and knob[1:].isdigit():
       kwargs["memory_registers"] = int(knob[1:])
+    elif knob.startswith("e") and knob[1:].isdigit():
+      kwargs["exp2_fma_cols"] = int(knob[1:])
     else:
       raise ValueError(f"Unknown knob {knob!r} in variant {text!r}.")
   if trace_dir:

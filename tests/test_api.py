@@ -206,6 +206,14 @@ def test_mosaic_shared_memory_check(monkeypatch):
   assert (plan.block_q, plan.block_kv) == (64, 128)
   plan = _mosaic_plan(20, 20, 128, None, None)
   assert (plan.block_q, plan.block_kv) == (64, 64)
+  # Emulated exponentials: whole 8-column groups, within a score tile.
+  with pytest.raises(ValueError, match="exp2_fma_cols"):
+    pallas_mosaic.MosaicConfig(exp2_fma_cols=12)
+  with pytest.raises(ValueError, match="exp2_fma_cols.*block_kv=64"):
+    _mosaic_plan(1024, 1024, 256, None, None,
+                 pallas_mosaic.MosaicConfig(exp2_fma_cols=128))
+  assert _mosaic_plan(1024, 1024, 64, None, None, pallas_mosaic.MosaicConfig(
+      exp2_fma_cols=128)).config.exp2_fma_cols == 128
 
 
 def test_block_mask_on_mosaic_tiles_and_shared_memory(monkeypatch):

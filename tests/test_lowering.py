@@ -1,5 +1,7 @@
 """The Triton kernel lowers for CUDA on a machine without a GPU."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -131,6 +133,28 @@ def test_mosaic_three_compute_warpgroups_lower_for_cuda(skip, masked):
   lowered = lower_mosaic_forward(
       causal=True, d=64, lk=700, masked=masked, skip=skip,
       config=pallas_mosaic.MosaicConfig(compute_wgs=3))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("skip,compute_wgs", [(True, 3), (True, 2),
+                                              (False, 2)])
+def test_mosaic_exp2_on_fma_lowers_for_cuda(skip, compute_wgs):
+  """Part of each score tile's exponentials on the FMA pipe (column
+  slices of the wgmma layout, bit casts, shifts), in the overlapped and
+  the two-turn loops."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  lowered = lower_mosaic_forward(
+      causal=True, d=64, lk=700, masked=False, skip=skip,
+      config=pallas_mosaic.MosaicConfig(compute_wgs=compute_wgs,
+                                        exp2_fma_cols=48))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_exp2_microbenchmark_lowers_for_cuda():
+  """experiments/bench_exp2.py's kernel (run on the device only)."""
+  from experiments import bench_exp2  # pylint: disable=g-import-not-at-top
+  lowered = testing.lower_for_h100(functools.partial(
+      bench_exp2.exp_tiles, programs=4, fma_cols=48, iters=8, warpgroups=3))
   assert "mosaic_gpu" in lowered.as_text()
 
 

@@ -9,6 +9,10 @@ kernel's skip path with P·V reading P from shared memory (the interpreter
 has no register-operand wgmma), everything else as compiled for the GPU.
 """
 
+import functools
+
+import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
@@ -75,7 +79,11 @@ def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
      # Three compute warpgroups: skipping (the last program holds two real
      # tiles), and the dense build, which runs the overlapped loop too.
      (True, 320, 320, 2, 1, 2, 0.1, True, {"compute_wgs": 3}),
-     (False, 200, 264, 2, 1, 2, 0.0, True, {"compute_wgs": 3})])
+     (False, 200, 264, 2, 1, 2, 0.0, True, {"compute_wgs": 3}),
+     # Exponentials partly (skip build) and wholly (dense build, masked
+     # scores at -inf) on the FMA pipe.
+     (False, 200, 264, 2, 1, 2, 0.1, True, {"exp2_fma_cols": 24}),
+     (True, 200, 200, 2, 1, 2, 0.0, True, {"exp2_fma_cols": 64})])
 def test_interpret_matches_oracle_without_races(causal, q_len, kv_len,
                                                  q_heads, kv_heads,
                                                  num_stages, threshold,
@@ -172,3 +180,52 @@ def test_coarse_mask_blocks_are_cut_into_kernel_tiles():
   for name in ("visited_blocks", "skipped_blocks", "masked_blocks"):
     np.testing.assert_array_equal(getattr(stats, name),
                                   getattr(ref_stats, name))
+
+
+def check_exp2_on_fma(x):
+  """exp2_on_fma(x) against 2**x in f64: relative error < 1e-4 from -126
+  up, exactly 0 from -126 down (and at -inf)."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  x = np.asarray(x, np.float32)
+  got = np.asarray(jax.jit(functools.partial(pallas_mosaic.exp2_on_fma,
+                                             fence=True))(jnp.asarray(x)),
+                   np.float64)
+  want = np.exp2(x.astype(np.float64))
+  normal = x > -126.0
+  np.testing.assert_array_less(np.abs(got[normal] / want[normal] - 1), 1e-4)
+  np.testing.assert_array_equal(got[~normal], 0.0)
+
+
+def test_exp2_on_fma_matches_exp2():
+  """Integers and half-integers (the rounding's ties), the edge of the
+  normal range, -inf and a dense sweep of [-130, 0]."""
+  check_exp2_on_fma(np.concatenate([
+      -np.arange(0, 131, 0.5), [-126.0, -126.0001, -125.9999, -0.0,
+                                -1e-30, -np.inf, -1e30],
+      np.linspace(-130, 0, 200_001)]))
+
+
+@hypothesis.settings(deadline=None)
+@hypothesis.given(st.lists(st.floats(-300.0, 0.0, width=32), min_size=1,
+                           max_size=64))
+def test_exp2_on_fma_property(xs):
+  check_exp2_on_fma(xs)
+
+
+@pytest.mark.parametrize("fma_cols", [0, 8, 40, 128])
+def test_exp2_split_runs_each_column_on_its_unit(fma_cols):
+  """A [64, 128] score tile: the first columns exp2's, the last
+  `fma_cols` the emulation's."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  x = -jnp.abs(jax.random.normal(testing.key_for("exp2_split", fma_cols),
+                                 (64, 128), jnp.float32)) * 20
+  x = x.at[3, :].set(-jnp.inf)                        # a masked row
+  got = jax.jit(pallas_mosaic.exp2_split, static_argnums=(1, 2))(
+      x, fma_cols, True)
+  split = 128 - fma_cols
+  # (Equal up to the compiled program's fused multiply-adds.)
+  np.testing.assert_allclose(got[:, :split], jnp.exp2(x[:, :split]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(
+      got[:, split:], pallas_mosaic.exp2_on_fma(x[:, split:]), rtol=1e-6)
+  np.testing.assert_allclose(got, jnp.exp2(x), rtol=1e-4, atol=0)

@@ -101,6 +101,52 @@ def default_block_kv(head_dim: int) -> int:
   return 64 if head_dim > 128 else 128
 
 
+# 2**f on [-1/2, 1/2]: a cubic fitted to the relative error (< 7.5e-5).
+EXP2_CUBIC = (0.99992807, 0.69326099, 0.24261115, 0.05517167)
+# 1.5 * 2**23: x + ROUNDING_SHIFT rounds x to an integer held in the low
+# mantissa bits.
+ROUNDING_SHIFT = 12582912.0
+
+
+def exp2_on_fma(x, fence: bool = False):
+  """2**x of f32 x <= 0 (-inf included) without the exp unit: x = j + f
+  with j = round(x), 2**f by `EXP2_CUBIC`, j added to the exponent bits.
+  Adds, multiplies and integer ops only, which issue on the FMA and
+  integer pipes while the MUFU unit, at 16 exponentials a cycle per SM,
+  works on the rest of the tile (FlashAttention-4's split). Relative error
+  below 1e-4; exactly 0 from -126 down (2**-126: nothing next to a row
+  max of 2**0). fence: keep XLA from folding (x + c) - c to x, as its
+  simplifier does under jit (interpret mode); Mosaic's lowering keeps the
+  two adds as written."""
+  xc = jnp.maximum(x, -127.0)
+  shifted = xc + ROUNDING_SHIFT
+  if fence:
+    shifted = lax.optimization_barrier(shifted)
+  f = xc - (shifted - ROUNDING_SHIFT)                     # [-1/2, 1/2]
+  c0, c1, c2, c3 = EXP2_CUBIC
+  frac = c0 + f * (c1 + f * (c2 + f * c3))
+  bits = (lax.bitcast_convert_type(frac, jnp.int32)
+          + (lax.bitcast_convert_type(shifted, jnp.int32) << 23))
+  return jnp.where(x > -126.0, lax.bitcast_convert_type(bits, jnp.float32),
+                   0.0)
+
+
+def exp2_split(x, fma_cols: int, fence: bool = False):
+  """2**x of a score tile x [rows, cols] (f32, <= 0): the last `fma_cols`
+  columns by `exp2_on_fma`, the rest on the exp unit. Column slices of
+  the wgmma layout are whole register groups: no data moves. fence: as
+  for `exp2_on_fma`."""
+  if not fma_cols:
+    return jnp.exp2(x)
+  rows, cols = x.shape
+  split = cols - fma_cols
+  emulated = exp2_on_fma(lax.slice(x, (0, split), (rows, cols)), fence)
+  if not split:
+    return emulated
+  return jnp.concatenate(
+      [jnp.exp2(lax.slice(x, (0, 0), (rows, split))), emulated], axis=1)
+
+
 def list_width(n_kv_blocks: int) -> int:
   """int32 words of a program's block list (whole 128-byte TMA slots)."""
   return -(-(LIST_HEADER + n_kv_blocks) // SLOT) * SLOT
@@ -223,6 +269,14 @@ def check_pipeline_knobs(num_stages, compute_registers,
         f"{compute_registers!r}.")
 
 
+def check_exp2_fma_cols(config, block_kv: int) -> None:
+  """ValueError unless `config.exp2_fma_cols` fits in a score tile."""
+  if config.exp2_fma_cols > block_kv:
+    raise ValueError(
+        f"`exp2_fma_cols`={config.exp2_fma_cols} exceeds block_kv="
+        f"{block_kv}: emulate at most a score tile's {block_kv} columns.")
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
   """Speed knobs of the Mosaic kernel (no effect on results).
@@ -243,6 +297,11 @@ class MosaicConfig:
       for three, or the most `memory_registers` leave).
     memory_registers: registers per thread the memory warpgroup keeps
       (None: `REGISTERS[compute_wgs]`, 40 for two, 32 for three).
+    exp2_fma_cols: columns of each block_q x block_kv score tile whose
+      exponentials run on the FMA pipe (`exp2_on_fma`) instead of the
+      exp unit: a multiple of 8, at most block_kv. At head_dim 64 a
+      block's exponentials take the exp unit as long as its products take
+      the tensor cores; moving some off balances the two.
     copy_v_if_kept: in the skip build, copy a V block only when a compute
       warpgroup keeps it (False: stream every V block, as the dense build).
     overlap_qk: in the skip build, one tensor-core turn per block, q·kᵀ of
@@ -269,6 +328,7 @@ class MosaicConfig:
   trace_events: int = 0
   compute_wgs: int | None = None
   memory_registers: int | None = None
+  exp2_fma_cols: int = 0
 
   def __post_init__(self):
     if self.compute_wgs not in (None,) + COMPUTE_WGS_CHOICES:
@@ -278,6 +338,11 @@ class MosaicConfig:
       raise ValueError("`compute_wgs=3` runs the overlapped pipeline only; "
                        "set overlap_qk=True or compute_wgs=2.")
     self._registers(self.compute_wgs or 2)
+    if (not isinstance(self.exp2_fma_cols, int)
+        or isinstance(self.exp2_fma_cols, bool)
+        or self.exp2_fma_cols < 0 or self.exp2_fma_cols % 8):
+      raise ValueError(f"`exp2_fma_cols` must be a multiple of 8 >= 0, got "
+                       f"{self.exp2_fma_cols!r}.")
     if self.extra_k_stages is not None and (
         not isinstance(self.extra_k_stages, int) or self.extra_k_stages < 0):
       raise ValueError(f"`extra_k_stages` must be None or an int >= 0, got "
@@ -374,7 +439,7 @@ class _Barriers(NamedTuple):
 def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
             block_kv, head_dim, dtype, causal, q_len, group, num_stages,
             k_stages, compute_wgs, compute_registers, memory_registers,
-            skip_enabled, overlap):
+            exp2_fma_cols, skip_enabled, overlap):
   # K slots: position % k_stages; V slots: position % num_stages. Optional
   # features are on where their buffers are: block lists (sc.lists), the
   # skip record (sc.skips), votes on V copies (sc.votes), a chained running
@@ -595,7 +660,9 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           m_safe = (jnp.where(m_new == -jnp.inf, 0.0, m_new)
                     if masked or sc.rows is not None else m_new)
           alpha = jnp.exp2(m_i - m_safe)
-          p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+          p = exp2_split(
+              s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]),
+              exp2_fma_cols, fence=sc.p is not None)
           acc_scaled = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
           l_new = l_i * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
@@ -720,7 +787,9 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           m_safe = (jnp.where(m_new == -jnp.inf, 0.0, m_new)
                     if masked or sc.rows is not None else m_new)
           alpha_new = jnp.exp2(m_i - m_safe)
-          p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+          p = exp2_split(
+              s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]),
+              exp2_fma_cols, fence=sc.p is not None)
           l_new = l_i * alpha_new + p.sum(axis=1)
           return m_new, l_new, p.astype(dtype), alpha_new
 
@@ -1025,6 +1094,7 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
     q_len].
   """
   config = config.resolved(q.shape[-1], skip_enabled)
+  check_exp2_fma_cols(config, block_kv)
   lists = None
   if block_mask is not None:
     lists = program_lists(block_mask, kv_lengths.astype(jnp.int32),
@@ -1162,6 +1232,7 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
               k_stages=k_stages, compute_wgs=C,
               compute_registers=config.compute_registers,
               memory_registers=config.memory_registers,
+              exp2_fma_cols=config.exp2_fma_cols,
               skip_enabled=skip_enabled, overlap=overlap)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")

@@ -126,6 +126,7 @@ class PallasMosaicGpuAttention(attention_base.PallasAttentionOp):
     # them to one wgmma tile changes no decision (one tile either way).
     block_q, block_kv = max(block_q, MIN_TILE), max(block_kv, MIN_TILE)
     config = self.kernel_config(kernel_config)
+    pallas_mosaic.check_exp2_fma_cols(config, block_kv)
     self.check_shared_memory(block_q, block_kv, head_dim, config, n_listed,
                              tile_counts(q_len, kv_len, block_q, block_kv)[1])
     return attention_base.Plan(

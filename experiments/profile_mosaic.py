@@ -20,7 +20,8 @@ Variants: 'dense' (the build without the skip check) or a λ, with optional
 ':'-separated knobs: 'stream_v' (copy_v_if_kept=False), 'pingpong'
 (overlap_qk=False), 'k<N>' (extra_k_stages=N), 'w<N>' (compute_wgs=N),
 'm<N>' (memory_registers=N), 'e<N>' (exp2_fma_cols=N: N columns of each
-score tile exponentiated on the FMA pipe), 'raster_q'. With --time, cuDNN's time on the same inputs is printed first.
+score tile exponentiated on the FMA pipe), 'kv<N>' (block_kv=N; default
+`default_block_kv`), 'raster_q'. With --time, cuDNN's time on the same inputs is printed first.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ _CAUSAL = flags.DEFINE_bool("causal", False, "Causal mask.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense", "0", "1e-2", "1e-1", "0.9"],
     "Variants, in order: 'dense' or a λ, with ':'-separated knobs "
-    "(stream_v, pingpong, k<N>, w<N>, m<N>, e<N>, raster_q).")
+    "(stream_v, pingpong, k<N>, w<N>, m<N>, e<N>, kv<N>, raster_q).")
 _TRACE = flags.DEFINE_string(
     "trace", "", "Directory: record the kernel's timeline and sum it.")
 _TRACE_EVENTS = flags.DEFINE_integer(
@@ -63,11 +64,14 @@ def roles(compute_wgs: int) -> tuple[str, ...]:
 
 
 def parse_variant(text: str, trace_dir: str):
-  """'1e-2:pingpong:k0' -> (λ, skip_enabled, MosaicConfig)."""
+  """'1e-2:pingpong:k0' -> (λ, skip_enabled, MosaicConfig, block_kv)."""
   head, *knobs = text.split(":")
   kwargs = {}
+  block_kv = pallas_mosaic.default_block_kv(_HEAD_DIM.value)
   for knob in knobs:
-    if knob == "stream_v":
+    if knob.startswith("kv") and knob[2:].isdigit():
+      block_kv = int(knob[2:])
+    elif knob == "stream_v":
       kwargs["copy_v_if_kept"] = False
     elif knob == "pingpong":
       kwargs["overlap_qk"] = False
@@ -89,7 +93,7 @@ def parse_variant(text: str, trace_dir: str):
     kwargs.update(trace_dir=trace_dir, trace_events=_TRACE_EVENTS.value)
   dense = head == "dense"
   return (0.0 if dense else float(head)), not dense, (
-      pallas_mosaic.MosaicConfig(**kwargs))
+      pallas_mosaic.MosaicConfig(**kwargs)), block_kv
 
 
 def summarize_trace(path: str, compute_wgs: int) -> dict:
@@ -167,14 +171,14 @@ def main(argv):
     if _TRACE.value:
       trace_dir = os.path.join(_TRACE.value, text.replace(":", "_"))
       os.makedirs(trace_dir, exist_ok=True)
-    threshold, skip, config = parse_variant(text, trace_dir)
+    threshold, skip, config, block_kv = parse_variant(text, trace_dir)
     log_thr = config_lib.log_threshold(
         jnp.full((shape.batch,), threshold, jnp.float32))
-    fn = jax.jit(lambda q, k, v, lt, skip=skip, config=config:
-                 pallas_mosaic.attention_forward(
+    fn = jax.jit(lambda q, k, v, lt, skip=skip, config=config,
+                 block_kv=block_kv: pallas_mosaic.attention_forward(
                      q, k, v, kv_lengths, lt, causal=_CAUSAL.value,
                      sm_scale=shape.head_dim ** -0.5, skip_enabled=skip,
-                     config=config))
+                     block_kv=block_kv, config=config))
     out = jax.block_until_ready(fn(q, k, v, log_thr))
     sparsity = float(jnp.sum(out[2])) / max(1, float(jnp.sum(out[3])))
     # Skipped blocks and an output digest: builds that agree show both equal.

@@ -254,6 +254,15 @@ def test_hopper_forward_config_resolves_warpgroups_and_registers():
   # The two-turn pipeline is built for two warpgroups whatever the head_dim.
   assert pallas_mosaic.MosaicConfig(overlap_qk=False).resolved(
       64).compute_wgs == 2
+  # setmaxnreg shares out the launch's registers: 3 x 168 a thread with
+  # two compute warpgroups, 4 x 128 with three.
+  assert [pallas_mosaic.register_budget(c) for c in (2, 3)] == [504, 512]
+  assert pallas_mosaic.MosaicConfig(memory_registers=48).resolved(
+      128).compute_registers == 224
+  with pytest.raises(ValueError, match="share 504 registers"):
+    pallas_mosaic.MosaicConfig(compute_registers=232, memory_registers=48)
+  with pytest.raises(ValueError, match="compute_wgs"):
+    pallas_mosaic.MosaicConfig(compute_wgs=3.0)
   wide = pallas_mosaic.MosaicConfig(compute_registers=232)
   assert wide.resolved(128).compute_registers == 232
   if pallas_mosaic.default_compute_wgs(64) == 3:

@@ -9,8 +9,6 @@ kernel's skip path with P·V reading P from shared memory (the interpreter
 has no register-operand wgmma), everything else as compiled for the GPU.
 """
 
-import functools
-
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -24,6 +22,7 @@ import blasst_jax as bj
 from blasst_jax import config as config_lib
 from blasst_jax import patterns
 from blasst_jax import testing
+from blasst_jax.kernels import pallas_mosaic
 from tests import test_base
 
 BLOCK_Q, BLOCK_KV = 64, 64
@@ -46,6 +45,27 @@ class TestMosaicInterpret(test_base.RaceChecked, test_base.AttentionTestBase):
   # block is not.
   chain_shape = testing.AttentionShape(batch=1, q_len=64, kv_len=192,
                                        q_heads=2, kv_heads=1, head_dim=64)
+
+
+class TwoComputeWarpgroups(TestMosaicInterpret):
+  """The suite's checks on two compute warpgroups (the skip build's default
+  at head_dim 128 and 256; the CPU shapes' head_dim 64 takes three)."""
+
+  __test__ = False
+  kernel_config = pallas_mosaic.MosaicConfig(compute_wgs=2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_two_compute_warpgroups_start_from_initial_max(causal):
+  """The overlapped loop of two warpgroups with a chained start (its row max
+  and votes under the vote lock)."""
+  TwoComputeWarpgroups().test_initial_max_matches_oracle(causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_two_compute_warpgroups_skip_like_the_oracle(causal):
+  suite = TwoComputeWarpgroups()
+  suite.test_skipping_matches_oracle(suite.sweep_shapes[0], causal)
 
 
 def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
@@ -187,8 +207,7 @@ def check_exp2_on_fma(x):
   up, exactly 0 from -126 down (and at -inf)."""
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   x = np.asarray(x, np.float32)
-  got = np.asarray(jax.jit(functools.partial(pallas_mosaic.exp2_on_fma,
-                                             fence=True))(jnp.asarray(x)),
+  got = np.asarray(jax.jit(pallas_mosaic.exp2_on_fma)(jnp.asarray(x)),
                    np.float64)
   want = np.exp2(x.astype(np.float64))
   normal = x > -126.0
@@ -203,6 +222,8 @@ def test_exp2_on_fma_matches_exp2():
       -np.arange(0, 131, 0.5), [-126.0, -126.0001, -125.9999, -0.0,
                                 -1e-30, -np.inf, -1e30],
       np.linspace(-130, 0, 200_001)]))
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  assert float(pallas_mosaic.exp2_on_fma(jnp.float32(jnp.nan))) == 0.0
 
 
 @hypothesis.settings(deadline=None)

@@ -108,16 +108,16 @@ EXP2_CUBIC = (0.99992807, 0.69326099, 0.24261115, 0.05517167)
 ROUNDING_SHIFT = 12582912.0
 
 
-def exp2_on_fma(x, fence: bool = False):
+def exp2_on_fma(x, fence: bool = True):
   """2**x of f32 x <= 0 (-inf included) without the exp unit: x = j + f
   with j = round(x), 2**f by `EXP2_CUBIC`, j added to the exponent bits.
   Adds, multiplies and integer ops only, which issue on the FMA and
   integer pipes while the MUFU unit, at 16 exponentials a cycle per SM,
   works on the rest of the tile (FlashAttention-4's split). Relative error
   below 1e-4; exactly 0 from -126 down (2**-126: nothing next to a row
-  max of 2**0). fence: keep XLA from folding (x + c) - c to x, as its
-  simplifier does under jit (interpret mode); Mosaic's lowering keeps the
-  two adds as written."""
+  max of 2**0), and for NaN. fence: keep XLA from folding (x + c) - c to
+  x, as its simplifier does under jit; Mosaic's lowering keeps the two
+  adds as written, so the compiled kernel passes False."""
   xc = jnp.maximum(x, -127.0)
   shifted = xc + ROUNDING_SHIFT
   if fence:
@@ -131,7 +131,7 @@ def exp2_on_fma(x, fence: bool = False):
                    0.0)
 
 
-def exp2_split(x, fma_cols: int, fence: bool = False):
+def exp2_split(x, fma_cols: int, fence: bool = True):
   """2**x of a score tile x [rows, cols] (f32, <= 0): the last `fma_cols`
   columns by `exp2_on_fma`, the rest on the exp unit. Column slices of
   the wgmma layout are whole register groups: no data moves. fence: as
@@ -244,6 +244,15 @@ def k_ring_depth(config, block_q, block_kv, head_dim, n_listed_blocks=0,
 # Registers per thread the memory warpgroup keeps (setmaxnreg).
 MEMORY_REGISTERS = 40
 _REGISTER_FILE = 65536   # 32-bit registers per SM
+
+
+def register_budget(compute_wgs: int) -> int:
+  """Registers per thread that setmaxnreg can share out among a program's
+  warpgroups: each starts with the launch's share of the register file,
+  whole multiples of 8 (504 for three warpgroups, 512 for four), and
+  asking for more than that waits forever."""
+  wgs = compute_wgs + 1
+  return wgs * (_REGISTER_FILE // (128 * wgs) // 8 * 8)
 # setmaxnreg's split by compute warpgroups: (compute, memory) registers.
 REGISTERS = {2: (232, MEMORY_REGISTERS), 3: (160, 32)}
 
@@ -259,13 +268,15 @@ def check_pipeline_knobs(num_stages, compute_registers,
       or not 24 <= memory_registers <= 256):
     raise ValueError(f"`memory_registers` must be a multiple of 8 in "
                      f"[24, 256], got {memory_registers!r}.")
-  most = (_REGISTER_FILE // 128 - memory_registers) // compute_wgs // 8 * 8
+  most = (register_budget(compute_wgs) - memory_registers
+          ) // compute_wgs // 8 * 8
   if (not isinstance(compute_registers, int) or compute_registers % 8
       or not 24 <= compute_registers <= most):
     raise ValueError(
         f"`compute_registers` must be a multiple of 8 in [24, {most}] "
         f"({compute_wgs} compute warpgroups and a memory warpgroup of "
-        f"{memory_registers} share {_REGISTER_FILE} registers), got "
+        f"{memory_registers} share {register_budget(compute_wgs)} "
+        f"registers a thread), got "
         f"{compute_registers!r}.")
 
 
@@ -304,7 +315,8 @@ class MosaicConfig:
       the tensor cores; moving some off balances the two.
     copy_v_if_kept: in the skip build, copy a V block only when a compute
       warpgroup keeps it (False: stream every V block, as the dense build).
-    overlap_qk: in the skip build, one tensor-core turn per block, q·kᵀ of
+    overlap_qk: in the skip build (and the dense build of three warpgroups),
+      one tensor-core turn per block, q·kᵀ of
       the next block issued with P·V of this one (False: the two-turn ping-pong, q·kᵀ
       then softmax and P·V).
     raster: which grid axis varies fastest among resident programs:
@@ -331,7 +343,10 @@ class MosaicConfig:
   exp2_fma_cols: int = 0
 
   def __post_init__(self):
-    if self.compute_wgs not in (None,) + COMPUTE_WGS_CHOICES:
+    if self.compute_wgs is not None and (
+        isinstance(self.compute_wgs, bool)
+        or not isinstance(self.compute_wgs, int)
+        or self.compute_wgs not in COMPUTE_WGS_CHOICES):
       raise ValueError(f"`compute_wgs` must be None, 2 or 3, got "
                        f"{self.compute_wgs!r}.")
     if self.compute_wgs == 3 and not self.overlap_qk:
@@ -381,7 +396,7 @@ class MosaicConfig:
       memory = REGISTERS[wgs][1]
     compute = self.compute_registers
     if compute is None:
-      most = (_REGISTER_FILE // 128 - memory) // wgs // 8 * 8
+      most = (register_budget(wgs) - memory) // wgs // 8 * 8
       compute = min(REGISTERS[wgs][0], most)
     check_pipeline_knobs(self.num_stages, compute, memory, wgs)
     return compute, memory
@@ -425,15 +440,15 @@ class _Barriers(NamedTuple):
   v: Any            # [num_stages] V copied (or an empty arrival: no copy)
   q: Any            # [C]
   params: Any       # [C + 1]
-  k_free: Any       # [k_stages] both tiles are done with a K slot
+  k_free: Any       # [k_stages] every tile is done with a K slot
   v_free: Any       # [num_stages]
   sched: Any        # tensor-core turns: a token per warpgroup (overlapped
-                    # build), or one barrier both arrive at
+                    # loop), or one barrier all arrive at (two-turn loop)
   lists: Any
   votes: Any        # [C * k_stages]
   rows: Any         # [C]
   vote_lock: Any    # [C]: warpgroup w may reduce across its warps when
-                    # vote_lock[w] completes (a ring, three warpgroups)
+                    # vote_lock[w] completes (a ring)
 
 
 def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
@@ -528,10 +543,12 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
     def under_vote_lock(fn):
       """fn() with this warpgroup's turn on the vote lock. A reduction
       across a warpgroup's warps goes through one shared-memory scratch
-      that Mosaic gives every warpgroup at the same address; with three
-      compute warpgroups their votes would overlap there (and a torn max
-      could split a warpgroup's branch), so they take turns, in turn order.
-      With two, the tensor-core turns keep their votes apart."""
+      that Mosaic gives every warpgroup at the same address: two at once
+      could tear it, and a torn max split a warpgroup's branch. The
+      overlapped loop's turns are tokens, not a rendezvous, so its votes
+      may coincide; they take turns on a ring of barriers, in turn order,
+      as does the chained start's max. (The two-turn loop's votes fall in
+      alternate phases of its rendezvous.)"""
       if bars.vote_lock is None:
         return fn()
       plgpu.barrier_wait(bars.vote_lock.at[wg])
@@ -712,7 +729,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
         return lax.cond(skip, drop, keep, owed)
 
       def pass_by(pos, carry):
-        """A block of the other tile's only: the barrier steps of a skipped
+        """A block of another tile's only: the barrier steps of a skipped
         block without its q·kᵀ, so slots are released and turns stay paired.
         Waiting on the copies too keeps every barrier phase observed."""
         owed = carry[-1]
@@ -737,7 +754,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
                             carry)
       acc, m_i, l_i, n_skipped, n_visited, owed = lax.fori_loop(
           n_full, n_steps, functools.partial(position, masked=True), carry)
-      # This tile is done; keep the other warpgroup company to the end.
+      # This tile is done; keep the other warpgroups company to the end.
       (owed,) = lax.fori_loop(n_steps, n_stream, pass_by, (owed,))
       settle(n_stream, owed)
 
@@ -767,7 +784,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       @jax.named_scope("release_v")
       def release_v(slot):
         """A V block this warpgroup does not read: observe its phase (the
-        copy, or the empty arrival after both votes), then free its slot."""
+        copy, or the empty arrival after every vote), then free its slot."""
         plgpu.barrier_wait(bars.v.at[slot])
         plgpu.barrier_arrive(bars.v_free.at[slot])
 
@@ -815,7 +832,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       def step(p, carry, *, kind: str, has_pv: bool, first: bool = False):
         """Position p: P·V of block p (has_pv: this tile kept it) and the
         block at p + 1 (kind 'full' or 'masked': this tile's, scores
-        masked or not; 'pass': the other tile's only; 'none': past the
+        masked or not; 'pass': another tile's only; 'none': past the
         end). first: p = -1, the pipeline's fill."""
         acc, state = carry[0], carry[1:]
         p16, alpha = state[2], state[3]
@@ -856,7 +873,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
             with jax.named_scope("decide"):
               new = decide(nxt, s, state, masked=kind == "masked")
           elif kind == "pass":
-            under_vote_lock(lambda: None)
+            if skip_enabled:   # a turn on the lock as the vote would take
+              under_vote_lock(lambda: None)
             publish(slot_n, jnp.bool_(False))
             plgpu.barrier_arrive(bars.k_free.at[slot_n])
           if not has_pv:
@@ -913,7 +931,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
                   for k in kinds], carry)
       one = jnp.int32(1)
       # Next positions [1, n_full): unmasked; [n_full, n_steps): masked;
-      # [n_steps, n_stream): the other tile's.
+      # [n_steps, n_stream): other tiles'.
       carry = lax.fori_loop(
           0, n_full - 1, lambda p, c: own_or_pass(p, c, "full"), carry)
       carry = lax.fori_loop(
@@ -925,8 +943,6 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       carry = lax.cond(n_stream > 0, lambda c: at(n_stream - 1, c, "none"),
                        lambda c: c, carry)
       pl.when(wg == 0)(take_turn)    # the last warpgroup's last pass
-      if bars.vote_lock is not None:
-        pl.when(wg == 0)(lambda: plgpu.barrier_wait(bars.vote_lock.at[0]))
       acc, m_i, l_i, _, _, _, n_skipped, n_visited = carry
       return acc, m_i, l_i, n_skipped, n_visited
 
@@ -934,6 +950,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       acc, m_i, l_i, n_skipped, n_visited = overlapped_loop(acc, m_i, l_i)
     else:
       acc, m_i, l_i, n_skipped, n_visited = pingpong_loop(acc, m_i, l_i)
+    if bars.vote_lock is not None:   # the last warpgroup's last turn on it
+      pl.when(wg == 0)(lambda: plgpu.barrier_wait(bars.vote_lock.at[0]))
 
     has_mass = l_i > 0
     l_safe = jnp.where(has_mass, l_i, 1.0)
@@ -1207,7 +1225,7 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
              else None),
       rows=plgpu.Barrier(num_barriers=C) if chained else None,
       vote_lock=(plgpu.Barrier(num_barriers=C)
-                 if overlap and skip_enabled and C > 2 else None))
+                 if (overlap and skip_enabled) or chained else None))
   in_names = [name for name, x in inputs.items() if x is not None]
   out_shapes = dict(
       out=jax.ShapeDtypeStruct(q.shape, dtype),

@@ -148,7 +148,8 @@ class PallasMosaicGpuAttention(attention_base.PallasAttentionOp):
       raise ValueError(
           f"block_q={block_q}, block_kv={block_kv}, head_dim={head_dim}, "
           f"num_stages={config.num_stages}, "
-          f"extra_k_stages={config.extra_k_stages}"
+          f"extra_k_stages={config.extra_k_stages}, "
+          f"compute_wgs={config.compute_wgs}"
           + (f", a block list of {n_listed} KV blocks" if n_listed else "")
           + f" need {smem} bytes of shared memory (max "
           f"{pallas_mosaic.MAX_SHARED_MEMORY}); lower `block_kv` or "

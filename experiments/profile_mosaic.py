@@ -21,7 +21,8 @@ Variants: 'dense' (the build without the skip check) or a λ, with optional
 (overlap_qk=False), 'k<N>' (extra_k_stages=N), 'w<N>' (compute_wgs=N),
 'm<N>' (memory_registers=N), 'e<N>' (exp2_fma_cols=N: N columns of each
 score tile exponentiated on the FMA pipe), 'kv<N>' (block_kv=N; default
-`default_block_kv`), 'raster_q'. With --time, cuDNN's time on the same inputs is printed first.
+`default_block_kv`), 'raster_q'. With --time, cuDNN's time on the same
+inputs is printed first.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ _TRACE = flags.DEFINE_string(
 _TRACE_EVENTS = flags.DEFINE_integer(
     "trace_events", 1200, "Named regions a warpgroup may record (--trace).")
 _TIME = flags.DEFINE_bool("time", False, "Also print the median time.")
-
 
 
 def roles(compute_wgs: int) -> tuple[str, ...]:

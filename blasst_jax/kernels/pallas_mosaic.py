@@ -253,6 +253,15 @@ def register_budget(compute_wgs: int) -> int:
   asking for more than that waits forever."""
   wgs = compute_wgs + 1
   return wgs * (_REGISTER_FILE // (128 * wgs) // 8 * 8)
+
+
+def most_compute_registers(memory_registers: int, compute_wgs: int) -> int:
+  """The most registers each compute warpgroup may ask for next to a
+  memory warpgroup of `memory_registers` (a multiple of 8)."""
+  return (register_budget(compute_wgs) - memory_registers
+          ) // compute_wgs // 8 * 8
+
+
 # setmaxnreg's split by compute warpgroups: (compute, memory) registers.
 REGISTERS = {2: (232, MEMORY_REGISTERS), 3: (160, 32)}
 
@@ -268,8 +277,7 @@ def check_pipeline_knobs(num_stages, compute_registers,
       or not 24 <= memory_registers <= 256):
     raise ValueError(f"`memory_registers` must be a multiple of 8 in "
                      f"[24, 256], got {memory_registers!r}.")
-  most = (register_budget(compute_wgs) - memory_registers
-          ) // compute_wgs // 8 * 8
+  most = most_compute_registers(memory_registers, compute_wgs)
   if (not isinstance(compute_registers, int) or compute_registers % 8
       or not 24 <= compute_registers <= most):
     raise ValueError(
@@ -396,8 +404,7 @@ class MosaicConfig:
       memory = REGISTERS[wgs][1]
     compute = self.compute_registers
     if compute is None:
-      most = (register_budget(wgs) - memory) // wgs // 8 * 8
-      compute = min(REGISTERS[wgs][0], most)
+      compute = min(REGISTERS[wgs][0], most_compute_registers(memory, wgs))
     check_pipeline_knobs(self.num_stages, compute, memory, wgs)
     return compute, memory
 
@@ -521,6 +528,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
     plgpu.set_max_registers(compute_registers, action="increase")
     qo_smem = sc.qo.at[wg]
     q_base = program_base + wg * block_q
+    next_wg = jnp.where(wg == C - 1, 0, wg + 1)   # the turn and lock rings
     if sc.lists is None:
       # Positions [0, n_full): blocks no mask touches for any row of this
       # tile; [n_full, n_steps): masked; [n_steps, n_stream): the other
@@ -553,8 +561,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
         return fn()
       plgpu.barrier_wait(bars.vote_lock.at[wg])
       out = fn()
-      plgpu.barrier_arrive(
-          bars.vote_lock.at[jnp.where(wg == C - 1, 0, wg + 1)])
+      plgpu.barrier_arrive(bars.vote_lock.at[next_wg])
       return out
 
     if bars.vote_lock is not None:
@@ -779,7 +786,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
         plgpu.barrier_wait(turn.at[wg])
 
       def pass_turn():
-        plgpu.barrier_arrive(turn.at[jnp.where(wg == C - 1, 0, wg + 1)])
+        plgpu.barrier_arrive(turn.at[next_wg])
 
       @jax.named_scope("release_v")
       def release_v(slot):
@@ -1154,9 +1161,9 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
              interpret, record_skips=False):
   # lists: None or `program_lists`' int32 [batch, q_heads, n_programs, width].
   # initial_max: None or f32 [batch, q_heads, q_len] (units of sm_scale·q·kᵀ).
+  # config: resolved for this head_dim and build (`attention_forward`).
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
-  config = config.resolved(d, skip_enabled)
   C = config.compute_wgs  # pylint: disable=invalid-name
   program_rows = C * block_q
   n_programs = -(-lq // program_rows)

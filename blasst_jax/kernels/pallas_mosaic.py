@@ -90,8 +90,8 @@ def default_compute_wgs(head_dim: int, skip_enabled: bool = True) -> int:
   """Compute warpgroups per program by default (see `MosaicConfig`): three
   for the skip build at head_dim 64, where a tile fits in 160 registers per
   thread and two warpgroups' products cover each one's decision and
-  softmax (H200, GQA 18/6, 8k, 73 % skipped: 2.23 ms against 2.72 ms with
-  two; docs/prefill_h200.md); two elsewhere (the dense build of three is
+  softmax (H200, GQA 18/6, 8k, 73 % skipped: 2.23 ms against 2.72 ms for
+  the two-turn build of two; docs/prefill_h200.md); two elsewhere (the dense build of three is
   slower than the two-turn ping-pong of two, and at larger head_dims a
   tile's accumulators need more registers than three can have)."""
   return 3 if head_dim == 64 and skip_enabled else 2

@@ -58,7 +58,7 @@ class TwoComputeWarpgroups(TestMosaicInterpret):
 @pytest.mark.parametrize("causal", [False, True])
 def test_two_compute_warpgroups_start_from_initial_max(causal):
   """The overlapped loop of two warpgroups with a chained start (its row max
-  and votes under the vote lock)."""
+  and votes, each through its own reduction scratch)."""
   TwoComputeWarpgroups().test_initial_max_matches_oracle(causal)
 
 

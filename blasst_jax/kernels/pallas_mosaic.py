@@ -66,6 +66,7 @@ import jax.numpy as jnp
 
 from blasst_jax import reference
 from blasst_jax.kernels import block_lists as lists_lib
+from blasst_jax.kernels import mosaic_vote
 from blasst_jax.kernels import tiles
 
 LOG2E = math.log2(math.e)
@@ -159,7 +160,8 @@ def shared_memory_bytes(block_q, block_kv, head_dim, num_stages,
 
   The small buffers (lse, scalars, barriers) and their 1 KiB alignment took
   5.3 KiB in a measured build; 8 KiB is reserved for them and the optional
-  ones (the V votes, the chained row max). With a block
+  ones (the V votes, the vote scratch: 512 bytes a compute warpgroup, the
+  chained row max). With a block
   mask of `n_listed_blocks` KV blocks the program's block list is added,
   and with `n_recorded_blocks` the skip words of every tile
   (`return_skip_mask`). `k_stages` (default `num_stages`) is the K ring's
@@ -440,6 +442,8 @@ class _Scratch(NamedTuple):
   votes: Any        # int32 [k_stages, SLOT]: word wg of a K slot's row is 1
                     # where warpgroup wg keeps the block in that slot
   rows: Any         # f32 [C, block_q] initial max in, final max out
+  vote_scratch: Any  # f32 [C, mosaic_vote.SCRATCH_WORDS] each warpgroup's
+                     # own scratch for its votes (`mosaic_vote`)
 
 
 class _Barriers(NamedTuple):
@@ -454,14 +458,12 @@ class _Barriers(NamedTuple):
   lists: Any
   votes: Any        # [C * k_stages]
   rows: Any         # [C]
-  vote_lock: Any    # [C]: warpgroup w may reduce across its warps when
-                    # vote_lock[w] completes (a ring)
 
 
 def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
             block_kv, head_dim, dtype, causal, q_len, group, num_stages,
             k_stages, compute_wgs, compute_registers, memory_registers,
-            exp2_fma_cols, skip_enabled, overlap):
+            exp2_fma_cols, skip_enabled, overlap, interpret):
   # K slots: position % k_stages; V slots: position % num_stages. Optional
   # features are on where their buffers are: block lists (sc.lists), the
   # skip record (sc.skips), votes on V copies (sc.votes), a chained running
@@ -528,7 +530,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
     plgpu.set_max_registers(compute_registers, action="increase")
     qo_smem = sc.qo.at[wg]
     q_base = program_base + wg * block_q
-    next_wg = jnp.where(wg == C - 1, 0, wg + 1)   # the turn and lock rings
+    next_wg = jnp.where(wg == C - 1, 0, wg + 1)   # the turn ring
     if sc.lists is None:
       # Positions [0, n_full): blocks no mask touches for any row of this
       # tile; [n_full, n_steps): masked; [n_steps, n_stream): the other
@@ -548,25 +550,6 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       def in_my_list(pos):
         return ((word(LIST_HEADER + pos) >> wg) & 1) == 1
 
-    def under_vote_lock(fn):
-      """fn() with this warpgroup's turn on the vote lock. A reduction
-      across a warpgroup's warps goes through one shared-memory scratch
-      that Mosaic gives every warpgroup at the same address: two at once
-      could tear it, and a torn max split a warpgroup's branch. The
-      overlapped loop's turns are tokens, not a rendezvous, so its votes
-      may coincide; they take turns on a ring of barriers, in turn order,
-      as does the chained start's max. (The two-turn loop's votes fall in
-      alternate phases of its rendezvous.)"""
-      if bars.vote_lock is None:
-        return fn()
-      plgpu.barrier_wait(bars.vote_lock.at[wg])
-      out = fn()
-      plgpu.barrier_arrive(bars.vote_lock.at[next_wg])
-      return out
-
-    if bars.vote_lock is not None:
-      pl.when(wg == C - 1)(lambda: plgpu.barrier_arrive(bars.vote_lock.at[0]))
-
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     if sc.rows is None:
       m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
@@ -579,7 +562,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       plgpu.barrier_wait(bars.rows.at[wg])
       m_i = plgpu.load(sc.rows.at[wg], layout=row_layout, optimized=False)
       # A row with a finite start has seen a block: the first may be skipped.
-      seen_before = under_vote_lock(lambda: m_i.max() > -jnp.inf)
+      seen_before = mosaic_vote.warpgroup_max(
+          m_i, sc.vote_scratch.at[wg], interpret=interpret) > -jnp.inf
 
     plgpu.copy_gmem_to_smem(
         io.q.at[batch, pl.ds(q_base, block_q), q_head], qo_smem,
@@ -595,7 +579,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       """Whether some row's gap m_blk - m_prev reaches log2(λ) (rows
       with no visible key have none)."""
       gap = jnp.where(m_blk > -jnp.inf, m_blk - m_prev, -jnp.inf)
-      return gap.max() >= log2_thr
+      return mosaic_vote.warpgroup_max(
+          gap, sc.vote_scratch.at[wg], interpret=interpret) >= log2_thr
 
     def mask_scores(s, pos):
       """s [block_q, block_kv] with keys past kv_len (and, causal, after
@@ -823,8 +808,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           kept = n_visited * 0 + 1
           return softmax() + (kept, n_skipped, n_visited + 1)
         with jax.named_scope("vote"):
-          skip = ((n_visited > 0) | seen_before) & ~under_vote_lock(
-              lambda: any_kept_row(m_blk, m_i))
+          skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk,
+                                                                 m_i)
           publish(k_slot(p), ~skip)
           if sc.skips is not None:
             block = block_at(p)
@@ -880,8 +865,6 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
             with jax.named_scope("decide"):
               new = decide(nxt, s, state, masked=kind == "masked")
           elif kind == "pass":
-            if skip_enabled:   # a turn on the lock as the vote would take
-              under_vote_lock(lambda: None)
             publish(slot_n, jnp.bool_(False))
             plgpu.barrier_arrive(bars.k_free.at[slot_n])
           if not has_pv:
@@ -957,8 +940,6 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       acc, m_i, l_i, n_skipped, n_visited = overlapped_loop(acc, m_i, l_i)
     else:
       acc, m_i, l_i, n_skipped, n_visited = pingpong_loop(acc, m_i, l_i)
-    if bars.vote_lock is not None:   # the last warpgroup's last turn on it
-      pl.when(wg == 0)(lambda: plgpu.barrier_wait(bars.vote_lock.at[0]))
 
     has_mass = l_i > 0
     l_safe = jnp.where(has_mass, l_i, 1.0)
@@ -1217,7 +1198,9 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
              if lists is not None else None),
       votes=plgpu.SMEM((k_stages, SLOT), jnp.int32) if vote else None,
       rows=(plgpu.SMEM((C, block_q), jnp.float32) if chained
-            else None))
+            else None),
+      vote_scratch=(plgpu.SMEM((C, mosaic_vote.SCRATCH_WORDS), jnp.float32)
+                    if skip_enabled or chained else None))
   barriers = _Barriers(
       k=plgpu.Barrier(num_barriers=k_stages),
       v=plgpu.Barrier(num_barriers=num_stages),
@@ -1230,9 +1213,7 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
       lists=plgpu.Barrier() if lists is not None else None,
       votes=(plgpu.Barrier(num_barriers=C * k_stages) if vote
              else None),
-      rows=plgpu.Barrier(num_barriers=C) if chained else None,
-      vote_lock=(plgpu.Barrier(num_barriers=C)
-                 if (overlap and skip_enabled) or chained else None))
+      rows=plgpu.Barrier(num_barriers=C) if chained else None)
   in_names = [name for name, x in inputs.items() if x is not None]
   out_shapes = dict(
       out=jax.ShapeDtypeStruct(q.shape, dtype),
@@ -1258,7 +1239,8 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
               compute_registers=config.compute_registers,
               memory_registers=config.memory_registers,
               exp2_fma_cols=config.exp2_fma_cols,
-              skip_enabled=skip_enabled, overlap=overlap)
+              skip_enabled=skip_enabled, overlap=overlap,
+              interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 

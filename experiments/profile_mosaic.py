@@ -22,7 +22,11 @@ Variants: 'dense' (the build without the skip check) or a λ, with optional
 'm<N>' (memory_registers=N), 'e<N>' (exp2_fma_cols=N: N columns of each
 score tile exponentiated on the FMA pipe), 'kv<N>' (block_kv=N; default
 `default_block_kv`), 'raster_q'. With --time, cuDNN's time on the same
-inputs is printed first.
+inputs is printed first; with --rounds=N as well, every build is timed
+again in N interleaved rounds:
+
+    python -m experiments.profile_mosaic --time --rounds=7 \
+        --variants=dense,0,1e-2
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ _TRACE = flags.DEFINE_string(
 _TRACE_EVENTS = flags.DEFINE_integer(
     "trace_events", 1200, "Named regions a warpgroup may record (--trace).")
 _TIME = flags.DEFINE_bool("time", False, "Also print the median time.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 1, "With --time and > 1: after the launches, time cuDNN and "
+    "every variant again in this many interleaved rounds and print each "
+    "one's median over the rounds with its spread (an A/B of a few percent "
+    "needs it: clocks and neighbours drift between a script's variants).")
 
 
 def roles(compute_wgs: int) -> tuple[str, ...]:
@@ -150,6 +159,27 @@ def print_summary(label: str, summary: dict) -> None:
             f"({r['per_event']:.0f} each)")
 
 
+def interleaved_rounds(timed: dict, rounds: int, time_ms) -> dict:
+  """{name: [ms per round]}: every (fn, args) of `timed` timed once per
+  round by time_ms(fn, *args), round after round, so that a drift of the
+  machine's speed reaches every build alike."""
+  samples = {name: [] for name in timed}
+  for _ in range(rounds):
+    for name, (fn, args) in timed.items():
+      samples[name].append(time_ms(fn, *args))
+  return samples
+
+
+def print_rounds(timed: dict, rounds: int) -> None:
+  samples = interleaved_rounds(
+      timed, rounds, lambda fn, *args: testing.median_time_ms(
+          fn, *args, warmup=1, iters=10))
+  print(f"interleaved, {rounds} rounds: median ms (min-max)", flush=True)
+  for name, ms in samples.items():
+    print(f"  {name}: {np.median(ms):.3f} ({min(ms):.3f}-{max(ms):.3f})",
+          flush=True)
+
+
 def main(argv):
   del argv
   shape = testing.AttentionShape(_BATCH.value, _SEQ_LEN.value, _SEQ_LEN.value,
@@ -165,6 +195,7 @@ def main(argv):
         q, k, v, is_causal=_CAUSAL.value, implementation="cudnn"))
     t = testing.median_time_ms(cudnn, q, k, v, warmup=3, iters=10)
     print(f"cudnn {t:.3f} ms", flush=True)
+  timed = {"cudnn": (cudnn, (q, k, v))} if _TIME.value else {}
   summaries = {}
   for text in _VARIANTS.value:
     trace_dir = ""
@@ -189,12 +220,16 @@ def main(argv):
       line += (f" {testing.median_time_ms(fn, q, k, v, log_thr, warmup=3, iters=10):.3f}"
                " ms")
     print(line, flush=True)
+    if _TIME.value:
+      timed[text] = (fn, (q, k, v, log_thr))
     if trace_dir:
       newest = max(glob.glob(os.path.join(trace_dir, "*-trace.json")),
                    key=os.path.getmtime)
       summaries[text] = dict(sparsity=sparsity, **summarize_trace(
           newest, config.resolved(shape.head_dim).compute_wgs))
       print_summary(text, summaries[text])
+  if _ROUNDS.value > 1 and timed:
+    print_rounds(timed, _ROUNDS.value)
   if _TRACE.value:
     with open(os.path.join(_TRACE.value, "summary.json"), "w") as f:
       json.dump(dict(device=jax.devices()[0].device_kind, shape=shape.name,

@@ -117,6 +117,29 @@ def test_profile_backward_summarizes_an_ncu_report(tmp_path):
   assert proc.returncode != 0 and "--csv --page raw" in proc.stderr
 
 
+def test_profile_mosaic_times_builds_in_interleaved_rounds():
+  """--rounds: round after round, every build once, in the given order;
+  each build's samples in round order. (In a subprocess: the script's
+  flags share names with the other profile scripts'.)"""
+  code = """
+from experiments import profile_mosaic
+calls = []
+def time_ms(fn, *args):
+  calls.append((fn, args))
+  return float(len(calls))
+timed = {"cudnn": ("f0", (1,)), "dense": ("f1", (2, 3)), "0:w3": ("f2", ())}
+samples = profile_mosaic.interleaved_rounds(timed, 3, time_ms)
+assert calls == [("f0", (1,)), ("f1", (2, 3)), ("f2", ())] * 3, calls
+assert samples == {"cudnn": [1.0, 4.0, 7.0], "dense": [2.0, 5.0, 8.0],
+                   "0:w3": [3.0, 6.0, 9.0]}, samples
+print("ok")
+"""
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", (
+      proc.stdout[-2000:] + proc.stderr[-4000:])
+
+
 def test_bench_decode_smoke(tmp_path):
   _, result = run_with_output("bench_decode", "bench_decode.py:smoke",
                               tmp_path, "decode")

@@ -10,6 +10,15 @@ given λ values.
     python -m experiments.bench_prefill --config=configs/bench_prefill.py
     python -m experiments.bench_prefill --config=configs/bench_prefill.py:h200
 
+A suite split over several runs (`:h200_d128`, `:h200_d64`, `:h200_model`),
+or a re-run of part of one, is joined into one table and plot without
+measuring anything (`harness.merge_results`: a later file's rows replace the
+earlier rows of the inputs it holds):
+
+    python -m experiments.bench_prefill --config.output_dir=benchmarks/results \
+        --config.output_name=prefill_h200 \
+        --merge=benchmarks/results/prefill_h200.json,rerun/prefill_h200_d128.json
+
 Rows: impl, pattern, causal, batch, seq_len, q_heads, kv_heads, head_dim,
 dtype, threshold, target, sparsity, time_ms, tflops, dense_equiv_tflops. `tflops` counts the
 FLOPs actually executed (q·kᵀ for every visited block, P·V only for kept
@@ -22,6 +31,7 @@ import functools
 import itertools
 
 from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -37,6 +47,10 @@ from blasst_jax.kernels import pallas_triton
 KERNELS = ("pallas_triton", "pallas_mosaic")
 
 _CONFIG = config_flags.DEFINE_config_file("config", config_file("bench_prefill"))
+_MERGE = flags.DEFINE_list(
+    "merge", [], "Result JSONs to join, in order, into output_dir/"
+    "output_name.json (+ PNG) instead of measuring; a later file's rows "
+    "replace the earlier rows of the inputs it holds.")
 
 
 def shape_of(t) -> testing.AttentionShape:
@@ -322,9 +336,46 @@ def plot(result, path):
   harness.save_figure(fig, path, dpi=110)
 
 
+def check_key(c):
+  return (c["impl"], c["causal"], c["threshold"], c["shape"])
+
+
+def print_table(rows):
+  """Each row's time and its speedups over our dense build and cuDNN."""
+  print(f"{'impl':>22} {'input':>22} {'λ':>8} {'sparsity':>8} {'ms':>9} "
+        f"{'vs own dense':>12} {'vs cuDNN':>8}")
+  for r in rows:
+    g = group_of(r)
+    base = {i: [x["time_ms"] for x in rows
+                if x["impl"] == i and group_of(x) == g]
+            for i in ("cudnn", f"{implementation_of(r['impl'])}_noskip")}
+    own, cud = (base[f"{implementation_of(r['impl'])}_noskip"],
+                base["cudnn"])
+    print(f"{r['impl']:>22} {group_label(g):>22} {r['threshold']:>8.3g} "
+          f"{r['sparsity']:>8.3f} {r['time_ms']:>9.3f} "
+          f"{(own[0] / r['time_ms'] if own else float('nan')):>12.3f} "
+          f"{(cud[0] / r['time_ms'] if cud else float('nan')):>8.3f}")
+
+
+def merge(cfg, paths):
+  """Joins result files into one (`harness.merge_results`) and plots it."""
+  result = harness.merge_results(paths, row_group=group_of,
+                                 check_key=check_key)
+  output = testing.result_path(cfg.output_dir, cfg.output_name, cfg.stem,
+                               result["device_kind"])
+  png = testing.save_json(result, output)
+  plot(result, png)
+  print(f"merged {len(paths)} results ({len(result['rows'])} rows): wrote "
+        f"{output} and {png}")
+  print_table(result["rows"])
+
+
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  if _MERGE.value:
+    merge(cfg, _MERGE.value)
+    return
   bench = harness.start(
       cfg, pattern=dict(name="sink_local", **cfg.pattern.to_dict()),
       block_q=cfg.block_q, block_kv=cfg.block_kv,
@@ -345,19 +396,7 @@ def main(argv):
   result["tuning"] = run_tuning(cfg)
   print()   # the summary below stands apart from the progress lines
   bench.finish(plot)
-  print(f"{'impl':>22} {'input':>22} {'λ':>8} {'sparsity':>8} {'ms':>9} "
-        f"{'vs own dense':>12} {'vs cuDNN':>8}")
-  for r in result["rows"]:
-    g = group_of(r)
-    base = {i: [x["time_ms"] for x in result["rows"]
-                if x["impl"] == i and group_of(x) == g]
-            for i in ("cudnn", f"{implementation_of(r['impl'])}_noskip")}
-    own, cud = (base[f"{implementation_of(r['impl'])}_noskip"],
-                base["cudnn"])
-    print(f"{r['impl']:>22} {group_label(g):>22} {r['threshold']:>8.3g} "
-          f"{r['sparsity']:>8.3f} {r['time_ms']:>9.3f} "
-          f"{(own[0] / r['time_ms'] if own else float('nan')):>12.3f} "
-          f"{(cud[0] / r['time_ms'] if cud else float('nan')):>8.3f}")
+  print_table(result["rows"])
 
 
 if __name__ == "__main__":

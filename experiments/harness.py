@@ -7,13 +7,16 @@ named after the device, the rows, timing, and the JSON + PNG at the end.
     bench.finish(plot)                 # plot(result, png_path)
 
 A config gives `output_dir`, `output_name` and `stem` (configs/common.py's
-`result_files`), and `warmup` and `iters` for `time_ms`.
+`result_files`), and `warmup` and `iters` for `time_ms`. A suite split
+over several runs (or re-run in part) is joined with `merge_results`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import json
+import sys
+from typing import Any, Callable, Hashable, Sequence
 
 from blasst_jax import testing
 
@@ -79,7 +82,66 @@ def start(cfg, *, stem: str | None = None, **fields) -> Benchmark:
   output = testing.result_path(cfg.output_dir, cfg.output_name,
                                stem or cfg.stem, header["device_kind"])
   return Benchmark(cfg=cfg, on_gpu=on_gpu, output=output,
-                   result=dict(**header, **fields))
+                   result=dict(**header, command=command_line(), **fields))
+
+
+def command_line() -> str:
+  """How this run was started, `python -m experiments.NAME ARGS` (a
+  result records the command that measured it)."""
+  main = sys.modules.get("__main__")
+  module = getattr(getattr(main, "__spec__", None), "name", None)
+  head = f"python -m {module}" if module else f"python {sys.argv[0]}"
+  return " ".join([head, *sys.argv[1:]])
+
+
+def runs_of(result: dict) -> list:
+  """The commands behind a result: its `runs` (a merged result) or its
+  own `command`."""
+  if "runs" in result:
+    return list(result["runs"])
+  return [result["command"]] if "command" in result else []
+
+
+def merge_results(paths: Sequence[str], *,
+                  row_group: Callable[[dict], Hashable],
+                  check_key: Callable[[dict], Hashable] | None = None
+                  ) -> dict:
+  """One result from the JSON results of several runs, in order.
+
+  A later file's rows replace every earlier row of the groups it holds
+  (`row_group(row)`, e.g. one input shape), and its checks replace the
+  earlier ones with the same `check_key`; the rest is kept. So a suite
+  split over several commands joins into one table, and a re-run of part
+  of it (one head_dim, say) updates that part in place. Fields other than
+  rows and checks come from the first file, updated by the later ones;
+  `runs` lists every command.
+
+  Raises:
+    ValueError: if the files were measured on different device kinds.
+  """
+  results = []
+  for path in paths:
+    with open(path) as f:
+      results.append(json.load(f))
+  kinds = {r.get("device_kind") for r in results}
+  if len(kinds) > 1:
+    raise ValueError(f"Results from different devices {sorted(map(str, kinds))}"
+                     " do not merge: pass files measured on one device kind.")
+  merged = {}
+  for r in results:
+    merged.update({k: v for k, v in r.items()
+                   if k not in ("rows", "checks", "runs", "command")})
+  rows, checks, runs = [], [], []
+  for r in results:
+    new_groups = {row_group(x) for x in r.get("rows", [])}
+    rows = [x for x in rows if row_group(x) not in new_groups]
+    rows += r.get("rows", [])
+    if check_key is not None:
+      new_keys = {check_key(c) for c in r.get("checks", [])}
+      checks = [c for c in checks if check_key(c) not in new_keys]
+    checks += r.get("checks", [])
+    runs += [c for c in runs_of(r) if c not in runs]
+  return dict(merged, checks=checks, rows=rows, runs=runs)
 
 
 def time_ms(cfg, fn, *args, reps: int = 1) -> float:

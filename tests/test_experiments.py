@@ -61,6 +61,8 @@ def test_bench_prefill_smoke(tmp_path):
   _, result = run_with_output("bench_prefill", "bench_prefill.py:smoke",
                               tmp_path, "prefill")
   assert result["device_kind"] and result["jax_version"]
+  assert result["command"].startswith(
+      "python -m experiments.bench_prefill --config=configs/")
   fields = {"impl", "causal", "batch", "seq_len", "q_heads", "kv_heads",
             "head_dim", "dtype", "threshold", "sparsity", "time_ms", "tflops",
             "dense_equiv_tflops"}
@@ -76,6 +78,67 @@ def test_bench_prefill_smoke(tmp_path):
   model_rows = [r for r in result["rows"] if r["pattern"] == "smollm2"]
   assert {r["batch"] for r in model_rows} == {2 * 2}   # layers x windows
   assert all(r["causal"] for r in model_rows)
+
+
+def prefill_result(rng, device, command, inputs, causal=False):
+  """A bench_prefill result: cuDNN, our dense build and two skip rows at
+  each (head_dim, seq_len) of `inputs`, random times; one check each."""
+  rows, checks = [], []
+  for d, seq in inputs:
+    common = dict(pattern="sink_local", causal=causal, batch=1, seq_len=seq,
+                  q_heads=4, kv_heads=4, head_dim=d, dtype="bfloat16")
+    for impl, thr, sparsity in [("cudnn", 0.0, 0.0),
+                                ("pallas_mosaic_noskip", 0.0, 0.0),
+                                ("pallas_mosaic", 1e-3, 0.3),
+                                ("pallas_mosaic", 1e-1, 0.7)]:
+      rows.append(dict(common, impl=impl, threshold=thr, sparsity=sparsity,
+                       target=None, time_ms=float(rng.uniform(1, 5))))
+    checks.append(dict(impl="pallas_mosaic", causal=causal, threshold=0.0,
+                       shape=f"d{d}_{seq}", skip_count_mismatch=0))
+  return dict(device_kind=device, jax_version="0.11.2", command=command,
+              checks=checks, rows=rows)
+
+
+def test_bench_prefill_merges_split_and_partial_runs(tmp_path):
+  """--merge: a later file's rows replace the earlier rows of its inputs,
+  its checks the earlier ones of the same key; every command is listed;
+  results of another device kind are refused."""
+  rng = np.random.default_rng(0)
+  full = prefill_result(rng, "NVIDIA H200", "python -m bench d128 + d64",
+                        [(128, 8192), (64, 8192)])
+  rerun = prefill_result(rng, "NVIDIA H200", "python -m bench d128",
+                         [(128, 8192)])
+  paths = []
+  for name, result in [("full", full), ("rerun", rerun)]:
+    paths.append(tmp_path / f"{name}.json")
+    paths[-1].write_text(json.dumps(result))
+  out = run(["bench_prefill", f"--config.output_dir={tmp_path}",
+             "--config.output_name=merged",
+             f"--merge={paths[0]},{paths[1]}"], tmp_path)
+  merged = json.loads((tmp_path / "merged.json").read_text())
+  want = [r for r in full["rows"] if r["head_dim"] == 64] + rerun["rows"]
+  assert merged["rows"] == want
+  assert merged["checks"] == full["checks"][1:] + rerun["checks"]
+  assert merged["runs"] == [full["command"], rerun["command"]]
+  assert merged["device_kind"] == "NVIDIA H200"
+  assert (tmp_path / "merged.png").stat().st_size > 10_000
+  own = [r for r in rerun["rows"] if r["impl"] == "pallas_mosaic_noskip"]
+  last = rerun["rows"][-1]
+  assert f"{own[0]['time_ms'] / last['time_ms']:.3f}" in out.splitlines()[-1]
+  # Merging the merged file again with the rerun changes nothing.
+  run(["bench_prefill", f"--config.output_dir={tmp_path}",
+       "--config.output_name=again",
+       f"--merge={tmp_path / 'merged.json'},{paths[1]}"], tmp_path)
+  again = json.loads((tmp_path / "again.json").read_text())
+  assert again["rows"] == merged["rows"] and again["runs"] == merged["runs"]
+  other = tmp_path / "h100.json"
+  other.write_text(json.dumps(prefill_result(
+      rng, "NVIDIA H100 80GB HBM3", "python -m bench", [(64, 4096)])))
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_prefill",
+       f"--config.output_dir={tmp_path}", f"--merge={paths[0]},{other}"],
+      cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+  assert proc.returncode != 0 and "different devices" in proc.stderr
 
 
 def test_bench_backward_smoke(tmp_path):

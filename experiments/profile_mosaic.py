@@ -7,6 +7,13 @@ Each variant is compiled, warmed up, then run once, so that
         python -m experiments.profile_mosaic --seq_len=16384
 
 reports one launch per line of this script's output, in the same order.
+`--cudnn` runs cuDNN's attention once first, to set beside them:
+
+    ncu --clock-control none -k regex:"blasst_prefill_mosaic|sdpa|fmha|flash" \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis python -m experiments.profile_mosaic \
+        --cudnn --head_dim=64 --batch=16 --heads=9 --kv_heads=3 \
+        --seq_len=8192 --causal --variants=dense,0
 
 `--trace=DIR` instead builds each variant with the kernel's own timeline
 (`MosaicConfig(trace_dir=..., trace_events=...)`): every warpgroup records
@@ -61,6 +68,9 @@ _TRACE = flags.DEFINE_string(
 _TRACE_EVENTS = flags.DEFINE_integer(
     "trace_events", 1200, "Named regions a warpgroup may record (--trace).")
 _TIME = flags.DEFINE_bool("time", False, "Also print the median time.")
+_CUDNN = flags.DEFINE_bool(
+    "cudnn", False, "Run cuDNN's attention on the same inputs once before "
+    "the variants (a launch for a profiler to compare).")
 _ROUNDS = flags.DEFINE_integer(
     "rounds", 1, "With --time and > 1: after the launches, time cuDNN and "
     "every variant again in this many interleaved rounds and print each "
@@ -190,9 +200,12 @@ def main(argv):
   kv_lengths = jnp.full((shape.batch,), shape.kv_len, jnp.int32)
   print(f"{jax.devices()[0].device_kind} jax {jax.__version__} {shape.name} "
         f"causal={_CAUSAL.value}", flush=True)
+  cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=_CAUSAL.value, implementation="cudnn"))
+  if _CUDNN.value:
+    jax.block_until_ready(cudnn(q, k, v))
+    print("launch: cudnn", flush=True)
   if _TIME.value:
-    cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=_CAUSAL.value, implementation="cudnn"))
     t = testing.median_time_ms(cudnn, q, k, v, warmup=3, iters=10)
     print(f"cudnn {t:.3f} ms", flush=True)
   timed = {"cudnn": (cudnn, (q, k, v))} if _TIME.value else {}

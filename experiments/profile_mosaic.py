@@ -24,7 +24,8 @@ writes the table to DIR/summary.json. Keep the grid small (the trace is a
 host-side JSON per call), e.g. `--batch=1 --heads=4 --seq_len=8192`.
 
 Variants: 'dense' (the build without the skip check) or a λ, with optional
-':'-separated knobs: 'stream_v' (copy_v_if_kept=False), 'pingpong'
+':'-separated knobs: 'v_if_kept' (copy_v_if_kept=True; 'stream_v' for
+False, the default), 'pingpong'
 (overlap_qk=False), 'k<N>' (extra_k_stages=N), 'w<N>' (compute_wgs=N),
 'm<N>' (memory_registers=N), 'e<N>' (exp2_fma_cols=N: N columns of each
 score tile exponentiated on the FMA pipe), 'kv<N>' (block_kv=N; default
@@ -62,7 +63,7 @@ _CAUSAL = flags.DEFINE_bool("causal", False, "Causal mask.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense", "0", "1e-2", "1e-1", "0.9"],
     "Variants, in order: 'dense' or a λ, with ':'-separated knobs "
-    "(stream_v, pingpong, k<N>, w<N>, m<N>, e<N>, kv<N>, raster_q).")
+    "(v_if_kept, stream_v, pingpong, k<N>, w<N>, m<N>, e<N>, kv<N>, raster_q).")
 _TRACE = flags.DEFINE_string(
     "trace", "", "Directory: record the kernel's timeline and sum it.")
 _TRACE_EVENTS = flags.DEFINE_integer(
@@ -90,8 +91,8 @@ def parse_variant(text: str, trace_dir: str):
   for knob in knobs:
     if knob.startswith("kv") and knob[2:].isdigit():
       block_kv = int(knob[2:])
-    elif knob == "stream_v":
-      kwargs["copy_v_if_kept"] = False
+    elif knob in ("stream_v", "v_if_kept"):
+      kwargs["copy_v_if_kept"] = knob == "v_if_kept"
     elif knob == "pingpong":
       kwargs["overlap_qk"] = False
     elif knob == "raster_q":

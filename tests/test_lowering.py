@@ -84,7 +84,7 @@ def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, skip):
 
 @pytest.mark.parametrize("config", [
     {"overlap_qk": False}, {"raster": "q"}, {"extra_k_stages": 0},
-    {"copy_v_if_kept": False}])
+    {"copy_v_if_kept": True}])
 def test_mosaic_pipeline_knobs_lower_for_cuda(config):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct

@@ -49,10 +49,13 @@ class TestMosaicInterpret(test_base.RaceChecked, test_base.AttentionTestBase):
 
 class TwoComputeWarpgroups(TestMosaicInterpret):
   """The suite's checks on two compute warpgroups (the skip build's default
-  at head_dim 128 and 256; the CPU shapes' head_dim 64 takes three)."""
+  at head_dim 128 and 256; the CPU shapes' head_dim 64 takes three), with V
+  copied only for kept blocks (the suite above streams every V block, the
+  default)."""
 
   __test__ = False
-  kernel_config = pallas_mosaic.MosaicConfig(compute_wgs=2)
+  kernel_config = pallas_mosaic.MosaicConfig(compute_wgs=2,
+                                             copy_v_if_kept=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -89,10 +92,11 @@ def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
 
 @pytest.mark.parametrize(
     "causal,q_len,kv_len,q_heads,kv_heads,num_stages,threshold,copy_v,config",
-    # The suite runs the default build; these are its other pipelines.
+    # The suite runs the default build (every V block streamed); these are
+    # its other pipelines, most with V copied for kept blocks only.
     [(True, 320, 320, 2, 1, 3, 0.1, True, {}),   # three stages
      (False, 192, 448, 1, 1, 2, 0.3, True, {}),  # most skipped by both
-     (False, 128, 320, 1, 1, 2, 0.1, False, {}),  # every V block streamed
+     (False, 128, 320, 1, 1, 2, 0.1, False, {}),  # streamed, one head
      # The two-turn skip pipeline; a K ring as deep as V's.
      (True, 320, 320, 2, 1, 2, 0.1, True, {"overlap_qk": False}),
      (False, 192, 448, 1, 1, 2, 0.3, True, {"extra_k_stages": 0}),

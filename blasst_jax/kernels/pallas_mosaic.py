@@ -23,19 +23,24 @@ Skip rule per compute warpgroup and KV block (log2 units, scale folded in):
     skip  = (not the tile's first visited block)
             and max_rows(m_blk - m_prev) < log2(λ)
 
-A skipped block does no exponentials, no row sum and no P·V wgmma, and in a
-run of skipped blocks its V block is not copied: each compute warpgroup
-publishes its decision (one shared word, and an arrival on its vote
-barrier) as soon as it is made. The memory warpgroup runs ahead on K; it
-copies block j's V as soon as the slot is free when a tile kept block
-j - 1 (kept blocks come in runs, and their V must not wait on a vote),
-and otherwise only after the votes on block j, once one keeps it. When
-none does it arrives on V's barrier without a copy, so every V phase still
-completes once per block; a warpgroup that skipped observes that phase
-later (`release_v`, `settle`) instead of waiting for the other tile's
-vote. The skipping warpgroup still takes its turns, so the pipeline stays
-in step. (`MosaicConfig(copy_v_if_kept=False)` streams every V block and
-`overlap_qk=False` builds the two-turn skip pipeline, for comparison.)
+A skipped block does no exponentials, no row sum and no P·V wgmma. By
+default the memory warpgroup streams every V block, as the dense build does:
+on the H200 the L2 stream is not what limits the kernel, and that build's
+skip check costs nothing measurable at λ = 0 (docs/prefill_h200.md).
+`MosaicConfig(copy_v_if_kept=True)` instead skips the V copy in a run of
+skipped blocks: each compute warpgroup publishes its decision (one shared
+word, and an arrival on its vote barrier) as soon as it is made. The memory
+warpgroup runs ahead on K; it copies block j's V as soon as the slot is
+free when a tile kept block j - 1 (kept blocks come in runs, and their V
+must not wait on a vote), and otherwise only after the votes on block j,
+once one keeps it. When none does it arrives on V's barrier without a
+copy, so every V phase still completes once per block; a warpgroup that
+skipped observes that phase later (`release_v`, `settle`) instead of
+waiting for the other tile's vote. It reads 37-52 % fewer bytes from L2
+at 82-97 % skipped but trails streaming by up to 6 % (its copies wait on
+votes). Either way the skipping warpgroup still takes its turns, so the
+pipeline stays in step. (`overlap_qk=False` builds the two-turn skip
+pipeline, for comparison.)
 
 `initial_max` (chained parts, context parallelism) starts each row's running
 max from a given value, as the oracle does, and the final max is returned.
@@ -324,7 +329,11 @@ class MosaicConfig:
       block's exponentials take the exp unit as long as its products take
       the tensor cores; moving some off balances the two.
     copy_v_if_kept: in the skip build, copy a V block only when a compute
-      warpgroup keeps it (False: stream every V block, as the dense build).
+      warpgroup keeps it (False, the default: stream every V block, as the
+      dense build). Gating saves L2 traffic but its copies wait on votes:
+      on the H200 it ran up to 6 % slower at λ = 0 and 0.5-6 % slower at
+      49-74 % skipped (head_dim 64 and 128, 8k-32k); at 64k it was up to
+      8 % faster (docs/prefill_h200.md).
     overlap_qk: in the skip build (and the dense build of three warpgroups),
       one tensor-core turn per block, q·kᵀ of
       the next block issued with P·V of this one (False: the two-turn ping-pong, q·kᵀ
@@ -342,7 +351,7 @@ class MosaicConfig:
 
   num_stages: int = 2
   compute_registers: int | None = None
-  copy_v_if_kept: bool = True
+  copy_v_if_kept: bool = False
   overlap_qk: bool = True
   extra_k_stages: int | None = None
   raster: str = "heads"

@@ -26,7 +26,9 @@ host-side JSON per call), e.g. `--batch=1 --heads=4 --seq_len=8192`.
 Variants: 'dense' (the build without the skip check) or a λ, with optional
 ':'-separated knobs: 'v_if_kept' (copy_v_if_kept=True; 'stream_v' for
 False, the default), 'pingpong'
-(overlap_qk=False), 'k<N>' (extra_k_stages=N), 'w<N>' (compute_wgs=N),
+(overlap_qk=False), 'overlap' (overlap_dense=True: the dense build on the
+overlapped loop), 'c<N>' (cluster_q=N: K/V multicast to N programs along
+q), 'k<N>' (extra_k_stages=N), 'w<N>' (compute_wgs=N),
 'm<N>' (memory_registers=N), 'e<N>' (exp2_fma_cols=N: N columns of each
 score tile exponentiated on the FMA pipe), 'kv<N>' (block_kv=N; default
 `default_block_kv`), 'raster_q'. With --time, cuDNN's time on the same
@@ -63,7 +65,7 @@ _CAUSAL = flags.DEFINE_bool("causal", False, "Causal mask.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense", "0", "1e-2", "1e-1", "0.9"],
     "Variants, in order: 'dense' or a λ, with ':'-separated knobs "
-    "(v_if_kept, stream_v, pingpong, k<N>, w<N>, m<N>, e<N>, kv<N>, raster_q).")
+    "(v_if_kept, stream_v, pingpong, overlap, c<N>, k<N>, w<N>, m<N>, e<N>, kv<N>, raster_q).")
 _TRACE = flags.DEFINE_string(
     "trace", "", "Directory: record the kernel's timeline and sum it.")
 _TRACE_EVENTS = flags.DEFINE_integer(
@@ -95,6 +97,10 @@ def parse_variant(text: str, trace_dir: str):
       kwargs["copy_v_if_kept"] = knob == "v_if_kept"
     elif knob == "pingpong":
       kwargs["overlap_qk"] = False
+    elif knob == "overlap":
+      kwargs["overlap_dense"] = True
+    elif knob.startswith("c") and knob[1:].isdigit():
+      kwargs["cluster_q"] = int(knob[1:])
     elif knob == "raster_q":
       kwargs["raster"] = "q"
     elif knob.startswith("k") and knob[1:].isdigit():

@@ -208,6 +208,10 @@ def test_hopper_backward_lowers_for_cuda(d, causal):
     (dict(extra_k_stages=-1), "extra_k_stages"),
     (dict(raster="batch"), "raster"),
     (dict(overlap_qk=1), "overlap_qk"),
+    (dict(overlap_dense=1), "overlap_dense"),
+    (dict(cluster_q=4), "cluster_q"),
+    (dict(cluster_q=2, copy_v_if_kept=True), "copy_v_if_kept"),
+    (dict(overlap_dense=True, overlap_qk=False), "overlap_qk"),
     (dict(trace_dir="/tmp/t"), "trace_events"),
     (dict(trace_events=64), "trace_dir"),
     (dict(trace_dir="/tmp/t", trace_events=-1), "trace_events"),
@@ -218,8 +222,9 @@ def test_hopper_backward_lowers_for_cuda(d, causal):
 def test_hopper_configs_reject_knobs_that_cannot_run(kwargs, message):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
-  if {"extra_k_stages", "raster", "overlap_qk", "trace_dir",
-      "trace_events", "compute_wgs"} & set(kwargs):  # forward's
+  if {"extra_k_stages", "raster", "overlap_qk", "overlap_dense",
+      "cluster_q", "trace_dir", "trace_events",
+      "compute_wgs"} & set(kwargs):  # forward's
     with pytest.raises(ValueError, match=message):
       pallas_mosaic.MosaicConfig(**kwargs)
     return

@@ -111,3 +111,38 @@ def test_mosaic_skip_structures_match_oracle_at_high_sparsity(
   testing.assert_skips_match(skipped, oracle, 0.3, jnp.bfloat16)
   testing.assert_close(out, oracle.out, jnp.bfloat16)
   testing.assert_lse_close(lse, oracle.lse, atol=5e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("head_dim,causal", [(64, True), (128, False),
+                                             (128, True)])
+def test_mosaic_clusters_match_single_programs(head_dim, causal, skip):
+  """`cluster_q=2` (K/V multicast to two programs along q, slots released
+  through cluster barriers) computes what single programs compute, bit for
+  bit, and what the oracle does; odd lengths give a padded cluster."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  shape = testing.AttentionShape(batch=2, q_len=1100, kv_len=1400, q_heads=6,
+                                 kv_heads=2, head_dim=head_dim)
+  q, k, v = shape.inputs(testing.key_for("mosaic_clusters", head_dim, causal),
+                         dtype=jnp.bfloat16, sharpness=(16.0, 24.0))
+  kv_lengths = jnp.array([1400, 1337], jnp.int32)
+  threshold = 0.1 if skip else 0.0
+  lam = jnp.full((2,), threshold, jnp.float32)
+  block_kv = pallas_mosaic.default_block_kv(head_dim)
+
+  def run(cluster_q):
+    return pallas_mosaic.attention_forward(
+        q, k, v, kv_lengths, config_lib.log_threshold(lam), causal=causal,
+        sm_scale=head_dim ** -0.5, block_q=64, block_kv=block_kv,
+        skip_enabled=skip,
+        config=pallas_mosaic.MosaicConfig(cluster_q=cluster_q))
+
+  out, lse, skipped, visited = run(2)
+  single = run(1)
+  for got, want in zip((out, lse, skipped, visited), single):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  oracle = bj.reference.blockwise_attention(
+      q, k, v, block_q=64, block_kv=block_kv, threshold=threshold,
+      causal=causal, kv_lengths=kv_lengths)
+  testing.assert_skips_match(skipped, oracle, threshold, jnp.bfloat16)
+  testing.assert_close(out, oracle.out, jnp.bfloat16)

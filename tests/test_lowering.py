@@ -124,6 +124,45 @@ def lower_mosaic_forward(*, causal, d, lk, masked, config, skip=True,
                         sds((b, hq, nq, nk), jnp.bool_))
 
 
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mosaic_dense_build_on_the_overlapped_loop_lowers_for_cuda(d, masked):
+  """`overlap_dense`: the dense build of two warpgroups on the overlapped
+  loop, its softmax under a branch."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  lowered = lower_mosaic_forward(
+      causal=True, d=d, lk=700, masked=masked, skip=False,
+      config=pallas_mosaic.MosaicConfig(overlap_dense=True))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("d,skip,raster", [(64, True, "heads"),
+                                           (128, True, "q"),
+                                           (128, False, "heads"),
+                                           (256, True, "heads")])
+def test_mosaic_clusters_lower_for_cuda(d, skip, raster):
+  """`cluster_q=2`: two programs along q share each K/V copy (TMA
+  multicast) and release slots through cluster barriers; an odd number of
+  programs is padded to whole clusters."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  lowered = lower_mosaic_forward(
+      causal=True, d=d, lk=700, masked=False, skip=skip,
+      config=pallas_mosaic.MosaicConfig(cluster_q=2, raster=raster))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_mosaic_clusters_refuse_block_masks():
+  """One K/V stream per cluster cannot follow two programs' block lists."""
+  from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
+  q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+  mask = jnp.ones((1, 2, 2, 1), jnp.bool_)
+  with pytest.raises(ValueError, match="cluster_q"):
+    pallas_mosaic.attention_forward(
+        q, q, q, jnp.array([128], jnp.int32), jnp.zeros((1,), jnp.float32),
+        mask, causal=False, sm_scale=0.125,
+        config=pallas_mosaic.MosaicConfig(cluster_q=2))
+
+
 @pytest.mark.parametrize("skip", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
 def test_mosaic_three_compute_warpgroups_lower_for_cuda(skip, masked):

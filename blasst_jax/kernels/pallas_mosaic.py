@@ -54,6 +54,13 @@ the blocks it visits (`block_lists`); the memory warpgroup streams the union
 of the tiles' lists (`program_lists`). At a union position whose block is not
 in its own list a compute warpgroup computes and counts nothing, but waits
 on and releases the slots and takes its turns as for a skipped block.
+
+Clusters (`MosaicConfig.cluster_q=2`): two programs of adjacent q ranges
+stream the same blocks (the longer range; the shorter program's tiles pass
+the rest as above). Each memory warpgroup issues every copy, which fetches
+its half of the block and multicasts it, so both receive the whole block
+and L2 serves it once; the K and V slot releases are cluster barriers that
+count the compute warpgroups of both programs.
 """
 
 from __future__ import annotations
@@ -230,6 +237,17 @@ def pack_lists(header_words, entries):
 
 
 MAX_EXTRA_K_STAGES = 2
+CLUSTER_AXIS = "cluster_q"   # programs of a cluster (`MosaicConfig.cluster_q`)
+
+
+def cluster_of(raster: str, cluster_q: int) -> dict:
+  """`plgpu.kernel` arguments for clusters of `cluster_q` programs along the
+  grid's q axis (the first axis with raster "q", the second with "heads")."""
+  if raster == "q":
+    return dict(cluster=(cluster_q, 1, 1),
+                cluster_names=(CLUSTER_AXIS, "cluster_heads", "cluster_batch"))
+  return dict(cluster=(1, cluster_q, 1),
+              cluster_names=("cluster_heads", CLUSTER_AXIS, "cluster_batch"))
 
 
 def k_ring_depth(config, block_q, block_kv, head_dim, n_listed_blocks=0,
@@ -338,6 +356,20 @@ class MosaicConfig:
       one tensor-core turn per block, q·kᵀ of
       the next block issued with P·V of this one (False: the two-turn ping-pong, q·kᵀ
       then softmax and P·V).
+    overlap_dense: run the dense build of two warpgroups on the overlapped
+      loop too, its softmax under a branch on a value the compiler cannot
+      know (λ is never +inf), as the skip build's is under its decision.
+      Built without a branch, that loop ran 1.3-1.8x slower than the
+      two-turn ping-pong (8k, head_dim 64 and 128), while the skip build
+      at λ = 0 on the same loop runs as fast as it: an A/B knob (False:
+      the two-turn ping-pong; three warpgroups always overlap).
+    cluster_q: programs per cluster along q, 1 or 2. With 2, the two
+      programs of adjacent q ranges of a (batch, head) share every K and V
+      copy: each fetches half a block by TMA multicast and both receive all
+      of it, which halves the blocks read from L2; a slot is refilled once
+      the compute warpgroups of both have released it (cluster barriers).
+      It streams every V block (`copy_v_if_kept=False`) and takes no block
+      mask.
     raster: which grid axis varies fastest among resident programs:
       "heads" (programs of one q range over all heads) or "q" (programs
       of one head over q ranges, which share its K/V in L2).
@@ -353,6 +385,8 @@ class MosaicConfig:
   compute_registers: int | None = None
   copy_v_if_kept: bool = False
   overlap_qk: bool = True
+  overlap_dense: bool = False
+  cluster_q: int = 1
   extra_k_stages: int | None = None
   raster: str = "heads"
   trace_dir: str = ""
@@ -368,6 +402,15 @@ class MosaicConfig:
         or self.compute_wgs not in COMPUTE_WGS_CHOICES):
       raise ValueError(f"`compute_wgs` must be None, 2 or 3, got "
                        f"{self.compute_wgs!r}.")
+    if self.overlap_dense is True and self.overlap_qk is False:
+      raise ValueError("`overlap_dense=True` runs the overlapped loop; set "
+                       "overlap_qk=True too.")
+    if (isinstance(self.cluster_q, bool) or not isinstance(self.cluster_q, int)
+        or self.cluster_q not in (1, 2)):
+      raise ValueError(f"`cluster_q` must be 1 or 2, got {self.cluster_q!r}.")
+    if self.cluster_q > 1 and self.copy_v_if_kept:
+      raise ValueError("`cluster_q=2` streams every V block to both programs; "
+                       "set copy_v_if_kept=False (the default).")
     if self.compute_wgs == 3 and not self.overlap_qk:
       raise ValueError("`compute_wgs=3` runs the overlapped pipeline only; "
                        "set overlap_qk=True or compute_wgs=2.")
@@ -389,7 +432,7 @@ class MosaicConfig:
       raise ValueError("`trace_dir` and `trace_events` (an int > 0) are set "
                        f"together or not at all, got {self.trace_dir!r} and "
                        f"{self.trace_events!r}.")
-    for name in ("copy_v_if_kept", "overlap_qk"):
+    for name in ("copy_v_if_kept", "overlap_qk", "overlap_dense"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
@@ -472,7 +515,8 @@ class _Barriers(NamedTuple):
 def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
             block_kv, head_dim, dtype, causal, q_len, group, num_stages,
             k_stages, compute_wgs, compute_registers, memory_registers,
-            exp2_fma_cols, skip_enabled, overlap, interpret):
+            exp2_fma_cols, skip_enabled, overlap, guard_softmax, cluster_q,
+            interpret):
   # K slots: position % k_stages; V slots: position % num_stages. Optional
   # features are on where their buffers are: block lists (sc.lists), the
   # skip record (sc.skips), votes on V copies (sc.votes), a chained running
@@ -480,6 +524,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
   program = lax.axis_index("q_seq")
+  if cluster_q > 1:   # program: the q range, counted over the clusters'
+    program = program * cluster_q + lax.axis_index(CLUSTER_AXIS)
   wg = lax.axis_index("wg")
 
   def schedule_turn():
@@ -516,8 +562,13 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
   # position pos: the longest of the tiles' ranges, or the union of their
   # block lists.
   if sc.lists is None:
+    # The cluster's programs stream the same blocks (each copy lands in
+    # all of them): the longest range of all their tiles.
+    cluster_base = (program_base if cluster_q == 1 else program_base
+                    - lax.rem(program, cluster_q) * (C * block_q))
     n_stream = functools.reduce(
-        jnp.maximum, [steps_for(program_base + t * block_q) for t in range(C)])
+        jnp.maximum, [steps_for(cluster_base + t * block_q)
+                      for t in range(cluster_q * C)])
     block_at = lambda pos: pos  # pylint: disable=g-long-lambda
   else:
     @pl.when(wg == C)
@@ -811,11 +862,18 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           l_new = l_i * alpha_new + p.sum(axis=1)
           return m_new, l_new, p.astype(dtype), alpha_new
 
-        if not skip_enabled:   # The dense build (three warpgroups).
+        if not skip_enabled:   # The dense build (`overlap_dense`, or three)
           # keep = 1 derived from a traced value: Mosaic's lowering wants
           # the loop carry's scalars as IR values, not constants.
           kept = n_visited * 0 + 1
-          return softmax() + (kept, n_skipped, n_visited + 1)
+          if not guard_softmax:
+            return softmax() + (kept, n_skipped, n_visited + 1)
+          # Never taken (λ < +inf), but unknown to the compiler, so the
+          # softmax sits in a branch as in the skip build.
+          never = log2_thr == jnp.inf
+          new = lax.cond(never, lambda: (m_i, l_i, p16, alpha),
+                         jax.named_scope("softmax")(softmax))
+          return new + (kept, n_skipped, n_visited + 1)
         with jax.named_scope("vote"):
           skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk,
                                                                  m_i)
@@ -984,9 +1042,13 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
     def source(pos):
       return (batch, pl.ds(block_at(pos) * block_kv, block_kv), kv_head)
 
+    # With clusters, every program issues each copy: it fetches its share
+    # and multicasts it, and its barrier awaits the whole block.
+    multicast = dict(collective_axes=CLUSTER_AXIS) if cluster_q > 1 else {}
+
     def issue_k(pos, slot):
       plgpu.copy_gmem_to_smem(io.k.at[source(pos)], sc.k.at[slot],
-                              bars.k.at[slot])
+                              bars.k.at[slot], **multicast)
 
     def issue_v(pos, slot):
       tail = block_at(pos) == lax.div(kv_len, block_kv)
@@ -994,13 +1056,13 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       @pl.when(~tail)
       def _():
         plgpu.copy_gmem_to_smem(io.v.at[source(pos)], sc.v.at[slot],
-                                bars.v.at[slot])
+                                bars.v.at[slot], **multicast)
 
       @pl.when(tail)
       def _():
         plgpu.copy_gmem_to_smem(
             io.v_tail.at[batch, pl.ds(0, block_kv), kv_head], sc.v.at[slot],
-            bars.v.at[slot])
+            bars.v.at[slot], **multicast)
 
     def issue_k_ahead(pos):
       """K runs k_stages blocks ahead: block pos + k_stages into pos's slot
@@ -1110,6 +1172,10 @@ def attention_forward(q, k, v, kv_lengths, log_threshold, block_mask=None,
   """
   config = config.resolved(q.shape[-1], skip_enabled)
   check_exp2_fma_cols(config, block_kv)
+  if block_mask is not None and config.cluster_q > 1:
+    raise ValueError("`cluster_q=2` shares one K/V stream between two "
+                     "programs and takes no block mask; use cluster_q=1 with "
+                     "`block_mask`.")
   lists = None
   if block_mask is not None:
     lists = program_lists(block_mask, kv_lengths.astype(jnp.int32),
@@ -1155,8 +1221,10 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   b, lq, hq, d = q.shape
   _, lk, hkv, _ = k.shape
   C = config.compute_wgs  # pylint: disable=invalid-name
+  cluster_q = config.cluster_q
   program_rows = C * block_q
-  n_programs = -(-lq // program_rows)
+  # A cluster's programs are adjacent q ranges: a whole number of them.
+  n_programs = -(-lq // (cluster_q * program_rows)) * cluster_q
   lq_pad = n_programs * program_rows
   nk = -(-lk // block_kv)
   # Padded q rows repeat the last real row: their gaps equal a real row's,
@@ -1183,14 +1251,19 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   dtype = q.dtype
   num_stages = config.num_stages
   vote = skip_enabled and config.copy_v_if_kept
-  # The dense build of two warpgroups keeps the two-turn ping-pong: built
-  # overlapped it ran 1.3-1.8x slower on the H200 (8k, head_dim 64 and 128).
-  overlap = config.overlap_qk and (skip_enabled or C > 2)
+  # The dense build of two warpgroups keeps the two-turn ping-pong unless
+  # `overlap_dense`: built overlapped without a branch around its softmax
+  # it ran 1.3-1.8x slower on the H200 (8k, head_dim 64 and 128).
+  overlap = config.overlap_qk and (skip_enabled or C > 2
+                                   or config.overlap_dense)
+  guard_softmax = not skip_enabled and config.overlap_dense
   k_stages = k_ring_depth(config, block_q, block_kv, d,
                           0 if lists is None else nk,
                           nk if record_skips else 0)
 
   skip_rows = list_width(nk) // SLOT   # skip words: [skip_rows, SLOT]
+  slot_release = (plgpu.Barrier if cluster_q == 1 else functools.partial(
+      plgpu.ClusterBarrier, collective_axes=(CLUSTER_AXIS,)))
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   scratch = _Scratch(
       qo=plgpu.SMEM((C, block_q, d), dtype, transforms=swizzled),
@@ -1215,8 +1288,10 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
       v=plgpu.Barrier(num_barriers=num_stages),
       q=plgpu.Barrier(num_barriers=C),
       params=plgpu.Barrier(num_barriers=C + 1),
-      k_free=plgpu.Barrier(num_arrivals=C, num_barriers=k_stages),
-      v_free=plgpu.Barrier(num_arrivals=C, num_barriers=num_stages),
+      # With clusters a slot is refilled in every program of the cluster at
+      # once: its release needs all of their compute warpgroups.
+      k_free=slot_release(num_arrivals=C, num_barriers=k_stages),
+      v_free=slot_release(num_arrivals=C, num_barriers=num_stages),
       sched=(plgpu.Barrier(num_barriers=C) if overlap
              else plgpu.Barrier(num_arrivals=C)),
       lists=plgpu.Barrier() if lists is not None else None,
@@ -1249,6 +1324,7 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
               memory_registers=config.memory_registers,
               exp2_fma_cols=config.exp2_fma_cols,
               skip_enabled=skip_enabled, overlap=overlap,
+              guard_softmax=guard_softmax, cluster_q=cluster_q,
               interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
@@ -1256,10 +1332,12 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   results = plgpu.kernel(
       blasst_prefill_mosaic,
       out_type=tuple(out_shapes[name] for name in out_names),
-      grid=((hq, n_programs, b) if config.raster == "heads" else
-            (n_programs, hq, b)),
+      # The q_seq axis counts clusters; a cluster's programs are along q.
+      grid=((hq, n_programs // cluster_q, b) if config.raster == "heads"
+            else (n_programs // cluster_q, hq, b)),
       grid_names=(("heads", "q_seq", "batch") if config.raster == "heads"
                   else ("q_seq", "heads", "batch")),
+      **({} if cluster_q == 1 else cluster_of(config.raster, cluster_q)),
       num_threads=C + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(

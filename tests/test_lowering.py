@@ -142,8 +142,7 @@ def test_mosaic_dense_build_on_the_overlapped_loop_lowers_for_cuda(d, masked):
                                            (256, True, "heads")])
 def test_mosaic_clusters_lower_for_cuda(d, skip, raster):
   """`cluster_q=2`: two programs along q share each K/V copy (TMA
-  multicast) and release slots through cluster barriers; an odd number of
-  programs is padded to whole clusters."""
+  multicast) and release slots through cluster barriers."""
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   lowered = lower_mosaic_forward(
       causal=True, d=d, lk=700, masked=False, skip=skip,

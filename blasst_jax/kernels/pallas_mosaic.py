@@ -358,7 +358,8 @@ class MosaicConfig:
       then softmax and P·V).
     overlap_dense: run the dense build of two warpgroups on the overlapped
       loop too, its softmax under a branch on a value the compiler cannot
-      know (λ is never +inf), as the skip build's is under its decision.
+      know (a parameter word that is always 0), as the skip build's is
+      under its decision.
       Built without a branch, that loop ran 1.3-1.8x slower than the
       two-turn ping-pong (8k, head_dim 64 and 128), while the skip build
       at λ = 0 on the same loop runs as fast as it: an A/B knob (False:
@@ -370,9 +371,10 @@ class MosaicConfig:
       the compute warpgroups of both have released it (cluster barriers).
       It streams every V block (`copy_v_if_kept=False`) and takes no block
       mask.
-    raster: which grid axis varies fastest among resident programs:
-      "heads" (programs of one q range over all heads) or "q" (programs
-      of one head over q ranges, which share its K/V in L2).
+    raster: which grid axis varies slowest (the grid's first; its last,
+      the batch, runs fastest, as CUDA's x): "heads" (the default:
+      programs of one head over its q ranges run side by side and share
+      its K/V in L2) or "q" (programs of one q range over all heads).
     trace_dir, trace_events: with both set, every warpgroup records the
       clock at the start and end of the kernel's named regions (waits on
       each barrier, the vote, the softmax, ...), at most `trace_events`
@@ -868,9 +870,9 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           kept = n_visited * 0 + 1
           if not guard_softmax:
             return softmax() + (kept, n_skipped, n_visited + 1)
-          # Never taken (λ < +inf), but unknown to the compiler, so the
-          # softmax sits in a branch as in the skip build.
-          never = log2_thr == jnp.inf
+          # Never taken, but unknown to the compiler, so the softmax sits
+          # in a branch as in the skip build.
+          never = my_params[2] != 0.0   # a word that is always 0
           new = lax.cond(never, lambda: (m_i, l_i, p16, alpha),
                          jax.named_scope("softmax")(softmax))
           return new + (kept, n_skipped, n_visited + 1)

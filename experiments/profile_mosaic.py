@@ -65,7 +65,8 @@ _CAUSAL = flags.DEFINE_bool("causal", False, "Causal mask.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense", "0", "1e-2", "1e-1", "0.9"],
     "Variants, in order: 'dense' or a λ, with ':'-separated knobs "
-    "(v_if_kept, stream_v, pingpong, overlap, c<N>, k<N>, w<N>, m<N>, e<N>, kv<N>, raster_q).")
+    "(v_if_kept, stream_v, pingpong, overlap, c<N>, k<N>, w<N>, m<N>, "
+    "e<N>, kv<N>, raster_q).")
 _TRACE = flags.DEFINE_string(
     "trace", "", "Directory: record the kernel's timeline and sum it.")
 _TRACE_EVENTS = flags.DEFINE_integer(

@@ -240,14 +240,23 @@ MAX_EXTRA_K_STAGES = 2
 CLUSTER_AXIS = "cluster_q"   # programs of a cluster (`MosaicConfig.cluster_q`)
 
 
-def cluster_of(raster: str, cluster_q: int) -> dict:
-  """`plgpu.kernel` arguments for clusters of `cluster_q` programs along the
-  grid's q axis (the first axis with raster "q", the second with "heads")."""
-  if raster == "q":
-    return dict(cluster=(cluster_q, 1, 1),
-                cluster_names=(CLUSTER_AXIS, "cluster_heads", "cluster_batch"))
-  return dict(cluster=(1, cluster_q, 1),
-              cluster_names=("cluster_heads", CLUSTER_AXIS, "cluster_batch"))
+def launch_grid(raster: str, heads: int, n_programs: int, batch: int,
+                cluster_q: int) -> dict:
+  """`plgpu.kernel`'s grid arguments: axes (heads, q_seq, batch), or
+  (q_seq, heads, batch) with raster "q" (the last runs fastest). q_seq counts
+  clusters; with `cluster_q` > 1 a cluster's programs lie along it."""
+  names = ("heads", "q_seq", "batch")
+  sizes = (heads, n_programs // cluster_q, batch)
+  order = (1, 0, 2) if raster == "q" else (0, 1, 2)
+  grid = dict(grid=tuple(sizes[i] for i in order),
+              grid_names=tuple(names[i] for i in order))
+  if cluster_q == 1:
+    return grid
+  return dict(grid,
+              cluster=tuple(cluster_q if names[i] == "q_seq" else 1
+                            for i in order),
+              cluster_names=tuple(CLUSTER_AXIS if names[i] == "q_seq"
+                                  else f"cluster_{names[i]}" for i in order))
 
 
 def k_ring_depth(config, block_q, block_kv, head_dim, n_listed_blocks=0,
@@ -525,9 +534,9 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
   # max (sc.rows), P through shared memory in interpret mode (sc.p).
   batch = lax.axis_index("batch")
   q_head = lax.axis_index("heads")
-  program = lax.axis_index("q_seq")
-  if cluster_q > 1:   # program: the q range, counted over the clusters'
-    program = program * cluster_q + lax.axis_index(CLUSTER_AXIS)
+  cluster = lax.axis_index("q_seq")   # a cluster of cluster_q programs
+  program = cluster if cluster_q == 1 else (
+      cluster * cluster_q + lax.axis_index(CLUSTER_AXIS))
   wg = lax.axis_index("wg")
 
   def schedule_turn():
@@ -547,6 +556,9 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
   plgpu.barrier_wait(bars.params.at[wg])
   kv_len = my_params[0].astype(jnp.int32)
   log2_thr = my_params[1]
+  # Always false (the word is 0), but unknown to the compiler: the dense
+  # build of `overlap_dense` puts its softmax in a branch on it.
+  never = my_params[2] != 0.0
   scale = sm_scale * LOG2E
 
   C = compute_wgs  # pylint: disable=invalid-name
@@ -566,8 +578,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
   if sc.lists is None:
     # The cluster's programs stream the same blocks (each copy lands in
     # all of them): the longest range of all their tiles.
-    cluster_base = (program_base if cluster_q == 1 else program_base
-                    - lax.rem(program, cluster_q) * (C * block_q))
+    cluster_base = cluster * (cluster_q * C * block_q)
     n_stream = functools.reduce(
         jnp.maximum, [steps_for(cluster_base + t * block_q)
                       for t in range(cluster_q * C)])
@@ -870,9 +881,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
           kept = n_visited * 0 + 1
           if not guard_softmax:
             return softmax() + (kept, n_skipped, n_visited + 1)
-          # Never taken, but unknown to the compiler, so the softmax sits
-          # in a branch as in the skip build.
-          never = my_params[2] != 0.0   # a word that is always 0
+          # Never taken, so the softmax sits in a branch as in the skip build.
           new = lax.cond(never, lambda: (m_i, l_i, p16, alpha),
                          jax.named_scope("softmax")(softmax))
           return new + (kept, n_skipped, n_visited + 1)
@@ -1334,12 +1343,7 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   results = plgpu.kernel(
       blasst_prefill_mosaic,
       out_type=tuple(out_shapes[name] for name in out_names),
-      # The q_seq axis counts clusters; a cluster's programs are along q.
-      grid=((hq, n_programs // cluster_q, b) if config.raster == "heads"
-            else (n_programs // cluster_q, hq, b)),
-      grid_names=(("heads", "q_seq", "batch") if config.raster == "heads"
-                  else ("q_seq", "heads", "batch")),
-      **({} if cluster_q == 1 else cluster_of(config.raster, cluster_q)),
+      **launch_grid(config.raster, hq, n_programs, b, cluster_q),
       num_threads=C + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(

@@ -25,13 +25,15 @@ host-side JSON per call), e.g. `--batch=1 --heads=4 --seq_len=8192`.
 
 Variants: 'dense' (the build without the skip check) or a λ, with optional
 ':'-separated knobs: 'v_if_kept' (copy_v_if_kept=True; 'stream_v' for
-False, the default), 'pingpong'
-(overlap_qk=False), 'overlap' (overlap_dense=True: the dense build on the
-overlapped loop), 'c<N>' (cluster_q=N: K/V multicast to N programs along
-q), 'k<N>' (extra_k_stages=N), 'w<N>' (compute_wgs=N),
-'m<N>' (memory_registers=N), 'e<N>' (exp2_fma_cols=N: N columns of each
-score tile exponentiated on the FMA pipe), 'kv<N>' (block_kv=N; default
-`default_block_kv`), 'raster_q'. With --time, cuDNN's time on the same
+False, the default), 'pingpong' (overlap_qk=False: two tensor-core turns a
+block), 'overlap' / 'no_overlap' (overlap_dense=True, the default / False:
+the dense build on the overlapped loop or on the ping-pong), 'c<N>'
+(cluster_q=N: K/V multicast to N programs along q), 'k<N>'
+(extra_k_stages=N), 'w<N>' (compute_wgs=N), 'm<N>' (memory_registers=N),
+'e<N>' (exp2_fma_cols=N: N columns of each score tile exponentiated on
+the FMA pipe), 'kv<N>' (block_kv=N; default `default_block_kv`),
+'raster_q', 'vote2' (one_barrier_vote=False: the two-barrier reduction).
+With --time, cuDNN's time on the same
 inputs is printed first; with --rounds=N as well, every build is timed
 again in N interleaved rounds:
 
@@ -65,8 +67,9 @@ _CAUSAL = flags.DEFINE_bool("causal", False, "Causal mask.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense", "0", "1e-2", "1e-1", "0.9"],
     "Variants, in order: 'dense' or a λ, with ':'-separated knobs "
-    "(v_if_kept, stream_v, pingpong, overlap, c<N>, k<N>, w<N>, m<N>, "
-    "e<N>, kv<N>, raster_q).")
+    "(v_if_kept, stream_v, pingpong, overlap, no_overlap, c<N>, k<N>, "
+    "w<N>, m<N>, "
+    "e<N>, kv<N>, raster_q, vote2).")
 _TRACE = flags.DEFINE_string(
     "trace", "", "Directory: record the kernel's timeline and sum it.")
 _TRACE_EVENTS = flags.DEFINE_integer(
@@ -98,8 +101,10 @@ def parse_variant(text: str, trace_dir: str):
       kwargs["copy_v_if_kept"] = knob == "v_if_kept"
     elif knob == "pingpong":
       kwargs["overlap_qk"] = False
-    elif knob == "overlap":
-      kwargs["overlap_dense"] = True
+    elif knob in ("overlap", "no_overlap"):
+      kwargs["overlap_dense"] = knob == "overlap"
+    elif knob == "vote2":
+      kwargs["one_barrier_vote"] = False
     elif knob.startswith("c") and knob[1:].isdigit():
       kwargs["cluster_q"] = int(knob[1:])
     elif knob == "raster_q":

@@ -209,9 +209,9 @@ def test_hopper_backward_lowers_for_cuda(d, causal):
     (dict(raster="batch"), "raster"),
     (dict(overlap_qk=1), "overlap_qk"),
     (dict(overlap_dense=1), "overlap_dense"),
+    (dict(one_barrier_vote="yes"), "one_barrier_vote"),
     (dict(cluster_q=4), "cluster_q"),
     (dict(cluster_q=2, copy_v_if_kept=True), "copy_v_if_kept"),
-    (dict(overlap_dense=True, overlap_qk=False), "overlap_qk"),
     (dict(trace_dir="/tmp/t"), "trace_events"),
     (dict(trace_events=64), "trace_dir"),
     (dict(trace_dir="/tmp/t", trace_events=-1), "trace_events"),
@@ -223,6 +223,7 @@ def test_hopper_configs_reject_knobs_that_cannot_run(kwargs, message):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   from blasst_jax.kernels import pallas_mosaic_bwd  # pylint: disable=g-import-not-at-top
   if {"extra_k_stages", "raster", "overlap_qk", "overlap_dense",
+      "one_barrier_vote",
       "cluster_q", "trace_dir", "trace_events",
       "compute_wgs"} & set(kwargs):  # forward's
     with pytest.raises(ValueError, match=message):
@@ -253,8 +254,11 @@ def test_hopper_forward_config_resolves_warpgroups_and_registers():
   # A larger memory warpgroup leaves the compute warpgroups the rest.
   roomy = pallas_mosaic.MosaicConfig(compute_wgs=3, memory_registers=56)
   assert roomy.resolved(64).compute_registers == 152
-  # The dense build keeps the two-turn ping-pong of two warpgroups.
+  # The dense build overlaps three at head_dim 64 with its softmax under a
+  # branch (`overlap_dense`), else it keeps the ping-pong of two.
   assert pallas_mosaic.MosaicConfig().resolved(
+      64, skip_enabled=False).compute_wgs == 3
+  assert pallas_mosaic.MosaicConfig(overlap_dense=False).resolved(
       64, skip_enabled=False).compute_wgs == 2
   # The two-turn pipeline is built for two warpgroups whatever the head_dim.
   assert pallas_mosaic.MosaicConfig(overlap_qk=False).resolved(

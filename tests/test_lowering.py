@@ -84,7 +84,7 @@ def test_mosaic_kernel_lowers_for_cuda(dtype, d, causal, skip):
 
 @pytest.mark.parametrize("config", [
     {"overlap_qk": False}, {"raster": "q"}, {"extra_k_stages": 0},
-    {"copy_v_if_kept": True}])
+    {"copy_v_if_kept": True}, {"one_barrier_vote": False}])
 def test_mosaic_pipeline_knobs_lower_for_cuda(config):
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct
@@ -124,14 +124,17 @@ def lower_mosaic_forward(*, causal, d, lk, masked, config, skip=True,
                         sds((b, hq, nq, nk), jnp.bool_))
 
 
-@pytest.mark.parametrize("d,masked", [(64, True), (128, False)])
-def test_mosaic_dense_build_on_the_overlapped_loop_lowers_for_cuda(d, masked):
-  """`overlap_dense`: the dense build of two warpgroups on the overlapped
-  loop, its softmax under a branch."""
+@pytest.mark.parametrize("d,masked,overlap", [(64, True, True),
+                                               (128, False, True),
+                                               (128, True, False)])
+def test_mosaic_dense_builds_lower_for_cuda(d, masked, overlap):
+  """The dense build on the overlapped loop, its softmax under a branch
+  (`overlap_dense`, the default: three warpgroups at head_dim 64, two at
+  128), and the two-turn ping-pong of two (`overlap_dense=False`)."""
   from blasst_jax.kernels import pallas_mosaic  # pylint: disable=g-import-not-at-top
   lowered = lower_mosaic_forward(
       causal=True, d=d, lk=700, masked=masked, skip=False,
-      config=pallas_mosaic.MosaicConfig(overlap_dense=True))
+      config=pallas_mosaic.MosaicConfig(overlap_dense=overlap))
   assert "mosaic_gpu" in lowered.as_text()
 
 

@@ -100,12 +100,14 @@ def run_interpreted(q, k, v, kv_lengths, threshold, *, causal, num_stages,
      # The two-turn skip pipeline; a K ring as deep as V's.
      (True, 320, 320, 2, 1, 2, 0.1, True, {"overlap_qk": False}),
      (False, 192, 448, 1, 1, 2, 0.3, True, {"extra_k_stages": 0}),
-     # Three compute warpgroups: skipping (the last program holds two real
-     # tiles), and the dense build, which runs the overlapped loop too.
+     # Three compute warpgroups skipping (the last program holds two real
+     # tiles); the dense build's two-turn ping-pong of two warpgroups
+     # (`overlap_dense=False`; the suite runs the default, three at
+     # head_dim 64 on the overlapped loop).
      (True, 320, 320, 2, 1, 2, 0.1, True, {"compute_wgs": 3}),
-     (False, 200, 264, 2, 1, 2, 0.0, True, {"compute_wgs": 3}),
-     # The dense build of two on the overlapped loop (`overlap_dense`).
-     (True, 128, 192, 1, 1, 2, 0.0, True, {"overlap_dense": True}),
+     (False, 200, 264, 2, 1, 2, 0.0, True, {"overlap_dense": False}),
+     # The dense build of two on the overlapped loop (head_dim 128's).
+     (True, 128, 192, 1, 1, 2, 0.0, True, {"compute_wgs": 2}),
      # Clusters of two programs sharing the K/V stream (`cluster_q`): the
      # interpreter copies each block into both programs itself, but runs
      # the releases through the cluster barriers (the GPU test covers the

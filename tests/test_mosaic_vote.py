@@ -1,5 +1,6 @@
-"""The Mosaic kernels' warpgroup vote (`mosaic_vote.warpgroup_max`): three
-warpgroups reducing at once, each through its own scratch. On CPU in
+"""The Mosaic kernels' warpgroup votes (`mosaic_vote.warpgroup_max` and the
+one-barrier `warpgroup_any`): three warpgroups voting at once, each through
+its own scratch. On CPU in
 Pallas' race-checked GPU interpret mode and lowered for CUDA; compiled on a
 Hopper GPU (marker `gpu`), where a shared scratch would tear."""
 
@@ -23,10 +24,11 @@ SLOT = 32       # f32 words in 128 bytes (a TMA copy's alignment)
 ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def warpgroup_maxima(x, *, interpret=None):
+@functools.partial(jax.jit, static_argnames=("interpret", "any_positive"))
+def warpgroup_maxima(x, *, interpret=None, any_positive=False):
   """x f32 [warpgroups, votes, ROWS] -> [warpgroups, votes]: warpgroup w
-  reduces x[w, i] for every i, all warpgroups at once."""
+  reduces x[w, i] for every i, all warpgroups at once (any_positive:
+  1.0 where some x[w, i] > 0 by `warpgroup_any`, else 0.0)."""
   n_wgs, votes, _ = x.shape
 
   def kernel(x_gmem, out_gmem):
@@ -37,8 +39,14 @@ def warpgroup_maxima(x, *, interpret=None):
       for i in range(votes):
         row = plgpu.load(x_smem.at[wg, i], layout=ROW_LAYOUT,
                          optimized=False)                      # [ROWS]
-        out_smem[wg, i] = mosaic_vote.warpgroup_max(
-            row, scratch.at[wg], interpret=interpret is not None)
+        if any_positive:
+          hit = jnp.where(row > 0.0, 1.0, 0.0)
+          out_smem[wg, i] = mosaic_vote.warpgroup_any(
+              hit, scratch.at[wg], jnp.int32(i % 2),
+              interpret=interpret is not None).astype(jnp.float32)
+        else:
+          out_smem[wg, i] = mosaic_vote.warpgroup_max(
+              row, scratch.at[wg], interpret=interpret is not None)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[wg])
       plgpu.wait_smem_to_gmem(0)
@@ -78,9 +86,11 @@ def test_concurrent_votes_match_numpy_race_checked(n_wgs):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(x).max(axis=-1))
 
 
-def test_vote_lowers_for_cuda():
+@pytest.mark.parametrize("any_positive", [False, True])
+def test_vote_lowers_for_cuda(any_positive):
   lowered = testing.lower_for_h100(
-      warpgroup_maxima, jax.ShapeDtypeStruct((3, 8, ROWS), jnp.float32))
+      functools.partial(warpgroup_maxima, any_positive=any_positive),
+      jax.ShapeDtypeStruct((3, 8, ROWS), jnp.float32))
   assert "mosaic_gpu" in lowered.as_text()
 
 
@@ -94,3 +104,16 @@ def test_concurrent_votes_match_numpy_on_hopper():
     x = rows_with_one_winner(jax.random.key(seed), 3, SLOT)
     np.testing.assert_array_equal(np.asarray(warpgroup_maxima(x)),
                                   np.asarray(x).max(axis=-1))
+
+
+@pytest.mark.gpu
+def test_concurrent_one_barrier_votes_match_numpy_on_hopper():
+  """`warpgroup_any` of three warpgroups at once, 32 votes each, half of
+  them with a single positive row (any warp's), the rest with none."""
+  if not bj.api.is_hopper():
+    pytest.skip("needs a Hopper GPU")
+  for seed in range(20):
+    x = rows_with_one_winner(jax.random.key(seed), 3, SLOT)
+    got = np.asarray(warpgroup_maxima(x, any_positive=True))
+    np.testing.assert_array_equal(
+        got, (np.asarray(x) > 0).any(axis=-1).astype(np.float32))

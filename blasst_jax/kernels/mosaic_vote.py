@@ -14,17 +14,33 @@ shared memory, but ptxas then serializes every wgmma of the kernel,
 "wgmma.mma_async instructions are serialized due to program dependence on
 compiler-inserted WG.AR in divergent path", and spills: the λ = 0 build
 ran 1.5x slower on an H200.)
+
+`warpgroup_any` is the skip rule's vote with one barrier instead of the
+reduction's two: each warp folds its rows with `vote.any` (one
+instruction, no shuffles), writes one word, and the warpgroup meets once on
+its named barrier. Consecutive votes alternate between two halves of the
+scratch (`parity`), so the barrier that guards a half's reads is the next
+vote's: a warp can rewrite a half only after every warp has passed the vote
+in between, and so has read it.
 """
 
 from __future__ import annotations
 
+import jax.experimental.mosaic.gpu as mgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, memref, nvvm, vector
 
 # f32 words of a warpgroup's reduction scratch: a row vector of the wgmma
 # layout needs 4 warps x 1 word per step; 128 (512 bytes) is Mosaic's own
 # default allowance.
 SCRATCH_WORDS = 128
+# `warpgroup_any`'s words: a word per warp, two halves (parity 0 and 1).
+ANY_WORDS = 8
+WARPS = 4
 
 
 def _reduce_max(ctx, x, scratch):
@@ -51,3 +67,58 @@ def warpgroup_max(x, scratch, *, interpret: bool):
       return_type=plgpu.ShapeDtypeStruct(
           (), jnp.float32, layout=plgpu.Layout.WG_SPLAT(())),
   )(_reduce_max)(x, scratch)
+
+
+def _any_positive(ctx, hit, scratch):
+  """1.0 where some element of the row vector `hit` is > 0.5, else 0.0,
+  as a splat uniform over the warpgroup; scratch: f32 [WARPS], this vote's
+  half."""
+  del ctx
+  f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
+  index = ir.IndexType.get()
+  mine = None     # this thread's rows, folded
+  for reg in hit.registers.flat:
+    for i in range(ir.VectorType(reg.type).shape[0]):
+      x = vector.extract(reg, dynamic_position=[],
+                         static_position=ir.DenseI64ArrayAttr.get([i]))
+      mine = x if mine is None else arith.maximumf(mine, x)
+  warp_hit = nvvm.vote_sync(
+      mgpu_utils.c(0xFFFFFFFF, i32),
+      arith.cmpf(arith.CmpFPredicate.OGT, mine, mgpu_utils.c(0.5, f32)),
+      "any")
+  word = arith.select(warp_hit, mgpu_utils.c(1.0, f32),
+                      mgpu_utils.c(0.0, f32))
+  warp = arith.remui(mgpu_utils.warp_idx(), mgpu_utils.c(WARPS, i32))
+  # Every lane of a warp writes the same word to the same address.
+  memref.store(word, scratch, [arith.index_cast(index, warp)])
+  mgpu_utils.warpgroup_barrier()
+  out = None
+  for w in range(WARPS):
+    x = memref.load(scratch, [mgpu_utils.c(w, index)])
+    out = x if out is None else arith.maximumf(out, x)
+  return mgpu.FragmentedArray.splat(out, ())
+
+
+def warpgroup_any(hit, scratch, parity, *, interpret: bool):
+  """Whether some row of `hit` is > 0.5, uniform over the warpgroup, with
+  one barrier (see the module docstring).
+
+  Args:
+    hit: f32 [rows] of 0.0 / 1.0 in the wgmma row layout.
+    scratch: this warpgroup's f32 [>= ANY_WORDS] shared-memory ref.
+    parity: int32 scalar that alternates between consecutive votes of the
+      warpgroup (e.g. the vote count % 2).
+    interpret: Pallas' interpret mode, which runs no inline Mosaic: there
+      `hit.max() > 0.5`.
+
+  Returns:
+    bool scalar.
+  """
+  if interpret:
+    return hit.max() > 0.5
+  words = scratch.at[pl.ds(parity * WARPS, WARPS)]
+  return plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA.reduce(1), plgpu.RefType()),
+      return_type=plgpu.ShapeDtypeStruct(
+          (), jnp.float32, layout=plgpu.Layout.WG_SPLAT(())),
+  )(_any_positive)(hit, words) > 0.5

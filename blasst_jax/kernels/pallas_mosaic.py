@@ -14,8 +14,10 @@ FlashAttention-3, so that one's softmax runs under the others' wgmma. The
 skip build (`overlapped_loop`) takes one turn per block: it issues q·kᵀ of
 the next block and P·V of this one, passes the turn to the next warpgroup,
 and decides on and exponentiates the next block while the products run.
-The dense build of two warpgroups (`pingpong_loop`) takes two: q·kᵀ, then
-softmax and P·V; with three it runs the overlapped loop without the vote.
+The dense build runs the same loop without the vote, its softmax under a
+branch that is never taken (`MosaicConfig.overlap_dense`, the default; with
+it off, two warpgroups take two turns a block in `pingpong_loop`: q·kᵀ,
+then softmax and P·V).
 
 Skip rule per compute warpgroup and KV block (log2 units, scale folded in):
 
@@ -25,8 +27,10 @@ Skip rule per compute warpgroup and KV block (log2 units, scale folded in):
 
 A skipped block does no exponentials, no row sum and no P·V wgmma. By
 default the memory warpgroup streams every V block, as the dense build does:
-on the H200 the L2 stream is not what limits the kernel, and that build's
-skip check costs nothing measurable at λ = 0 (docs/prefill_h200.md).
+on the H200 the L2 stream is not what limits the kernel
+(docs/prefill_h200.md). The decision is one warpgroup-wide vote a block
+(`mosaic_vote.warpgroup_any`: a warp vote, one shared word a warp and one
+barrier); it is what the skip build at λ = 0 pays over the dense build.
 `MosaicConfig(copy_v_if_kept=True)` instead skips the V copy in a run of
 skipped blocks: each compute warpgroup publishes its decision (one shared
 word, and an arrival on its vote barrier) as soon as it is made. The memory
@@ -99,15 +103,18 @@ MAX_SHARED_MEMORY = 232448
 LIST_HEADER = 4
 
 
-def default_compute_wgs(head_dim: int, skip_enabled: bool = True) -> int:
+def default_compute_wgs(head_dim: int, guarded_softmax: bool = True) -> int:
   """Compute warpgroups per program by default (see `MosaicConfig`): three
-  for the skip build at head_dim 64, where a tile fits in 160 registers per
-  thread and two warpgroups' products cover each one's decision and
-  softmax (H200, GQA 18/6, 8k, 73 % skipped: 2.23 ms against 2.72 ms for
-  the two-turn build of two; docs/prefill_h200.md); two elsewhere (the dense build of three is
-  slower than the two-turn ping-pong of two, and at larger head_dims a
-  tile's accumulators need more registers than three can have)."""
-  return 3 if head_dim == 64 and skip_enabled else 2
+  at head_dim 64, where a tile fits in 160 registers per thread and two
+  warpgroups' products cover each one's softmax, for the builds whose
+  softmax sits under a branch (the skip build, and the dense build of
+  `overlap_dense`): on the H200 (GQA 9/3, 8k causal) the dense build of
+  three ran at 3.16-3.20 ms against 3.32-3.47 ms for the ping-pong of two,
+  and the skip build at 73 % skipped at 2.23 against 2.72 ms
+  (docs/prefill_h200.md). Two elsewhere: a dense build of three without
+  the branch ran slower than the ping-pong of two, and at larger head_dims
+  a tile's accumulators need more registers than three can have."""
+  return 3 if head_dim == 64 and guarded_softmax else 2
 
 
 def default_block_kv(head_dim: int) -> int:
@@ -343,8 +350,9 @@ class MosaicConfig:
     compute_wgs: compute warpgroups per program, a q tile of `block_q`
       rows each: 2, or 3 (the products of two cover each one's softmax and
       decision; registers allow it at head_dim 64 only); None:
-      `default_compute_wgs(head_dim, skip_enabled)`. Three need
-      `overlap_qk`: their dense build runs the overlapped loop too.
+      `default_compute_wgs(head_dim, skip_enabled or overlap_dense)`.
+      Three need `overlap_qk`: their dense build runs the overlapped loop
+      too.
     compute_registers: registers per thread granted to compute warpgroups
       (a multiple of 8; None: `REGISTERS[compute_wgs]`, 232 for two, 160
       for three, or the most `memory_registers` leave).
@@ -365,14 +373,15 @@ class MosaicConfig:
       one tensor-core turn per block, q·kᵀ of
       the next block issued with P·V of this one (False: the two-turn ping-pong, q·kᵀ
       then softmax and P·V).
-    overlap_dense: run the dense build of two warpgroups on the overlapped
-      loop too, its softmax under a branch on a value the compiler cannot
-      know (a parameter word that is always 0), as the skip build's is
-      under its decision.
-      Built without a branch, that loop ran 1.3-1.8x slower than the
-      two-turn ping-pong (8k, head_dim 64 and 128), while the skip build
-      at λ = 0 on the same loop runs as fast as it: an A/B knob (False:
-      the two-turn ping-pong; three warpgroups always overlap).
+    overlap_dense: with `overlap_qk`, run the dense build on the
+      overlapped loop too (three warpgroups at head_dim 64), its softmax
+      under a branch on a value the compiler cannot know (a parameter
+      word that is always 0), as the skip build's is under its decision.
+      On the H200 it ran 5-6 % faster than the two-turn ping-pong at
+      head_dim 128 (8k-32k) and 5-8 % at head_dim 64 with three
+      warpgroups; built without the branch, that loop ran 1.3-1.8x
+      slower (False: the two-turn ping-pong of two warpgroups; a dense
+      build of three then overlaps without the branch).
     cluster_q: programs per cluster along q, 1 or 2. With 2, the two
       programs of adjacent q ranges of a (batch, head) share every K and V
       copy: each fetches half a block by TMA multicast and both receive all
@@ -380,6 +389,9 @@ class MosaicConfig:
       the compute warpgroups of both have released it (cluster barriers).
       It streams every V block (`copy_v_if_kept=False`) and takes no block
       mask.
+    one_barrier_vote: the skip rule's warpgroup vote by `vote.any` and one
+      barrier (`mosaic_vote.warpgroup_any`), 2-3 % faster on the H200
+      than False: a max reduction over the warpgroup, two barriers.
     raster: which grid axis varies slowest (the grid's first; its last,
       the batch, runs fastest, as CUDA's x): "heads" (the default:
       programs of one head over its q ranges run side by side and share
@@ -396,8 +408,9 @@ class MosaicConfig:
   compute_registers: int | None = None
   copy_v_if_kept: bool = False
   overlap_qk: bool = True
-  overlap_dense: bool = False
+  overlap_dense: bool = True
   cluster_q: int = 1
+  one_barrier_vote: bool = True
   extra_k_stages: int | None = None
   raster: str = "heads"
   trace_dir: str = ""
@@ -413,9 +426,6 @@ class MosaicConfig:
         or self.compute_wgs not in COMPUTE_WGS_CHOICES):
       raise ValueError(f"`compute_wgs` must be None, 2 or 3, got "
                        f"{self.compute_wgs!r}.")
-    if self.overlap_dense is True and self.overlap_qk is False:
-      raise ValueError("`overlap_dense=True` runs the overlapped loop; set "
-                       "overlap_qk=True too.")
     if (isinstance(self.cluster_q, bool) or not isinstance(self.cluster_q, int)
         or self.cluster_q not in (1, 2)):
       raise ValueError(f"`cluster_q` must be 1 or 2, got {self.cluster_q!r}.")
@@ -443,7 +453,8 @@ class MosaicConfig:
       raise ValueError("`trace_dir` and `trace_events` (an int > 0) are set "
                        f"together or not at all, got {self.trace_dir!r} and "
                        f"{self.trace_events!r}.")
-    for name in ("copy_v_if_kept", "overlap_qk", "overlap_dense"):
+    for name in ("copy_v_if_kept", "overlap_qk", "overlap_dense",
+                 "one_barrier_vote"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
@@ -455,8 +466,8 @@ class MosaicConfig:
     over-commit)."""
     wgs = self.compute_wgs
     if wgs is None:
-      wgs = (default_compute_wgs(head_dim, skip_enabled) if self.overlap_qk
-             else 2)
+      wgs = (default_compute_wgs(head_dim, skip_enabled or self.overlap_dense)
+             if self.overlap_qk else 2)
     compute, memory = self._registers(wgs)
     return dataclasses.replace(self, compute_wgs=wgs,
                                compute_registers=compute,
@@ -527,7 +538,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
             block_kv, head_dim, dtype, causal, q_len, group, num_stages,
             k_stages, compute_wgs, compute_registers, memory_registers,
             exp2_fma_cols, skip_enabled, overlap, guard_softmax, cluster_q,
-            interpret):
+            one_barrier_vote, interpret):
   # K slots: position % k_stages; V slots: position % num_stages. Optional
   # features are on where their buffers are: block lists (sc.lists), the
   # skip record (sc.skips), votes on V copies (sc.votes), a chained running
@@ -648,12 +659,17 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
     acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0.0, jnp.float32),
                             plgpu.Layout.WGMMA)
 
-    def any_kept_row(m_blk, m_prev):
+    def any_kept_row(m_blk, m_prev, n_visited):
       """Whether some row's gap m_blk - m_prev reaches log2(λ) (rows
-      with no visible key have none)."""
+      with no visible key have none); the warpgroup's n_visited-th vote."""
       gap = jnp.where(m_blk > -jnp.inf, m_blk - m_prev, -jnp.inf)
-      return mosaic_vote.warpgroup_max(
-          gap, sc.vote_scratch.at[wg], interpret=interpret) >= log2_thr
+      if not one_barrier_vote:
+        return mosaic_vote.warpgroup_max(
+            gap, sc.vote_scratch.at[wg], interpret=interpret) >= log2_thr
+      hit = jnp.where(gap >= log2_thr, 1.0, 0.0)
+      return mosaic_vote.warpgroup_any(
+          hit, sc.vote_scratch.at[wg], lax.rem(n_visited, 2),
+          interpret=interpret)
 
     def mask_scores(s, pos):
       """s [block_q, block_kv] with keys past kv_len (and, causal, after
@@ -779,7 +795,7 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
 
         if not skip_enabled:
           return keep(owed)
-        skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk, m_i)
+        skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk, m_i, n_visited)
         publish(kslot, ~skip)
         owed = settle(pos, owed)
         if sc.skips is not None:
@@ -886,8 +902,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
                          jax.named_scope("softmax")(softmax))
           return new + (kept, n_skipped, n_visited + 1)
         with jax.named_scope("vote"):
-          skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk,
-                                                                 m_i)
+          hit = any_kept_row(m_blk, m_i, n_visited)
+          skip = ((n_visited > 0) | seen_before) & ~hit
           publish(k_slot(p), ~skip)
           if sc.skips is not None:
             block = block_at(p)
@@ -1263,7 +1279,7 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   num_stages = config.num_stages
   vote = skip_enabled and config.copy_v_if_kept
   # The dense build of two warpgroups keeps the two-turn ping-pong unless
-  # `overlap_dense`: built overlapped without a branch around its softmax
+  # `overlap_dense=False`: overlapped without a branch around its softmax
   # it ran 1.3-1.8x slower on the H200 (8k, head_dim 64 and 128).
   overlap = config.overlap_qk and (skip_enabled or C > 2
                                    or config.overlap_dense)
@@ -1336,6 +1352,7 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
               exp2_fma_cols=config.exp2_fma_cols,
               skip_enabled=skip_enabled, overlap=overlap,
               guard_softmax=guard_softmax, cluster_q=cluster_q,
+              one_barrier_vote=config.one_barrier_vote,
               interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")

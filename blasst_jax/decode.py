@@ -109,7 +109,7 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
       global max and the scores are kept; the split count does not matter).
     implementation: "pallas_triton" (GPU, or CPU in interpret mode),
       "pallas_mosaic" (Hopper: bf16/f16, head_dim 64/128/256, pages of a
-      multiple of 64 keys, "split" or "anchored", no `initial_max`; CPU in
+      multiple of 64 keys, "split" or "anchored"; CPU in
       Pallas' GPU interpret mode), "reference", or None (the Triton kernel
       on GPU, the oracle elsewhere).
     return_stats: also return a `DecodeStats`.

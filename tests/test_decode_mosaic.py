@@ -26,7 +26,7 @@ class TestMosaicDecodeInterpret(test_base.RaceChecked,
   max_modes = ("split", "anchored")
   split_counts = (2,)
   low_precision_dtypes = (jnp.float16,)
-  supports_initial_max = False
+  supports_initial_max = True
   bytes_match_reference = True
 
   fp8_shapes = testing.DECODE_FP8_TEST_SHAPES + (
@@ -58,7 +58,9 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
 @pytest.mark.parametrize("max_mode,num_splits,kv_heads,threshold,stages", [
     ("split", 3, 1, 1e-2, (2, 4, 2)),      # MQA 8/1, more V than K slots
     ("anchored", 2, 2, 1e-2, (4, 2, 1)),   # one compute warpgroup
-    ("split", 1, 1, 1e-2, (2, 3, 1))])     # one, with an odd V ring
+    ("split", 1, 1, 1e-2, (2, 3, 1)),      # one, with an odd V ring
+    # Two handing over, deciding by the max reduction (not the warp vote).
+    ("split", 2, 2, 1e-2, (2, 2, 2, False, False))])
 def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
                                             threshold, stages):
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
@@ -94,7 +96,6 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_mode="global"), "max_mode"),
     (dict(block_kv=32), "multiple of 64"),
-    (dict(initial_max=jnp.zeros((2, 4))), "initial_max"),
     (dict(dtype=jnp.float32), "bf16/f16")])
 def test_unsupported_inputs_name_the_fix(kwargs, match):
   dtype = kwargs.pop("dtype", jnp.bfloat16)
@@ -106,7 +107,7 @@ def test_unsupported_inputs_name_the_fix(kwargs, match):
                         **{"block_kv": 64, **kwargs})
 
 
-def test_config_rejects_shallow_rings():
+def test_config_rejects_what_cannot_run():
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="k_stages"):
     decode_mosaic.MosaicDecodeConfig(k_stages=1)
@@ -116,6 +117,8 @@ def test_config_rejects_shallow_rings():
     decode_mosaic.MosaicDecodeConfig(compute_wgs=3)
   with pytest.raises(ValueError, match="multiple"):
     decode_mosaic.MosaicDecodeConfig(v_stages=3, compute_wgs=2)
+  with pytest.raises(ValueError, match="one_barrier_vote"):
+    decode_mosaic.MosaicDecodeConfig(one_barrier_vote=1)
 
 
 @pytest.mark.parametrize("d,block_kv,fp8,wgs", [
@@ -133,23 +136,43 @@ def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
       compute_wgs=n_wgs) <= decode_mosaic.MAX_SHARED_MEMORY
 
 
+def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
+                 initial_max=False):
+  """decode_partials lowered for CUDA: 8 KV heads, 32 pages a sequence."""
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  sds = jax.ShapeDtypeStruct
+  hkv, pages, per_seq = 8, 64, 32
+  fp8 = cache != jnp.bfloat16
+  scales = [sds((hkv,), jnp.float32)] * 2 if fp8 else [None, None]
+  starts = [sds((2, hkv, group), jnp.float32)] if initial_max else []
+  fn = lambda *a: decode_mosaic.decode_partials(  # pylint: disable=g-long-lambda
+      *a, group=group, sm_scale=0.1, num_splits=4, max_mode=max_mode,
+      skip_enabled=skip)
+  args = [sds((2, hkv, group, d), jnp.bfloat16),
+          sds((pages, block_kv, hkv, d), cache),
+          sds((pages, block_kv, hkv, d), cache),
+          sds((2, per_seq), jnp.int32), sds((2,), jnp.int32),
+          sds((2,), jnp.float32)]
+  if fp8 or initial_max:
+    args += scales + starts
+  return testing.lower_for_h100(fn, *args)
+
+
 @pytest.mark.parametrize("d,block_kv,group", [(128, 128, 4), (64, 64, 3),
                                               (256, 64, 8)])
 @pytest.mark.parametrize("skip", [True, False])
 @pytest.mark.parametrize("max_mode", ["split", "anchored"])
 @pytest.mark.parametrize("cache", [jnp.bfloat16, jnp.float8_e4m3fn])
 def test_kernel_lowers_for_cuda(d, block_kv, group, skip, max_mode, cache):
-  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
-  sds = jax.ShapeDtypeStruct
-  hkv, pages, per_seq = 8, 64, 32
-  fp8 = cache != jnp.bfloat16
-  fn = lambda *a: decode_mosaic.decode_partials(  # pylint: disable=g-long-lambda
-      *a, group=group, sm_scale=0.1, num_splits=4, max_mode=max_mode,
-      skip_enabled=skip)
-  lowered = testing.lower_for_h100(
-      fn, sds((2, hkv, group, d), jnp.bfloat16),
-      sds((pages, block_kv, hkv, d), cache),
-      sds((pages, block_kv, hkv, d), cache),
-      sds((2, per_seq), jnp.int32), sds((2,), jnp.int32),
-      sds((2,), jnp.float32), *([sds((hkv,), jnp.float32)] * 2 * fp8))
+  lowered = lower_decode(d, block_kv, group, skip, max_mode, cache)
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("d,block_kv,group,max_mode,cache", [
+    (128, 128, 4, "anchored", jnp.bfloat16),   # two compute warpgroups
+    (64, 64, 3, "split", jnp.float8_e4m3fn)])
+def test_kernel_from_an_initial_max_lowers_for_cuda(d, block_kv, group,
+                                                    max_mode, cache):
+  lowered = lower_decode(d, block_kv, group, True, max_mode, cache,
+                         initial_max=True)
   assert "mosaic_gpu" in lowered.as_text()

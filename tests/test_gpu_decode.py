@@ -34,7 +34,7 @@ class TestMosaicDecodeGpu(test_base.DecodeTestBase):
   dtype = jnp.bfloat16
   max_modes = ("split", "anchored")
   low_precision_dtypes = (jnp.float16,)
-  supports_initial_max = False
+  supports_initial_max = True
   bytes_match_reference = True
   interpret = False
 

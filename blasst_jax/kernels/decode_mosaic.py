@@ -46,6 +46,8 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from blasst_jax.kernels import mosaic_vote
+
 LOG2E = math.log2(math.e)
 ROWS = 64          # wgmma M: the query heads of a group, zero-padded
 SLOT = 32          # int32/f32 words in 128 bytes (TMA alignment)
@@ -69,12 +71,16 @@ class MosaicDecodeConfig:
     split_registers: with two compute warpgroups, hand the memory
       warpgroup's registers to them (setmaxnreg `REGISTERS`: 232 / 40 a
       thread instead of 168 each at launch).
+    one_barrier_vote: decide by `mosaic_vote.warpgroup_any` (a warp vote,
+      a word a warp, one barrier) instead of a max reduction over the
+      rows (shuffles and two barriers), as the prefill kernel does.
   """
 
   k_stages: int | None = None
   v_stages: int = 2
   compute_wgs: int | None = None
   split_registers: bool = False
+  one_barrier_vote: bool = True
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -83,9 +89,10 @@ class MosaicDecodeConfig:
         continue
       if not isinstance(value, int) or value < 2:
         raise ValueError(f"`{name}` must be an int >= 2, got {value!r}.")
-    if not isinstance(self.split_registers, bool):
-      raise ValueError(f"`split_registers` must be a bool, got "
-                       f"{self.split_registers!r}.")
+    for name in ("split_registers", "one_barrier_vote"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"`{name}` must be a bool, got "
+                         f"{getattr(self, name)!r}.")
     if self.compute_wgs not in (None, 1, 2):
       raise ValueError(f"`compute_wgs` must be None, 1 or 2, got "
                        f"{self.compute_wgs!r}.")
@@ -177,6 +184,8 @@ class _Scratch(NamedTuple):
   p: Any         # interpret mode: [C, ROWS, block_kv] P through memory
   scales: Any    # FP8: f32 [SLOT] (K scale, V scale)
   wide: Any      # FP8: f16 [C, block_kv, d] widened page per warpgroup
+  rows: Any      # `initial_max`: f32 [ROWS] the given start (log2 units)
+  vote: Any      # `one_barrier_vote`: f32 [C, mosaic_vote.ANY_WORDS]
 
 
 class _Barriers(NamedTuple):
@@ -191,16 +200,19 @@ class _Barriers(NamedTuple):
   handoff: Any   # [2]
   done: Any      # every compute warpgroup has read its last K page
   scales: Any    # FP8 only
+  rows: Any      # `initial_max` only
 
 
-def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, acc_ref,
-            ml_ref, stats_ref, sc: _Scratch, bars: _Barriers, *, sm_scale,
+def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
+            acc_ref, ml_ref, stats_ref, sc: _Scratch, bars: _Barriers, *,
+            sm_scale,
             block_kv, head_dim, dtype, group, num_splits, skip_enabled,
             anchored, k_stages, v_stages, compute_wgs, split_registers):
   # q_ref [b, hkv, ROWS, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
   # table_ref int32 [b, table_rows, SLOT]; params_ref f32 [b, SLOT]
   # ([kv_len, log2 λ, 0...]); scales_ref (FP8 pages, else None) f32
-  # [hkv, SLOT] ([k scale, v scale, 0...]). Outputs, one partial per
+  # [hkv, SLOT] ([k scale, v scale, 0...]); init_ref (`initial_max`, skip
+  # build only, else None) f32 [b, hkv, ROWS]. Outputs, one partial per
   # (split, compute warpgroup): acc_ref f32 [b, hkv, splits * C, ROWS, d],
   # ml_ref f32 [b, hkv, splits * C, 2, ROWS] (row max in log2 units, row
   # sum), stats_ref int32 [b, hkv, splits * C, SLOT] ([skipped, visited]).
@@ -324,6 +336,12 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, acc_ref,
         m0 = lax.cond(n_anchor > 0, first_anchor, lambda: own)
     else:
       m0 = minus_inf
+    if sc.rows is not None:   # A given start: every split begins there.
+      pl.when(w == 0)(lambda: plgpu.copy_gmem_to_smem(
+          init_ref.at[batch, kv_head], sc.rows, bars.rows))
+      plgpu.barrier_wait(bars.rows)
+      m0 = jnp.maximum(m0, plgpu.load(sc.rows, layout=row_layout,
+                                      optimized=False))
 
     def probabilities(s, m):
       """P = 2^(s - m) [ROWS, block_kv] in the products' dtype, and its row
@@ -400,7 +418,12 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, acc_ref,
         real_rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,
                                            layout=row_layout) < group
         gap = jnp.where(real_rows, m_blk - m, -jnp.inf)
-        keep = gap.max() >= log2_thr
+        if sc.vote is None:
+          keep = gap.max() >= log2_thr
+        else:
+          keep = mosaic_vote.warpgroup_any(
+              jnp.where(gap >= log2_thr, 1.0, 0.0), sc.vote.at[w],
+              lax.rem(i, 2), interpret=sc.p is not None)
         m = lax.cond(keep, lambda: jnp.maximum(m, m_blk), lambda: m)
         if handing:
           hand_over(vp, m)
@@ -524,7 +547,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, acc_ref,
     jax.jit, static_argnames=("group", "sm_scale", "num_splits", "max_mode",
                               "config", "interpret", "skip_enabled"))
 def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
-                    log_threshold, k_scale=None, v_scale=None, *, group: int,
+                    log_threshold, k_scale=None, v_scale=None,
+                    initial_max=None, *, group: int,
                     sm_scale: float,
                     num_splits: int, max_mode: str = "anchored",
                     config: MosaicDecodeConfig = MosaicDecodeConfig(),
@@ -541,6 +565,9 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
       f32 [batch] (natural log).
     k_scale, v_scale: f32 [kv_heads], FP8 pages only: a page holds
       values / scale.
+    initial_max: optional f32 [batch, kv_heads, group], log2 units (-inf:
+      none): every split's running max starts at least there (the skip
+      build's; the dense build ignores it).
     num_splits: split-K factor; max_mode: "split" or "anchored".
     interpret: None on a GPU, or a `plgpu.InterpretGPUParams` to run on CPU
       (warpgroups, TMA and barriers simulated; races detected on request).
@@ -599,11 +626,18 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
     scales = jnp.zeros((hkv, SLOT), jnp.float32)
     scales = scales.at[:, 0].set(jnp.asarray(k_scale, jnp.float32))
     inputs.append(scales.at[:, 1].set(jnp.asarray(v_scale, jnp.float32)))
+  given = initial_max is not None and skip_enabled
+  if given:   # [b, hkv, ROWS], padding rows at -inf
+    inputs.append(jnp.pad(initial_max.astype(jnp.float32),
+                          ((0, 0), (0, 0), (0, ROWS - g)),
+                          constant_values=-jnp.inf))
   parts = num_splits * n_wgs
 
   def blasst_decode_mosaic(q_ref, k_ref, v_ref, table_ref, params_ref,
                            *refs):
-    *scales_ref, acc_ref, ml_ref, stats_ref = refs
+    *optional, acc_ref, ml_ref, stats_ref = refs
+    scales_ref = optional[0] if fp8 else None
+    init_ref = optional[-1] if given else None
     scratch = _Scratch(
         q=plgpu.SMEM((ROWS, d), dtype, transforms=swizzled(2)),
         k=plgpu.RefUnion(
@@ -623,7 +657,10 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
            if interpret is not None else None),
         scales=plgpu.SMEM((SLOT,), jnp.float32) if fp8 else None,
         wide=(plgpu.SMEM((n_wgs, block_kv, d), jnp.float16,
-                         transforms=swizzled(2)) if fp8 else None))
+                         transforms=swizzled(2)) if fp8 else None),
+        rows=plgpu.SMEM((ROWS,), jnp.float32) if given else None,
+        vote=(plgpu.SMEM((n_wgs, mosaic_vote.ANY_WORDS), jnp.float32)
+              if config.one_barrier_vote and skip_enabled else None))
     barriers = _Barriers(
         q=plgpu.Barrier(), table=plgpu.Barrier(),
         params=plgpu.Barrier(num_barriers=n_wgs + 1),
@@ -634,12 +671,13 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
         votes=plgpu.Barrier(num_barriers=k_stages),
         handoff=plgpu.Barrier(num_barriers=2),
         done=plgpu.Barrier(num_arrivals=n_wgs),
-        scales=plgpu.Barrier() if fp8 else None)
+        scales=plgpu.Barrier() if fp8 else None,
+        rows=plgpu.Barrier() if given else None)
 
     def body(sc, bars):
       k_ring, out_tiles = sc.k
-      _kernel(q_ref, k_ref, v_ref, table_ref, params_ref,
-              scales_ref[0] if fp8 else None, acc_ref, ml_ref, stats_ref,
+      _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref,
+              init_ref, acc_ref, ml_ref, stats_ref,
               sc._replace(k=k_ring, out=out_tiles), bars, sm_scale=sm_scale,
               block_kv=block_kv, head_dim=d, dtype=dtype, group=g,
               num_splits=num_splits, skip_enabled=skip_enabled,

@@ -4,6 +4,7 @@ measured."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 
 from blasst_jax.kernels import decode_mosaic
 from blasst_jax.ops import base
@@ -12,8 +13,8 @@ from blasst_jax.ops.decode import base as decode_base
 
 class PallasMosaicGpuDecode(decode_base.DecodeOp):
   """`implementation="pallas_mosaic"`: bf16/f16, head_dim 64/128/256, pages
-  of a multiple of 64 keys, "split" or "anchored", no `initial_max` or
-  `max_axis_name`."""
+  of a multiple of 64 keys, "split" or "anchored" (so no `max_axis_name`,
+  which is "global"'s), `initial_max`."""
 
   name = "pallas_mosaic"
   config_class = decode_mosaic.MosaicDecodeConfig
@@ -41,9 +42,10 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
       raise ValueError(f"implementation='pallas_mosaic' decode runs max_mode "
                        f"{decode_mosaic.MAX_MODES}, got {max_mode!r}; use "
                        "implementation='pallas_triton'.")
-    if initial_max is not None or max_axis_name is not None:
+    del initial_max
+    if max_axis_name is not None:
       raise ValueError("implementation='pallas_mosaic' decode does not take "
-                       "`initial_max` or `max_axis_name` yet; use "
+                       "`max_axis_name` (a \"global\" mode option); use "
                        "implementation='pallas_triton'.")
     config = self.kernel_config(kernel_config)
     if interpret is None:
@@ -56,13 +58,17 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
                log_threshold, skip_enabled, sm_scale, num_splits, max_mode,
                initial_max=None, max_axis_name=None, k_scale=None,
                v_scale=None) -> base.AttentionResult:
-    del initial_max, max_axis_name   # refused by `prepare`
+    del max_axis_name   # refused by `prepare`
     b, hq, d = q.shape
     block_kv, hkv = k_pages.shape[1], k_pages.shape[2]
     group = hq // hkv
+    if initial_max is not None:   # natural log -> log2 units, per KV group
+      initial_max = (initial_max.astype(jnp.float32).reshape(b, hkv, group)
+                     * decode_mosaic.LOG2E)
     acc, m, l, skipped, visited = decode_mosaic.decode_partials(
         q.reshape(b, hkv, group, d), k_pages, v_pages, page_table,
-        kv_lengths, log_threshold, k_scale, v_scale, group=group,
+        kv_lengths, log_threshold, k_scale, v_scale, initial_max,
+        group=group,
         sm_scale=sm_scale,
         num_splits=num_splits, max_mode=max_mode, config=plan.config,
         interpret=plan.interpret, skip_enabled=skip_enabled)

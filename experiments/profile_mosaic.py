@@ -252,7 +252,7 @@ def main(argv):
       newest = max(glob.glob(os.path.join(trace_dir, "*-trace.json")),
                    key=os.path.getmtime)
       summaries[text] = dict(sparsity=sparsity, **summarize_trace(
-          newest, config.resolved(shape.head_dim).compute_wgs))
+          newest, config.resolved(shape.head_dim, skip).compute_wgs))
       print_summary(text, summaries[text])
   if _ROUNDS.value > 1 and timed:
     print_rounds(timed, _ROUNDS.value)

@@ -110,21 +110,31 @@ MAX_K_STAGES = 4
 # memory) registers a thread, 2 x 232 + 40 of the 512 a thread slot allows.
 REGISTERS = (232, 40)
 MAX_SHARED_MEMORY = 232448   # per block on H100/H200 (227 KiB)
+# Pallas places every shared-memory buffer at a multiple of 1 KiB.
+SMEM_ALIGNMENT = 1024
+# Buffers of at most 1 KiB (params, votes, handoff, ml, stats, FP8 scales,
+# `initial_max` rows, the vote words) and 1 KiB for the barriers.
+SMALL_BUFFERS = 9
+
+
+def _aligned(nbytes: int) -> int:
+  return -(-nbytes // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
 
 
 def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
                         v_stages, itemsize=2, fp8=False,
                         compute_wgs=1) -> int:
   """q tile + K ring (which the f32 output tiles reuse at the end) + V
-  ring + the page table + 4 KiB for the small buffers and barriers; with
-  `fp8` pages (1 byte) the f16 tile of each compute warpgroup they are
-  widened into."""
+  ring + the page table + the small buffers, each rounded up to Pallas'
+  1 KiB shared-memory alignment (`SMALL_BUFFERS`); with `fp8` pages (1
+  byte) the f16 tile of each compute warpgroup they are widened into."""
   page = block_kv * head_dim * (1 if fp8 else itemsize)
   wide = compute_wgs * block_kv * head_dim * 2 if fp8 else 0
   table = 4 * -(-pages_per_seq // SLOT) * SLOT
   return (ROWS * head_dim * itemsize
           + max(k_stages * page, compute_wgs * ROWS * head_dim * 4)
-          + v_stages * page + wide + table + 4096)
+          + v_stages * page + wide + _aligned(table)
+          + SMALL_BUFFERS * SMEM_ALIGNMENT)
 
 
 def pipeline(config, head_dim, block_kv, pages_per_seq,
@@ -256,8 +266,13 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     if split_registers:
       plgpu.set_max_registers(REGISTERS[0], action="increase")
     w = wg
-    pl.when(w == 0)(lambda: plgpu.copy_gmem_to_smem(
-        q_ref.at[batch, kv_head], sc.q, bars.q))
+
+    @pl.when(w == 0)
+    def _():
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head], sc.q, bars.q)
+      if sc.rows is not None:   # `initial_max`: read before the first vote
+        plgpu.copy_gmem_to_smem(init_ref.at[batch, kv_head], sc.rows,
+                                bars.rows)
     plgpu.barrier_wait(bars.q)
     scale = sm_scale * LOG2E
     v_scale = None
@@ -337,8 +352,6 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     else:
       m0 = minus_inf
     if sc.rows is not None:   # A given start: every split begins there.
-      pl.when(w == 0)(lambda: plgpu.copy_gmem_to_smem(
-          init_ref.at[batch, kv_head], sc.rows, bars.rows))
       plgpu.barrier_wait(bars.rows)
       m0 = jnp.maximum(m0, plgpu.load(sc.rows, layout=row_layout,
                                       optimized=False))

@@ -21,7 +21,9 @@ instruction, no shuffles), writes one word, and the warpgroup meets once on
 its named barrier. Consecutive votes alternate between two halves of the
 scratch (`parity`), so the barrier that guards a half's reads is the next
 vote's: a warp can rewrite a half only after every warp has passed the vote
-in between, and so has read it.
+in between, and so has read it. Its callers pass 1.0 where a row's gap
+reaches the threshold: a NaN row votes no, where the reduction's NaN
+maximum skipped the block whatever the other rows held.
 """
 
 from __future__ import annotations

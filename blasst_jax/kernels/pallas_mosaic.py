@@ -350,9 +350,9 @@ class MosaicConfig:
     compute_wgs: compute warpgroups per program, a q tile of `block_q`
       rows each: 2, or 3 (the products of two cover each one's softmax and
       decision; registers allow it at head_dim 64 only); None:
-      `default_compute_wgs(head_dim, skip_enabled or overlap_dense)`.
-      Three need `overlap_qk`: their dense build runs the overlapped loop
-      too.
+      `default_compute_wgs(head_dim, skip_enabled or overlap_dense)`
+      with `overlap_qk`, else 2. Three need `overlap_qk`: their dense build
+      runs the overlapped loop too.
     compute_registers: registers per thread granted to compute warpgroups
       (a multiple of 8; None: `REGISTERS[compute_wgs]`, 232 for two, 160
       for three, or the most `memory_registers` leave).
@@ -369,10 +369,10 @@ class MosaicConfig:
       on the H200 it ran up to 6 % slower at λ = 0 and 0.5-6 % slower at
       49-74 % skipped (head_dim 64 and 128, 8k-32k); at 64k it was up to
       8 % faster (docs/prefill_h200.md).
-    overlap_qk: in the skip build (and the dense build of three warpgroups),
-      one tensor-core turn per block, q·kᵀ of
-      the next block issued with P·V of this one (False: the two-turn ping-pong, q·kᵀ
-      then softmax and P·V).
+    overlap_qk: one tensor-core turn per block in the skip build (and in
+      the dense build of `overlap_dense` or of three warpgroups), q·kᵀ of
+      the next block issued with P·V of this one (False: the two-turn
+      ping-pong, q·kᵀ then softmax and P·V).
     overlap_dense: with `overlap_qk`, run the dense build on the
       overlapped loop too (three warpgroups at head_dim 64), its softmax
       under a branch on a value the compiler cannot know (a parameter
@@ -850,8 +850,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       decision and softmax of p + 1 then run while its P·V and the other
       warpgroups' products occupy the tensor cores. A skipped block costs
       its q·kᵀ and a decision that overlaps the other tiles' products, and
-      no decision waits for another tile's. The dense build of three
-      warpgroups runs this loop without the decision.
+      no decision waits for another tile's. The dense build runs this loop
+      without the decision (`overlap_dense`, or three warpgroups).
       """
       turn = bars.sched   # [C]: warpgroup w waits on turn[w]
 
@@ -1278,9 +1278,10 @@ def _forward(q, k, v, kv_lengths, log_threshold, lists, initial_max, *,
   dtype = q.dtype
   num_stages = config.num_stages
   vote = skip_enabled and config.copy_v_if_kept
-  # The dense build of two warpgroups keeps the two-turn ping-pong unless
-  # `overlap_dense=False`: overlapped without a branch around its softmax
-  # it ran 1.3-1.8x slower on the H200 (8k, head_dim 64 and 128).
+  # The dense build runs the overlapped loop with its softmax under a
+  # never-taken branch unless `overlap_dense=False` (two warpgroups: the
+  # two-turn ping-pong; three: overlapped without the branch, which ran
+  # 1.3-1.8x slower on the H200, 8k, head_dim 64 and 128).
   overlap = config.overlap_qk and (skip_enabled or C > 2
                                    or config.overlap_dense)
   guard_softmax = not skip_enabled and config.overlap_dense

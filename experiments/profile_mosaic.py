@@ -33,9 +33,8 @@ the dense build on the overlapped loop or on the ping-pong), 'c<N>'
 'e<N>' (exp2_fma_cols=N: N columns of each score tile exponentiated on
 the FMA pipe), 'kv<N>' (block_kv=N; default `default_block_kv`),
 'raster_q', 'vote2' (one_barrier_vote=False: the two-barrier reduction).
-With --time, cuDNN's time on the same
-inputs is printed first; with --rounds=N as well, every build is timed
-again in N interleaved rounds:
+With --time, cuDNN's time on the same inputs is printed first; with
+--rounds=N as well, every build is timed again in N interleaved rounds:
 
     python -m experiments.profile_mosaic --time --rounds=7 \
         --variants=dense,0,1e-2
@@ -68,8 +67,7 @@ _VARIANTS = flags.DEFINE_list(
     "variants", ["dense", "0", "1e-2", "1e-1", "0.9"],
     "Variants, in order: 'dense' or a λ, with ':'-separated knobs "
     "(v_if_kept, stream_v, pingpong, overlap, no_overlap, c<N>, k<N>, "
-    "w<N>, m<N>, "
-    "e<N>, kv<N>, raster_q, vote2).")
+    "w<N>, m<N>, e<N>, kv<N>, raster_q, vote2).")
 _TRACE = flags.DEFINE_string(
     "trace", "", "Directory: record the kernel's timeline and sum it.")
 _TRACE_EVENTS = flags.DEFINE_integer(

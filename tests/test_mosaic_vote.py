@@ -24,11 +24,11 @@ SLOT = 32       # f32 words in 128 bytes (a TMA copy's alignment)
 ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "any_positive"))
-def warpgroup_maxima(x, *, interpret=None, any_positive=False):
+@functools.partial(jax.jit, static_argnames=("interpret", "any_nonnegative"))
+def warpgroup_maxima(x, *, interpret=None, any_nonnegative=False):
   """x f32 [warpgroups, votes, ROWS] -> [warpgroups, votes]: warpgroup w
-  reduces x[w, i] for every i, all warpgroups at once (any_positive:
-  1.0 where some x[w, i] > 0 by `warpgroup_any`, else 0.0)."""
+  reduces x[w, i] for every i, all warpgroups at once (any_nonnegative:
+  1.0 where some x[w, i] >= 0 by `warpgroup_any`, else 0.0)."""
   n_wgs, votes, _ = x.shape
 
   def kernel(x_gmem, out_gmem):
@@ -39,10 +39,9 @@ def warpgroup_maxima(x, *, interpret=None, any_positive=False):
       for i in range(votes):
         row = plgpu.load(x_smem.at[wg, i], layout=ROW_LAYOUT,
                          optimized=False)                      # [ROWS]
-        if any_positive:
-          hit = jnp.where(row > 0.0, 1.0, 0.0)
+        if any_nonnegative:
           out_smem[wg, i] = mosaic_vote.warpgroup_any(
-              hit, scratch.at[wg], jnp.int32(i % 2),
+              row, 0.0, scratch.at[wg], jnp.int32(i % 2),
               interpret=interpret is not None).astype(jnp.float32)
         else:
           out_smem[wg, i] = mosaic_vote.warpgroup_max(
@@ -86,10 +85,10 @@ def test_concurrent_votes_match_numpy_race_checked(n_wgs):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(x).max(axis=-1))
 
 
-@pytest.mark.parametrize("any_positive", [False, True])
-def test_vote_lowers_for_cuda(any_positive):
+@pytest.mark.parametrize("any_nonnegative", [False, True])
+def test_vote_lowers_for_cuda(any_nonnegative):
   lowered = testing.lower_for_h100(
-      functools.partial(warpgroup_maxima, any_positive=any_positive),
+      functools.partial(warpgroup_maxima, any_nonnegative=any_nonnegative),
       jax.ShapeDtypeStruct((3, 8, ROWS), jnp.float32))
   assert "mosaic_gpu" in lowered.as_text()
 
@@ -114,6 +113,6 @@ def test_concurrent_one_barrier_votes_match_numpy_on_hopper():
     pytest.skip("needs a Hopper GPU")
   for seed in range(20):
     x = rows_with_one_winner(jax.random.key(seed), 3, SLOT)
-    got = np.asarray(warpgroup_maxima(x, any_positive=True))
+    got = np.asarray(warpgroup_maxima(x, any_nonnegative=True))
     np.testing.assert_array_equal(
-        got, (np.asarray(x) > 0).any(axis=-1).astype(np.float32))
+        got, (np.asarray(x) >= 0).any(axis=-1).astype(np.float32))

@@ -435,8 +435,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
           keep = gap.max() >= log2_thr
         else:
           keep = mosaic_vote.warpgroup_any(
-              jnp.where(gap >= log2_thr, 1.0, 0.0), sc.vote.at[w],
-              lax.rem(i, 2), interpret=sc.p is not None)
+              gap, log2_thr, sc.vote.at[w], lax.rem(i, 2),
+              interpret=sc.p is not None)
         m = lax.cond(keep, lambda: jnp.maximum(m, m_blk), lambda: m)
         if handing:
           hand_over(vp, m)

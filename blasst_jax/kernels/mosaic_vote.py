@@ -21,9 +21,8 @@ instruction, no shuffles), writes one word, and the warpgroup meets once on
 its named barrier. Consecutive votes alternate between two halves of the
 scratch (`parity`), so the barrier that guards a half's reads is the next
 vote's: a warp can rewrite a half only after every warp has passed the vote
-in between, and so has read it. Its callers pass 1.0 where a row's gap
-reaches the threshold: a NaN row votes no, where the reduction's NaN
-maximum skipped the block whatever the other rows held.
+in between, and so has read it. A NaN row votes no, where the
+reduction's NaN maximum skipped the block whatever the other rows held.
 """
 
 from __future__ import annotations
@@ -101,21 +100,23 @@ def _any_positive(ctx, hit, scratch):
   return mgpu.FragmentedArray.splat(out, ())
 
 
-def warpgroup_any(hit, scratch, parity, *, interpret: bool):
-  """Whether some row of `hit` is > 0.5, uniform over the warpgroup, with
-  one barrier (see the module docstring).
+def warpgroup_any(x, threshold, scratch, parity, *, interpret: bool):
+  """Whether some row of `x` reaches `threshold`, uniform over the
+  warpgroup, with one barrier (see the module docstring).
 
   Args:
-    hit: f32 [rows] of 0.0 / 1.0 in the wgmma row layout.
+    x: f32 [rows] in the wgmma row layout.
+    threshold: f32 scalar.
     scratch: this warpgroup's f32 [>= ANY_WORDS] shared-memory ref.
     parity: int32 scalar that alternates between consecutive votes of the
       warpgroup (e.g. the vote count % 2).
     interpret: Pallas' interpret mode, which runs no inline Mosaic: there
-      `hit.max() > 0.5`.
+      a plain max over the rows.
 
   Returns:
     bool scalar.
   """
+  hit = jnp.where(x >= threshold, 1.0, 0.0)
   if interpret:
     return hit.max() > 0.5
   words = scratch.at[pl.ds(parity * WARPS, WARPS)]

@@ -666,9 +666,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
       if not one_barrier_vote:
         return mosaic_vote.warpgroup_max(
             gap, sc.vote_scratch.at[wg], interpret=interpret) >= log2_thr
-      hit = jnp.where(gap >= log2_thr, 1.0, 0.0)
       return mosaic_vote.warpgroup_any(
-          hit, sc.vote_scratch.at[wg], lax.rem(n_visited, 2),
+          gap, log2_thr, sc.vote_scratch.at[wg], lax.rem(n_visited, 2),
           interpret=interpret)
 
     def mask_scores(s, pos):
@@ -795,7 +794,8 @@ def _kernel(io: _Refs, sc: _Scratch, bars: _Barriers, *, sm_scale, block_q,
 
         if not skip_enabled:
           return keep(owed)
-        skip = ((n_visited > 0) | seen_before) & ~any_kept_row(m_blk, m_i, n_visited)
+        skip = ((n_visited > 0) | seen_before) & ~any_kept_row(
+            m_blk, m_i, n_visited)
         publish(kslot, ~skip)
         owed = settle(pos, owed)
         if sc.skips is not None:

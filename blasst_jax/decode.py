@@ -110,8 +110,9 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
     implementation: "pallas_triton" (GPU, or CPU in interpret mode),
       "pallas_mosaic" (Hopper: bf16/f16, head_dim 64/128/256, pages of a
       multiple of 64 keys, "split" or "anchored"; CPU in
-      Pallas' GPU interpret mode), "reference", or None (the Triton kernel
-      on GPU, the oracle elsewhere).
+      Pallas' GPU interpret mode), "reference", or None (on a Hopper GPU
+      the Mosaic kernel where it runs the problem, else the Triton kernel;
+      the oracle off GPU).
     return_stats: also return a `DecodeStats`.
     interpret: run the Pallas kernel in interpret mode (default: off GPU);
       for "pallas_mosaic" also a `plgpu.InterpretGPUParams` (e.g.
@@ -248,7 +249,11 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
   validation.check_shared_max(initial_max, max_axis_name, (b, hq), max_mode)
   validation.check_sm_scale(sm_scale)
   if implementation is None:
-    op = ops_base.default_op("decode", head_dim=d)
+    op = ops_base.default_op(
+        "decode", dtype=q.dtype, head_dim=d, group=hq // hkv,
+        block_kv=block_kv, pages_per_seq=page_table.shape[1],
+        cache_dtype=k_pages.dtype, max_mode=max_mode,
+        max_axis_name=max_axis_name, interpret=interpret)
   else:
     op = ops_base.get_op("decode", implementation)
   plan = op.prepare(dtype=q.dtype, head_dim=d, group=hq // hkv,

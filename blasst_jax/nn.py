@@ -291,10 +291,10 @@ class SkipSelfAttention(nnx.Module):
       implementation, block_q, block_kv, interpret, kernel_config: passed to
         `blasst_jax.attention`.
       decode_implementation: what `decode` passes to
-        `blasst_jax.decode_attention` ("pallas_mosaic": the Hopper decode
-        kernel, opt-in); None: `implementation`, except "pallas_mosaic"
-        (whose decode kernel is opt-in), which decodes with the backend's
-        default.
+        `blasst_jax.decode_attention`; None: `implementation`, except
+        "pallas_mosaic", which decodes with the default (on a Hopper GPU
+        the Mosaic decode kernel wherever it runs the problem, else the
+        Triton one).
       dtype: computation dtype of the projections (and so of attention).
       param_dtype: dtype of the parameters.
       rope: rotate q and k by their positions (RoPE) before attention;

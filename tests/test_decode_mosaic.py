@@ -53,14 +53,20 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
   return partials, interpret_pallas_call.get_races().races_found
 
 
-# The suite runs the default rings (two compute warpgroups at these sizes);
-# these are the other shapes of them.
+# The suite runs the default build (transposed, two compute warpgroups at
+# these sizes); these are the other shapes of it, and the 64-row build.
+# stages: MosaicDecodeConfig's (k_stages, v_stages, compute_wgs,
+# split_registers, one_barrier_vote, transposed).
 @pytest.mark.parametrize("max_mode,num_splits,kv_heads,threshold,stages", [
     ("split", 3, 1, 1e-2, (2, 4, 2)),      # MQA 8/1, more V than K slots
     ("anchored", 2, 2, 1e-2, (4, 2, 1)),   # one compute warpgroup
     ("split", 1, 1, 1e-2, (2, 3, 1)),      # one, with an odd V ring
-    # Two handing over, deciding by the max reduction (not the warp vote).
-    ("split", 2, 2, 1e-2, (2, 2, 2, False, False))])
+    ("anchored", 1, 2, 0.0, (4, 2, 2)),    # dense, one split
+    # 64 rows: two warpgroups deciding by the warp vote, and by the max
+    # reduction; one warpgroup.
+    ("anchored", 2, 2, 1e-2, (4, 2, 2, False, True, False)),
+    ("split", 2, 2, 1e-2, (2, 2, 2, False, False, False)),
+    ("split", 1, 1, 1e-2, (2, 3, 1, False, True, False))])
 def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
                                             threshold, stages):
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
@@ -119,25 +125,32 @@ def test_config_rejects_what_cannot_run():
     decode_mosaic.MosaicDecodeConfig(v_stages=3, compute_wgs=2)
   with pytest.raises(ValueError, match="one_barrier_vote"):
     decode_mosaic.MosaicDecodeConfig(one_barrier_vote=1)
+  with pytest.raises(ValueError, match="transposed"):
+    decode_mosaic.MosaicDecodeConfig(transposed=None)
 
 
-@pytest.mark.parametrize("d,block_kv,fp8,wgs", [
-    (128, 128, False, 1),   # three warpgroups would spill
-    (128, 64, False, 2), (64, 128, False, 2), (64, 128, True, 2),
-    (256, 64, False, 1)])
+@pytest.mark.parametrize("d,block_kv,fp8,transposed,wgs", [
+    (128, 128, False, False, 1),   # three warpgroups would spill
+    (128, 64, False, False, 2), (64, 128, False, False, 2),
+    (64, 128, True, False, 2), (256, 64, False, False, 1),
+    # Transposed, registers are no limit: two wherever shared memory fits.
+    (128, 128, False, True, 2), (256, 64, False, True, 2),
+    (256, 128, True, True, 1)])   # two widened f16 tiles would not fit
 def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
-                                                           wgs):
+                                                           transposed, wgs):
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
-  config = decode_mosaic.MosaicDecodeConfig()
-  n_wgs, k_stages = decode_mosaic.pipeline(config, d, block_kv, 64, fp8)
+  config = decode_mosaic.MosaicDecodeConfig(transposed=transposed)
+  n_wgs, k_stages = decode_mosaic.pipeline(config, d, block_kv, 64, fp8,
+                                           group=4)
   assert n_wgs == wgs and k_stages % n_wgs == 0 and k_stages >= 2
+  cols = decode_mosaic.query_tile(4, True) if transposed else None
   assert decode_mosaic.shared_memory_bytes(
       d, block_kv, 64, k_stages, config.v_stages, fp8=fp8,
-      compute_wgs=n_wgs) <= decode_mosaic.MAX_SHARED_MEMORY
+      compute_wgs=n_wgs, cols=cols) <= decode_mosaic.MAX_SHARED_MEMORY
 
 
 def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
-                 initial_max=False):
+                 initial_max=False, config=None):
   """decode_partials lowered for CUDA: 8 KV heads, 32 pages a sequence."""
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct
@@ -147,7 +160,7 @@ def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
   starts = [sds((2, hkv, group), jnp.float32)] if initial_max else []
   fn = lambda *a: decode_mosaic.decode_partials(  # pylint: disable=g-long-lambda
       *a, group=group, sm_scale=0.1, num_splits=4, max_mode=max_mode,
-      skip_enabled=skip)
+      skip_enabled=skip, config=config or decode_mosaic.MosaicDecodeConfig())
   args = [sds((2, hkv, group, d), jnp.bfloat16),
           sds((pages, block_kv, hkv, d), cache),
           sds((pages, block_kv, hkv, d), cache),
@@ -176,3 +189,35 @@ def test_kernel_from_an_initial_max_lowers_for_cuda(d, block_kv, group,
   lowered = lower_decode(d, block_kv, group, True, max_mode, cache,
                          initial_max=True)
   assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("d,block_kv,group,skip,cache", [
+    (128, 128, 4, True, jnp.bfloat16), (64, 64, 3, False, jnp.bfloat16),
+    (64, 128, 8, True, jnp.float8_e4m3fn)])
+def test_64_row_build_lowers_for_cuda(d, block_kv, group, skip, cache):
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  lowered = lower_decode(
+      d, block_kv, group, skip, "anchored", cache,
+      config=decode_mosaic.MosaicDecodeConfig(transposed=False))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_default_on_hopper_where_it_runs_the_problem(monkeypatch):
+  from blasst_jax.ops import base as ops_base  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(ops_base, "on_gpu", lambda backend=None: True)
+  monkeypatch.setattr(ops_base, "is_hopper", lambda device=None: True)
+  problem = dict(dtype=jnp.bfloat16, head_dim=128, group=4, block_kv=128,
+                 pages_per_seq=256, cache_dtype=jnp.bfloat16,
+                 max_mode="anchored", max_axis_name=None, interpret=None)
+  for change in [{}, dict(cache_dtype=jnp.float8_e4m3fn), dict(
+      max_mode="split", head_dim=64, group=3, block_kv=64)]:
+    assert ops_base.default_op(
+        "decode", **{**problem, **change}).name == "pallas_mosaic", change
+  # What it does not run goes to the Triton kernel.
+  for change in [dict(max_mode="global"), dict(max_axis_name="context"),
+                 dict(head_dim=32), dict(block_kv=32), dict(group=65),
+                 dict(cache_dtype=jnp.float8_e5m2),
+                 dict(dtype=jnp.float32, cache_dtype=jnp.float32),
+                 dict(interpret=True), dict(pages_per_seq=40000)]:
+    assert ops_base.default_op(
+        "decode", **{**problem, **change}).name == "pallas_triton", change

@@ -1,6 +1,8 @@
 """Decode kernels compiled on a GPU (marker `gpu`): the shared decode suite,
-sparsity per mode at 8k, context-parallel decode on one GPU."""
+sparsity per mode at 8k, context-parallel decode on one GPU, the Flax
+decode step on the Hopper kernel."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,7 +69,11 @@ def test_decode_kernel_matches_oracle(dtype, num_splits, max_mode):
   out, stats = bj.decode_attention(q, k, v, lengths, threshold=1e-3,
                                    num_splits=num_splits,
                                    max_mode=max_mode, return_stats=True)
-  splits = num_splits or bj.decode.default_num_splits(4, 8, 8192, 128)
+  # The default implementation's split count (Mosaic on Hopper: one
+  # program per SM, so fewer splits than Triton's two).
+  default = "pallas_mosaic" if bj.api.is_hopper() else "pallas_triton"
+  splits = num_splits or bj.decode.default_num_splits(
+      4, 8, 8192, 128, implementation=default)
   oracle = bj.reference.blockwise_decode_attention(
       q, k, v, lengths, block_kv=128, threshold=1e-3, num_splits=splits,
       max_mode=max_mode)
@@ -111,3 +117,36 @@ def test_context_parallel_decode_shares_the_max_on_one_gpu(max_mode):
                                  - want_stats.skipped_blocks)))
   assert mismatch <= 0.01 * int(jnp.sum(want_stats.visited_blocks))
   assert float(stats.total_sparsity) > 0.3
+
+
+@pytest.mark.parametrize("page_size", [None, 64])
+def test_flax_decode_step_runs_the_hopper_kernel_by_default(monkeypatch,
+                                                            page_size):
+  """On Hopper the Flax layer's KV-cache decode step, with no
+  implementation named, runs the Mosaic decode kernel (contiguous and paged
+  caches) and gives the reference decode's outputs."""
+  if not bj.api.is_hopper():
+    pytest.skip("needs a Hopper GPU")
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  from blasst_jax.nn import SkipSelfAttention  # pylint: disable=g-import-not-at-top
+  calls = []
+  kernel = decode_mosaic.decode_partials
+  monkeypatch.setattr(decode_mosaic, "decode_partials",
+                      lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+  b, features, steps = 2, 512, 3      # 4 query heads / 1 KV head of 128
+  x = jax.random.normal(jax.random.PRNGKey(5), (b, steps, features),
+                        jnp.bfloat16)
+  outs = {}
+  for impl in (None, "reference"):
+    layer = SkipSelfAttention(
+        4, features, num_kv_heads=1, dtype=jnp.bfloat16, threshold=0.1,
+        decode_implementation=impl, rngs=nnx.Rngs(0))
+    layer.init_cache(b, max_len=1024, dtype=jnp.bfloat16, page_size=page_size)
+    step = nnx.jit(lambda layer, token: layer.decode(token))
+    outs[impl] = jnp.concatenate([step(layer, x[:, i:i + 1])
+                                  for i in range(steps)], axis=1)
+  assert calls, "the Mosaic decode kernel did not run"
+  np.testing.assert_allclose(np.asarray(outs[None], np.float32),
+                             np.asarray(outs["reference"], np.float32),
+                             atol=3e-2, rtol=3e-2)

@@ -25,6 +25,17 @@ split-K partials (unnormalized accumulators, row max, row sums; one per
 compute warpgroup of a split) are merged by the caller
 (`decode.merge_partials`), as for the Triton kernel.
 
+The transposed build (`MosaicDecodeConfig(transposed=True)`, the
+default) puts the keys on the wgmma M side instead: the scores are K·qᵀ, a
+[block_kv, N] tile whose N columns (the group rounded up to 8) are the
+query heads, and the output is Vᵀ·Pᵀ, [head_dim, N], with Pᵀ written to
+shared memory as the B operand. The tensor work, the exponentials and the
+registers shrink from 64 padded rows to N columns (8 at GQA 4); the running
+max becomes a column reduction across the warpgroup's warps (through a
+scratch of the warpgroup's own), after which every warp holds the same
+column maxima, so the skip vote needs no barrier of its own. The row sums
+stay a tile of per-thread partials, summed once at the end.
+
 FP8 caches (float8_e4m3fn pages with a scale per KV head, value = stored ·
 scale): the pages travel as FP8, half the bytes. The compute warpgroup
 widens each page it reads into its f16 tile in shared memory (e4m3 -> f16
@@ -74,6 +85,13 @@ class MosaicDecodeConfig:
     one_barrier_vote: decide by `mosaic_vote.warpgroup_any` (a warp vote,
       a word a warp, one barrier) instead of a max reduction over the
       rows (shuffles and two barriers), as the prefill kernel does.
+    transposed: keys on the wgmma M side (K·qᵀ and Vᵀ·Pᵀ over N = the
+      group rounded up to 8 query columns instead of 64 padded rows; see
+      the module docstring). With it `compute_wgs=None` takes two compute
+      warpgroups wherever shared memory allows, and `one_barrier_vote`
+      has nothing to do (the vote needs no barrier). False: the 64-row
+      build (H200, `decode_transposed_h200.log`: the transposed one is
+      3-12 % faster dense and 1-15 % when skipping 83-99 %).
   """
 
   k_stages: int | None = None
@@ -81,6 +99,7 @@ class MosaicDecodeConfig:
   compute_wgs: int | None = None
   split_registers: bool = False
   one_barrier_vote: bool = True
+  transposed: bool = True
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -89,7 +108,7 @@ class MosaicDecodeConfig:
         continue
       if not isinstance(value, int) or value < 2:
         raise ValueError(f"`{name}` must be an int >= 2, got {value!r}.")
-    for name in ("split_registers", "one_barrier_vote"):
+    for name in ("split_registers", "one_barrier_vote", "transposed"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
@@ -121,37 +140,53 @@ def _aligned(nbytes: int) -> int:
   return -(-nbytes // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
 
 
+def query_tile(group: int, transposed: bool) -> int:
+  """Query heads of a KV head as the score tile holds them: ROWS rows, or
+  (transposed) the group rounded up to wgmma's N granularity of 8."""
+  return -(-group // 8) * 8 if transposed else ROWS
+
+
 def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
                         v_stages, itemsize=2, fp8=False,
-                        compute_wgs=1) -> int:
+                        compute_wgs=1, cols=None) -> int:
   """q tile + K ring (which the f32 output tiles reuse at the end) + V
   ring + the page table + the small buffers, each rounded up to Pallas'
   1 KiB shared-memory alignment (`SMALL_BUFFERS`); with `fp8` pages (1
-  byte) the f16 tile of each compute warpgroup they are widened into."""
+  byte) the f16 tile of each compute warpgroup they are widened into.
+  `cols`: the transposed build's query columns (`query_tile`), whose Pᵀ
+  tiles (two a warpgroup) and column-reduction scratch add to it; None:
+  the 64-row build."""
+  rows = ROWS if cols is None else cols
   page = block_kv * head_dim * (1 if fp8 else itemsize)
   wide = compute_wgs * block_kv * head_dim * 2 if fp8 else 0
   table = 4 * -(-pages_per_seq // SLOT) * SLOT
-  return (ROWS * head_dim * itemsize
-          + max(k_stages * page, compute_wgs * ROWS * head_dim * 4)
-          + v_stages * page + wide + _aligned(table)
+  transposed = 0 if cols is None else (
+      _aligned(compute_wgs * 2 * cols * block_kv * itemsize)
+      + _aligned(compute_wgs * 4 * mosaic_vote.column_scratch_words(cols)))
+  return (_aligned(rows * head_dim * itemsize)
+          + max(k_stages * page, _aligned(compute_wgs * rows * head_dim * 4))
+          + v_stages * page + wide + _aligned(table) + transposed
           + SMALL_BUFFERS * SMEM_ALIGNMENT)
 
 
 def pipeline(config, head_dim, block_kv, pages_per_seq,
-             fp8=False) -> tuple[int, int]:
+             fp8=False, group=ROWS) -> tuple[int, int]:
   """(compute warpgroups, K ring depth): config's, else two warpgroups
   where their rings and output tiles fit in shared memory (even rings),
   and the deepest K ring (<= MAX_K_STAGES) that fits."""
+  cols = query_tile(group, True) if config.transposed else None
+
   def fits(wgs, k_stages):
     return shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
                                config.v_stages, fp8=fp8,
-                               compute_wgs=wgs) <= MAX_SHARED_MEMORY
+                               compute_wgs=wgs, cols=cols) <= MAX_SHARED_MEMORY
   wgs = config.compute_wgs
   if wgs is None:   # Three warpgroups leave 168 registers a thread: the
     # accumulator (d/2), the scores (block_kv/2) and the P carried a step
     # (block_kv/4) fit up to d + block_kv = 192 (H200: 2.7 vs 3.5 TB/s
-    # at 128 + 128, where they spill).
-    wgs = 2 if (head_dim + block_kv <= 192 and config.v_stages % 2 == 0
+    # at 128 + 128, where they spill). Transposed, they are 8-32 each.
+    small = config.transposed or head_dim + block_kv <= 192
+    wgs = 2 if (small and config.v_stages % 2 == 0
                 and fits(2, 2) and (config.k_stages is None
                                     or config.k_stages % 2 == 0)) else 1
   if config.k_stages is not None:
@@ -180,22 +215,26 @@ def _split_range(kv_len, split, num_splits: int, block_kv: int):
 
 
 class _Scratch(NamedTuple):
-  """Shared memory of one program (C = compute warpgroups)."""
-  q: Any         # [ROWS, d] the group's query heads, zero rows below
+  """Shared memory of one program (C = compute warpgroups; R = the query
+  tile, ROWS, or the transposed build's N columns)."""
+  q: Any         # [R, d] the group's query heads, zero rows below
   k: Any         # [k_stages, block_kv, d] K ring
-  out: Any       # f32 [C, ROWS, d] output tiles, over the K ring at the end
+  out: Any       # f32 [C, R, d] (transposed: [C, d, R]) output tiles, over
+                 # the K ring at the end
   v: Any         # [v_stages, block_kv, d] V ring
   table: Any     # int32 [table_rows, SLOT] the sequence's pages
   params: Any    # f32 [C + 1, SLOT] one copy per warpgroup
   votes: Any     # int32 [k_stages] keep (1) / skip (0), by block % k_stages
-  handoff: Any   # f32 [2, ROWS] running max after block j, in slot j % 2
-  ml: Any        # f32 [C, 2, ROWS] row max (log2 units), row sum
+  handoff: Any   # f32 [2, R] running max after block j, in slot j % 2
+  ml: Any        # f32 [C, 2, R] row max (log2 units), row sum
   stats: Any     # int32 [C, SLOT] skipped, visited
-  p: Any         # interpret mode: [C, ROWS, block_kv] P through memory
+  p: Any         # interpret mode: [C, ROWS, block_kv] P through memory;
+                 # transposed: [C, 2, R, block_kv] Pᵀ of block j in slot j % 2
   scales: Any    # FP8: f32 [SLOT] (K scale, V scale)
   wide: Any      # FP8: f16 [C, block_kv, d] widened page per warpgroup
-  rows: Any      # `initial_max`: f32 [ROWS] the given start (log2 units)
+  rows: Any      # `initial_max`: f32 [R] the given start (log2 units)
   vote: Any      # `one_barrier_vote`: f32 [C, mosaic_vote.ANY_WORDS]
+  colred: Any    # transposed: f32 [C, mosaic_vote.column_scratch_words(R)]
 
 
 class _Barriers(NamedTuple):
@@ -217,15 +256,17 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
             acc_ref, ml_ref, stats_ref, sc: _Scratch, bars: _Barriers, *,
             sm_scale,
             block_kv, head_dim, dtype, group, num_splits, skip_enabled,
-            anchored, k_stages, v_stages, compute_wgs, split_registers):
-  # q_ref [b, hkv, ROWS, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
+            anchored, k_stages, v_stages, compute_wgs, split_registers,
+            transposed, interpret):
+  # q_ref [b, hkv, R, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
   # table_ref int32 [b, table_rows, SLOT]; params_ref f32 [b, SLOT]
   # ([kv_len, log2 λ, 0...]); scales_ref (FP8 pages, else None) f32
   # [hkv, SLOT] ([k scale, v scale, 0...]); init_ref (`initial_max`, skip
-  # build only, else None) f32 [b, hkv, ROWS]. Outputs, one partial per
-  # (split, compute warpgroup): acc_ref f32 [b, hkv, splits * C, ROWS, d],
-  # ml_ref f32 [b, hkv, splits * C, 2, ROWS] (row max in log2 units, row
-  # sum), stats_ref int32 [b, hkv, splits * C, SLOT] ([skipped, visited]).
+  # build only, else None) f32 [b, hkv, R]. Outputs, one partial per
+  # (split, compute warpgroup): acc_ref f32 [b, hkv, splits * C, R, d]
+  # (transposed: [..., d, R]), ml_ref f32 [b, hkv, splits * C, 2, R] (row
+  # max in log2 units, row sum), stats_ref int32 [b, hkv, splits * C, SLOT]
+  # ([skipped, visited]).
   n_wgs = compute_wgs
   split = lax.axis_index("split")
   kv_head = lax.axis_index("kv_heads")
@@ -294,11 +335,29 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       wide[...] = page8.astype(jnp.float16)
       plgpu.commit_smem()
       return wide
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    key_iota = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1,
+    # The score tile's query axis: 0 ([R, block_kv]), or 1 transposed
+    # ([block_kv, R]; the output tile [d, R] too).
+    q_axis = 1 if transposed else 0
+    rows = sc.q.shape[0]
+    tile = (block_kv, rows) if transposed else (rows, block_kv)
+    row_layout = plgpu.Layout.WGMMA.reduce(1 - q_axis)
+    key_iota = plgpu.broadcasted_iota(jnp.int32, tile, 1 - q_axis,
                                       layout=plgpu.Layout.WGMMA)
-    minus_inf = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32),
+    minus_inf = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32),
                                   row_layout)
+
+    def over_rows(x, shape):
+      """A per-query vector broadcast over a tile's other axis."""
+      return lax.broadcast_in_dim(x, shape, [q_axis])
+
+    def key_reduce(x, op):
+      """max / sum over the keys of a score tile: within each warp for
+      rows; transposed, across the warps, through this warpgroup's
+      scratch (every warp then holds the same result)."""
+      if not transposed:
+        return x.max(axis=1) if op == "max" else x.sum(axis=1)
+      return mosaic_vote.warpgroup_column_reduce(
+          x, op, sc.colred.at[w], interpret=interpret)
 
     def scores(kp):
       """Scaled scores [ROWS, block_kv] (log2 units) of K position kp,
@@ -311,10 +370,13 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         plgpu.barrier_arrive(bars.k_free.at[slot])
 
       def qk(acc_ref):
-        plgpu.wgmma(acc_ref, sc.q, k_tile.transpose((1, 0)))
+        if transposed:   # K·qᵀ
+          plgpu.wgmma(acc_ref, k_tile, sc.q.transpose((1, 0)))
+        else:
+          plgpu.wgmma(acc_ref, sc.q, k_tile.transpose((1, 0)))
         return acc_ref[...]
 
-      s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
+      s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
       if not fp8:
         plgpu.barrier_arrive(bars.k_free.at[slot])
       keys = key_iota + k_block(kp) * block_kv
@@ -339,9 +401,9 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     if anchored and skip_enabled:
       if n_wgs == 1:
         m0 = lax.fori_loop(0, n_anchor, lambda kp, m: jnp.maximum(
-            m, scores(kp).max(axis=1)), minus_inf)
+            m, key_reduce(scores(kp), "max")), minus_inf)
       else:
-        own = lax.cond(n_anchor > 0, lambda: scores(w).max(axis=1),
+        own = lax.cond(n_anchor > 0, lambda: key_reduce(scores(w), "max"),
                        lambda: minus_inf)
 
         def first_anchor():
@@ -356,11 +418,17 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       m0 = jnp.maximum(m0, plgpu.load(sc.rows, layout=row_layout,
                                       optimized=False))
 
-    def probabilities(s, m):
-      """P = 2^(s - m) [ROWS, block_kv] in the products' dtype, and its row
-      sums: a kept block's weights at the running max m."""
+    def probabilities(s, m, vp):
+      """P = 2^(s - m) in the products' dtype, and its row sums: a kept
+      block's weights at the running max m. Transposed, Pᵀ goes to the
+      warpgroup's slot vp % 2 of shared memory (the B operand of Vᵀ·Pᵀ)
+      and the row sums stay per-thread: the f32 tile itself."""
       m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+      p = jnp.exp2(s - over_rows(m_safe, s.shape))
+      if transposed:
+        p_smem.at[lax.rem(vp // n_wgs, 2)].transpose((1, 0))[...] = (
+            p.astype(dtype))
+        return None, p
       return p.astype(dtype), p.sum(axis=1)
 
     def accumulate(vp, pending, acc, l, m_acc):
@@ -388,9 +456,23 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         pl.when((start + vp + 1) * block_kv > kv_len)(
             lambda: zero_past_end(tile))
         alpha = jnp.exp2(m_acc - jnp.where(m_p == -jnp.inf, 0.0, m_p))
-        acc_scaled = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        l_new = l * alpha + p_sum
-        if p_smem is None:
+        acc_scaled = acc * over_rows(alpha, acc.shape)
+        l_new = l * (over_rows(alpha, l.shape) if transposed else alpha) + p_sum
+        if transposed:   # Vᵀ·Pᵀ, Pᵀ written when block vp was decided
+          p_tile = p_smem.at[lax.rem(vp // n_wgs, 2)].transpose((1, 0))
+          plgpu.commit_smem()
+
+          def pv(acc_ref):
+            plgpu.wgmma(acc_ref, tile.transpose((1, 0)), p_tile)
+          if interpret:   # (no accumulator given as input there)
+            def pv_out(acc_ref):
+              pv(acc_ref)
+              return acc_ref[...]
+            acc_new = acc_scaled + pl.run_scoped(
+                pv_out, plgpu.ACC((head_dim, rows), jnp.float32))
+          else:
+            acc_new = pl.run_state(pv)(plgpu.ACC.init(acc_scaled))
+        elif p_smem is None:
           def pv(acc_ref):
             plgpu.wgmma(acc_ref, p16, tile)
           acc_new = pl.run_state(pv)(plgpu.ACC.init(acc_scaled))
@@ -409,10 +491,14 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       plgpu.barrier_arrive(bars.v_free.at[slot])
       return out
 
-    no_probs = (plgpu.layout_cast(jnp.zeros((ROWS, block_kv), dtype),
-                                  plgpu.Layout.WGMMA),
-                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32),
-                                  row_layout))
+    zero_tile = plgpu.layout_cast(jnp.zeros(tile, jnp.float32),
+                                  plgpu.Layout.WGMMA)
+    if transposed:   # (P in shared memory, the row-sum tile)
+      no_probs = (None, zero_tile)
+    else:
+      no_probs = (zero_tile.astype(dtype),
+                  plgpu.layout_cast(jnp.zeros((rows,), jnp.float32),
+                                    row_layout))
 
     def step(i, carry):
       """Scores and decides this warpgroup's i-th block vp, publishes the
@@ -421,33 +507,34 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       acc, l, m_acc, m, n_skipped, pending = carry
       vp = w + i * n_wgs
       s = scores(vp + n_anchor)
-      m_blk = s.max(axis=1)
+      m_blk = key_reduce(s, "max")
       if skip_enabled:
         if handing:   # The running max after block vp - 1.
           m = lax.cond(vp == 0, lambda: m, lambda: take_over(vp - 1))
         # max over real rows of (block max - running max), from the scores
         # of visible keys; padded rows take no part. A split's first block
         # without anchors meets m = -inf: gap +inf, kept.
-        real_rows = plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0,
+        real_rows = plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
                                            layout=row_layout) < group
         gap = jnp.where(real_rows, m_blk - m, -jnp.inf)
-        if sc.vote is None:
+        if transposed or sc.vote is None:   # transposed: every warp holds
+          # every column (key_reduce), so a warp's own reduction is uniform.
           keep = gap.max() >= log2_thr
         else:
           keep = mosaic_vote.warpgroup_any(
               gap, log2_thr, sc.vote.at[w], lax.rem(i, 2),
-              interpret=sc.p is not None)
+              interpret=interpret)
         m = lax.cond(keep, lambda: jnp.maximum(m, m_blk), lambda: m)
         if handing:
           hand_over(vp, m)
         sc.votes[k_slot(vp)] = keep.astype(jnp.int32)
         plgpu.barrier_arrive(bars.votes.at[k_slot(vp)])
-        p16, p_sum = lax.cond(keep, lambda: probabilities(s, m),
+        p16, p_sum = lax.cond(keep, lambda: probabilities(s, m, vp),
                               lambda: no_probs)
       else:
         keep = vp >= 0
         m = jnp.maximum(m, m_blk)
-        p16, p_sum = probabilities(s, m)
+        p16, p_sum = probabilities(s, m, vp)
       acc, l, m_acc = lax.cond(
           i > 0, lambda: accumulate(vp - n_wgs, pending, acc, l, m_acc),
           lambda: (acc, l, m_acc))
@@ -455,9 +542,11 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
               (p16, p_sum, m, keep))
 
     n_mine = lax.div(jnp.maximum(n - w + n_wgs - 1, 0), n_wgs)
-    acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32),
-                            plgpu.Layout.WGMMA)
-    l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), row_layout)
+    acc = plgpu.layout_cast(
+        jnp.zeros((head_dim, rows) if transposed else (rows, head_dim),
+                  jnp.float32), plgpu.Layout.WGMMA)
+    l = zero_tile if transposed else plgpu.layout_cast(
+        jnp.zeros((rows,), jnp.float32), row_layout)
     nothing = (*no_probs, minus_inf, n < 0)
     acc, l, m_acc, m, n_skipped, pending = lax.fori_loop(
         0, n_mine, step, (acc, l, minus_inf, m0, n * 0, nothing))
@@ -476,6 +565,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     if n_wgs > 1:
       plgpu.barrier_arrive(bars.done)
       plgpu.barrier_wait(bars.done)
+    if transposed:   # the row sums' per-thread partials, summed
+      l = key_reduce(l, "add")
     out_tile = sc.out.at[w]
     out_tile[...] = acc if v_scale is None else acc * v_scale
     sc.ml.at[w, 0][...] = m_acc
@@ -587,9 +678,10 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
     skip_enabled: False builds the dense kernel (every V page read).
 
   Returns:
-    acc f32 [batch, kv_heads, parts, 64, head_dim] (unnormalized; rows past
-    `group` are padding; parts = splits * config.compute_wgs, one per
-    compute warpgroup of a split), m f32 [batch, kv_heads, parts, 64] (row
+    acc f32 [batch, kv_heads, parts, R, head_dim] (unnormalized; R = 64,
+    or `query_tile` transposed; rows past `group` are padding; parts =
+    splits * compute warpgroups, one per compute warpgroup of a split), m
+    f32 [batch, kv_heads, parts, R] (row
     max, log2 units, -inf where a part kept nothing), l f32 (row sums);
     skipped, visited int32 [batch, kv_heads, splits].
   """
@@ -608,7 +700,9 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   if max_mode not in MAX_MODES:
     raise ValueError(f"`max_mode` must be one of {MAX_MODES} for the Mosaic "
                      f"decode kernel, got {max_mode!r}.")
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, ROWS - g), (0, 0)))
+  transposed = config.transposed
+  rows = query_tile(g, transposed)
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
   pages_per_seq = page_table.shape[1]
   width = -(-pages_per_seq // SLOT) * SLOT
   table = jnp.pad(page_table.astype(jnp.int32),
@@ -616,10 +710,11 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   params = jnp.zeros((b, SLOT), jnp.float32)
   params = params.at[:, 0].set(kv_lengths.astype(jnp.float32))
   params = params.at[:, 1].set(log_threshold * LOG2E)
-  n_wgs, k_stages = pipeline(config, d, block_kv, pages_per_seq, fp8)
+  n_wgs, k_stages = pipeline(config, d, block_kv, pages_per_seq, fp8, g)
   v_stages = config.v_stages
   smem_bytes = shared_memory_bytes(d, block_kv, pages_per_seq, k_stages,
-                                   v_stages, fp8=fp8, compute_wgs=n_wgs)
+                                   v_stages, fp8=fp8, compute_wgs=n_wgs,
+                                   cols=rows if transposed else None)
   if smem_bytes > MAX_SHARED_MEMORY:
     raise ValueError(
         f"head_dim {d}, pages of {block_kv} keys, a page table of "
@@ -640,40 +735,50 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
     scales = scales.at[:, 0].set(jnp.asarray(k_scale, jnp.float32))
     inputs.append(scales.at[:, 1].set(jnp.asarray(v_scale, jnp.float32)))
   given = initial_max is not None and skip_enabled
-  if given:   # [b, hkv, ROWS], padding rows at -inf
+  if given:   # [b, hkv, R], padding rows at -inf
     inputs.append(jnp.pad(initial_max.astype(jnp.float32),
-                          ((0, 0), (0, 0), (0, ROWS - g)),
+                          ((0, 0), (0, 0), (0, rows - g)),
                           constant_values=-jnp.inf))
   parts = num_splits * n_wgs
+  out_shape = (d, rows) if transposed else (rows, d)
 
   def blasst_decode_mosaic(q_ref, k_ref, v_ref, table_ref, params_ref,
                            *refs):
     *optional, acc_ref, ml_ref, stats_ref = refs
     scales_ref = optional[0] if fp8 else None
     init_ref = optional[-1] if given else None
+    if transposed:   # Pᵀ of a warpgroup's last two blocks
+      p = plgpu.SMEM((n_wgs, 2, rows, block_kv), dtype,
+                     transforms=swizzled(2))
+    elif interpret is not None:
+      p = plgpu.SMEM((n_wgs, ROWS, block_kv), dtype, transforms=swizzled(2))
+    else:
+      p = None
     scratch = _Scratch(
-        q=plgpu.SMEM((ROWS, d), dtype, transforms=swizzled(2)),
+        q=plgpu.SMEM((rows, d), dtype, transforms=swizzled(2)),
         k=plgpu.RefUnion(
             plgpu.SMEM((k_stages, block_kv, d), page_dtype,
                        transforms=page_swizzle),
-            plgpu.SMEM((n_wgs, ROWS, d), jnp.float32)),
+            plgpu.SMEM((n_wgs, *out_shape), jnp.float32)),
         out=None,
         v=plgpu.SMEM((v_stages, block_kv, d), page_dtype,
                      transforms=page_swizzle),
         table=plgpu.SMEM((width // SLOT, SLOT), jnp.int32),
         params=plgpu.SMEM((n_wgs + 1, SLOT), jnp.float32),
         votes=plgpu.SMEM((k_stages,), jnp.int32),
-        handoff=plgpu.SMEM((2, ROWS), jnp.float32),
-        ml=plgpu.SMEM((n_wgs, 2, ROWS), jnp.float32),
+        handoff=plgpu.SMEM((2, rows), jnp.float32),
+        ml=plgpu.SMEM((n_wgs, 2, rows), jnp.float32),
         stats=plgpu.SMEM((n_wgs, SLOT), jnp.int32),
-        p=(plgpu.SMEM((n_wgs, ROWS, block_kv), dtype, transforms=swizzled(2))
-           if interpret is not None else None),
+        p=p,
         scales=plgpu.SMEM((SLOT,), jnp.float32) if fp8 else None,
         wide=(plgpu.SMEM((n_wgs, block_kv, d), jnp.float16,
                          transforms=swizzled(2)) if fp8 else None),
-        rows=plgpu.SMEM((ROWS,), jnp.float32) if given else None,
+        rows=plgpu.SMEM((rows,), jnp.float32) if given else None,
         vote=(plgpu.SMEM((n_wgs, mosaic_vote.ANY_WORDS), jnp.float32)
-              if config.one_barrier_vote and skip_enabled else None))
+              if config.one_barrier_vote and skip_enabled and not transposed
+              else None),
+        colred=(plgpu.SMEM((n_wgs, mosaic_vote.column_scratch_words(rows)),
+                           jnp.float32) if transposed else None))
     barriers = _Barriers(
         q=plgpu.Barrier(), table=plgpu.Barrier(),
         params=plgpu.Barrier(num_barriers=n_wgs + 1),
@@ -696,15 +801,16 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
               num_splits=num_splits, skip_enabled=skip_enabled,
               anchored=max_mode == "anchored", k_stages=k_stages,
               v_stages=v_stages, compute_wgs=n_wgs,
-              split_registers=config.split_registers and n_wgs == 2)
+              split_registers=config.split_registers and n_wgs == 2,
+              transposed=transposed, interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 
   acc, ml, stats = plgpu.kernel(
       blasst_decode_mosaic,
       out_type=(
-          jax.ShapeDtypeStruct((b, hkv, parts, ROWS, d), jnp.float32),
-          jax.ShapeDtypeStruct((b, hkv, parts, 2, ROWS), jnp.float32),
+          jax.ShapeDtypeStruct((b, hkv, parts, *out_shape), jnp.float32),
+          jax.ShapeDtypeStruct((b, hkv, parts, 2, rows), jnp.float32),
           jax.ShapeDtypeStruct((b, hkv, parts, SLOT), jnp.int32)),
       grid=(num_splits, hkv, b),
       grid_names=("split", "kv_heads", "batch"),
@@ -715,4 +821,6 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   )(*inputs)
   # Per split: the compute warpgroups' block counts add up.
   counts = stats[..., :2].reshape(b, hkv, num_splits, n_wgs, 2).sum(axis=3)
+  if transposed:   # [..., d, R] -> [..., R, d]
+    acc = acc.swapaxes(-1, -2)
   return (acc, ml[..., 0, :], ml[..., 1, :], counts[..., 0], counts[..., 1])

@@ -42,6 +42,15 @@ SCRATCH_WORDS = 128
 # `warpgroup_any`'s words: a word per warp, two halves (parity 0 and 1).
 ANY_WORDS = 8
 WARPS = 4
+# f32 words `warpgroup_column_reduce` takes per 8 columns of the tile (each
+# of a warp's 32 lanes stores its 2 columns: 4 warps x 32 x 2).
+COLUMN_WORDS = 256
+
+
+def column_scratch_words(cols: int) -> int:
+  """A column reduction's scratch: one round of barriers up to 32 columns,
+  then rounds of 32."""
+  return COLUMN_WORDS * min(cols // 8, 4)
 
 
 def _reduce_max(ctx, x, scratch):
@@ -68,6 +77,39 @@ def warpgroup_max(x, scratch, *, interpret: bool):
       return_type=plgpu.ShapeDtypeStruct(
           (), jnp.float32, layout=plgpu.Layout.WG_SPLAT(())),
   )(_reduce_max)(x, scratch)
+
+
+def _reduce_columns(op):
+  def reduce(ctx, x, scratch):
+    del ctx
+    return x.reduce(op, 0, scratch=scratch)
+  return reduce
+
+
+def warpgroup_column_reduce(x, op, scratch, *, interpret: bool):
+  """max or sum over the rows of a warpgroup's tile, per column, held by
+  every warp (as `warpgroup_max`, through a scratch of the warpgroup's
+  own so that warpgroups reduce concurrently).
+
+  Args:
+    x: f32 [m, n] in the wgmma layout (m a multiple of 64, n of 8).
+    op: "max" or "add".
+    scratch: this warpgroup's f32 [column_scratch_words(n)] shared-memory
+      ref.
+    interpret: Pallas' interpret mode: there a plain reduction.
+
+  Returns:
+    f32 [n] in `plgpu.Layout.WGMMA.reduce(0)`.
+  """
+  if op not in ("max", "add"):
+    raise ValueError(f"`op` must be 'max' or 'add', got {op!r}.")
+  if interpret:
+    return x.max(axis=0) if op == "max" else x.sum(axis=0)
+  return plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+      return_type=plgpu.ShapeDtypeStruct(
+          (x.shape[1],), jnp.float32, layout=plgpu.Layout.WGMMA.reduce(0)),
+  )(_reduce_columns(op))(x, scratch)
 
 
 def _any_positive(ctx, hit, scratch):

@@ -42,8 +42,11 @@ class DecodeOp(base.Op):
   # a second, nearly empty wave (+15% time at B8 32k, 5 vs 4 splits).
   programs_per_sm: ClassVar[int] = 2
 
-  def supports(self, *, backend=None, head_dim=None) -> bool:
-    """Whether `implementation=None` may pick this op."""
+  def supports(self, **problem) -> bool:
+    """Whether `implementation=None` may pick this op for `problem`:
+    backend, dtype, head_dim, group, block_kv, pages_per_seq, cache_dtype,
+    max_mode, max_axis_name, interpret (`decode._decode_paged` passes all;
+    an op reads those it depends on)."""
     raise NotImplementedError
 
   def prepare(self, *, dtype, head_dim, group, block_kv, max_mode,

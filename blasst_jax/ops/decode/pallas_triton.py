@@ -22,7 +22,8 @@ class PallasTritonDecode(decode_base.DecodeOp):
   name = "pallas_triton"
   config_class = decode_triton.DecodeConfig
 
-  def supports(self, *, backend=None, head_dim=None) -> bool:
+  def supports(self, *, backend=None, head_dim=None, **problem) -> bool:
+    del problem
     return base.on_gpu(backend) and (head_dim is None
                                      or kernel_head_dim(head_dim))
 

@@ -1,0 +1,107 @@
+"""Interleaved A/B rounds of Mosaic decode builds (`MosaicDecodeConfig`s and
+page sizes) on the decode study's sink/local caches: every build is timed
+once per round, rounds alternate builds, and medians over rounds are
+printed, so that drifts of the GPU's clocks hit all builds alike. Outputs
+are compared with the first build's (max |Δ| and sparsity).
+
+    python -m experiments.ab_decode_mosaic --builds=transposed
+    python -m experiments.ab_decode_mosaic --builds=rings --shapes=0,1,3
+
+Build sets: "transposed" (the 64-row build, the transposed one with two and
+one compute warpgroups) and "rings" (the transposed build's K / V ring
+depths and page sizes, with a copy of the cache for scale).
+"""
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import blasst_jax as bj
+from blasst_jax import patterns
+from blasst_jax import testing
+from blasst_jax.kernels import decode_mosaic
+
+Config = decode_mosaic.MosaicDecodeConfig
+# name: {build name: (block_kv or None for the shape's, config)}
+BUILDS = {
+    "transposed": {
+        "rows64": (None, Config(transposed=False)),
+        "T2": (None, Config(transposed=True)),
+        "T1": (None, Config(transposed=True, compute_wgs=1)),
+    },
+    "rings": {
+        "T2 p128 k4v2": (128, Config()),
+        "T2 p128 k2v4": (128, Config(k_stages=2, v_stages=4)),
+        "T2 p64 k4v2": (64, Config()),
+        "T2 p64 k4v4": (64, Config(k_stages=4, v_stages=4)),
+        "T2 p64 k8v4": (64, Config(k_stages=8, v_stages=4)),
+        "T2 p64 k6v6": (64, Config(k_stages=6, v_stages=6)),
+        "T1 p64 k6v6": (64, Config(k_stages=6, v_stages=6, compute_wgs=1)),
+    },
+}
+# (batch, q_heads, kv_heads, seq_len, head_dim, block_kv, λs besides 0)
+SHAPES = [(8, 32, 8, 32768, 128, 128, (1e-3, 1e-2)),
+          (1, 32, 8, 131072, 128, 128, (1e-3,)),
+          (64, 32, 8, 4096, 128, 128, (1e-3,)),
+          (120, 9, 3, 8192, 64, 64, (1e-2, 0.1))]
+
+_BUILDS = flags.DEFINE_enum("builds", "transposed", list(BUILDS),
+                            "Which set of builds.")
+_SHAPES = flags.DEFINE_list("shapes", [], "Indices into SHAPES (all: empty).")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
+
+
+def main(argv):
+  del argv
+  print(f"device_kind={jax.devices()[0].device_kind} jax={jax.__version__}",
+        flush=True)
+  builds = BUILDS[_BUILDS.value]
+  ids = [int(i) for i in _SHAPES.value] or range(len(SHAPES))
+  for i in ids:
+    b, hq, hkv, s, d, shape_bkv, lams = SHAPES[i]
+    q, k, v = patterns.sink_local_qkv(
+        jax.random.PRNGKey(0), batch=b, seq_len=s, q_heads=hq, kv_heads=hkv,
+        head_dim=d, dtype=jnp.bfloat16, sharpness=(10., 14., 18., 22.))
+    q, n = q[:, -1], jnp.full((b,), s, jnp.int32)
+    dense_bytes = 2 * k.size * k.dtype.itemsize
+    tag = f"b{b} s{s} h{hq}/{hkv} d{d}"
+    fns = {}
+    for lam in (0.0, *lams):
+      for name, (bkv, cfg) in builds.items():
+        fn = jax.jit(lambda q, k, v, n, t, cfg=cfg, bkv=bkv or shape_bkv:  # pylint: disable=g-long-lambda
+                     bj.decode_attention(
+                         q, k, v, n, threshold=t, block_kv=bkv,
+                         max_mode="anchored", implementation="pallas_mosaic",
+                         return_stats=True, kernel_config=cfg))
+        out, stats = fn(q, k, v, n, jnp.float32(lam))
+        fns[lam, name] = (fn, float(stats.total_sparsity),
+                          np.asarray(out, np.float32))
+    first = next(iter(builds))
+    for (lam, name), (_, sparsity, out) in fns.items():
+      if name != first:
+        _, sparsity0, out0 = fns[lam, first]
+        print(f"  check {tag} λ={lam:g} {name}: max|Δ| vs {first} "
+              f"{np.max(np.abs(out - out0)):.3g}, sparsity {sparsity:.4f} vs "
+              f"{sparsity0:.4f}", flush=True)
+    copy = jax.jit(lambda k, v: (jnp.copy(k), jnp.copy(v)))
+    times = {key: [] for key in fns}
+    copy_times = []
+    for _ in range(_ROUNDS.value):
+      copy_times.append(1e3 * testing.median_time_ms(copy, k, v, warmup=1,
+                                                     iters=10, reps=5))
+      for (lam, name), (fn, _, _) in fns.items():
+        times[lam, name].append(1e3 * testing.median_time_ms(
+            fn, q, k, v, n, jnp.float32(lam), warmup=1, iters=10, reps=5))
+    t_copy = np.median(copy_times)
+    print(f"{tag}: copy of K and V {t_copy:.1f} us "
+          f"({2 * dense_bytes / t_copy / 1e6:.2f} TB/s read + written)")
+    for (lam, name), (_, sparsity, _) in fns.items():
+      t = np.median(times[lam, name])
+      print(f"{tag} λ={lam:g} sparsity {sparsity:.3f} {name:14s} {t:8.1f} us "
+            f"(min {min(times[lam, name]):.1f}) "
+            f"{dense_bytes / t / 1e6:.2f} TB/s-eff", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -707,9 +707,13 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   width = -(-pages_per_seq // SLOT) * SLOT
   table = jnp.pad(page_table.astype(jnp.int32),
                   ((0, 0), (0, width - pages_per_seq))).reshape(b, -1, SLOT)
-  params = jnp.zeros((b, SLOT), jnp.float32)
-  params = params.at[:, 0].set(kv_lengths.astype(jnp.float32))
-  params = params.at[:, 1].set(log_threshold * LOG2E)
+  # Built by concatenation, not `.at[].set` (whose scatters XLA runs as
+  # three more small kernels before this one, ~3 us each).
+  log2_thr = jnp.broadcast_to(log_threshold * LOG2E, (b,))
+  params = jnp.concatenate(
+      [kv_lengths.astype(jnp.float32)[:, None],
+       log2_thr.astype(jnp.float32)[:, None],
+       jnp.zeros((b, SLOT - 2), jnp.float32)], axis=1)
   n_wgs, k_stages = pipeline(config, d, block_kv, pages_per_seq, fp8, g)
   v_stages = config.v_stages
   smem_bytes = shared_memory_bytes(d, block_kv, pages_per_seq, k_stages,
@@ -731,9 +735,10 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   page_swizzle = swizzled(jnp.dtype(page_dtype).itemsize)
   inputs = [q, k_pages, v_pages, table, params]
   if fp8:
-    scales = jnp.zeros((hkv, SLOT), jnp.float32)
-    scales = scales.at[:, 0].set(jnp.asarray(k_scale, jnp.float32))
-    inputs.append(scales.at[:, 1].set(jnp.asarray(v_scale, jnp.float32)))
+    inputs.append(jnp.concatenate(
+        [jnp.broadcast_to(jnp.asarray(x, jnp.float32), (hkv,))[:, None]
+         for x in (k_scale, v_scale)]
+        + [jnp.zeros((hkv, SLOT - 2), jnp.float32)], axis=1))
   given = initial_max is not None and skip_enabled
   if given:   # [b, hkv, R], padding rows at -inf
     inputs.append(jnp.pad(initial_max.astype(jnp.float32),

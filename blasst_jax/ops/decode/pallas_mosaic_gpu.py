@@ -1,8 +1,8 @@
 """The Hopper decode kernel (Pallas Mosaic GPU) as an op: the default on
 sm_90 wherever it runs the problem (`supports`), else the Triton kernel.
-On the H200 its transposed build reads dense caches as fast as the Triton
-kernel (within 6 %, faster at head_dim 64) and skips faster at every
-sparsity (`benchmarks/results/decode_h200*.json`)."""
+On the H200 its transposed build reads dense caches about as fast as the
+Triton kernel (within 6 %; faster at batch 1 and at head_dim 64) and skips
+faster in 35 of 36 cells (`benchmarks/results/decode_h200*.json`)."""
 
 from __future__ import annotations
 

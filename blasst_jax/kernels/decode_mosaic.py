@@ -5,11 +5,12 @@ One program per (split, KV head, sequence) with a memory warpgroup and
 split's K pages into a shared-memory ring with TMA, `k_stages` blocks
 ahead, and copies a V page only once its block has been kept; for a skipped
 block it completes the V slot's phase with an empty arrival, so a skipped
-block's V is never read. Each compute warpgroup folds the `group` query
-heads of the KV head into the rows of one 64-row wgmma tile (zero rows pad
-it), scores its next block j, decides it against the running max and
-publishes the decision, then accumulates its previous block, whose V copy
-ran while block j was scored.
+block's V is never read. Each compute warpgroup holds the `group` query
+heads of the KV head in one wgmma tile (the 64-row build: its rows, zero
+rows padding them; the transposed build, below: 8-wide columns), scores its
+next block j, decides it against the running max and publishes the
+decision, then accumulates its previous block, whose V copy ran while
+block j was scored.
 
 With two compute warpgroups, block j belongs to warpgroup j % 2: the score
 products, softmax and P·V of neighbouring blocks run side by side, and only
@@ -420,9 +421,10 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
 
     def probabilities(s, m, vp):
       """P = 2^(s - m) in the products' dtype, and its row sums: a kept
-      block's weights at the running max m. Transposed, Pᵀ goes to the
-      warpgroup's slot vp % 2 of shared memory (the B operand of Vᵀ·Pᵀ)
-      and the row sums stay per-thread: the f32 tile itself."""
+      block's weights at the running max m. Transposed, Pᵀ goes to
+      shared memory (the B operand of Vᵀ·Pᵀ), slot i % 2 for the
+      warpgroup's i-th block, and the row sums stay per-thread: the f32
+      tile itself."""
       m_safe = jnp.where(m == -jnp.inf, 0.0, m)
       p = jnp.exp2(s - over_rows(m_safe, s.shape))
       if transposed:

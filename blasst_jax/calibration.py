@@ -117,7 +117,8 @@ class DecodeOptions:
   Attributes:
     block_kv: keys per block (decode's skip granularity).
     num_splits: split-K factor; None: `decode.default_num_splits` of each
-      input's shape, as `decode_attention` picks it.
+      input's shape and the default implementation on this backend, as
+      `decode_attention` picks it.
     max_mode: "split", "anchored" or "global" (`decode_attention`).
 
   Raises:
@@ -146,8 +147,13 @@ class DecodeOptions:
     """The split-K factor used for `inputs` (an int >= 1)."""
     if self.num_splits is not None:
       return self.num_splits
-    b, max_len, hkv, _ = inputs.k_cache.shape
-    return decode_lib.default_num_splits(b, hkv, max_len, self.block_kv)
+    b, max_len, hkv, d = inputs.k_cache.shape
+    implementation = decode_lib.default_implementation(
+        dtype=inputs.q.dtype, head_dim=d, group=inputs.q.shape[-2] // hkv,
+        block_kv=self.block_kv, pages_per_seq=-(-max_len // self.block_kv),
+        cache_dtype=inputs.k_cache.dtype, max_mode=self.max_mode)
+    return decode_lib.default_num_splits(b, hkv, max_len, self.block_kv,
+                                         implementation=implementation)
 
 
 # ----------------------------------------------------------------------------

@@ -74,6 +74,37 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int,
   return int(max(1, min(want, blocks // MIN_BLOCKS_PER_SPLIT)))
 
 
+def default_implementation(*, dtype, head_dim: int, group: int,
+                           block_kv: int, pages_per_seq: int,
+                           cache_dtype=None,
+                           max_mode: str = DEFAULT_MAX_MODE,
+                           max_axis_name=None, interpret=None,
+                           kernel_config=None) -> str:
+  """The implementation `decode_attention(implementation=None)` runs for
+  a problem on the current backend: on a Hopper GPU "pallas_mosaic" where
+  that kernel runs it, else "pallas_triton" on a GPU, "reference"
+  elsewhere. (Its split count, `default_num_splits(...,
+  implementation=...)`, depends on it, and "split" mode's decisions on the
+  split count.)
+
+  Args:
+    dtype: the query's dtype; head_dim; group: query heads per KV head.
+    block_kv, pages_per_seq: keys per page (block) and pages per sequence.
+    cache_dtype: the cache's dtype (default `dtype`; float8_e4m3fn: FP8).
+    max_mode, max_axis_name, interpret, kernel_config: as
+      `decode_attention`.
+
+  Returns:
+    "pallas_mosaic", "pallas_triton" or "reference".
+  """
+  return ops_base.default_op(
+      "decode", dtype=dtype, head_dim=head_dim, group=group,
+      block_kv=block_kv, pages_per_seq=pages_per_seq,
+      cache_dtype=cache_dtype, max_mode=max_mode,
+      max_axis_name=max_axis_name, interpret=interpret,
+      kernel_config=kernel_config).name
+
+
 def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
                      sm_scale: float | None = None,
                      block_kv: int = DEFAULT_BLOCK_KV,
@@ -117,7 +148,9 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
     interpret: run the Pallas kernel in interpret mode (default: off GPU);
       for "pallas_mosaic" also a `plgpu.InterpretGPUParams` (e.g.
       `detect_races=True`).
-    kernel_config: a `kernels.decode_triton.DecodeConfig`.
+    kernel_config: the kernel's knobs: a `kernels.decode_triton.DecodeConfig`
+      or a `kernels.decode_mosaic.MosaicDecodeConfig` (with
+      implementation=None, a Triton config keeps the Triton kernel).
     return_lse: return (out, lse) in place of out: lse f32 [batch, q_heads],
       the natural-log log-sum-exp of the kept scores (-inf where none),
       for merging results over parts of a cache
@@ -249,13 +282,12 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
   validation.check_shared_max(initial_max, max_axis_name, (b, hq), max_mode)
   validation.check_sm_scale(sm_scale)
   if implementation is None:
-    op = ops_base.default_op(
-        "decode", dtype=q.dtype, head_dim=d, group=hq // hkv,
-        block_kv=block_kv, pages_per_seq=page_table.shape[1],
-        cache_dtype=k_pages.dtype, max_mode=max_mode,
-        max_axis_name=max_axis_name, interpret=interpret)
-  else:
-    op = ops_base.get_op("decode", implementation)
+    implementation = default_implementation(
+        dtype=q.dtype, head_dim=d, group=hq // hkv, block_kv=block_kv,
+        pages_per_seq=page_table.shape[1], cache_dtype=k_pages.dtype,
+        max_mode=max_mode, max_axis_name=max_axis_name, interpret=interpret,
+        kernel_config=kernel_config)
+  op = ops_base.get_op("decode", implementation)
   plan = op.prepare(dtype=q.dtype, head_dim=d, group=hq // hkv,
                     block_kv=block_kv, max_mode=max_mode,
                     initial_max=initial_max, max_axis_name=max_axis_name,

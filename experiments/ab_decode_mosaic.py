@@ -1,8 +1,9 @@
 """Interleaved A/B rounds of Mosaic decode builds (`MosaicDecodeConfig`s and
 page sizes) on the decode study's sink/local caches: every build is timed
 once per round, rounds alternate builds, and medians over rounds are
-printed, so that drifts of the GPU's clocks hit all builds alike. Outputs
-are compared with the first build's (max |Δ| and sparsity).
+printed, so that drifts of the GPU's clocks hit all builds alike. λ = 0 is
+the dense build. Outputs are compared with the first build's (max |Δ| and
+sparsity).
 
     python -m experiments.ab_decode_mosaic --builds=transposed
     python -m experiments.ab_decode_mosaic --builds=rings --shapes=0,1,3
@@ -69,12 +70,13 @@ def main(argv):
     fns = {}
     for lam in (0.0, *lams):
       for name, (bkv, cfg) in builds.items():
-        fn = jax.jit(lambda q, k, v, n, t, cfg=cfg, bkv=bkv or shape_bkv:  # pylint: disable=g-long-lambda
-                     bj.decode_attention(
-                         q, k, v, n, threshold=t, block_kv=bkv,
+        # λ is static: 0.0 builds the dense kernel (no skip check).
+        fn = jax.jit(lambda q, k, v, n, lam=lam, cfg=cfg,  # pylint: disable=g-long-lambda
+                     bkv=bkv or shape_bkv: bj.decode_attention(
+                         q, k, v, n, threshold=lam, block_kv=bkv,
                          max_mode="anchored", implementation="pallas_mosaic",
                          return_stats=True, kernel_config=cfg))
-        out, stats = fn(q, k, v, n, jnp.float32(lam))
+        out, stats = fn(q, k, v, n)
         fns[lam, name] = (fn, float(stats.total_sparsity),
                           np.asarray(out, np.float32))
     first = next(iter(builds))
@@ -92,7 +94,7 @@ def main(argv):
                                                      iters=10, reps=5))
       for (lam, name), (fn, _, _) in fns.items():
         times[lam, name].append(1e3 * testing.median_time_ms(
-            fn, q, k, v, n, jnp.float32(lam), warmup=1, iters=10, reps=5))
+            fn, q, k, v, n, warmup=1, iters=10, reps=5))
     t_copy = np.median(copy_times)
     print(f"{tag}: copy of K and V {t_copy:.1f} us "
           f"({2 * dense_bytes / t_copy / 1e6:.2f} TB/s read + written)")

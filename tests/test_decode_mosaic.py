@@ -148,6 +148,15 @@ def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
       compute_wgs=n_wgs, cols=cols) <= decode_mosaic.MAX_SHARED_MEMORY
 
 
+def test_transposed_default_takes_one_warpgroup_for_wide_groups():
+  """32 query heads a KV head: the transposed tiles of two warpgroups
+  would not fit in the registers (`pipeline`)."""
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  config = decode_mosaic.MosaicDecodeConfig()
+  assert decode_mosaic.pipeline(config, 128, 128, 64, group=16)[0] == 2
+  assert decode_mosaic.pipeline(config, 128, 128, 64, group=32)[0] == 1
+
+
 def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
                  initial_max=False, config=None):
   """decode_partials lowered for CUDA: 8 KV heads, 32 pages a sequence."""
@@ -190,6 +199,14 @@ def test_kernel_from_an_initial_max_lowers_for_cuda(d, block_kv, group,
   assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("d,block_kv,group", [(128, 128, 16), (64, 64, 64)])
+def test_transposed_build_lowers_for_wide_groups(d, block_kv, group):
+  # 16 and 64 query columns: two and eight column registers a thread, the
+  # latter reduced in two rounds of the column scratch.
+  lowered = lower_decode(d, block_kv, group, True, "anchored", jnp.bfloat16)
+  assert "mosaic_gpu" in lowered.as_text()
+
+
 @pytest.mark.parametrize("d,block_kv,group,skip,cache", [
     (128, 128, 4, True, jnp.bfloat16), (64, 64, 3, False, jnp.bfloat16),
     (64, 128, 8, True, jnp.float8_e4m3fn)])
@@ -208,8 +225,11 @@ def test_default_on_hopper_where_it_runs_the_problem(monkeypatch):
   problem = dict(dtype=jnp.bfloat16, head_dim=128, group=4, block_kv=128,
                  pages_per_seq=256, cache_dtype=jnp.bfloat16,
                  max_mode="anchored", max_axis_name=None, interpret=None)
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
   for change in [{}, dict(cache_dtype=jnp.float8_e4m3fn), dict(
-      max_mode="split", head_dim=64, group=3, block_kv=64)]:
+      max_mode="split", head_dim=64, group=3, block_kv=64),
+                 dict(kernel_config=decode_mosaic.MosaicDecodeConfig())]:
     assert ops_base.default_op(
         "decode", **{**problem, **change}).name == "pallas_mosaic", change
   # What it does not run goes to the Triton kernel.
@@ -217,6 +237,7 @@ def test_default_on_hopper_where_it_runs_the_problem(monkeypatch):
                  dict(head_dim=32), dict(block_kv=32), dict(group=65),
                  dict(cache_dtype=jnp.float8_e5m2),
                  dict(dtype=jnp.float32, cache_dtype=jnp.float32),
-                 dict(interpret=True), dict(pages_per_seq=40000)]:
+                 dict(interpret=True), dict(pages_per_seq=40000),
+                 dict(kernel_config=decode_triton.DecodeConfig())]:
     assert ops_base.default_op(
         "decode", **{**problem, **change}).name == "pallas_triton", change

@@ -71,7 +71,9 @@ def test_decode_kernel_matches_oracle(dtype, num_splits, max_mode):
                                    max_mode=max_mode, return_stats=True)
   # The default implementation's split count (Mosaic on Hopper: one
   # program per SM, so fewer splits than Triton's two).
-  default = "pallas_mosaic" if bj.api.is_hopper() else "pallas_triton"
+  default = bj.decode.default_implementation(
+      dtype=dtype, head_dim=128, group=4, block_kv=128, pages_per_seq=64,
+      max_mode=max_mode)
   splits = num_splits or bj.decode.default_num_splits(
       4, 8, 8192, 128, implementation=default)
   oracle = bj.reference.blockwise_decode_attention(

@@ -79,7 +79,8 @@ class MosaicDecodeConfig:
     compute_wgs: compute warpgroups per program, 1 or 2 (neighbouring
       blocks on alternate warpgroups); with 2, both rings hold an even
       number of pages. None: 2 where registers and shared memory allow
-      (head_dim + block_kv <= 192), else 1.
+      (64 rows: head_dim + block_kv <= 192; transposed: the query columns'
+      tiles fit, see `pipeline`), else 1.
     split_registers: with two compute warpgroups, hand the memory
       warpgroup's registers to them (setmaxnreg `REGISTERS`: 232 / 40 a
       thread instead of 168 each at launch).
@@ -92,7 +93,7 @@ class MosaicDecodeConfig:
       warpgroups wherever shared memory allows, and `one_barrier_vote`
       has nothing to do (the vote needs no barrier). False: the 64-row
       build (H200, `decode_transposed_h200.log`: the transposed one is
-      3-12 % faster dense and 1-15 % when skipping 83-99 %).
+      3-12 % faster at λ = 0 and 1-15 % when skipping 83-99 %).
   """
 
   k_stages: int | None = None
@@ -173,8 +174,8 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
 def pipeline(config, head_dim, block_kv, pages_per_seq,
              fp8=False, group=ROWS) -> tuple[int, int]:
   """(compute warpgroups, K ring depth): config's, else two warpgroups
-  where their rings and output tiles fit in shared memory (even rings),
-  and the deepest K ring (<= MAX_K_STAGES) that fits."""
+  where their registers, rings and output tiles fit (even rings), and the
+  deepest K ring (<= MAX_K_STAGES) that fits in shared memory."""
   cols = query_tile(group, True) if config.transposed else None
 
   def fits(wgs, k_stages):
@@ -185,8 +186,13 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
   if wgs is None:   # Three warpgroups leave 168 registers a thread: the
     # accumulator (d/2), the scores (block_kv/2) and the P carried a step
     # (block_kv/4) fit up to d + block_kv = 192 (H200: 2.7 vs 3.5 TB/s
-    # at 128 + 128, where they spill). Transposed, they are 8-32 each.
-    small = config.transposed or head_dim + block_kv <= 192
+    # at 128 + 128, where they spill). Transposed, a thread holds
+    # (d + 3 block_kv) N / 128 of them (accumulator, scores, row-sum tile,
+    # the f32 P carried a step): 32 at N = 8, d = block_kv = 128.
+    if config.transposed:
+      small = (head_dim + 3 * block_kv) * cols <= 96 * 128
+    else:
+      small = head_dim + block_kv <= 192
     wgs = 2 if (small and config.v_stages % 2 == 0
                 and fits(2, 2) and (config.k_stages is None
                                     or config.k_stages % 2 == 0)) else 1
@@ -196,6 +202,18 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
   while depth + wgs <= MAX_K_STAGES and fits(wgs, depth + wgs):
     depth += wgs
   return wgs, depth
+
+
+def fits(config, head_dim, block_kv, pages_per_seq, fp8=False,
+         group=ROWS) -> bool:
+  """Whether `config`'s pipeline (`pipeline`) fits in shared memory."""
+  wgs, k_stages = pipeline(config, head_dim, block_kv, pages_per_seq, fp8,
+                           group)
+  return shared_memory_bytes(
+      head_dim, block_kv, pages_per_seq, k_stages, config.v_stages, fp8=fp8,
+      compute_wgs=wgs,
+      cols=query_tile(group, True) if config.transposed else None
+  ) <= MAX_SHARED_MEMORY
 
 
 def supports(group: int, head_dim: int, block_kv: int, dtype) -> bool:
@@ -230,7 +248,8 @@ class _Scratch(NamedTuple):
   ml: Any        # f32 [C, 2, R] row max (log2 units), row sum
   stats: Any     # int32 [C, SLOT] skipped, visited
   p: Any         # interpret mode: [C, ROWS, block_kv] P through memory;
-                 # transposed: [C, 2, R, block_kv] Pᵀ of block j in slot j % 2
+                 # transposed: [C, 2, R, block_kv] Pᵀ of a warpgroup's i-th
+                 # block in slot i % 2
   scales: Any    # FP8: f32 [SLOT] (K scale, V scale)
   wide: Any      # FP8: f16 [C, block_kv, d] widened page per warpgroup
   rows: Any      # `initial_max`: f32 [R] the given start (log2 units)
@@ -361,8 +380,9 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
           x, op, sc.colred.at[w], interpret=interpret)
 
     def scores(kp):
-      """Scaled scores [ROWS, block_kv] (log2 units) of K position kp,
-      keys past kv_len at -inf; frees its K slot."""
+      """Scaled scores (log2 units) of K position kp, [R, block_kv]
+      (transposed: [block_kv, R]), keys past kv_len at -inf; frees its K
+      slot."""
       slot = k_slot(kp)
       plgpu.barrier_wait(bars.k.at[slot])
       k_tile = sc.k.at[slot]
@@ -436,8 +456,9 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     def accumulate(vp, pending, acc, l, m_acc):
       """Block vp (its P, row sums, the max they are taken at, and its
       decision): waits for its V phase, adds P·V if kept, frees the V
-      slot. P rather than the f32 scores is what waits a step in
-      registers (half the registers)."""
+      slot. P rather than the f32 scores is what waits a step (64 rows: in
+      registers, half of the scores'; transposed: Pᵀ in shared memory and
+      its f32 tile, for the row sums, in registers)."""
       p16, p_sum, m_p, keep = pending
       slot = v_slot(vp)
       plgpu.barrier_wait(bars.v.at[slot])
@@ -682,10 +703,10 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   Returns:
     acc f32 [batch, kv_heads, parts, R, head_dim] (unnormalized; R = 64,
     or `query_tile` transposed; rows past `group` are padding; parts =
-    splits * compute warpgroups, one per compute warpgroup of a split), m
-    f32 [batch, kv_heads, parts, R] (row
-    max, log2 units, -inf where a part kept nothing), l f32 (row sums);
-    skipped, visited int32 [batch, kv_heads, splits].
+    splits * compute warpgroups, one per compute warpgroup of a split),
+    m f32 [batch, kv_heads, parts, R] (row max, log2 units, -inf where a
+    part kept nothing), l f32 (row sums); skipped, visited int32 [batch,
+    kv_heads, splits].
   """
   b, hkv, g, d = q.shape
   n_pages, block_kv = k_pages.shape[:2]
@@ -728,8 +749,8 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
         f"pages and {n_wgs} compute warpgroups need {smem_bytes} bytes of "
         f"shared memory (max {MAX_SHARED_MEMORY}); use smaller pages, fewer "
         "stages or compute_wgs=1.")
-  def swizzled(itemsize):   # Rows of d elements, in 128 or 64 bytes.
-    swizzle = 128 if d * itemsize >= 128 else 64
+  def swizzled(itemsize, minor=d):   # Rows of `minor` elements, in 128
+    swizzle = 128 if minor * itemsize >= 128 else 64   # or 64 bytes.
     return (plgpu.TilingTransform((8, swizzle // itemsize)),
             plgpu.SwizzleTransform(swizzle))
 
@@ -756,9 +777,10 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
     init_ref = optional[-1] if given else None
     if transposed:   # Pᵀ of a warpgroup's last two blocks
       p = plgpu.SMEM((n_wgs, 2, rows, block_kv), dtype,
-                     transforms=swizzled(2))
+                     transforms=swizzled(2, block_kv))
     elif interpret is not None:
-      p = plgpu.SMEM((n_wgs, ROWS, block_kv), dtype, transforms=swizzled(2))
+      p = plgpu.SMEM((n_wgs, ROWS, block_kv), dtype,
+                     transforms=swizzled(2, block_kv))
     else:
       p = None
     scratch = _Scratch(

@@ -44,9 +44,10 @@ class DecodeOp(base.Op):
 
   def supports(self, **problem) -> bool:
     """Whether `implementation=None` may pick this op for `problem`:
-    backend, dtype, head_dim, group, block_kv, pages_per_seq, cache_dtype,
-    max_mode, max_axis_name, interpret (`decode._decode_paged` passes all;
-    an op reads those it depends on)."""
+    dtype, head_dim, group, block_kv, pages_per_seq, cache_dtype,
+    max_mode, max_axis_name, interpret, kernel_config (`decode._decode`
+    passes them; an op reads those it depends on), and optionally
+    backend."""
     raise NotImplementedError
 
   def prepare(self, *, dtype, head_dim, group, block_kv, max_mode,

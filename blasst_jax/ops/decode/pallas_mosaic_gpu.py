@@ -1,8 +1,9 @@
 """The Hopper decode kernel (Pallas Mosaic GPU) as an op: the default on
 sm_90 wherever it runs the problem (`supports`), else the Triton kernel.
 On the H200 its transposed build reads dense caches about as fast as the
-Triton kernel (within 6 %; faster at batch 1 and at head_dim 64) and skips
-faster in 35 of 36 cells (`benchmarks/results/decode_h200*.json`)."""
+Triton kernel (within 6 %; faster at batch 1 and at head_dim 64), and its
+speedups over its own dense build beat the Triton kernel's in 35 of 36
+cells (`benchmarks/results/decode_h200*.json`)."""
 
 from __future__ import annotations
 
@@ -29,27 +30,25 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
   def supports(self, *, backend=None, dtype=None, head_dim=None, group=None,
                block_kv=None, pages_per_seq=None, cache_dtype=None,
                max_mode=None, max_axis_name=None, interpret=None,
-               **problem) -> bool:
+               kernel_config=None, **problem) -> bool:
     del problem
     if interpret or not (base.on_gpu(backend) and base.is_hopper()):
       return False
-    if None in (dtype, head_dim, group, block_kv, pages_per_seq):
+    if any(x is None for x in (dtype, head_dim, group, block_kv,
+                               pages_per_seq)):
       return False
+    if kernel_config is not None and not isinstance(kernel_config,
+                                                    self.config_class):
+      return False   # e.g. the Triton kernel's DecodeConfig
     cache_dtype = jnp.dtype(dtype if cache_dtype is None else cache_dtype)
     fp8 = cache_dtype in decode_mosaic.FP8_DTYPES
-    if not (decode_mosaic.supports(group, head_dim, block_kv, dtype)
+    return (decode_mosaic.supports(group, head_dim, block_kv, dtype)
             and (fp8 or cache_dtype == jnp.dtype(dtype))
             and max_mode in decode_mosaic.MAX_MODES
-            and max_axis_name is None):
-      return False
-    config = decode_mosaic.MosaicDecodeConfig()
-    wgs, k_stages = decode_mosaic.pipeline(config, head_dim, block_kv,
-                                           pages_per_seq, fp8, group)
-    return decode_mosaic.shared_memory_bytes(
-        head_dim, block_kv, pages_per_seq, k_stages, config.v_stages,
-        fp8=fp8, compute_wgs=wgs,
-        cols=decode_mosaic.query_tile(group, True)
-    ) <= decode_mosaic.MAX_SHARED_MEMORY
+            and max_axis_name is None
+            and decode_mosaic.fits(self.kernel_config(kernel_config),
+                                   head_dim, block_kv, pages_per_seq, fp8,
+                                   group))
 
   def prepare(self, *, dtype, head_dim, group, block_kv, max_mode,
               initial_max, max_axis_name, kernel_config,

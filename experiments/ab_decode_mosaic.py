@@ -7,10 +7,12 @@ sparsity).
 
     python -m experiments.ab_decode_mosaic --builds=transposed
     python -m experiments.ab_decode_mosaic --builds=rings --shapes=0,1,3
+    python -m experiments.ab_decode_mosaic --builds=merge
 
 Build sets: "transposed" (the 64-row build, the transposed one with two and
-one compute warpgroups) and "rings" (the transposed build's K / V ring
-depths and page sizes, with a copy of the cache for scale).
+one compute warpgroups), "rings" (the transposed build's K / V ring
+depths and page sizes, with a copy of the cache for scale) and "merge" (the
+split-K merge by XLA after the call, and in the kernel).
 """
 from absl import app
 from absl import flags
@@ -39,6 +41,10 @@ BUILDS = {
         "T2 p64 k8v4": (64, Config(k_stages=8, v_stages=4)),
         "T2 p64 k6v6": (64, Config(k_stages=6, v_stages=6)),
         "T1 p64 k6v6": (64, Config(k_stages=6, v_stages=6, compute_wgs=1)),
+    },
+    "merge": {
+        "XLA merge": (None, Config(merge_in_kernel=False)),
+        "in-kernel merge": (None, Config()),
     },
 }
 # (batch, q_heads, kv_heads, seq_len, head_dim, block_kv, λs besides 0)

@@ -550,6 +550,8 @@ class DecodeTestBase(SuiteBase):
   # Reports the reference's bytes_read (K of every visited block, V of the
   # kept ones).
   bytes_match_reference = False
+  # `kernel_config` passed to every call.
+  kernel_config = None
 
   def marks_for(self, test_name: str, shape) -> list:
     """pytest marks of one test on one shape (a known failure: xfail)."""
@@ -562,6 +564,7 @@ class DecodeTestBase(SuiteBase):
 
   def decode(self, q, k, v, kv_lengths, **kwargs):
     kwargs.setdefault("interpret", self.interpret)
+    kwargs.setdefault("kernel_config", self.kernel_config)
     self.before_call()
     out = jax.block_until_ready(bj.decode_attention(
         q, k, v, kv_lengths, implementation=self.implementation, **kwargs))
@@ -570,6 +573,7 @@ class DecodeTestBase(SuiteBase):
 
   def paged_decode(self, q, k_pages, v_pages, table, kv_lengths, **kwargs):
     kwargs.setdefault("interpret", self.interpret)
+    kwargs.setdefault("kernel_config", self.kernel_config)
     self.before_call()
     out = jax.block_until_ready(bj.paged_decode_attention(
         q, k_pages, v_pages, table, kv_lengths,

@@ -12,14 +12,21 @@ import pytest
 import blasst_jax as bj
 from blasst_jax import config as config_lib
 from blasst_jax import testing
+from blasst_jax.kernels import decode_mosaic
+from blasst_jax.ops.decode import base as decode_base
 from tests import test_base
 
 
 class TestMosaicDecodeInterpret(test_base.RaceChecked,
                                 test_base.DecodeTestBase):
-  """Race-checked: every call fails on a shared-memory data race."""
+  """Race-checked: every call fails on a shared-memory data race. The
+  splits' partials merged by XLA: the interpreter runs the grid in order
+  without relating one program's clock to the next, so a merge that reads
+  other programs' partials (the default, `TestMosaicDecodeMergeInterpret`)
+  is reported as racing with their writes."""
 
   implementation = "pallas_mosaic"
+  kernel_config = decode_mosaic.MosaicDecodeConfig(merge_in_kernel=False)
   shapes = testing.MOSAIC_DECODE_CPU_TEST_SHAPES
   dtype = jnp.bfloat16
   block_kv = 64
@@ -31,6 +38,23 @@ class TestMosaicDecodeInterpret(test_base.RaceChecked,
 
   fp8_shapes = testing.DECODE_FP8_TEST_SHAPES + (
       testing.MOSAIC_DECODE_CPU_TEST_SHAPES[1],)
+
+
+class TestMosaicDecodeMergeInterpret(test_base.DecodeTestBase):
+  """The default build, which merges its splits in the kernel, on the
+  suite's first shape, anchored, 3 splits (one split, race-checked, and
+  the 64-row build: `test_in_kernel_merge_matches_oracle`)."""
+
+  implementation = "pallas_mosaic"
+  interpret = True
+  shapes = testing.MOSAIC_DECODE_CPU_TEST_SHAPES[:1]
+  dtype = jnp.bfloat16
+  block_kv = 64
+  max_modes = ("anchored",)
+  split_counts = (3,)
+  low_precision_dtypes = (jnp.float16,)
+  supports_initial_max = True
+  bytes_match_reference = True
 
 
 def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
@@ -98,6 +122,51 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
     assert int(jnp.sum(skipped)) == 0
 
 
+# (num_splits, config, merge ring slots): one split merges its two
+# warpgroups' tiles in shared memory (race-checked); more splits stream the
+# parts through the ring, one slot so that every part reuses it.
+@pytest.mark.parametrize("num_splits,stages,slots", [
+    (1, dict(), None),
+    (1, dict(transposed=False), None),
+    (3, dict(), 1),
+    (2, dict(transposed=False, compute_wgs=1), 1)])
+def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
+                                        slots):
+  if slots is not None:
+    monkeypatch.setattr(decode_mosaic, "MERGE_SLOTS", slots)
+  dtype = jnp.bfloat16
+  q, k, v = testing.DecodeShape(
+      batch=2, q_heads=8, kv_heads=2, max_len=384, head_dim=64).inputs(
+          testing.key_for("decode_mosaic_merge", num_splits), dtype=dtype)
+  kv_lengths = jnp.array([384, 0], jnp.int32)   # an empty sequence: zeros
+  pool_k, pool_v, table = testing.paged_cache(k, v, 64)
+  b, hq, d = q.shape
+  race_checked = num_splits == 1
+  interpret_pallas_call.reset_gpu_interpret_mode_state()
+  out, m, l, skipped, visited = jax.block_until_ready(
+      decode_mosaic.decode_merged(
+          q.reshape(b, 2, 4, d), pool_k, pool_v, table, kv_lengths,
+          config_lib.log_threshold(jnp.full((b,), 1e-2, jnp.float32)),
+          group=4, sm_scale=d ** -0.5, num_splits=num_splits,
+          max_mode="anchored",
+          config=decode_mosaic.MosaicDecodeConfig(**stages),
+          interpret=plgpu.InterpretGPUParams(detect_races=race_checked)))
+  if race_checked:
+    assert not interpret_pallas_call.get_races().races_found
+  oracle = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, block_kv=64, threshold=1e-2,
+      num_splits=num_splits, max_mode="anchored")
+  testing.assert_close(out, oracle.out, dtype)
+  assert not bool(jnp.any(out[1]))
+  lse = decode_base.lse_from_stats(m, l)[:, :, :4].reshape(b, hq)
+  testing.assert_lse_close(lse[0], oracle.lse[0], atol=5e-2, rtol=1e-2)
+  assert bool(jnp.all(jnp.isneginf(lse[1])))
+  np.testing.assert_array_equal(
+      np.asarray(visited), np.asarray(jnp.sum(oracle.visited_mask, -1)))
+  testing.assert_skips_match(skipped, oracle, 1e-2, dtype)
+  assert int(jnp.sum(skipped)) > 0
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_mode="global"), "max_mode"),
     (dict(block_kv=32), "multiple of 64"),
@@ -159,16 +228,20 @@ def test_transposed_default_takes_one_warpgroup_for_wide_groups():
 
 def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
                  initial_max=False, config=None):
-  """decode_partials lowered for CUDA: 8 KV heads, 32 pages a sequence."""
+  """The kernel lowered for CUDA (merging its splits, unless the config
+  says not to): 8 KV heads, 32 pages a sequence, 4 splits."""
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  config = config or decode_mosaic.MosaicDecodeConfig()
+  kernel = (decode_mosaic.decode_merged if config.merge_in_kernel
+            else decode_mosaic.decode_partials)
   sds = jax.ShapeDtypeStruct
   hkv, pages, per_seq = 8, 64, 32
   fp8 = cache != jnp.bfloat16
   scales = [sds((hkv,), jnp.float32)] * 2 if fp8 else [None, None]
   starts = [sds((2, hkv, group), jnp.float32)] if initial_max else []
-  fn = lambda *a: decode_mosaic.decode_partials(  # pylint: disable=g-long-lambda
+  fn = lambda *a: kernel(  # pylint: disable=g-long-lambda
       *a, group=group, sm_scale=0.1, num_splits=4, max_mode=max_mode,
-      skip_enabled=skip, config=config or decode_mosaic.MosaicDecodeConfig())
+      skip_enabled=skip, config=config)
   args = [sds((2, hkv, group, d), jnp.bfloat16),
           sds((pages, block_kv, hkv, d), cache),
           sds((pages, block_kv, hkv, d), cache),

@@ -91,6 +91,52 @@ def test_decode_kernel_matches_oracle(dtype, num_splits, max_mode):
   assert float(stats.total_sparsity) > floor
 
 
+# Splits: one (the merge is the normalization), a few, a full wave at
+# batch 1 (16 x 8 programs), and more programs than the GPU holds at once
+# (the merging programs wait on the others' semaphores: they must not
+# starve them).
+@pytest.mark.parametrize("num_splits", [1, 3, 16, 100])
+@pytest.mark.parametrize("transposed,group", [(True, 4), (True, 3),
+                                              (False, 4)])
+def test_in_kernel_merge_matches_the_xla_merge(num_splits, transposed,
+                                               group):
+  """The Hopper kernel's split-K merge in the kernel (the default) gives
+  the XLA merge's outputs, row statistics and counts, call after call
+  (the semaphores return to zero), with rows that keep no key at 0."""
+  if not bj.api.is_hopper():
+    pytest.skip("needs a Hopper GPU")
+  from blasst_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  from blasst_jax.ops.decode import base as decode_base  # pylint: disable=g-import-not-at-top
+  b, hkv, d, block_kv = 3, 8, 128, 128
+  q, k, v = patterns.sink_local_qkv(
+      testing.key_for("gpu_merge", num_splits, group), batch=b,
+      seq_len=8192, q_heads=hkv * group, kv_heads=hkv, head_dim=d,
+      sharpness=(14.0, 20.0), dtype=jnp.bfloat16)
+  q = q[:, -1].reshape(b, hkv, group, d)
+  lengths = jnp.array([8192, 3001, 0], jnp.int32)
+  pool_k, pool_v, table = testing.paged_cache(k, v, block_kv)
+  log_thr = config_lib.log_threshold(jnp.full((b,), 1e-3, jnp.float32))
+  common = dict(group=group, sm_scale=d ** -0.5, num_splits=num_splits,
+                max_mode="anchored")
+  config = decode_mosaic.MosaicDecodeConfig(transposed=transposed)
+  acc, m, l, skipped, visited = decode_mosaic.decode_partials(
+      q, pool_k, pool_v, table, lengths, log_thr, config=config, **common)
+  want, want_lse = bj.decode.merge_partials(acc, m, l, return_lse=True)
+  for _ in range(3):
+    out, m_all, l_all, sk, vi = decode_mosaic.decode_merged(
+        q, pool_k, pool_v, table, lengths, log_thr, config=config, **common)
+    testing.assert_close(out.reshape(b, hkv, group, d),
+                         want[:, :, :group], jnp.bfloat16)
+    lse = decode_base.lse_from_stats(m_all, l_all)[:, :, :group]
+    testing.assert_lse_close(lse, want_lse[:, :, :group], atol=5e-2,
+                             rtol=1e-2)
+    np.testing.assert_array_equal(sk, skipped.sum(-1))
+    np.testing.assert_array_equal(vi, visited.sum(-1))
+  assert not bool(jnp.any(out[2])), "an empty sequence gives zeros"
+  assert int(jnp.sum(sk)) > 0
+
+
 @pytest.mark.parametrize("max_mode", ["anchored", "global"])
 def test_context_parallel_decode_shares_the_max_on_one_gpu(max_mode):
   """share_max on a 1-device context axis: "anchored" runs the kernel's
@@ -133,8 +179,8 @@ def test_flax_decode_step_runs_the_hopper_kernel_by_default(monkeypatch,
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   from blasst_jax.nn import SkipSelfAttention  # pylint: disable=g-import-not-at-top
   calls = []
-  kernel = decode_mosaic.decode_partials
-  monkeypatch.setattr(decode_mosaic, "decode_partials",
+  kernel = decode_mosaic.decode_merged
+  monkeypatch.setattr(decode_mosaic, "decode_merged",
                       lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
   b, features, steps = 2, 512, 3      # 4 query heads / 1 KV head of 128
   x = jax.random.normal(jax.random.PRNGKey(5), (b, steps, features),

@@ -334,8 +334,8 @@ def test_decode_step_runs_the_hopper_decode_kernel_on_a_paged_cache(
   the Mosaic decode kernel and gives the reference decode's tokens."""
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   calls = []
-  kernel = decode_mosaic.decode_partials
-  monkeypatch.setattr(decode_mosaic, "decode_partials",
+  kernel = decode_mosaic.decode_merged
+  monkeypatch.setattr(decode_mosaic, "decode_merged",
                       lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
   b, features = 2, 128
   outs = {}

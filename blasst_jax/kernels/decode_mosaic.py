@@ -21,10 +21,21 @@ accumulator; the two are written as two partials of the split.
 
 Max modes as `reference.blockwise_decode_attention`: "split" starts every
 split's running max at -inf; "anchored" first scores the sequence's first
-and last blocks (two K pages more per split, L2 hits across splits). The
-split-K partials (unnormalized accumulators, row max, row sums; one per
-compute warpgroup of a split) are merged by the caller
-(`decode.merge_partials`), as for the Triton kernel.
+and last blocks (two K pages more per split, L2 hits across splits).
+
+Split-K merge (`MosaicDecodeConfig.merge_in_kernel`, the default,
+`decode_merged`): every program writes its partials (unnormalized
+accumulator, row max, row sums, block counts; one per compute warpgroup)
+to global memory and its warpgroups signal a semaphore of their (sequence,
+KV head); the last split's memory warpgroup waits for the others' signals
+and streams every part through a ring over the (by then free) K ring, and
+its first compute warpgroup combines them online at their running max,
+normalizes, and writes the output rows in the output dtype, the merged row
+statistics and the block counts, so no XLA kernel follows the call. The
+merging program is the last split: programs start in grid order, so the
+splits it waits for are running or done. With one split the program merges
+its warpgroups' tiles in shared memory. `decode_partials` returns the
+partials instead, for `decode.merge_partials`, as the Triton kernel does.
 
 The transposed build (`MosaicDecodeConfig(transposed=True)`, the
 default) puts the keys on the wgmma M side instead: the scores are K·qᵀ, a
@@ -58,6 +69,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from blasst_jax.kernels import mosaic_merge
 from blasst_jax.kernels import mosaic_vote
 
 LOG2E = math.log2(math.e)
@@ -94,6 +106,10 @@ class MosaicDecodeConfig:
       has nothing to do (the vote needs no barrier). False: the 64-row
       build (H200, `decode_transposed_h200.log`: the transposed one is
       3-12 % faster at λ = 0 and 1-15 % when skipping 83-99 %).
+    merge_in_kernel: the last split of each (sequence, KV head) merges the
+      splits' partials and writes the normalized output itself (see the
+      module docstring), so no XLA kernel follows the call; False: the
+      partials are merged by `decode.merge_partials`.
   """
 
   k_stages: int | None = None
@@ -102,6 +118,7 @@ class MosaicDecodeConfig:
   split_registers: bool = False
   one_barrier_vote: bool = True
   transposed: bool = True
+  merge_in_kernel: bool = True
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -110,7 +127,8 @@ class MosaicDecodeConfig:
         continue
       if not isinstance(value, int) or value < 2:
         raise ValueError(f"`{name}` must be an int >= 2, got {value!r}.")
-    for name in ("split_registers", "one_barrier_vote", "transposed"):
+    for name in ("split_registers", "one_barrier_vote", "transposed",
+                 "merge_in_kernel"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
@@ -136,6 +154,8 @@ SMEM_ALIGNMENT = 1024
 # Buffers of at most 1 KiB (params, votes, handoff, ml, stats, FP8 scales,
 # `initial_max` rows, the vote words) and 1 KiB for the barriers.
 SMALL_BUFFERS = 9
+# Partials in flight to the merging warpgroup (`merge_in_kernel`), at most.
+MERGE_SLOTS = 16
 
 
 def _aligned(nbytes: int) -> int:
@@ -150,14 +170,15 @@ def query_tile(group: int, transposed: bool) -> int:
 
 def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
                         v_stages, itemsize=2, fp8=False,
-                        compute_wgs=1, cols=None) -> int:
+                        compute_wgs=1, cols=None, merge=True) -> int:
   """q tile + K ring (which the f32 output tiles reuse at the end) + V
   ring + the page table + the small buffers, each rounded up to Pallas'
   1 KiB shared-memory alignment (`SMALL_BUFFERS`); with `fp8` pages (1
   byte) the f16 tile of each compute warpgroup they are widened into.
   `cols`: the transposed build's query columns (`query_tile`), whose Pᵀ
   tiles (two a warpgroup) and column-reduction scratch add to it; None:
-  the 64-row build."""
+  the 64-row build. `merge`: the in-kernel merge's ring of partials' row
+  statistics (its tiles reuse the K ring, its output rows the V ring)."""
   rows = ROWS if cols is None else cols
   page = block_kv * head_dim * (1 if fp8 else itemsize)
   wide = compute_wgs * block_kv * head_dim * 2 if fp8 else 0
@@ -165,9 +186,11 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
   transposed = 0 if cols is None else (
       _aligned(compute_wgs * 2 * cols * block_kv * itemsize)
       + _aligned(compute_wgs * 4 * mosaic_vote.column_scratch_words(cols)))
+  merging = (_aligned(MERGE_SLOTS * max(2 * rows * 4, 128))
+             + _aligned(MERGE_SLOTS * SLOT * 4)) if merge else 0
   return (_aligned(rows * head_dim * itemsize)
           + max(k_stages * page, _aligned(compute_wgs * rows * head_dim * 4))
-          + v_stages * page + wide + _aligned(table) + transposed
+          + v_stages * page + wide + _aligned(table) + transposed + merging
           + SMALL_BUFFERS * SMEM_ALIGNMENT)
 
 
@@ -179,9 +202,10 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
   cols = query_tile(group, True) if config.transposed else None
 
   def fits(wgs, k_stages):
-    return shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
-                               config.v_stages, fp8=fp8,
-                               compute_wgs=wgs, cols=cols) <= MAX_SHARED_MEMORY
+    return shared_memory_bytes(
+        head_dim, block_kv, pages_per_seq, k_stages, config.v_stages,
+        fp8=fp8, compute_wgs=wgs, cols=cols,
+        merge=config.merge_in_kernel) <= MAX_SHARED_MEMORY
   wgs = config.compute_wgs
   if wgs is None:   # Three warpgroups leave 168 registers a thread: the
     # accumulator (d/2), the scores (block_kv/2) and the P carried a step
@@ -212,8 +236,8 @@ def fits(config, head_dim, block_kv, pages_per_seq, fp8=False,
   return shared_memory_bytes(
       head_dim, block_kv, pages_per_seq, k_stages, config.v_stages, fp8=fp8,
       compute_wgs=wgs,
-      cols=query_tile(group, True) if config.transposed else None
-  ) <= MAX_SHARED_MEMORY
+      cols=query_tile(group, True) if config.transposed else None,
+      merge=config.merge_in_kernel) <= MAX_SHARED_MEMORY
 
 
 def supports(group: int, head_dim: int, block_kv: int, dtype) -> bool:
@@ -255,6 +279,14 @@ class _Scratch(NamedTuple):
   rows: Any      # `initial_max`: f32 [R] the given start (log2 units)
   vote: Any      # `one_barrier_vote`: f32 [C, mosaic_vote.ANY_WORDS]
   colred: Any    # transposed: f32 [C, mosaic_vote.column_scratch_words(R)]
+  # The in-kernel merge (`merge_in_kernel`; S = merge slots):
+  merge_acc: Any    # f32 [S, R, d] (transposed [S, d, R]) partials' tiles,
+                    # over the K ring
+  merge_ml: Any     # f32 [S, pad, 2, R] their row max and row sums in
+                    # [slot, 0] (pad: TMA writes 128-byte aligned slots)
+  merge_stats: Any  # int32 [S, SLOT] their block counts
+  staged: Any       # [R, d] the output rows in the output dtype, over the
+                    # V ring
 
 
 class _Barriers(NamedTuple):
@@ -270,14 +302,18 @@ class _Barriers(NamedTuple):
   done: Any      # every compute warpgroup has read its last K page
   scales: Any    # FP8 only
   rows: Any      # `initial_max` only
+  written: Any       # merge: this program's partials are in global memory
+  merged: Any        # merge: ([S], [S], [S]) a partial's tile, row
+                     # statistics and counts copied in
+  merge_free: Any    # merge: [S] its slot read
 
 
 def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
-            acc_ref, ml_ref, stats_ref, sc: _Scratch, bars: _Barriers, *,
-            sm_scale,
+            acc_ref, ml_ref, stats_ref, merged_refs, sem, sc: _Scratch,
+            bars: _Barriers, *, sm_scale,
             block_kv, head_dim, dtype, group, num_splits, skip_enabled,
             anchored, k_stages, v_stages, compute_wgs, split_registers,
-            transposed, interpret):
+            transposed, kv_heads, merge_slots, interpret):
   # q_ref [b, hkv, R, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
   # table_ref int32 [b, table_rows, SLOT]; params_ref f32 [b, SLOT]
   # ([kv_len, log2 λ, 0...]); scales_ref (FP8 pages, else None) f32
@@ -286,7 +322,12 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
   # (split, compute warpgroup): acc_ref f32 [b, hkv, splits * C, R, d]
   # (transposed: [..., d, R]), ml_ref f32 [b, hkv, splits * C, 2, R] (row
   # max in log2 units, row sum), stats_ref int32 [b, hkv, splits * C, SLOT]
-  # ([skipped, visited]).
+  # ([skipped, visited]). merged_refs (`merge_in_kernel`, else None):
+  # out [b, hkv * group, d] normalized, in the output dtype; ml f32 [b,
+  # hkv, 2, R] of the merged rows; counts int32 [b, hkv, SLOT] ([skipped,
+  # visited] over the splits). sem: int32 semaphores [b * hkv] (on a GPU
+  # with num_splits > 1), which every other split's warpgroups signal once
+  # their partials are written.
   n_wgs = compute_wgs
   split = lax.axis_index("split")
   kv_head = lax.axis_index("kv_heads")
@@ -318,6 +359,107 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
 
   def v_slot(vp):
     return lax.rem(vp, jnp.array(v_stages, vp.dtype))
+
+  # One split: its program merges its warpgroups' tiles in shared memory;
+  # else the last split merges every part, streamed through the merge ring.
+  local_merge = num_splits == 1
+
+  def merge_splits(out_ref, merged_ml_ref, counts_ref):
+    """The last split's warpgroup 0: every part of this (sequence, KV
+    head), combined online at their running max as the splits' own blocks
+    are, normalized; writes the output rows, their row max and sums, and
+    the block counts."""
+    rows = sc.q.shape[0]
+    row_layout = plgpu.Layout.WGMMA.reduce(0 if transposed else 1)
+    shape = (head_dim, rows) if transposed else (rows, head_dim)
+    q_axis = 1 if transposed else 0
+
+    def over_rows(x):
+      return lax.broadcast_in_dim(x, shape, [q_axis])
+
+    def read_part(p):
+      """Part p's tile, row max, row sums, block counts."""
+      if local_merge:   # this program's warpgroup p
+        tiles, ml, stats = sc.out.at[p], sc.ml.at[p], sc.stats.at[p]
+      else:
+        slot = lax.rem(p, merge_slots)
+        for copied in bars.merged:
+          plgpu.barrier_wait(copied.at[slot])
+        tiles, ml, stats = (sc.merge_acc.at[slot], sc.merge_ml.at[slot, 0],
+                            sc.merge_stats.at[slot])
+      part = (plgpu.load(tiles, layout=plgpu.Layout.WGMMA, optimized=False),
+              plgpu.load(ml.at[0], layout=row_layout, optimized=False),
+              plgpu.load(ml.at[1], layout=row_layout, optimized=False),
+              stats[0], stats[1])
+      if not local_merge:
+        plgpu.barrier_arrive(bars.merge_free.at[slot])
+      return part
+
+    def combine(p, carry):
+      acc, l, m, skipped, visited = carry
+      acc_p, m_p, l_p, skipped_p, visited_p = read_part(p)
+      skipped, visited = skipped + skipped_p, visited + visited_p
+      m_new = jnp.maximum(m, m_p)     # -inf where no part kept a key yet
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+      alpha, beta = jnp.exp2(m - m_safe), jnp.exp2(m_p - m_safe)
+      return (acc * over_rows(alpha) + acc_p * over_rows(beta),
+              l * alpha + l_p * beta, m_new, skipped, visited)
+
+    if local_merge:   # both warpgroups' tiles are in shared memory
+      plgpu.barrier_wait(bars.written)
+    zeros = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout)
+    acc = plgpu.layout_cast(jnp.zeros(shape, jnp.float32),
+                            plgpu.Layout.WGMMA)
+    acc, l, m, skipped, visited = lax.fori_loop(
+        0, num_splits * n_wgs, combine,
+        (acc, zeros, zeros - jnp.inf, jnp.int32(0), jnp.int32(0)))
+    out = acc * over_rows(1.0 / jnp.where(l > 0, l, 1.0))   # 0 if none kept
+    sc.ml.at[0, 0][...] = m
+    sc.ml.at[0, 1][...] = l
+    sc.stats[0, 0] = skipped
+    sc.stats[0, 1] = visited
+    if transposed:   # [d, R] through the (free) output tile
+      sc.out.at[0][...] = out
+      mosaic_merge.transpose_cast(sc.out.at[0], sc.staged,
+                                  interpret=interpret)
+    else:
+      sc.staged[...] = out.astype(sc.staged.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(
+        sc.staged.at[pl.ds(0, group)],
+        out_ref.at[batch, pl.ds(kv_head * group, group)])
+    plgpu.copy_smem_to_gmem(sc.ml.at[0], merged_ml_ref.at[batch, kv_head])
+    plgpu.copy_smem_to_gmem(sc.stats.at[0], counts_ref.at[batch, kv_head])
+    plgpu.wait_smem_to_gmem(0)
+
+  def load_partials():
+    """The last split's memory warpgroup: once every split's partials are
+    written (this program's by a barrier, the others' by the semaphore),
+    streams them into the merge ring, part by part."""
+    parts = num_splits * n_wgs
+    plgpu.barrier_wait(bars.written)
+    if sem is not None:
+      plgpu.semaphore_wait(sem.at[batch * kv_heads + kv_head],
+                           (num_splits - 1) * n_wgs, memory_scope="gpu")
+    mosaic_merge.async_proxy_fence(interpret=interpret)
+
+    @pl.loop(0, parts)
+    def _parts(p):
+      slot = lax.rem(p, merge_slots)
+
+      @pl.when(p >= merge_slots)
+      def _():
+        plgpu.barrier_wait(bars.merge_free.at[slot])
+      for src, dst, copied in zip(
+          (acc_ref, ml_ref, stats_ref),
+          (sc.merge_acc.at[slot], sc.merge_ml.at[slot, 0],
+           sc.merge_stats.at[slot]), bars.merged):
+        plgpu.copy_gmem_to_smem(src.at[batch, kv_head, p], dst,
+                                copied.at[slot])
+
+    @pl.loop(jnp.maximum(parts - merge_slots, 0), parts)
+    def _drain(p):
+      plgpu.barrier_wait(bars.merge_free.at[lax.rem(p, merge_slots)])
 
   @pl.when(wg < n_wgs)
   def _compute():
@@ -597,12 +739,29 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     sc.stats[w, 0] = n_skipped
     sc.stats[w, 1] = n_mine
     plgpu.commit_smem()
+    if merged_refs is not None and local_merge:
+      plgpu.barrier_arrive(bars.written)
+      pl.when(w == 0)(lambda: merge_splits(*merged_refs))
+      return
     part = split * n_wgs + w
     plgpu.copy_smem_to_gmem(out_tile, acc_ref.at[batch, kv_head, part])
     plgpu.copy_smem_to_gmem(sc.ml.at[w], ml_ref.at[batch, kv_head, part])
     plgpu.copy_smem_to_gmem(sc.stats.at[w],
                             stats_ref.at[batch, kv_head, part])
     plgpu.wait_smem_to_gmem(0)
+    if merged_refs is None:
+      return
+    # The partial is in global memory: tell the merging program.
+    mosaic_merge.async_proxy_fence(interpret=interpret)
+    merger = split == num_splits - 1
+    if sem is not None:
+      pl.when(~merger)(lambda: plgpu.semaphore_signal(
+          sem.at[batch * kv_heads + kv_head], 1, memory_scope="gpu"))
+    pl.when(merger)(lambda: plgpu.barrier_arrive(bars.written))
+
+    @pl.when(merger & (w == 0))
+    def _merge():
+      merge_splits(*merged_refs)
 
   @pl.when(wg == n_wgs)
   def _memory():
@@ -669,10 +828,15 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     def _drain_v(vp):
       plgpu.barrier_wait(bars.v_free.at[v_slot(vp)])
 
+    if merged_refs is not None and not local_merge:
+      pl.when(split == num_splits - 1)(load_partials)
 
-@functools.partial(
-    jax.jit, static_argnames=("group", "sm_scale", "num_splits", "max_mode",
-                              "config", "interpret", "skip_enabled"))
+
+_STATIC = ("group", "sm_scale", "num_splits", "max_mode", "config",
+           "interpret", "skip_enabled")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
                     log_threshold, k_scale=None, v_scale=None,
                     initial_max=None, *, group: int,
@@ -708,7 +872,54 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
     part kept nothing), l f32 (row sums); skipped, visited int32 [batch,
     kv_heads, splits].
   """
+  config = dataclasses.replace(config, merge_in_kernel=False)
+  acc, ml, stats = _launch(
+      q, k_pages, v_pages, page_table, kv_lengths, log_threshold, k_scale,
+      v_scale, initial_max, group=group, sm_scale=sm_scale,
+      num_splits=num_splits, max_mode=max_mode, config=config,
+      interpret=interpret, skip_enabled=skip_enabled)
+  b, hkv = q.shape[:2]
+  n_wgs = acc.shape[2] // num_splits
+  # Per split: the compute warpgroups' block counts add up.
+  counts = stats[..., :2].reshape(b, hkv, num_splits, n_wgs, 2).sum(axis=3)
+  if config.transposed:   # [..., d, R] -> [..., R, d]
+    acc = acc.swapaxes(-1, -2)
+  return (acc, ml[..., 0, :], ml[..., 1, :], counts[..., 0], counts[..., 1])
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def decode_merged(q, k_pages, v_pages, page_table, kv_lengths,
+                  log_threshold, k_scale=None, v_scale=None,
+                  initial_max=None, *, group: int, sm_scale: float,
+                  num_splits: int, max_mode: str = "anchored",
+                  config: MosaicDecodeConfig = MosaicDecodeConfig(),
+                  interpret=None, skip_enabled: bool = True):
+  """Skip-softmax decode attention on Hopper, split-K merged in the kernel
+  (`MosaicDecodeConfig.merge_in_kernel`): arguments as `decode_partials`.
+
+  Returns:
+    out [batch, kv_heads * group, head_dim] in q's dtype (0 for a row that
+    kept no key), m f32 [batch, kv_heads, R] (the merged row max, log2
+    units, -inf where nothing was kept; rows past `group` are padding), l
+    f32 (its row sums), skipped, visited int32 [batch, kv_heads] (over the
+    splits).
+  """
+  config = dataclasses.replace(config, merge_in_kernel=True)
+  out, ml, counts = _launch(
+      q, k_pages, v_pages, page_table, kv_lengths, log_threshold, k_scale,
+      v_scale, initial_max, group=group, sm_scale=sm_scale,
+      num_splits=num_splits, max_mode=max_mode, config=config,
+      interpret=interpret, skip_enabled=skip_enabled)[3:]
+  return out, ml[:, :, 0], ml[:, :, 1], counts[..., 0], counts[..., 1]
+
+
+def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
+            k_scale, v_scale, initial_max, *, group, sm_scale, num_splits,
+            max_mode, config, interpret, skip_enabled):
+  """The kernel's outputs: partials (acc, ml, stats as the kernel writes
+  them) and, with `config.merge_in_kernel`, the merged (out, ml, counts)."""
   b, hkv, g, d = q.shape
+  out_dtype = q.dtype
   n_pages, block_kv = k_pages.shape[:2]
   fp8 = jnp.dtype(k_pages.dtype) in FP8_DTYPES
   if fp8 != (k_scale is not None and v_scale is not None) or (
@@ -739,9 +950,11 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
        jnp.zeros((b, SLOT - 2), jnp.float32)], axis=1)
   n_wgs, k_stages = pipeline(config, d, block_kv, pages_per_seq, fp8, g)
   v_stages = config.v_stages
+  merge = config.merge_in_kernel
   smem_bytes = shared_memory_bytes(d, block_kv, pages_per_seq, k_stages,
                                    v_stages, fp8=fp8, compute_wgs=n_wgs,
-                                   cols=rows if transposed else None)
+                                   cols=rows if transposed else None,
+                                   merge=merge)
   if smem_bytes > MAX_SHARED_MEMORY:
     raise ValueError(
         f"head_dim {d}, pages of {block_kv} keys, a page table of "
@@ -769,10 +982,30 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
                           constant_values=-jnp.inf))
   parts = num_splits * n_wgs
   out_shape = (d, rows) if transposed else (rows, d)
+  # The merge ring takes the K ring's bytes (free by then), up to
+  # MERGE_SLOTS partial tiles.
+  page_bytes = block_kv * d * jnp.dtype(k_pages.dtype).itemsize
+  tile_bytes = rows * d * 4
+  merge_slots = max(1, min(MERGE_SLOTS, parts,
+                           max(k_stages * page_bytes, n_wgs * tile_bytes)
+                           // tile_bytes))
+  # On a GPU the other splits signal the merging one through a semaphore
+  # per (sequence, KV head); Pallas' interpreter runs the grid in order,
+  # so there the last split finds the others' partials written.
+  use_semaphore = merge and num_splits > 1 and interpret is None
+  ml_pad = -(-128 // (2 * rows * 4))   # slots of >= 128 bytes
 
   def blasst_decode_mosaic(q_ref, k_ref, v_ref, table_ref, params_ref,
                            *refs):
-    *optional, acc_ref, ml_ref, stats_ref = refs
+    if merge:
+      *optional, acc_ref, ml_ref, stats_ref, out_ref, mml_ref, counts_ref = (
+          refs)
+      merged_refs = (out_ref, mml_ref, counts_ref)
+    else:
+      *optional, acc_ref, ml_ref, stats_ref = refs
+      merged_refs = None
+    sem = (pl.get_global(plgpu.SemaphoreType.REGULAR((b * hkv,)))
+           if use_semaphore else None)
     scales_ref = optional[0] if fp8 else None
     init_ref = optional[-1] if given else None
     if transposed:   # Pᵀ of a warpgroup's last two blocks
@@ -788,10 +1021,13 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
         k=plgpu.RefUnion(
             plgpu.SMEM((k_stages, block_kv, d), page_dtype,
                        transforms=page_swizzle),
-            plgpu.SMEM((n_wgs, *out_shape), jnp.float32)),
+            plgpu.SMEM((n_wgs, *out_shape), jnp.float32),
+            plgpu.SMEM((merge_slots, *out_shape), jnp.float32)),
         out=None,
-        v=plgpu.SMEM((v_stages, block_kv, d), page_dtype,
-                     transforms=page_swizzle),
+        v=plgpu.RefUnion(
+            plgpu.SMEM((v_stages, block_kv, d), page_dtype,
+                       transforms=page_swizzle),
+            plgpu.SMEM((rows, d), out_dtype)),
         table=plgpu.SMEM((width // SLOT, SLOT), jnp.int32),
         params=plgpu.SMEM((n_wgs + 1, SLOT), jnp.float32),
         votes=plgpu.SMEM((k_stages,), jnp.int32),
@@ -807,7 +1043,13 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
               if config.one_barrier_vote and skip_enabled and not transposed
               else None),
         colred=(plgpu.SMEM((n_wgs, mosaic_vote.column_scratch_words(rows)),
-                           jnp.float32) if transposed else None))
+                           jnp.float32) if transposed else None),
+        merge_acc=None,
+        merge_ml=(plgpu.SMEM((merge_slots, ml_pad, 2, rows), jnp.float32)
+                  if merge else None),
+        merge_stats=(plgpu.SMEM((merge_slots, SLOT), jnp.int32)
+                     if merge else None),
+        staged=None)
     barriers = _Barriers(
         q=plgpu.Barrier(), table=plgpu.Barrier(),
         params=plgpu.Barrier(num_barriers=n_wgs + 1),
@@ -819,28 +1061,43 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
         handoff=plgpu.Barrier(num_barriers=2),
         done=plgpu.Barrier(num_arrivals=n_wgs),
         scales=plgpu.Barrier() if fp8 else None,
-        rows=plgpu.Barrier() if given else None)
+        rows=plgpu.Barrier() if given else None,
+        written=plgpu.Barrier(num_arrivals=n_wgs) if merge else None,
+        merged=(tuple(plgpu.Barrier(num_barriers=merge_slots)
+                      for _ in range(3)) if merge else None),
+        merge_free=(plgpu.Barrier(num_barriers=merge_slots)
+                    if merge else None))
 
     def body(sc, bars):
-      k_ring, out_tiles = sc.k
+      k_ring, out_tiles, merge_tiles = sc.k
+      v_ring, staged = sc.v
+      sc = sc._replace(k=k_ring, out=out_tiles, v=v_ring,
+                       merge_acc=merge_tiles if merge else None,
+                       staged=staged if merge else None)
       _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref,
-              init_ref, acc_ref, ml_ref, stats_ref,
-              sc._replace(k=k_ring, out=out_tiles), bars, sm_scale=sm_scale,
+              init_ref, acc_ref, ml_ref, stats_ref, merged_refs, sem,
+              sc, bars, sm_scale=sm_scale,
               block_kv=block_kv, head_dim=d, dtype=dtype, group=g,
               num_splits=num_splits, skip_enabled=skip_enabled,
               anchored=max_mode == "anchored", k_stages=k_stages,
               v_stages=v_stages, compute_wgs=n_wgs,
               split_registers=config.split_registers and n_wgs == 2,
-              transposed=transposed, interpret=interpret is not None)
+              transposed=transposed, kv_heads=hkv, merge_slots=merge_slots,
+              interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 
-  acc, ml, stats = plgpu.kernel(
+  out_type = (
+      jax.ShapeDtypeStruct((b, hkv, parts, *out_shape), jnp.float32),
+      jax.ShapeDtypeStruct((b, hkv, parts, 2, rows), jnp.float32),
+      jax.ShapeDtypeStruct((b, hkv, parts, SLOT), jnp.int32))
+  if merge:
+    out_type += (jax.ShapeDtypeStruct((b, hkv * g, d), out_dtype),
+                 jax.ShapeDtypeStruct((b, hkv, 2, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, SLOT), jnp.int32))
+  return plgpu.kernel(
       blasst_decode_mosaic,
-      out_type=(
-          jax.ShapeDtypeStruct((b, hkv, parts, *out_shape), jnp.float32),
-          jax.ShapeDtypeStruct((b, hkv, parts, 2, rows), jnp.float32),
-          jax.ShapeDtypeStruct((b, hkv, parts, SLOT), jnp.int32)),
+      out_type=out_type,
       grid=(num_splits, hkv, b),
       grid_names=("split", "kv_heads", "batch"),
       num_threads=n_wgs + 1,
@@ -848,8 +1105,3 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
   )(*inputs)
-  # Per split: the compute warpgroups' block counts add up.
-  counts = stats[..., :2].reshape(b, hkv, num_splits, n_wgs, 2).sum(axis=3)
-  if transposed:   # [..., d, R] -> [..., R, d]
-    acc = acc.swapaxes(-1, -2)
-  return (acc, ml[..., 0, :], ml[..., 1, :], counts[..., 0], counts[..., 1])

@@ -99,9 +99,7 @@ def merge_partials(acc, m, l, *, return_lse: bool = False):
   out = acc_all / jnp.where(l_all > 0, l_all, 1.0)[..., None]
   if not return_lse:
     return out
-  lse = jnp.where(l_all > 0, (m_all[..., 0, :] + jnp.log2(
-      jnp.where(l_all > 0, l_all, 1.0))) * jnp.log(2.0), -jnp.inf)
-  return out, lse
+  return out, lse_from_stats(m_all[..., 0, :], l_all)
 
 
 def decode_stats(skipped, visited, *, group: int, block_kv: int,
@@ -119,6 +117,27 @@ def decode_stats(skipped, visited, *, group: int, block_kv: int,
       skipped_blocks=per_head(skipped), visited_blocks=per_head(visited),
       block_kv=block_kv,
       bytes_read=jnp.sum(bytes_read.astype(jnp.float32), axis=1))
+
+
+def lse_from_stats(m, l):
+  """Natural-log log-sum-exp of rows with row max `m` (log2 units) and row
+  sums `l`; -inf where nothing was kept (l = 0)."""
+  kept = l > 0
+  return jnp.where(kept, (m + jnp.log2(jnp.where(kept, l, 1.0)))
+                   * jnp.log(2.0), -jnp.inf)
+
+
+def result_from_merged(out, m, l, skipped, visited, *, group: int,
+                       block_kv: int, max_mode: str,
+                       cache_dtype) -> base.AttentionResult:
+  """A kernel's merged output out [batch, q_heads, head_dim] with its row
+  statistics m, l [batch, kv_heads, R] (rows of each KV head's group
+  first) and block counts [batch, kv_heads] as the result."""
+  b, hq, d = out.shape
+  lse = lse_from_stats(m, l)[:, :, :group].reshape(b, hq)
+  stats = decode_stats(skipped, visited, group=group, block_kv=block_kv,
+                       head_dim=d, dtype=cache_dtype, max_mode=max_mode)
+  return base.AttentionResult(out=out, lse=lse, stats=stats)
 
 
 def result_from_partials(q, acc, m, l, skipped, visited, *, group: int,

@@ -17,7 +17,8 @@ from blasst_jax.ops.decode import base as decode_base
 class PallasMosaicGpuDecode(decode_base.DecodeOp):
   """`implementation="pallas_mosaic"`: bf16/f16, head_dim 64/128/256, pages
   of a multiple of 64 keys, "split" or "anchored" (so no `max_axis_name`,
-  which is "global"'s), `initial_max`."""
+  which is "global"'s), `initial_max`. The kernel merges its splits itself
+  (`decode_merged`) unless its config's `merge_in_kernel` is False."""
 
   name = "pallas_mosaic"
   config_class = decode_mosaic.MosaicDecodeConfig
@@ -87,13 +88,20 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
     if initial_max is not None:   # natural log -> log2 units, per KV group
       initial_max = (initial_max.astype(jnp.float32).reshape(b, hkv, group)
                      * decode_mosaic.LOG2E)
-    acc, m, l, skipped, visited = decode_mosaic.decode_partials(
+    kernel = (decode_mosaic.decode_merged if plan.config.merge_in_kernel
+              else decode_mosaic.decode_partials)
+    outs = kernel(
         q.reshape(b, hkv, group, d), k_pages, v_pages, page_table,
         kv_lengths, log_threshold, k_scale, v_scale, initial_max,
         group=group,
         sm_scale=sm_scale,
         num_splits=num_splits, max_mode=max_mode, config=plan.config,
         interpret=plan.interpret, skip_enabled=skip_enabled)
+    if plan.config.merge_in_kernel:
+      return decode_base.result_from_merged(
+          *outs, group=group, block_kv=block_kv, max_mode=max_mode,
+          cache_dtype=k_pages.dtype)
+    acc, m, l, skipped, visited = outs
     return decode_base.result_from_partials(
         q, acc, m, l, skipped, visited, group=group, block_kv=block_kv,
         max_mode=max_mode, cache_dtype=k_pages.dtype)

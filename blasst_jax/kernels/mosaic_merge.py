@@ -1,0 +1,66 @@
+"""Inline Mosaic GPU pieces of the decode kernel's split-K merge.
+
+The merge crosses programs: each split writes its partials with TMA (the
+async proxy) and signals a semaphore (a generic-proxy release); the merging
+program waits on it (an acquire) and reads them back with TMA. PTX orders
+the two proxies only through `fence.proxy.async`, which `async_proxy_fence`
+issues on both sides.
+
+`transpose_cast` turns the transposed build's merged [head_dim, N] f32 tile
+into the [N, head_dim] rows of the output (each of the warpgroup's threads
+moves whole elements, so no layout of Mosaic's is needed for it).
+
+Pallas' interpret mode runs no inline Mosaic: there the fence is nothing
+(the interpreter runs the grid in order) and the transposition a plain one.
+"""
+
+from __future__ import annotations
+
+import jax.experimental.pallas.mosaic_gpu as plgpu
+from jax.experimental.mosaic.gpu import utils as mgpu_utils
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, gpu, memref
+
+WARPGROUP = 128
+
+
+def _fence(ctx):
+  del ctx
+  mgpu_utils.inline_ptx("fence.proxy.async.global;", has_side_effects=True)
+
+
+def async_proxy_fence(*, interpret: bool) -> None:
+  """Orders this warpgroup's TMA accesses to global memory with its generic
+  ones (a semaphore's release after TMA writes, or TMA reads after its
+  acquire)."""
+  if not interpret:
+    plgpu.inline_mgpu()(_fence)()
+
+
+def _transpose_cast(ctx, src, dst):
+  """dst[r, c] = src[c, r], in dst's dtype; src f32 [d, n], dst [n, d]."""
+  del ctx
+  index = ir.IndexType.get()
+  d, n = ir.MemRefType(src.type).shape
+  out_type = ir.MemRefType(dst.type).element_type
+  c = lambda v: arith.constant(index, v)  # pylint: disable=g-long-lambda
+  mgpu_utils.warpgroup_barrier()   # src was written by every thread
+  thread = arith.remui(gpu.thread_id(gpu.Dimension.x), c(WARPGROUP))
+  for i in range(d * n // WARPGROUP):
+    element = arith.addi(thread, c(i * WARPGROUP))
+    row = arith.divui(element, c(d))
+    col = arith.remui(element, c(d))
+    x = memref.load(src, [col, row])
+    memref.store(arith.truncf(out_type, x), dst, [row, col])
+
+
+def transpose_cast(src, dst, *, interpret: bool) -> None:
+  """Writes the transpose of a warpgroup's f32 [d, n] shared-memory tile
+  `src` into the untiled [n, d] tile `dst`, in dst's dtype (d * n a
+  multiple of 128). The caller commits dst (`plgpu.commit_smem`) before
+  copying it out."""
+  if interpret:
+    dst[...] = src[...].T.astype(dst.dtype)
+    return
+  plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))(
+      _transpose_cast)(src, dst)

@@ -26,16 +26,20 @@ and last blocks (two K pages more per split, L2 hits across splits).
 Split-K merge (`MosaicDecodeConfig.merge_in_kernel`, the default,
 `decode_merged`): every program writes its partials (unnormalized
 accumulator, row max, row sums, block counts; one per compute warpgroup)
-to global memory and its warpgroups signal a semaphore of their (sequence,
-KV head); the last split's memory warpgroup waits for the others' signals
-and streams every part through a ring over the (by then free) K ring, and
-its first compute warpgroup combines them online at their running max,
-normalizes, and writes the output rows in the output dtype, the merged row
-statistics and the block counts, so no XLA kernel follows the call. The
-merging program is the last split: programs start in grid order, so the
-splits it waits for are running or done. With one split the program merges
-its warpgroups' tiles in shared memory. `decode_partials` returns the
-partials instead, for `decode.merge_partials`, as the Triton kernel does.
+to global memory; the other splits' warpgroups then signal a semaphore of
+their (sequence, KV head), the last split's own arrive on a barrier. The
+last split's memory warpgroup waits for both and streams every part
+through a ring over the (by then free) K and V rings, and its first compute
+warpgroup combines them online at their running max, normalizes, and
+writes the output rows in the output dtype, the merged row statistics and
+the block counts: the output needs no XLA kernel after the call (the lse
+and the stats, where asked for, are a small one). The merging program is
+the last split: the split is the grid's slowest axis and CUDA starts blocks
+in order (in practice; it does not promise it), so the splits it waits for
+are running or done (the GPU test runs more programs than fit at once).
+With one split the program merges its warpgroups' tiles in shared memory.
+`decode_partials` returns the partials instead, for
+`decode.merge_partials`, as the Triton kernel does.
 
 The transposed build (`MosaicDecodeConfig(transposed=True)`, the
 default) puts the keys on the wgmma M side instead: the scores are K·qᵀ, a
@@ -108,8 +112,8 @@ class MosaicDecodeConfig:
       3-12 % faster at λ = 0 and 1-15 % when skipping 83-99 %).
     merge_in_kernel: the last split of each (sequence, KV head) merges the
       splits' partials and writes the normalized output itself (see the
-      module docstring), so no XLA kernel follows the call; False: the
-      partials are merged by `decode.merge_partials`.
+      module docstring); False: the partials are merged by
+      `decode.merge_partials` after the call.
   """
 
   k_stages: int | None = None
@@ -168,6 +172,23 @@ def query_tile(group: int, transposed: bool) -> int:
   return -(-group // 8) * 8 if transposed else ROWS
 
 
+def merge_stat_rows(rows: int) -> int:
+  """Rows of a merge-ring slot of row statistics ([max, sums, padding],
+  each of `rows` f32): TMA writes it, so its size is a multiple of 128
+  bytes."""
+  return max(2, 32 // math.gcd(32, rows))
+
+
+def merge_bytes(rows: int, head_dim: int, slots: int = None) -> int:
+  """The in-kernel merge's buffers over the V ring: the output rows (2-byte
+  dtype) and `slots` (default MERGE_SLOTS) slots of row statistics and of
+  block counts."""
+  slots = MERGE_SLOTS if slots is None else slots
+  return (_aligned(rows * head_dim * 2)
+          + _aligned(slots * merge_stat_rows(rows) * rows * 4)
+          + _aligned(slots * SLOT * 4))
+
+
 def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
                         v_stages, itemsize=2, fp8=False,
                         compute_wgs=1, cols=None, merge=True) -> int:
@@ -177,8 +198,8 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
   byte) the f16 tile of each compute warpgroup they are widened into.
   `cols`: the transposed build's query columns (`query_tile`), whose Pᵀ
   tiles (two a warpgroup) and column-reduction scratch add to it; None:
-  the 64-row build. `merge`: the in-kernel merge's ring of partials' row
-  statistics (its tiles reuse the K ring, its output rows the V ring)."""
+  the 64-row build. `merge`: the in-kernel merge, whose buffers reuse the
+  K ring (its tiles) and the V ring (`merge_bytes`)."""
   rows = ROWS if cols is None else cols
   page = block_kv * head_dim * (1 if fp8 else itemsize)
   wide = compute_wgs * block_kv * head_dim * 2 if fp8 else 0
@@ -186,11 +207,10 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
   transposed = 0 if cols is None else (
       _aligned(compute_wgs * 2 * cols * block_kv * itemsize)
       + _aligned(compute_wgs * 4 * mosaic_vote.column_scratch_words(cols)))
-  merging = (_aligned(MERGE_SLOTS * max(2 * rows * 4, 128))
-             + _aligned(MERGE_SLOTS * SLOT * 4)) if merge else 0
+  v_ring = max(v_stages * page, merge_bytes(rows, head_dim) if merge else 0)
   return (_aligned(rows * head_dim * itemsize)
           + max(k_stages * page, _aligned(compute_wgs * rows * head_dim * 4))
-          + v_stages * page + wide + _aligned(table) + transposed + merging
+          + v_ring + wide + _aligned(table) + transposed
           + SMALL_BUFFERS * SMEM_ALIGNMENT)
 
 
@@ -282,11 +302,11 @@ class _Scratch(NamedTuple):
   # The in-kernel merge (`merge_in_kernel`; S = merge slots):
   merge_acc: Any    # f32 [S, R, d] (transposed [S, d, R]) partials' tiles,
                     # over the K ring
-  merge_ml: Any     # f32 [S, pad, 2, R] their row max and row sums in
-                    # [slot, 0] (pad: TMA writes 128-byte aligned slots)
+  # Over the V ring:
+  merge_ml: Any     # f32 [S, merge_stat_rows(R), R] their row max (row 0)
+                    # and row sums (row 1)
   merge_stats: Any  # int32 [S, SLOT] their block counts
-  staged: Any       # [R, d] the output rows in the output dtype, over the
-                    # V ring
+  staged: Any       # [R, d] the output rows in the output dtype
 
 
 class _Barriers(NamedTuple):
@@ -385,7 +405,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         slot = lax.rem(p, merge_slots)
         for copied in bars.merged:
           plgpu.barrier_wait(copied.at[slot])
-        tiles, ml, stats = (sc.merge_acc.at[slot], sc.merge_ml.at[slot, 0],
+        tiles, ml, stats = (sc.merge_acc.at[slot], sc.merge_ml.at[slot],
                             sc.merge_stats.at[slot])
       part = (plgpu.load(tiles, layout=plgpu.Layout.WGMMA, optimized=False),
               plgpu.load(ml.at[0], layout=row_layout, optimized=False),
@@ -452,7 +472,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         plgpu.barrier_wait(bars.merge_free.at[slot])
       for src, dst, copied in zip(
           (acc_ref, ml_ref, stats_ref),
-          (sc.merge_acc.at[slot], sc.merge_ml.at[slot, 0],
+          (sc.merge_acc.at[slot], sc.merge_ml.at[slot, pl.ds(0, 2)],
            sc.merge_stats.at[slot]), bars.merged):
         plgpu.copy_gmem_to_smem(src.at[batch, kv_head, p], dst,
                                 copied.at[slot])
@@ -916,8 +936,9 @@ def decode_merged(q, k_pages, v_pages, page_table, kv_lengths,
 def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
             k_scale, v_scale, initial_max, *, group, sm_scale, num_splits,
             max_mode, config, interpret, skip_enabled):
-  """The kernel's outputs: partials (acc, ml, stats as the kernel writes
-  them) and, with `config.merge_in_kernel`, the merged (out, ml, counts)."""
+  """The kernel's outputs: partials (acc, ml, stats; with
+  `config.merge_in_kernel` and one split never written) and, with
+  `config.merge_in_kernel`, the merged (out, ml, counts)."""
   b, hkv, g, d = q.shape
   out_dtype = q.dtype
   n_pages, block_kv = k_pages.shape[:2]
@@ -993,7 +1014,6 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   # per (sequence, KV head); Pallas' interpreter runs the grid in order,
   # so there the last split finds the others' partials written.
   use_semaphore = merge and num_splits > 1 and interpret is None
-  ml_pad = -(-128 // (2 * rows * 4))   # slots of >= 128 bytes
 
   def blasst_decode_mosaic(q_ref, k_ref, v_ref, table_ref, params_ref,
                            *refs):
@@ -1027,7 +1047,10 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
         v=plgpu.RefUnion(
             plgpu.SMEM((v_stages, block_kv, d), page_dtype,
                        transforms=page_swizzle),
-            plgpu.SMEM((rows, d), out_dtype)),
+            (plgpu.SMEM((rows, d), out_dtype),
+             plgpu.SMEM((merge_slots, merge_stat_rows(rows), rows),
+                        jnp.float32),
+             plgpu.SMEM((merge_slots, SLOT), jnp.int32))),
         table=plgpu.SMEM((width // SLOT, SLOT), jnp.int32),
         params=plgpu.SMEM((n_wgs + 1, SLOT), jnp.float32),
         votes=plgpu.SMEM((k_stages,), jnp.int32),
@@ -1044,12 +1067,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               else None),
         colred=(plgpu.SMEM((n_wgs, mosaic_vote.column_scratch_words(rows)),
                            jnp.float32) if transposed else None),
-        merge_acc=None,
-        merge_ml=(plgpu.SMEM((merge_slots, ml_pad, 2, rows), jnp.float32)
-                  if merge else None),
-        merge_stats=(plgpu.SMEM((merge_slots, SLOT), jnp.int32)
-                     if merge else None),
-        staged=None)
+        merge_acc=None, merge_ml=None, merge_stats=None, staged=None)
     barriers = _Barriers(
         q=plgpu.Barrier(), table=plgpu.Barrier(),
         params=plgpu.Barrier(num_barriers=n_wgs + 1),
@@ -1070,10 +1088,11 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
 
     def body(sc, bars):
       k_ring, out_tiles, merge_tiles = sc.k
-      v_ring, staged = sc.v
-      sc = sc._replace(k=k_ring, out=out_tiles, v=v_ring,
-                       merge_acc=merge_tiles if merge else None,
-                       staged=staged if merge else None)
+      v_ring, (staged, merge_ml, merge_stats) = sc.v
+      if merge:
+        sc = sc._replace(merge_acc=merge_tiles, merge_ml=merge_ml,
+                         merge_stats=merge_stats, staged=staged)
+      sc = sc._replace(k=k_ring, out=out_tiles, v=v_ring)
       _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref,
               init_ref, acc_ref, ml_ref, stats_ref, merged_refs, sem,
               sc, bars, sm_scale=sm_scale,

@@ -58,20 +58,23 @@ class TestMosaicDecodeMergeInterpret(test_base.DecodeTestBase):
 
 
 def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
-                     *scales, num_splits, max_mode, config=None):
-  """Partials of the kernel in interpret mode with race detection."""
-  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+                     *scales, num_splits, max_mode, config=None,
+                     merged=False, detect_races=True):
+  """The kernel's partials (`merged`: its merged outputs) in interpret
+  mode, and whether the race detector (if on) found a race."""
   b, hq, d = q.shape
   hkv = k_pages.shape[2]
   lam = jnp.full((b,), threshold, jnp.float32)
   interpret_pallas_call.reset_gpu_interpret_mode_state()
-  partials = decode_mosaic.decode_partials(
+  kernel = (decode_mosaic.decode_merged if merged
+            else decode_mosaic.decode_partials)
+  partials = kernel(
       q.reshape(b, hkv, hq // hkv, d), k_pages, v_pages, table, kv_lengths,
       config_lib.log_threshold(lam), *scales, group=hq // hkv,
       sm_scale=d ** -0.5,
       num_splits=num_splits, max_mode=max_mode,
       config=config or decode_mosaic.MosaicDecodeConfig(),
-      interpret=plgpu.InterpretGPUParams(detect_races=True),
+      interpret=plgpu.InterpretGPUParams(detect_races=detect_races),
       skip_enabled=threshold > 0)
   partials = jax.block_until_ready(partials)
   return partials, interpret_pallas_call.get_races().races_found
@@ -92,7 +95,6 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
     ("split", 2, 2, 1e-2, (2, 2, 2, False, False, False))])
 def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
                                             threshold, stages):
-  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   dtype = jnp.bfloat16
   q, k, v = testing.DecodeShape(
       batch=2, q_heads=8, kv_heads=kv_heads, max_len=384, head_dim=64).inputs(
@@ -140,19 +142,13 @@ def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
           testing.key_for("decode_mosaic_merge", num_splits), dtype=dtype)
   kv_lengths = jnp.array([384, 0], jnp.int32)   # an empty sequence: zeros
   pool_k, pool_v, table = testing.paged_cache(k, v, 64)
-  b, hq, d = q.shape
+  b, hq, _ = q.shape
   race_checked = num_splits == 1
-  interpret_pallas_call.reset_gpu_interpret_mode_state()
-  out, m, l, skipped, visited = jax.block_until_ready(
-      decode_mosaic.decode_merged(
-          q.reshape(b, 2, 4, d), pool_k, pool_v, table, kv_lengths,
-          config_lib.log_threshold(jnp.full((b,), 1e-2, jnp.float32)),
-          group=4, sm_scale=d ** -0.5, num_splits=num_splits,
-          max_mode="anchored",
-          config=decode_mosaic.MosaicDecodeConfig(**stages),
-          interpret=plgpu.InterpretGPUParams(detect_races=race_checked)))
-  if race_checked:
-    assert not interpret_pallas_call.get_races().races_found
+  (out, m, l, skipped, visited), races = run_race_checked(
+      q, pool_k, pool_v, table, kv_lengths, 1e-2, num_splits=num_splits,
+      max_mode="anchored", config=decode_mosaic.MosaicDecodeConfig(**stages),
+      merged=True, detect_races=race_checked)
+  assert not races, "the race detector found a shared-memory data race"
   oracle = bj.reference.blockwise_decode_attention(
       q, k, v, kv_lengths, block_kv=64, threshold=1e-2,
       num_splits=num_splits, max_mode="anchored")
@@ -182,7 +178,6 @@ def test_unsupported_inputs_name_the_fix(kwargs, match):
 
 
 def test_config_rejects_what_cannot_run():
-  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="k_stages"):
     decode_mosaic.MosaicDecodeConfig(k_stages=1)
   with pytest.raises(ValueError, match="v_stages"):
@@ -206,7 +201,6 @@ def test_config_rejects_what_cannot_run():
     (256, 128, True, True, 1)])   # two widened f16 tiles would not fit
 def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
                                                            transposed, wgs):
-  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   config = decode_mosaic.MosaicDecodeConfig(transposed=transposed)
   n_wgs, k_stages = decode_mosaic.pipeline(config, d, block_kv, 64, fp8,
                                            group=4)
@@ -220,7 +214,6 @@ def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
 def test_transposed_default_takes_one_warpgroup_for_wide_groups():
   """32 query heads a KV head: the transposed tiles of two warpgroups
   would not fit in the registers (`pipeline`)."""
-  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   config = decode_mosaic.MosaicDecodeConfig()
   assert decode_mosaic.pipeline(config, 128, 128, 64, group=16)[0] == 2
   assert decode_mosaic.pipeline(config, 128, 128, 64, group=32)[0] == 1
@@ -230,7 +223,6 @@ def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
                  initial_max=False, config=None):
   """The kernel lowered for CUDA (merging its splits, unless the config
   says not to): 8 KV heads, 32 pages a sequence, 4 splits."""
-  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   config = config or decode_mosaic.MosaicDecodeConfig()
   kernel = (decode_mosaic.decode_merged if config.merge_in_kernel
             else decode_mosaic.decode_partials)
@@ -284,7 +276,6 @@ def test_transposed_build_lowers_for_wide_groups(d, block_kv, group):
     (128, 128, 4, True, jnp.bfloat16), (64, 64, 3, False, jnp.bfloat16),
     (64, 128, 8, True, jnp.float8_e4m3fn)])
 def test_64_row_build_lowers_for_cuda(d, block_kv, group, skip, cache):
-  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   lowered = lower_decode(
       d, block_kv, group, skip, "anchored", cache,
       config=decode_mosaic.MosaicDecodeConfig(transposed=False))
@@ -298,7 +289,6 @@ def test_default_on_hopper_where_it_runs_the_problem(monkeypatch):
   problem = dict(dtype=jnp.bfloat16, head_dim=128, group=4, block_kv=128,
                  pages_per_seq=256, cache_dtype=jnp.bfloat16,
                  max_mode="anchored", max_axis_name=None, interpret=None)
-  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
   for change in [{}, dict(cache_dtype=jnp.float8_e4m3fn), dict(
       max_mode="split", head_dim=64, group=3, block_kv=64),

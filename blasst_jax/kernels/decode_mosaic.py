@@ -214,6 +214,17 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
           + SMALL_BUFFERS * SMEM_ALIGNMENT)
 
 
+def config_bytes(config, head_dim, block_kv, pages_per_seq, fp8, group,
+                 compute_wgs, k_stages) -> int:
+  """`shared_memory_bytes` of `config` with this many compute warpgroups
+  and K ring slots."""
+  return shared_memory_bytes(
+      head_dim, block_kv, pages_per_seq, k_stages, config.v_stages, fp8=fp8,
+      compute_wgs=compute_wgs,
+      cols=query_tile(group, True) if config.transposed else None,
+      merge=config.merge_in_kernel)
+
+
 def pipeline(config, head_dim, block_kv, pages_per_seq,
              fp8=False, group=ROWS) -> tuple[int, int]:
   """(compute warpgroups, K ring depth): config's, else two warpgroups
@@ -222,10 +233,8 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
   cols = query_tile(group, True) if config.transposed else None
 
   def fits(wgs, k_stages):
-    return shared_memory_bytes(
-        head_dim, block_kv, pages_per_seq, k_stages, config.v_stages,
-        fp8=fp8, compute_wgs=wgs, cols=cols,
-        merge=config.merge_in_kernel) <= MAX_SHARED_MEMORY
+    return config_bytes(config, head_dim, block_kv, pages_per_seq, fp8,
+                        group, wgs, k_stages) <= MAX_SHARED_MEMORY
   wgs = config.compute_wgs
   if wgs is None:   # Three warpgroups leave 168 registers a thread: the
     # accumulator (d/2), the scores (block_kv/2) and the P carried a step
@@ -251,13 +260,10 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
 def fits(config, head_dim, block_kv, pages_per_seq, fp8=False,
          group=ROWS) -> bool:
   """Whether `config`'s pipeline (`pipeline`) fits in shared memory."""
-  wgs, k_stages = pipeline(config, head_dim, block_kv, pages_per_seq, fp8,
-                           group)
-  return shared_memory_bytes(
-      head_dim, block_kv, pages_per_seq, k_stages, config.v_stages, fp8=fp8,
-      compute_wgs=wgs,
-      cols=query_tile(group, True) if config.transposed else None,
-      merge=config.merge_in_kernel) <= MAX_SHARED_MEMORY
+  return config_bytes(
+      config, head_dim, block_kv, pages_per_seq, fp8, group,
+      *pipeline(config, head_dim, block_kv, pages_per_seq, fp8, group)
+  ) <= MAX_SHARED_MEMORY
 
 
 def supports(group: int, head_dim: int, block_kv: int, dtype) -> bool:
@@ -380,6 +386,17 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
   def v_slot(vp):
     return lax.rem(vp, jnp.array(v_stages, vp.dtype))
 
+  # The query axis of the score tile (0: [R, block_kv]; transposed 1:
+  # [block_kv, R]) and of the output tile ([R, d], or [d, R]).
+  q_axis = 1 if transposed else 0
+  rows = sc.q.shape[0]
+  row_layout = plgpu.Layout.WGMMA.reduce(1 - q_axis)
+  acc_shape = (head_dim, rows) if transposed else (rows, head_dim)
+
+  def over_rows(x, shape):
+    """A per-query vector broadcast over a tile's other axis."""
+    return lax.broadcast_in_dim(x, shape, [q_axis])
+
   # One split: its program merges its warpgroups' tiles in shared memory;
   # else the last split merges every part, streamed through the merge ring.
   local_merge = num_splits == 1
@@ -389,13 +406,6 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     head), combined online at their running max as the splits' own blocks
     are, normalized; writes the output rows, their row max and sums, and
     the block counts."""
-    rows = sc.q.shape[0]
-    row_layout = plgpu.Layout.WGMMA.reduce(0 if transposed else 1)
-    shape = (head_dim, rows) if transposed else (rows, head_dim)
-    q_axis = 1 if transposed else 0
-
-    def over_rows(x):
-      return lax.broadcast_in_dim(x, shape, [q_axis])
 
     def read_part(p):
       """Part p's tile, row max, row sums, block counts."""
@@ -422,18 +432,20 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       m_new = jnp.maximum(m, m_p)     # -inf where no part kept a key yet
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
       alpha, beta = jnp.exp2(m - m_safe), jnp.exp2(m_p - m_safe)
-      return (acc * over_rows(alpha) + acc_p * over_rows(beta),
+      return (acc * over_rows(alpha, acc_shape)
+              + acc_p * over_rows(beta, acc_shape),
               l * alpha + l_p * beta, m_new, skipped, visited)
 
     if local_merge:   # both warpgroups' tiles are in shared memory
       plgpu.barrier_wait(bars.written)
     zeros = plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout)
-    acc = plgpu.layout_cast(jnp.zeros(shape, jnp.float32),
+    acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32),
                             plgpu.Layout.WGMMA)
     acc, l, m, skipped, visited = lax.fori_loop(
         0, num_splits * n_wgs, combine,
         (acc, zeros, zeros - jnp.inf, jnp.int32(0), jnp.int32(0)))
-    out = acc * over_rows(1.0 / jnp.where(l > 0, l, 1.0))   # 0 if none kept
+    out = acc * over_rows(1.0 / jnp.where(l > 0, l, 1.0),   # 0 if none
+                          acc_shape)                         # kept
     sc.ml.at[0, 0][...] = m
     sc.ml.at[0, 1][...] = l
     sc.stats[0, 0] = skipped
@@ -517,20 +529,11 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       wide[...] = page8.astype(jnp.float16)
       plgpu.commit_smem()
       return wide
-    # The score tile's query axis: 0 ([R, block_kv]), or 1 transposed
-    # ([block_kv, R]; the output tile [d, R] too).
-    q_axis = 1 if transposed else 0
-    rows = sc.q.shape[0]
     tile = (block_kv, rows) if transposed else (rows, block_kv)
-    row_layout = plgpu.Layout.WGMMA.reduce(1 - q_axis)
     key_iota = plgpu.broadcasted_iota(jnp.int32, tile, 1 - q_axis,
                                       layout=plgpu.Layout.WGMMA)
     minus_inf = plgpu.layout_cast(jnp.full((rows,), -jnp.inf, jnp.float32),
                                   row_layout)
-
-    def over_rows(x, shape):
-      """A per-query vector broadcast over a tile's other axis."""
-      return lax.broadcast_in_dim(x, shape, [q_axis])
 
     def key_reduce(x, op):
       """max / sum over the keys of a score tile: within each warp for
@@ -615,6 +618,19 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         return None, p
       return p.astype(dtype), p.sum(axis=1)
 
+    def add_product(acc, a, b):
+      """acc + a·b by wgmma; in interpret mode, which takes no accumulator
+      as input, into a fresh one added to acc."""
+      def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+      if not interpret:
+        return pl.run_state(product)(plgpu.ACC.init(acc))
+
+      def fresh(acc_ref):
+        product(acc_ref)
+        return acc_ref[...]
+      return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
+
     def accumulate(vp, pending, acc, l, m_acc):
       """Block vp (its P, row sums, the max they are taken at, and its
       decision): waits for its V phase, adds P·V if kept, frees the V
@@ -646,30 +662,13 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         if transposed:   # Vᵀ·Pᵀ, Pᵀ written when block vp was decided
           p_tile = p_smem.at[lax.rem(vp // n_wgs, 2)].transpose((1, 0))
           plgpu.commit_smem()
-
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, tile.transpose((1, 0)), p_tile)
-          if interpret:   # (no accumulator given as input there)
-            def pv_out(acc_ref):
-              pv(acc_ref)
-              return acc_ref[...]
-            acc_new = acc_scaled + pl.run_scoped(
-                pv_out, plgpu.ACC((head_dim, rows), jnp.float32))
-          else:
-            acc_new = pl.run_state(pv)(plgpu.ACC.init(acc_scaled))
-        elif p_smem is None:
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p16, tile)
-          acc_new = pl.run_state(pv)(plgpu.ACC.init(acc_scaled))
-        else:  # Interpret mode: P through shared memory.
+          acc_new = add_product(acc_scaled, tile.transpose((1, 0)), p_tile)
+        elif interpret:   # P through shared memory
           p_smem[...] = p16
           plgpu.commit_smem()
-
-          def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, tile)
-            return acc_ref[...]
-          acc_new = acc_scaled + pl.run_scoped(
-              pv, plgpu.ACC((ROWS, head_dim), jnp.float32))
+          acc_new = add_product(acc_scaled, p_smem, tile)
+        else:
+          acc_new = add_product(acc_scaled, p16, tile)
         return acc_new, l_new, m_p
 
       out = lax.cond(keep, kept, lambda: (acc, l, m_acc))
@@ -727,9 +726,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
               (p16, p_sum, m, keep))
 
     n_mine = lax.div(jnp.maximum(n - w + n_wgs - 1, 0), n_wgs)
-    acc = plgpu.layout_cast(
-        jnp.zeros((head_dim, rows) if transposed else (rows, head_dim),
-                  jnp.float32), plgpu.Layout.WGMMA)
+    acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32),
+                            plgpu.Layout.WGMMA)
     l = zero_tile if transposed else plgpu.layout_cast(
         jnp.zeros((rows,), jnp.float32), row_layout)
     nothing = (*no_probs, minus_inf, n < 0)
@@ -972,10 +970,8 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   n_wgs, k_stages = pipeline(config, d, block_kv, pages_per_seq, fp8, g)
   v_stages = config.v_stages
   merge = config.merge_in_kernel
-  smem_bytes = shared_memory_bytes(d, block_kv, pages_per_seq, k_stages,
-                                   v_stages, fp8=fp8, compute_wgs=n_wgs,
-                                   cols=rows if transposed else None,
-                                   merge=merge)
+  smem_bytes = config_bytes(config, d, block_kv, pages_per_seq, fp8, g,
+                            n_wgs, k_stages)
   if smem_bytes > MAX_SHARED_MEMORY:
     raise ValueError(
         f"head_dim {d}, pages of {block_kv} keys, a page table of "

@@ -53,9 +53,13 @@ def column_scratch_words(cols: int) -> int:
   return COLUMN_WORDS * min(cols // 8, 4)
 
 
-def _reduce_max(ctx, x, scratch):
-  del ctx
-  return x.reduce("max", 0, scratch=scratch)
+def _reduce(op):
+  """x.reduce(op) over axis 0 through the given scratch, as inline Mosaic
+  (`warpgroup_max`, `warpgroup_column_reduce`)."""
+  def reduce(ctx, x, scratch):
+    del ctx
+    return x.reduce(op, 0, scratch=scratch)
+  return reduce
 
 
 def warpgroup_max(x, scratch, *, interpret: bool):
@@ -76,14 +80,7 @@ def warpgroup_max(x, scratch, *, interpret: bool):
       arg_types=(plgpu.Layout.WGMMA.reduce(1), plgpu.RefType()),
       return_type=plgpu.ShapeDtypeStruct(
           (), jnp.float32, layout=plgpu.Layout.WG_SPLAT(())),
-  )(_reduce_max)(x, scratch)
-
-
-def _reduce_columns(op):
-  def reduce(ctx, x, scratch):
-    del ctx
-    return x.reduce(op, 0, scratch=scratch)
-  return reduce
+  )(_reduce("max"))(x, scratch)
 
 
 def warpgroup_column_reduce(x, op, scratch, *, interpret: bool):
@@ -109,7 +106,7 @@ def warpgroup_column_reduce(x, op, scratch, *, interpret: bool):
       arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
       return_type=plgpu.ShapeDtypeStruct(
           (x.shape[1],), jnp.float32, layout=plgpu.Layout.WGMMA.reduce(0)),
-  )(_reduce_columns(op))(x, scratch)
+  )(_reduce(op))(x, scratch)
 
 
 def _any_positive(ctx, hit, scratch):

@@ -8,12 +8,21 @@ sparsity).
     python -m experiments.ab_decode_mosaic --builds=transposed
     python -m experiments.ab_decode_mosaic --builds=rings --shapes=0,1,3
     python -m experiments.ab_decode_mosaic --builds=merge
+    python -m experiments.ab_decode_mosaic --builds=v_issue --shapes=0 \
+        --thresholds=1.25e-4,2.2e-4,3.9e-4,9.1e-4
 
 Build sets: "transposed" (the 64-row build, the transposed one with two and
 one compute warpgroups), "rings" (the transposed build's K / V ring
-depths and page sizes, with a copy of the cache for scale) and "merge" (the
-split-K merge by XLA after the call, and in the kernel).
+depths and page sizes, with a copy of the cache for scale), "merge" (the
+split-K merge by XLA after the call, and in the kernel) and "v_issue" (V
+copied by the memory warpgroup as it reads the decisions, or by the
+compute warpgroups that keep the blocks: as many V slots as warpgroups,
+twice as many, and one compute warpgroup).
+Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
+build, a traced zero) besides the dense build (λ=0).
 """
+import functools
+
 from absl import app
 from absl import flags
 import jax
@@ -46,6 +55,13 @@ BUILDS = {
         "XLA merge": (None, Config(merge_in_kernel=False)),
         "in-kernel merge": (None, Config()),
     },
+    "v_issue": {
+        "memory wg": (None, Config()),
+        "compute": (None, Config(compute_issues_v=True)),
+        "compute k2v4": (None, Config(compute_issues_v=True, k_stages=2,
+                                      v_stages=4)),
+        "compute T1": (None, Config(compute_issues_v=True, compute_wgs=1)),
+    },
 }
 # (batch, q_heads, kv_heads, seq_len, head_dim, block_kv, λs besides 0)
 SHAPES = [(8, 32, 8, 32768, 128, 128, (1e-3, 1e-2)),
@@ -57,6 +73,8 @@ _BUILDS = flags.DEFINE_enum("builds", "transposed", list(BUILDS),
                             "Which set of builds.")
 _SHAPES = flags.DEFINE_list("shapes", [], "Indices into SHAPES (all: empty).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
+_THRESHOLDS = flags.DEFINE_list(
+    "thresholds", [], "λs besides 0 for every shape (empty: each shape's).")
 
 
 def main(argv):
@@ -73,15 +91,22 @@ def main(argv):
     q, n = q[:, -1], jnp.full((b,), s, jnp.int32)
     dense_bytes = 2 * k.size * k.dtype.itemsize
     tag = f"b{b} s{s} h{hq}/{hkv} d{d}"
+    if _THRESHOLDS.value:
+      lams = [float(t) for t in _THRESHOLDS.value]
     fns = {}
-    for lam in (0.0, *lams):
+    for lam in (0.0, "0 check", *lams):
       for name, (bkv, cfg) in builds.items():
-        # λ is static: 0.0 builds the dense kernel (no skip check).
-        fn = jax.jit(lambda q, k, v, n, lam=lam, cfg=cfg,  # pylint: disable=g-long-lambda
-                     bkv=bkv or shape_bkv: bj.decode_attention(
-                         q, k, v, n, threshold=lam, block_kv=bkv,
-                         max_mode="anchored", implementation="pallas_mosaic",
-                         return_stats=True, kernel_config=cfg))
+        # A static 0.0 builds the dense kernel (no skip check); "0 check"
+        # passes a traced zero: the skip build, skipping nothing.
+        def attend(q, k, v, n, t, cfg=cfg, bkv=bkv or shape_bkv):
+          return bj.decode_attention(
+              q, k, v, n, threshold=t, block_kv=bkv, max_mode="anchored",
+              implementation="pallas_mosaic", return_stats=True,
+              kernel_config=cfg)
+        if lam == "0 check":
+          fn = functools.partial(jax.jit(attend), t=jnp.float32(0.0))
+        else:
+          fn = jax.jit(functools.partial(attend, t=lam))
         out, stats = fn(q, k, v, n)
         fns[lam, name] = (fn, float(stats.total_sparsity),
                           np.asarray(out, np.float32))
@@ -89,7 +114,7 @@ def main(argv):
     for (lam, name), (_, sparsity, out) in fns.items():
       if name != first:
         _, sparsity0, out0 = fns[lam, first]
-        print(f"  check {tag} λ={lam:g} {name}: max|Δ| vs {first} "
+        print(f"  check {tag} λ={lam} {name}: max|Δ| vs {first} "
               f"{np.max(np.abs(out - out0)):.3g}, sparsity {sparsity:.4f} vs "
               f"{sparsity0:.4f}", flush=True)
     copy = jax.jit(lambda k, v: (jnp.copy(k), jnp.copy(v)))
@@ -106,7 +131,7 @@ def main(argv):
           f"({2 * dense_bytes / t_copy / 1e6:.2f} TB/s read + written)")
     for (lam, name), (_, sparsity, _) in fns.items():
       t = np.median(times[lam, name])
-      print(f"{tag} λ={lam:g} sparsity {sparsity:.3f} {name:14s} {t:8.1f} us "
+      print(f"{tag} λ={lam} sparsity {sparsity:.3f} {name:14s} {t:8.1f} us "
             f"(min {min(times[lam, name]):.1f}) "
             f"{dense_bytes / t / 1e6:.2f} TB/s-eff", flush=True)
 

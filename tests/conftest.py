@@ -2,6 +2,7 @@
 compilation cache shared by the run's workers."""
 
 import atexit
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -10,11 +11,21 @@ import tempfile
 # before jax starts. One device stays the default for every other test.
 # They also give XLA's CPU client enough threads for GPU interpret mode:
 # with fewer, a three-warpgroup kernel (two of them blocked in barrier
-# callbacks) can starve the third and hang on a two-core machine.
-if "xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8")
+# callbacks) can starve the third and hang on a two-core machine. On such
+# a machine, loaded, one device's thread may also reach a collective long
+# after the others; XLA's CPU runtime aborts the process once they have
+# waited past its timeout (a crashed pytest worker), so those timeouts are
+# raised to half an hour.
+_XLA_FLAGS = {
+    "xla_force_host_platform_device_count": "8",
+    "xla_cpu_collective_call_warn_stuck_timeout_seconds": "300",
+    "xla_cpu_collective_call_terminate_timeout_seconds": "1800",
+    "xla_cpu_collective_timeout_seconds": "1800",
+}
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", "")]
+    + [f"--{name}={value}" for name, value in _XLA_FLAGS.items()
+       if name not in os.environ.get("XLA_FLAGS", "")]).strip()
 
 import hypothesis  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
@@ -36,6 +47,11 @@ if os.environ.get(_CACHE_ENV, "") not in ("", "0"):
   jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # A size limit makes jax lock the directory around every read and write
+  # (without one, a worker may read an entry another is still writing); the
+  # lock needs `filelock`.
+  if importlib.util.find_spec("filelock") is not None:
+    jax.config.update("jax_compilation_cache_max_size", 1 << 40)
 
 hypothesis.settings.register_profile(
     "ci", max_examples=12, deadline=None, derandomize=True,

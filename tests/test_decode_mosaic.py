@@ -83,7 +83,8 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
 # The suite runs the default build (transposed, two compute warpgroups at
 # these sizes); these are the other shapes of it, and the 64-row build.
 # stages: MosaicDecodeConfig's (k_stages, v_stages, compute_wgs,
-# split_registers, one_barrier_vote, transposed).
+# split_registers, one_barrier_vote, transposed, merge_in_kernel,
+# compute_issues_v).
 @pytest.mark.parametrize("max_mode,num_splits,kv_heads,threshold,stages", [
     ("split", 3, 1, 1e-2, (2, 4, 2)),      # MQA 8/1, more V than K slots
     ("anchored", 2, 2, 1e-2, (4, 2, 1)),   # one compute warpgroup
@@ -92,7 +93,14 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
     # 64 rows: two warpgroups deciding by the warp vote, and by the max
     # reduction.
     ("anchored", 2, 2, 1e-2, (4, 2, 2, False, True, False)),
-    ("split", 2, 2, 1e-2, (2, 2, 2, False, False, False))])
+    ("split", 2, 2, 1e-2, (2, 2, 2, False, False, False)),
+    # The compute warpgroups copy V: after accumulating the slot's block
+    # (as many V slots as warpgroups), at the decision (twice as many),
+    # dense, and the 64-row build.
+    ("anchored", 2, 2, 1e-2, (2, 2, 2, False, True, True, False, True)),
+    ("split", 3, 1, 1e-2, (2, 4, 2, False, True, True, False, True)),
+    ("anchored", 1, 2, 0.0, (4, 2, 1, False, True, True, False, True)),
+    ("split", 2, 2, 1e-2, (2, 2, 2, False, True, False, False, True))])
 def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
                                             threshold, stages):
   dtype = jnp.bfloat16
@@ -131,7 +139,8 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
     (1, dict(), None),
     (1, dict(transposed=False), None),
     (3, dict(), 1),
-    (2, dict(transposed=False, compute_wgs=1), 1)])
+    (2, dict(transposed=False, compute_wgs=1), 1),
+    (3, dict(compute_issues_v=True), 1)])
 def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
                                         slots):
   if slots is not None:
@@ -190,6 +199,8 @@ def test_config_rejects_what_cannot_run():
     decode_mosaic.MosaicDecodeConfig(one_barrier_vote=1)
   with pytest.raises(ValueError, match="transposed"):
     decode_mosaic.MosaicDecodeConfig(transposed=None)
+  with pytest.raises(ValueError, match="compute_issues_v"):
+    decode_mosaic.MosaicDecodeConfig(compute_issues_v="yes")
 
 
 @pytest.mark.parametrize("d,block_kv,fp8,transposed,wgs", [
@@ -279,6 +290,19 @@ def test_64_row_build_lowers_for_cuda(d, block_kv, group, skip, cache):
   lowered = lower_decode(
       d, block_kv, group, skip, "anchored", cache,
       config=decode_mosaic.MosaicDecodeConfig(transposed=False))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("d,block_kv,group,skip,cache,transposed", [
+    (128, 128, 4, True, jnp.bfloat16, True),
+    (64, 64, 3, False, jnp.float8_e4m3fn, True),
+    (64, 128, 8, True, jnp.bfloat16, False)])
+def test_compute_issued_v_lowers_for_cuda(d, block_kv, group, skip, cache,
+                                          transposed):
+  lowered = lower_decode(
+      d, block_kv, group, skip, "anchored", cache,
+      config=decode_mosaic.MosaicDecodeConfig(compute_issues_v=True,
+                                              transposed=transposed))
   assert "mosaic_gpu" in lowered.as_text()
 
 

@@ -200,3 +200,44 @@ def test_flax_decode_step_runs_the_hopper_kernel_by_default(monkeypatch,
   np.testing.assert_allclose(np.asarray(outs[None], np.float32),
                              np.asarray(outs["reference"], np.float32),
                              atol=3e-2, rtol=3e-2)
+
+
+# compute_issues_v moves the V copies, not the arithmetic: outputs and
+# counts equal the memory warpgroup's bit for bit. Builds: V slots as many
+# as compute warpgroups (copied after accumulating the slot's block), twice
+# as many (at the decision), one warpgroup, the 64-row build; bf16 and FP8.
+@pytest.mark.parametrize("threshold", [0.0, 1e-3])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(k_stages=2, v_stages=4), dict(compute_wgs=1),
+    dict(transposed=False)])
+def test_compute_issued_v_matches_the_memory_warpgroups(kwargs, fp8,
+                                                        threshold):
+  if not bj.api.is_hopper():
+    pytest.skip("needs a Hopper GPU")
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  q, k, v = patterns.sink_local_qkv(
+      testing.key_for("gpu_v_issue", fp8), batch=3, seq_len=8192,
+      q_heads=32, kv_heads=8, head_dim=128, sharpness=(14.0, 20.0),
+      dtype=jnp.bfloat16)
+  q = q[:, -1]
+  lengths = jnp.array([8192, 3001, 0], jnp.int32)
+  scales = {}
+  if fp8:
+    k, scales["k_scale"] = bj.decode.quantize_cache(k)
+    v, scales["v_scale"] = bj.decode.quantize_cache(v)
+  results = []
+  for issue in (False, True):
+    config = decode_mosaic.MosaicDecodeConfig(compute_issues_v=issue,
+                                              **kwargs)
+    results.append(bj.decode_attention(
+        q, k, v, lengths, threshold=threshold, block_kv=128,
+        max_mode="anchored", implementation="pallas_mosaic",
+        return_stats=True, kernel_config=config, **scales))
+  (want, want_stats), (got, stats) = results
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+  np.testing.assert_array_equal(stats.skipped_blocks,
+                                want_stats.skipped_blocks)
+  if threshold:
+    assert float(stats.total_sparsity) > 0.3

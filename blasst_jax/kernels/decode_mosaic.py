@@ -5,12 +5,14 @@ One program per (split, KV head, sequence) with a memory warpgroup and
 split's K pages into a shared-memory ring with TMA, `k_stages` blocks
 ahead, and copies a V page only once its block has been kept; for a skipped
 block it completes the V slot's phase with an empty arrival, so a skipped
-block's V is never read. Each compute warpgroup holds the `group` query
-heads of the KV head in one wgmma tile (the 64-row build: its rows, zero
-rows padding them; the transposed build, below: 8-wide columns), scores its
-next block j, decides it against the running max and publishes the
-decision, then accumulates its previous block, whose V copy ran while
-block j was scored.
+block's V is never read (`MosaicDecodeConfig.compute_issues_v`: the
+compute warpgroup that keeps a block copies its V page itself, and the
+memory warpgroup streams only K). Each compute warpgroup holds the
+`group` query heads of the KV head in one wgmma tile (the 64-row build:
+its rows, zero rows padding them; the transposed build, below: 8-wide
+columns), scores its next block j, decides it against the running max and
+publishes the decision, then accumulates its previous block, whose V copy
+ran while block j was scored.
 
 With two compute warpgroups, block j belongs to warpgroup j % 2: the score
 products, softmax and P·V of neighbouring blocks run side by side, and only
@@ -114,6 +116,12 @@ class MosaicDecodeConfig:
       splits' partials and writes the normalized output itself (see the
       module docstring); False: the partials are merged by
       `decode.merge_partials` after the call.
+    compute_issues_v: the compute warpgroup that keeps a block copies its
+      V page itself (into a slot only it uses), as soon as the slot's
+      previous block is accumulated, and the memory warpgroup streams only
+      K: no decision travels through shared memory, and neither a V slot
+      nor a decision ever holds back the next K copy. False: the memory
+      warpgroup issues both, block by block, reading each decision.
   """
 
   k_stages: int | None = None
@@ -123,6 +131,7 @@ class MosaicDecodeConfig:
   one_barrier_vote: bool = True
   transposed: bool = True
   merge_in_kernel: bool = True
+  compute_issues_v: bool = False
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -132,7 +141,7 @@ class MosaicDecodeConfig:
       if not isinstance(value, int) or value < 2:
         raise ValueError(f"`{name}` must be an int >= 2, got {value!r}.")
     for name in ("split_registers", "one_barrier_vote", "transposed",
-                 "merge_in_kernel"):
+                 "merge_in_kernel", "compute_issues_v"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
@@ -294,6 +303,7 @@ class _Scratch(NamedTuple):
   table: Any     # int32 [table_rows, SLOT] the sequence's pages
   params: Any    # f32 [C + 1, SLOT] one copy per warpgroup
   votes: Any     # int32 [k_stages] keep (1) / skip (0), by block % k_stages
+                 # (None with compute_issues_v)
   handoff: Any   # f32 [2, R] running max after block j, in slot j % 2
   ml: Any        # f32 [C, 2, R] row max (log2 units), row sum
   stats: Any     # int32 [C, SLOT] skipped, visited
@@ -322,8 +332,8 @@ class _Barriers(NamedTuple):
   k: Any         # [k_stages] K copied
   k_free: Any    # [k_stages] K slot read
   v: Any         # [v_stages] V copied (or skipped: an empty arrival)
-  v_free: Any    # [v_stages]
-  votes: Any     # [k_stages]
+  v_free: Any    # [v_stages] (None with compute_issues_v)
+  votes: Any     # [k_stages] (None with compute_issues_v)
   handoff: Any   # [2]
   done: Any      # every compute warpgroup has read its last K page
   scales: Any    # FP8 only
@@ -339,7 +349,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
             bars: _Barriers, *, sm_scale,
             block_kv, head_dim, dtype, group, num_splits, skip_enabled,
             anchored, k_stages, v_stages, compute_wgs, split_registers,
-            transposed, kv_heads, merge_slots, interpret):
+            transposed, kv_heads, merge_slots, compute_issues_v, interpret):
   # q_ref [b, hkv, R, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
   # table_ref int32 [b, table_rows, SLOT]; params_ref f32 [b, SLOT]
   # ([kv_len, log2 λ, 0...]); scales_ref (FP8 pages, else None) f32
@@ -385,6 +395,16 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
 
   def v_slot(vp):
     return lax.rem(vp, jnp.array(v_stages, vp.dtype))
+
+  def page(block):   # The table is [rows, SLOT]: TMA boxes hold <= 256.
+    return sc.table[block // SLOT, block % SLOT]
+
+  def issue_v(vp):
+    """TMA of block vp's V page into its slot."""
+    slot = v_slot(vp)
+    plgpu.copy_gmem_to_smem(
+        v_ref.at[page(start + vp), pl.ds(0, block_kv), kv_head],
+        sc.v.at[slot], bars.v.at[slot])
 
   # The query axis of the score tile (0: [R, block_kv]; transposed 1:
   # [block_kv, R]) and of the output tile ([R, d], or [d, R]).
@@ -509,6 +529,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         plgpu.copy_gmem_to_smem(init_ref.at[batch, kv_head], sc.rows,
                                 bars.rows)
     plgpu.barrier_wait(bars.q)
+    if compute_issues_v:   # the pages of the V copies it issues
+      plgpu.barrier_wait(bars.table)
     scale = sm_scale * LOG2E
     v_scale = None
     wide = p_smem = None
@@ -639,7 +661,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       its f32 tile, for the row sums, in registers)."""
       p16, p_sum, m_p, keep = pending
       slot = v_slot(vp)
-      plgpu.barrier_wait(bars.v.at[slot])
+      if not compute_issues_v:   # copied, or its phase completed empty
+        plgpu.barrier_wait(bars.v.at[slot])
       v_tile = sc.v.at[slot]
 
       def zero_past_end(v_tile):
@@ -653,6 +676,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         plgpu.commit_smem()
 
       def kept():
+        if compute_issues_v:   # only a kept block's copy was issued
+          plgpu.barrier_wait(bars.v.at[slot])
         tile = widen(v_tile) if fp8 else v_tile
         pl.when((start + vp + 1) * block_kv > kv_len)(
             lambda: zero_past_end(tile))
@@ -672,7 +697,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         return acc_new, l_new, m_p
 
       out = lax.cond(keep, kept, lambda: (acc, l, m_acc))
-      plgpu.barrier_arrive(bars.v_free.at[slot])
+      if not compute_issues_v:
+        plgpu.barrier_arrive(bars.v_free.at[slot])
       return out
 
     zero_tile = plgpu.layout_cast(jnp.zeros(tile, jnp.float32),
@@ -683,6 +709,13 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       no_probs = (zero_tile.astype(dtype),
                   plgpu.layout_cast(jnp.zeros((rows,), jnp.float32),
                                     row_layout))
+
+    # With compute_issues_v, V of block vp goes into slot vp % v_stages
+    # (this warpgroup's alone: v_stages is a multiple of C) once block
+    # vp - v_stages is accumulated: with v_stages >= 2C that was in an
+    # earlier step, so the copy starts at the decision; with v_stages = C
+    # it is the block accumulated in this step, so after it.
+    early_v = compute_issues_v and v_stages >= 2 * n_wgs
 
     def step(i, carry):
       """Scores and decides this warpgroup's i-th block vp, publishes the
@@ -711,17 +744,22 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         m = lax.cond(keep, lambda: jnp.maximum(m, m_blk), lambda: m)
         if handing:
           hand_over(vp, m)
-        sc.votes[k_slot(vp)] = keep.astype(jnp.int32)
-        plgpu.barrier_arrive(bars.votes.at[k_slot(vp)])
+        if not compute_issues_v:
+          sc.votes[k_slot(vp)] = keep.astype(jnp.int32)
+          plgpu.barrier_arrive(bars.votes.at[k_slot(vp)])
         p16, p_sum = lax.cond(keep, lambda: probabilities(s, m, vp),
                               lambda: no_probs)
       else:
         keep = vp >= 0
         m = jnp.maximum(m, m_blk)
         p16, p_sum = probabilities(s, m, vp)
+      if early_v:
+        pl.when(keep)(lambda: issue_v(vp))
       acc, l, m_acc = lax.cond(
           i > 0, lambda: accumulate(vp - n_wgs, pending, acc, l, m_acc),
           lambda: (acc, l, m_acc))
+      if compute_issues_v and not early_v:   # into the slot just read
+        pl.when(keep)(lambda: issue_v(vp))
       return (acc, l, m_acc, m, n_skipped + 1 - keep.astype(jnp.int32),
               (p16, p_sum, m, keep))
 
@@ -788,9 +826,6 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     plgpu.copy_gmem_to_smem(table_ref.at[batch], sc.table, bars.table)
     plgpu.barrier_wait(bars.table)
 
-    def page(block):   # The table is [rows, SLOT]: TMA boxes hold <= 256.
-      return sc.table[block // SLOT, block % SLOT]
-
     def issue_k(kp):
       slot = k_slot(kp)
       plgpu.copy_gmem_to_smem(
@@ -807,44 +842,43 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     for i in range(k_stages):
       pl.when(i < n_k)(functools.partial(issue_k, jnp.int32(i)))
 
-    @pl.loop(0, n_anchor)
-    def _anchors(kp):
-      refill_k(kp)
+    if compute_issues_v:   # K only: each slot refilled as soon as it frees
+      pl.loop(0, n_k)(refill_k)
+    else:
+      @pl.loop(0, n_anchor)
+      def _anchors(kp):
+        refill_k(kp)
 
-    @pl.loop(0, n)
-    def _stream(vp):
-      slot = v_slot(vp)
+      @pl.loop(0, n)
+      def _stream(vp):
+        slot = v_slot(vp)
 
-      @pl.when(vp >= v_stages)
-      def _():
-        plgpu.barrier_wait(bars.v_free.at[slot])
+        @pl.when(vp >= v_stages)
+        def _():
+          plgpu.barrier_wait(bars.v_free.at[slot])
 
-      def issue_v():
-        plgpu.copy_gmem_to_smem(
-            v_ref.at[page(start + vp), pl.ds(0, block_kv), kv_head],
-            sc.v.at[slot], bars.v.at[slot])
+        if skip_enabled:   # V once the block is kept; else an empty phase.
+          # The vote of block vp is read before K of block vp + k_stages is
+          # issued: its writer cannot overwrite the vote slot too early.
+          vote = k_slot(vp)
+          plgpu.barrier_wait(bars.votes.at[vote])
+          pl.when(sc.votes[vote] != 0)(lambda: issue_v(vp))
+          pl.when(sc.votes[vote] == 0)(
+              lambda: plgpu.barrier_arrive(bars.v.at[slot]))
+        else:
+          issue_v(vp)
 
-      if skip_enabled:   # V once the block is kept; else an empty phase.
-        # The vote of block vp is read before K of block vp + k_stages is
-        # issued: its writer cannot overwrite the vote slot too early.
-        vote = k_slot(vp)
-        plgpu.barrier_wait(bars.votes.at[vote])
-        pl.when(sc.votes[vote] != 0)(issue_v)
-        pl.when(sc.votes[vote] == 0)(
-            lambda: plgpu.barrier_arrive(bars.v.at[slot]))
-      else:
-        issue_v()
-
-      refill_k(vp + n_anchor)
+        refill_k(vp + n_anchor)
 
     # Observe the last releases, so every phase is seen before exit.
     @pl.loop(jnp.maximum(n_k - k_stages, 0), n_k)
     def _drain_k(kp):
       plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
 
-    @pl.loop(jnp.maximum(n - v_stages, 0), n)
-    def _drain_v(vp):
-      plgpu.barrier_wait(bars.v_free.at[v_slot(vp)])
+    if not compute_issues_v:
+      @pl.loop(jnp.maximum(n - v_stages, 0), n)
+      def _drain_v(vp):
+        plgpu.barrier_wait(bars.v_free.at[v_slot(vp)])
 
     if merged_refs is not None and not local_merge:
       pl.when(split == num_splits - 1)(load_partials)
@@ -1049,7 +1083,8 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
              plgpu.SMEM((merge_slots, SLOT), jnp.int32))),
         table=plgpu.SMEM((width // SLOT, SLOT), jnp.int32),
         params=plgpu.SMEM((n_wgs + 1, SLOT), jnp.float32),
-        votes=plgpu.SMEM((k_stages,), jnp.int32),
+        votes=(None if config.compute_issues_v
+               else plgpu.SMEM((k_stages,), jnp.int32)),
         handoff=plgpu.SMEM((2, rows), jnp.float32),
         ml=plgpu.SMEM((n_wgs, 2, rows), jnp.float32),
         stats=plgpu.SMEM((n_wgs, SLOT), jnp.int32),
@@ -1070,8 +1105,10 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
         k=plgpu.Barrier(num_barriers=k_stages),
         k_free=plgpu.Barrier(num_barriers=k_stages),
         v=plgpu.Barrier(num_barriers=v_stages),
-        v_free=plgpu.Barrier(num_barriers=v_stages),
-        votes=plgpu.Barrier(num_barriers=k_stages),
+        v_free=(None if config.compute_issues_v
+                else plgpu.Barrier(num_barriers=v_stages)),
+        votes=(None if config.compute_issues_v
+               else plgpu.Barrier(num_barriers=k_stages)),
         handoff=plgpu.Barrier(num_barriers=2),
         done=plgpu.Barrier(num_arrivals=n_wgs),
         scales=plgpu.Barrier() if fp8 else None,
@@ -1098,6 +1135,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               v_stages=v_stages, compute_wgs=n_wgs,
               split_registers=config.split_registers and n_wgs == 2,
               transposed=transposed, kv_heads=hkv, merge_slots=merge_slots,
+              compute_issues_v=config.compute_issues_v,
               interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")

@@ -2,7 +2,6 @@
 compilation cache shared by the run's workers."""
 
 import atexit
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -47,11 +46,6 @@ if os.environ.get(_CACHE_ENV, "") not in ("", "0"):
   jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  # A size limit makes jax lock the directory around every read and write
-  # (without one, a worker may read an entry another is still writing); the
-  # lock needs `filelock`.
-  if importlib.util.find_spec("filelock") is not None:
-    jax.config.update("jax_compilation_cache_max_size", 1 << 40)
 
 hypothesis.settings.register_profile(
     "ci", max_examples=12, deadline=None, derandomize=True,

@@ -12,9 +12,9 @@ import tempfile
 # with fewer, a three-warpgroup kernel (two of them blocked in barrier
 # callbacks) can starve the third and hang on a two-core machine. On such
 # a machine, loaded, one device's thread may also reach a collective long
-# after the others; XLA's CPU runtime aborts the process once they have
-# waited past its timeout (a crashed pytest worker), so those timeouts are
-# raised to half an hour.
+# after the others, and XLA's CPU runtime aborts the process once they have
+# waited past its timeout (the likely cause of a pytest worker that crashed
+# in a sharding test), so those timeouts are raised to half an hour.
 _XLA_FLAGS = {
     "xla_force_host_platform_device_count": "8",
     "xla_cpu_collective_call_warn_stuck_timeout_seconds": "300",

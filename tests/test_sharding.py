@@ -372,10 +372,9 @@ def test_context_parallel_prefill_skips_a_subset_of_one_device(
   assert err < 0.1
 
 
-# Every (causal, load_balance) pair on the reference; the kernel, which
-# takes the shared max as `initial_max`, with each flag on and off.
-# Causal and not, with and without load balancing: each on the reference
-# once and on the Triton kernel once.
+# Causal and not, with and without load balancing, each once on the
+# reference and once on the kernel (which takes the shared max as
+# `initial_max`).
 @pytest.mark.parametrize("implementation,causal,load_balance", [
     ("reference", True, False), ("reference", False, True),
     ("pallas_triton", True, True), ("pallas_triton", False, False)])

@@ -656,9 +656,11 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     def accumulate(vp, pending, acc, l, m_acc):
       """Block vp (its P, row sums, the max they are taken at, and its
       decision): waits for its V phase, adds P·V if kept, frees the V
-      slot. P rather than the f32 scores is what waits a step (64 rows: in
-      registers, half of the scores'; transposed: Pᵀ in shared memory and
-      its f32 tile, for the row sums, in registers)."""
+      slot (`compute_issues_v`: waits only for a kept block's copy, and
+      the slot is this warpgroup's own, so nothing is freed). P rather
+      than the f32 scores is what waits a step (64 rows: in registers,
+      half of the scores'; transposed: Pᵀ in shared memory and its f32
+      tile, for the row sums, in registers)."""
       p16, p_sum, m_p, keep = pending
       slot = v_slot(vp)
       if not compute_issues_v:   # copied, or its phase completed empty

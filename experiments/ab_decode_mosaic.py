@@ -14,10 +14,11 @@ sparsity).
 Build sets: "transposed" (the 64-row build, the transposed one with two and
 one compute warpgroups), "rings" (the transposed build's K / V ring
 depths and page sizes, with a copy of the cache for scale), "merge" (the
-split-K merge by XLA after the call, and in the kernel) and "v_issue" (V
+split-K merge by XLA after the call, and in the kernel), "v_issue" (V
 copied by the memory warpgroup as it reads the decisions, or by the
-compute warpgroups that keep the blocks: as many V slots as warpgroups,
-twice as many, and one compute warpgroup).
+compute warpgroups that keep the blocks: the default V ring, as many V
+slots as warpgroups, one and two compute warpgroups) and "wgs" (one and
+two compute warpgroups, at the shape's pages and at 128 keys).
 Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
 build, a traced zero) besides the dense build (λ=0).
 """
@@ -56,11 +57,19 @@ BUILDS = {
         "in-kernel merge": (None, Config()),
     },
     "v_issue": {
-        "memory wg": (None, Config()),
-        "compute": (None, Config(compute_issues_v=True)),
-        "compute k2v4": (None, Config(compute_issues_v=True, k_stages=2,
-                                      v_stages=4)),
-        "compute T1": (None, Config(compute_issues_v=True, compute_wgs=1)),
+        "memory wg": (None, Config(compute_issues_v=False)),
+        "compute": (None, Config()),
+        "compute vC": (None, Config(v_stages=2)),
+        "compute T1": (None, Config(compute_wgs=1)),
+        "compute T2": (None, Config(compute_wgs=2)),
+    },
+    "wgs": {
+        "default": (None, Config()),
+        "T1": (None, Config(compute_wgs=1)),
+        "T2": (None, Config(compute_wgs=2)),
+        "default p128": (128, Config()),
+        "T1 p128": (128, Config(compute_wgs=1)),
+        "memory wg p128": (128, Config(compute_issues_v=False)),
     },
 }
 # (batch, q_heads, kv_heads, seq_len, head_dim, block_kv, λs besides 0)

@@ -80,26 +80,30 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
   return partials, interpret_pallas_call.get_races().races_found
 
 
-# The suite runs the default build (transposed, two compute warpgroups at
-# these sizes); these are the other shapes of it, and the 64-row build.
+# The suite runs the default build (transposed, the compute warpgroups
+# copying V; two of them at these sizes, with 64-key pages); these are the
+# other shapes of it, the 64-row build and the memory warpgroup's V copies.
 # stages: MosaicDecodeConfig's (k_stages, v_stages, compute_wgs,
 # split_registers, one_barrier_vote, transposed, merge_in_kernel,
 # compute_issues_v).
 @pytest.mark.parametrize("max_mode,num_splits,kv_heads,threshold,stages", [
-    ("split", 3, 1, 1e-2, (2, 4, 2)),      # MQA 8/1, more V than K slots
-    ("anchored", 2, 2, 1e-2, (4, 2, 1)),   # one compute warpgroup
-    ("split", 1, 1, 1e-2, (2, 3, 1)),      # one, with an odd V ring
-    ("anchored", 1, 2, 0.0, (4, 2, 2)),    # dense, one split
-    # 64 rows: two warpgroups deciding by the warp vote, and by the max
-    # reduction.
+    # The compute warpgroups copy V at the decision (V slots >= twice the
+    # warpgroups): MQA 8/1 with more V than K slots, one warpgroup, one
+    # with an odd V ring.
+    ("split", 3, 1, 1e-2, (2, 4, 2)),
+    ("anchored", 2, 2, 1e-2, (4, 2, 1)),
+    ("split", 1, 1, 1e-2, (2, 3, 1)),
+    # After accumulating the slot's block (as many V slots as warpgroups):
+    # dense with one split; 64 rows, deciding by the warp vote and by the
+    # max reduction.
+    ("anchored", 1, 2, 0.0, (4, 2, 2)),
     ("anchored", 2, 2, 1e-2, (4, 2, 2, False, True, False)),
     ("split", 2, 2, 1e-2, (2, 2, 2, False, False, False)),
-    # The compute warpgroups copy V: after accumulating the slot's block
-    # (as many V slots as warpgroups), at the decision (twice as many; the
-    # 64-row build), dense.
-    ("anchored", 2, 2, 1e-2, (2, 2, 2, False, True, True, False, True)),
-    ("split", 3, 1, 1e-2, (2, 4, 2, False, True, False, False, True)),
-    ("anchored", 1, 2, 0.0, (4, 2, 1, False, True, True, False, True))])
+    # The memory warpgroup copies V as it reads the decisions: transposed,
+    # the 64-row build, dense with one warpgroup.
+    ("anchored", 2, 2, 1e-2, (2, 2, 2, False, True, True, False, False)),
+    ("split", 3, 1, 1e-2, (2, 4, 2, False, True, False, False, False)),
+    ("anchored", 1, 2, 0.0, (4, 2, 1, False, True, True, False, False))])
 def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
                                             threshold, stages):
   dtype = jnp.bfloat16
@@ -139,7 +143,7 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
     (1, dict(transposed=False), None),
     (3, dict(), 1),
     (2, dict(transposed=False, compute_wgs=1), 1),
-    (3, dict(compute_issues_v=True), 1)])
+    (3, dict(compute_issues_v=False), 1)])
 def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
                                         slots):
   if slots is not None:
@@ -206,19 +210,34 @@ def test_config_rejects_what_cannot_run():
     (128, 128, False, False, 1),   # three warpgroups would spill
     (128, 64, False, False, 2), (64, 128, False, False, 2),
     (64, 128, True, False, 2), (256, 64, False, False, 1),
-    # Transposed, registers are no limit: two wherever shared memory fits.
+    # Transposed, registers are no limit: two wherever shared memory fits
+    # and a page holds >= 8192 elements.
     (128, 128, False, True, 2), (256, 64, False, True, 2),
+    (64, 64, False, True, 1), (64, 128, True, True, 2),
     (256, 128, True, True, 1)])   # two widened f16 tiles would not fit
 def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
                                                            transposed, wgs):
   config = decode_mosaic.MosaicDecodeConfig(transposed=transposed)
-  n_wgs, k_stages = decode_mosaic.pipeline(config, d, block_kv, 64, fp8,
-                                           group=4)
+  n_wgs, k_stages, v_stages = decode_mosaic.pipeline(config, d, block_kv, 64,
+                                                     fp8, group=4)
   assert n_wgs == wgs and k_stages % n_wgs == 0 and k_stages >= 2
+  assert v_stages % n_wgs == 0 and v_stages >= 2
   cols = decode_mosaic.query_tile(4, True) if transposed else None
   assert decode_mosaic.shared_memory_bytes(
-      d, block_kv, 64, k_stages, config.v_stages, fp8=fp8,
+      d, block_kv, 64, k_stages, v_stages, fp8=fp8,
       compute_wgs=n_wgs, cols=cols) <= decode_mosaic.MAX_SHARED_MEMORY
+
+
+@pytest.mark.parametrize("d,block_kv,issue,want", [
+    # Twice the warpgroups' V slots where they fit beside two K pages, then
+    # the deepest K ring; 2 V slots without compute_issues_v.
+    (128, 128, True, (2, 2, 4)), (128, 128, False, (2, 4, 2)),
+    (64, 64, True, (1, 4, 2)), (128, 64, True, (2, 4, 4)),
+    # 64 KiB pages: one warpgroup, two of each.
+    (256, 128, True, (1, 2, 2))])
+def test_default_rings(d, block_kv, issue, want):
+  config = decode_mosaic.MosaicDecodeConfig(compute_issues_v=issue)
+  assert decode_mosaic.pipeline(config, d, block_kv, 64, group=4) == want
 
 
 def test_transposed_default_takes_one_warpgroup_for_wide_groups():
@@ -295,11 +314,11 @@ def test_64_row_build_lowers_for_cuda(d, block_kv, group, skip, cache):
 @pytest.mark.parametrize("d,block_kv,group,skip,cache,transposed", [
     (128, 128, 4, True, jnp.float8_e4m3fn, True),
     (64, 128, 8, False, jnp.bfloat16, False)])
-def test_compute_issued_v_lowers_for_cuda(d, block_kv, group, skip, cache,
-                                          transposed):
+def test_memory_warpgroup_v_copies_lower_for_cuda(d, block_kv, group, skip,
+                                                  cache, transposed):
   lowered = lower_decode(
       d, block_kv, group, skip, "anchored", cache,
-      config=decode_mosaic.MosaicDecodeConfig(compute_issues_v=True,
+      config=decode_mosaic.MosaicDecodeConfig(compute_issues_v=False,
                                               transposed=transposed))
   assert "mosaic_gpu" in lowered.as_text()
 

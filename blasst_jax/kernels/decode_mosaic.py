@@ -3,11 +3,13 @@
 One program per (split, KV head, sequence) with a memory warpgroup and
 `compute_wgs` (1 or 2) compute warpgroups. The memory warpgroup streams the
 split's K pages into a shared-memory ring with TMA, `k_stages` blocks
-ahead, and copies a V page only once its block has been kept; for a skipped
-block it completes the V slot's phase with an empty arrival, so a skipped
-block's V is never read (`MosaicDecodeConfig.compute_issues_v`: the
-compute warpgroup that keeps a block copies its V page itself, and the
-memory warpgroup streams only K). Each compute warpgroup holds the
+ahead; a V page is copied only once its block has been kept, by the
+compute warpgroup that kept it, into a V slot only that warpgroup uses
+(`MosaicDecodeConfig.compute_issues_v`), so a skipped block's V is never
+read and no decision or V slot ever holds back a K copy. (With
+`compute_issues_v=False` the memory warpgroup copies V as it reads each
+decision from shared memory, and completes a skipped block's V slot phase
+with an empty arrival.) Each compute warpgroup holds the
 `group` query heads of the KV head in one wgmma tile (the 64-row build:
 its rows, zero rows padding them; the transposed build, below: 8-wide
 columns), scores its next block j, decides it against the running max and
@@ -93,12 +95,17 @@ class MosaicDecodeConfig:
   Attributes:
     k_stages: K pages in flight (shared-memory ring slots), >= 2; None: as
       many as fit in shared memory, at most `MAX_K_STAGES`.
-    v_stages: V pages in flight, >= 2.
+    v_stages: V pages in flight, >= 2; None: with `compute_issues_v`,
+      twice the compute warpgroups where that fits beside two K pages (so
+      each warpgroup issues a kept block's copy at its decision; H200,
+      `decode_v_issue_h200.log`: 3-9 % faster than two V slots when
+      skipping 30-97 % at head_dim 128), else as many as the warpgroups;
+      without it, 2.
     compute_wgs: compute warpgroups per program, 1 or 2 (neighbouring
       blocks on alternate warpgroups); with 2, both rings hold an even
       number of pages. None: 2 where registers and shared memory allow
       (64 rows: head_dim + block_kv <= 192; transposed: the query columns'
-      tiles fit, see `pipeline`), else 1.
+      tiles fit and pages hold >= 8192 elements, see `pipeline`), else 1.
     split_registers: with two compute warpgroups, hand the memory
       warpgroup's registers to them (setmaxnreg `REGISTERS`: 232 / 40 a
       thread instead of 168 each at launch).
@@ -117,26 +124,27 @@ class MosaicDecodeConfig:
       module docstring); False: the partials are merged by
       `decode.merge_partials` after the call.
     compute_issues_v: the compute warpgroup that keeps a block copies its
-      V page itself (into a slot only it uses), as soon as the slot's
-      previous block is accumulated, and the memory warpgroup streams only
-      K: no decision travels through shared memory, and neither a V slot
-      nor a decision ever holds back the next K copy. False: the memory
-      warpgroup issues both, block by block, reading each decision.
+      V page itself (into a slot only it uses), at the decision when it
+      owns two V slots, else as soon as the slot's previous block is
+      accumulated; the memory warpgroup streams only K: no decision
+      travels through shared memory, and neither a V slot nor a decision
+      ever holds back the next K copy. False: the memory warpgroup issues
+      both, block by block, reading each decision (the earlier build).
   """
 
   k_stages: int | None = None
-  v_stages: int = 2
+  v_stages: int | None = None
   compute_wgs: int | None = None
   split_registers: bool = False
   one_barrier_vote: bool = True
   transposed: bool = True
   merge_in_kernel: bool = True
-  compute_issues_v: bool = False
+  compute_issues_v: bool = True
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
       value = getattr(self, name)
-      if name == "k_stages" and value is None:
+      if value is None:
         continue
       if not isinstance(value, int) or value < 2:
         raise ValueError(f"`{name}` must be an int >= 2, got {value!r}.")
@@ -224,26 +232,27 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
 
 
 def config_bytes(config, head_dim, block_kv, pages_per_seq, fp8, group,
-                 compute_wgs, k_stages) -> int:
+                 compute_wgs, k_stages, v_stages) -> int:
   """`shared_memory_bytes` of `config` with this many compute warpgroups
-  and K ring slots."""
+  and K / V ring slots."""
   return shared_memory_bytes(
-      head_dim, block_kv, pages_per_seq, k_stages, config.v_stages, fp8=fp8,
+      head_dim, block_kv, pages_per_seq, k_stages, v_stages, fp8=fp8,
       compute_wgs=compute_wgs,
       cols=query_tile(group, True) if config.transposed else None,
       merge=config.merge_in_kernel)
 
 
 def pipeline(config, head_dim, block_kv, pages_per_seq,
-             fp8=False, group=ROWS) -> tuple[int, int]:
-  """(compute warpgroups, K ring depth): config's, else two warpgroups
-  where their registers, rings and output tiles fit (even rings), and the
-  deepest K ring (<= MAX_K_STAGES) that fits in shared memory."""
+             fp8=False, group=ROWS) -> tuple[int, int, int]:
+  """(compute warpgroups, K ring depth, V ring depth): config's, else two
+  warpgroups where their registers, rings and output tiles fit (even
+  rings); V slots as `MosaicDecodeConfig.v_stages` says; then the deepest
+  K ring (<= MAX_K_STAGES) that fits in shared memory."""
   cols = query_tile(group, True) if config.transposed else None
 
-  def fits(wgs, k_stages):
+  def fits(wgs, k_stages, v_stages):
     return config_bytes(config, head_dim, block_kv, pages_per_seq, fp8,
-                        group, wgs, k_stages) <= MAX_SHARED_MEMORY
+                        group, wgs, k_stages, v_stages) <= MAX_SHARED_MEMORY
   wgs = config.compute_wgs
   if wgs is None:   # Three warpgroups leave 168 registers a thread: the
     # accumulator (d/2), the scores (block_kv/2) and the P carried a step
@@ -251,19 +260,33 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
     # at 128 + 128, where they spill). Transposed, a thread holds
     # (d + 3 block_kv) N / 128 of them (accumulator, scores, row-sum tile,
     # the f32 P carried a step): 32 at N = 8, d = block_kv = 128.
+    # Transposed, two warpgroups also need pages of >= 8192 elements: the
+    # running max is handed over every block, which a small page's work
+    # does not cover (H200, d64 / 64 keys, `decode_v_issue_h200.log`: one
+    # warpgroup 7 % faster dense and 1-2 % when skipping 89-99 %).
     if config.transposed:
-      small = (head_dim + 3 * block_kv) * cols <= 96 * 128
+      small = ((head_dim + 3 * block_kv) * cols <= 96 * 128
+               and block_kv * head_dim >= 8192)
     else:
       small = head_dim + block_kv <= 192
-    wgs = 2 if (small and config.v_stages % 2 == 0
-                and fits(2, 2) and (config.k_stages is None
-                                    or config.k_stages % 2 == 0)) else 1
+    even = all(s is None or s % 2 == 0
+               for s in (config.k_stages, config.v_stages))
+    wgs = 2 if (small and even and fits(2, config.k_stages or 2,
+                                        config.v_stages or 2)) else 1
+  k_min = config.k_stages or 2
+  if config.v_stages is not None:
+    v_stages = config.v_stages
+  elif config.compute_issues_v:   # a slot a warpgroup for the block in
+    # flight and one for the next (copied at its decision), if it fits
+    v_stages = 2 * wgs if fits(wgs, k_min, 2 * wgs) else max(wgs, 2)
+  else:
+    v_stages = 2
   if config.k_stages is not None:
-    return wgs, config.k_stages
+    return wgs, config.k_stages, v_stages
   depth = 2
-  while depth + wgs <= MAX_K_STAGES and fits(wgs, depth + wgs):
+  while depth + wgs <= MAX_K_STAGES and fits(wgs, depth + wgs, v_stages):
     depth += wgs
-  return wgs, depth
+  return wgs, depth, v_stages
 
 
 def fits(config, head_dim, block_kv, pages_per_seq, fp8=False,
@@ -1003,11 +1026,11 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
       [kv_lengths.astype(jnp.float32)[:, None],
        log2_thr.astype(jnp.float32)[:, None],
        jnp.zeros((b, SLOT - 2), jnp.float32)], axis=1)
-  n_wgs, k_stages = pipeline(config, d, block_kv, pages_per_seq, fp8, g)
-  v_stages = config.v_stages
+  n_wgs, k_stages, v_stages = pipeline(config, d, block_kv, pages_per_seq,
+                                       fp8, g)
   merge = config.merge_in_kernel
   smem_bytes = config_bytes(config, d, block_kv, pages_per_seq, fp8, g,
-                            n_wgs, k_stages)
+                            n_wgs, k_stages, v_stages)
   if smem_bytes > MAX_SHARED_MEMORY:
     raise ValueError(
         f"head_dim {d}, pages of {block_kv} keys, a page table of "

@@ -98,8 +98,9 @@ class MosaicDecodeConfig:
     v_stages: V pages in flight, >= 2; None: with `compute_issues_v`,
       twice the compute warpgroups where that fits beside two K pages (so
       each warpgroup issues a kept block's copy at its decision; H200,
-      `decode_v_issue_h200.log`: 3-9 % faster than two V slots when
-      skipping 30-97 % at head_dim 128), else as many as the warpgroups;
+      `decode_v_issue_h200.log`: 3-10 % faster than two V slots when
+      skipping 30-97 % at head_dim 128, batch 8 and 1; within 1.5 % at
+      batch 64), else as many as the warpgroups;
       without it, 2.
     compute_wgs: compute warpgroups per program, 1 or 2 (neighbouring
       blocks on alternate warpgroups); with 2, both rings hold an even

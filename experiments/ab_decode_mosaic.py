@@ -20,7 +20,8 @@ compute warpgroups that keep the blocks: the default V ring, as many V
 slots as warpgroups, one and two compute warpgroups) and "wgs" (one and
 two compute warpgroups, at the shape's pages and at 128 keys).
 Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
-build, a traced zero) besides the dense build (λ=0).
+build, a traced zero) besides the dense build (λ=0); `--fp8` runs them on
+FP8 pages.
 """
 import functools
 
@@ -84,6 +85,9 @@ _SHAPES = flags.DEFINE_list("shapes", [], "Indices into SHAPES (all: empty).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
 _THRESHOLDS = flags.DEFINE_list(
     "thresholds", [], "λs besides 0 for every shape (empty: each shape's).")
+_FP8 = flags.DEFINE_bool(
+    "fp8", False, "FP8 (e4m3) pages with per-head scales instead of bf16 "
+    "(TB/s-eff still counts the bf16 cache's bytes).")
 
 
 def main(argv):
@@ -100,6 +104,11 @@ def main(argv):
     q, n = q[:, -1], jnp.full((b,), s, jnp.int32)
     dense_bytes = 2 * k.size * k.dtype.itemsize
     tag = f"b{b} s{s} h{hq}/{hkv} d{d}"
+    scales = {}
+    if _FP8.value:
+      k, scales["k_scale"] = bj.decode.quantize_cache(k)
+      v, scales["v_scale"] = bj.decode.quantize_cache(v)
+      tag += " fp8"
     if _THRESHOLDS.value:
       lams = [float(t) for t in _THRESHOLDS.value]
     fns = {}
@@ -111,7 +120,7 @@ def main(argv):
           return bj.decode_attention(
               q, k, v, n, threshold=t, block_kv=bkv, max_mode="anchored",
               implementation="pallas_mosaic", return_stats=True,
-              kernel_config=cfg)
+              kernel_config=cfg, **scales)
         if lam == "0 check":
           fn = functools.partial(jax.jit(attend), t=jnp.float32(0.0))
         else:

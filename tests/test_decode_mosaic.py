@@ -89,15 +89,14 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
 @pytest.mark.parametrize("max_mode,num_splits,kv_heads,threshold,stages", [
     # The compute warpgroups copy V at the decision (V slots >= twice the
     # warpgroups): MQA 8/1 with more V than K slots, one warpgroup, one
-    # with an odd V ring.
+    # with an odd V ring, 64 rows deciding by the warp vote.
     ("split", 3, 1, 1e-2, (2, 4, 2)),
     ("anchored", 2, 2, 1e-2, (4, 2, 1)),
     ("split", 1, 1, 1e-2, (2, 3, 1)),
+    ("anchored", 2, 2, 1e-2, (4, 4, 2, False, True, False)),
     # After accumulating the slot's block (as many V slots as warpgroups):
-    # dense with one split; 64 rows, deciding by the warp vote and by the
-    # max reduction.
+    # dense with one split; 64 rows deciding by the max reduction.
     ("anchored", 1, 2, 0.0, (4, 2, 2)),
-    ("anchored", 2, 2, 1e-2, (4, 2, 2, False, True, False)),
     ("split", 2, 2, 1e-2, (2, 2, 2, False, False, False)),
     # The memory warpgroup copies V as it reads the decisions: transposed,
     # the 64-row build, dense with one warpgroup.

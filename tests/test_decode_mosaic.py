@@ -81,8 +81,9 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
 
 
 # The suite runs the default build (transposed, the compute warpgroups
-# copying V; two of them at these sizes, with 64-key pages); these are the
-# other shapes of it, the 64-row build and the memory warpgroup's V copies.
+# copying V; at head_dim 64 with 64-key pages, one of them); these are the
+# two-warpgroup shapes of it, the 64-row build and the memory warpgroup's
+# V copies.
 # stages: MosaicDecodeConfig's (k_stages, v_stages, compute_wgs,
 # split_registers, one_barrier_vote, transposed, merge_in_kernel,
 # compute_issues_v).

@@ -355,7 +355,8 @@ class _Barriers(NamedTuple):
   params: Any    # [C + 1]
   k: Any         # [k_stages] K copied
   k_free: Any    # [k_stages] K slot read
-  v: Any         # [v_stages] V copied (or skipped: an empty arrival)
+  v: Any         # [v_stages] V copied (compute_issues_v=False: or skipped,
+                 # an empty arrival)
   v_free: Any    # [v_stages] (None with compute_issues_v)
   votes: Any     # [k_stages] (None with compute_issues_v)
   handoff: Any   # [2]

@@ -79,7 +79,7 @@ def default_implementation(*, dtype, head_dim: int, group: int,
                            cache_dtype=None,
                            max_mode: str = DEFAULT_MAX_MODE,
                            max_axis_name=None, interpret=None,
-                           kernel_config=None) -> str:
+                           kernel_config=None, contiguous=False) -> str:
   """The implementation `decode_attention(implementation=None)` runs for
   a problem on the current backend: on a Hopper GPU "pallas_mosaic" where
   that kernel runs it, else "pallas_triton" on a GPU, "reference"
@@ -93,6 +93,8 @@ def default_implementation(*, dtype, head_dim: int, group: int,
     cache_dtype: the cache's dtype (default `dtype`; float8_e4m3fn: FP8).
     max_mode, max_axis_name, interpret, kernel_config: as
       `decode_attention`.
+    contiguous: a contiguous cache (`decode_attention`), whose pages need
+      no table.
 
   Returns:
     "pallas_mosaic", "pallas_triton" or "reference".
@@ -102,7 +104,7 @@ def default_implementation(*, dtype, head_dim: int, group: int,
       block_kv=block_kv, pages_per_seq=pages_per_seq,
       cache_dtype=cache_dtype, max_mode=max_mode,
       max_axis_name=max_axis_name, interpret=interpret,
-      kernel_config=kernel_config).name
+      kernel_config=kernel_config, contiguous=contiguous).name
 
 
 def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
@@ -192,8 +194,7 @@ def decode_attention(q, k_cache, v_cache, kv_lengths, *, threshold=0.0,
   pages_per_seq = (max_len + pad) // block_kv
   # [batch * pages, block_kv, kv_heads, d]: a free reshape of the cache.
   to_pages = lambda x: x.reshape(b * pages_per_seq, block_kv, hkv, d)  # pylint: disable=g-long-lambda
-  page_table = (jnp.arange(b, dtype=jnp.int32)[:, None] * pages_per_seq
-                + jnp.arange(pages_per_seq, dtype=jnp.int32)[None, :])
+  page_table = decode_base.ContiguousPages(b, pages_per_seq)
   return _decode(q, to_pages(k_cache), to_pages(v_cache), page_table,
                  kv_lengths, threshold=threshold, sm_scale=sm_scale,
                  num_splits=num_splits, max_mode=max_mode,
@@ -286,7 +287,8 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
         dtype=q.dtype, head_dim=d, group=hq // hkv, block_kv=block_kv,
         pages_per_seq=page_table.shape[1], cache_dtype=k_pages.dtype,
         max_mode=max_mode, max_axis_name=max_axis_name, interpret=interpret,
-        kernel_config=kernel_config)
+        kernel_config=kernel_config,
+        contiguous=isinstance(page_table, decode_base.ContiguousPages))
   op = ops_base.get_op("decode", implementation)
   plan = op.prepare(dtype=q.dtype, head_dim=d, group=hq // hkv,
                     block_kv=block_kv, max_mode=max_mode,

@@ -10,6 +10,8 @@ sparsity).
     python -m experiments.ab_decode_mosaic --builds=merge
     python -m experiments.ab_decode_mosaic --builds=v_issue --shapes=0 \
         --thresholds=1.25e-4,2.2e-4,3.9e-4,9.1e-4
+    python -m experiments.ab_decode_mosaic --builds=schedule --rounds=3
+    python -m experiments.ab_decode_mosaic --builds=fp8 --fp8 --rounds=3
 
 Build sets: "transposed" (the 64-row build, the transposed one with two and
 one compute warpgroups), "rings" (the transposed build's K / V ring
@@ -18,7 +20,11 @@ split-K merge by XLA after the call, and in the kernel), "v_issue" (V
 copied by the memory warpgroup as it reads the decisions, or by the
 compute warpgroups that keep the blocks: the default V ring, as many V
 slots as warpgroups, one and two compute warpgroups) and "wgs" (one and
-two compute warpgroups, at the shape's pages and at 128 keys).
+two compute warpgroups, at the shape's pages and at 128 keys) and
+"schedule" (block maxima handed between the compute warpgroups, K pages
+prefetched into L2 2 or 6 positions beyond the ring, and both) and "fp8"
+(with `--fp8`: K widened in registers instead of shared memory, alone and
+with the "schedule" options).
 Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
 build, a traced zero) besides the dense build (λ=0); `--fp8` runs them on
 FP8 pages.
@@ -71,6 +77,22 @@ BUILDS = {
         "default p128": (128, Config()),
         "T1 p128": (128, Config(compute_wgs=1)),
         "memory wg p128": (128, Config(compute_issues_v=False)),
+    },
+    "schedule": {
+        "default": (None, Config()),
+        "block max": (None, Config(hand_over_block_max=True)),
+        "prefetch 2": (None, Config(k_prefetch=2)),
+        "prefetch 6": (None, Config(k_prefetch=6)),
+        "block max pf 6": (None, Config(hand_over_block_max=True,
+                                        k_prefetch=6)),
+    },
+    "fp8": {
+        "default": (None, Config()),
+        "K regs": (None, Config(fp8_k_in_registers=True)),
+        "K regs pf 6": (None, Config(fp8_k_in_registers=True, k_prefetch=6)),
+        "K regs bm pf 6": (None, Config(fp8_k_in_registers=True,
+                                        hand_over_block_max=True,
+                                        k_prefetch=6)),
     },
 }
 # (batch, q_heads, kv_heads, seq_len, head_dim, block_kv, λs besides 0)

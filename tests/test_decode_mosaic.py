@@ -135,6 +135,72 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
     assert int(jnp.sum(skipped)) == 0
 
 
+@pytest.mark.parametrize("max_mode,transposed", [("anchored", True),
+                                                  ("split", False)])
+def test_block_max_hand_over_decides_as_the_running_max(max_mode,
+                                                        transposed):
+  """Two warpgroups handing each other block maxima (`hand_over_block_max`,
+  with L2 prefetches of K) against handing the running max: the same
+  partials, bit for bit, over 16 blocks and 2 anchors a split (the six
+  hand-over slots each reused), race-checked."""
+  q, k, v = testing.DecodeShape(
+      batch=2, q_heads=8, kv_heads=2, max_len=1024, head_dim=64).inputs(
+          testing.key_for("decode_mosaic_block_max", max_mode),
+          dtype=jnp.bfloat16)
+  kv_lengths = jnp.array([1024, 777], jnp.int32)
+  pool_k, pool_v, table = testing.paged_cache(k, v, 64)
+  runs = []
+  for block_max in (False, True):
+    config = decode_mosaic.MosaicDecodeConfig(
+        k_stages=2, v_stages=4, compute_wgs=2, transposed=transposed,
+        merge_in_kernel=False, hand_over_block_max=block_max,
+        k_prefetch=3 * block_max)
+    partials, races = run_race_checked(
+        q, pool_k, pool_v, table, kv_lengths, 3e-3, num_splits=1,
+        max_mode=max_mode, config=config)
+    assert not races, "the race detector found a shared-memory data race"
+    runs.append(partials)
+  (acc, m, l, skipped, visited), want = runs[1], runs[0]
+  assert 0 < int(jnp.sum(skipped)) < int(jnp.sum(visited))
+  for got, ref in zip((acc[..., :4, :], m[..., :4], l[..., :4], skipped,
+                       visited),
+                      (want[0][..., :4, :], want[1][..., :4],
+                       want[2][..., :4], want[3], want[4])):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_fp8_k_in_registers_matches_the_widened_tile():
+  """FP8 K widened in registers (`fp8_k_in_registers`; in interpret mode,
+  whose wgmma reads shared memory only, stored to the f16 tile from
+  there): the same partials as widening in shared memory, race-checked."""
+  shape = testing.DecodeShape(batch=2, q_heads=8, kv_heads=2, max_len=384,
+                              head_dim=64)
+  cache = testing.fp8_cache(testing.key_for("decode_mosaic_fp8_k"), shape)
+  kv_lengths = jnp.array([384, 200], jnp.int32)
+  pool_k, pool_v, table = testing.paged_cache(cache.k8, cache.v8, 64)
+  runs = []
+  for registers in (False, True):
+    partials, races = run_race_checked(
+        cache.q, pool_k, pool_v, table, kv_lengths, 1e-2, cache.k_scale,
+        cache.v_scale, num_splits=2, max_mode="anchored",
+        config=decode_mosaic.MosaicDecodeConfig(
+            merge_in_kernel=False, fp8_k_in_registers=registers))
+    assert not races, "the race detector found a shared-memory data race"
+    runs.append(partials)
+  assert int(jnp.sum(runs[1][3])) > 0
+  for got, want in zip(*runs):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("d,block_kv,group", [(128, 128, 4), (64, 128, 3),
+                                              (256, 64, 8)])
+def test_fp8_k_in_registers_lowers_for_cuda(d, block_kv, group):
+  lowered = lower_decode(
+      d, block_kv, group, True, "anchored", jnp.float8_e4m3fn,
+      config=decode_mosaic.MosaicDecodeConfig(fp8_k_in_registers=True))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
 # (num_splits, config, merge ring slots): one split merges its two
 # warpgroups' tiles in shared memory (race-checked); more splits stream the
 # parts through the ring, one slot so that every part reuses it.
@@ -204,6 +270,11 @@ def test_config_rejects_what_cannot_run():
     decode_mosaic.MosaicDecodeConfig(transposed=None)
   with pytest.raises(ValueError, match="compute_issues_v"):
     decode_mosaic.MosaicDecodeConfig(compute_issues_v="yes")
+  with pytest.raises(ValueError, match="hand_over_block_max"):
+    decode_mosaic.MosaicDecodeConfig(hand_over_block_max=None)
+  for bad in (-1, True, 1.5):
+    with pytest.raises(ValueError, match="k_prefetch"):
+      decode_mosaic.MosaicDecodeConfig(k_prefetch=bad)
 
 
 @pytest.mark.parametrize("d,block_kv,fp8,transposed,wgs", [
@@ -249,9 +320,10 @@ def test_transposed_default_takes_one_warpgroup_for_wide_groups():
 
 
 def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
-                 initial_max=False, config=None):
+                 initial_max=False, config=None, contiguous=False):
   """The kernel lowered for CUDA (merging its splits, unless the config
-  says not to): 8 KV heads, 32 pages a sequence, 4 splits."""
+  says not to): 8 KV heads, 32 pages a sequence, 4 splits; `contiguous`:
+  no page table (the pages of a contiguous cache)."""
   config = config or decode_mosaic.MosaicDecodeConfig()
   kernel = (decode_mosaic.decode_merged if config.merge_in_kernel
             else decode_mosaic.decode_partials)
@@ -266,7 +338,8 @@ def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
   args = [sds((2, hkv, group, d), jnp.bfloat16),
           sds((pages, block_kv, hkv, d), cache),
           sds((pages, block_kv, hkv, d), cache),
-          sds((2, per_seq), jnp.int32), sds((2,), jnp.int32),
+          None if contiguous else sds((2, per_seq), jnp.int32),
+          sds((2,), jnp.int32),
           sds((2,), jnp.float32)]
   if fp8 or initial_max:
     args += scales + starts
@@ -293,6 +366,27 @@ def test_kernel_from_an_initial_max_lowers_for_cuda(d, block_kv, group,
   assert "mosaic_gpu" in lowered.as_text()
 
 
+@pytest.mark.parametrize("d,block_kv,group,skip,merge", [
+    (128, 128, 4, True, True), (64, 64, 3, False, False)])
+def test_contiguous_cache_lowers_without_a_page_table(d, block_kv, group,
+                                                      skip, merge):
+  lowered = lower_decode(
+      d, block_kv, group, skip, "anchored", jnp.bfloat16, contiguous=True,
+      config=decode_mosaic.MosaicDecodeConfig(merge_in_kernel=merge))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_contiguous_pages_need_no_table():
+  table = decode_base.page_table_array(decode_base.ContiguousPages(3, 5))
+  np.testing.assert_array_equal(
+      np.asarray(table), np.arange(15, dtype=np.int32).reshape(3, 5))
+  # 512k keys in pages of 128: a table of 4096 pages takes 16 KiB of
+  # shared memory, which costs a paged cache two of the four V slots.
+  config = decode_mosaic.MosaicDecodeConfig()
+  assert decode_mosaic.pipeline(config, 128, 128, 0, group=4) == (2, 2, 4)
+  assert decode_mosaic.pipeline(config, 128, 128, 4096, group=4) == (2, 2, 2)
+
+
 @pytest.mark.parametrize("d,block_kv,group", [(128, 128, 16), (64, 64, 64)])
 def test_transposed_build_lowers_for_wide_groups(d, block_kv, group):
   # 16 and 64 query columns: two and eight column registers a thread, the
@@ -308,6 +402,21 @@ def test_64_row_build_lowers_for_cuda(d, block_kv, group, skip, cache):
   lowered = lower_decode(
       d, block_kv, group, skip, "anchored", cache,
       config=decode_mosaic.MosaicDecodeConfig(transposed=False))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("d,block_kv,group,skip,cache,transposed", [
+    (128, 128, 4, True, jnp.bfloat16, True),
+    (64, 128, 8, True, jnp.float8_e4m3fn, False),
+    (128, 64, 4, False, jnp.bfloat16, True)])   # V prefetched too
+def test_block_max_hand_over_and_prefetch_lower_for_cuda(d, block_kv, group,
+                                                         skip, cache,
+                                                         transposed):
+  lowered = lower_decode(
+      d, block_kv, group, skip, "anchored", cache,
+      config=decode_mosaic.MosaicDecodeConfig(
+          hand_over_block_max=True, k_prefetch=4, compute_wgs=2,
+          transposed=transposed))
   assert "mosaic_gpu" in lowered.as_text()
 
 

@@ -202,6 +202,20 @@ def test_flax_decode_step_runs_the_hopper_kernel_by_default(monkeypatch,
                              atol=3e-2, rtol=3e-2)
 
 
+def ragged_cache(name, fp8):
+  """A sink/local cache of 3 sequences (full, ragged, empty), 32 / 8 heads,
+  head_dim 128, the last query; FP8 pages with their scales if `fp8`:
+  (q, k, v, lengths, scale keywords)."""
+  q, k, v = patterns.sink_local_qkv(
+      testing.key_for(name, fp8), batch=3, seq_len=8192, q_heads=32,
+      kv_heads=8, head_dim=128, sharpness=(14.0, 20.0), dtype=jnp.bfloat16)
+  scales = {}
+  if fp8:
+    k, scales["k_scale"] = bj.decode.quantize_cache(k)
+    v, scales["v_scale"] = bj.decode.quantize_cache(v)
+  return q[:, -1], k, v, jnp.array([8192, 3001, 0], jnp.int32), scales
+
+
 # compute_issues_v moves the V copies, not the arithmetic: outputs and
 # counts equal the memory warpgroup's bit for bit. Builds: V slots as many
 # as compute warpgroups (copied after accumulating the slot's block), twice
@@ -216,16 +230,7 @@ def test_compute_issued_v_matches_the_memory_warpgroups(kwargs, fp8,
   if not bj.api.is_hopper():
     pytest.skip("needs a Hopper GPU")
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
-  q, k, v = patterns.sink_local_qkv(
-      testing.key_for("gpu_v_issue", fp8), batch=3, seq_len=8192,
-      q_heads=32, kv_heads=8, head_dim=128, sharpness=(14.0, 20.0),
-      dtype=jnp.bfloat16)
-  q = q[:, -1]
-  lengths = jnp.array([8192, 3001, 0], jnp.int32)
-  scales = {}
-  if fp8:
-    k, scales["k_scale"] = bj.decode.quantize_cache(k)
-    v, scales["v_scale"] = bj.decode.quantize_cache(v)
+  q, k, v, lengths, scales = ragged_cache("gpu_v_issue", fp8)
   results = []
   for issue in (False, True):
     config = decode_mosaic.MosaicDecodeConfig(compute_issues_v=issue,
@@ -240,4 +245,37 @@ def test_compute_issued_v_matches_the_memory_warpgroups(kwargs, fp8,
   np.testing.assert_array_equal(stats.skipped_blocks,
                                 want_stats.skipped_blocks)
   if threshold:
+    assert float(stats.total_sparsity) > 0.3
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("kwargs", [
+    dict(hand_over_block_max=True), dict(k_prefetch=4),
+    dict(hand_over_block_max=True, k_prefetch=2, split_registers=True),
+    dict(hand_over_block_max=True, transposed=False),
+    dict(fp8_k_in_registers=True)])
+def test_schedule_options_match_the_default_build(kwargs, fp8):
+  """Options that change only when or where things happen (block maxima
+  handed over, K prefetched into L2, FP8 K widened in registers): outputs
+  and skip counts bit-equal to the default build's, anchored and split."""
+  if not bj.api.is_hopper():
+    pytest.skip("needs a Hopper GPU")
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  q, k, v, lengths, scales = ragged_cache("gpu_schedule", fp8)
+  for max_mode in ("anchored", "split"):
+    results = []
+    build = {name: value for name, value in kwargs.items()
+             if name in ("transposed", "split_registers")}
+    for config in (dict(compute_wgs=2, **build),
+                   dict(compute_wgs=2, **kwargs)):
+      results.append(bj.decode_attention(
+          q, k, v, lengths, threshold=1e-3, block_kv=128, max_mode=max_mode,
+          implementation="pallas_mosaic", return_stats=True,
+          kernel_config=decode_mosaic.MosaicDecodeConfig(**config),
+          **scales))
+    (want, want_stats), (got, stats) = results
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(want, np.float32))
+    np.testing.assert_array_equal(stats.skipped_blocks,
+                                  want_stats.skipped_blocks)
     assert float(stats.total_sparsity) > 0.3

@@ -61,7 +61,19 @@ scale): the pages travel as FP8, half the bytes. The compute warpgroup
 widens each page it reads into its f16 tile in shared memory (e4m3 -> f16
 is exact and one instruction per pair; the K or V slot is free as soon as it
 is widened) and runs both products in f16 with the query cast to f16; the K
-scale is folded into the score scale and the V scale into the accumulator.
+scale is folded into the score scale and the V scale into the accumulator
+(`fp8_k_in_registers`: K widened in registers, the score product's A
+operand, instead).
+
+Pages: a page table (copied into shared memory once per program), or, for
+a contiguous cache (`page_table=None`), block j of sequence i in page
+i * pages_per_seq + j: no table to build, copy or hold (at 512k keys in
+pages of 128 a table takes 16 KiB, two V slots' worth).
+
+Options that only move work in time, built for measurement:
+`hand_over_block_max` (the two compute warpgroups exchange block maxima
+instead of running maxima, so no decision waits for the other's) and
+`k_prefetch` (K pages fetched into L2 ahead of the ring).
 """
 
 from __future__ import annotations
@@ -131,6 +143,23 @@ class MosaicDecodeConfig:
       travels through shared memory, and neither a V slot nor a decision
       ever holds back the next K copy. False: the memory warpgroup issues
       both, block by block, reading each decision (the earlier build).
+    hand_over_block_max: with two compute warpgroups, each hands the
+      other the maximum of every block it scores, as soon as it is scored,
+      instead of its running max once it has decided the block. Over the
+      real query heads the running max is the maximum over every block so
+      far (λ < 1: a skipped block's maximum lies below it), so the
+      decisions are the same, and a warpgroup's decision waits only for
+      the other's scores, not for its decision: no chain of hand-overs
+      runs through the split. Six hand-over slots instead of two.
+    k_prefetch: K pages fetched into L2 this many K stream positions
+      beyond the ring (TMA prefetch, no shared memory): more of the cache
+      in flight while skipped blocks leave the V slots idle (the dense
+      build prefetches V pages too). 0: none.
+    fp8_k_in_registers: FP8 pages, transposed build: each K page is
+      widened to f16 in registers and fed to the score product as its A
+      operand, instead of through the warpgroup's f16 tile in shared
+      memory (no store, fence and reload of the page on the decision's
+      path). V is still widened in shared memory (Vᵀ's transposed load).
   """
 
   k_stages: int | None = None
@@ -141,6 +170,9 @@ class MosaicDecodeConfig:
   transposed: bool = True
   merge_in_kernel: bool = True
   compute_issues_v: bool = True
+  hand_over_block_max: bool = False
+  k_prefetch: int = 0
+  fp8_k_in_registers: bool = False
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -149,8 +181,13 @@ class MosaicDecodeConfig:
         continue
       if not isinstance(value, int) or value < 2:
         raise ValueError(f"`{name}` must be an int >= 2, got {value!r}.")
+    if (isinstance(self.k_prefetch, bool)
+        or not isinstance(self.k_prefetch, int) or self.k_prefetch < 0):
+      raise ValueError(f"`k_prefetch` must be an int >= 0, got "
+                       f"{self.k_prefetch!r}.")
     for name in ("split_registers", "one_barrier_vote", "transposed",
-                 "merge_in_kernel", "compute_issues_v"):
+                 "merge_in_kernel", "compute_issues_v",
+                 "hand_over_block_max", "fp8_k_in_registers"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
@@ -173,9 +210,15 @@ REGISTERS = (232, 40)
 MAX_SHARED_MEMORY = 232448   # per block on H100/H200 (227 KiB)
 # Pallas places every shared-memory buffer at a multiple of 1 KiB.
 SMEM_ALIGNMENT = 1024
-# Buffers of at most 1 KiB (params, votes, handoff, ml, stats, FP8 scales,
+# Buffers of at most 1 KiB (params, votes, ml, stats, FP8 scales,
 # `initial_max` rows, the vote words) and 1 KiB for the barriers.
-SMALL_BUFFERS = 9
+SMALL_BUFFERS = 8
+# Running maxima handed between two compute warpgroups, in flight at once;
+# with `hand_over_block_max`, block maxima: a warpgroup may publish block
+# j + 6 only once the other has read block j, which the other's reading of
+# block j + 2 before it publishes block j + 3 guarantees.
+HANDOFF_SLOTS = 2
+BLOCK_MAX_HANDOFF_SLOTS = 6
 # Partials in flight to the merging warpgroup (`merge_in_kernel`), at most.
 MERGE_SLOTS = 16
 
@@ -209,9 +252,11 @@ def merge_bytes(rows: int, head_dim: int, slots: int = None) -> int:
 
 def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
                         v_stages, itemsize=2, fp8=False,
-                        compute_wgs=1, cols=None, merge=True) -> int:
+                        compute_wgs=1, cols=None, merge=True,
+                        handoff_slots=HANDOFF_SLOTS) -> int:
   """q tile + K ring (which the f32 output tiles reuse at the end) + V
-  ring + the page table + the small buffers, each rounded up to Pallas'
+  ring + the page table + the running-max hand-over slots + the small
+  buffers, each rounded up to Pallas'
   1 KiB shared-memory alignment (`SMALL_BUFFERS`); with `fp8` pages (1
   byte) the f16 tile of each compute warpgroup they are widened into.
   `cols`: the transposed build's query columns (`query_tile`), whose Pᵀ
@@ -229,6 +274,7 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
   return (_aligned(rows * head_dim * itemsize)
           + max(k_stages * page, _aligned(compute_wgs * rows * head_dim * 4))
           + v_ring + wide + _aligned(table) + transposed
+          + _aligned(handoff_slots * rows * 4)
           + SMALL_BUFFERS * SMEM_ALIGNMENT)
 
 
@@ -240,7 +286,13 @@ def config_bytes(config, head_dim, block_kv, pages_per_seq, fp8, group,
       head_dim, block_kv, pages_per_seq, k_stages, v_stages, fp8=fp8,
       compute_wgs=compute_wgs,
       cols=query_tile(group, True) if config.transposed else None,
-      merge=config.merge_in_kernel)
+      merge=config.merge_in_kernel, handoff_slots=hand_over_slots(config))
+
+
+def hand_over_slots(config) -> int:
+  """Hand-over slots of the running max (or the block maxima)."""
+  return (BLOCK_MAX_HANDOFF_SLOTS if config.hand_over_block_max
+          else HANDOFF_SLOTS)
 
 
 def pipeline(config, head_dim, block_kv, pages_per_seq,
@@ -324,11 +376,14 @@ class _Scratch(NamedTuple):
   out: Any       # f32 [C, R, d] (transposed: [C, d, R]) output tiles, over
                  # the K ring at the end
   v: Any         # [v_stages, block_kv, d] V ring
-  table: Any     # int32 [table_rows, SLOT] the sequence's pages
+  table: Any     # int32 [table_rows, SLOT] the sequence's pages (None
+                 # for a contiguous cache)
   params: Any    # f32 [C + 1, SLOT] one copy per warpgroup
   votes: Any     # int32 [k_stages] keep (1) / skip (0), by block % k_stages
                  # (None with compute_issues_v)
-  handoff: Any   # f32 [2, R] running max after block j, in slot j % 2
+  handoff: Any   # f32 [H, R] running max after block j, in slot j % H
+                 # (H = 2); `hand_over_block_max`: the max of K position
+                 # j (H = 6)
   ml: Any        # f32 [C, 2, R] row max (log2 units), row sum
   stats: Any     # int32 [C, SLOT] skipped, visited
   p: Any         # interpret mode: [C, ROWS, block_kv] P through memory;
@@ -359,7 +414,7 @@ class _Barriers(NamedTuple):
                  # an empty arrival)
   v_free: Any    # [v_stages] (None with compute_issues_v)
   votes: Any     # [k_stages] (None with compute_issues_v)
-  handoff: Any   # [2]
+  handoff: Any   # [H]
   done: Any      # every compute warpgroup has read its last K page
   scales: Any    # FP8 only
   rows: Any      # `initial_max` only
@@ -374,9 +429,12 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
             bars: _Barriers, *, sm_scale,
             block_kv, head_dim, dtype, group, num_splits, skip_enabled,
             anchored, k_stages, v_stages, compute_wgs, split_registers,
-            transposed, kv_heads, merge_slots, compute_issues_v, interpret):
-  # q_ref [b, hkv, R, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
-  # table_ref int32 [b, table_rows, SLOT]; params_ref f32 [b, SLOT]
+            transposed, kv_heads, merge_slots, pages_per_seq,
+            compute_issues_v,
+            block_max_handoff, k_prefetch, fp8_k_registers, interpret):
+  # q_ref [b, hkv, R, d]; k_ref, v_ref [n_pages,
+  # block_kv, hkv, d]; table_ref int32 [b, table_rows, SLOT] (None: a
+  # contiguous cache, pages_per_seq pages a sequence); params_ref f32 [b, SLOT]
   # ([kv_len, log2 λ, 0...]); scales_ref (FP8 pages, else None) f32
   # [hkv, SLOT] ([k scale, v scale, 0...]); init_ref (`initial_max`, skip
   # build only, else None) f32 [b, hkv, R]. Outputs, one partial per
@@ -422,6 +480,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     return lax.rem(vp, jnp.array(v_stages, vp.dtype))
 
   def page(block):   # The table is [rows, SLOT]: TMA boxes hold <= 256.
+    if sc.table is None:   # a contiguous cache
+      return batch * pages_per_seq + block
     return sc.table[block // SLOT, block % SLOT]
 
   def issue_v(vp):
@@ -554,8 +614,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         plgpu.copy_gmem_to_smem(init_ref.at[batch, kv_head], sc.rows,
                                 bars.rows)
     plgpu.barrier_wait(bars.q)
-    if compute_issues_v:   # the pages of the V copies it issues
-      plgpu.barrier_wait(bars.table)
+    if compute_issues_v and sc.table is not None:   # the pages of the V
+      plgpu.barrier_wait(bars.table)                # copies it issues
     scale = sm_scale * LOG2E
     v_scale = None
     wide = p_smem = None
@@ -598,7 +658,17 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       slot = k_slot(kp)
       plgpu.barrier_wait(bars.k.at[slot])
       k_tile = sc.k.at[slot]
-      if fp8:   # The slot is free once widened.
+      if fp8 and fp8_k_registers:   # widened in registers, wgmma's A
+        k8 = plgpu.load(k_tile, layout=plgpu.Layout.WGMMA_UPCAST_2X,
+                        optimized=False)
+        k_tile = plgpu.layout_cast(k8.astype(jnp.float16),
+                                   plgpu.Layout.WGMMA)
+        if interpret:   # whose wgmma takes no register operand
+          wide[...] = k_tile
+          plgpu.commit_smem()
+          k_tile = wide
+        plgpu.barrier_arrive(bars.k_free.at[slot])
+      elif fp8:   # The slot is free once widened.
         k_tile = widen(k_tile)
         plgpu.barrier_arrive(bars.k_free.at[slot])
 
@@ -615,26 +685,41 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       keys = key_iota + k_block(kp) * block_kv
       return jnp.where(keys < kv_len, s * scale, -jnp.inf)
 
+    n_handoff = sc.handoff.shape[0]
+
     def hand_over(j, m):
-      """Publishes the running max after block j (-1: the anchors)."""
-      slot = lax.rem(j + 2, 2)
+      """Publishes m for j in slot j % n_handoff: the running max after
+      block j (-1: the anchors); with `block_max_handoff`, the max of K
+      stream position j."""
+      slot = lax.rem(j + n_handoff, n_handoff)
       sc.handoff.at[slot][...] = m
       plgpu.barrier_arrive(bars.handoff.at[slot])
 
     def take_over(j):
-      """The running max after block j, from the other warpgroup."""
-      slot = lax.rem(j + 2, 2)
+      """What the other warpgroup published for j."""
+      slot = lax.rem(j + n_handoff, n_handoff)
       plgpu.barrier_wait(bars.handoff.at[slot])
       return plgpu.load(sc.handoff.at[slot], layout=row_layout)
 
     # The running max before the split's first block: the anchors' row
     # max ("anchored"; with two warpgroups each scores one anchor and the
-    # second hands its max to the first), else -inf.
+    # second hands its max to the first; handing block maxima, each hands
+    # its own to the other, the first reading the second's at its first
+    # block), else -inf.
     handing = skip_enabled and n_wgs == 2
     if anchored and skip_enabled:
       if n_wgs == 1:
         m0 = lax.fori_loop(0, n_anchor, lambda kp, m: jnp.maximum(
             m, key_reduce(scores(kp), "max")), minus_inf)
+      elif block_max_handoff:
+        own = lax.cond(n_anchor > 0, lambda: key_reduce(scores(w), "max"),
+                       lambda: minus_inf)
+
+        def exchange():
+          hand_over(w, own)
+          return lax.cond(w == 1, lambda: jnp.maximum(
+              own, take_over(jnp.int32(0))), lambda: own)
+        m0 = lax.cond(n_anchor > 0, exchange, lambda: own)
       else:
         own = lax.cond(n_anchor > 0, lambda: key_reduce(scores(w), "max"),
                        lambda: minus_inf)
@@ -753,7 +838,14 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       s = scores(vp + n_anchor)
       m_blk = key_reduce(s, "max")
       if skip_enabled:
-        if handing:   # The running max after block vp - 1.
+        if handing and block_max_handoff:   # its max to the other; the
+          # max of K position kp - 1 from it: m is then the max over
+          # every position before kp.
+          kp = vp + n_anchor
+          hand_over(kp, m_blk)
+          m = lax.cond(kp == 0, lambda: m,
+                       lambda: jnp.maximum(m, take_over(kp - 1)))
+        elif handing:   # The running max after block vp - 1.
           m = lax.cond(vp == 0, lambda: m, lambda: take_over(vp - 1))
         # max over real rows of (block max - running max), from the scores
         # of visible keys; padded rows take no part. A split's first block
@@ -768,8 +860,12 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
           keep = mosaic_vote.warpgroup_any(
               gap, log2_thr, sc.vote.at[w], lax.rem(i, 2),
               interpret=interpret)
-        m = lax.cond(keep, lambda: jnp.maximum(m, m_blk), lambda: m)
-        if handing:
+        if block_max_handoff:   # the same on the real rows: a skipped
+          # block's max lies below m there (log λ < 0)
+          m = jnp.maximum(m, m_blk)
+        else:
+          m = lax.cond(keep, lambda: jnp.maximum(m, m_blk), lambda: m)
+        if handing and not block_max_handoff:
           hand_over(vp, m)
         if not compute_issues_v:
           sc.votes[k_slot(vp)] = keep.astype(jnp.int32)
@@ -799,9 +895,11 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     acc, l, m_acc, m, n_skipped, pending = lax.fori_loop(
         0, n_mine, step, (acc, l, minus_inf, m0, n * 0, nothing))
     if handing:   # The last hand-over is for the other warpgroup.
-      @pl.when((n > 0) & (lax.rem(n - 1, 2) != w))
+      last = n_k - 1 if block_max_handoff else n - 1
+
+      @pl.when((last >= 0) & (lax.rem(last, 2) != w))
       def _():
-        take_over(n - 1)
+        take_over(last)
     acc, l, m_acc = lax.cond(
         n_mine > 0,
         lambda: accumulate(w + (n_mine - 1) * n_wgs, pending, acc, l,
@@ -850,8 +948,9 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
   def _memory():
     if split_registers:
       plgpu.set_max_registers(REGISTERS[1], action="decrease")
-    plgpu.copy_gmem_to_smem(table_ref.at[batch], sc.table, bars.table)
-    plgpu.barrier_wait(bars.table)
+    if sc.table is not None:
+      plgpu.copy_gmem_to_smem(table_ref.at[batch], sc.table, bars.table)
+      plgpu.barrier_wait(bars.table)
 
     def issue_k(kp):
       slot = k_slot(kp)
@@ -859,8 +958,22 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
           k_ref.at[page(k_block(kp)), pl.ds(0, block_kv), kv_head],
           sc.k.at[slot], bars.k.at[slot])
 
+    def prefetch_k(kp):
+      """K position kp into L2 (`k_prefetch`); the dense build, whose
+      compute warpgroups copy every V page, its block's V too."""
+      def fetch():
+        block = page(k_block(kp))
+        plgpu.async_prefetch(k_ref.at[block, pl.ds(0, block_kv), kv_head])
+        if not skip_enabled:
+          plgpu.async_prefetch(v_ref.at[block, pl.ds(0, block_kv), kv_head])
+      pl.when(kp < n_k)(fetch)
+
     def refill_k(kp):
-      """K position kp + k_stages into kp's slot once it is free."""
+      """K position kp + k_stages into kp's slot once it is free (and,
+      with `k_prefetch`, position kp + k_stages + k_prefetch into L2)."""
+      if k_prefetch:
+        prefetch_k(kp + k_stages + k_prefetch)
+
       @pl.when(kp + k_stages < n_k)
       def _():
         plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
@@ -868,6 +981,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
 
     for i in range(k_stages):
       pl.when(i < n_k)(functools.partial(issue_k, jnp.int32(i)))
+    for i in range(k_stages, k_stages + k_prefetch):
+      prefetch_k(jnp.int32(i))
 
     if compute_issues_v:   # K only: each slot refilled as soon as it frees
       pl.loop(0, n_k)(refill_k)
@@ -930,7 +1045,9 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
       heads.
     k_pages, v_pages: [n_pages, block_kv, kv_heads, head_dim], q's dtype or
       float8_e4m3fn (then with `k_scale` and `v_scale`).
-    page_table: int32 [batch, pages_per_seq]: page of each logical block.
+    page_table: int32 [batch, pages_per_seq]: page of each logical block;
+      None: a contiguous cache (n_pages = batch * pages_per_seq, block j
+      of sequence i in page i * pages_per_seq + j), no table read.
     kv_lengths: int32 [batch] (<= pages_per_seq * block_kv); log_threshold:
       f32 [batch] (natural log).
     k_scale, v_scale: f32 [kv_heads], FP8 pages only: a page holds
@@ -1016,27 +1133,36 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                      f"decode kernel, got {max_mode!r}.")
   transposed = config.transposed
   rows = query_tile(g, transposed)
+  # (A TMA into the tiled q tile starts at a multiple of 8 rows: the
+  # query cannot be read unpadded from [b * hkv * g, d].)
   q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
-  pages_per_seq = page_table.shape[1]
-  width = -(-pages_per_seq // SLOT) * SLOT
-  table = jnp.pad(page_table.astype(jnp.int32),
-                  ((0, 0), (0, width - pages_per_seq))).reshape(b, -1, SLOT)
+  contiguous = page_table is None
+  if contiguous:   # block j of sequence i is page i * pages_per_seq + j
+    pages_per_seq, table_pages = n_pages // b, 0
+    table = None
+  else:
+    pages_per_seq = table_pages = page_table.shape[1]
+    width = -(-pages_per_seq // SLOT) * SLOT
+    table = jnp.pad(page_table.astype(jnp.int32),
+                    ((0, 0), (0, width - pages_per_seq))).reshape(b, -1, SLOT)
   # Built by concatenation, not `.at[].set` (whose scatters XLA runs as
   # three more small kernels before this one, ~3 us each).
   log2_thr = jnp.broadcast_to(log_threshold * LOG2E, (b,))
+  if config.hand_over_block_max:   # λ > 1 acts as 1 (see the config)
+    log2_thr = jnp.minimum(log2_thr, 0.0)
   params = jnp.concatenate(
       [kv_lengths.astype(jnp.float32)[:, None],
        log2_thr.astype(jnp.float32)[:, None],
        jnp.zeros((b, SLOT - 2), jnp.float32)], axis=1)
-  n_wgs, k_stages, v_stages = pipeline(config, d, block_kv, pages_per_seq,
+  n_wgs, k_stages, v_stages = pipeline(config, d, block_kv, table_pages,
                                        fp8, g)
   merge = config.merge_in_kernel
-  smem_bytes = config_bytes(config, d, block_kv, pages_per_seq, fp8, g,
+  smem_bytes = config_bytes(config, d, block_kv, table_pages, fp8, g,
                             n_wgs, k_stages, v_stages)
   if smem_bytes > MAX_SHARED_MEMORY:
     raise ValueError(
         f"head_dim {d}, pages of {block_kv} keys, a page table of "
-        f"{pages_per_seq} pages, rings of {k_stages} K / {v_stages} V "
+        f"{table_pages} pages, rings of {k_stages} K / {v_stages} V "
         f"pages and {n_wgs} compute warpgroups need {smem_bytes} bytes of "
         f"shared memory (max {MAX_SHARED_MEMORY}); use smaller pages, fewer "
         "stages or compute_wgs=1.")
@@ -1047,7 +1173,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
 
   page_dtype = k_pages.dtype
   page_swizzle = swizzled(jnp.dtype(page_dtype).itemsize)
-  inputs = [q, k_pages, v_pages, table, params]
+  inputs = [q, k_pages, v_pages, *([] if contiguous else [table]), params]
   if fp8:
     inputs.append(jnp.concatenate(
         [jnp.broadcast_to(jnp.asarray(x, jnp.float32), (hkv,))[:, None]
@@ -1072,8 +1198,9 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   # so there the last split finds the others' partials written.
   use_semaphore = merge and num_splits > 1 and interpret is None
 
-  def blasst_decode_mosaic(q_ref, k_ref, v_ref, table_ref, params_ref,
-                           *refs):
+  def blasst_decode_mosaic(q_ref, k_ref, v_ref, *refs):
+    table_ref = None if contiguous else refs[0]
+    params_ref, *refs = refs[0 if contiguous else 1:]
     if merge:
       *optional, acc_ref, ml_ref, stats_ref, out_ref, mml_ref, counts_ref = (
           refs)
@@ -1108,11 +1235,12 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
              plgpu.SMEM((merge_slots, merge_stat_rows(rows), rows),
                         jnp.float32),
              plgpu.SMEM((merge_slots, SLOT), jnp.int32))),
-        table=plgpu.SMEM((width // SLOT, SLOT), jnp.int32),
+        table=(None if contiguous
+               else plgpu.SMEM((width // SLOT, SLOT), jnp.int32)),
         params=plgpu.SMEM((n_wgs + 1, SLOT), jnp.float32),
         votes=(None if config.compute_issues_v
                else plgpu.SMEM((k_stages,), jnp.int32)),
-        handoff=plgpu.SMEM((2, rows), jnp.float32),
+        handoff=plgpu.SMEM((hand_over_slots(config), rows), jnp.float32),
         ml=plgpu.SMEM((n_wgs, 2, rows), jnp.float32),
         stats=plgpu.SMEM((n_wgs, SLOT), jnp.int32),
         p=p,
@@ -1127,7 +1255,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                            jnp.float32) if transposed else None),
         merge_acc=None, merge_ml=None, merge_stats=None, staged=None)
     barriers = _Barriers(
-        q=plgpu.Barrier(), table=plgpu.Barrier(),
+        q=plgpu.Barrier(), table=None if contiguous else plgpu.Barrier(),
         params=plgpu.Barrier(num_barriers=n_wgs + 1),
         k=plgpu.Barrier(num_barriers=k_stages),
         k_free=plgpu.Barrier(num_barriers=k_stages),
@@ -1136,7 +1264,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                 else plgpu.Barrier(num_barriers=v_stages)),
         votes=(None if config.compute_issues_v
                else plgpu.Barrier(num_barriers=k_stages)),
-        handoff=plgpu.Barrier(num_barriers=2),
+        handoff=plgpu.Barrier(num_barriers=hand_over_slots(config)),
         done=plgpu.Barrier(num_arrivals=n_wgs),
         scales=plgpu.Barrier() if fp8 else None,
         rows=plgpu.Barrier() if given else None,
@@ -1162,7 +1290,11 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               v_stages=v_stages, compute_wgs=n_wgs,
               split_registers=config.split_registers and n_wgs == 2,
               transposed=transposed, kv_heads=hkv, merge_slots=merge_slots,
+              pages_per_seq=pages_per_seq,
               compute_issues_v=config.compute_issues_v,
+              block_max_handoff=config.hand_over_block_max and n_wgs == 2,
+              k_prefetch=config.k_prefetch,
+              fp8_k_registers=config.fp8_k_in_registers and transposed,
               interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")

@@ -9,7 +9,8 @@ pages, picks an op and calls
                       kernel_config=..., interpret=...)
     result = op(q, k_pages, v_pages, page_table, kv_lengths, plan, ...)
 
-with q [batch, q_heads, head_dim]; the result is an `AttentionResult` with
+with q [batch, q_heads, head_dim] and page_table int32 [batch,
+pages_per_seq] or `ContiguousPages`; the result is an `AttentionResult` with
 out [batch, q_heads, head_dim], lse [batch, q_heads] and `DecodeStats`.
 """
 
@@ -22,6 +23,31 @@ import jax.numpy as jnp
 
 from blasst_jax.config import DecodeStats
 from blasst_jax.ops import base
+
+
+@dataclasses.dataclass(frozen=True)
+class ContiguousPages:
+  """The page table of a contiguous cache [batch, max_len, kv_heads, d]
+  viewed as pages: block j of sequence b is page b * pages_per_seq + j.
+  An op that reads a table builds it (`page_table_array`); the Hopper
+  kernel computes the pages instead (no table to build, copy or hold)."""
+
+  batch: int
+  pages_per_seq: int
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.batch, self.pages_per_seq)
+
+
+def page_table_array(page_table):
+  """int32 [batch, pages_per_seq]: `page_table`, or the table of
+  `ContiguousPages`."""
+  if not isinstance(page_table, ContiguousPages):
+    return page_table
+  b, n = page_table.shape
+  return (jnp.arange(b, dtype=jnp.int32)[:, None] * n
+          + jnp.arange(n, dtype=jnp.int32)[None, :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +70,8 @@ class DecodeOp(base.Op):
 
   def supports(self, **problem) -> bool:
     """Whether `implementation=None` may pick this op for `problem`:
-    dtype, head_dim, group, block_kv, pages_per_seq, cache_dtype,
+    dtype, head_dim, group, block_kv, pages_per_seq, contiguous (a
+    `ContiguousPages` table), cache_dtype,
     max_mode, max_axis_name, interpret, kernel_config (`decode._decode`
     passes them; an op reads those it depends on), and optionally
     backend."""

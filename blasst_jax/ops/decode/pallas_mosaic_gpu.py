@@ -31,7 +31,7 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
   def supports(self, *, backend=None, dtype=None, head_dim=None, group=None,
                block_kv=None, pages_per_seq=None, cache_dtype=None,
                max_mode=None, max_axis_name=None, interpret=None,
-               kernel_config=None, **problem) -> bool:
+               kernel_config=None, contiguous=False, **problem) -> bool:
     del problem
     if interpret or not (base.on_gpu(backend) and base.is_hopper()):
       return False
@@ -48,7 +48,8 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
             and max_mode in decode_mosaic.MAX_MODES
             and max_axis_name is None
             and decode_mosaic.fits(self.kernel_config(kernel_config),
-                                   head_dim, block_kv, pages_per_seq, fp8,
+                                   head_dim, block_kv,
+                                   0 if contiguous else pages_per_seq, fp8,
                                    group))
 
   def prepare(self, *, dtype, head_dim, group, block_kv, max_mode,
@@ -90,6 +91,8 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
                      * decode_mosaic.LOG2E)
     kernel = (decode_mosaic.decode_merged if plan.config.merge_in_kernel
               else decode_mosaic.decode_partials)
+    if isinstance(page_table, decode_base.ContiguousPages):
+      page_table = None   # the kernel computes the pages
     outs = kernel(
         q.reshape(b, hkv, group, d), k_pages, v_pages, page_table,
         kv_lengths, log_threshold, k_scale, v_scale, initial_max,

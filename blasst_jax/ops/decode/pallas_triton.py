@@ -57,7 +57,8 @@ class PallasTritonDecode(decode_base.DecodeOp):
           * decode_triton.LOG2E, ((0, 0), (0, 0), (0, rows - group)),
           constant_values=-jnp.inf)
     acc, m, l, skipped, visited = decode_triton.decode_partials(
-        qg, k_pages, v_pages, page_table, kv_lengths, log_threshold,
+        qg, k_pages, v_pages, decode_base.page_table_array(page_table),
+        kv_lengths, log_threshold,
         initial_max, group=group, sm_scale=sm_scale, num_splits=num_splits,
         max_mode=max_mode, config=plan.config,
         interpret=bool(plan.interpret), skip_enabled=skip_enabled,

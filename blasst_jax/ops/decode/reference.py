@@ -36,6 +36,7 @@ class ReferenceDecode(decode_base.DecodeOp):
     if k_scale is not None:   # FP8: the oracle runs on the dequantized cache
       k_pages = decode_base.dequantize(k_pages, k_scale, jnp.float32)
       v_pages = decode_base.dequantize(v_pages, v_scale, jnp.float32)
+    page_table = decode_base.page_table_array(page_table)
     gather = lambda pages: pages[page_table].reshape(b, max_len, hkv, d)  # pylint: disable=g-long-lambda
     r = reference.blockwise_decode_attention(
         q.astype(k_pages.dtype), gather(k_pages), gather(v_pages), kv_lengths,

@@ -20,7 +20,10 @@ split-K merge by XLA after the call, and in the kernel), "v_issue" (V
 copied by the memory warpgroup as it reads the decisions, or by the
 compute warpgroups that keep the blocks: the default V ring, as many V
 slots as warpgroups, one and two compute warpgroups) and "wgs" (one and
-two compute warpgroups, at the shape's pages and at 128 keys) and
+two compute warpgroups, at the shape's pages and at 128 keys), "table"
+(a contiguous cache, whose pages the kernel computes, against the same
+cache through a page table), "ahead" (one or two blocks decided ahead of
+the one accumulated, with pages of 64 and 128 keys) and
 "schedule" (block maxima handed between the compute warpgroups, K pages
 prefetched into L2 2 or 6 positions beyond the ring, and both) and "fp8"
 (with `--fp8`: K widened in registers instead of shared memory, alone and
@@ -43,7 +46,9 @@ from blasst_jax import testing
 from blasst_jax.kernels import decode_mosaic
 
 Config = decode_mosaic.MosaicDecodeConfig
-# name: {build name: (block_kv or None for the shape's, config)}
+# name: {build name: (block_kv or None for the shape's, config[, "paged"])}
+# ("paged": through `paged_decode_attention` with the contiguous cache's
+# page table, which the kernel copies into shared memory.)
 BUILDS = {
     "transposed": {
         "rows64": (None, Config(transposed=False)),
@@ -94,12 +99,23 @@ BUILDS = {
                                         hand_over_block_max=True,
                                         k_prefetch=6)),
     },
+    "ahead": {
+        "p64": (64, Config()),
+        "ahead 2 p64": (64, Config(decide_ahead=2)),
+        "p128": (128, Config()),
+        "ahead 2 p128": (128, Config(decide_ahead=2)),
+    },
+    "table": {
+        "contiguous": (None, Config()),
+        "paged": (None, Config(), "paged"),
+    },
 }
 # (batch, q_heads, kv_heads, seq_len, head_dim, block_kv, λs besides 0)
 SHAPES = [(8, 32, 8, 32768, 128, 128, (1e-3, 1e-2)),
           (1, 32, 8, 131072, 128, 128, (1e-3,)),
           (64, 32, 8, 4096, 128, 128, (1e-3,)),
-          (120, 9, 3, 8192, 64, 64, (1e-2, 0.1))]
+          (120, 9, 3, 8192, 64, 64, (1e-2, 0.1)),
+          (1, 32, 8, 524288, 128, 128, (1e-3,))]
 
 _BUILDS = flags.DEFINE_enum("builds", "transposed", list(BUILDS),
                             "Which set of builds.")
@@ -135,14 +151,21 @@ def main(argv):
       lams = [float(t) for t in _THRESHOLDS.value]
     fns = {}
     for lam in (0.0, "0 check", *lams):
-      for name, (bkv, cfg) in builds.items():
+      for name, (bkv, cfg, *paged) in builds.items():
         # A static 0.0 builds the dense kernel (no skip check); "0 check"
         # passes a traced zero: the skip build, skipping nothing.
-        def attend(q, k, v, n, t, cfg=cfg, bkv=bkv or shape_bkv):
-          return bj.decode_attention(
-              q, k, v, n, threshold=t, block_kv=bkv, max_mode="anchored",
-              implementation="pallas_mosaic", return_stats=True,
-              kernel_config=cfg, **scales)
+        def attend(q, k, v, n, t, cfg=cfg, bkv=bkv or shape_bkv,
+                   paged=bool(paged)):
+          options = dict(threshold=t, max_mode="anchored",
+                         implementation="pallas_mosaic", return_stats=True,
+                         kernel_config=cfg, **scales)
+          if not paged:
+            return bj.decode_attention(q, k, v, n, block_kv=bkv, **options)
+          pages = lambda x: x.reshape(-1, bkv, *x.shape[2:])  # pylint: disable=g-long-lambda
+          table = jnp.arange(k.size // k[0, 0].size // bkv,
+                             dtype=jnp.int32).reshape(k.shape[0], -1)
+          return bj.paged_decode_attention(q, pages(k), pages(v), table, n,
+                                           **options)
         if lam == "0 check":
           fn = functools.partial(jax.jit(attend), t=jnp.float32(0.0))
         else:

@@ -135,29 +135,36 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
     assert int(jnp.sum(skipped)) == 0
 
 
-@pytest.mark.parametrize("max_mode,transposed", [("anchored", True),
-                                                  ("split", False)])
-def test_block_max_hand_over_decides_as_the_running_max(max_mode,
-                                                        transposed):
-  """Two warpgroups handing each other block maxima (`hand_over_block_max`,
-  with L2 prefetches of K) against handing the running max: the same
-  partials, bit for bit, over 16 blocks and 2 anchors a split (the six
-  hand-over slots each reused), race-checked."""
+# Options that change when things happen, not the arithmetic: (max_mode,
+# the build both runs share, the option). Block maxima handed between two
+# warpgroups (with L2 prefetches of K), transposed and 64 rows; blocks
+# decided two ahead, two warpgroups with six V slots and one with three.
+@pytest.mark.parametrize("max_mode,build,option", [
+    ("anchored", dict(k_stages=2, v_stages=4, compute_wgs=2),
+     dict(hand_over_block_max=True, k_prefetch=3)),
+    ("split", dict(k_stages=2, v_stages=4, compute_wgs=2, transposed=False),
+     dict(hand_over_block_max=True)),
+    ("anchored", dict(k_stages=2, v_stages=6, compute_wgs=2),
+     dict(decide_ahead=2)),
+    ("split", dict(k_stages=4, compute_wgs=1), dict(decide_ahead=2))])
+def test_schedule_options_give_the_same_partials(max_mode, build, option):
+  """Bit for bit the partials of the build without the option, over 12
+  blocks (and 2 anchors) a split, ragged lengths past which the pages
+  hold NaN, race-checked."""
   q, k, v = testing.DecodeShape(
-      batch=2, q_heads=8, kv_heads=2, max_len=1024, head_dim=64).inputs(
-          testing.key_for("decode_mosaic_block_max", max_mode),
+      batch=2, q_heads=8, kv_heads=2, max_len=768, head_dim=64).inputs(
+          testing.key_for("decode_mosaic_schedule", max_mode, str(option)),
           dtype=jnp.bfloat16)
-  kv_lengths = jnp.array([1024, 777], jnp.int32)
+  kv_lengths = jnp.array([768, 555], jnp.int32)
+  k = k.at[1, 555:].set(jnp.nan)
+  v = v.at[1, 555:].set(jnp.nan)
   pool_k, pool_v, table = testing.paged_cache(k, v, 64)
   runs = []
-  for block_max in (False, True):
-    config = decode_mosaic.MosaicDecodeConfig(
-        k_stages=2, v_stages=4, compute_wgs=2, transposed=transposed,
-        merge_in_kernel=False, hand_over_block_max=block_max,
-        k_prefetch=3 * block_max)
+  for config in (build, {**build, **option}):
     partials, races = run_race_checked(
         q, pool_k, pool_v, table, kv_lengths, 3e-3, num_splits=1,
-        max_mode=max_mode, config=config)
+        max_mode=max_mode, config=decode_mosaic.MosaicDecodeConfig(
+            merge_in_kernel=False, **config))
     assert not races, "the race detector found a shared-memory data race"
     runs.append(partials)
   (acc, m, l, skipped, visited), want = runs[1], runs[0]
@@ -167,6 +174,29 @@ def test_block_max_hand_over_decides_as_the_running_max(max_mode,
                       (want[0][..., :4, :], want[1][..., :4],
                        want[2][..., :4], want[3], want[4])):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_decide_ahead_merges_short_splits_in_the_kernel():
+  """Two blocks decided ahead where a warpgroup has fewer than two blocks
+  (or none: an empty sequence), 3 splits merged in the kernel."""
+  q, k, v = testing.DecodeShape(
+      batch=3, q_heads=8, kv_heads=2, max_len=384, head_dim=64).inputs(
+          testing.key_for("decode_mosaic_ahead_short"), dtype=jnp.bfloat16)
+  kv_lengths = jnp.array([100, 0, 200], jnp.int32)
+  pool_k, pool_v, table = testing.paged_cache(k, v, 64)
+  (out, _, _, skipped, visited), _ = run_race_checked(
+      q, pool_k, pool_v, table, kv_lengths, 1e-2, num_splits=3,
+      max_mode="anchored", merged=True, detect_races=False,
+      config=decode_mosaic.MosaicDecodeConfig(k_stages=2, v_stages=6,
+                                              decide_ahead=2))
+  oracle = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, block_kv=64, threshold=1e-2, num_splits=3,
+      max_mode="anchored")
+  testing.assert_close(out, oracle.out, jnp.bfloat16)
+  assert not bool(jnp.any(out[1]))
+  np.testing.assert_array_equal(
+      np.asarray(visited), np.asarray(jnp.sum(oracle.visited_mask, -1)))
+  testing.assert_skips_match(skipped, oracle, 1e-2, jnp.bfloat16)
 
 
 def test_fp8_k_in_registers_matches_the_widened_tile():
@@ -190,6 +220,17 @@ def test_fp8_k_in_registers_matches_the_widened_tile():
   assert int(jnp.sum(runs[1][3])) > 0
   for got, want in zip(*runs):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("d,block_kv,group,skip", [
+    (64, 128, 3, True), (128, 64, 4, False), (64, 64, 3, True)])
+def test_decide_ahead_lowers_for_cuda(d, block_kv, group, skip):
+  config = decode_mosaic.MosaicDecodeConfig(decide_ahead=2)
+  assert decode_mosaic.blocks_ahead(config, *decode_mosaic.pipeline(
+      config, d, block_kv, 0, group=group)[::2]) == 2
+  lowered = lower_decode(d, block_kv, group, skip, "anchored", jnp.bfloat16,
+                         config=config, contiguous=True)
+  assert "mosaic_gpu" in lowered.as_text()
 
 
 @pytest.mark.parametrize("d,block_kv,group", [(128, 128, 4), (64, 128, 3),
@@ -275,6 +316,9 @@ def test_config_rejects_what_cannot_run():
   for bad in (-1, True, 1.5):
     with pytest.raises(ValueError, match="k_prefetch"):
       decode_mosaic.MosaicDecodeConfig(k_prefetch=bad)
+  for bad in (0, 3, True):
+    with pytest.raises(ValueError, match="decide_ahead"):
+      decode_mosaic.MosaicDecodeConfig(decide_ahead=bad)
 
 
 @pytest.mark.parametrize("d,block_kv,fp8,transposed,wgs", [
@@ -309,6 +353,18 @@ def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
 def test_default_rings(d, block_kv, issue, want):
   config = decode_mosaic.MosaicDecodeConfig(compute_issues_v=issue)
   assert decode_mosaic.pipeline(config, d, block_kv, 64, group=4) == want
+
+
+@pytest.mark.parametrize("d,block_kv,fp8,want,ahead", [
+    # Three V slots a warpgroup where they fit beside two K pages, else
+    # two (and one block decided ahead).
+    (64, 128, False, (2, 4, 6), 2), (64, 64, False, (1, 4, 3), 2),
+    (128, 128, True, (2, 2, 6), 2), (128, 128, False, (2, 2, 4), 1)])
+def test_rings_of_two_blocks_decided_ahead(d, block_kv, fp8, want, ahead):
+  config = decode_mosaic.MosaicDecodeConfig(decide_ahead=2)
+  rings = decode_mosaic.pipeline(config, d, block_kv, 0, fp8, group=4)
+  assert rings == want
+  assert decode_mosaic.blocks_ahead(config, rings[0], rings[2]) == ahead
 
 
 def test_transposed_default_takes_one_warpgroup_for_wide_groups():

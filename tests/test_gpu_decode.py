@@ -253,24 +253,31 @@ def test_compute_issued_v_matches_the_memory_warpgroups(kwargs, fp8,
     dict(hand_over_block_max=True), dict(k_prefetch=4),
     dict(hand_over_block_max=True, k_prefetch=2, split_registers=True),
     dict(hand_over_block_max=True, transposed=False),
-    dict(fp8_k_in_registers=True)])
+    dict(fp8_k_in_registers=True),
+    dict(decide_ahead=2, block_kv=64), dict(decide_ahead=2, compute_wgs=1)])
 def test_schedule_options_match_the_default_build(kwargs, fp8):
   """Options that change only when or where things happen (block maxima
-  handed over, K prefetched into L2, FP8 K widened in registers): outputs
-  and skip counts bit-equal to the default build's, anchored and split."""
+  handed over, K prefetched into L2, FP8 K widened in registers, blocks
+  decided two ahead): outputs and skip counts bit-equal to the same build
+  without them, anchored and split."""
   if not bj.api.is_hopper():
     pytest.skip("needs a Hopper GPU")
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   q, k, v, lengths, scales = ragged_cache("gpu_schedule", fp8)
+  build = dict(compute_wgs=2, block_kv=128)
+  build.update({name: value for name, value in kwargs.items()
+                if name in ("transposed", "split_registers", "compute_wgs",
+                            "block_kv")})
+  block_kv = build.pop("block_kv")
+  option = {name: value for name, value in kwargs.items()
+            if name not in build and name != "block_kv"}
   for max_mode in ("anchored", "split"):
     results = []
-    build = {name: value for name, value in kwargs.items()
-             if name in ("transposed", "split_registers")}
-    for config in (dict(compute_wgs=2, **build),
-                   dict(compute_wgs=2, **kwargs)):
+    for config in (build, {**build, **option}):
       results.append(bj.decode_attention(
-          q, k, v, lengths, threshold=1e-3, block_kv=128, max_mode=max_mode,
-          implementation="pallas_mosaic", return_stats=True,
+          q, k, v, lengths, threshold=1e-3, block_kv=block_kv,
+          max_mode=max_mode, implementation="pallas_mosaic",
+          return_stats=True,
           kernel_config=decode_mosaic.MosaicDecodeConfig(**config),
           **scales))
     (want, want_stats), (got, stats) = results

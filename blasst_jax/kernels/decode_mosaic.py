@@ -160,6 +160,12 @@ class MosaicDecodeConfig:
       operand, instead of through the warpgroup's f16 tile in shared
       memory (no store, fence and reload of the page on the decision's
       path). V is still widened in shared memory (Vᵀ's transposed load).
+    decide_ahead: a compute warpgroup's blocks decided (and their V
+      copies started) before it accumulates one: 1, or 2 (each V copy
+      then has two of the warpgroup's blocks to land in, not one; Pᵀ of
+      three blocks in shared memory). 2 takes effect in the transposed
+      build with `compute_issues_v` where three V slots a warpgroup fit
+      (`pipeline`), else it acts as 1.
   """
 
   k_stages: int | None = None
@@ -173,6 +179,7 @@ class MosaicDecodeConfig:
   hand_over_block_max: bool = False
   k_prefetch: int = 0
   fp8_k_in_registers: bool = False
+  decide_ahead: int = 1
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -191,6 +198,10 @@ class MosaicDecodeConfig:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
+    if self.decide_ahead not in (1, 2) or isinstance(self.decide_ahead,
+                                                      bool):
+      raise ValueError(f"`decide_ahead` must be 1 or 2, got "
+                       f"{self.decide_ahead!r}.")
     if self.compute_wgs not in (None, 1, 2):
       raise ValueError(f"`compute_wgs` must be None, 1 or 2, got "
                        f"{self.compute_wgs!r}.")
@@ -253,14 +264,14 @@ def merge_bytes(rows: int, head_dim: int, slots: int = None) -> int:
 def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
                         v_stages, itemsize=2, fp8=False,
                         compute_wgs=1, cols=None, merge=True,
-                        handoff_slots=HANDOFF_SLOTS) -> int:
+                        handoff_slots=HANDOFF_SLOTS, p_slots=2) -> int:
   """q tile + K ring (which the f32 output tiles reuse at the end) + V
   ring + the page table + the running-max hand-over slots + the small
   buffers, each rounded up to Pallas'
   1 KiB shared-memory alignment (`SMALL_BUFFERS`); with `fp8` pages (1
   byte) the f16 tile of each compute warpgroup they are widened into.
   `cols`: the transposed build's query columns (`query_tile`), whose Pᵀ
-  tiles (two a warpgroup) and column-reduction scratch add to it; None:
+  tiles (`p_slots` a warpgroup) and column-reduction scratch add to it; None:
   the 64-row build. `merge`: the in-kernel merge, whose buffers reuse the
   K ring (its tiles) and the V ring (`merge_bytes`)."""
   rows = ROWS if cols is None else cols
@@ -268,7 +279,7 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
   wide = compute_wgs * block_kv * head_dim * 2 if fp8 else 0
   table = 4 * -(-pages_per_seq // SLOT) * SLOT
   transposed = 0 if cols is None else (
-      _aligned(compute_wgs * 2 * cols * block_kv * itemsize)
+      _aligned(compute_wgs * p_slots * cols * block_kv * itemsize)
       + _aligned(compute_wgs * 4 * mosaic_vote.column_scratch_words(cols)))
   v_ring = max(v_stages * page, merge_bytes(rows, head_dim) if merge else 0)
   return (_aligned(rows * head_dim * itemsize)
@@ -286,7 +297,18 @@ def config_bytes(config, head_dim, block_kv, pages_per_seq, fp8, group,
       head_dim, block_kv, pages_per_seq, k_stages, v_stages, fp8=fp8,
       compute_wgs=compute_wgs,
       cols=query_tile(group, True) if config.transposed else None,
-      merge=config.merge_in_kernel, handoff_slots=hand_over_slots(config))
+      merge=config.merge_in_kernel, handoff_slots=hand_over_slots(config),
+      p_slots=blocks_ahead(config, compute_wgs, v_stages) + 1)
+
+
+def blocks_ahead(config, compute_wgs, v_stages) -> int:
+  """Blocks a compute warpgroup decides before accumulating one
+  (`MosaicDecodeConfig.decide_ahead`, where it takes effect)."""
+  if (config.decide_ahead > 1 and config.transposed
+      and config.compute_issues_v
+      and v_stages >= (config.decide_ahead + 1) * compute_wgs):
+    return config.decide_ahead
+  return 1
 
 
 def hand_over_slots(config) -> int:
@@ -330,8 +352,12 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
   if config.v_stages is not None:
     v_stages = config.v_stages
   elif config.compute_issues_v:   # a slot a warpgroup for the block in
-    # flight and one for the next (copied at its decision), if it fits
-    v_stages = 2 * wgs if fits(wgs, k_min, 2 * wgs) else max(wgs, 2)
+    # flight and one for each block decided ahead (copied at its
+    # decision), if they fit
+    deepest = ((config.decide_ahead + 1) * wgs if config.transposed
+               else 2 * wgs)
+    v_stages = next((v for v in (deepest, 2 * wgs)
+                     if fits(wgs, k_min, v)), max(wgs, 2))
   else:
     v_stages = 2
   if config.k_stages is not None:
@@ -387,8 +413,8 @@ class _Scratch(NamedTuple):
   ml: Any        # f32 [C, 2, R] row max (log2 units), row sum
   stats: Any     # int32 [C, SLOT] skipped, visited
   p: Any         # interpret mode: [C, ROWS, block_kv] P through memory;
-                 # transposed: [C, 2, R, block_kv] Pᵀ of a warpgroup's i-th
-                 # block in slot i % 2
+                 # transposed: [C, A + 1, R, block_kv] Pᵀ of a warpgroup's
+                 # i-th block in slot i % (A + 1), A = `ahead`
   scales: Any    # FP8: f32 [SLOT] (K scale, V scale)
   wide: Any      # FP8: f16 [C, block_kv, d] widened page per warpgroup
   rows: Any      # `initial_max`: f32 [R] the given start (log2 units)
@@ -431,7 +457,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
             anchored, k_stages, v_stages, compute_wgs, split_registers,
             transposed, kv_heads, merge_slots, pages_per_seq,
             compute_issues_v,
-            block_max_handoff, k_prefetch, fp8_k_registers, interpret):
+            block_max_handoff, k_prefetch, fp8_k_registers, ahead,
+            interpret):
   # q_ref [b, hkv, R, d]; k_ref, v_ref [n_pages,
   # block_kv, hkv, d]; table_ref int32 [b, table_rows, SLOT] (None: a
   # contiguous cache, pages_per_seq pages a sequence); params_ref f32 [b, SLOT]
@@ -739,14 +766,14 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     def probabilities(s, m, vp):
       """P = 2^(s - m) in the products' dtype, and its row sums: a kept
       block's weights at the running max m. Transposed, Pᵀ goes to
-      shared memory (the B operand of Vᵀ·Pᵀ), slot i % 2 for the
+      shared memory (the B operand of Vᵀ·Pᵀ), slot i % (ahead + 1) for the
       warpgroup's i-th block, and the row sums stay per-thread: the f32
       tile itself."""
       m_safe = jnp.where(m == -jnp.inf, 0.0, m)
       p = jnp.exp2(s - over_rows(m_safe, s.shape))
       if transposed:
-        p_smem.at[lax.rem(vp // n_wgs, 2)].transpose((1, 0))[...] = (
-            p.astype(dtype))
+        slot = lax.rem(vp // n_wgs, ahead + 1)
+        p_smem.at[slot].transpose((1, 0))[...] = p.astype(dtype)
         return None, p
       return p.astype(dtype), p.sum(axis=1)
 
@@ -797,7 +824,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         acc_scaled = acc * over_rows(alpha, acc.shape)
         l_new = l * (over_rows(alpha, l.shape) if transposed else alpha) + p_sum
         if transposed:   # Vᵀ·Pᵀ, Pᵀ written when block vp was decided
-          p_tile = p_smem.at[lax.rem(vp // n_wgs, 2)].transpose((1, 0))
+          p_tile = p_smem.at[lax.rem(vp // n_wgs, ahead + 1)].transpose(
+              (1, 0))
           plgpu.commit_smem()
           acc_new = add_product(acc_scaled, tile.transpose((1, 0)), p_tile)
         elif interpret:   # P through shared memory
@@ -824,15 +852,17 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
 
     # With compute_issues_v, V of block vp goes into slot vp % v_stages
     # (this warpgroup's alone: v_stages is a multiple of C) once block
-    # vp - v_stages is accumulated: with v_stages >= 2C that was in an
-    # earlier step, so the copy starts at the decision; with v_stages = C
-    # it is the block accumulated in this step, so after it.
-    early_v = compute_issues_v and v_stages >= 2 * n_wgs
+    # vp - v_stages is accumulated: with v_stages >= (ahead + 1) C that was
+    # in an earlier step, so the copy starts at the decision; with
+    # v_stages = C (ahead 1) it is the block accumulated in this step, so
+    # after it.
+    early_v = compute_issues_v and v_stages >= (ahead + 1) * n_wgs
+    assert ahead == 1 or early_v
 
     def step(i, carry):
       """Scores and decides this warpgroup's i-th block vp, publishes the
-      decision, takes its P if kept, then accumulates its previous block
-      (whose V copy ran meanwhile)."""
+      decision, takes its P if kept, then accumulates its block `ahead`
+      steps back (whose V copy ran meanwhile)."""
       acc, l, m_acc, m, n_skipped, pending = carry
       vp = w + i * n_wgs
       s = scores(vp + n_anchor)
@@ -879,12 +909,13 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       if early_v:
         pl.when(keep)(lambda: issue_v(vp))
       acc, l, m_acc = lax.cond(
-          i > 0, lambda: accumulate(vp - n_wgs, pending, acc, l, m_acc),
+          i >= ahead,
+          lambda: accumulate(vp - ahead * n_wgs, pending[0], acc, l, m_acc),
           lambda: (acc, l, m_acc))
       if compute_issues_v and not early_v:   # into the slot just read
         pl.when(keep)(lambda: issue_v(vp))
       return (acc, l, m_acc, m, n_skipped + 1 - keep.astype(jnp.int32),
-              (p16, p_sum, m, keep))
+              (*pending[1:], (p16, p_sum, m, keep)))
 
     n_mine = lax.div(jnp.maximum(n - w + n_wgs - 1, 0), n_wgs)
     acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32),
@@ -893,18 +924,20 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
         jnp.zeros((rows,), jnp.float32), row_layout)
     nothing = (*no_probs, minus_inf, n < 0)
     acc, l, m_acc, m, n_skipped, pending = lax.fori_loop(
-        0, n_mine, step, (acc, l, minus_inf, m0, n * 0, nothing))
+        0, n_mine, step, (acc, l, minus_inf, m0, n * 0, (nothing,) * ahead))
     if handing:   # The last hand-over is for the other warpgroup.
       last = n_k - 1 if block_max_handoff else n - 1
 
       @pl.when((last >= 0) & (lax.rem(last, 2) != w))
       def _():
         take_over(last)
-    acc, l, m_acc = lax.cond(
-        n_mine > 0,
-        lambda: accumulate(w + (n_mine - 1) * n_wgs, pending, acc, l,
-                           m_acc),
-        lambda: (acc, l, m_acc))
+    for back, last_pending in enumerate(pending):   # the last `ahead`
+      i = n_mine - ahead + back
+      acc, l, m_acc = lax.cond(
+          i >= 0,
+          functools.partial(accumulate, w + i * n_wgs, last_pending, acc, l,
+                            m_acc),
+          lambda acc=acc, l=l, m_acc=m_acc: (acc, l, m_acc))
 
     # Every K copy has been read (by both warpgroups): the output tiles
     # reuse the K ring.
@@ -1212,8 +1245,9 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
            if use_semaphore else None)
     scales_ref = optional[0] if fp8 else None
     init_ref = optional[-1] if given else None
-    if transposed:   # Pᵀ of a warpgroup's last two blocks
-      p = plgpu.SMEM((n_wgs, 2, rows, block_kv), dtype,
+    if transposed:   # Pᵀ of a warpgroup's last ahead + 1 blocks
+      p_slots = blocks_ahead(config, n_wgs, v_stages) + 1
+      p = plgpu.SMEM((n_wgs, p_slots, rows, block_kv), dtype,
                      transforms=swizzled(2, block_kv))
     elif interpret is not None:
       p = plgpu.SMEM((n_wgs, ROWS, block_kv), dtype,
@@ -1295,6 +1329,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               block_max_handoff=config.hand_over_block_max and n_wgs == 2,
               k_prefetch=config.k_prefetch,
               fp8_k_registers=config.fp8_k_in_registers and transposed,
+              ahead=blocks_ahead(config, n_wgs, v_stages),
               interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")

@@ -25,7 +25,8 @@ two compute warpgroups, at the shape's pages and at 128 keys), "table"
 cache through a page table), "ahead" (one or two blocks decided ahead of
 the one accumulated, with pages of 64 and 128 keys) and
 "schedule" (block maxima handed between the compute warpgroups, K pages
-prefetched into L2 2 or 6 positions beyond the ring, and both) and "fp8"
+prefetched into L2 2 or 6 positions beyond the ring, Pallas' store
+barriers left out, and all three) and "fp8"
 (with `--fp8`: K widened in registers instead of shared memory, alone and
 with the "schedule" options).
 Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
@@ -88,16 +89,17 @@ BUILDS = {
         "block max": (None, Config(hand_over_block_max=True)),
         "prefetch 2": (None, Config(k_prefetch=2)),
         "prefetch 6": (None, Config(k_prefetch=6)),
-        "block max pf 6": (None, Config(hand_over_block_max=True,
-                                        k_prefetch=6)),
+        "no auto barriers": (None, Config(auto_barriers=False)),
+        "all three": (None, Config(hand_over_block_max=True, k_prefetch=6,
+                                   auto_barriers=False)),
     },
     "fp8": {
         "default": (None, Config()),
         "K regs": (None, Config(fp8_k_in_registers=True)),
         "K regs pf 6": (None, Config(fp8_k_in_registers=True, k_prefetch=6)),
-        "K regs bm pf 6": (None, Config(fp8_k_in_registers=True,
-                                        hand_over_block_max=True,
-                                        k_prefetch=6)),
+        "K regs, all three": (None, Config(
+            fp8_k_in_registers=True, hand_over_block_max=True, k_prefetch=6,
+            auto_barriers=False)),
     },
     "ahead": {
         "p64": (64, Config()),

@@ -254,28 +254,33 @@ def test_compute_issued_v_matches_the_memory_warpgroups(kwargs, fp8,
     dict(hand_over_block_max=True, k_prefetch=2, split_registers=True),
     dict(hand_over_block_max=True, transposed=False),
     dict(fp8_k_in_registers=True),
-    dict(decide_ahead=2, block_kv=64), dict(decide_ahead=2, compute_wgs=1)])
+    dict(decide_ahead=2, block_kv=64), dict(decide_ahead=2, compute_wgs=1),
+    dict(auto_barriers=False), dict(auto_barriers=False, num_splits=1),
+    dict(auto_barriers=False, transposed=False, compute_wgs=1),
+    dict(auto_barriers=False, hand_over_block_max=True, decide_ahead=2,
+         k_prefetch=4, fp8_k_in_registers=True, block_kv=64)])
 def test_schedule_options_match_the_default_build(kwargs, fp8):
   """Options that change only when or where things happen (block maxima
   handed over, K prefetched into L2, FP8 K widened in registers, blocks
-  decided two ahead): outputs and skip counts bit-equal to the same build
-  without them, anchored and split."""
+  decided two ahead, Pallas' store barriers left out): outputs and skip
+  counts bit-equal to the same build without them, anchored and split
+  (merged by the last split, or, with one, in shared memory)."""
   if not bj.api.is_hopper():
     pytest.skip("needs a Hopper GPU")
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
   q, k, v, lengths, scales = ragged_cache("gpu_schedule", fp8)
-  build = dict(compute_wgs=2, block_kv=128)
+  call = dict(block_kv=128, num_splits=None)
+  call.update({name: kwargs[name] for name in call if name in kwargs})
+  build = dict(compute_wgs=2)
   build.update({name: value for name, value in kwargs.items()
-                if name in ("transposed", "split_registers", "compute_wgs",
-                            "block_kv")})
-  block_kv = build.pop("block_kv")
+                if name in ("transposed", "split_registers", "compute_wgs")})
   option = {name: value for name, value in kwargs.items()
-            if name not in build and name != "block_kv"}
+            if name not in build and name not in call}
   for max_mode in ("anchored", "split"):
     results = []
     for config in (build, {**build, **option}):
       results.append(bj.decode_attention(
-          q, k, v, lengths, threshold=1e-3, block_kv=block_kv,
+          q, k, v, lengths, threshold=1e-3, **call,
           max_mode=max_mode, implementation="pallas_mosaic",
           return_stats=True,
           kernel_config=decode_mosaic.MosaicDecodeConfig(**config),

@@ -6,12 +6,14 @@ program waits on it (an acquire) and reads them back with TMA. PTX orders
 the two proxies only through `fence.proxy.async`, which `async_proxy_fence`
 issues on both sides.
 
+`warpgroup_barrier` is a barrier of the warpgroup's threads.
 `transpose_cast` turns the transposed build's merged [head_dim, N] f32 tile
 into the [N, head_dim] rows of the output (each of the warpgroup's threads
 moves whole elements, so no layout of Mosaic's is needed for it).
 
 Pallas' interpret mode runs no inline Mosaic: there the fence is nothing
-(the interpreter runs the grid in order) and the transposition a plain one.
+(the interpreter runs the grid in order), the barrier nothing (it runs a
+warpgroup as one thread) and the transposition a plain one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ def async_proxy_fence(*, interpret: bool) -> None:
   acquire)."""
   if not interpret:
     plgpu.inline_mgpu()(_fence)()
+
+
+def _barrier(ctx):
+  del ctx
+  mgpu_utils.warpgroup_barrier()
+
+
+def warpgroup_barrier(*, interpret: bool) -> None:
+  """Waits for every thread of this warpgroup (e.g. before overwriting
+  shared memory the others read, where Pallas inserts no barrier)."""
+  if not interpret:
+    plgpu.inline_mgpu()(_barrier)()
 
 
 def _transpose_cast(ctx, src, dst):

@@ -63,8 +63,9 @@ def get_config(variant: str = "h100"):
   c.iters = 20
   c.reps = 10          # calls per timed launch batch (hides dispatch)
   # Time our calls with their stats (skip counts, bytes read: a few small
-  # XLA kernels after the call); False: the output alone, as the baselines
-  # and a decoding model take it (the stats come from an untimed call).
+  # XLA kernels after the call); False: on a GPU, the output alone, as the
+  # baselines and a decoding model take it (the stats come from an untimed
+  # call).
   c.time_stats = False
   c.seed = 0
   # Kernel knobs on shapes[i] for i in tuning_shapes, dense build and

@@ -315,6 +315,9 @@ def test_config_rejects_what_cannot_run():
     decode_mosaic.MosaicDecodeConfig(hand_over_block_max=None)
   with pytest.raises(ValueError, match="auto_barriers"):
     decode_mosaic.MosaicDecodeConfig(auto_barriers=0)
+  with pytest.raises(ValueError, match="compute_issues_v=True"):
+    decode_mosaic.MosaicDecodeConfig(auto_barriers=False,
+                                     compute_issues_v=False)
   for bad in (-1, True, 1.5):
     with pytest.raises(ValueError, match="k_prefetch"):
       decode_mosaic.MosaicDecodeConfig(k_prefetch=bad)
@@ -432,6 +435,17 @@ def test_contiguous_cache_lowers_without_a_page_table(d, block_kv, group,
       d, block_kv, group, skip, "anchored", jnp.bfloat16, contiguous=True,
       config=decode_mosaic.MosaicDecodeConfig(merge_in_kernel=merge))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_contiguous_pages_must_be_whole_sequences():
+  sds = jax.ShapeDtypeStruct
+  with pytest.raises(ValueError, match="page_table"):
+    jax.eval_shape(
+        lambda *a: decode_mosaic.decode_merged(
+            *a, None, sds((2,), jnp.int32), sds((2,), jnp.float32),
+            group=4, sm_scale=0.1, num_splits=1),
+        sds((2, 2, 4, 64), jnp.bfloat16), sds((5, 64, 2, 64), jnp.bfloat16),
+        sds((5, 64, 2, 64), jnp.bfloat16))
 
 
 def test_contiguous_pages_need_no_table():

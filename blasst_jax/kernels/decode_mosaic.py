@@ -148,7 +148,8 @@ class MosaicDecodeConfig:
       instead of its running max once it has decided the block. Over the
       real query heads the running max is the maximum over every block so
       far (λ < 1: a skipped block's maximum lies below it), so the
-      decisions are the same, and a warpgroup's decision waits only for
+      decisions are the same (for finite scores; λ > 1, outside the skip
+      rule's range, acts as 1), and a warpgroup's decision waits only for
       the other's scores, not for its decision: no chain of hand-overs
       runs through the split. Six hand-over slots instead of two.
     k_prefetch: K pages fetched into L2 this many K stream positions
@@ -174,7 +175,9 @@ class MosaicDecodeConfig:
       it, or a store then an mbarrier arrival (each thread's release) for
       the other warpgroup; the merge has its own barrier before it
       overwrites what it read. Per block that is 2 barriers fewer for the
-      hand-over and 2 for a kept block's Pᵀ (of 4-7).
+      hand-over and 2 for a kept block's Pᵀ (of 4-7). Needs
+      `compute_issues_v` (the memory warpgroup that copies V would read
+      each decision unordered with its rewrite).
   """
 
   k_stages: int | None = None
@@ -209,6 +212,11 @@ class MosaicDecodeConfig:
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
+    if not self.auto_barriers and not self.compute_issues_v:
+      raise ValueError(
+          "`auto_barriers=False` needs `compute_issues_v=True`: the memory "
+          "warpgroup that copies V reads each decision without a barrier "
+          "of its own.")
     if self.decide_ahead not in (1, 2) or isinstance(self.decide_ahead,
                                                       bool):
       raise ValueError(f"`decide_ahead` must be 1 or 2, got "
@@ -1185,6 +1193,11 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
   contiguous = page_table is None
   if contiguous:   # block j of sequence i is page i * pages_per_seq + j
+    if n_pages % b:
+      raise ValueError(
+          f"Without a page table the pages are the contiguous cache's, "
+          f"batch * pages_per_seq of them; got {n_pages} pages for batch "
+          f"{b}. Pass `page_table`.")
     pages_per_seq, table_pages = n_pages // b, 0
     table = None
   else:
@@ -1194,15 +1207,15 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                     ((0, 0), (0, width - pages_per_seq))).reshape(b, -1, SLOT)
   # Built by concatenation, not `.at[].set` (whose scatters XLA runs as
   # three more small kernels before this one, ~3 us each).
+  n_wgs, k_stages, v_stages = pipeline(config, d, block_kv, table_pages,
+                                       fp8, g)
   log2_thr = jnp.broadcast_to(log_threshold * LOG2E, (b,))
-  if config.hand_over_block_max:   # λ > 1 acts as 1 (see the config)
-    log2_thr = jnp.minimum(log2_thr, 0.0)
+  if config.hand_over_block_max and n_wgs == 2:   # λ > 1 acts as 1 (see
+    log2_thr = jnp.minimum(log2_thr, 0.0)          # the config)
   params = jnp.concatenate(
       [kv_lengths.astype(jnp.float32)[:, None],
        log2_thr.astype(jnp.float32)[:, None],
        jnp.zeros((b, SLOT - 2), jnp.float32)], axis=1)
-  n_wgs, k_stages, v_stages = pipeline(config, d, block_kv, table_pages,
-                                       fp8, g)
   merge = config.merge_in_kernel
   smem_bytes = config_bytes(config, d, block_kv, table_pages, fp8, g,
                             n_wgs, k_stages, v_stages)

@@ -19,16 +19,15 @@ depths and page sizes, with a copy of the cache for scale), "merge" (the
 split-K merge by XLA after the call, and in the kernel), "v_issue" (V
 copied by the memory warpgroup as it reads the decisions, or by the
 compute warpgroups that keep the blocks: the default V ring, as many V
-slots as warpgroups, one and two compute warpgroups) and "wgs" (one and
-two compute warpgroups, at the shape's pages and at 128 keys), "table"
-(a contiguous cache, whose pages the kernel computes, against the same
-cache through a page table), "ahead" (one or two blocks decided ahead of
-the one accumulated, with pages of 64 and 128 keys) and
-"schedule" (block maxima handed between the compute warpgroups, K pages
-prefetched into L2 2 or 6 positions beyond the ring, Pallas' store
-barriers left out, and all three) and "fp8"
-(with `--fp8`: K widened in registers instead of shared memory, alone and
-with the "schedule" options).
+slots as warpgroups, one and two compute warpgroups), "wgs" (one and two
+compute warpgroups, at the shape's pages and at 128 keys), "schedule"
+(block maxima handed between the compute warpgroups, K pages prefetched
+into L2 2 or 6 positions beyond the ring, Pallas' store barriers left
+out, and all three), "fp8" (with `--fp8`: K widened in registers instead
+of shared memory, alone and with the "schedule" options), "ahead" (one or
+two blocks decided ahead of the one accumulated, with pages of 64 and 128
+keys) and "table" (a contiguous cache, whose pages the kernel computes,
+against the same cache through a page table).
 Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
 build, a traced zero) besides the dense build (λ=0); `--fp8` runs them on
 FP8 pages.
@@ -45,6 +44,7 @@ import blasst_jax as bj
 from blasst_jax import patterns
 from blasst_jax import testing
 from blasst_jax.kernels import decode_mosaic
+from blasst_jax.ops.decode import base as decode_base
 
 Config = decode_mosaic.MosaicDecodeConfig
 # name: {build name: (block_kv or None for the shape's, config[, "paged"])}
@@ -164,8 +164,8 @@ def main(argv):
           if not paged:
             return bj.decode_attention(q, k, v, n, block_kv=bkv, **options)
           pages = lambda x: x.reshape(-1, bkv, *x.shape[2:])  # pylint: disable=g-long-lambda
-          table = jnp.arange(k.size // k[0, 0].size // bkv,
-                             dtype=jnp.int32).reshape(k.shape[0], -1)
+          table = decode_base.page_table_array(
+              decode_base.ContiguousPages(k.shape[0], k.shape[1] // bkv))
           return bj.paged_decode_attention(q, pages(k), pages(v), table, n,
                                            **options)
         if lam == "0 check":

@@ -70,10 +70,13 @@ a contiguous cache (`page_table=None`), block j of sequence i in page
 i * pages_per_seq + j: no table to build, copy or hold (at 512k keys in
 pages of 128 a table takes 16 KiB, two V slots' worth).
 
-Options that only move work in time, built for measurement:
-`hand_over_block_max` (the two compute warpgroups exchange block maxima
-instead of running maxima, so no decision waits for the other's) and
-`k_prefetch` (K pages fetched into L2 ahead of the ring).
+Options that only move work in time or place, built for measurement
+(`MosaicDecodeConfig`): `hand_over_block_max` (the two compute warpgroups
+exchange block maxima instead of running maxima, so no decision waits for
+the other's), `k_prefetch` (K pages fetched into L2 ahead of the ring),
+`fp8_k_in_registers`, `decide_ahead` (V copies started two blocks before
+they are accumulated) and `auto_barriers=False` (no Pallas barriers
+around shared-memory stores that the kernel already orders).
 """
 
 from __future__ import annotations
@@ -478,9 +481,9 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
             compute_issues_v,
             block_max_handoff, k_prefetch, fp8_k_registers, ahead,
             interpret):
-  # q_ref [b, hkv, R, d]; k_ref, v_ref [n_pages,
-  # block_kv, hkv, d]; table_ref int32 [b, table_rows, SLOT] (None: a
-  # contiguous cache, pages_per_seq pages a sequence); params_ref f32 [b, SLOT]
+  # q_ref [b, hkv, R, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
+  # table_ref int32 [b, table_rows, SLOT] (None: a contiguous cache,
+  # pages_per_seq pages a sequence); params_ref f32 [b, SLOT]
   # ([kv_len, log2 λ, 0...]); scales_ref (FP8 pages, else None) f32
   # [hkv, SLOT] ([k scale, v scale, 0...]); init_ref (`initial_max`, skip
   # build only, else None) f32 [b, hkv, R]. Outputs, one partial per
@@ -760,24 +763,22 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
       if n_wgs == 1:
         m0 = lax.fori_loop(0, n_anchor, lambda kp, m: jnp.maximum(
             m, key_reduce(scores(kp), "max")), minus_inf)
-      elif block_max_handoff:
-        own = lax.cond(n_anchor > 0, lambda: key_reduce(scores(w), "max"),
-                       lambda: minus_inf)
-
-        def exchange():
-          hand_over(w, own)
-          return lax.cond(w == 1, lambda: jnp.maximum(
-              own, take_over(jnp.int32(0))), lambda: own)
-        m0 = lax.cond(n_anchor > 0, exchange, lambda: own)
       else:
         own = lax.cond(n_anchor > 0, lambda: key_reduce(scores(w), "max"),
                        lambda: minus_inf)
+
+        def exchange():   # both ways: each anchor is K position w
+          hand_over(w, own)
+          return lax.cond(w == 1, lambda: jnp.maximum(
+              own, take_over(jnp.int32(0))), lambda: own)
 
         def first_anchor():
           pl.when(w == 1)(lambda: hand_over(jnp.int32(-1), own))
           return lax.cond(w == 0, lambda: jnp.maximum(
               own, take_over(jnp.int32(-1))), lambda: own)
-        m0 = lax.cond(n_anchor > 0, first_anchor, lambda: own)
+        m0 = lax.cond(n_anchor > 0,
+                      exchange if block_max_handoff else first_anchor,
+                      lambda: own)
     else:
       m0 = minus_inf
     if sc.rows is not None:   # A given start: every split begins there.
@@ -1205,13 +1206,14 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
     width = -(-pages_per_seq // SLOT) * SLOT
     table = jnp.pad(page_table.astype(jnp.int32),
                     ((0, 0), (0, width - pages_per_seq))).reshape(b, -1, SLOT)
-  # Built by concatenation, not `.at[].set` (whose scatters XLA runs as
-  # three more small kernels before this one, ~3 us each).
   n_wgs, k_stages, v_stages = pipeline(config, d, block_kv, table_pages,
                                        fp8, g)
+  ahead = blocks_ahead(config, n_wgs, v_stages)
   log2_thr = jnp.broadcast_to(log_threshold * LOG2E, (b,))
   if config.hand_over_block_max and n_wgs == 2:   # λ > 1 acts as 1 (see
     log2_thr = jnp.minimum(log2_thr, 0.0)          # the config)
+  # Built by concatenation, not `.at[].set` (whose scatters XLA runs as
+  # three more small kernels before this one, ~3 us each).
   params = jnp.concatenate(
       [kv_lengths.astype(jnp.float32)[:, None],
        log2_thr.astype(jnp.float32)[:, None],
@@ -1273,8 +1275,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
     scales_ref = optional[0] if fp8 else None
     init_ref = optional[-1] if given else None
     if transposed:   # Pᵀ of a warpgroup's last ahead + 1 blocks
-      p_slots = blocks_ahead(config, n_wgs, v_stages) + 1
-      p = plgpu.SMEM((n_wgs, p_slots, rows, block_kv), dtype,
+      p = plgpu.SMEM((n_wgs, ahead + 1, rows, block_kv), dtype,
                      transforms=swizzled(2, block_kv))
     elif interpret is not None:
       p = plgpu.SMEM((n_wgs, ROWS, block_kv), dtype,
@@ -1356,7 +1357,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               block_max_handoff=config.hand_over_block_max and n_wgs == 2,
               k_prefetch=config.k_prefetch,
               fp8_k_registers=config.fp8_k_in_registers and transposed,
-              ahead=blocks_ahead(config, n_wgs, v_stages),
+              ahead=ahead,
               interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")

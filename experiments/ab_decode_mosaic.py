@@ -26,8 +26,10 @@ into L2 2 or 6 positions beyond the ring, Pallas' store barriers left
 out, and all three), "fp8" (with `--fp8`: K widened in registers instead
 of shared memory, alone and with the "schedule" options), "ahead" (one or
 two blocks decided ahead of the one accumulated, with pages of 64 and 128
-keys) and "table" (a contiguous cache, whose pages the kernel computes,
-against the same cache through a page table).
+keys), "table" (a contiguous cache, whose pages the kernel computes,
+against the same cache through a page table) and "semaphores" (the merge's
+semaphores in the control block, or from `pl.get_global`, which adds the
+XLA kernel that zeroes them before every call).
 Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
 build, a traced zero) besides the dense build (λ=0); `--fp8` runs them on
 FP8 pages.
@@ -110,6 +112,10 @@ BUILDS = {
     "table": {
         "contiguous": (None, Config()),
         "paged": (None, Config(), "paged"),
+    },
+    "semaphores": {
+        "control block": (None, Config()),
+        "global semaphores": (None, Config(global_semaphores=True)),
     },
 }
 # (batch, q_heads, kv_heads, seq_len, head_dim, block_kv, λs besides 0)

@@ -6,6 +6,8 @@ import jax
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
+import hypothesis
+from hypothesis import strategies as st
 import numpy as np
 import pytest
 
@@ -435,6 +437,67 @@ def test_contiguous_cache_lowers_without_a_page_table(d, block_kv, group,
       d, block_kv, group, skip, "anchored", jnp.bfloat16, contiguous=True,
       config=decode_mosaic.MosaicDecodeConfig(merge_in_kernel=merge))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def mosaic_call_operands(lowered) -> list[str]:
+  """The operand types of the lowered module's Mosaic GPU custom call."""
+  text = lowered.as_text()
+  call = next(line for line in text.splitlines()
+              if "stablehlo.custom_call @mosaic_gpu" in line)
+  operands = call.rsplit(" : (", 1)[1].split(") -> ", 1)[0]
+  return [t.strip() for t in operands.split(", ")]
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("global_semaphores", [False, True])
+def test_small_inputs_travel_in_one_control_block(fp8, global_semaphores):
+  """Besides the pages, the kernel reads one array (the query, the
+  lengths, log λ, the FP8 scales and the merge's semaphores), which XLA
+  writes in one fusion; `global_semaphores` adds the zeroed semaphores."""
+  cache = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
+  config = decode_mosaic.MosaicDecodeConfig(
+      global_semaphores=global_semaphores)
+  operands = mosaic_call_operands(lower_decode(
+      128, 128, 4, True, "anchored", cache, contiguous=True, config=config))
+  control = "tensor<2x8x16x128x" + ("f16>" if fp8 else "bf16>")
+  want = [control] + [f"tensor<64x128x8x128x{'f8E4M3FN' if fp8 else 'bf16'}>"] * 2
+  if global_semaphores:
+    want.append("tensor<16xi32>")
+  assert operands == want
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.integers(-2 ** 31, 2 ** 31 - 1))
+def test_float_from_bits_rebuilds_normal_floats(word):
+  x = np.array([word], np.int32).view(np.float32)[0]
+  got = float(decode_mosaic.float_from_bits(jnp.int32(word)))
+  if np.isnan(x):
+    assert np.isinf(got)
+  elif abs(x) < np.finfo(np.float32).tiny:   # subnormals flush to zero
+    assert got == 0.0
+  else:
+    assert got == x
+
+
+def test_control_block_round_trips_its_words():
+  rng = np.random.default_rng(7)
+  q = jnp.asarray(rng.standard_normal((2, 3, 5, 64)), jnp.bfloat16)
+  words = np.concatenate(
+      [rng.integers(-2 ** 31, 2 ** 31, (2, 3, 2)),
+       np.float32([[[-np.inf, 0.0, 448.0, np.log2(1e-4)]] * 3] * 2)
+       .view(np.int32)], axis=-1).astype(np.int32)
+  block = decode_mosaic.control_block(q, jnp.asarray(words), 8)
+  assert block.shape == (2, 3, 8 + decode_mosaic.CONTROL_ROWS, 64)
+  np.testing.assert_array_equal(np.asarray(block[:, :, :5]), np.asarray(q))
+  assert not np.asarray(block[:, :, 5:8]).any()
+  row = block[:, :, 8, :decode_mosaic.CONTROL_HALVES]
+  for i in range(words.shape[-1]):
+    got = jax.vmap(jax.vmap(lambda r: decode_mosaic.control_word(r, i)))(row)
+    np.testing.assert_array_equal(np.asarray(got), words[..., i])
+  at = decode_mosaic.SEMAPHORE_AT
+  assert not np.asarray(row[..., at:at + 2]).any()   # the semaphore: 0
+  assert not np.asarray(block[:, :, 9:]).any()
+  assert np.isfinite(np.asarray(block, np.float32)).all()
 
 
 def test_contiguous_pages_must_be_whole_sequences():

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -467,3 +469,14 @@ def test_eval_llm_and_bench_generate_small(tmp_path):
   assert result["rows"][0]["prefill_sparsity"] == 0
   assert result["rows"][1]["prefill_sparsity"] > 0
   assert (gen_dir / "generate_cpu.png").stat().st_size > 10_000
+
+
+def test_decode_xla_ops_lists_the_entry_kernels():
+  """`decode_xla_ops.entry_ops` keeps the computations XLA launches and
+  drops parameters, bitcasts and tuple reads (here XLA:CPU's HLO)."""
+  from experiments import decode_xla_ops  # pylint: disable=g-import-not-at-top
+  compiled = jax.jit(lambda x, y: (jnp.sin(x) * 2, y.reshape(-1) + 1)).lower(
+      jnp.ones((4, 8)), jnp.ones((2, 3))).compile()
+  ops = decode_xla_ops.entry_ops(compiled)
+  assert ops and not any("parameter(" in o or "metadata=" in o for o in ops)
+  assert any("fusion(" in o or "sine" in o for o in ops)

@@ -31,7 +31,8 @@ Split-K merge (`MosaicDecodeConfig.merge_in_kernel`, the default,
 `decode_merged`): every program writes its partials (unnormalized
 accumulator, row max, row sums, block counts; one per compute warpgroup)
 to global memory; the other splits' warpgroups then signal a semaphore of
-their (sequence, KV head), the last split's own arrive on a barrier. The
+their (sequence, KV head) (a word of the control block), the last split's
+own arrive on a barrier. The
 last split's memory warpgroup waits for both and streams every part
 through a ring over the (by then free) K and V rings, and its first compute
 warpgroup combines them online at their running max, normalizes, and
@@ -64,6 +65,12 @@ is widened) and runs both products in f16 with the query cast to f16; the K
 scale is folded into the score scale and the V scale into the accumulator
 (`fp8_k_in_registers`: K widened in registers, the score product's A
 operand, instead).
+
+Inputs besides the pages: one array, the control block (`control_block`):
+each (sequence, KV head)'s query rows, padded to the tile, then a row of
+32-bit words (the length, log2 λ, the FP8 scales, and the merge's
+semaphore, 0 as written), so XLA runs one small kernel before the call
+instead of one per input (and one to zero `pl.get_global` semaphores).
 
 Pages: a page table (copied into shared memory once per program), or, for
 a contiguous cache (`page_table=None`), block j of sequence i in page
@@ -98,6 +105,17 @@ from blasst_jax.kernels import mosaic_vote
 LOG2E = math.log2(math.e)
 ROWS = 64          # wgmma M: the query heads of a group, zero-padded
 SLOT = 32          # int32/f32 words in 128 bytes (TMA alignment)
+# The control block (`control_block`): below each (sequence, KV head)'s
+# query rows, CONTROL_ROWS rows (the query's TMA reads whole 8-row tiles)
+# whose first holds 32-bit words, each as its four bytes, a 16-bit float
+# 0..255 apiece (exact in bf16 and f16, and never a NaN bit pattern that
+# an XLA pass could rewrite).
+CONTROL_ROWS = 8
+CONTROL_WORDS = ("kv_len", "log2_threshold", "k_scale", "v_scale")
+# Halves [SEMAPHORE_AT, SEMAPHORE_AT + 2) of the row: the split-K merge's
+# semaphore of the (sequence, KV head), 0 as written.
+SEMAPHORE_AT = 16
+CONTROL_HALVES = 64   # what each warpgroup copies of the row (128 bytes)
 MAX_MODES = ("split", "anchored")
 HEAD_DIMS = (64, 128, 256)
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),)
@@ -181,6 +199,10 @@ class MosaicDecodeConfig:
       hand-over and 2 for a kept block's Pᵀ (of 4-7). Needs
       `compute_issues_v` (the memory warpgroup that copies V would read
       each decision unordered with its rewrite).
+    global_semaphores: the in-kernel merge's semaphores from
+      `pl.get_global` (an XLA kernel zeroes them before every call)
+      instead of a word of the control block, which the one XLA fusion
+      before the call writes with the query and the parameters.
   """
 
   k_stages: int | None = None
@@ -196,6 +218,7 @@ class MosaicDecodeConfig:
   fp8_k_in_registers: bool = False
   decide_ahead: int = 1
   auto_barriers: bool = True
+  global_semaphores: bool = False
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -211,7 +234,7 @@ class MosaicDecodeConfig:
     for name in ("split_registers", "one_barrier_vote", "transposed",
                  "merge_in_kernel", "compute_issues_v",
                  "hand_over_block_max", "fp8_k_in_registers",
-                 "auto_barriers"):
+                 "auto_barriers", "global_semaphores"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
@@ -426,7 +449,8 @@ class _Scratch(NamedTuple):
   v: Any         # [v_stages, block_kv, d] V ring
   table: Any     # int32 [table_rows, SLOT] the sequence's pages (None
                  # for a contiguous cache)
-  params: Any    # f32 [C + 1, SLOT] one copy per warpgroup
+  params: Any    # [C + 1, CONTROL_HALVES] (q's dtype) the control row,
+                 # one copy per warpgroup (`control_word`)
   votes: Any     # int32 [k_stages] keep (1) / skip (0), by block % k_stages
                  # (None with compute_issues_v)
   handoff: Any   # f32 [H, R] running max after block j, in slot j % H
@@ -437,7 +461,6 @@ class _Scratch(NamedTuple):
   p: Any         # interpret mode: [C, ROWS, block_kv] P through memory;
                  # transposed: [C, A + 1, R, block_kv] Pᵀ of a warpgroup's
                  # i-th block in slot i % (A + 1), A = `ahead`
-  scales: Any    # FP8: f32 [SLOT] (K scale, V scale)
   wide: Any      # FP8: f16 [C, block_kv, d] widened page per warpgroup
   rows: Any      # `initial_max`: f32 [R] the given start (log2 units)
   vote: Any      # `one_barrier_vote`: f32 [C, mosaic_vote.ANY_WORDS]
@@ -464,7 +487,6 @@ class _Barriers(NamedTuple):
   votes: Any     # [k_stages] (None with compute_issues_v)
   handoff: Any   # [H]
   done: Any      # every compute warpgroup has read its last K page
-  scales: Any    # FP8 only
   rows: Any      # `initial_max` only
   written: Any       # merge: this program's partials are in global memory
   merged: Any        # merge: ([S], [S], [S]) a partial's tile, row
@@ -472,7 +494,64 @@ class _Barriers(NamedTuple):
   merge_free: Any    # merge: [S] its slot read
 
 
-def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
+def control_block(q, words, rows: int):
+  """The kernel's control block: one array, so one XLA fusion before the
+  call, instead of the query's padding, the parameters and the
+  semaphores' zeros each in their own.
+
+  Args:
+    q: [b, hkv, g, d] 16-bit query heads of each KV head.
+    words: int32 [b, hkv, len(CONTROL_WORDS)] (floats by their bits).
+    rows: the query tile (>= g).
+
+  Returns:
+    [b, hkv, rows + CONTROL_ROWS, d] in q's dtype: q with zero rows to
+    `rows`, then a row of the words (word i's byte j at 4 i + j, as a
+    float; 0 elsewhere, the semaphore at SEMAPHORE_AT among it), then zero
+    rows.
+  """
+  b, hkv, g, d = q.shape
+  octets = (words[..., None] >> jnp.arange(0, 32, 8, dtype=jnp.int32)) & 0xFF
+  row = octets.reshape(b, hkv, 1, -1).astype(q.dtype)   # [b, hkv, 1, 4W]
+  row = jnp.pad(row, ((0, 0), (0, 0), (0, CONTROL_ROWS - 1),
+                      (0, d - row.shape[-1])))
+  q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
+  return jnp.concatenate([q, row], axis=2)
+
+
+def control_word(row_ref, i: int):
+  """Word i (int32) of a control row in shared memory ([CONTROL_HALVES])."""
+  word = jnp.int32(0)
+  for j in range(4):
+    octet = row_ref[4 * i + j].astype(jnp.float32).astype(jnp.int32)
+    word = word | (octet << (8 * j))
+  return word
+
+
+def float_from_bits(word):
+  """The float32 whose bits are the int32 scalar `word`, by exact
+  arithmetic (Mosaic's lane lowering bitcasts arrays, not scalars):
+  normal numbers exactly, subnormals as ±0, an all-ones exponent (inf or
+  NaN) as ±inf."""
+  biased = (word >> 23) & 0xFF
+  # |value| = significand * 2^e, the significand < 2^24 (exact in f32).
+  magnitude = ((word & 0x7FFFFF) | 0x800000).astype(jnp.float32)
+  e = biased - 150
+  down = e < 0
+  n = jnp.abs(e)
+  # 2^e a power of two at a time, each step exact and every partial
+  # product a normal float (bit 7 only for e <= -128, as 2^-64 twice).
+  for k in range(7):
+    factor = jnp.where(down, 2.0 ** -(2 ** k), 2.0 ** (2 ** k))
+    magnitude = magnitude * jnp.where(((n >> k) & 1) == 1, factor, 1.0)
+  half = jnp.where(((n >> 7) & 1) == 1, 2.0 ** -64, 1.0)
+  magnitude = magnitude * half * half
+  value = jnp.where(biased == 0, 0.0,
+                    jnp.where(biased == 255, jnp.inf, magnitude))
+  return jnp.where(word < 0, -value, value)
+
+
+def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
             acc_ref, ml_ref, stats_ref, merged_refs, sem, sc: _Scratch,
             bars: _Barriers, *, sm_scale,
             block_kv, head_dim, dtype, group, num_splits, skip_enabled,
@@ -481,21 +560,22 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
             compute_issues_v,
             block_max_handoff, k_prefetch, fp8_k_registers, ahead,
             interpret):
-  # q_ref [b, hkv, R, d]; k_ref, v_ref [n_pages, block_kv, hkv, d];
-  # table_ref int32 [b, table_rows, SLOT] (None: a contiguous cache,
-  # pages_per_seq pages a sequence); params_ref f32 [b, SLOT]
-  # ([kv_len, log2 λ, 0...]); scales_ref (FP8 pages, else None) f32
-  # [hkv, SLOT] ([k scale, v scale, 0...]); init_ref (`initial_max`, skip
-  # build only, else None) f32 [b, hkv, R]. Outputs, one partial per
+  # ctrl_ref [b, hkv, R + CONTROL_ROWS, d] (`control_block`: the query
+  # tile, then the words kv_len, log2 λ and, FP8 pages, the K and V
+  # scales); k_ref, v_ref [n_pages, block_kv, hkv, d]; table_ref int32 [b,
+  # table_rows, SLOT] (None: a contiguous cache, pages_per_seq pages a
+  # sequence); init_ref (`initial_max`, skip build only, else None) f32
+  # [b, hkv, R]. Outputs, one partial per
   # (split, compute warpgroup): acc_ref f32 [b, hkv, splits * C, R, d]
   # (transposed: [..., d, R]), ml_ref f32 [b, hkv, splits * C, 2, R] (row
   # max in log2 units, row sum), stats_ref int32 [b, hkv, splits * C, SLOT]
   # ([skipped, visited]). merged_refs (`merge_in_kernel`, else None):
   # out [b, hkv * group, d] normalized, in the output dtype; ml f32 [b,
   # hkv, 2, R] of the merged rows; counts int32 [b, hkv, SLOT] ([skipped,
-  # visited] over the splits). sem: int32 semaphores [b * hkv] (on a GPU
-  # with num_splits > 1), which every other split's warpgroups signal once
-  # their partials are written.
+  # visited] over the splits). sem (on a GPU with num_splits > 1, else
+  # None): "control", the semaphore word of the control block, or int32
+  # semaphores [b * hkv] (`global_semaphores`); every other split's
+  # warpgroups signal it once their partials are written.
   n_wgs = compute_wgs
   split = lax.axis_index("split")
   kv_head = lax.axis_index("kv_heads")
@@ -503,12 +583,34 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
   wg = lax.axis_index("wg")
   fp8 = sc.wide is not None
 
+  rows = sc.q.shape[0]
   # Per-sequence scalars, one TMA per warpgroup into its own slot.
-  plgpu.copy_gmem_to_smem(params_ref.at[batch], sc.params.at[wg],
-                          bars.params.at[wg])
+  params = sc.params.at[wg]
+  plgpu.copy_gmem_to_smem(
+      ctrl_ref.at[batch, kv_head, rows, pl.ds(0, CONTROL_HALVES)], params,
+      bars.params.at[wg])
   plgpu.barrier_wait(bars.params.at[wg])
-  kv_len = sc.params[wg, 0].astype(jnp.int32)
-  log2_thr = sc.params[wg, 1]
+  kv_len = control_word(params, 0)
+  log2_thr = float_from_bits(control_word(params, 1))
+
+  def merge_signal():
+    """This warpgroup's partial is written: one count for the merger."""
+    if isinstance(sem, str):   # "control"
+      mosaic_merge.semaphore_signal(
+          ctrl_ref.at[batch, kv_head, rows, pl.ds(SEMAPHORE_AT, 2)])
+    else:
+      plgpu.semaphore_signal(sem.at[batch * kv_heads + kv_head], 1,
+                             memory_scope="gpu")
+
+  def merge_wait(count):
+    """Until `count` partials are signalled (taking them: the semaphore is
+    0 again when the kernel ends)."""
+    if isinstance(sem, str):   # "control"
+      mosaic_merge.semaphore_wait(
+          ctrl_ref.at[batch, kv_head, rows, pl.ds(SEMAPHORE_AT, 2)], count)
+    else:
+      plgpu.semaphore_wait(sem.at[batch * kv_heads + kv_head], count,
+                           memory_scope="gpu")
   start, end, n_blocks = _split_range(kv_len, split, num_splits, block_kv)
   n = jnp.maximum(end - start, 0)               # this split's blocks
   # "anchored": the sequence's first and last blocks come first in the K
@@ -543,7 +645,6 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
   # The query axis of the score tile (0: [R, block_kv]; transposed 1:
   # [block_kv, R]) and of the output tile ([R, d], or [d, R]).
   q_axis = 1 if transposed else 0
-  rows = sc.q.shape[0]
   row_layout = plgpu.Layout.WGMMA.reduce(1 - q_axis)
   acc_shape = (head_dim, rows) if transposed else (rows, head_dim)
 
@@ -628,8 +729,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     parts = num_splits * n_wgs
     plgpu.barrier_wait(bars.written)
     if sem is not None:
-      plgpu.semaphore_wait(sem.at[batch * kv_heads + kv_head],
-                           (num_splits - 1) * n_wgs, memory_scope="gpu")
+      merge_wait((num_splits - 1) * n_wgs)
     mosaic_merge.async_proxy_fence(interpret=interpret)
 
     @pl.loop(0, parts)
@@ -661,7 +761,8 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
 
     @pl.when(w == 0)
     def _():
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, kv_head], sc.q, bars.q)
+      plgpu.copy_gmem_to_smem(ctrl_ref.at[batch, kv_head, pl.ds(0, rows)],
+                              sc.q, bars.q)
       if sc.rows is not None:   # `initial_max`: read before the first vote
         plgpu.copy_gmem_to_smem(init_ref.at[batch, kv_head], sc.rows,
                                 bars.rows)
@@ -671,12 +772,9 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     scale = sm_scale * LOG2E
     v_scale = None
     wide = p_smem = None
-    if fp8:
-      pl.when(w == 0)(lambda: plgpu.copy_gmem_to_smem(
-          scales_ref.at[kv_head], sc.scales, bars.scales))
-      plgpu.barrier_wait(bars.scales)
-      scale = scale * sc.scales[0]
-      v_scale = sc.scales[1]
+    if fp8:   # this warpgroup's control row holds the scales
+      scale = scale * float_from_bits(control_word(params, 2))
+      v_scale = float_from_bits(control_word(params, 3))
       wide = sc.wide.at[w]
     if sc.p is not None:
       p_smem = sc.p.at[w]
@@ -992,8 +1090,7 @@ def _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref, init_ref,
     mosaic_merge.async_proxy_fence(interpret=interpret)
     merger = split == num_splits - 1
     if sem is not None:
-      pl.when(~merger)(lambda: plgpu.semaphore_signal(
-          sem.at[batch * kv_heads + kv_head], 1, memory_scope="gpu"))
+      pl.when(~merger)(merge_signal)
     pl.when(merger)(lambda: plgpu.barrier_arrive(bars.written))
 
     @pl.when(merger & (w == 0))
@@ -1189,9 +1286,6 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                      f"decode kernel, got {max_mode!r}.")
   transposed = config.transposed
   rows = query_tile(g, transposed)
-  # (A TMA into the tiled q tile starts at a multiple of 8 rows: the
-  # query cannot be read unpadded from [b * hkv * g, d].)
-  q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - g), (0, 0)))
   contiguous = page_table is None
   if contiguous:   # block j of sequence i is page i * pages_per_seq + j
     if n_pages % b:
@@ -1212,12 +1306,17 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   log2_thr = jnp.broadcast_to(log_threshold * LOG2E, (b,))
   if config.hand_over_block_max and n_wgs == 2:   # λ > 1 acts as 1 (see
     log2_thr = jnp.minimum(log2_thr, 0.0)          # the config)
-  # Built by concatenation, not `.at[].set` (whose scatters XLA runs as
-  # three more small kernels before this one, ~3 us each).
-  params = jnp.concatenate(
-      [kv_lengths.astype(jnp.float32)[:, None],
-       log2_thr.astype(jnp.float32)[:, None],
-       jnp.zeros((b, SLOT - 2), jnp.float32)], axis=1)
+  # Every small input in one array, which XLA writes in one fusion (each
+  # small kernel before this one costs ~3 us; `.at[].set` would add a
+  # scatter kernel apiece).
+  def bits(x, shape):   # f32 -> its int32 bits, broadcast to [b, hkv]
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.broadcast_to(lax.bitcast_convert_type(x, jnp.int32), shape)
+  words = [jnp.broadcast_to(kv_lengths.astype(jnp.int32)[:, None], (b, hkv)),
+           bits(log2_thr[:, None], (b, hkv))]
+  words += ([bits(k_scale, (b, hkv)), bits(v_scale, (b, hkv))] if fp8
+            else [jnp.zeros((b, hkv), jnp.int32)] * 2)
+  ctrl = control_block(q, jnp.stack(words, axis=-1), rows)
   merge = config.merge_in_kernel
   smem_bytes = config_bytes(config, d, block_kv, table_pages, fp8, g,
                             n_wgs, k_stages, v_stages)
@@ -1235,17 +1334,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
 
   page_dtype = k_pages.dtype
   page_swizzle = swizzled(jnp.dtype(page_dtype).itemsize)
-  inputs = [q, k_pages, v_pages, *([] if contiguous else [table]), params]
-  if fp8:
-    inputs.append(jnp.concatenate(
-        [jnp.broadcast_to(jnp.asarray(x, jnp.float32), (hkv,))[:, None]
-         for x in (k_scale, v_scale)]
-        + [jnp.zeros((hkv, SLOT - 2), jnp.float32)], axis=1))
   given = initial_max is not None and skip_enabled
-  if given:   # [b, hkv, R], padding rows at -inf
-    inputs.append(jnp.pad(initial_max.astype(jnp.float32),
-                          ((0, 0), (0, 0), (0, rows - g)),
-                          constant_values=-jnp.inf))
   parts = num_splits * n_wgs
   out_shape = (d, rows) if transposed else (rows, d)
   # The merge ring takes the K ring's bytes (free by then), up to
@@ -1259,10 +1348,18 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   # per (sequence, KV head); Pallas' interpreter runs the grid in order,
   # so there the last split finds the others' partials written.
   use_semaphore = merge and num_splits > 1 and interpret is None
+  control_semaphore = use_semaphore and not config.global_semaphores
+  if control_semaphore:   # the kernel writes the block: an aliased buffer
+    ctrl = jax.new_ref(ctrl)
+  inputs = [ctrl, k_pages, v_pages, *([] if contiguous else [table])]
+  if given:   # [b, hkv, R], padding rows at -inf
+    inputs.append(jnp.pad(initial_max.astype(jnp.float32),
+                          ((0, 0), (0, 0), (0, rows - g)),
+                          constant_values=-jnp.inf))
 
-  def blasst_decode_mosaic(q_ref, k_ref, v_ref, *refs):
+  def blasst_decode_mosaic(ctrl_ref, k_ref, v_ref, *refs):
     table_ref = None if contiguous else refs[0]
-    params_ref, *refs = refs[0 if contiguous else 1:]
+    refs = refs[0 if contiguous else 1:]
     if merge:
       *optional, acc_ref, ml_ref, stats_ref, out_ref, mml_ref, counts_ref = (
           refs)
@@ -1270,9 +1367,12 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
     else:
       *optional, acc_ref, ml_ref, stats_ref = refs
       merged_refs = None
-    sem = (pl.get_global(plgpu.SemaphoreType.REGULAR((b * hkv,)))
-           if use_semaphore else None)
-    scales_ref = optional[0] if fp8 else None
+    if control_semaphore:
+      sem = "control"
+    elif use_semaphore:
+      sem = pl.get_global(plgpu.SemaphoreType.REGULAR((b * hkv,)))
+    else:
+      sem = None
     init_ref = optional[-1] if given else None
     if transposed:   # Pᵀ of a warpgroup's last ahead + 1 blocks
       p = plgpu.SMEM((n_wgs, ahead + 1, rows, block_kv), dtype,
@@ -1299,14 +1399,13 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
              plgpu.SMEM((merge_slots, SLOT), jnp.int32))),
         table=(None if contiguous
                else plgpu.SMEM((width // SLOT, SLOT), jnp.int32)),
-        params=plgpu.SMEM((n_wgs + 1, SLOT), jnp.float32),
+        params=plgpu.SMEM((n_wgs + 1, CONTROL_HALVES), dtype),
         votes=(None if config.compute_issues_v
                else plgpu.SMEM((k_stages,), jnp.int32)),
         handoff=plgpu.SMEM((hand_over_slots(config), rows), jnp.float32),
         ml=plgpu.SMEM((n_wgs, 2, rows), jnp.float32),
         stats=plgpu.SMEM((n_wgs, SLOT), jnp.int32),
         p=p,
-        scales=plgpu.SMEM((SLOT,), jnp.float32) if fp8 else None,
         wide=(plgpu.SMEM((n_wgs, block_kv, d), jnp.float16,
                          transforms=swizzled(2)) if fp8 else None),
         rows=plgpu.SMEM((rows,), jnp.float32) if given else None,
@@ -1328,7 +1427,6 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                else plgpu.Barrier(num_barriers=k_stages)),
         handoff=plgpu.Barrier(num_barriers=hand_over_slots(config)),
         done=plgpu.Barrier(num_arrivals=n_wgs),
-        scales=plgpu.Barrier() if fp8 else None,
         rows=plgpu.Barrier() if given else None,
         written=plgpu.Barrier(num_arrivals=n_wgs) if merge else None,
         merged=(tuple(plgpu.Barrier(num_barriers=merge_slots)
@@ -1343,8 +1441,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
         sc = sc._replace(merge_acc=merge_tiles, merge_ml=merge_ml,
                          merge_stats=merge_stats, staged=staged)
       sc = sc._replace(k=k_ring, out=out_tiles, v=v_ring)
-      _kernel(q_ref, k_ref, v_ref, table_ref, params_ref, scales_ref,
-              init_ref, acc_ref, ml_ref, stats_ref, merged_refs, sem,
+      _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref, acc_ref, ml_ref, stats_ref, merged_refs, sem,
               sc, bars, sm_scale=sm_scale,
               block_kv=block_kv, head_dim=d, dtype=dtype, group=g,
               num_splits=num_splits, skip_enabled=skip_enabled,

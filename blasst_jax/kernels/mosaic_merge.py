@@ -78,3 +78,30 @@ def transpose_cast(src, dst, *, interpret: bool) -> None:
     return
   plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))(
       _transpose_cast)(src, dst)
+
+
+def _semaphore_signal(ctx, ref):
+  del ctx
+  mgpu_utils.warpgroup_barrier()   # every thread's part is done
+  mgpu_utils.SemaphoreRef(mgpu_utils.memref_ptr(ref)).signal(
+      1, memory_scope="gpu")
+
+
+def semaphore_signal(ref) -> None:
+  """Adds 1 to the 32-bit semaphore at `ref` (global memory, two 16-bit
+  elements, 4-byte aligned): one thread of the warpgroup, after all of
+  them, with release semantics at GPU scope. What `plgpu.semaphore_signal`
+  does for a semaphore of `pl.get_global`, on a word of an input (so no
+  kernel zeroes it before the call). GPU only."""
+  plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))(_semaphore_signal)(ref)
+
+
+def semaphore_wait(ref, count: int) -> None:
+  """Waits until the semaphore at `ref` (as `semaphore_signal`) reaches
+  `count` and subtracts it (acquire at GPU scope); the warpgroup waits
+  with its thread. GPU only."""
+  def wait(ctx, sem):
+    del ctx
+    mgpu_utils.SemaphoreRef(mgpu_utils.memref_ptr(sem)).wait(
+        count, memory_scope="gpu")
+  plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))(wait)(ref)

@@ -284,6 +284,69 @@ def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
   assert int(jnp.sum(skipped)) > 0
 
 
+@pytest.mark.parametrize("max_mode,threshold,num_splits,stages", [
+    ("anchored", 1e-2, 3, dict()),
+    ("anchored", 1e-2, 3, dict(compute_wgs=2, k_stages=2, v_stages=4)),
+    ("split", 1e-2, 2, dict()),
+    ("anchored", 0.0, 3, dict())])
+def test_splits_hold_a_window_of_the_page_table(monkeypatch, max_mode,
+                                                threshold, num_splits,
+                                                stages):
+  """Each program holds the table rows of its split's blocks (and of the
+  two anchor blocks), wherever the split starts, ragged lengths and an
+  empty split included: rows of 4 pages here, so 24 pages a sequence
+  (6 rows) already window."""
+  monkeypatch.setattr(decode_mosaic, "TABLE_ROW", 4)
+  anchors = max_mode == "anchored" and threshold > 0
+  window = decode_mosaic.table_window(24, num_splits, anchors)
+  assert 0 < window and window + 2 * anchors < 6
+  dtype = jnp.bfloat16
+  q, k, v = testing.DecodeShape(
+      batch=3, q_heads=4, kv_heads=1, max_len=24 * 64, head_dim=64).inputs(
+          testing.key_for("decode_mosaic_window", max_mode, num_splits),
+          dtype=dtype)
+  kv_lengths = jnp.array([24 * 64, 700, 90], jnp.int32)
+  for i, n in enumerate((700, 90)):   # NaN past the lengths must not leak
+    k = k.at[i + 1, n:].set(jnp.nan)
+    v = v.at[i + 1, n:].set(jnp.nan)
+  pool_k, pool_v, table = testing.paged_cache(k, v, 64)
+  (acc, m, l, skipped, visited), races = run_race_checked(
+      q, pool_k, pool_v, table, kv_lengths, threshold,
+      num_splits=num_splits, max_mode=max_mode,
+      config=decode_mosaic.MosaicDecodeConfig(**stages))
+  assert not races, "the race detector found a shared-memory data race"
+  out = bj.decode.merge_partials(acc, m, l)[:, :, :4].reshape(q.shape)
+  oracle = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, block_kv=64, threshold=threshold,
+      num_splits=num_splits, max_mode=max_mode)
+  testing.assert_close(out, oracle.out, dtype)
+  np.testing.assert_array_equal(
+      np.asarray(visited.sum(-1)), np.asarray(jnp.sum(oracle.visited_mask, -1)))
+  testing.assert_skips_match(skipped.sum(-1), oracle, threshold, dtype)
+
+
+@pytest.mark.parametrize("skip,max_mode", [(True, "anchored"),
+                                           (True, "split"),
+                                           (False, "anchored")])
+def test_windowed_page_table_lowers_for_cuda(skip, max_mode):
+  assert decode_mosaic.table_window(4096, 4, skip and max_mode == "anchored")
+  lowered = lower_decode(128, 128, 4, skip, max_mode, jnp.bfloat16,
+                         per_seq=4096)
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_long_paged_caches_keep_the_contiguous_pipeline():
+  """At 512k keys in pages of 128 a whole table takes 16 KiB (two of four
+  V slots); the default 16 splits' windows hold 11 rows of it."""
+  config = decode_mosaic.MosaicDecodeConfig()
+  held = decode_mosaic.held_table_pages(4096, 16, anchors=True)
+  assert held == 11 * decode_mosaic.TABLE_ROW
+  assert decode_mosaic.pipeline(config, 128, 128, held, group=4) == (
+      decode_mosaic.pipeline(config, 128, 128, 0, group=4))
+  # Few splits: a window would hold the whole table anyway.
+  assert decode_mosaic.table_window(64, 1, anchors=True) == 0
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(max_mode="global"), "max_mode"),
     (dict(block_kv=32), "multiple of 64"),
@@ -383,15 +446,16 @@ def test_transposed_default_takes_one_warpgroup_for_wide_groups():
 
 
 def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
-                 initial_max=False, config=None, contiguous=False):
+                 initial_max=False, config=None, contiguous=False,
+                 per_seq=32):
   """The kernel lowered for CUDA (merging its splits, unless the config
-  says not to): 8 KV heads, 32 pages a sequence, 4 splits; `contiguous`:
-  no page table (the pages of a contiguous cache)."""
+  says not to): 8 KV heads, `per_seq` pages a sequence, 4 splits;
+  `contiguous`: no page table (the pages of a contiguous cache)."""
   config = config or decode_mosaic.MosaicDecodeConfig()
   kernel = (decode_mosaic.decode_merged if config.merge_in_kernel
             else decode_mosaic.decode_partials)
   sds = jax.ShapeDtypeStruct
-  hkv, pages, per_seq = 8, 64, 32
+  hkv, pages = 8, 2 * per_seq
   fp8 = cache != jnp.bfloat16
   scales = [sds((hkv,), jnp.float32)] * 2 if fp8 else [None, None]
   starts = [sds((2, hkv, group), jnp.float32)] if initial_max else []

@@ -72,10 +72,12 @@ each (sequence, KV head)'s query rows, padded to the tile, then a row of
 semaphore, 0 as written), so XLA runs one small kernel before the call
 instead of one per input (and one to zero `pl.get_global` semaphores).
 
-Pages: a page table (copied into shared memory once per program), or, for
-a contiguous cache (`page_table=None`), block j of sequence i in page
-i * pages_per_seq + j: no table to build, copy or hold (at 512k keys in
-pages of 128 a table takes 16 KiB, two V slots' worth).
+Pages: a page table, of which each program copies into shared memory the
+rows of its split's blocks (and of the two anchor blocks) where they are
+fewer than the whole table's (`table_window`); or, for a contiguous cache
+(`page_table=None`), block j of sequence i in page i * pages_per_seq + j:
+no table to build, copy or hold (at 512k keys in pages of 128 a whole
+table takes 16 KiB, two V slots' worth; 16 splits' windows 1.4 KiB).
 
 Options that only move work in time or place, built for measurement
 (`MosaicDecodeConfig`): `hand_over_block_max` (the two compute warpgroups
@@ -116,6 +118,9 @@ CONTROL_WORDS = ("kv_len", "log2_threshold", "k_scale", "v_scale")
 # semaphore of the (sequence, KV head), 0 as written.
 SEMAPHORE_AT = 16
 CONTROL_HALVES = 64   # what each warpgroup copies of the row (128 bytes)
+# Page numbers a row of the page table holds in global and shared memory
+# (TMA boxes hold <= 256 rows: up to 8192 pages a sequence in one copy).
+TABLE_ROW = SLOT
 MAX_MODES = ("split", "anchored")
 HEAD_DIMS = (64, 128, 256)
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),)
@@ -413,6 +418,26 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
   return wgs, depth, v_stages
 
 
+def table_window(pages_per_seq: int, num_splits: int, anchors: bool) -> int:
+  """Rows of TABLE_ROW page numbers that hold one split's blocks at any
+  alignment, where they and (`anchors`) the anchor blocks' two rows are
+  fewer than the whole table's; else 0 (the program holds the whole
+  table)."""
+  whole = -(-pages_per_seq // TABLE_ROW)
+  per_split = -(-pages_per_seq // num_splits)   # `_split_range`'s at most
+  window = -(-per_split // TABLE_ROW) + 1
+  return window if window + 2 * anchors < whole else 0
+
+
+def held_table_pages(pages_per_seq: int, num_splits: int,
+                     anchors: bool) -> int:
+  """Page numbers a program holds in shared memory (`table_window`)."""
+  window = table_window(pages_per_seq, num_splits, anchors)
+  if not window:
+    return -(-pages_per_seq // TABLE_ROW) * TABLE_ROW
+  return (window + 2 * anchors) * TABLE_ROW
+
+
 def fits(config, head_dim, block_kv, pages_per_seq, fp8=False,
          group=ROWS) -> bool:
   """Whether `config`'s pipeline (`pipeline`) fits in shared memory."""
@@ -447,8 +472,10 @@ class _Scratch(NamedTuple):
   out: Any       # f32 [C, R, d] (transposed: [C, d, R]) output tiles, over
                  # the K ring at the end
   v: Any         # [v_stages, block_kv, d] V ring
-  table: Any     # int32 [table_rows, SLOT] the sequence's pages (None
-                 # for a contiguous cache)
+  table: Any     # int32 [rows, TABLE_ROW] the sequence's pages: every
+                 # row, or (`table_window`) the window's rows, then those
+                 # of blocks 0 and n_blocks - 1 (None for a contiguous
+                 # cache)
   params: Any    # [C + 1, CONTROL_HALVES] (q's dtype) the control row,
                  # one copy per warpgroup (`control_word`)
   votes: Any     # int32 [k_stages] keep (1) / skip (0), by block % k_stages
@@ -559,12 +586,13 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
             transposed, kv_heads, merge_slots, pages_per_seq,
             compute_issues_v,
             block_max_handoff, k_prefetch, fp8_k_registers, ahead,
-            interpret):
+            window, interpret):
   # ctrl_ref [b, hkv, R + CONTROL_ROWS, d] (`control_block`: the query
   # tile, then the words kv_len, log2 λ and, FP8 pages, the K and V
   # scales); k_ref, v_ref [n_pages, block_kv, hkv, d]; table_ref int32 [b,
-  # table_rows, SLOT] (None: a contiguous cache, pages_per_seq pages a
-  # sequence); init_ref (`initial_max`, skip build only, else None) f32
+  # table_rows, TABLE_ROW] (None: a contiguous cache, pages_per_seq pages
+  # a sequence; a program holds `window` rows of it from its split's
+  # first block's, else all); init_ref (`initial_max`, skip build only, else None) f32
   # [b, hkv, R]. Outputs, one partial per
   # (split, compute warpgroup): acc_ref f32 [b, hkv, splits * C, R, d]
   # (transposed: [..., d, R]), ml_ref f32 [b, hkv, splits * C, 2, R] (row
@@ -618,6 +646,8 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   n_anchor = (jnp.where(n_blocks > 0, 2, 0) if anchored and skip_enabled
               else jnp.int32(0))
   n_k = n_anchor + n
+  # The anchors' table rows, held apart when the table is windowed.
+  n_anchor_rows = 2 if window and anchored and skip_enabled else 0
 
   def k_block(kp):
     """Logical block of K stream position kp."""
@@ -630,10 +660,22 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   def v_slot(vp):
     return lax.rem(vp, jnp.array(v_stages, vp.dtype))
 
-  def page(block):   # The table is [rows, SLOT]: TMA boxes hold <= 256.
+  if window:   # the window's first row: never past the table's end
+    first_row = jnp.clip(start // TABLE_ROW, 0,
+                         table_ref.shape[1] - window)
+    last_row = jnp.maximum(n_blocks - 1, 0) // TABLE_ROW
+
+  def page(block):
+    """Page of logical block `block` (this split's, or an anchor)."""
     if sc.table is None:   # a contiguous cache
       return batch * pages_per_seq + block
-    return sc.table[block // SLOT, block % SLOT]
+    row = block // TABLE_ROW
+    if window:   # in the window, else an anchor: block 0's row or the last
+      row = row - first_row
+      if n_anchor_rows:
+        row = jnp.where((row >= 0) & (row < window), row,
+                        jnp.where(block < TABLE_ROW, window, window + 1))
+    return sc.table[row, block % TABLE_ROW]
 
   def issue_v(vp):
     """TMA of block vp's V page into its slot."""
@@ -1101,7 +1143,17 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   def _memory():
     if split_registers:
       plgpu.set_max_registers(REGISTERS[1], action="decrease")
-    if sc.table is not None:
+    if sc.table is not None and window:   # (one barrier, one arrival a
+      # copy)
+      plgpu.copy_gmem_to_smem(table_ref.at[batch, pl.ds(first_row, window)],
+                              sc.table.at[pl.ds(0, window)], bars.table)
+      if n_anchor_rows:
+        for i, row in enumerate((0, last_row)):
+          plgpu.copy_gmem_to_smem(table_ref.at[batch, pl.ds(row, 1)],
+                                  sc.table.at[pl.ds(window + i, 1)],
+                                  bars.table)
+      plgpu.barrier_wait(bars.table)
+    elif sc.table is not None:
       plgpu.copy_gmem_to_smem(table_ref.at[batch], sc.table, bars.table)
       plgpu.barrier_wait(bars.table)
 
@@ -1287,19 +1339,23 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   transposed = config.transposed
   rows = query_tile(g, transposed)
   contiguous = page_table is None
+  anchors = max_mode == "anchored" and skip_enabled
   if contiguous:   # block j of sequence i is page i * pages_per_seq + j
     if n_pages % b:
       raise ValueError(
           f"Without a page table the pages are the contiguous cache's, "
           f"batch * pages_per_seq of them; got {n_pages} pages for batch "
           f"{b}. Pass `page_table`.")
-    pages_per_seq, table_pages = n_pages // b, 0
+    pages_per_seq, table_pages, window = n_pages // b, 0, 0
     table = None
   else:
-    pages_per_seq = table_pages = page_table.shape[1]
-    width = -(-pages_per_seq // SLOT) * SLOT
+    pages_per_seq = page_table.shape[1]
+    window = table_window(pages_per_seq, num_splits, anchors)
+    table_pages = held_table_pages(pages_per_seq, num_splits, anchors)
+    width = -(-pages_per_seq // TABLE_ROW) * TABLE_ROW
     table = jnp.pad(page_table.astype(jnp.int32),
-                    ((0, 0), (0, width - pages_per_seq))).reshape(b, -1, SLOT)
+                    ((0, 0), (0, width - pages_per_seq))).reshape(
+                        b, -1, TABLE_ROW)
   n_wgs, k_stages, v_stages = pipeline(config, d, block_kv, table_pages,
                                        fp8, g)
   ahead = blocks_ahead(config, n_wgs, v_stages)
@@ -1321,9 +1377,11 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   smem_bytes = config_bytes(config, d, block_kv, table_pages, fp8, g,
                             n_wgs, k_stages, v_stages)
   if smem_bytes > MAX_SHARED_MEMORY:
+    held = ("no page table" if contiguous
+            else f"{table_pages} page numbers of the table")
     raise ValueError(
-        f"head_dim {d}, pages of {block_kv} keys, a page table of "
-        f"{table_pages} pages, rings of {k_stages} K / {v_stages} V "
+        f"head_dim {d}, pages of {block_kv} keys, {held}, rings of "
+        f"{k_stages} K / {v_stages} V "
         f"pages and {n_wgs} compute warpgroups need {smem_bytes} bytes of "
         f"shared memory (max {MAX_SHARED_MEMORY}); use smaller pages, fewer "
         "stages or compute_wgs=1.")
@@ -1398,7 +1456,8 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                         jnp.float32),
              plgpu.SMEM((merge_slots, SLOT), jnp.int32))),
         table=(None if contiguous
-               else plgpu.SMEM((width // SLOT, SLOT), jnp.int32)),
+               else plgpu.SMEM((table_pages // TABLE_ROW, TABLE_ROW),
+                               jnp.int32)),
         params=plgpu.SMEM((n_wgs + 1, CONTROL_HALVES), dtype),
         votes=(None if config.compute_issues_v
                else plgpu.SMEM((k_stages,), jnp.int32)),
@@ -1416,7 +1475,9 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                            jnp.float32) if transposed else None),
         merge_acc=None, merge_ml=None, merge_stats=None, staged=None)
     barriers = _Barriers(
-        q=plgpu.Barrier(), table=None if contiguous else plgpu.Barrier(),
+        q=plgpu.Barrier(),
+        table=(None if contiguous else plgpu.Barrier(
+            num_arrivals=3 if window and anchors else 1)),
         params=plgpu.Barrier(num_barriers=n_wgs + 1),
         k=plgpu.Barrier(num_barriers=k_stages),
         k_free=plgpu.Barrier(num_barriers=k_stages),
@@ -1454,7 +1515,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               block_max_handoff=config.hand_over_block_max and n_wgs == 2,
               k_prefetch=config.k_prefetch,
               fp8_k_registers=config.fp8_k_in_registers and transposed,
-              ahead=ahead,
+              ahead=ahead, window=window,
               interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")

@@ -82,6 +82,22 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
   return partials, interpret_pallas_call.get_races().races_found
 
 
+def assert_partials_match_oracle(partials, q, k, v, kv_lengths, threshold,
+                                 *, num_splits, max_mode, group,
+                                 dtype=jnp.bfloat16):
+  """Partials merged by `decode.merge_partials`: outputs, visited and
+  skipped counts as the oracle's on the contiguous cache."""
+  acc, m, l, skipped, visited = partials
+  out = bj.decode.merge_partials(acc, m, l)[:, :, :group].reshape(q.shape)
+  oracle = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, block_kv=64, threshold=threshold,
+      num_splits=num_splits, max_mode=max_mode)
+  testing.assert_close(out, oracle.out, dtype)
+  np.testing.assert_array_equal(
+      np.asarray(visited.sum(-1)), np.asarray(jnp.sum(oracle.visited_mask, -1)))
+  testing.assert_skips_match(skipped.sum(-1), oracle, threshold, dtype)
+
+
 # The suite runs the default build (transposed, the compute warpgroups
 # copying V; at head_dim 64 with 64-key pages, one of them); these are the
 # two-warpgroup shapes of it, the 64-row build and the memory warpgroup's
@@ -117,20 +133,15 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
   k = k.at[1, 161:].set(jnp.nan)
   v = v.at[1, 161:].set(jnp.nan)
   pool_k, pool_v, table = testing.paged_cache(k, v, 64)
-  (acc, m, l, skipped, visited), races = run_race_checked(
+  partials, races = run_race_checked(
       q, pool_k, pool_v, table, kv_lengths, threshold, num_splits=num_splits,
       max_mode=max_mode,
       config=decode_mosaic.MosaicDecodeConfig(*stages))
   assert not races, "the race detector found a shared-memory data race"
-  group = 8 // kv_heads
-  out = bj.decode.merge_partials(acc, m, l)[:, :, :group].reshape(q.shape)
-  oracle = bj.reference.blockwise_decode_attention(
-      q, k, v, kv_lengths, block_kv=64, threshold=threshold,
-      num_splits=num_splits, max_mode=max_mode)
-  testing.assert_close(out, oracle.out, dtype)
-  np.testing.assert_array_equal(
-      np.asarray(visited.sum(-1)), np.asarray(jnp.sum(oracle.visited_mask, -1)))
-  testing.assert_skips_match(skipped.sum(-1), oracle, threshold, dtype)
+  assert_partials_match_oracle(
+      partials, q, k, v, kv_lengths, threshold, num_splits=num_splits,
+      max_mode=max_mode, group=8 // kv_heads)
+  skipped = partials[3]
   if threshold > 0:
     assert int(jnp.sum(skipped)) > 0, "inputs meant to skip did not"
   else:
@@ -310,19 +321,14 @@ def test_splits_hold_a_window_of_the_page_table(monkeypatch, max_mode,
     k = k.at[i + 1, n:].set(jnp.nan)
     v = v.at[i + 1, n:].set(jnp.nan)
   pool_k, pool_v, table = testing.paged_cache(k, v, 64)
-  (acc, m, l, skipped, visited), races = run_race_checked(
+  partials, races = run_race_checked(
       q, pool_k, pool_v, table, kv_lengths, threshold,
       num_splits=num_splits, max_mode=max_mode,
       config=decode_mosaic.MosaicDecodeConfig(**stages))
   assert not races, "the race detector found a shared-memory data race"
-  out = bj.decode.merge_partials(acc, m, l)[:, :, :4].reshape(q.shape)
-  oracle = bj.reference.blockwise_decode_attention(
-      q, k, v, kv_lengths, block_kv=64, threshold=threshold,
-      num_splits=num_splits, max_mode=max_mode)
-  testing.assert_close(out, oracle.out, dtype)
-  np.testing.assert_array_equal(
-      np.asarray(visited.sum(-1)), np.asarray(jnp.sum(oracle.visited_mask, -1)))
-  testing.assert_skips_match(skipped.sum(-1), oracle, threshold, dtype)
+  assert_partials_match_oracle(
+      partials, q, k, v, kv_lengths, threshold, num_splits=num_splits,
+      max_mode=max_mode, group=4)
 
 
 @pytest.mark.parametrize("skip,max_mode", [(True, "anchored"),
@@ -521,8 +527,12 @@ def test_small_inputs_travel_in_one_control_block(fp8, global_semaphores):
   cache = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
   config = decode_mosaic.MosaicDecodeConfig(
       global_semaphores=global_semaphores)
-  operands = mosaic_call_operands(lower_decode(
-      128, 128, 4, True, "anchored", cache, contiguous=True, config=config))
+  lowered = lower_decode(128, 128, 4, True, "anchored", cache,
+                         contiguous=True, config=config)
+  operands = mosaic_call_operands(lowered)
+  # The kernel writes the control block's semaphores: XLA must alias it
+  # (with `global_semaphores`, Pallas aliases its own zeroed buffer).
+  assert "output_operand_aliases" in lowered.as_text()
   control = "tensor<2x8x16x128x" + ("f16>" if fp8 else "bf16>")
   want = [control] + [f"tensor<64x128x8x128x{'f8E4M3FN' if fp8 else 'bf16'}>"] * 2
   if global_semaphores:
@@ -530,13 +540,42 @@ def test_small_inputs_travel_in_one_control_block(fp8, global_semaphores):
   assert operands == want
 
 
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_merge_lowers_inside_a_shard_map(check_vma):
+  """A varying control block cannot enter the kernel as a Ref under
+  `check_vma`: there the merge takes `pl.get_global` semaphores."""
+  from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  P = jax.sharding.PartitionSpec
+  sds = jax.ShapeDtypeStruct
+  h100 = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
+                                 num_cores=132, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",),
+                                   axis_types=(jax.sharding.AxisType.Auto,),
+                                   abstract_device=h100)
+  def fn(q, k, v, lengths, log_thr):
+    return decode_mosaic.decode_merged(
+        q, k, v, None, lengths, log_thr, group=4, sm_scale=0.1,
+        num_splits=4)[0]
+  pages = [sds((64, 128, 8, 128), jnp.bfloat16)] * 2
+  args = [sds((2, 8, 4, 128), jnp.bfloat16), *pages, sds((2,), jnp.int32),
+          sds((2,), jnp.float32)]
+  with jax.sharding.use_abstract_mesh(mesh):
+    mapped = jax.shard_map(
+        fn, mesh=mesh, in_specs=(P(None, "x"), P(None, None, "x"),
+                                 P(None, None, "x"), P(), P()),
+        out_specs=P(None, "x"), check_vma=check_vma)
+    lowered = jax.jit(mapped).trace(*args).lower(lowering_platforms=("cuda",))
+  operands = mosaic_call_operands(lowered)
+  assert (operands[-1] == "tensor<16xi32>") == check_vma
+
+
 @hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(st.integers(-2 ** 31, 2 ** 31 - 1))
 def test_float_from_bits_rebuilds_normal_floats(word):
   x = np.array([word], np.int32).view(np.float32)[0]
   got = float(decode_mosaic.float_from_bits(jnp.int32(word)))
-  if np.isnan(x):
-    assert np.isinf(got)
+  if np.isnan(x):   # (a NaN log λ must keep every block, as before)
+    assert np.isnan(got)
   elif abs(x) < np.finfo(np.float32).tiny:   # subnormals flush to zero
     assert got == 0.0
   else:

@@ -109,14 +109,16 @@ ROWS = 64          # wgmma M: the query heads of a group, zero-padded
 SLOT = 32          # int32/f32 words in 128 bytes (TMA alignment)
 # The control block (`control_block`): below each (sequence, KV head)'s
 # query rows, CONTROL_ROWS rows (the query's TMA reads whole 8-row tiles)
-# whose first holds 32-bit words, each as its four bytes, a 16-bit float
-# 0..255 apiece (exact in bf16 and f16, and never a NaN bit pattern that
-# an XLA pass could rewrite).
+# whose first holds the CONTROL_WORDS, 32-bit words each as its four
+# bytes, a 16-bit float 0..255 apiece (exact in bf16 and f16, and never a
+# NaN bit pattern that an XLA pass could rewrite), then the merge's
+# semaphore; zeros elsewhere.
 CONTROL_ROWS = 8
 CONTROL_WORDS = ("kv_len", "log2_threshold", "k_scale", "v_scale")
 # Halves [SEMAPHORE_AT, SEMAPHORE_AT + 2) of the row: the split-K merge's
-# semaphore of the (sequence, KV head), 0 as written.
+# semaphore of the (sequence, KV head), a raw 32-bit count, 0 as written.
 SEMAPHORE_AT = 16
+assert 4 * len(CONTROL_WORDS) <= SEMAPHORE_AT
 CONTROL_HALVES = 64   # what each warpgroup copies of the row (128 bytes)
 # Page numbers a row of the page table holds in global and shared memory
 # (TMA boxes hold <= 256 rows: up to 8192 pages a sequence in one copy).
@@ -207,7 +209,10 @@ class MosaicDecodeConfig:
     global_semaphores: the in-kernel merge's semaphores from
       `pl.get_global` (an XLA kernel zeroes them before every call)
       instead of a word of the control block, which the one XLA fusion
-      before the call writes with the query and the parameters.
+      before the call writes with the query and the parameters. (Taken
+      anyway inside a `shard_map` with `check_vma=True`, which admits no
+      varying Ref into the kernel. Under `jax.vmap` these semaphores are
+      shared by the mapped calls, so do not vmap this build.)
   """
 
   k_stages: int | None = None
@@ -558,8 +563,9 @@ def control_word(row_ref, i: int):
 def float_from_bits(word):
   """The float32 whose bits are the int32 scalar `word`, by exact
   arithmetic (Mosaic's lane lowering bitcasts arrays, not scalars):
-  normal numbers exactly, subnormals as ±0, an all-ones exponent (inf or
-  NaN) as ±inf."""
+  normal numbers exactly, subnormals as ±0, ±inf and NaN as themselves
+  (a NaN log λ, from a traced λ < 0, keeps every block, as a NaN compares
+  false)."""
   biased = (word >> 23) & 0xFF
   # |value| = significand * 2^e, the significand < 2^24 (exact in f32).
   magnitude = ((word & 0x7FFFFF) | 0x800000).astype(jnp.float32)
@@ -575,7 +581,9 @@ def float_from_bits(word):
   magnitude = magnitude * half * half
   value = jnp.where(biased == 0, 0.0,
                     jnp.where(biased == 255, jnp.inf, magnitude))
-  return jnp.where(word < 0, -value, value)
+  value = jnp.where(word < 0, -value, value)
+  return jnp.where((biased == 255) & ((word & 0x7FFFFF) != 0), jnp.nan,
+                   value)
 
 
 def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
@@ -1406,7 +1414,12 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   # per (sequence, KV head); Pallas' interpreter runs the grid in order,
   # so there the last split finds the others' partials written.
   use_semaphore = merge and num_splits > 1 and interpret is None
-  control_semaphore = use_semaphore and not config.global_semaphores
+  # Inside a shard_map that tracks varying axes (check_vma), a Ref that
+  # varies cannot enter the kernel: the semaphores come from pl.get_global.
+  axis_type = getattr(jax.typeof(ctrl), "manual_axis_type", None)
+  varying = axis_type is not None and not axis_type.empty
+  control_semaphore = (use_semaphore and not config.global_semaphores
+                       and not varying)
   if control_semaphore:   # the kernel writes the block: an aliased buffer
     ctrl = jax.new_ref(ctrl)
   inputs = [ctrl, k_pages, v_pages, *([] if contiguous else [table])]

@@ -6,7 +6,10 @@ program waits on it (an acquire) and reads them back with TMA. PTX orders
 the two proxies only through `fence.proxy.async`, which `async_proxy_fence`
 issues on both sides.
 
-`warpgroup_barrier` is a barrier of the warpgroup's threads.
+`semaphore_signal` and `semaphore_wait` do what Pallas' semaphore
+primitives do, on a 32-bit word of an ordinary input (the control block's)
+instead of a `pl.get_global` semaphore, which an XLA kernel zeroes before
+every call. `warpgroup_barrier` is a barrier of the warpgroup's threads.
 `transpose_cast` turns the transposed build's merged [head_dim, N] f32 tile
 into the [N, head_dim] rows of the output (each of the warpgroup's threads
 moves whole elements, so no layout of Mosaic's is needed for it).

@@ -21,10 +21,9 @@ copied by the memory warpgroup as it reads the decisions, or by the
 compute warpgroups that keep the blocks: the default V ring, as many V
 slots as warpgroups, one and two compute warpgroups), "wgs" (one and two
 compute warpgroups, at the shape's pages and at 128 keys), "schedule"
-(block maxima handed between the compute warpgroups, K pages prefetched
-into L2 2 or 6 positions beyond the ring, Pallas' store barriers left
-out, and all three), "fp8" (with `--fp8`: K widened in registers instead
-of shared memory, alone and with the "schedule" options), "ahead" (one or
+(block maxima handed between the compute warpgroups, Pallas' store
+barriers left out, and both), "fp8" (with `--fp8`: K widened in registers
+instead of shared memory, alone and with the "schedule" options), "ahead" (one or
 two blocks decided ahead of the one accumulated, with pages of 64 and 128
 keys), "table" (a contiguous cache, whose pages the kernel computes,
 against the same cache through a page table) and "semaphores" (the merge's
@@ -89,18 +88,14 @@ BUILDS = {
     "schedule": {
         "default": (None, Config()),
         "block max": (None, Config(hand_over_block_max=True)),
-        "prefetch 2": (None, Config(k_prefetch=2)),
-        "prefetch 6": (None, Config(k_prefetch=6)),
         "no auto barriers": (None, Config(auto_barriers=False)),
-        "all three": (None, Config(hand_over_block_max=True, k_prefetch=6,
-                                   auto_barriers=False)),
+        "both": (None, Config(hand_over_block_max=True, auto_barriers=False)),
     },
     "fp8": {
         "default": (None, Config()),
         "K regs": (None, Config(fp8_k_in_registers=True)),
-        "K regs pf 6": (None, Config(fp8_k_in_registers=True, k_prefetch=6)),
-        "K regs, all three": (None, Config(
-            fp8_k_in_registers=True, hand_over_block_max=True, k_prefetch=6,
+        "K regs, both": (None, Config(
+            fp8_k_in_registers=True, hand_over_block_max=True,
             auto_barriers=False)),
     },
     "ahead": {

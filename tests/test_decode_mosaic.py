@@ -150,11 +150,11 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
 
 # Options that change when things happen, not the arithmetic: (max_mode,
 # the build both runs share, the option). Block maxima handed between two
-# warpgroups (with L2 prefetches of K), transposed and 64 rows; blocks
+# warpgroups, transposed and 64 rows; blocks
 # decided two ahead, two warpgroups with six V slots and one with three.
 @pytest.mark.parametrize("max_mode,build,option", [
     ("anchored", dict(k_stages=2, v_stages=4, compute_wgs=2),
-     dict(hand_over_block_max=True, k_prefetch=3)),
+     dict(hand_over_block_max=True)),
     ("split", dict(k_stages=2, v_stages=4, compute_wgs=2, transposed=False),
      dict(hand_over_block_max=True)),
     ("anchored", dict(k_stages=2, v_stages=6, compute_wgs=2),
@@ -345,8 +345,11 @@ def test_long_paged_caches_keep_the_contiguous_pipeline():
   """At 512k keys in pages of 128 a whole table takes 16 KiB (two of four
   V slots); the default 16 splits' windows hold 11 rows of it."""
   config = decode_mosaic.MosaicDecodeConfig()
-  held = decode_mosaic.held_table_pages(4096, 16, anchors=True)
-  assert held == 11 * decode_mosaic.TABLE_ROW
+  window = decode_mosaic.table_window(4096, 16, anchors=True)
+  held = decode_mosaic.held_table_pages(4096, window, anchor_rows=2)
+  assert (window, held) == (9, 11 * decode_mosaic.TABLE_ROW)
+  # Without a window a program holds the whole table.
+  assert decode_mosaic.held_table_pages(4096, 0, 0) == 4096
   assert decode_mosaic.pipeline(config, 128, 128, held, group=4) == (
       decode_mosaic.pipeline(config, 128, 128, 0, group=4))
   # Few splits: a window would hold the whole table anyway.
@@ -389,9 +392,6 @@ def test_config_rejects_what_cannot_run():
   with pytest.raises(ValueError, match="compute_issues_v=True"):
     decode_mosaic.MosaicDecodeConfig(auto_barriers=False,
                                      compute_issues_v=False)
-  for bad in (-1, True, 1.5):
-    with pytest.raises(ValueError, match="k_prefetch"):
-      decode_mosaic.MosaicDecodeConfig(k_prefetch=bad)
   for bad in (0, 3, True):
     with pytest.raises(ValueError, match="decide_ahead"):
       decode_mosaic.MosaicDecodeConfig(decide_ahead=bad)
@@ -646,14 +646,14 @@ def test_64_row_build_lowers_for_cuda(d, block_kv, group, skip, cache):
 @pytest.mark.parametrize("d,block_kv,group,skip,cache,transposed", [
     (128, 128, 4, True, jnp.bfloat16, True),
     (64, 128, 8, True, jnp.float8_e4m3fn, False),
-    (128, 64, 4, False, jnp.bfloat16, True)])   # V prefetched too
+    (128, 64, 4, False, jnp.bfloat16, True)])
 @pytest.mark.parametrize("auto_barriers", [True, False])
 def test_schedule_options_lower_for_cuda(d, block_kv, group, skip, cache,
                                         transposed, auto_barriers):
   lowered = lower_decode(
       d, block_kv, group, skip, "anchored", cache,
       config=decode_mosaic.MosaicDecodeConfig(
-          hand_over_block_max=True, k_prefetch=4, compute_wgs=2,
+          hand_over_block_max=True, compute_wgs=2,
           transposed=transposed, auto_barriers=auto_barriers))
   assert "mosaic_gpu" in lowered.as_text()
 

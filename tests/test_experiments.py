@@ -480,3 +480,39 @@ def test_decode_xla_ops_lists_the_entry_kernels():
   ops = decode_xla_ops.entry_ops(compiled)
   assert ops and not any("parameter(" in o or "metadata=" in o for o in ops)
   assert any("fusion(" in o or "sine" in o for o in ops)
+
+
+def test_decode_table_cells_come_from_the_study_rows():
+  """`decode_table` picks each cell's row (dense, FP8, skip check, target
+  sparsity) and divides the right times: checked on random rows."""
+  from experiments import decode_table  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  rows, want = [], {}
+  for pattern, b, s in (("sink_local", 8, 32768), ("scattered", 8, 32768),
+                        ("smollm2", 120, 8192)):
+    base = dict(pattern=pattern, batch=b, seq_len=s, head_dim=128,
+                q_heads=32, kv_heads=8)
+    def add(impl, fp8=False, check=False, target=None):
+      t = float(rng.uniform(100, 500))
+      rows.append(dict(base, impl=impl, skip_check=check,
+                       target_sparsity=target, time_us=t,
+                       effective_tbps=float(rng.uniform(1, 6)),
+                       sparsity=target or 0.0, cache_dtype=(
+                           "float8_e4m3fn" if fp8 else "bfloat16")))
+      return t
+    for impl in ("copy", "cudnn", "pallas_triton"):
+      add(impl)
+    dense, fp8 = add("pallas_mosaic"), add("pallas_mosaic", fp8=True)
+    add("pallas_mosaic", check=True)
+    skips = [add("pallas_mosaic", check=True, target=t)
+             for t in decode_table.TARGETS]
+    add("pallas_mosaic", fp8=True, check=True, target=0.5)
+    want[pattern] = [f"({dense / fp8:.2f}×)"] + [
+        f"({dense / t:.2f}×)" for t in skips]
+  rng.shuffle(rows)
+  table = decode_table.main_table(rows, "scattered").splitlines()
+  assert len(table) == 2 + 2   # header, rule, scattered, smollm2
+  for line, pattern in zip(table[2:], ("scattered", "smollm2")):
+    cells = line.strip("| ").split(" | ")
+    assert [c.split(" ", 1)[1] for c in cells[4:]] == want[pattern]
+  assert len(decode_table.detail_table(rows).splitlines()) == 2 + 3

@@ -250,19 +250,19 @@ def test_compute_issued_v_matches_the_memory_warpgroups(kwargs, fp8,
 
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("kwargs", [
-    dict(hand_over_block_max=True), dict(k_prefetch=4),
-    dict(hand_over_block_max=True, k_prefetch=2, split_registers=True),
+    dict(hand_over_block_max=True),
+    dict(hand_over_block_max=True, split_registers=True),
     dict(hand_over_block_max=True, transposed=False),
     dict(fp8_k_in_registers=True),
     dict(decide_ahead=2, block_kv=64), dict(decide_ahead=2, compute_wgs=1),
     dict(auto_barriers=False), dict(auto_barriers=False, num_splits=1),
     dict(auto_barriers=False, transposed=False, compute_wgs=1),
     dict(auto_barriers=False, hand_over_block_max=True, decide_ahead=2,
-         k_prefetch=4, fp8_k_in_registers=True, block_kv=64),
+         fp8_k_in_registers=True, block_kv=64),
     dict(global_semaphores=True)])
 def test_schedule_options_match_the_default_build(kwargs, fp8):
   """Options that change only when or where things happen (block maxima
-  handed over, K prefetched into L2, FP8 K widened in registers, blocks
+  handed over, FP8 K widened in registers, blocks
   decided two ahead, Pallas' store barriers left out, the merge's
   semaphores from `pl.get_global`): outputs and skip
   counts bit-equal to the same build without them, anchored and split

@@ -82,10 +82,9 @@ table takes 16 KiB, two V slots' worth; 16 splits' windows 1.4 KiB).
 Options that only move work in time or place, built for measurement
 (`MosaicDecodeConfig`): `hand_over_block_max` (the two compute warpgroups
 exchange block maxima instead of running maxima, so no decision waits for
-the other's), `k_prefetch` (K pages fetched into L2 ahead of the ring),
-`fp8_k_in_registers`, `decide_ahead` (V copies started two blocks before
-they are accumulated) and `auto_barriers=False` (no Pallas barriers
-around shared-memory stores that the kernel already orders).
+the other's), `fp8_k_in_registers`, `decide_ahead` (V copies started two
+blocks before they are accumulated) and `auto_barriers=False` (no Pallas
+barriers around shared-memory stores that the kernel already orders).
 """
 
 from __future__ import annotations
@@ -180,10 +179,6 @@ class MosaicDecodeConfig:
       rule's range, acts as 1), and a warpgroup's decision waits only for
       the other's scores, not for its decision: no chain of hand-overs
       runs through the split. Six hand-over slots instead of two.
-    k_prefetch: K pages fetched into L2 this many K stream positions
-      beyond the ring (TMA prefetch, no shared memory): more of the cache
-      in flight while skipped blocks leave the V slots idle (the dense
-      build prefetches V pages too). 0: none.
     fp8_k_in_registers: FP8 pages, transposed build: each K page is
       widened to f16 in registers and fed to the score product as its A
       operand, instead of through the warpgroup's f16 tile in shared
@@ -224,7 +219,6 @@ class MosaicDecodeConfig:
   merge_in_kernel: bool = True
   compute_issues_v: bool = True
   hand_over_block_max: bool = False
-  k_prefetch: int = 0
   fp8_k_in_registers: bool = False
   decide_ahead: int = 1
   auto_barriers: bool = True
@@ -237,10 +231,6 @@ class MosaicDecodeConfig:
         continue
       if not isinstance(value, int) or value < 2:
         raise ValueError(f"`{name}` must be an int >= 2, got {value!r}.")
-    if (isinstance(self.k_prefetch, bool)
-        or not isinstance(self.k_prefetch, int) or self.k_prefetch < 0):
-      raise ValueError(f"`k_prefetch` must be an int >= 0, got "
-                       f"{self.k_prefetch!r}.")
     for name in ("split_registers", "one_barrier_vote", "transposed",
                  "merge_in_kernel", "compute_issues_v",
                  "hand_over_block_max", "fp8_k_in_registers",
@@ -434,13 +424,13 @@ def table_window(pages_per_seq: int, num_splits: int, anchors: bool) -> int:
   return window if window + 2 * anchors < whole else 0
 
 
-def held_table_pages(pages_per_seq: int, num_splits: int,
-                     anchors: bool) -> int:
-  """Page numbers a program holds in shared memory (`table_window`)."""
-  window = table_window(pages_per_seq, num_splits, anchors)
+def held_table_pages(pages_per_seq: int, window: int,
+                     anchor_rows: int) -> int:
+  """Page numbers a program holds in shared memory: `window` rows (from
+  `table_window`) and `anchor_rows` more, else (window 0) the table."""
   if not window:
     return -(-pages_per_seq // TABLE_ROW) * TABLE_ROW
-  return (window + 2 * anchors) * TABLE_ROW
+  return (window + anchor_rows) * TABLE_ROW
 
 
 def fits(config, head_dim, block_kv, pages_per_seq, fp8=False,
@@ -593,8 +583,8 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
             anchored, k_stages, v_stages, compute_wgs, split_registers,
             transposed, kv_heads, merge_slots, pages_per_seq,
             compute_issues_v,
-            block_max_handoff, k_prefetch, fp8_k_registers, ahead,
-            window, interpret):
+            block_max_handoff, fp8_k_registers, ahead,
+            window, anchor_rows, interpret):
   # ctrl_ref [b, hkv, R + CONTROL_ROWS, d] (`control_block`: the query
   # tile, then the words kv_len, log2 λ and, FP8 pages, the K and V
   # scales); k_ref, v_ref [n_pages, block_kv, hkv, d]; table_ref int32 [b,
@@ -627,26 +617,30 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       bars.params.at[wg])
   plgpu.barrier_wait(bars.params.at[wg])
   kv_len = control_word(params, 0)
-  log2_thr = float_from_bits(control_word(params, 1))
+
+  # The merge's semaphore, chosen once: the control block's word (inline
+  # Mosaic) or this (sequence, KV head)'s `pl.get_global` one.
+  control_semaphore = isinstance(sem, str)
+  if control_semaphore:
+    sem = ctrl_ref.at[batch, kv_head, rows, pl.ds(SEMAPHORE_AT, 2)]
+  elif sem is not None:
+    sem = sem.at[batch * kv_heads + kv_head]
 
   def merge_signal():
     """This warpgroup's partial is written: one count for the merger."""
-    if isinstance(sem, str):   # "control"
-      mosaic_merge.semaphore_signal(
-          ctrl_ref.at[batch, kv_head, rows, pl.ds(SEMAPHORE_AT, 2)])
+    if control_semaphore:
+      mosaic_merge.semaphore_signal(sem)
     else:
-      plgpu.semaphore_signal(sem.at[batch * kv_heads + kv_head], 1,
-                             memory_scope="gpu")
+      plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
 
   def merge_wait(count):
     """Until `count` partials are signalled (taking them: the semaphore is
     0 again when the kernel ends)."""
-    if isinstance(sem, str):   # "control"
-      mosaic_merge.semaphore_wait(
-          ctrl_ref.at[batch, kv_head, rows, pl.ds(SEMAPHORE_AT, 2)], count)
+    if control_semaphore:
+      mosaic_merge.semaphore_wait(sem, count)
     else:
-      plgpu.semaphore_wait(sem.at[batch * kv_heads + kv_head], count,
-                           memory_scope="gpu")
+      plgpu.semaphore_wait(sem, count, memory_scope="gpu")
+
   start, end, n_blocks = _split_range(kv_len, split, num_splits, block_kv)
   n = jnp.maximum(end - start, 0)               # this split's blocks
   # "anchored": the sequence's first and last blocks come first in the K
@@ -654,8 +648,6 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   n_anchor = (jnp.where(n_blocks > 0, 2, 0) if anchored and skip_enabled
               else jnp.int32(0))
   n_k = n_anchor + n
-  # The anchors' table rows, held apart when the table is windowed.
-  n_anchor_rows = 2 if window and anchored and skip_enabled else 0
 
   def k_block(kp):
     """Logical block of K stream position kp."""
@@ -680,7 +672,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     row = block // TABLE_ROW
     if window:   # in the window, else an anchor: block 0's row or the last
       row = row - first_row
-      if n_anchor_rows:
+      if anchor_rows:
         row = jnp.where((row >= 0) & (row < window), row,
                         jnp.where(block < TABLE_ROW, window, window + 1))
     return sc.table[row, block % TABLE_ROW]
@@ -820,6 +812,9 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     if compute_issues_v and sc.table is not None:   # the pages of the V
       plgpu.barrier_wait(bars.table)                # copies it issues
     scale = sm_scale * LOG2E
+    # log2 λ, for the votes (the memory warpgroup needs only kv_len).
+    log2_thr = (float_from_bits(control_word(params, 1)) if skip_enabled
+                else None)
     v_scale = None
     wide = p_smem = None
     if fp8:   # this warpgroup's control row holds the scales
@@ -1155,7 +1150,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       # copy)
       plgpu.copy_gmem_to_smem(table_ref.at[batch, pl.ds(first_row, window)],
                               sc.table.at[pl.ds(0, window)], bars.table)
-      if n_anchor_rows:
+      if anchor_rows:
         for i, row in enumerate((0, last_row)):
           plgpu.copy_gmem_to_smem(table_ref.at[batch, pl.ds(row, 1)],
                                   sc.table.at[pl.ds(window + i, 1)],
@@ -1171,21 +1166,8 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
           k_ref.at[page(k_block(kp)), pl.ds(0, block_kv), kv_head],
           sc.k.at[slot], bars.k.at[slot])
 
-    def prefetch_k(kp):
-      """K position kp into L2 (`k_prefetch`); the dense build, whose
-      compute warpgroups copy every V page, its block's V too."""
-      def fetch():
-        block = page(k_block(kp))
-        plgpu.async_prefetch(k_ref.at[block, pl.ds(0, block_kv), kv_head])
-        if not skip_enabled:
-          plgpu.async_prefetch(v_ref.at[block, pl.ds(0, block_kv), kv_head])
-      pl.when(kp < n_k)(fetch)
-
     def refill_k(kp):
-      """K position kp + k_stages into kp's slot once it is free (and,
-      with `k_prefetch`, position kp + k_stages + k_prefetch into L2)."""
-      if k_prefetch:
-        prefetch_k(kp + k_stages + k_prefetch)
+      """K position kp + k_stages into kp's slot once it is free."""
 
       @pl.when(kp + k_stages < n_k)
       def _():
@@ -1194,8 +1176,6 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
     for i in range(k_stages):
       pl.when(i < n_k)(functools.partial(issue_k, jnp.int32(i)))
-    for i in range(k_stages, k_stages + k_prefetch):
-      prefetch_k(jnp.int32(i))
 
     if compute_issues_v:   # K only: each slot refilled as soon as it frees
       pl.loop(0, n_k)(refill_k)
@@ -1354,12 +1334,14 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
           f"Without a page table the pages are the contiguous cache's, "
           f"batch * pages_per_seq of them; got {n_pages} pages for batch "
           f"{b}. Pass `page_table`.")
-    pages_per_seq, table_pages, window = n_pages // b, 0, 0
+    pages_per_seq, table_pages, window, anchor_rows = n_pages // b, 0, 0, 0
     table = None
   else:
     pages_per_seq = page_table.shape[1]
     window = table_window(pages_per_seq, num_splits, anchors)
-    table_pages = held_table_pages(pages_per_seq, num_splits, anchors)
+    # The anchors' two rows, held apart from a window.
+    anchor_rows = 2 if window and anchors else 0
+    table_pages = held_table_pages(pages_per_seq, window, anchor_rows)
     width = -(-pages_per_seq // TABLE_ROW) * TABLE_ROW
     table = jnp.pad(page_table.astype(jnp.int32),
                     ((0, 0), (0, width - pages_per_seq))).reshape(
@@ -1490,7 +1472,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
     barriers = _Barriers(
         q=plgpu.Barrier(),
         table=(None if contiguous else plgpu.Barrier(
-            num_arrivals=3 if window and anchors else 1)),
+            num_arrivals=1 + anchor_rows)),
         params=plgpu.Barrier(num_barriers=n_wgs + 1),
         k=plgpu.Barrier(num_barriers=k_stages),
         k_free=plgpu.Barrier(num_barriers=k_stages),
@@ -1526,9 +1508,8 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               pages_per_seq=pages_per_seq,
               compute_issues_v=config.compute_issues_v,
               block_max_handoff=config.hand_over_block_max and n_wgs == 2,
-              k_prefetch=config.k_prefetch,
               fp8_k_registers=config.fp8_k_in_registers and transposed,
-              ahead=ahead, window=window,
+              ahead=ahead, window=window, anchor_rows=anchor_rows,
               interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")

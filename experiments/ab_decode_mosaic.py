@@ -23,7 +23,9 @@ slots as warpgroups, one and two compute warpgroups), "wgs" (one and two
 compute warpgroups, at the shape's pages and at 128 keys), "schedule"
 (block maxima handed between the compute warpgroups, Pallas' store
 barriers left out, and both), "fp8" (with `--fp8`: K widened in registers
-instead of shared memory, alone and with the "schedule" options), "ahead" (one or
+instead of shared memory, alone and with the "schedule" options; the
+registers handed from the memory warpgroup to the compute warpgroups, with
+which the FP8 build at head_dim 128 spills none, `decode_ptxas`), "ahead" (one or
 two blocks decided ahead of the one accumulated, with pages of 64 and 128
 keys), "table" (a contiguous cache, whose pages the kernel computes,
 against the same cache through a page table) and "semaphores" (the merge's
@@ -97,6 +99,9 @@ BUILDS = {
         "K regs, both": (None, Config(
             fp8_k_in_registers=True, hand_over_block_max=True,
             auto_barriers=False)),
+        "split regs": (None, Config(split_registers=True)),
+        "K regs, split regs": (None, Config(fp8_k_in_registers=True,
+                                            split_registers=True)),
     },
     "ahead": {
         "p64": (64, Config()),

@@ -2,12 +2,12 @@ r"""What XLA runs around the Hopper decode kernel, compiled without a GPU.
 
     pip install "jax[cuda13]==0.11.2"      # the CUDA plugin; no GPU needed
     JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 JAX_PLATFORMS=cpu \
-        python -m experiments.decode_xla_ops --fp8
+        python -m experiments.decode_xla_ops --with_fp8
 
 XLA's GPU compiler runs ahead of time from a description of the target
-(`TARGET`: an H200), so the optimized HLO of a `decode_attention` call, and
+(`h200_target.TARGET`: an H200), so the optimized HLO of a `decode_attention` call, and
 with it every kernel XLA launches before and after the Mosaic GPU call,
-can be read on a machine without a GPU. Each small kernel costs a few
+can be read on a machine without a GPU (`h200_target`). Each small kernel costs a few
 microseconds of a decode step (docs/decode_h200.md, "Time outside the
 kernel"). Prints, per shape of `testing.DECODE_BENCH_SHAPES` (dense and
 skipping builds), the instructions of the entry computation other than
@@ -21,44 +21,17 @@ import re
 from absl import app
 from absl import flags
 import jax
-from jax.experimental import topologies
 import jax.numpy as jnp
 
 import blasst_jax as bj
 from blasst_jax import testing
-from blasst_jax.ops import base as ops_base
+from experiments import h200_target
 
-_FP8 = flags.DEFINE_bool("fp8", False, "Also FP8 (e4m3) pages.")
+_WITH_FP8 = flags.DEFINE_bool("with_fp8", False, "FP8 (e4m3) pages too.")
 _STATS = flags.DEFINE_bool("stats", False,
                            "Return the stats too (an XLA kernel after).")
 _SPLITS = flags.DEFINE_integer("num_splits", 4, "Split-K factor.")
 
-# An H200 as XLA's GPU compiler sees it (`GpuTargetConfigProto`).
-TARGET = """
-gpu_device_info {
-  cuda_compute_capability { major: 9 minor: 0 }
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_block_optin: 232448
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: 4800000000000
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: 150000000000
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 10 patch: 0 }
-device_description_str: "NVIDIA H200"
-"""
 _SKIPPED = ("parameter(", "bitcast(", "get-tuple-element(")
 
 
@@ -78,15 +51,8 @@ def entry_ops(compiled) -> list[str]:
 def main(argv):
   del argv
   print(f"jax={jax.__version__}, target: an H200 (sm_90), no GPU attached")
-  topology = topologies.get_topology_desc(
-      "h200", platform="cuda", target_config=TARGET, topology="1x1x1")
-  sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
-  # The op picks the Hopper kernel where it would run on this target.
-  ops_base.on_gpu = lambda backend=None: True
-  ops_base.is_hopper = lambda device=None: True
-  sds = lambda shape, dtype: jax.ShapeDtypeStruct(  # pylint: disable=g-long-lambda
-      shape, dtype, sharding=sharding)
-  caches = [jnp.bfloat16] + ([jnp.float8_e4m3fn] if _FP8.value else [])
+  sds = h200_target.h200_arrays()
+  caches = [jnp.bfloat16] + ([jnp.float8_e4m3fn] if _WITH_FP8.value else [])
   for shape in testing.DECODE_BENCH_SHAPES:
     b, hq, hkv, n, d = shape.bench_tuple
     for cache in caches:

@@ -84,13 +84,13 @@ def run_race_checked(q, k_pages, v_pages, table, kv_lengths, threshold,
 
 def assert_partials_match_oracle(partials, q, k, v, kv_lengths, threshold,
                                  *, num_splits, max_mode, group,
-                                 dtype=jnp.bfloat16):
+                                 dtype=jnp.bfloat16, block_kv=64):
   """Partials merged by `decode.merge_partials`: outputs, visited and
   skipped counts as the oracle's on the contiguous cache."""
   acc, m, l, skipped, visited = partials
   out = bj.decode.merge_partials(acc, m, l)[:, :, :group].reshape(q.shape)
   oracle = bj.reference.blockwise_decode_attention(
-      q, k, v, kv_lengths, block_kv=64, threshold=threshold,
+      q, k, v, kv_lengths, block_kv=block_kv, threshold=threshold,
       num_splits=num_splits, max_mode=max_mode)
   testing.assert_close(out, oracle.out, dtype)
   np.testing.assert_array_equal(
@@ -210,6 +210,39 @@ def test_decide_ahead_merges_short_splits_in_the_kernel():
   np.testing.assert_array_equal(
       np.asarray(visited), np.asarray(jnp.sum(oracle.visited_mask, -1)))
   testing.assert_skips_match(skipped, oracle, 1e-2, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pages_of_128_keys_ending_in_either_half(fp8):
+  """Pages of 128 keys are widened (FP8) and cleared past the length 64
+  keys at a time (`WIDEN_KEYS`): lengths ending in a page's first and in
+  its second half, NaN past them, race-checked against the oracle (on the
+  dequantized cache for FP8). Dense: every block's V is accumulated."""
+  shape = testing.DecodeShape(batch=2, q_heads=8, kv_heads=2, max_len=384,
+                              head_dim=64)
+  key = testing.key_for("decode_mosaic_p128", fp8)
+  kv_lengths = jnp.array([128 + 30, 256 + 100], jnp.int32)
+  if fp8:
+    cache = testing.fp8_cache(key, shape)
+    q, k, v = cache.q, cache.k8, cache.v8
+    scales = (cache.k_scale, cache.v_scale)
+  else:
+    (q, k, v), scales = shape.inputs(key, dtype=jnp.bfloat16), ()
+  for i, n in enumerate((128 + 30, 256 + 100)):
+    k = k.at[i, n:].set(jnp.nan)
+    v = v.at[i, n:].set(jnp.nan)
+  pool_k, pool_v, table = testing.paged_cache(k, v, 128)
+  partials, races = run_race_checked(
+      q, pool_k, pool_v, table, kv_lengths, 0.0, *scales, num_splits=2,
+      max_mode="anchored",
+      config=decode_mosaic.MosaicDecodeConfig(merge_in_kernel=False))
+  assert not races, "the race detector found a shared-memory data race"
+  if fp8:
+    k, v = (x.astype(jnp.float32) * scale[:, None]
+            for x, scale in zip((k, v), scales))
+  assert_partials_match_oracle(
+      partials, q.astype(k.dtype), k, v, kv_lengths, 0.0, num_splits=2,
+      max_mode="anchored", group=4, block_kv=128)
 
 
 def test_fp8_k_in_registers_matches_the_widened_tile():

@@ -516,3 +516,27 @@ def test_decode_table_cells_come_from_the_study_rows():
     cells = line.strip("| ").split(" | ")
     assert [c.split(" ", 1)[1] for c in cells[4:]] == want[pattern]
   assert len(decode_table.detail_table(rows).splitlines()) == 2 + 3
+
+
+def test_decode_ptxas_reads_the_report_and_captures_file_descriptors():
+  """`decode_ptxas` takes the largest kernel's registers and spills from
+  ptxas' report, says when there is none, and captures what is written to
+  the process' file descriptors (where ptxas' report goes)."""
+  from experiments import decode_ptxas  # pylint: disable=g-import-not-at-top
+  regs, spill = np.random.default_rng(1).integers(40, 255, size=2)
+  report = (
+      "ptxas info    : Used 12 registers, used 1 barriers\n"
+      "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+      f"ptxas info    : Used {regs} registers, used 16 barriers\n"
+      f"    {spill + 8} bytes stack frame, {spill} bytes spill stores, "
+      f"{spill + 4} bytes spill loads\n")
+  assert decode_ptxas.ptxas_report(report) == dict(
+      registers=regs, stack=spill + 8, spill_stores=spill,
+      spill_loads=spill + 4)
+  with pytest.raises(ValueError, match="MOSAIC_GPU_DUMP_PTXAS"):
+    decode_ptxas.ptxas_report("compiled\n")
+  out = []
+  with decode_ptxas.captured_output(out):
+    os.write(1, b"to stdout ")
+    os.write(2, b"to stderr")
+  assert out == ["to stdout to stderr"]

@@ -263,6 +263,9 @@ MAX_K_STAGES = 4
 # setmaxnreg with two compute warpgroups (`split_registers`): (compute,
 # memory) registers a thread, 2 x 232 + 40 of the 512 a thread slot allows.
 REGISTERS = (232, 40)
+# Keys of an FP8 page widened at a time (a whole page of 128 at head_dim
+# 128 spills registers).
+WIDEN_KEYS = 64
 MAX_SHARED_MEMORY = 232448   # per block on H100/H200 (227 KiB)
 # Pallas places every shared-memory buffer at a multiple of 1 KiB.
 SMEM_ALIGNMENT = 1024
@@ -825,10 +828,13 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       p_smem = sc.p.at[w]
 
     def widen(page_ref):
-      """An FP8 page into this warpgroup's f16 tile (exact)."""
-      page8 = plgpu.load(page_ref, layout=plgpu.Layout.WGMMA_8BIT,
-                         optimized=False)
-      wide[...] = page8.astype(jnp.float16)
+      """An FP8 page into this warpgroup's f16 tile (exact), 64 keys at a
+      time: a whole page of 128 keys at once spills registers."""
+      for keys in range(0, block_kv, WIDEN_KEYS):
+        chunk = pl.ds(keys, WIDEN_KEYS)   # (block_kv: a multiple of 64)
+        page8 = plgpu.load(page_ref.at[chunk],
+                           layout=plgpu.Layout.WGMMA_8BIT, optimized=False)
+        wide.at[chunk][...] = page8.astype(jnp.float16)
       plgpu.commit_smem()
       return wide
     tile = (block_kv, rows) if transposed else (rows, block_kv)
@@ -972,12 +978,19 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
       def zero_past_end(v_tile):
         # Past kv_len a page may hold anything, NaN included: 0·NaN must
-        # not reach the accumulator.
-        v = plgpu.load(v_tile, layout=plgpu.Layout.WGMMA)
-        keys = plgpu.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0,
-                                      layout=plgpu.Layout.WGMMA)
-        keys = keys + (start + vp) * block_kv
-        v_tile[...] = jnp.where(keys < kv_len, v, jnp.zeros_like(v))
+        # not reach the accumulator. 64 keys at a time, those holding a
+        # key past kv_len (a whole page in registers spills them).
+        for first in range(0, block_kv, WIDEN_KEYS):
+          chunk = pl.ds(first, WIDEN_KEYS)
+
+          @pl.when((start + vp) * block_kv + first + WIDEN_KEYS > kv_len)
+          def _():
+            v = plgpu.load(v_tile.at[chunk], layout=plgpu.Layout.WGMMA)
+            keys = plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
+                                          layout=plgpu.Layout.WGMMA)
+            keys = keys + (start + vp) * block_kv + first
+            v_tile.at[chunk][...] = jnp.where(keys < kv_len, v,
+                                              jnp.zeros_like(v))
         plgpu.commit_smem()
 
       def kept():

@@ -263,8 +263,8 @@ MAX_K_STAGES = 4
 # setmaxnreg with two compute warpgroups (`split_registers`): (compute,
 # memory) registers a thread, 2 x 232 + 40 of the 512 a thread slot allows.
 REGISTERS = (232, 40)
-# Keys of an FP8 page widened at a time (a whole page of 128 at head_dim
-# 128 spills registers).
+# Keys of a page widened (FP8) or cleared past the length at a time: a
+# whole page of 128 keys in registers at head_dim 128 spills them.
 WIDEN_KEYS = 64
 MAX_SHARED_MEMORY = 232448   # per block on H100/H200 (227 KiB)
 # Pallas places every shared-memory buffer at a multiple of 1 KiB.

@@ -25,9 +25,9 @@ compute warpgroups, at the shape's pages and at 128 keys), "schedule"
 barriers left out, and both), "fp8" (with `--fp8`: K widened in registers
 instead of shared memory, alone and with the "schedule" options; the
 registers handed from the memory warpgroup to the compute warpgroups, with
-which the FP8 build at head_dim 128 spills none, `decode_ptxas`), "ahead" (one or
-two blocks decided ahead of the one accumulated, with pages of 64 and 128
-keys), "table" (a contiguous cache, whose pages the kernel computes,
+which the FP8 build at head_dim 128 spills none, `decode_ptxas`), "ahead"
+(one or two blocks decided ahead of the one accumulated, with pages of 64
+and 128 keys), "table" (a contiguous cache, whose pages the kernel computes,
 against the same cache through a page table) and "semaphores" (the merge's
 semaphores in the control block, or from `pl.get_global`, which adds the
 XLA kernel that zeroes them before every call).

@@ -10,8 +10,9 @@ XLA compiles the Mosaic GPU call ahead of time (`h200_target`), and
 Mosaic GPU runs ptxas on it then; with MOSAIC_GPU_DUMP_PTXAS set, ptxas
 reports each build's registers a thread, stack frame and spilled bytes.
 A spill in the block loop is a local-memory round trip on the decision's
-path. The builds are `experiments.ab_decode_mosaic`'s sets (`--set`) on its
-shapes (`--shape_ids`), dense (λ = 0) and skipping, on the page dtypes `--caches`.
+path. The builds are `experiments.ab_decode_mosaic`'s sets (`--set`) on
+its shapes (`--shape_ids`), dense (λ = 0) and skipping, on the page dtypes
+`--caches`.
 """
 
 from __future__ import annotations
@@ -68,15 +69,17 @@ def captured_output(out: list):
 
 def ptxas_report(text: str) -> dict:
   """{"registers", "stack", "spill_stores", "spill_loads"} of the kernel
-  ptxas reported in `text` (the largest, if several)."""
+  ptxas reported in `text` (the one with the most registers, if several:
+  ptxas reports each function's frame and spills, then its registers)."""
   used = [int(n) for n in _USED.findall(text)]
-  spills = [tuple(map(int, m)) for m in _SPILLS.findall(text)]
   if not used:
     raise ValueError("No ptxas report in the output: is "
                      "MOSAIC_GPU_DUMP_PTXAS set, and jax's CUDA plugin "
                      "installed?")
-  stack, stores, loads = max(spills) if spills else (0, 0, 0)
-  return dict(registers=max(used), stack=stack, spill_stores=stores,
+  frames = [tuple(map(int, m)) for m in _SPILLS.findall(text)]
+  frames = frames if len(frames) == len(used) else [(0, 0, 0)] * len(used)
+  registers, (stack, stores, loads) = max(zip(used, frames))
+  return dict(registers=registers, stack=stack, spill_stores=stores,
               spill_loads=loads)
 
 

@@ -16,6 +16,7 @@ copy's TB/s, the skip check at λ = 0 and the sparsities reached.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Sequence
 
@@ -26,8 +27,12 @@ _PATTERN = flags.DEFINE_string(
     "pattern", "sink_local", "The synthetic pattern of the main table's "
     "rows (real-model caches are always added).")
 _DETAIL = flags.DEFINE_bool("detail", False, "Also print the detail table.")
+_MODE = flags.DEFINE_string("mode", "anchored",
+                            "Our kernel's max_mode (the study runs several).")
 
 SYNTHETIC = ("sink_local", "scattered")
+# How the README names the real-model caches.
+CACHE_NAMES = {"smollm2": "SmolLM2-135M's caches"}
 TARGETS = (0.3, 0.5, 0.7, 0.9)
 _MOSAIC, _FP8 = "pallas_mosaic", "float8_e4m3fn"
 
@@ -50,12 +55,15 @@ def caches(rows) -> list[tuple]:
       SYNTHETIC.index(c[0]) if c[0] in SYNTHETIC else len(SYNTHETIC)))
 
 
-def find(rows, cache, impl, *, fp8=False, check=False, target=None):
+def find(rows, cache, impl, *, fp8=False, check=False, target=None,
+         mode="anchored"):
   """The row of `impl` on `cache`: its dense build (check False), its skip
-  build at λ = 0 (check True, target None) or at a target sparsity."""
+  build at λ = 0 (check True, target None) or at a target sparsity; our
+  kernels' rows in max_mode `mode` (the baselines' are "dense")."""
   for r in rows:
     if ((r["pattern"], r["batch"], r["seq_len"], r["head_dim"], r["q_heads"],
          r["kv_heads"]) == cache and r["impl"] == impl
+        and r["mode"] in (mode, "dense")
         and (r.get("cache_dtype") == _FP8) == fp8
         and bool(r.get("skip_check")) == check
         and r.get("target_sparsity") == target):
@@ -68,7 +76,9 @@ def _label(cache) -> str:
   shape = f"batch {b}, {s // 1024}k"
   if (d, hq, hkv) != (128, 32, 8):
     shape += f", d{d}, {hq} / {hkv} heads"
-  return shape if pattern in SYNTHETIC else f"{pattern}: {shape}"
+  if pattern in SYNTHETIC:
+    return shape
+  return f"{CACHE_NAMES.get(pattern, pattern)}: {shape}"
 
 
 def _time(r) -> str:
@@ -82,40 +92,42 @@ def _speedup(base, r, sparsity=False) -> str:
   return text + (f", {100 * r['sparsity']:.0f} %)" if sparsity else ")")
 
 
-def main_table(rows, pattern: str = "sink_local") -> str:
+def main_table(rows, pattern: str = "sink_local",
+               mode: str = "anchored") -> str:
   lines = ["| shape | cuDNN | Triton dense | Mosaic dense | Mosaic FP8 cache | "
            + " | ".join(f"{100 * t:.0f} %" for t in TARGETS) + " |",
            "|---" * (5 + len(TARGETS)) + "|"]
   for cache in caches(rows):
     if cache[0] in SYNTHETIC and cache[0] != pattern:
       continue
-    dense = find(rows, cache, _MOSAIC)
+    dense = find(rows, cache, _MOSAIC, mode=mode)
     cells = [_label(cache), _time(find(rows, cache, "cudnn")),
-             _time(find(rows, cache, "pallas_triton")), _time(dense),
-             _speedup(dense, find(rows, cache, _MOSAIC, fp8=True))]
+             _time(find(rows, cache, "pallas_triton", mode=mode)),
+             _time(dense),
+             _speedup(dense, find(rows, cache, _MOSAIC, fp8=True, mode=mode))]
     cells += [_speedup(dense, find(rows, cache, _MOSAIC, check=True,
-                                   target=t)) for t in TARGETS]
+                                   target=t, mode=mode)) for t in TARGETS]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def detail_table(rows) -> str:
-  lines = ["| cache | copy TB/s (read + written) | Mosaic dense | check at λ = 0 "
-           "| FP8 dense | " + " | ".join(f"{100 * t:.0f} %" for t in TARGETS)
+def detail_table(rows, mode: str = "anchored") -> str:
+  lines = ["| cache | copy TB/s (read + written) | Mosaic dense "
+           "| check at λ = 0 | FP8 dense | "
+           + " | ".join(f"{100 * t:.0f} %" for t in TARGETS)
            + " | FP8 " + " / ".join(f"{100 * t:.0f}" for t in TARGETS)
            + " % |", "|---" * (6 + len(TARGETS)) + "|"]
+  ours = functools.partial(find, rows, impl=_MOSAIC, mode=mode)
   for cache in caches(rows):
-    dense, fp8 = find(rows, cache, _MOSAIC), find(rows, cache, _MOSAIC,
-                                                  fp8=True)
-    copy, check = find(rows, cache, "copy"), find(rows, cache, _MOSAIC,
-                                                  check=True)
+    dense, fp8 = ours(cache), ours(cache, fp8=True)
+    copy, check = find(rows, cache, "copy"), ours(cache, check=True)
     cells = [(f"{cache[0]}, " if cache[0] in SYNTHETIC else "")
              + _label(cache),
              f"{2 * copy['effective_tbps']:.2f}" if copy else "—",
              _time(dense), _speedup(dense, check), _time(fp8)]
-    cells += [_speedup(dense, find(rows, cache, _MOSAIC, check=True,
-                                   target=t), sparsity=True) for t in TARGETS]
-    fp8_skips = [find(rows, cache, _MOSAIC, fp8=True, check=True, target=t)
+    cells += [_speedup(dense, ours(cache, check=True, target=t),
+                       sparsity=True) for t in TARGETS]
+    fp8_skips = [ours(cache, fp8=True, check=True, target=t)
                  for t in TARGETS]
     cells.append(" / ".join(f"{fp8['time_us'] / r['time_us']:.2f}"
                             if fp8 and r else "—" for r in fp8_skips))
@@ -127,10 +139,10 @@ def main(argv):
   if len(argv) < 2:
     raise app.UsageError("Give the decode study's JSON files.")
   rows = load_rows(argv[1:])
-  print(main_table(rows, _PATTERN.value))
+  print(main_table(rows, _PATTERN.value, _MODE.value))
   if _DETAIL.value:
     print()
-    print(detail_table(rows))
+    print(detail_table(rows, _MODE.value))
 
 
 if __name__ == "__main__":

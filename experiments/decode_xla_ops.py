@@ -5,10 +5,10 @@ r"""What XLA runs around the Hopper decode kernel, compiled without a GPU.
         python -m experiments.decode_xla_ops --with_fp8
 
 XLA's GPU compiler runs ahead of time from a description of the target
-(`h200_target.TARGET`: an H200), so the optimized HLO of a `decode_attention` call, and
-with it every kernel XLA launches before and after the Mosaic GPU call,
-can be read on a machine without a GPU (`h200_target`). Each small kernel costs a few
-microseconds of a decode step (docs/decode_h200.md, "Time outside the
+(`h200_target`: an H200), so the optimized HLO of a `decode_attention`
+call, and with it every kernel XLA launches before and after the Mosaic
+GPU call, can be read on a machine without a GPU. Each small kernel costs
+a few microseconds of a decode step (docs/decode_h200.md, "Time outside the
 kernel"). Prints, per shape of `testing.DECODE_BENCH_SHAPES` (dense and
 skipping builds), the instructions of the entry computation other than
 parameters, bitcasts and tuple reads.

@@ -150,8 +150,8 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
 
 # Options that change when things happen, not the arithmetic: (max_mode,
 # the build both runs share, the option). Block maxima handed between two
-# warpgroups, transposed and 64 rows; blocks
-# decided two ahead, two warpgroups with six V slots and one with three.
+# warpgroups, transposed and 64 rows; blocks decided two ahead, two
+# warpgroups with six V slots and one with three.
 @pytest.mark.parametrize("max_mode,build,option", [
     ("anchored", dict(k_stages=2, v_stages=4, compute_wgs=2),
      dict(hand_over_block_max=True)),
@@ -237,9 +237,8 @@ def test_pages_of_128_keys_ending_in_either_half(fp8):
       max_mode="anchored",
       config=decode_mosaic.MosaicDecodeConfig(merge_in_kernel=False))
   assert not races, "the race detector found a shared-memory data race"
-  if fp8:
-    k, v = (x.astype(jnp.float32) * scale[:, None]
-            for x, scale in zip((k, v), scales))
+  if fp8:   # the NaN-filled pages, dequantized
+    k, v = testing.Fp8Cache(q, k, v, *scales).dequantized()
   assert_partials_match_oracle(
       partials, q.astype(k.dtype), k, v, kv_lengths, 0.0, num_splits=2,
       max_mode="anchored", group=4, block_kv=128)

@@ -483,39 +483,52 @@ def test_decode_xla_ops_lists_the_entry_kernels():
 
 
 def test_decode_table_cells_come_from_the_study_rows():
-  """`decode_table` picks each cell's row (dense, FP8, skip check, target
-  sparsity) and divides the right times: checked on random rows."""
+  """`decode_table` picks each cell's row (baseline, dense, FP8, skip
+  check, target sparsity, in the asked max_mode: the study runs several)
+  and divides the right times: checked on random rows."""
   from experiments import decode_table  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  rows, want = [], {}
+  rows, want, want_check = [], {}, {}
   for pattern, b, s in (("sink_local", 8, 32768), ("scattered", 8, 32768),
                         ("smollm2", 120, 8192)):
     base = dict(pattern=pattern, batch=b, seq_len=s, head_dim=128,
                 q_heads=32, kv_heads=8)
-    def add(impl, fp8=False, check=False, target=None):
-      t = float(rng.uniform(100, 500))
-      rows.append(dict(base, impl=impl, skip_check=check,
-                       target_sparsity=target, time_us=t,
-                       effective_tbps=float(rng.uniform(1, 6)),
-                       sparsity=target or 0.0, cache_dtype=(
-                           "float8_e4m3fn" if fp8 else "bfloat16")))
-      return t
-    for impl in ("copy", "cudnn", "pallas_triton"):
-      add(impl)
-    dense, fp8 = add("pallas_mosaic"), add("pallas_mosaic", fp8=True)
-    add("pallas_mosaic", check=True)
-    skips = [add("pallas_mosaic", check=True, target=t)
-             for t in decode_table.TARGETS]
-    add("pallas_mosaic", fp8=True, check=True, target=0.5)
-    want[pattern] = [f"({dense / fp8:.2f}×)"] + [
-        f"({dense / t:.2f}×)" for t in skips]
+    def add(impl, mode, fp8=False, check=False, target=None):
+      row = dict(base, impl=impl, mode=mode, skip_check=check,
+                 target_sparsity=target,
+                 time_us=float(rng.uniform(100, 500)),
+                 effective_tbps=float(rng.uniform(1, 6)),
+                 sparsity=target or 0.0,
+                 cache_dtype="float8_e4m3fn" if fp8 else "bfloat16")
+      rows.append(row)
+      return row
+    baselines = [add("copy", "dense"), add("cudnn", "dense")]
+    for mode in ("split", "anchored"):   # split: rows the table must skip
+      triton = add("pallas_triton", mode)
+      dense = add("pallas_mosaic", mode)
+      fp8 = add("pallas_mosaic", mode, fp8=True)
+      check = add("pallas_mosaic", mode, check=True)
+      skips = [add("pallas_mosaic", mode, check=True, target=t)
+               for t in decode_table.TARGETS]
+      add("pallas_mosaic", mode, fp8=True, check=True, target=0.5)
+    t = lambda r: r["time_us"]  # pylint: disable=unnecessary-lambda-assignment
+    want[pattern] = [
+        f"{t(r):.0f} ({r['effective_tbps']:.2f})"
+        for r in (baselines[1], triton, dense)] + [
+            f"{t(r):.0f} ({t(dense) / t(r):.2f}×)" for r in (fp8, *skips)]
+    want_check[pattern] = f"{t(check):.0f} ({t(dense) / t(check):.2f}×)"
   rng.shuffle(rows)
   table = decode_table.main_table(rows, "scattered").splitlines()
   assert len(table) == 2 + 2   # header, rule, scattered, smollm2
   for line, pattern in zip(table[2:], ("scattered", "smollm2")):
     cells = line.strip("| ").split(" | ")
-    assert [c.split(" ", 1)[1] for c in cells[4:]] == want[pattern]
-  assert len(decode_table.detail_table(rows).splitlines()) == 2 + 3
+    assert cells[1:] == want[pattern]
+  assert table[3].startswith("| SmolLM2-135M's caches: batch 120, 8k")
+  detail = decode_table.detail_table(rows).splitlines()
+  assert len(detail) == 2 + 3
+  for line, pattern in zip(detail[2:], ("sink_local", "scattered",
+                                        "smollm2")):
+    assert line.split(" | ")[3] == want_check[pattern]
 
 
 def test_decode_ptxas_reads_the_report_and_captures_file_descriptors():
@@ -524,12 +537,14 @@ def test_decode_ptxas_reads_the_report_and_captures_file_descriptors():
   the process' file descriptors (where ptxas' report goes)."""
   from experiments import decode_ptxas  # pylint: disable=g-import-not-at-top
   regs, spill = np.random.default_rng(1).integers(40, 255, size=2)
+  # A small kernel with the larger stack frame first: its numbers must not
+  # be paired with the large kernel's.
   report = (
-      "ptxas info    : Used 12 registers, used 1 barriers\n"
-      "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
-      f"ptxas info    : Used {regs} registers, used 16 barriers\n"
+      "    512 bytes stack frame, 300 bytes spill stores, 0 bytes spill "
+      "loads\nptxas info    : Used 12 registers, used 1 barriers\n"
       f"    {spill + 8} bytes stack frame, {spill} bytes spill stores, "
-      f"{spill + 4} bytes spill loads\n")
+      f"{spill + 4} bytes spill loads\n"
+      f"ptxas info    : Used {regs} registers, used 16 barriers\n")
   assert decode_ptxas.ptxas_report(report) == dict(
       registers=regs, stack=spill + 8, spill_stores=spill,
       spill_loads=spill + 4)

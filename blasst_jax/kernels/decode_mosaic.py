@@ -828,8 +828,8 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       p_smem = sc.p.at[w]
 
     def widen(page_ref):
-      """An FP8 page into this warpgroup's f16 tile (exact), 64 keys at a
-      time: a whole page of 128 keys at once spills registers."""
+      """An FP8 page into this warpgroup's f16 tile (exact), WIDEN_KEYS
+      keys at a time."""
       for keys in range(0, block_kv, WIDEN_KEYS):
         chunk = pl.ds(keys, WIDEN_KEYS)   # (block_kv: a multiple of 64)
         page8 = plgpu.load(page_ref.at[chunk],
@@ -978,8 +978,8 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
       def zero_past_end(v_tile):
         # Past kv_len a page may hold anything, NaN included: 0·NaN must
-        # not reach the accumulator. 64 keys at a time, those holding a
-        # key past kv_len (a whole page in registers spills them).
+        # not reach the accumulator. WIDEN_KEYS keys at a time, those
+        # holding a key past kv_len.
         for first in range(0, block_kv, WIDEN_KEYS):
           chunk = pl.ds(first, WIDEN_KEYS)
 

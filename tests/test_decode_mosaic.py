@@ -378,7 +378,8 @@ def test_long_paged_caches_keep_the_contiguous_pipeline():
   V slots); the default 16 splits' windows hold 11 rows of it."""
   config = decode_mosaic.MosaicDecodeConfig()
   window = decode_mosaic.table_window(4096, 16, anchors=True)
-  held = decode_mosaic.held_table_pages(4096, window, anchor_rows=2)
+  held = decode_mosaic.held_table_pages(
+      4096, window, anchor_rows=decode_mosaic.ANCHOR_TABLE_ROWS)
   assert (window, held) == (9, 11 * decode_mosaic.TABLE_ROW)
   # Without a window a program holds the whole table.
   assert decode_mosaic.held_table_pages(4096, 0, 0) == 4096

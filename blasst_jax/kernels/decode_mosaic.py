@@ -122,6 +122,9 @@ CONTROL_HALVES = 64   # what each warpgroup copies of the row (128 bytes)
 # Page numbers a row of the page table holds in global and shared memory
 # (TMA boxes hold <= 256 rows: up to 8192 pages a sequence in one copy).
 TABLE_ROW = SLOT
+# The anchors' table rows, held after a program's window: block 0's row
+# and the last block's row.
+ANCHOR_TABLE_ROWS = 2
 MAX_MODES = ("split", "anchored")
 HEAD_DIMS = (64, 128, 256)
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn),)
@@ -424,7 +427,7 @@ def table_window(pages_per_seq: int, num_splits: int, anchors: bool) -> int:
   whole = -(-pages_per_seq // TABLE_ROW)
   per_split = -(-pages_per_seq // num_splits)   # `_split_range`'s at most
   window = -(-per_split // TABLE_ROW) + 1
-  return window if window + 2 * anchors < whole else 0
+  return window if window + ANCHOR_TABLE_ROWS * anchors < whole else 0
 
 
 def held_table_pages(pages_per_seq: int, window: int,
@@ -1164,6 +1167,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       plgpu.copy_gmem_to_smem(table_ref.at[batch, pl.ds(first_row, window)],
                               sc.table.at[pl.ds(0, window)], bars.table)
       if anchor_rows:
+        assert anchor_rows == ANCHOR_TABLE_ROWS, anchor_rows
         for i, row in enumerate((0, last_row)):
           plgpu.copy_gmem_to_smem(table_ref.at[batch, pl.ds(row, 1)],
                                   sc.table.at[pl.ds(window + i, 1)],
@@ -1353,7 +1357,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
     pages_per_seq = page_table.shape[1]
     window = table_window(pages_per_seq, num_splits, anchors)
     # The anchors' two rows, held apart from a window.
-    anchor_rows = 2 if window and anchors else 0
+    anchor_rows = ANCHOR_TABLE_ROWS if window and anchors else 0
     table_pages = held_table_pages(pages_per_seq, window, anchor_rows)
     width = -(-pages_per_seq // TABLE_ROW) * TABLE_ROW
     table = jnp.pad(page_table.astype(jnp.int32),

@@ -212,13 +212,15 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
                            implementation: str | None = None,
                            return_stats: bool = False,
                            interpret: bool | None = None, kernel_config=None,
-                           k_scale=None, v_scale=None):
+                           k_scale=None, v_scale=None,
+                           kv_layout: str = "NHD"):
   """`decode_attention` over a paged KV cache, as serving engines keep it.
 
   Args:
     q: [batch, q_heads, head_dim] or [batch, 1, q_heads, head_dim].
-    k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim]: the page
-      pool; page_size (a power of two >= 16) is the skip block.
+    k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim] (or, with
+      kv_layout="HND", [num_pages, kv_heads, page_size, head_dim]): the
+      page pool; page_size (a power of two >= 16) is the skip block.
     page_table: int32 [batch, pages_per_seq]: the pool page holding each
       sequence's logical block; entries past a sequence's length are never
       read.
@@ -226,6 +228,10 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
     threshold, sm_scale, num_splits, max_mode, implementation, return_stats,
       interpret, kernel_config, k_scale, v_scale: as `decode_attention`
       (FP8 pools: float8_e4m3fn pages with their scales).
+    kv_layout: "NHD" (each token's KV heads side by side in a page, as
+      vLLM keeps them) or "HND" (each head's page rows one run of memory,
+      as FlashInfer's HND and TensorRT-LLM's pools). "pallas_mosaic" reads
+      either; the other implementations read an NHD copy of an HND pool.
 
   Returns:
     out with q's shape and dtype, or (out, DecodeStats).
@@ -234,17 +240,21 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lengths, *,
     ValueError: on bad shapes, dtypes, lengths, page tables, thresholds or
       options.
   """
-  validation.check_decode_inputs(q, k_pages, v_pages, kv_lengths,
-                                 cache_name="pages", k_scale=k_scale,
-                                 v_scale=v_scale)
-  validation.check_page_table(page_table, kv_lengths, k_pages.shape[0],
-                              k_pages.shape[1])
+  validation.check_kv_layout(kv_layout, k_pages, v_pages,
+                             decode_base.KV_LAYOUTS)
+  # The checks below read NHD shapes.
+  pools = [jax.ShapeDtypeStruct(decode_base.nhd_shape(x.shape, kv_layout),
+                                x.dtype) for x in (k_pages, v_pages)]
+  validation.check_decode_inputs(q, *pools, kv_lengths, cache_name="pages",
+                                 k_scale=k_scale, v_scale=v_scale)
+  validation.check_page_table(page_table, kv_lengths, pools[0].shape[0],
+                              pools[0].shape[1])
   return _decode(q, k_pages, v_pages, page_table.astype(jnp.int32),
                  kv_lengths, threshold=threshold, sm_scale=sm_scale,
                  num_splits=num_splits, max_mode=max_mode,
                  implementation=implementation, return_stats=return_stats,
                  interpret=interpret, kernel_config=kernel_config,
-                 k_scale=k_scale, v_scale=v_scale)
+                 k_scale=k_scale, v_scale=v_scale, kv_layout=kv_layout)
 
 
 def quantize_cache(cache, *, axis=(0, 1, 3)):
@@ -270,13 +280,13 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
             sm_scale, num_splits, max_mode, implementation, return_stats,
             interpret, kernel_config, return_lse: bool = False,
             initial_max=None, max_axis_name=None, k_scale=None,
-            v_scale=None):
+            v_scale=None, kv_layout: str = "NHD"):
   """Canonicalises a paged decode call, dispatches it to an op and unwraps
   the result."""
   q_shape = q.shape
   q = q.reshape(q.shape[0], q.shape[-2], q.shape[-1])       # [b, hq, d]
   b, hq, d = q.shape
-  _, block_kv, hkv, _ = k_pages.shape
+  _, block_kv, hkv, _ = decode_base.nhd_shape(k_pages.shape, kv_layout)
   max_len = page_table.shape[1] * block_kv
   validation.check_decode_options(implementation, num_splits, block_kv,
                                   max_mode)
@@ -290,6 +300,10 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
         kernel_config=kernel_config,
         contiguous=isinstance(page_table, decode_base.ContiguousPages))
   op = ops_base.get_op("decode", implementation)
+  if kv_layout not in op.kv_layouts:   # e.g. an HND pool: an NHD copy
+    k_pages, v_pages = (decode_base.as_nhd(x, kv_layout)
+                        for x in (k_pages, v_pages))
+    kv_layout = "NHD"
   plan = op.prepare(dtype=q.dtype, head_dim=d, group=hq // hkv,
                     block_kv=block_kv, max_mode=max_mode,
                     initial_max=initial_max, max_axis_name=max_axis_name,
@@ -313,7 +327,8 @@ def _decode(q, k_pages, v_pages, page_table, kv_lengths, *, threshold,
               log_threshold=log_thr,
               skip_enabled=not validation.is_static_zero(threshold),
               sm_scale=sm_scale, num_splits=num_splits, max_mode=max_mode,
-              initial_max=initial_max, max_axis_name=max_axis_name)
+              initial_max=initial_max, max_axis_name=max_axis_name,
+              kv_layout=kv_layout)
 
   out = result.out.reshape(q_shape)
   if return_lse:   # context parallelism merges shards by it

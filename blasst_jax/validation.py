@@ -318,6 +318,22 @@ def check_fp8_cache(k, v, k_scale, v_scale, kv_heads: int,
                          f"{values}.")
 
 
+def check_kv_layout(kv_layout, k_pages, v_pages, layouts) -> None:
+  """`kv_layout` one of `layouts`; both pools rank 4 and of one shape."""
+  if kv_layout not in layouts:
+    raise ValueError(
+        f"`kv_layout` must be one of {layouts} (NHD: pages [num_pages, "
+        f"page_size, kv_heads, head_dim]; HND: [num_pages, kv_heads, "
+        f"page_size, head_dim]), got {kv_layout!r}.")
+  ks, vs = shape_of("k_pages", k_pages), shape_of("v_pages", v_pages)
+  if ks != vs or len(ks) != 4:
+    order = ("num_pages, page_size, kv_heads" if kv_layout == "NHD"
+             else "num_pages, kv_heads, page_size")
+    raise ValueError(
+        f"`k_pages` and `v_pages` must have the same shape [{order}, "
+        f"head_dim] (kv_layout={kv_layout!r}), got {ks} and {vs}.")
+
+
 def check_decode_block_kv(block_kv) -> None:
   """A decode block (the page size of a paged cache): a power of two >= 16."""
   if (not isinstance(block_kv, (int, np.integer)) or block_kv < 16

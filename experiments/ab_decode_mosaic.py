@@ -28,7 +28,9 @@ registers handed from the memory warpgroup to the compute warpgroups, with
 which the FP8 build at head_dim 128 spills none, `decode_ptxas`), "ahead"
 (one or two blocks decided ahead of the one accumulated, with pages of 64
 and 128 keys), "table" (a contiguous cache, whose pages the kernel computes,
-against the same cache through a page table) and "semaphores" (the merge's
+against the same cache through a page table), "layout" (pages holding each
+token's KV heads side by side, NHD, or each head's rows in one run, HND,
+through the same page table) and "semaphores" (the merge's
 semaphores in the control block, or from `pl.get_global`, which adds the
 XLA kernel that zeroes them before every call).
 Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
@@ -50,9 +52,11 @@ from blasst_jax.kernels import decode_mosaic
 from blasst_jax.ops.decode import base as decode_base
 
 Config = decode_mosaic.MosaicDecodeConfig
-# name: {build name: (block_kv or None for the shape's, config[, "paged"])}
-# ("paged": through `paged_decode_attention` with the contiguous cache's
-# page table, which the kernel copies into shared memory.)
+# name: {build name: (block_kv or None for the shape's, config[, layout])}
+# (layout "NHD" or "HND": through `paged_decode_attention` with the
+# contiguous cache's page table, which the kernel copies into shared
+# memory, over the cache as pages [pages, block, heads, d] or, made once
+# before timing, [pages, heads, block, d].)
 BUILDS = {
     "transposed": {
         "rows64": (None, Config(transposed=False)),
@@ -111,7 +115,11 @@ BUILDS = {
     },
     "table": {
         "contiguous": (None, Config()),
-        "paged": (None, Config(), "paged"),
+        "paged": (None, Config(), "NHD"),
+    },
+    "layout": {
+        "NHD pages": (None, Config(), "NHD"),
+        "HND pages": (None, Config(), "HND"),
     },
     "semaphores": {
         "control block": (None, Config()),
@@ -159,27 +167,34 @@ def main(argv):
       lams = [float(t) for t in _THRESHOLDS.value]
     fns = {}
     for lam in (0.0, "0 check", *lams):
-      for name, (bkv, cfg, *paged) in builds.items():
+      for name, (bkv, cfg, *layout) in builds.items():
+        bkv = bkv or shape_bkv
+        layout = layout[0] if layout else None
+        # The cache as the build reads it, made before timing: contiguous,
+        # or pages (NHD a free reshape, HND a transposed copy).
+        kv = (k, v)
+        if layout:
+          kv = [decode_base.as_nhd(x.reshape(-1, bkv, *x.shape[2:]), layout)
+                for x in kv]
         # A static 0.0 builds the dense kernel (no skip check); "0 check"
         # passes a traced zero: the skip build, skipping nothing.
-        def attend(q, k, v, n, t, cfg=cfg, bkv=bkv or shape_bkv,
-                   paged=bool(paged)):
+        def attend(q, k, v, n, t, cfg=cfg, bkv=bkv, layout=layout):
           options = dict(threshold=t, max_mode="anchored",
                          implementation="pallas_mosaic", return_stats=True,
                          kernel_config=cfg, **scales)
-          if not paged:
+          if not layout:
             return bj.decode_attention(q, k, v, n, block_kv=bkv, **options)
-          pages = lambda x: x.reshape(-1, bkv, *x.shape[2:])  # pylint: disable=g-long-lambda
           table = decode_base.page_table_array(
-              decode_base.ContiguousPages(k.shape[0], k.shape[1] // bkv))
-          return bj.paged_decode_attention(q, pages(k), pages(v), table, n,
-                                           **options)
+              decode_base.ContiguousPages(b, s // bkv))
+          return bj.paged_decode_attention(q, k, v, table, n,
+                                           kv_layout=layout, **options)
         if lam == "0 check":
           fn = functools.partial(jax.jit(attend), t=jnp.float32(0.0))
         else:
           fn = jax.jit(functools.partial(attend, t=lam))
-        out, stats = fn(q, k, v, n)
-        fns[lam, name] = (fn, float(stats.total_sparsity),
+        out, stats = fn(q, *kv, n)
+        fns[lam, name] = (functools.partial(fn, q, *kv, n),
+                          float(stats.total_sparsity),
                           np.asarray(out, np.float32))
     first = next(iter(builds))
     for (lam, name), (_, sparsity, out) in fns.items():
@@ -196,7 +211,7 @@ def main(argv):
                                                      iters=10, reps=5))
       for (lam, name), (fn, _, _) in fns.items():
         times[lam, name].append(1e3 * testing.median_time_ms(
-            fn, q, k, v, n, warmup=1, iters=10, reps=5))
+            fn, warmup=1, iters=10, reps=5))
     t_copy = np.median(copy_times)
     print(f"{tag}: copy of K and V {t_copy:.1f} us "
           f"({2 * dense_bytes / t_copy / 1e6:.2f} TB/s read + written)")

@@ -181,6 +181,41 @@ def test_bad_page_table_raises():
                               jnp.array([10, 20]))
 
 
+@pytest.mark.parametrize("implementation", ["reference", "pallas_triton"])
+def test_heads_first_pools_read_as_their_nhd_copy(implementation):
+  """kv_layout="HND" pools [pages, kv_heads, page_size, d] give the NHD
+  pool's outputs and stats bit for bit (these ops read an NHD copy)."""
+  q, k, v = cache_inputs(testing.key_for("decode_hnd", implementation),
+                         batch=2, max_len=256)
+  kv_lengths = jnp.array([256, 150])
+  pool_k, pool_v, table = testing.paged_cache(k, v, 32)
+  options = dict(threshold=1e-2, num_splits=2, return_stats=True,
+                 implementation=implementation)
+  out, stats = bj.paged_decode_attention(q, pool_k, pool_v, table,
+                                         kv_lengths, **options)
+  hnd = lambda x: jnp.swapaxes(x, 1, 2)  # pylint: disable=g-long-lambda
+  out_h, stats_h = bj.paged_decode_attention(
+      q, hnd(pool_k), hnd(pool_v), table, kv_lengths, kv_layout="HND",
+      **options)
+  assert 0 < float(stats.total_sparsity) < 1
+  np.testing.assert_array_equal(np.asarray(out_h), np.asarray(out))
+  for a, b in zip(jax.tree.leaves(stats_h), jax.tree.leaves(stats)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("kv_layout,v_shape,match", [
+    ("NHWC", (8, 16, 2, 32), "kv_layout"),
+    ("HND", (8, 2, 16), "num_pages, kv_heads, page_size, head_dim"),
+    ("NHD", (8, 2, 16, 32), "same shape"),
+])
+def test_bad_kv_layout_raises(kv_layout, v_shape, match):
+  with pytest.raises(ValueError, match=match):
+    bj.paged_decode_attention(
+        jnp.zeros((2, 4, 32)), jnp.zeros((8, 16, 2, 32)), jnp.zeros(v_shape),
+        jnp.zeros((2, 4), jnp.int32), jnp.array([10, 20]),
+        kv_layout=kv_layout)
+
+
 def test_decode_kernel_lowers_for_cuda():
   from blasst_jax.kernels import decode_triton  # pylint: disable=g-import-not-at-top
   sds = jax.ShapeDtypeStruct

@@ -244,6 +244,47 @@ def test_pages_of_128_keys_ending_in_either_half(fp8):
       max_mode="anchored", group=4, block_kv=128)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_heads_first_pages_match_the_oracle(fp8):
+  """HND pools ([pages, kv_heads, page_size, d], kv_layout="HND": one TMA
+  run a head's page) through `paged_decode_attention`, race-checked: the
+  outputs and stats of the oracle on the NHD pool (dequantized for FP8),
+  skipping with a page table and two splits (merged by XLA: the
+  interpreter cannot race-check the in-kernel merge of several splits)."""
+  unmerged = decode_mosaic.MosaicDecodeConfig(merge_in_kernel=False)
+  shape = testing.DecodeShape(batch=2, q_heads=8, kv_heads=2, max_len=320,
+                              head_dim=64)
+  key = testing.key_for("decode_mosaic_hnd", fp8)
+  if fp8:
+    cache = testing.fp8_cache(key, shape)
+    q, k, v = cache.q, cache.k8, cache.v8
+    scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale)
+  else:
+    (q, k, v), scales = shape.inputs(key, dtype=jnp.bfloat16), {}
+  kv_lengths = jnp.array([320, 200], jnp.int32)
+  pool_k, pool_v, table = testing.paged_cache(k, v, 64)
+  options = dict(threshold=1e-2, num_splits=2, max_mode="anchored",
+                 return_stats=True, **scales)
+  interpret_pallas_call.reset_gpu_interpret_mode_state()
+  out, stats = bj.paged_decode_attention(
+      q, *(jnp.swapaxes(x, 1, 2) for x in (pool_k, pool_v)), table,
+      kv_lengths, kv_layout="HND", implementation="pallas_mosaic",
+      interpret=plgpu.InterpretGPUParams(detect_races=True),
+      kernel_config=unmerged, **options)
+  assert not interpret_pallas_call.get_races().races_found
+  oracle, oracle_stats = bj.paged_decode_attention(
+      q, pool_k, pool_v, table, kv_lengths, implementation="reference",
+      **options)
+  assert 0 < float(oracle_stats.total_sparsity) < 1
+  testing.assert_close(out, oracle, jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(stats.visited_blocks),
+                                np.asarray(oracle_stats.visited_blocks))
+  np.testing.assert_array_equal(np.asarray(stats.skipped_blocks),
+                                np.asarray(oracle_stats.skipped_blocks))
+  np.testing.assert_allclose(np.asarray(stats.bytes_read),
+                             np.asarray(oracle_stats.bytes_read))
+
+
 def test_fp8_k_in_registers_matches_the_widened_tile():
   """FP8 K widened in registers (`fp8_k_in_registers`; in interpret mode,
   whose wgmma reads shared memory only, stored to the f16 tile from
@@ -486,10 +527,11 @@ def test_transposed_default_takes_one_warpgroup_for_wide_groups():
 
 def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
                  initial_max=False, config=None, contiguous=False,
-                 per_seq=32):
+                 per_seq=32, kv_layout="NHD"):
   """The kernel lowered for CUDA (merging its splits, unless the config
   says not to): 8 KV heads, `per_seq` pages a sequence, 4 splits;
-  `contiguous`: no page table (the pages of a contiguous cache)."""
+  `contiguous`: no page table (the pages of a contiguous cache); pages in
+  `kv_layout`."""
   config = config or decode_mosaic.MosaicDecodeConfig()
   kernel = (decode_mosaic.decode_merged if config.merge_in_kernel
             else decode_mosaic.decode_partials)
@@ -500,10 +542,11 @@ def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
   starts = [sds((2, hkv, group), jnp.float32)] if initial_max else []
   fn = lambda *a: kernel(  # pylint: disable=g-long-lambda
       *a, group=group, sm_scale=0.1, num_splits=4, max_mode=max_mode,
-      skip_enabled=skip, config=config)
-  args = [sds((2, hkv, group, d), jnp.bfloat16),
-          sds((pages, block_kv, hkv, d), cache),
-          sds((pages, block_kv, hkv, d), cache),
+      skip_enabled=skip, config=config, kv_layout=kv_layout)
+  page = ((pages, hkv, block_kv, d) if kv_layout == "HND"
+          else (pages, block_kv, hkv, d))
+  args = [sds((2, hkv, group, d), jnp.bfloat16), sds(page, cache),
+          sds(page, cache),
           None if contiguous else sds((2, per_seq), jnp.int32),
           sds((2,), jnp.int32),
           sds((2,), jnp.float32)]
@@ -529,6 +572,14 @@ def test_kernel_from_an_initial_max_lowers_for_cuda(d, block_kv, group,
                                                     max_mode, cache):
   lowered = lower_decode(d, block_kv, group, True, max_mode, cache,
                          initial_max=True)
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("d,block_kv,group,cache", [
+    (128, 128, 4, jnp.bfloat16), (64, 64, 3, jnp.float8_e4m3fn)])
+def test_heads_first_pages_lower_for_cuda(d, block_kv, group, cache):
+  lowered = lower_decode(d, block_kv, group, True, "anchored", cache,
+                         kv_layout="HND")
   assert "mosaic_gpu" in lowered.as_text()
 
 

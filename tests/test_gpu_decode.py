@@ -293,3 +293,29 @@ def test_schedule_options_match_the_default_build(kwargs, fp8):
     np.testing.assert_array_equal(stats.skipped_blocks,
                                   want_stats.skipped_blocks)
     assert float(stats.total_sparsity) > 0.3
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("threshold", [0.0, 1e-3])
+def test_heads_first_pages_match_nhd_pages(fp8, threshold):
+  """An HND pool (kv_layout="HND") gives the NHD pool's outputs and skip
+  counts bit for bit, through a shuffled page table."""
+  if not bj.api.is_hopper():
+    pytest.skip("needs a Hopper GPU")
+  q, k, v, lengths, scales = ragged_cache("gpu_hnd", fp8)
+  pool_k, pool_v, table = testing.paged_cache(k, v, 128)
+  results = []
+  for layout, pools in (("NHD", (pool_k, pool_v)),
+                        ("HND", [jnp.swapaxes(x, 1, 2)
+                                 for x in (pool_k, pool_v)])):
+    results.append(bj.paged_decode_attention(
+        q, *pools, table, lengths, threshold=threshold,
+        max_mode="anchored", implementation="pallas_mosaic",
+        return_stats=True, kv_layout=layout, **scales))
+  (want, want_stats), (got, stats) = results
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+  np.testing.assert_array_equal(stats.skipped_blocks,
+                                want_stats.skipped_blocks)
+  if threshold:
+    assert float(stats.total_sparsity) > 0.3

@@ -590,10 +590,11 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
             transposed, kv_heads, merge_slots, pages_per_seq,
             compute_issues_v,
             block_max_handoff, fp8_k_registers, ahead,
-            window, anchor_rows, interpret):
+            window, anchor_rows, heads_first, interpret):
   # ctrl_ref [b, hkv, R + CONTROL_ROWS, d] (`control_block`: the query
   # tile, then the words kv_len, log2 λ and, FP8 pages, the K and V
-  # scales); k_ref, v_ref [n_pages, block_kv, hkv, d]; table_ref int32 [b,
+  # scales); k_ref, v_ref [n_pages, block_kv, hkv, d] ("NHD"), or with
+  # `heads_first` [n_pages, hkv, block_kv, d] ("HND"); table_ref int32 [b,
   # table_rows, TABLE_ROW] (None: a contiguous cache, pages_per_seq pages
   # a sequence; a program holds `window` rows of it from its split's
   # first block's, else all); init_ref (`initial_max`, skip build only, else None) f32
@@ -683,12 +684,18 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
                         jnp.where(block < TABLE_ROW, window, window + 1))
     return sc.table[row, block % TABLE_ROW]
 
+  def head_page(ref, block):
+    """[block_kv, d]: this KV head's rows of block `block`'s page (rows
+    of d apart from the other heads' in NHD pages, one run in HND)."""
+    if heads_first:
+      return ref.at[page(block), kv_head]
+    return ref.at[page(block), pl.ds(0, block_kv), kv_head]
+
   def issue_v(vp):
     """TMA of block vp's V page into its slot."""
     slot = v_slot(vp)
-    plgpu.copy_gmem_to_smem(
-        v_ref.at[page(start + vp), pl.ds(0, block_kv), kv_head],
-        sc.v.at[slot], bars.v.at[slot])
+    plgpu.copy_gmem_to_smem(head_page(v_ref, start + vp), sc.v.at[slot],
+                            bars.v.at[slot])
 
   # The query axis of the score tile (0: [R, block_kv]; transposed 1:
   # [block_kv, R]) and of the output tile ([R, d], or [d, R]).
@@ -1179,9 +1186,8 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
     def issue_k(kp):
       slot = k_slot(kp)
-      plgpu.copy_gmem_to_smem(
-          k_ref.at[page(k_block(kp)), pl.ds(0, block_kv), kv_head],
-          sc.k.at[slot], bars.k.at[slot])
+      plgpu.copy_gmem_to_smem(head_page(k_ref, k_block(kp)),
+                              sc.k.at[slot], bars.k.at[slot])
 
     def refill_k(kp):
       """K position kp + k_stages into kp's slot once it is free."""
@@ -1237,7 +1243,11 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
 
 _STATIC = ("group", "sm_scale", "num_splits", "max_mode", "config",
-           "interpret", "skip_enabled")
+           "interpret", "skip_enabled", "kv_layout")
+# Page layouts: a page's rows token-major, each token's KV heads side by
+# side ("NHD", [n_pages, block_kv, hkv, d]), or head-major ("HND",
+# [n_pages, hkv, block_kv, d]: each head's block one run of memory).
+KV_LAYOUTS = ("NHD", "HND")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -1247,14 +1257,16 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
                     sm_scale: float,
                     num_splits: int, max_mode: str = "anchored",
                     config: MosaicDecodeConfig = MosaicDecodeConfig(),
-                    interpret=None, skip_enabled: bool = True):
+                    interpret=None, skip_enabled: bool = True,
+                    kv_layout: str = "NHD"):
   """Per-split partials of skip-softmax decode attention on Hopper.
 
   Args:
     q: [batch, kv_heads, group, head_dim] bf16/f16: each KV head's query
       heads.
-    k_pages, v_pages: [n_pages, block_kv, kv_heads, head_dim], q's dtype or
-      float8_e4m3fn (then with `k_scale` and `v_scale`).
+    k_pages, v_pages: [n_pages, block_kv, kv_heads, head_dim] (or, with
+      kv_layout "HND", [n_pages, kv_heads, block_kv, head_dim]), q's dtype
+      or float8_e4m3fn (then with `k_scale` and `v_scale`).
     page_table: int32 [batch, pages_per_seq]: page of each logical block;
       None: a contiguous cache (n_pages = batch * pages_per_seq, block j
       of sequence i in page i * pages_per_seq + j), no table read.
@@ -1269,6 +1281,7 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
     interpret: None on a GPU, or a `plgpu.InterpretGPUParams` to run on CPU
       (warpgroups, TMA and barriers simulated; races detected on request).
     skip_enabled: False builds the dense kernel (every V page read).
+    kv_layout: "NHD" or "HND" (`KV_LAYOUTS`): the pages' layout.
 
   Returns:
     acc f32 [batch, kv_heads, parts, R, head_dim] (unnormalized; R = 64,
@@ -1283,7 +1296,7 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
       q, k_pages, v_pages, page_table, kv_lengths, log_threshold, k_scale,
       v_scale, initial_max, group=group, sm_scale=sm_scale,
       num_splits=num_splits, max_mode=max_mode, config=config,
-      interpret=interpret, skip_enabled=skip_enabled)
+      interpret=interpret, skip_enabled=skip_enabled, kv_layout=kv_layout)
   b, hkv = q.shape[:2]
   n_wgs = acc.shape[2] // num_splits
   # Per split: the compute warpgroups' block counts add up.
@@ -1299,7 +1312,8 @@ def decode_merged(q, k_pages, v_pages, page_table, kv_lengths,
                   initial_max=None, *, group: int, sm_scale: float,
                   num_splits: int, max_mode: str = "anchored",
                   config: MosaicDecodeConfig = MosaicDecodeConfig(),
-                  interpret=None, skip_enabled: bool = True):
+                  interpret=None, skip_enabled: bool = True,
+                  kv_layout: str = "NHD"):
   """Skip-softmax decode attention on Hopper, split-K merged in the kernel
   (`MosaicDecodeConfig.merge_in_kernel`): arguments as `decode_partials`.
 
@@ -1315,19 +1329,25 @@ def decode_merged(q, k_pages, v_pages, page_table, kv_lengths,
       q, k_pages, v_pages, page_table, kv_lengths, log_threshold, k_scale,
       v_scale, initial_max, group=group, sm_scale=sm_scale,
       num_splits=num_splits, max_mode=max_mode, config=config,
-      interpret=interpret, skip_enabled=skip_enabled)[3:]
+      interpret=interpret, skip_enabled=skip_enabled,
+      kv_layout=kv_layout)[3:]
   return out, ml[:, :, 0], ml[:, :, 1], counts[..., 0], counts[..., 1]
 
 
 def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
             k_scale, v_scale, initial_max, *, group, sm_scale, num_splits,
-            max_mode, config, interpret, skip_enabled):
+            max_mode, config, interpret, skip_enabled, kv_layout):
   """The kernel's outputs: partials (acc, ml, stats; with
   `config.merge_in_kernel` and one split never written) and, with
   `config.merge_in_kernel`, the merged (out, ml, counts)."""
   b, hkv, g, d = q.shape
   out_dtype = q.dtype
-  n_pages, block_kv = k_pages.shape[:2]
+  if kv_layout not in KV_LAYOUTS:
+    raise ValueError(f"`kv_layout` must be one of {KV_LAYOUTS}, got "
+                     f"{kv_layout!r}.")
+  heads_first = kv_layout == "HND"
+  n_pages = k_pages.shape[0]
+  block_kv = k_pages.shape[2 if heads_first else 1]
   fp8 = jnp.dtype(k_pages.dtype) in FP8_DTYPES
   if fp8 != (k_scale is not None and v_scale is not None) or (
       v_pages.dtype != k_pages.dtype):
@@ -1527,7 +1547,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               block_max_handoff=config.hand_over_block_max and n_wgs == 2,
               fp8_k_registers=config.fp8_k_in_registers and transposed,
               ahead=ahead, window=window, anchor_rows=anchor_rows,
-              interpret=interpret is not None)
+              heads_first=heads_first, interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 

@@ -25,6 +25,25 @@ from blasst_jax.config import DecodeStats
 from blasst_jax.ops import base
 
 
+# Page pool layouts (`paged_decode_attention`'s `kv_layout`): "NHD"
+# [num_pages, page_size, kv_heads, head_dim], each token's KV heads side by
+# side (vLLM's), or "HND" [num_pages, kv_heads, page_size, head_dim], each
+# head's page one run of memory (FlashInfer's HND, TensorRT-LLM's).
+KV_LAYOUTS = ("NHD", "HND")
+
+
+def nhd_shape(shape, kv_layout: str) -> tuple[int, ...]:
+  """(num_pages, page_size, kv_heads, head_dim) of a pool of `shape`."""
+  n, a, b, d = shape
+  return (n, a, b, d) if kv_layout == "NHD" else (n, b, a, d)
+
+
+def as_nhd(pages, kv_layout: str):
+  """pages [num_pages, page_size, kv_heads, head_dim] from a pool in
+  `kv_layout` (a transposed copy for "HND")."""
+  return pages if kv_layout == "NHD" else jnp.swapaxes(pages, 1, 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class ContiguousPages:
   """The page table of a contiguous cache [batch, max_len, kv_heads, d]
@@ -67,6 +86,9 @@ class DecodeOp(base.Op):
   # (registers; Nsight Compute): a few programs more than 2 * SMs would add
   # a second, nearly empty wave (+15% time at B8 32k, 5 vs 4 splits).
   programs_per_sm: ClassVar[int] = 2
+  # The pool layouts the op reads (`KV_LAYOUTS`); `decode._decode` hands
+  # it others as an "NHD" copy.
+  kv_layouts: ClassVar[tuple[str, ...]] = ("NHD",)
 
   def supports(self, **problem) -> bool:
     """Whether `implementation=None` may pick this op for `problem`:
@@ -91,9 +113,17 @@ class DecodeOp(base.Op):
                plan: DecodePlan, *, log_threshold, skip_enabled: bool,
                sm_scale: float, num_splits: int, max_mode: str,
                initial_max=None, max_axis_name=None, k_scale=None,
-               v_scale=None) -> base.AttentionResult:
-    """k_scale, v_scale: f32 [kv_heads] with FP8 pages, else None."""
+               v_scale=None, kv_layout: str = "NHD") -> base.AttentionResult:
+    """k_scale, v_scale: f32 [kv_heads] with FP8 pages, else None;
+    kv_layout: one of `kv_layouts`, the pages' layout."""
     raise NotImplementedError
+
+  def check_kv_layout(self, kv_layout: str) -> None:
+    """ValueError unless the op reads pages in `kv_layout`."""
+    if kv_layout not in self.kv_layouts:
+      raise ValueError(f"The {self.name!r} decode op reads pages in "
+                       f"{self.kv_layouts}, got {kv_layout!r}; pass "
+                       "`as_nhd(pages, kv_layout)`.")
 
 
 def dequantize(pages, scale, dtype):

@@ -27,6 +27,8 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
   # 16 splits instead of 33: dense 181 -> 173 us, 94 % skipped 133 -> 122
   # us (`benchmarks/results/decode_splits_h200.log`).
   programs_per_sm = 1
+  # HND pages: each head's page one run of memory for TMA.
+  kv_layouts = decode_base.KV_LAYOUTS
 
   def supports(self, *, backend=None, dtype=None, head_dim=None, group=None,
                block_kv=None, pages_per_seq=None, cache_dtype=None,
@@ -81,10 +83,11 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
   def __call__(self, q, k_pages, v_pages, page_table, kv_lengths, plan, *,
                log_threshold, skip_enabled, sm_scale, num_splits, max_mode,
                initial_max=None, max_axis_name=None, k_scale=None,
-               v_scale=None) -> base.AttentionResult:
+               v_scale=None, kv_layout="NHD") -> base.AttentionResult:
     del max_axis_name   # refused by `prepare`
+    self.check_kv_layout(kv_layout)
     b, hq, d = q.shape
-    block_kv, hkv = k_pages.shape[1], k_pages.shape[2]
+    _, block_kv, hkv, _ = decode_base.nhd_shape(k_pages.shape, kv_layout)
     group = hq // hkv
     if initial_max is not None:   # natural log -> log2 units, per KV group
       initial_max = (initial_max.astype(jnp.float32).reshape(b, hkv, group)
@@ -99,7 +102,8 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
         group=group,
         sm_scale=sm_scale,
         num_splits=num_splits, max_mode=max_mode, config=plan.config,
-        interpret=plan.interpret, skip_enabled=skip_enabled)
+        interpret=plan.interpret, skip_enabled=skip_enabled,
+        kv_layout=kv_layout)
     if plan.config.merge_in_kernel:
       return decode_base.result_from_merged(
           *outs, group=group, block_kv=block_kv, max_mode=max_mode,

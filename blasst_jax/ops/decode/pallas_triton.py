@@ -41,7 +41,8 @@ class PallasTritonDecode(decode_base.DecodeOp):
   def __call__(self, q, k_pages, v_pages, page_table, kv_lengths, plan, *,
                log_threshold, skip_enabled, sm_scale, num_splits, max_mode,
                initial_max=None, max_axis_name=None, k_scale=None,
-               v_scale=None) -> base.AttentionResult:
+               v_scale=None, kv_layout="NHD") -> base.AttentionResult:
+    self.check_kv_layout(kv_layout)
     # FP8 pages are widened to q's dtype first (the kernel reads those).
     k_pages = decode_base.dequantize(k_pages, k_scale, q.dtype)
     v_pages = decode_base.dequantize(v_pages, v_scale, q.dtype)

@@ -27,7 +27,8 @@ class ReferenceDecode(decode_base.DecodeOp):
   def __call__(self, q, k_pages, v_pages, page_table, kv_lengths, plan, *,
                log_threshold, skip_enabled, sm_scale, num_splits, max_mode,
                initial_max=None, max_axis_name=None, k_scale=None,
-               v_scale=None) -> base.AttentionResult:
+               v_scale=None, kv_layout="NHD") -> base.AttentionResult:
+    self.check_kv_layout(kv_layout)
     del plan, skip_enabled
     b, hq, d = q.shape
     _, block_kv, hkv, _ = k_pages.shape

@@ -84,19 +84,34 @@ def ptxas_report(text: str) -> dict:
 
 
 def compile_report(sds, shape, cache, dense: bool, block_kv: int,
-                   config) -> dict:
+                   config, layout: str | None = None) -> dict:
   """ptxas' report of one `decode_attention` build on `shape`
   (`ab_decode_mosaic.SHAPES`' batch, q_heads, kv_heads, seq_len,
-  head_dim)."""
+  head_dim); with `layout` ("NHD" or "HND") of `paged_decode_attention`
+  on the cache's pages through a page table."""
   b, hq, hkv, n, d = shape
-  def attend(q, k, v, lengths, threshold, k_scale=None, v_scale=None):
-    return bj.decode_attention(
-        q, k, v, lengths, threshold=0.0 if dense else threshold,
-        block_kv=block_kv, implementation="pallas_mosaic",
-        kernel_config=config, k_scale=k_scale, v_scale=v_scale)
-  args = [sds((b, 1, hq, d), jnp.bfloat16), sds((b, n, hkv, d), cache),
-          sds((b, n, hkv, d), cache), sds((b,), jnp.int32),
+  options = dict(implementation="pallas_mosaic", kernel_config=config)
+  def attend(q, k, v, lengths, threshold, *table_and_scales):
+    threshold = 0.0 if dense else threshold
+    if not layout:
+      return bj.decode_attention(q, k, v, lengths, threshold=threshold,
+                                 block_kv=block_kv, **options,
+                                 **dict(zip(("k_scale", "v_scale"),
+                                            table_and_scales)))
+    table, *scales = table_and_scales
+    return bj.paged_decode_attention(
+        q, k, v, table, lengths, threshold=threshold, kv_layout=layout,
+        **options, **dict(zip(("k_scale", "v_scale"), scales)))
+  cache_shape = (b, n, hkv, d)
+  if layout:   # the pool's pages, one table row a sequence
+    cache_shape = (b * n // block_kv, block_kv, hkv, d)
+    if layout == "HND":
+      cache_shape = (cache_shape[0], hkv, block_kv, d)
+  args = [sds((b, 1, hq, d), jnp.bfloat16), sds(cache_shape, cache),
+          sds(cache_shape, cache), sds((b,), jnp.int32),
           sds((), jnp.float32)]
+  if layout:
+    args.append(sds((b, n // block_kv), jnp.int32))
   if cache == jnp.float8_e4m3fn:
     args += [sds((hkv,), jnp.float32)] * 2
   out = []
@@ -114,14 +129,12 @@ def main(argv):
   caches = [jnp.dtype(c) for c in _CACHES.value]
   for i in _SHAPE_IDS.value:
     b, hq, hkv, n, d, shape_bkv, _ = ab_decode_mosaic.SHAPES[int(i)]
-    for name, (bkv, config, *paged) in ab_decode_mosaic.BUILDS[
+    for name, (bkv, config, *layout) in ab_decode_mosaic.BUILDS[
         _SET.value].items():
-      if paged:   # the same kernel as the contiguous build, bar the table
-        continue
       for cache in caches:
         for dense in (True, False):
           r = compile_report(sds, (b, hq, hkv, n, d), cache, dense,
-                             bkv or shape_bkv, config)
+                             bkv or shape_bkv, config, *layout)
           print(f"b{b} s{n} h{hq}/{hkv} d{d} p{bkv or shape_bkv} "
                 f"{jnp.dtype(cache).name:13s} {'dense' if dense else 'skip':5s}"
                 f" {name:18s} {r['registers']:3d} registers, "

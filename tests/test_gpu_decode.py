@@ -216,6 +216,18 @@ def ragged_cache(name, fp8):
   return q[:, -1], k, v, jnp.array([8192, 3001, 0], jnp.int32), scales
 
 
+def assert_same_results(want, got, *, skipping: bool):
+  """Two builds' (out, stats): outputs and skip counts bit for bit, and,
+  `skipping`, over 30 % of the blocks skipped (`ragged_cache` at 1e-3)."""
+  (want, want_stats), (got, stats) = want, got
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+  np.testing.assert_array_equal(stats.skipped_blocks,
+                                want_stats.skipped_blocks)
+  if skipping:
+    assert float(stats.total_sparsity) > 0.3
+
+
 # compute_issues_v moves the V copies, not the arithmetic: outputs and
 # counts equal the memory warpgroup's bit for bit. Builds: V slots as many
 # as compute warpgroups (copied after accumulating the slot's block), twice
@@ -239,13 +251,7 @@ def test_compute_issued_v_matches_the_memory_warpgroups(kwargs, fp8,
         q, k, v, lengths, threshold=threshold, block_kv=128,
         max_mode="anchored", implementation="pallas_mosaic",
         return_stats=True, kernel_config=config, **scales))
-  (want, want_stats), (got, stats) = results
-  np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                np.asarray(want, np.float32))
-  np.testing.assert_array_equal(stats.skipped_blocks,
-                                want_stats.skipped_blocks)
-  if threshold:
-    assert float(stats.total_sparsity) > 0.3
+  assert_same_results(*results, skipping=bool(threshold))
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -287,12 +293,7 @@ def test_schedule_options_match_the_default_build(kwargs, fp8):
           return_stats=True,
           kernel_config=decode_mosaic.MosaicDecodeConfig(**config),
           **scales))
-    (want, want_stats), (got, stats) = results
-    np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                  np.asarray(want, np.float32))
-    np.testing.assert_array_equal(stats.skipped_blocks,
-                                  want_stats.skipped_blocks)
-    assert float(stats.total_sparsity) > 0.3
+    assert_same_results(*results, skipping=True)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -312,10 +313,4 @@ def test_heads_first_pages_match_nhd_pages(fp8, threshold):
         q, *pools, table, lengths, threshold=threshold,
         max_mode="anchored", implementation="pallas_mosaic",
         return_stats=True, kv_layout=layout, **scales))
-  (want, want_stats), (got, stats) = results
-  np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                np.asarray(want, np.float32))
-  np.testing.assert_array_equal(stats.skipped_blocks,
-                                want_stats.skipped_blocks)
-  if threshold:
-    assert float(stats.total_sparsity) > 0.3
+  assert_same_results(*results, skipping=bool(threshold))

@@ -92,16 +92,15 @@ def compile_report(sds, shape, cache, dense: bool, block_kv: int,
   b, hq, hkv, n, d = shape
   options = dict(implementation="pallas_mosaic", kernel_config=config)
   def attend(q, k, v, lengths, threshold, *table_and_scales):
-    threshold = 0.0 if dense else threshold
+    if layout:
+      table, *table_and_scales = table_and_scales
+    call = dict(options, threshold=0.0 if dense else threshold,
+                **dict(zip(("k_scale", "v_scale"), table_and_scales)))
     if not layout:
-      return bj.decode_attention(q, k, v, lengths, threshold=threshold,
-                                 block_kv=block_kv, **options,
-                                 **dict(zip(("k_scale", "v_scale"),
-                                            table_and_scales)))
-    table, *scales = table_and_scales
-    return bj.paged_decode_attention(
-        q, k, v, table, lengths, threshold=threshold, kv_layout=layout,
-        **options, **dict(zip(("k_scale", "v_scale"), scales)))
+      return bj.decode_attention(q, k, v, lengths, block_kv=block_kv,
+                                 **call)
+    return bj.paged_decode_attention(q, k, v, table, lengths,
+                                     kv_layout=layout, **call)
   cache_shape = (b, n, hkv, d)
   if layout:   # the pool's pages, one table row a sequence
     cache_shape = (b * n // block_kv, block_kv, hkv, d)

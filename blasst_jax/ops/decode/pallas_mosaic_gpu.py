@@ -27,8 +27,8 @@ class PallasMosaicGpuDecode(decode_base.DecodeOp):
   # 16 splits instead of 33: dense 181 -> 173 us, 94 % skipped 133 -> 122
   # us (`benchmarks/results/decode_splits_h200.log`).
   programs_per_sm = 1
-  # HND pages: each head's page one run of memory for TMA.
-  kv_layouts = decode_base.KV_LAYOUTS
+  # HND pages too: each head's page one run of memory for TMA.
+  kv_layouts = decode_mosaic.KV_LAYOUTS
 
   def supports(self, *, backend=None, dtype=None, head_dim=None, group=None,
                block_kv=None, pages_per_seq=None, cache_dtype=None,

@@ -15,17 +15,22 @@ sparsity).
 
 Build sets: "transposed" (the 64-row build, the transposed one with two and
 one compute warpgroups), "rings" (the transposed build's K / V ring
-depths and page sizes, with a copy of the cache for scale), "merge" (the
+depths and page sizes, with a copy of the cache for scale), "k_depth"
+(K rings of 2, 4 and 8 pages of 64 keys beside the default V ring: does a
+skipping build, whose K copies are the only ones in flight, want more of
+them?), "pooled" (each compute warpgroup copying its K and V pages into
+one pool of slots, `pooled_pages`, against the K ring fed by the memory
+warpgroup), "merge" (the
 split-K merge by XLA after the call, and in the kernel), "v_issue" (V
 copied by the memory warpgroup as it reads the decisions, or by the
 compute warpgroups that keep the blocks: the default V ring, as many V
 slots as warpgroups, one and two compute warpgroups), "wgs" (one and two
 compute warpgroups, at the shape's pages and at 128 keys), "schedule"
 (block maxima handed between the compute warpgroups, Pallas' store
-barriers left out, and both), "fp8" (with `--fp8`: K widened in registers
-instead of shared memory, alone and with the "schedule" options; the
-registers handed from the memory warpgroup to the compute warpgroups, with
-which the FP8 build at head_dim 128 spills none, `decode_ptxas`), "ahead"
+barriers left out, and both), "fp8" (with `--fp8`: K widened in shared memory, the
+default (for FP8 pages: K widened in registers, and the memory
+warpgroup's registers handed to the compute warpgroups), each of those
+two alone, and the default with the "schedule" options), "ahead"
 (one or two blocks decided ahead of the one accumulated, with pages of 64
 and 128 keys), "table" (a contiguous cache, whose pages the kernel computes,
 against the same cache through a page table), "layout" (pages holding each
@@ -72,6 +77,19 @@ BUILDS = {
         "T2 p64 k6v6": (64, Config(k_stages=6, v_stages=6)),
         "T1 p64 k6v6": (64, Config(k_stages=6, v_stages=6, compute_wgs=1)),
     },
+    "k_depth": {
+        "p64 k2v4": (64, Config(k_stages=2, v_stages=4)),
+        "p64 k4v4": (64, Config(k_stages=4, v_stages=4)),
+        "p64 k8v4": (64, Config(k_stages=8, v_stages=4)),
+        "p128 k2v4": (128, Config(k_stages=2, v_stages=4)),
+    },
+    "pooled": {
+        "default": (None, Config()),
+        "pooled": (None, Config(pooled_pages=True)),
+        "p64 k4v4": (64, Config(k_stages=4, v_stages=4)),
+        "p64 k4v4 pooled": (64, Config(k_stages=4, v_stages=4,
+                                       pooled_pages=True)),
+    },
     "merge": {
         "XLA merge": (None, Config(merge_in_kernel=False)),
         "in-kernel merge": (None, Config()),
@@ -98,14 +116,13 @@ BUILDS = {
         "both": (None, Config(hand_over_block_max=True, auto_barriers=False)),
     },
     "fp8": {
+        "widened": (None, Config(fp8_k_in_registers=False,
+                                 split_registers=False)),
         "default": (None, Config()),
-        "K regs": (None, Config(fp8_k_in_registers=True)),
-        "K regs, both": (None, Config(
-            fp8_k_in_registers=True, hand_over_block_max=True,
-            auto_barriers=False)),
-        "split regs": (None, Config(split_registers=True)),
-        "K regs, split regs": (None, Config(fp8_k_in_registers=True,
-                                            split_registers=True)),
+        "K regs": (None, Config(split_registers=False)),
+        "split regs": (None, Config(fp8_k_in_registers=False)),
+        "default, both": (None, Config(hand_over_block_max=True,
+                                       auto_barriers=False)),
     },
     "ahead": {
         "p64": (64, Config()),

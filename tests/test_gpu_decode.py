@@ -218,14 +218,15 @@ def ragged_cache(name, fp8):
 
 def assert_same_results(want, got, *, skipping: bool):
   """Two builds' (out, stats): outputs and skip counts bit for bit, and,
-  `skipping`, over 30 % of the blocks skipped (`ragged_cache` at 1e-3)."""
+  `skipping`, over 10 % of the blocks skipped (`ragged_cache` at 1e-3:
+  13 % with "split" max mode, whose every split keeps its first block)."""
   (want, want_stats), (got, stats) = want, got
   np.testing.assert_array_equal(np.asarray(got, np.float32),
                                 np.asarray(want, np.float32))
   np.testing.assert_array_equal(stats.skipped_blocks,
                                 want_stats.skipped_blocks)
   if skipping:
-    assert float(stats.total_sparsity) > 0.3
+    assert float(stats.total_sparsity) > 0.1
 
 
 # compute_issues_v moves the V copies, not the arithmetic: outputs and
@@ -265,12 +266,13 @@ def test_compute_issued_v_matches_the_memory_warpgroups(kwargs, fp8,
     dict(auto_barriers=False, transposed=False, compute_wgs=1),
     dict(auto_barriers=False, hand_over_block_max=True, decide_ahead=2,
          fp8_k_in_registers=True, block_kv=64),
-    dict(global_semaphores=True)])
+    dict(global_semaphores=True), dict(pooled_pages=True),
+    dict(pooled_pages=True, decide_ahead=2, block_kv=64)])
 def test_schedule_options_match_the_default_build(kwargs, fp8):
   """Options that change only when or where things happen (block maxima
   handed over, FP8 K widened in registers, blocks decided two ahead,
   Pallas' store barriers left out, the merge's semaphores from
-  `pl.get_global`): outputs and skip
+  `pl.get_global`, pooled pages): outputs and skip
   counts bit-equal to the same build without them, anchored and split
   (merged by the last split, or, with one, in shared memory)."""
   if not bj.api.is_hopper():
@@ -279,7 +281,8 @@ def test_schedule_options_match_the_default_build(kwargs, fp8):
   q, k, v, lengths, scales = ragged_cache("gpu_schedule", fp8)
   call = dict(block_kv=128, num_splits=None)
   call.update({name: kwargs[name] for name in call if name in kwargs})
-  build = dict(compute_wgs=2)
+  build = dict(compute_wgs=2, split_registers=False,
+               fp8_k_in_registers=False)
   build.update({name: value for name, value in kwargs.items()
                 if name in ("transposed", "split_registers", "compute_wgs")})
   option = {name: value for name, value in kwargs.items()

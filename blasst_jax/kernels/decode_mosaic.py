@@ -59,12 +59,13 @@ stay a tile of per-thread partials, summed once at the end.
 
 FP8 caches (float8_e4m3fn pages with a scale per KV head, value = stored ·
 scale): the pages travel as FP8, half the bytes. The compute warpgroup
-widens each page it reads into its f16 tile in shared memory (e4m3 -> f16
-is exact and one instruction per pair; the K or V slot is free as soon as it
-is widened) and runs both products in f16 with the query cast to f16; the K
-scale is folded into the score scale and the V scale into the accumulator
-(`fp8_k_in_registers`: K widened in registers, the score product's A
-operand, instead).
+widens each K page in registers, the score product's A operand
+(`fp8_k_in_registers`), and each V page into its f16 tile in shared memory
+(e4m3 -> f16 is exact and one instruction per pair; a slot is free as soon
+as it is widened), and runs both products in f16 with the query cast to
+f16; the K scale is folded into the score scale and the V scale into the
+accumulator. The memory warpgroup hands most of its registers to the
+compute warpgroups (`split_registers`), so that none spill.
 
 Inputs besides the pages: one array, the control block (`control_block`):
 each (sequence, KV head)'s query rows, padded to the tile, then a row of
@@ -83,8 +84,10 @@ Options that only move work in time or place, built for measurement
 (`MosaicDecodeConfig`): `hand_over_block_max` (the two compute warpgroups
 exchange block maxima instead of running maxima, so no decision waits for
 the other's), `fp8_k_in_registers`, `decide_ahead` (V copies started two
-blocks before they are accumulated) and `auto_barriers=False` (no Pallas
-barriers around shared-memory stores that the kernel already orders).
+blocks before they are accumulated), `auto_barriers=False` (no Pallas
+barriers around shared-memory stores that the kernel already orders) and
+`pooled_pages` (each compute warpgroup copies its own K and V pages into
+one pool of slots).
 """
 
 from __future__ import annotations
@@ -151,7 +154,10 @@ class MosaicDecodeConfig:
       tiles fit and pages hold >= 8192 elements, see `pipeline`), else 1.
     split_registers: with two compute warpgroups, hand the memory
       warpgroup's registers to them (setmaxnreg `REGISTERS`: 232 / 40 a
-      thread instead of 168 each at launch).
+      thread instead of 168 each at launch). None: for FP8 pages (with
+      `fp8_k_in_registers`, H200, `decode_fp8_regs_h200.log`: 36 % faster
+      dense and 11 % at 70 % skipped than the shared-memory widening),
+      not for 16-bit ones.
     one_barrier_vote: decide by `mosaic_vote.warpgroup_any` (a warp vote,
       a word a warp, one barrier) instead of a max reduction over the
       rows (shuffles and two barriers), as the prefill kernel does.
@@ -187,6 +193,7 @@ class MosaicDecodeConfig:
       operand, instead of through the warpgroup's f16 tile in shared
       memory (no store, fence and reload of the page on the decision's
       path). V is still widened in shared memory (Vᵀ's transposed load).
+      None: on for FP8 pages (see `split_registers`).
     decide_ahead: a compute warpgroup's blocks decided (and their V
       copies started) before it accumulates one: 1, or 2 (each V copy
       then has two of the warpgroup's blocks to land in, not one; Pᵀ of
@@ -204,6 +211,13 @@ class MosaicDecodeConfig:
       hand-over and 2 for a kept block's Pᵀ (of 4-7). Needs
       `compute_issues_v` (the memory warpgroup that copies V would read
       each decision unordered with its rewrite).
+    pooled_pages: each compute warpgroup copies its own K pages as well
+      as its kept blocks' V pages, into one pool of shared-memory slots
+      (its share of the K and V rings' slots), K running as far ahead of
+      its scores as the slots left free by V allow: when most blocks are
+      skipped, (K + V slots) / C - 1 K pages a warpgroup are in flight
+      instead of the K ring's one. The memory warpgroup then only copies
+      the page table and feeds the merge. Needs `compute_issues_v`.
     global_semaphores: the in-kernel merge's semaphores from
       `pl.get_global` (an XLA kernel zeroes them before every call)
       instead of a word of the control block, which the one XLA fusion
@@ -216,16 +230,17 @@ class MosaicDecodeConfig:
   k_stages: int | None = None
   v_stages: int | None = None
   compute_wgs: int | None = None
-  split_registers: bool = False
+  split_registers: bool | None = None
   one_barrier_vote: bool = True
   transposed: bool = True
   merge_in_kernel: bool = True
   compute_issues_v: bool = True
   hand_over_block_max: bool = False
-  fp8_k_in_registers: bool = False
+  fp8_k_in_registers: bool | None = None
   decide_ahead: int = 1
   auto_barriers: bool = True
   global_semaphores: bool = False
+  pooled_pages: bool = False
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -237,8 +252,10 @@ class MosaicDecodeConfig:
     for name in ("split_registers", "one_barrier_vote", "transposed",
                  "merge_in_kernel", "compute_issues_v",
                  "hand_over_block_max", "fp8_k_in_registers",
-                 "auto_barriers", "global_semaphores"):
-      if not isinstance(getattr(self, name), bool):
+                 "auto_barriers", "global_semaphores", "pooled_pages"):
+      optional = name in ("split_registers", "fp8_k_in_registers")
+      if not (isinstance(getattr(self, name), bool)
+              or optional and getattr(self, name) is None):
         raise ValueError(f"`{name}` must be a bool, got "
                          f"{getattr(self, name)!r}.")
     if not self.auto_barriers and not self.compute_issues_v:
@@ -246,6 +263,10 @@ class MosaicDecodeConfig:
           "`auto_barriers=False` needs `compute_issues_v=True`: the memory "
           "warpgroup that copies V reads each decision without a barrier "
           "of its own.")
+    if self.pooled_pages and not self.compute_issues_v:
+      raise ValueError(
+          "`pooled_pages=True` needs `compute_issues_v=True`: the compute "
+          "warpgroups copy every page into their pools.")
     if self.decide_ahead not in (1, 2) or isinstance(self.decide_ahead,
                                                       bool):
       raise ValueError(f"`decide_ahead` must be 1 or 2, got "
@@ -281,6 +302,9 @@ SMALL_BUFFERS = 8
 # block j + 2 before it publishes block j + 3 guarantees.
 HANDOFF_SLOTS = 2
 BLOCK_MAX_HANDOFF_SLOTS = 6
+# `pooled_pages`: a pool slot's number in its warpgroup's queue of K copies
+# (a 32-bit word), so at most 2^POOL_BITS slots a warpgroup.
+POOL_BITS = 3
 # Partials in flight to the merging warpgroup (`merge_in_kernel`), at most.
 MERGE_SLOTS = 16
 
@@ -350,6 +374,11 @@ def config_bytes(config, head_dim, block_kv, pages_per_seq, fp8, group,
       cols=query_tile(group, True) if config.transposed else None,
       merge=config.merge_in_kernel, handoff_slots=hand_over_slots(config),
       p_slots=blocks_ahead(config, compute_wgs, v_stages) + 1)
+
+
+def on_for_fp8(option, fp8: bool) -> bool:
+  """An FP8 register option's value: None means on for FP8 pages."""
+  return fp8 if option is None else option
 
 
 def blocks_ahead(config, compute_wgs, v_stages) -> int:
@@ -501,6 +530,10 @@ class _Scratch(NamedTuple):
                     # and row sums (row 1)
   merge_stats: Any  # int32 [S, SLOT] their block counts
   staged: Any       # [R, d] the output rows in the output dtype
+  # `pooled_pages` (then k and v are None): [k_stages + v_stages,
+  # block_kv, d], each compute warpgroup's share holding its K and V
+  # copies; the output tiles and the merge's buffers over it at the end.
+  pool: Any = None
 
 
 class _Barriers(NamedTuple):
@@ -520,6 +553,7 @@ class _Barriers(NamedTuple):
   merged: Any        # merge: ([S], [S], [S]) a partial's tile, row
                      # statistics and counts copied in
   merge_free: Any    # merge: [S] its slot read
+  pool: Any = None   # `pooled_pages`: [k_stages + v_stages] page copied
 
 
 def control_block(q, words, rows: int):
@@ -590,7 +624,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
             transposed, kv_heads, merge_slots, pages_per_seq,
             compute_issues_v,
             block_max_handoff, fp8_k_registers, ahead,
-            window, anchor_rows, heads_first, interpret):
+            window, anchor_rows, heads_first, pooled, interpret):
   # ctrl_ref [b, hkv, R + CONTROL_ROWS, d] (`control_block`: the query
   # tile, then the words kv_len, log2 λ and, FP8 pages, the K and V
   # scales); k_ref, v_ref [n_pages, block_kv, hkv, d] ("NHD"), or with
@@ -691,11 +725,49 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       return ref.at[page(block), kv_head]
     return ref.at[page(block), pl.ds(0, block_kv), kv_head]
 
-  def issue_v(vp):
-    """TMA of block vp's V page into its slot."""
-    slot = v_slot(vp)
-    plgpu.copy_gmem_to_smem(head_page(v_ref, start + vp), sc.v.at[slot],
-                            bars.v.at[slot])
+  def issue_v(vp, slot=None):
+    """TMA of block vp's V page into its slot (`pooled`: pool slot
+    `slot`)."""
+    if pooled:
+      dst, bar = sc.pool.at[slot], bars.pool.at[slot]
+    else:
+      dst, bar = sc.v.at[v_slot(vp)], bars.v.at[v_slot(vp)]
+    plgpu.copy_gmem_to_smem(head_page(v_ref, start + vp), dst, bar)
+
+  # `pooled`: compute warpgroup wg's pool is slots first_slot ..
+  # first_slot + pool_size - 1 of sc.pool; its state, carried through its
+  # loops: (free, queue, queued, issued): a bit per free slot; the slots of
+  # its K copies in flight, oldest in the lowest POOL_BITS bits; how many;
+  # how many of its K positions (wg, wg + C, ...) have been issued.
+  pool_size = (k_stages + v_stages) // compute_wgs
+  first_slot = wg * pool_size
+  my_k = lax.div(jnp.maximum(n_k - wg + compute_wgs - 1, 0), compute_wgs)
+
+  def lowest_free(free):
+    """The lowest free slot of a pool state's `free` bits (0 if none)."""
+    slot = jnp.int32(0)
+    for j in reversed(range(pool_size)):
+      slot = jnp.where(((free >> j) & 1) != 0, jnp.int32(j), slot)
+    return slot
+
+  def refill(pool):
+    """K copies of this warpgroup's next positions into every free slot."""
+    free, queue, queued, issued = pool
+    for _ in range(pool_size):
+      go = (free != 0) & (issued < my_k)
+      slot = lowest_free(free)
+      kp = wg + issued * compute_wgs
+
+      @pl.when(go)
+      def _(kp=kp, slot=slot):
+        plgpu.copy_gmem_to_smem(head_page(k_ref, k_block(kp)),
+                                sc.pool.at[first_slot + slot],
+                                bars.pool.at[first_slot + slot])
+      free = jnp.where(go, free & ~(1 << slot), free)
+      queue = jnp.where(go, queue | (slot << (POOL_BITS * queued)), queue)
+      queued = queued + go.astype(jnp.int32)
+      issued = issued + go.astype(jnp.int32)
+    return free, queue, queued, issued
 
   # The query axis of the score tile (0: [R, block_kv]; transposed 1:
   # [block_kv, R]) and of the output tile ([R, d], or [d, R]).
@@ -824,6 +896,9 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     plgpu.barrier_wait(bars.q)
     if compute_issues_v and sc.table is not None:   # the pages of the V
       plgpu.barrier_wait(bars.table)                # copies it issues
+    # `pooled`: this warpgroup's first K copies, before anything waits.
+    pool = (refill((jnp.int32(2 ** pool_size - 1), jnp.int32(0),
+                    jnp.int32(0), jnp.int32(0))) if pooled else ())
     scale = sm_scale * LOG2E
     # log2 λ, for the votes (the memory warpgroup needs only kv_len).
     log2_thr = (float_from_bits(control_word(params, 1)) if skip_enabled
@@ -862,13 +937,23 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       return mosaic_vote.warpgroup_column_reduce(
           x, op, sc.colred.at[w], interpret=interpret)
 
-    def scores(kp):
+    def free_k(slot):
+      """K slot read (`pooled`: this warpgroup's own pool slot, which it
+      reuses once its own reads are done, so nothing to signal)."""
+      if not pooled:
+        plgpu.barrier_arrive(bars.k_free.at[slot])
+
+    def scores(kp, pool_slot=None):
       """Scaled scores (log2 units) of K position kp, [R, block_kv]
       (transposed: [block_kv, R]), keys past kv_len at -inf; frees its K
-      slot."""
-      slot = k_slot(kp)
-      plgpu.barrier_wait(bars.k.at[slot])
-      k_tile = sc.k.at[slot]
+      slot (`pooled`: pool slot `pool_slot`)."""
+      if pooled:
+        slot, k_bar = pool_slot, bars.pool.at[pool_slot]
+        k_tile = sc.pool.at[slot]
+      else:
+        slot = k_slot(kp)
+        k_bar, k_tile = bars.k.at[slot], sc.k.at[slot]
+      plgpu.barrier_wait(k_bar)
       if fp8 and fp8_k_registers:   # widened in registers, wgmma's A
         k8 = plgpu.load(k_tile, layout=plgpu.Layout.WGMMA_UPCAST_2X,
                         optimized=False)
@@ -878,10 +963,13 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
           wide[...] = k_tile
           plgpu.commit_smem()
           k_tile = wide
-        plgpu.barrier_arrive(bars.k_free.at[slot])
+        elif pooled:   # every thread's load done before a TMA reuses it
+          mosaic_merge.warpgroup_barrier(interpret=False)
+          mosaic_merge.async_proxy_fence(interpret=False)
+        free_k(slot)
       elif fp8:   # The slot is free once widened.
         k_tile = widen(k_tile)
-        plgpu.barrier_arrive(bars.k_free.at[slot])
+        free_k(slot)
 
       def qk(acc_ref):
         if transposed:   # K·qᵀ
@@ -892,9 +980,19 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
       s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
       if not fp8:
-        plgpu.barrier_arrive(bars.k_free.at[slot])
+        free_k(slot)
       keys = key_iota + k_block(kp) * block_kv
       return jnp.where(keys < kv_len, s * scale, -jnp.inf)
+
+    def next_scores(kp, pool):
+      """scores(kp) of this warpgroup's next K position kp; `pooled`: from
+      the oldest copy of its pool, whose slot it frees."""
+      if not pooled:
+        return scores(kp), pool
+      free, queue, queued, issued = pool
+      slot = queue & (2 ** POOL_BITS - 1)
+      s = scores(kp, first_slot + slot)
+      return s, (free | (1 << slot), queue >> POOL_BITS, queued - 1, issued)
 
     n_handoff = sc.handoff.shape[0]
 
@@ -919,12 +1017,19 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     # block), else -inf.
     handing = skip_enabled and n_wgs == 2
     if anchored and skip_enabled:
+      def score_anchor(kp, pool):
+        s, pool = next_scores(kp, pool)
+        return key_reduce(s, "max"), refill(pool) if pooled else pool
+
       if n_wgs == 1:
-        m0 = lax.fori_loop(0, n_anchor, lambda kp, m: jnp.maximum(
-            m, key_reduce(scores(kp), "max")), minus_inf)
+        def anchor(kp, carry):
+          m_a, pool = score_anchor(kp, carry[1])
+          return jnp.maximum(carry[0], m_a), pool
+        m0, pool = lax.fori_loop(0, n_anchor, anchor, (minus_inf, pool))
       else:
-        own = lax.cond(n_anchor > 0, lambda: key_reduce(scores(w), "max"),
-                       lambda: minus_inf)
+        own, pool = lax.cond(n_anchor > 0,
+                             functools.partial(score_anchor, w, pool),
+                             lambda: (minus_inf, pool))
 
         def exchange():   # both ways: each anchor is K position w
           hand_over(w, own)
@@ -980,11 +1085,13 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       than the f32 scores is what waits a step (64 rows: in registers,
       half of the scores'; transposed: Pᵀ in shared memory and its f32
       tile, for the row sums, in registers)."""
-      p16, p_sum, m_p, keep = pending
-      slot = v_slot(vp)
+      p16, p_sum, m_p, keep, pool_slot = pending
+      if pooled:   # the pool slot its V was copied into, if kept
+        v_bar, v_tile = bars.pool.at[pool_slot], sc.pool.at[pool_slot]
+      else:
+        v_bar, v_tile = bars.v.at[v_slot(vp)], sc.v.at[v_slot(vp)]
       if not compute_issues_v:   # copied, or its phase completed empty
-        plgpu.barrier_wait(bars.v.at[slot])
-      v_tile = sc.v.at[slot]
+        plgpu.barrier_wait(v_bar)
 
       def zero_past_end(v_tile):
         # Past kv_len a page may hold anything, NaN included: 0·NaN must
@@ -1005,7 +1112,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
       def kept():
         if compute_issues_v:   # only a kept block's copy was issued
-          plgpu.barrier_wait(bars.v.at[slot])
+          plgpu.barrier_wait(v_bar)
         tile = widen(v_tile) if fp8 else v_tile
         pl.when((start + vp + 1) * block_kv > kv_len)(
             lambda: zero_past_end(tile))
@@ -1027,7 +1134,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
       out = lax.cond(keep, kept, lambda: (acc, l, m_acc))
       if not compute_issues_v:
-        plgpu.barrier_arrive(bars.v_free.at[slot])
+        plgpu.barrier_arrive(bars.v_free.at[v_slot(vp)])
       return out
 
     zero_tile = plgpu.layout_cast(jnp.zeros(tile, jnp.float32),
@@ -1045,16 +1152,17 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     # in an earlier step, so the copy starts at the decision; with
     # v_stages = C (ahead 1) it is the block accumulated in this step, so
     # after it.
-    early_v = compute_issues_v and v_stages >= (ahead + 1) * n_wgs
+    early_v = pooled or (compute_issues_v
+                         and v_stages >= (ahead + 1) * n_wgs)
     assert ahead == 1 or early_v
 
     def step(i, carry):
       """Scores and decides this warpgroup's i-th block vp, publishes the
       decision, takes its P if kept, then accumulates its block `ahead`
       steps back (whose V copy ran meanwhile)."""
-      acc, l, m_acc, m, n_skipped, pending = carry
+      acc, l, m_acc, m, n_skipped, pending, pool = carry
       vp = w + i * n_wgs
-      s = scores(vp + n_anchor)
+      s, pool = next_scores(vp + n_anchor, pool)
       m_blk = key_reduce(s, "max")
       if skip_enabled:
         if handing and block_max_handoff:   # its max to the other; the
@@ -1095,25 +1203,39 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         keep = vp >= 0
         m = jnp.maximum(m, m_blk)
         p16, p_sum = probabilities(s, m, vp)
+      pool_slot = jnp.int32(0)
+      if pooled:   # a free slot: at least the K slot just read
+        free, *rest = pool
+        local = lowest_free(free)
+        pool_slot = first_slot + local
+        pool = (jnp.where(keep, free & ~(1 << local), free), *rest)
       if early_v:
-        pl.when(keep)(lambda: issue_v(vp))
+        pl.when(keep)(lambda: issue_v(vp, pool_slot))
       acc, l, m_acc = lax.cond(
           i >= ahead,
           lambda: accumulate(vp - ahead * n_wgs, pending[0], acc, l, m_acc),
           lambda: (acc, l, m_acc))
       if compute_issues_v and not early_v:   # into the slot just read
         pl.when(keep)(lambda: issue_v(vp))
+      if pooled:   # the accumulated block's V slot is free again; K into
+        # every free slot
+        done_keep, done_slot = pending[0][3], pending[0][4]
+        freed = (i >= ahead) & done_keep
+        free, *rest = pool
+        pool = refill((jnp.where(freed, free | (1 << (done_slot - first_slot)),
+                                 free), *rest))
       return (acc, l, m_acc, m, n_skipped + 1 - keep.astype(jnp.int32),
-              (*pending[1:], (p16, p_sum, m, keep)))
+              (*pending[1:], (p16, p_sum, m, keep, pool_slot)), pool)
 
     n_mine = lax.div(jnp.maximum(n - w + n_wgs - 1, 0), n_wgs)
     acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32),
                             plgpu.Layout.WGMMA)
     l = zero_tile if transposed else plgpu.layout_cast(
         jnp.zeros((rows,), jnp.float32), row_layout)
-    nothing = (*no_probs, minus_inf, n < 0)
-    acc, l, m_acc, m, n_skipped, pending = lax.fori_loop(
-        0, n_mine, step, (acc, l, minus_inf, m0, n * 0, (nothing,) * ahead))
+    nothing = (*no_probs, minus_inf, n < 0, n * 0)
+    acc, l, m_acc, m, n_skipped, pending, pool = lax.fori_loop(
+        0, n_mine, step,
+        (acc, l, minus_inf, m0, n * 0, (nothing,) * ahead, pool))
     if handing:   # The last hand-over is for the other warpgroup.
       last = n_k - 1 if block_max_handoff else n - 1
 
@@ -1197,10 +1319,13 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
         issue_k(kp + k_stages)
 
-    for i in range(k_stages):
-      pl.when(i < n_k)(functools.partial(issue_k, jnp.int32(i)))
+    if not pooled:   # (else the compute warpgroups copy every page)
+      for i in range(k_stages):
+        pl.when(i < n_k)(functools.partial(issue_k, jnp.int32(i)))
 
-    if compute_issues_v:   # K only: each slot refilled as soon as it frees
+    if pooled:
+      pass
+    elif compute_issues_v:   # K only: each slot refilled as it frees
       pl.loop(0, n_k)(refill_k)
     else:
       @pl.loop(0, n_anchor)
@@ -1229,9 +1354,10 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         refill_k(vp + n_anchor)
 
     # Observe the last releases, so every phase is seen before exit.
-    @pl.loop(jnp.maximum(n_k - k_stages, 0), n_k)
-    def _drain_k(kp):
-      plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
+    if not pooled:
+      @pl.loop(jnp.maximum(n_k - k_stages, 0), n_k)
+      def _drain_k(kp):
+        plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
 
     if not compute_issues_v:
       @pl.loop(jnp.maximum(n - v_stages, 0), n)
@@ -1386,6 +1512,13 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   n_wgs, k_stages, v_stages = pipeline(config, d, block_kv, table_pages,
                                        fp8, g)
   ahead = blocks_ahead(config, n_wgs, v_stages)
+  pool_size = (k_stages + v_stages) // n_wgs
+  if config.pooled_pages and ((k_stages + v_stages) % n_wgs
+                              or not ahead < pool_size <= 2 ** POOL_BITS):
+    raise ValueError(
+        f"`pooled_pages` shares {k_stages} K + {v_stages} V slots among "
+        f"{n_wgs} compute warpgroups: each needs an equal share of "
+        f"{ahead + 1} to {2 ** POOL_BITS} slots; set k_stages / v_stages.")
   log2_thr = jnp.broadcast_to(log_threshold * LOG2E, (b,))
   if config.hand_over_block_max and n_wgs == 2:   # λ > 1 acts as 1 (see
     log2_thr = jnp.minimum(log2_thr, 0.0)          # the config)
@@ -1472,21 +1605,30 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                      transforms=swizzled(2, block_kv))
     else:
       p = None
+    pooled = config.pooled_pages
+    merge_refs = (plgpu.SMEM((rows, d), out_dtype),
+                  plgpu.SMEM((merge_slots, merge_stat_rows(rows), rows),
+                             jnp.float32),
+                  plgpu.SMEM((merge_slots, SLOT), jnp.int32))
     scratch = _Scratch(
         q=plgpu.SMEM((rows, d), dtype, transforms=swizzled(2)),
-        k=plgpu.RefUnion(
+        # `pooled`: the output tiles and the merge's (one buffer, as over
+        # the K ring), then its other buffers, over the pool.
+        pool=(plgpu.RefUnion(
+            plgpu.SMEM((k_stages + v_stages, block_kv, d), page_dtype,
+                       transforms=page_swizzle),
+            (plgpu.SMEM((max(n_wgs, merge_slots), *out_shape), jnp.float32),
+             *merge_refs)) if pooled else None),
+        k=None if pooled else plgpu.RefUnion(
             plgpu.SMEM((k_stages, block_kv, d), page_dtype,
                        transforms=page_swizzle),
             plgpu.SMEM((n_wgs, *out_shape), jnp.float32),
             plgpu.SMEM((merge_slots, *out_shape), jnp.float32)),
         out=None,
-        v=plgpu.RefUnion(
+        v=None if pooled else plgpu.RefUnion(
             plgpu.SMEM((v_stages, block_kv, d), page_dtype,
                        transforms=page_swizzle),
-            (plgpu.SMEM((rows, d), out_dtype),
-             plgpu.SMEM((merge_slots, merge_stat_rows(rows), rows),
-                        jnp.float32),
-             plgpu.SMEM((merge_slots, SLOT), jnp.int32))),
+            merge_refs),
         table=(None if contiguous
                else plgpu.SMEM((table_pages // TABLE_ROW, TABLE_ROW),
                                jnp.int32)),
@@ -1511,9 +1653,9 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
         table=(None if contiguous else plgpu.Barrier(
             num_arrivals=1 + anchor_rows)),
         params=plgpu.Barrier(num_barriers=n_wgs + 1),
-        k=plgpu.Barrier(num_barriers=k_stages),
-        k_free=plgpu.Barrier(num_barriers=k_stages),
-        v=plgpu.Barrier(num_barriers=v_stages),
+        k=None if pooled else plgpu.Barrier(num_barriers=k_stages),
+        k_free=None if pooled else plgpu.Barrier(num_barriers=k_stages),
+        v=None if pooled else plgpu.Barrier(num_barriers=v_stages),
         v_free=(None if config.compute_issues_v
                 else plgpu.Barrier(num_barriers=v_stages)),
         votes=(None if config.compute_issues_v
@@ -1525,11 +1667,19 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
         merged=(tuple(plgpu.Barrier(num_barriers=merge_slots)
                       for _ in range(3)) if merge else None),
         merge_free=(plgpu.Barrier(num_barriers=merge_slots)
-                    if merge else None))
+                    if merge else None),
+        pool=(plgpu.Barrier(num_barriers=k_stages + v_stages) if pooled
+              else None))
 
     def body(sc, bars):
-      k_ring, out_tiles, merge_tiles = sc.k
-      v_ring, (staged, merge_ml, merge_stats) = sc.v
+      if pooled:   # the tiles: the first C output tiles, or merge slots
+        pool, (out_tiles, staged, merge_ml, merge_stats) = sc.pool
+        k_ring = v_ring = None
+        merge_tiles = out_tiles
+        sc = sc._replace(pool=pool)
+      else:
+        k_ring, out_tiles, merge_tiles = sc.k
+        v_ring, (staged, merge_ml, merge_stats) = sc.v
       if merge:
         sc = sc._replace(merge_acc=merge_tiles, merge_ml=merge_ml,
                          merge_stats=merge_stats, staged=staged)
@@ -1540,14 +1690,17 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               num_splits=num_splits, skip_enabled=skip_enabled,
               anchored=max_mode == "anchored", k_stages=k_stages,
               v_stages=v_stages, compute_wgs=n_wgs,
-              split_registers=config.split_registers and n_wgs == 2,
+              split_registers=on_for_fp8(config.split_registers, fp8)
+              and n_wgs == 2,
               transposed=transposed, kv_heads=hkv, merge_slots=merge_slots,
               pages_per_seq=pages_per_seq,
               compute_issues_v=config.compute_issues_v,
               block_max_handoff=config.hand_over_block_max and n_wgs == 2,
-              fp8_k_registers=config.fp8_k_in_registers and transposed,
+              fp8_k_registers=(on_for_fp8(config.fp8_k_in_registers, fp8)
+                               and transposed),
               ahead=ahead, window=window, anchor_rows=anchor_rows,
-              heads_first=heads_first, interpret=interpret is not None)
+              heads_first=heads_first, pooled=pooled,
+              interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 

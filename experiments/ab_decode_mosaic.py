@@ -27,10 +27,10 @@ compute warpgroups that keep the blocks: the default V ring, as many V
 slots as warpgroups, one and two compute warpgroups), "wgs" (one and two
 compute warpgroups, at the shape's pages and at 128 keys), "schedule"
 (block maxima handed between the compute warpgroups, Pallas' store
-barriers left out, and both), "fp8" (with `--fp8`: K widened in shared memory, the
-default (for FP8 pages: K widened in registers, and the memory
-warpgroup's registers handed to the compute warpgroups), each of those
-two alone, and the default with the "schedule" options), "ahead"
+barriers left out, and both), "fp8" (with `--fp8`: K widened in shared
+memory; the default, for FP8 pages K widened in registers and the memory
+warpgroup's registers handed to the compute warpgroups; each of those two
+alone; the default with the "schedule" options), "ahead"
 (one or two blocks decided ahead of the one accumulated, with pages of 64
 and 128 keys), "table" (a contiguous cache, whose pages the kernel computes,
 against the same cache through a page table), "layout" (pages holding each

@@ -536,6 +536,15 @@ class _Scratch(NamedTuple):
   pool: Any = None
 
 
+class _Pool(NamedTuple):
+  """`pooled_pages`: a compute warpgroup's pool of page slots."""
+  free: Any      # int32: bit j set while slot j is free
+  queue: Any     # int32: the slots of its K copies in flight, in position
+                 # order, POOL_BITS bits each, the oldest lowest
+  queued: Any    # int32: how many
+  issued: Any    # int32: its K positions (wg, wg + C, ...) issued so far
+
+
 class _Barriers(NamedTuple):
   q: Any
   table: Any
@@ -735,39 +744,49 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     plgpu.copy_gmem_to_smem(head_page(v_ref, start + vp), dst, bar)
 
   # `pooled`: compute warpgroup wg's pool is slots first_slot ..
-  # first_slot + pool_size - 1 of sc.pool; its state, carried through its
-  # loops: (free, queue, queued, issued): a bit per free slot; the slots of
-  # its K copies in flight, oldest in the lowest POOL_BITS bits; how many;
-  # how many of its K positions (wg, wg + C, ...) have been issued.
-  pool_size = (k_stages + v_stages) // compute_wgs
-  first_slot = wg * pool_size
-  my_k = lax.div(jnp.maximum(n_k - wg + compute_wgs - 1, 0), compute_wgs)
+  # first_slot + pool_size - 1 of sc.pool (slot numbers below are its own,
+  # 0 .. pool_size - 1), its state a `_Pool` carried through its loops.
+  if pooled:
+    pool_size = (k_stages + v_stages) // compute_wgs
+    first_slot = wg * pool_size
+    my_k = lax.div(jnp.maximum(n_k - wg + compute_wgs - 1, 0), compute_wgs)
 
-  def lowest_free(free):
-    """The lowest free slot of a pool state's `free` bits (0 if none)."""
+  def lowest_free(pool):
+    """The pool's lowest free slot (0 if none)."""
     slot = jnp.int32(0)
     for j in reversed(range(pool_size)):
-      slot = jnp.where(((free >> j) & 1) != 0, jnp.int32(j), slot)
+      slot = jnp.where(((pool.free >> j) & 1) != 0, jnp.int32(j), slot)
     return slot
+
+  def take(pool, slot, cond=True):
+    """The pool with `slot` in use, where `cond`."""
+    return pool._replace(free=jnp.where(cond, pool.free & ~(1 << slot),
+                                        pool.free))
+
+  def release(pool, slot, cond=True):
+    """The pool with `slot` free again, where `cond`."""
+    return pool._replace(free=jnp.where(cond, pool.free | (1 << slot),
+                                        pool.free))
 
   def refill(pool):
     """K copies of this warpgroup's next positions into every free slot."""
-    free, queue, queued, issued = pool
     for _ in range(pool_size):
-      go = (free != 0) & (issued < my_k)
-      slot = lowest_free(free)
-      kp = wg + issued * compute_wgs
+      go = (pool.free != 0) & (pool.issued < my_k)
+      slot = lowest_free(pool)
+      kp = wg + pool.issued * compute_wgs
 
       @pl.when(go)
       def _(kp=kp, slot=slot):
         plgpu.copy_gmem_to_smem(head_page(k_ref, k_block(kp)),
                                 sc.pool.at[first_slot + slot],
                                 bars.pool.at[first_slot + slot])
-      free = jnp.where(go, free & ~(1 << slot), free)
-      queue = jnp.where(go, queue | (slot << (POOL_BITS * queued)), queue)
-      queued = queued + go.astype(jnp.int32)
-      issued = issued + go.astype(jnp.int32)
-    return free, queue, queued, issued
+      pool = take(pool, slot, go)._replace(
+          queue=jnp.where(go, pool.queue | (slot << (POOL_BITS *
+                                                     pool.queued)),
+                          pool.queue),
+          queued=pool.queued + go.astype(jnp.int32),
+          issued=pool.issued + go.astype(jnp.int32))
+    return pool
 
   # The query axis of the score tile (0: [R, block_kv]; transposed 1:
   # [block_kv, R]) and of the output tile ([R, d], or [d, R]).
@@ -897,8 +916,9 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     if compute_issues_v and sc.table is not None:   # the pages of the V
       plgpu.barrier_wait(bars.table)                # copies it issues
     # `pooled`: this warpgroup's first K copies, before anything waits.
-    pool = (refill((jnp.int32(2 ** pool_size - 1), jnp.int32(0),
-                    jnp.int32(0), jnp.int32(0))) if pooled else ())
+    pool = (refill(_Pool(free=jnp.int32(2 ** pool_size - 1),
+                         queue=jnp.int32(0), queued=jnp.int32(0),
+                         issued=jnp.int32(0))) if pooled else ())
     scale = sm_scale * LOG2E
     # log2 λ, for the votes (the memory warpgroup needs only kv_len).
     log2_thr = (float_from_bits(control_word(params, 1)) if skip_enabled
@@ -989,10 +1009,10 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       the oldest copy of its pool, whose slot it frees."""
       if not pooled:
         return scores(kp), pool
-      free, queue, queued, issued = pool
-      slot = queue & (2 ** POOL_BITS - 1)
+      slot = pool.queue & (2 ** POOL_BITS - 1)
       s = scores(kp, first_slot + slot)
-      return s, (free | (1 << slot), queue >> POOL_BITS, queued - 1, issued)
+      return s, release(pool, slot)._replace(
+          queue=pool.queue >> POOL_BITS, queued=pool.queued - 1)
 
     n_handoff = sc.handoff.shape[0]
 
@@ -1085,9 +1105,10 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       than the f32 scores is what waits a step (64 rows: in registers,
       half of the scores'; transposed: Pᵀ in shared memory and its f32
       tile, for the row sums, in registers)."""
-      p16, p_sum, m_p, keep, pool_slot = pending
+      p16, p_sum, m_p, keep, *v_at = pending
       if pooled:   # the pool slot its V was copied into, if kept
-        v_bar, v_tile = bars.pool.at[pool_slot], sc.pool.at[pool_slot]
+        v_at = first_slot + v_at[0]
+        v_bar, v_tile = bars.pool.at[v_at], sc.pool.at[v_at]
       else:
         v_bar, v_tile = bars.v.at[v_slot(vp)], sc.v.at[v_slot(vp)]
       if not compute_issues_v:   # copied, or its phase completed empty
@@ -1203,14 +1224,15 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         keep = vp >= 0
         m = jnp.maximum(m, m_blk)
         p16, p_sum = probabilities(s, m, vp)
-      pool_slot = jnp.int32(0)
+      decided = (p16, p_sum, m, keep)
+      v_at = None
       if pooled:   # a free slot: at least the K slot just read
-        free, *rest = pool
-        local = lowest_free(free)
-        pool_slot = first_slot + local
-        pool = (jnp.where(keep, free & ~(1 << local), free), *rest)
+        v_at = lowest_free(pool)
+        pool = take(pool, v_at, keep)
+        decided += (v_at,)
       if early_v:
-        pl.when(keep)(lambda: issue_v(vp, pool_slot))
+        pl.when(keep)(lambda: issue_v(
+            vp, None if v_at is None else first_slot + v_at))
       acc, l, m_acc = lax.cond(
           i >= ahead,
           lambda: accumulate(vp - ahead * n_wgs, pending[0], acc, l, m_acc),
@@ -1219,20 +1241,17 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         pl.when(keep)(lambda: issue_v(vp))
       if pooled:   # the accumulated block's V slot is free again; K into
         # every free slot
-        done_keep, done_slot = pending[0][3], pending[0][4]
-        freed = (i >= ahead) & done_keep
-        free, *rest = pool
-        pool = refill((jnp.where(freed, free | (1 << (done_slot - first_slot)),
-                                 free), *rest))
+        _, _, _, done_keep, done_at = pending[0]
+        pool = refill(release(pool, done_at, (i >= ahead) & done_keep))
       return (acc, l, m_acc, m, n_skipped + 1 - keep.astype(jnp.int32),
-              (*pending[1:], (p16, p_sum, m, keep, pool_slot)), pool)
+              (*pending[1:], decided), pool)
 
     n_mine = lax.div(jnp.maximum(n - w + n_wgs - 1, 0), n_wgs)
     acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32),
                             plgpu.Layout.WGMMA)
     l = zero_tile if transposed else plgpu.layout_cast(
         jnp.zeros((rows,), jnp.float32), row_layout)
-    nothing = (*no_probs, minus_inf, n < 0, n * 0)
+    nothing = (*no_probs, minus_inf, n < 0) + ((n * 0,) if pooled else ())
     acc, l, m_acc, m, n_skipped, pending, pool = lax.fori_loop(
         0, n_mine, step,
         (acc, l, minus_inf, m0, n * 0, (nothing,) * ahead, pool))
@@ -1319,50 +1338,52 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
         issue_k(kp + k_stages)
 
-    if not pooled:   # (else the compute warpgroups copy every page)
+    def stream_pages():
+      """K through its ring (and, without `compute_issues_v`, V through
+      its own as the decisions arrive)."""
       for i in range(k_stages):
         pl.when(i < n_k)(functools.partial(issue_k, jnp.int32(i)))
 
-    if pooled:
-      pass
-    elif compute_issues_v:   # K only: each slot refilled as it frees
-      pl.loop(0, n_k)(refill_k)
-    else:
-      @pl.loop(0, n_anchor)
-      def _anchors(kp):
-        refill_k(kp)
+      if compute_issues_v:   # K only: each slot refilled as it frees
+        pl.loop(0, n_k)(refill_k)
+      else:
+        @pl.loop(0, n_anchor)
+        def _anchors(kp):
+          refill_k(kp)
 
-      @pl.loop(0, n)
-      def _stream(vp):
-        slot = v_slot(vp)
+        @pl.loop(0, n)
+        def _stream(vp):
+          slot = v_slot(vp)
 
-        @pl.when(vp >= v_stages)
-        def _():
-          plgpu.barrier_wait(bars.v_free.at[slot])
+          @pl.when(vp >= v_stages)
+          def _():
+            plgpu.barrier_wait(bars.v_free.at[slot])
 
-        if skip_enabled:   # V once the block is kept; else an empty phase.
-          # The vote of block vp is read before K of block vp + k_stages is
-          # issued: its writer cannot overwrite the vote slot too early.
-          vote = k_slot(vp)
-          plgpu.barrier_wait(bars.votes.at[vote])
-          pl.when(sc.votes[vote] != 0)(lambda: issue_v(vp))
-          pl.when(sc.votes[vote] == 0)(
-              lambda: plgpu.barrier_arrive(bars.v.at[slot]))
-        else:
-          issue_v(vp)
+          if skip_enabled:   # V once the block is kept; else an empty phase.
+            # The vote of block vp is read before K of block vp + k_stages is
+            # issued: its writer cannot overwrite the vote slot too early.
+            vote = k_slot(vp)
+            plgpu.barrier_wait(bars.votes.at[vote])
+            pl.when(sc.votes[vote] != 0)(lambda: issue_v(vp))
+            pl.when(sc.votes[vote] == 0)(
+                lambda: plgpu.barrier_arrive(bars.v.at[slot]))
+          else:
+            issue_v(vp)
 
-        refill_k(vp + n_anchor)
+          refill_k(vp + n_anchor)
 
-    # Observe the last releases, so every phase is seen before exit.
-    if not pooled:
+      # Observe the last releases, so every phase is seen before exit.
       @pl.loop(jnp.maximum(n_k - k_stages, 0), n_k)
       def _drain_k(kp):
         plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
 
-    if not compute_issues_v:
-      @pl.loop(jnp.maximum(n - v_stages, 0), n)
-      def _drain_v(vp):
-        plgpu.barrier_wait(bars.v_free.at[v_slot(vp)])
+      if not compute_issues_v:
+        @pl.loop(jnp.maximum(n - v_stages, 0), n)
+        def _drain_v(vp):
+          plgpu.barrier_wait(bars.v_free.at[v_slot(vp)])
+
+    if not pooled:   # (else the compute warpgroups copy every page)
+      stream_pages()
 
     if merged_refs is not None and not local_merge:
       pl.when(split == num_splits - 1)(load_partials)

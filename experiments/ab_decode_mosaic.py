@@ -12,32 +12,34 @@ sparsity).
         --thresholds=1.25e-4,2.2e-4,3.9e-4,9.1e-4
     python -m experiments.ab_decode_mosaic --builds=schedule --rounds=3
     python -m experiments.ab_decode_mosaic --builds=fp8 --fp8 --rounds=3
+    python -m experiments.ab_decode_mosaic --builds=waves --shapes=0,1 \
+        --pattern=scattered
 
 Build sets: "transposed" (the 64-row build, the transposed one with two and
-one compute warpgroups), "rings" (the transposed build's K / V ring
-depths and page sizes, with a copy of the cache for scale), "k_depth"
-(K rings of 2, 4 and 8 pages of 64 keys beside the default V ring: does a
-skipping build, whose K copies are the only ones in flight, want more of
-them?), "pooled" (each compute warpgroup copying its K and V pages into
-one pool of slots, `pooled_pages`, against the K ring fed by the memory
-warpgroup), "merge" (the
-split-K merge by XLA after the call, and in the kernel), "v_issue" (V
-copied by the memory warpgroup as it reads the decisions, or by the
-compute warpgroups that keep the blocks: the default V ring, as many V
+one compute warpgroups), "rings" (the transposed build's K / V ring depths
+and page sizes, with a copy of the cache for scale), "k_depth" (K rings of
+2, 4 and 8 pages of 64 keys beside the default V ring: does a skipping
+build, whose K copies are the only ones in flight, want more of them?),
+"merge" (the split-K merge by XLA after the call, and in the kernel),
+"v_issue" (V copied by the memory warpgroup as it reads the decisions, or by
+the compute warpgroups that keep the blocks: the default V ring, as many V
 slots as warpgroups, one and two compute warpgroups), "wgs" (one and two
-compute warpgroups, at the shape's pages and at 128 keys), "schedule"
-(block maxima handed between the compute warpgroups, Pallas' store
-barriers left out, and both), "fp8" (with `--fp8`: K widened in shared
-memory; the default, for FP8 pages K widened in registers and the memory
-warpgroup's registers handed to the compute warpgroups; each of those two
-alone; the default with the "schedule" options), "ahead"
-(one or two blocks decided ahead of the one accumulated, with pages of 64
-and 128 keys), "table" (a contiguous cache, whose pages the kernel computes,
-against the same cache through a page table), "layout" (pages holding each
-token's KV heads side by side, NHD, or each head's rows in one run, HND,
-through the same page table) and "semaphores" (the merge's
-semaphores in the control block, or from `pl.get_global`, which adds the
-XLA kernel that zeroes them before every call).
+compute warpgroups, at the shape's pages and at 128 keys), "schedule" (block
+maxima handed between the compute warpgroups, Pallas' store barriers left
+out, and both), "fp8" (with `--fp8`: K widened in shared memory; the
+default, for FP8 pages K widened in registers and the memory warpgroup's
+registers handed to the compute warpgroups; each of those two alone; the
+default with the "schedule" options), "ahead" (one or two blocks decided
+ahead of the one accumulated, with pages of 64 and 128 keys), "table" (a
+contiguous cache, whose pages the kernel computes, against the same cache
+through a page table), "layout" (pages holding each token's KV heads side by
+side, NHD, or each head's rows in one run, HND, through the same page
+table), "waves" (the split count that fills the GPU's SMs once, twice and
+four times: skipping leaves the programs of diffuse heads most of the V
+bytes, and programs in several waves let the block scheduler even the load)
+and "semaphores" (the merge's semaphores in the control block, or from
+`pl.get_global`, which adds the XLA kernel that zeroes them before every
+call).
 Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
 build, a traced zero) besides the dense build (λ=0); `--fp8` runs them on
 FP8 pages.
@@ -57,11 +59,12 @@ from blasst_jax.kernels import decode_mosaic
 from blasst_jax.ops.decode import base as decode_base
 
 Config = decode_mosaic.MosaicDecodeConfig
-# name: {build name: (block_kv or None for the shape's, config[, layout])}
-# (layout "NHD" or "HND": through `paged_decode_attention` with the
-# contiguous cache's page table, which the kernel copies into shared
+# name: {build name: (block_kv or None for the shape's, config[, options])}
+# Options: "layout", "NHD" or "HND": through `paged_decode_attention` with
+# the contiguous cache's page table, which the kernel copies into shared
 # memory, over the cache as pages [pages, block, heads, d] or, made once
-# before timing, [pages, heads, block, d].)
+# before timing, [pages, heads, block, d]; "waves": the split count times
+# this (default 1: the splits fill one wave of the GPU's SMs).
 BUILDS = {
     "transposed": {
         "rows64": (None, Config(transposed=False)),
@@ -82,13 +85,6 @@ BUILDS = {
         "p64 k4v4": (64, Config(k_stages=4, v_stages=4)),
         "p64 k8v4": (64, Config(k_stages=8, v_stages=4)),
         "p128 k2v4": (128, Config(k_stages=2, v_stages=4)),
-    },
-    "pooled": {
-        "default": (None, Config()),
-        "pooled": (None, Config(pooled_pages=True)),
-        "p64 k4v4": (64, Config(k_stages=4, v_stages=4)),
-        "p64 k4v4 pooled": (64, Config(k_stages=4, v_stages=4,
-                                       pooled_pages=True)),
     },
     "merge": {
         "XLA merge": (None, Config(merge_in_kernel=False)),
@@ -132,11 +128,16 @@ BUILDS = {
     },
     "table": {
         "contiguous": (None, Config()),
-        "paged": (None, Config(), "NHD"),
+        "paged": (None, Config(), {"layout": "NHD"}),
     },
     "layout": {
-        "NHD pages": (None, Config(), "NHD"),
-        "HND pages": (None, Config(), "HND"),
+        "NHD pages": (None, Config(), {"layout": "NHD"}),
+        "HND pages": (None, Config(), {"layout": "HND"}),
+    },
+    "waves": {
+        "1 wave": (None, Config()),
+        "2 waves": (None, Config(), {"waves": 2}),
+        "4 waves": (None, Config(), {"waves": 4}),
     },
     "semaphores": {
         "control block": (None, Config()),
@@ -156,6 +157,10 @@ _SHAPES = flags.DEFINE_list("shapes", [], "Indices into SHAPES (all: empty).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
 _THRESHOLDS = flags.DEFINE_list(
     "thresholds", [], "λs besides 0 for every shape (empty: each shape's).")
+_PATTERN = flags.DEFINE_enum(
+    "pattern", "sink_local", ["sink_local", "scattered"],
+    "Score pattern of the caches: sink + local window, or with relevant "
+    "blocks scattered over the context (`patterns.scattered_qkv`).")
 _FP8 = flags.DEFINE_bool(
     "fp8", False, "FP8 (e4m3) pages with per-head scales instead of bf16 "
     "(TB/s-eff still counts the bf16 cache's bytes).")
@@ -169,12 +174,15 @@ def main(argv):
   ids = [int(i) for i in _SHAPES.value] or range(len(SHAPES))
   for i in ids:
     b, hq, hkv, s, d, shape_bkv, lams = SHAPES[i]
-    q, k, v = patterns.sink_local_qkv(
+    make_qkv = (patterns.sink_local_qkv if _PATTERN.value == "sink_local"
+                else patterns.scattered_qkv)
+    q, k, v = make_qkv(
         jax.random.PRNGKey(0), batch=b, seq_len=s, q_heads=hq, kv_heads=hkv,
         head_dim=d, dtype=jnp.bfloat16, sharpness=(10., 14., 18., 22.))
     q, n = q[:, -1], jnp.full((b,), s, jnp.int32)
     dense_bytes = 2 * k.size * k.dtype.itemsize
-    tag = f"b{b} s{s} h{hq}/{hkv} d{d}"
+    tag = f"b{b} s{s} h{hq}/{hkv} d{d}" + (
+        " scattered" if _PATTERN.value == "scattered" else "")
     scales = {}
     if _FP8.value:
       k, scales["k_scale"] = bj.decode.quantize_cache(k)
@@ -185,24 +193,29 @@ def main(argv):
     # The cache as each build reads it, made once before timing:
     # contiguous, or pages (NHD a reshape, HND a transposed copy).
     caches = {}
-    for name, (bkv, _, *layout) in builds.items():
+    for name, (bkv, _, *options) in builds.items():
+      layout = options[0].get("layout") if options else None
       caches[name] = (k, v)
       if layout:
         caches[name] = [decode_base.as_nhd(
-            x.reshape(-1, bkv or shape_bkv, *x.shape[2:]), layout[0])
+            x.reshape(-1, bkv or shape_bkv, *x.shape[2:]), layout)
                         for x in (k, v)]
     fns = {}
     for lam in (0.0, "0 check", *lams):
-      for name, (bkv, cfg, *layout) in builds.items():
+      for name, (bkv, cfg, *options) in builds.items():
         bkv = bkv or shape_bkv
-        layout = layout[0] if layout else None
+        options = options[0] if options else {}
+        layout = options.get("layout")
+        splits = options.get("waves", 1) * bj.decode.default_num_splits(
+            b, hkv, s, bkv, implementation="pallas_mosaic")
         kv = caches[name]
         # A static 0.0 builds the dense kernel (no skip check); "0 check"
         # passes a traced zero: the skip build, skipping nothing.
-        def attend(q, k, v, n, t, cfg=cfg, bkv=bkv, layout=layout):
+        def attend(q, k, v, n, t, cfg=cfg, bkv=bkv, layout=layout,
+                   splits=splits):
           options = dict(threshold=t, max_mode="anchored",
                          implementation="pallas_mosaic", return_stats=True,
-                         kernel_config=cfg, **scales)
+                         kernel_config=cfg, num_splits=splits, **scales)
           if not layout:
             return bj.decode_attention(q, k, v, n, block_kv=bkv, **options)
           table = decode_base.page_table_array(

@@ -128,12 +128,13 @@ def main(argv):
   caches = [jnp.dtype(c) for c in _CACHES.value]
   for i in _SHAPE_IDS.value:
     b, hq, hkv, n, d, shape_bkv, _ = ab_decode_mosaic.SHAPES[int(i)]
-    for name, (bkv, config, *layout) in ab_decode_mosaic.BUILDS[
+    for name, (bkv, config, *options) in ab_decode_mosaic.BUILDS[
         _SET.value].items():
+      layout = options[0].get("layout") if options else None
       for cache in caches:
         for dense in (True, False):
           r = compile_report(sds, (b, hq, hkv, n, d), cache, dense,
-                             bkv or shape_bkv, config, *layout)
+                             bkv or shape_bkv, config, layout)
           print(f"b{b} s{n} h{hq}/{hkv} d{d} p{bkv or shape_bkv} "
                 f"{jnp.dtype(cache).name:13s} {'dense' if dense else 'skip':5s}"
                 f" {name:18s} {r['registers']:3d} registers, "

@@ -7,11 +7,21 @@ r"""Runs the decode kernel once per variant, for a hardware profiler to read.
 
 Each variant ("λ:max_mode[:splits]", λ "dense" for the build without the
 skip check) is compiled and run once (the profiler replays the launch); the
-output prints one line per profiled call, in order.
+output prints one line per profiled call, in order (with `--nostats`, each
+variant's first call, with the stats, comes before the profiled one). With
+`--wall`, each variant's call is also timed (median µs, 10 calls queued per
+sample), for the time outside the kernels: run it without the profiler, and
+under
+
+    ncu --clock-control none --metrics gpu__time_duration.sum python -m \
+        experiments.profile_decode --batch=8 --seq_len=32768
+
+for every kernel of a call (the query's fusion before it, the stats after).
 """
 
 from __future__ import annotations
 
+import functools
 
 from absl import app
 from absl import flags
@@ -20,6 +30,7 @@ import jax.numpy as jnp
 
 import blasst_jax as bj
 from blasst_jax import patterns
+from blasst_jax import testing
 
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 131072, "Cache length (all full).")
@@ -28,6 +39,12 @@ _KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "KV heads.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense:split", "1e-3:anchored", "1e-3:global"],
     "λ:max_mode[:splits] to run, in order.")
+_WALL = flags.DEFINE_bool(
+    "wall", False, "Also time each variant's call (median µs of 10 calls).")
+_STATS = flags.DEFINE_bool(
+    "stats", True, "The profiled and timed call returns the stats too (a few "
+    "small XLA kernels after the kernel); --nostats: the output alone, as "
+    "the study times it (the sparsity printed comes from a call before).")
 
 
 def main(argv):
@@ -43,14 +60,24 @@ def main(argv):
   for variant in _VARIANTS.value:
     thr, mode, *splits = variant.split(":")
     threshold = 0.0 if thr == "dense" else jnp.float32(float(thr))
-    fn = jax.jit(lambda q, k, v, mode=mode, threshold=threshold,
-                 splits=splits: bj.decode_attention(
-                     q, k, v, lengths, threshold=threshold, max_mode=mode,
-                     num_splits=int(splits[0]) if splits else None,
-                     return_stats=True))
-    _, stats = jax.block_until_ready(fn(q, k, v))
-    print(f"launch: {variant} sparsity={float(stats.total_sparsity):.3f}",
-          flush=True)
+    def attend(q, k, v, stats, mode=mode, threshold=threshold,
+               splits=splits):
+      return bj.decode_attention(
+          q, k, v, lengths, threshold=threshold, max_mode=mode,
+          num_splits=int(splits[0]) if splits else None, return_stats=stats)
+    with_stats = jax.jit(functools.partial(attend, stats=True))
+    _, stats = jax.block_until_ready(with_stats(q, k, v))
+    sparsity = float(stats.total_sparsity)
+    fn = with_stats
+    if not _STATS.value:
+      fn = jax.jit(functools.partial(attend, stats=False))
+      jax.block_until_ready(fn(q, k, v))
+    wall = ""
+    if _WALL.value:
+      us = 1e3 * testing.median_time_ms(fn, q, k, v, warmup=3, iters=20,
+                                        reps=10)
+      wall = f" wall={us:.1f}us"
+    print(f"launch: {variant} sparsity={sparsity:.3f}{wall}", flush=True)
 
 
 if __name__ == "__main__":

@@ -159,11 +159,7 @@ def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
      dict(hand_over_block_max=True)),
     ("anchored", dict(k_stages=2, v_stages=6, compute_wgs=2),
      dict(decide_ahead=2)),
-    ("split", dict(k_stages=4, compute_wgs=1), dict(decide_ahead=2)),
-    ("anchored", dict(k_stages=2, v_stages=4, compute_wgs=2),
-     dict(pooled_pages=True)),
-    ("anchored", dict(k_stages=2, v_stages=2, compute_wgs=1),
-     dict(pooled_pages=True))])
+    ("split", dict(k_stages=4, compute_wgs=1), dict(decide_ahead=2))])
 def test_schedule_options_give_the_same_partials(max_mode, build, option):
   """Bit for bit the partials of the build without the option, over 8
   blocks (and 2 anchors: the six hand-over slots reused) a split, ragged

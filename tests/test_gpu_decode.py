@@ -266,13 +266,12 @@ def test_compute_issued_v_matches_the_memory_warpgroups(kwargs, fp8,
     dict(auto_barriers=False, transposed=False, compute_wgs=1),
     dict(auto_barriers=False, hand_over_block_max=True, decide_ahead=2,
          fp8_k_in_registers=True, block_kv=64),
-    dict(global_semaphores=True), dict(pooled_pages=True),
-    dict(pooled_pages=True, decide_ahead=2, block_kv=64)])
+    dict(global_semaphores=True)])
 def test_schedule_options_match_the_default_build(kwargs, fp8):
   """Options that change only when or where things happen (block maxima
   handed over, FP8 K widened in registers, blocks decided two ahead,
   Pallas' store barriers left out, the merge's semaphores from
-  `pl.get_global`, pooled pages): outputs and skip
+  `pl.get_global`): outputs and skip
   counts bit-equal to the same build without them, anchored and split
   (merged by the last split, or, with one, in shared memory)."""
   if not bj.api.is_hopper():

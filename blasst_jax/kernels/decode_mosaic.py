@@ -84,10 +84,8 @@ Options that only move work in time or place, built for measurement
 (`MosaicDecodeConfig`): `hand_over_block_max` (the two compute warpgroups
 exchange block maxima instead of running maxima, so no decision waits for
 the other's), `fp8_k_in_registers`, `decide_ahead` (V copies started two
-blocks before they are accumulated), `auto_barriers=False` (no Pallas
-barriers around shared-memory stores that the kernel already orders) and
-`pooled_pages` (each compute warpgroup copies its own K and V pages into
-one pool of slots).
+blocks before they are accumulated) and `auto_barriers=False` (no Pallas
+barriers around shared-memory stores that the kernel already orders).
 """
 
 from __future__ import annotations
@@ -211,13 +209,6 @@ class MosaicDecodeConfig:
       hand-over and 2 for a kept block's Pᵀ (of 4-7). Needs
       `compute_issues_v` (the memory warpgroup that copies V would read
       each decision unordered with its rewrite).
-    pooled_pages: each compute warpgroup copies its own K pages as well
-      as its kept blocks' V pages, into one pool of shared-memory slots
-      (its share of the K and V rings' slots), K running as far ahead of
-      its scores as the slots left free by V allow: when most blocks are
-      skipped, (K + V slots) / C - 1 K pages a warpgroup are in flight
-      instead of the K ring's one. The memory warpgroup then only copies
-      the page table and feeds the merge. Needs `compute_issues_v`.
     global_semaphores: the in-kernel merge's semaphores from
       `pl.get_global` (an XLA kernel zeroes them before every call)
       instead of a word of the control block, which the one XLA fusion
@@ -240,7 +231,6 @@ class MosaicDecodeConfig:
   decide_ahead: int = 1
   auto_barriers: bool = True
   global_semaphores: bool = False
-  pooled_pages: bool = False
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -252,7 +242,7 @@ class MosaicDecodeConfig:
     for name in ("split_registers", "one_barrier_vote", "transposed",
                  "merge_in_kernel", "compute_issues_v",
                  "hand_over_block_max", "fp8_k_in_registers",
-                 "auto_barriers", "global_semaphores", "pooled_pages"):
+                 "auto_barriers", "global_semaphores"):
       optional = name in ("split_registers", "fp8_k_in_registers")
       if not (isinstance(getattr(self, name), bool)
               or optional and getattr(self, name) is None):
@@ -263,10 +253,6 @@ class MosaicDecodeConfig:
           "`auto_barriers=False` needs `compute_issues_v=True`: the memory "
           "warpgroup that copies V reads each decision without a barrier "
           "of its own.")
-    if self.pooled_pages and not self.compute_issues_v:
-      raise ValueError(
-          "`pooled_pages=True` needs `compute_issues_v=True`: the compute "
-          "warpgroups copy every page into their pools.")
     if self.decide_ahead not in (1, 2) or isinstance(self.decide_ahead,
                                                       bool):
       raise ValueError(f"`decide_ahead` must be 1 or 2, got "
@@ -302,9 +288,6 @@ SMALL_BUFFERS = 8
 # block j + 2 before it publishes block j + 3 guarantees.
 HANDOFF_SLOTS = 2
 BLOCK_MAX_HANDOFF_SLOTS = 6
-# `pooled_pages`: a pool slot's number in its warpgroup's queue of K copies
-# (a 32-bit word), so at most 2^POOL_BITS slots a warpgroup.
-POOL_BITS = 3
 # Partials in flight to the merging warpgroup (`merge_in_kernel`), at most.
 MERGE_SLOTS = 16
 
@@ -530,19 +513,6 @@ class _Scratch(NamedTuple):
                     # and row sums (row 1)
   merge_stats: Any  # int32 [S, SLOT] their block counts
   staged: Any       # [R, d] the output rows in the output dtype
-  # `pooled_pages` (then k and v are None): [k_stages + v_stages,
-  # block_kv, d], each compute warpgroup's share holding its K and V
-  # copies; the output tiles and the merge's buffers over it at the end.
-  pool: Any = None
-
-
-class _Pool(NamedTuple):
-  """`pooled_pages`: a compute warpgroup's pool of page slots."""
-  free: Any      # int32: bit j set while slot j is free
-  queue: Any     # int32: the slots of its K copies in flight, in position
-                 # order, POOL_BITS bits each, the oldest lowest
-  queued: Any    # int32: how many
-  issued: Any    # int32: its K positions (wg, wg + C, ...) issued so far
 
 
 class _Barriers(NamedTuple):
@@ -562,7 +532,6 @@ class _Barriers(NamedTuple):
   merged: Any        # merge: ([S], [S], [S]) a partial's tile, row
                      # statistics and counts copied in
   merge_free: Any    # merge: [S] its slot read
-  pool: Any = None   # `pooled_pages`: [k_stages + v_stages] page copied
 
 
 def control_block(q, words, rows: int):
@@ -633,7 +602,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
             transposed, kv_heads, merge_slots, pages_per_seq,
             compute_issues_v,
             block_max_handoff, fp8_k_registers, ahead,
-            window, anchor_rows, heads_first, pooled, interpret):
+            window, anchor_rows, heads_first, interpret):
   # ctrl_ref [b, hkv, R + CONTROL_ROWS, d] (`control_block`: the query
   # tile, then the words kv_len, log2 λ and, FP8 pages, the K and V
   # scales); k_ref, v_ref [n_pages, block_kv, hkv, d] ("NHD"), or with
@@ -734,59 +703,11 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       return ref.at[page(block), kv_head]
     return ref.at[page(block), pl.ds(0, block_kv), kv_head]
 
-  def issue_v(vp, slot=None):
-    """TMA of block vp's V page into its slot (`pooled`: pool slot
-    `slot`)."""
-    if pooled:
-      dst, bar = sc.pool.at[slot], bars.pool.at[slot]
-    else:
-      dst, bar = sc.v.at[v_slot(vp)], bars.v.at[v_slot(vp)]
-    plgpu.copy_gmem_to_smem(head_page(v_ref, start + vp), dst, bar)
-
-  # `pooled`: compute warpgroup wg's pool is slots first_slot ..
-  # first_slot + pool_size - 1 of sc.pool (slot numbers below are its own,
-  # 0 .. pool_size - 1), its state a `_Pool` carried through its loops.
-  if pooled:
-    pool_size = (k_stages + v_stages) // compute_wgs
-    first_slot = wg * pool_size
-    my_k = lax.div(jnp.maximum(n_k - wg + compute_wgs - 1, 0), compute_wgs)
-
-  def lowest_free(pool):
-    """The pool's lowest free slot (0 if none)."""
-    slot = jnp.int32(0)
-    for j in reversed(range(pool_size)):
-      slot = jnp.where(((pool.free >> j) & 1) != 0, jnp.int32(j), slot)
-    return slot
-
-  def take(pool, slot, cond=True):
-    """The pool with `slot` in use, where `cond`."""
-    return pool._replace(free=jnp.where(cond, pool.free & ~(1 << slot),
-                                        pool.free))
-
-  def release(pool, slot, cond=True):
-    """The pool with `slot` free again, where `cond`."""
-    return pool._replace(free=jnp.where(cond, pool.free | (1 << slot),
-                                        pool.free))
-
-  def refill(pool):
-    """K copies of this warpgroup's next positions into every free slot."""
-    for _ in range(pool_size):
-      go = (pool.free != 0) & (pool.issued < my_k)
-      slot = lowest_free(pool)
-      kp = wg + pool.issued * compute_wgs
-
-      @pl.when(go)
-      def _(kp=kp, slot=slot):
-        plgpu.copy_gmem_to_smem(head_page(k_ref, k_block(kp)),
-                                sc.pool.at[first_slot + slot],
-                                bars.pool.at[first_slot + slot])
-      pool = take(pool, slot, go)._replace(
-          queue=jnp.where(go, pool.queue | (slot << (POOL_BITS *
-                                                     pool.queued)),
-                          pool.queue),
-          queued=pool.queued + go.astype(jnp.int32),
-          issued=pool.issued + go.astype(jnp.int32))
-    return pool
+  def issue_v(vp):
+    """TMA of block vp's V page into its slot."""
+    slot = v_slot(vp)
+    plgpu.copy_gmem_to_smem(head_page(v_ref, start + vp), sc.v.at[slot],
+                            bars.v.at[slot])
 
   # The query axis of the score tile (0: [R, block_kv]; transposed 1:
   # [block_kv, R]) and of the output tile ([R, d], or [d, R]).
@@ -915,10 +836,6 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     plgpu.barrier_wait(bars.q)
     if compute_issues_v and sc.table is not None:   # the pages of the V
       plgpu.barrier_wait(bars.table)                # copies it issues
-    # `pooled`: this warpgroup's first K copies, before anything waits.
-    pool = (refill(_Pool(free=jnp.int32(2 ** pool_size - 1),
-                         queue=jnp.int32(0), queued=jnp.int32(0),
-                         issued=jnp.int32(0))) if pooled else ())
     scale = sm_scale * LOG2E
     # log2 λ, for the votes (the memory warpgroup needs only kv_len).
     log2_thr = (float_from_bits(control_word(params, 1)) if skip_enabled
@@ -957,23 +874,13 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       return mosaic_vote.warpgroup_column_reduce(
           x, op, sc.colred.at[w], interpret=interpret)
 
-    def free_k(slot):
-      """K slot read (`pooled`: this warpgroup's own pool slot, which it
-      reuses once its own reads are done, so nothing to signal)."""
-      if not pooled:
-        plgpu.barrier_arrive(bars.k_free.at[slot])
-
-    def scores(kp, pool_slot=None):
+    def scores(kp):
       """Scaled scores (log2 units) of K position kp, [R, block_kv]
       (transposed: [block_kv, R]), keys past kv_len at -inf; frees its K
-      slot (`pooled`: pool slot `pool_slot`)."""
-      if pooled:
-        slot, k_bar = pool_slot, bars.pool.at[pool_slot]
-        k_tile = sc.pool.at[slot]
-      else:
-        slot = k_slot(kp)
-        k_bar, k_tile = bars.k.at[slot], sc.k.at[slot]
-      plgpu.barrier_wait(k_bar)
+      slot."""
+      slot = k_slot(kp)
+      plgpu.barrier_wait(bars.k.at[slot])
+      k_tile = sc.k.at[slot]
       if fp8 and fp8_k_registers:   # widened in registers, wgmma's A
         k8 = plgpu.load(k_tile, layout=plgpu.Layout.WGMMA_UPCAST_2X,
                         optimized=False)
@@ -983,13 +890,10 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
           wide[...] = k_tile
           plgpu.commit_smem()
           k_tile = wide
-        elif pooled:   # every thread's load done before a TMA reuses it
-          mosaic_merge.warpgroup_barrier(interpret=False)
-          mosaic_merge.async_proxy_fence(interpret=False)
-        free_k(slot)
+        plgpu.barrier_arrive(bars.k_free.at[slot])
       elif fp8:   # The slot is free once widened.
         k_tile = widen(k_tile)
-        free_k(slot)
+        plgpu.barrier_arrive(bars.k_free.at[slot])
 
       def qk(acc_ref):
         if transposed:   # K·qᵀ
@@ -1000,19 +904,9 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
       s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
       if not fp8:
-        free_k(slot)
+        plgpu.barrier_arrive(bars.k_free.at[slot])
       keys = key_iota + k_block(kp) * block_kv
       return jnp.where(keys < kv_len, s * scale, -jnp.inf)
-
-    def next_scores(kp, pool):
-      """scores(kp) of this warpgroup's next K position kp; `pooled`: from
-      the oldest copy of its pool, whose slot it frees."""
-      if not pooled:
-        return scores(kp), pool
-      slot = pool.queue & (2 ** POOL_BITS - 1)
-      s = scores(kp, first_slot + slot)
-      return s, release(pool, slot)._replace(
-          queue=pool.queue >> POOL_BITS, queued=pool.queued - 1)
 
     n_handoff = sc.handoff.shape[0]
 
@@ -1037,19 +931,12 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     # block), else -inf.
     handing = skip_enabled and n_wgs == 2
     if anchored and skip_enabled:
-      def score_anchor(kp, pool):
-        s, pool = next_scores(kp, pool)
-        return key_reduce(s, "max"), refill(pool) if pooled else pool
-
       if n_wgs == 1:
-        def anchor(kp, carry):
-          m_a, pool = score_anchor(kp, carry[1])
-          return jnp.maximum(carry[0], m_a), pool
-        m0, pool = lax.fori_loop(0, n_anchor, anchor, (minus_inf, pool))
+        m0 = lax.fori_loop(0, n_anchor, lambda kp, m: jnp.maximum(
+            m, key_reduce(scores(kp), "max")), minus_inf)
       else:
-        own, pool = lax.cond(n_anchor > 0,
-                             functools.partial(score_anchor, w, pool),
-                             lambda: (minus_inf, pool))
+        own = lax.cond(n_anchor > 0, lambda: key_reduce(scores(w), "max"),
+                       lambda: minus_inf)
 
         def exchange():   # both ways: each anchor is K position w
           hand_over(w, own)
@@ -1105,14 +992,11 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       than the f32 scores is what waits a step (64 rows: in registers,
       half of the scores'; transposed: Pᵀ in shared memory and its f32
       tile, for the row sums, in registers)."""
-      p16, p_sum, m_p, keep, *v_at = pending
-      if pooled:   # the pool slot its V was copied into, if kept
-        v_at = first_slot + v_at[0]
-        v_bar, v_tile = bars.pool.at[v_at], sc.pool.at[v_at]
-      else:
-        v_bar, v_tile = bars.v.at[v_slot(vp)], sc.v.at[v_slot(vp)]
+      p16, p_sum, m_p, keep = pending
+      slot = v_slot(vp)
       if not compute_issues_v:   # copied, or its phase completed empty
-        plgpu.barrier_wait(v_bar)
+        plgpu.barrier_wait(bars.v.at[slot])
+      v_tile = sc.v.at[slot]
 
       def zero_past_end(v_tile):
         # Past kv_len a page may hold anything, NaN included: 0·NaN must
@@ -1133,7 +1017,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
       def kept():
         if compute_issues_v:   # only a kept block's copy was issued
-          plgpu.barrier_wait(v_bar)
+          plgpu.barrier_wait(bars.v.at[slot])
         tile = widen(v_tile) if fp8 else v_tile
         pl.when((start + vp + 1) * block_kv > kv_len)(
             lambda: zero_past_end(tile))
@@ -1155,7 +1039,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
 
       out = lax.cond(keep, kept, lambda: (acc, l, m_acc))
       if not compute_issues_v:
-        plgpu.barrier_arrive(bars.v_free.at[v_slot(vp)])
+        plgpu.barrier_arrive(bars.v_free.at[slot])
       return out
 
     zero_tile = plgpu.layout_cast(jnp.zeros(tile, jnp.float32),
@@ -1173,17 +1057,16 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     # in an earlier step, so the copy starts at the decision; with
     # v_stages = C (ahead 1) it is the block accumulated in this step, so
     # after it.
-    early_v = pooled or (compute_issues_v
-                         and v_stages >= (ahead + 1) * n_wgs)
+    early_v = compute_issues_v and v_stages >= (ahead + 1) * n_wgs
     assert ahead == 1 or early_v
 
     def step(i, carry):
       """Scores and decides this warpgroup's i-th block vp, publishes the
       decision, takes its P if kept, then accumulates its block `ahead`
       steps back (whose V copy ran meanwhile)."""
-      acc, l, m_acc, m, n_skipped, pending, pool = carry
+      acc, l, m_acc, m, n_skipped, pending = carry
       vp = w + i * n_wgs
-      s, pool = next_scores(vp + n_anchor, pool)
+      s = scores(vp + n_anchor)
       m_blk = key_reduce(s, "max")
       if skip_enabled:
         if handing and block_max_handoff:   # its max to the other; the
@@ -1224,37 +1107,25 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         keep = vp >= 0
         m = jnp.maximum(m, m_blk)
         p16, p_sum = probabilities(s, m, vp)
-      decided = (p16, p_sum, m, keep)
-      v_at = None
-      if pooled:   # a free slot: at least the K slot just read
-        v_at = lowest_free(pool)
-        pool = take(pool, v_at, keep)
-        decided += (v_at,)
       if early_v:
-        pl.when(keep)(lambda: issue_v(
-            vp, None if v_at is None else first_slot + v_at))
+        pl.when(keep)(lambda: issue_v(vp))
       acc, l, m_acc = lax.cond(
           i >= ahead,
           lambda: accumulate(vp - ahead * n_wgs, pending[0], acc, l, m_acc),
           lambda: (acc, l, m_acc))
       if compute_issues_v and not early_v:   # into the slot just read
         pl.when(keep)(lambda: issue_v(vp))
-      if pooled:   # the accumulated block's V slot is free again; K into
-        # every free slot
-        _, _, _, done_keep, done_at = pending[0]
-        pool = refill(release(pool, done_at, (i >= ahead) & done_keep))
       return (acc, l, m_acc, m, n_skipped + 1 - keep.astype(jnp.int32),
-              (*pending[1:], decided), pool)
+              (*pending[1:], (p16, p_sum, m, keep)))
 
     n_mine = lax.div(jnp.maximum(n - w + n_wgs - 1, 0), n_wgs)
     acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32),
                             plgpu.Layout.WGMMA)
     l = zero_tile if transposed else plgpu.layout_cast(
         jnp.zeros((rows,), jnp.float32), row_layout)
-    nothing = (*no_probs, minus_inf, n < 0) + ((n * 0,) if pooled else ())
-    acc, l, m_acc, m, n_skipped, pending, pool = lax.fori_loop(
-        0, n_mine, step,
-        (acc, l, minus_inf, m0, n * 0, (nothing,) * ahead, pool))
+    nothing = (*no_probs, minus_inf, n < 0)
+    acc, l, m_acc, m, n_skipped, pending = lax.fori_loop(
+        0, n_mine, step, (acc, l, minus_inf, m0, n * 0, (nothing,) * ahead))
     if handing:   # The last hand-over is for the other warpgroup.
       last = n_k - 1 if block_max_handoff else n - 1
 
@@ -1338,52 +1209,46 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
         issue_k(kp + k_stages)
 
-    def stream_pages():
-      """K through its ring (and, without `compute_issues_v`, V through
-      its own as the decisions arrive)."""
-      for i in range(k_stages):
-        pl.when(i < n_k)(functools.partial(issue_k, jnp.int32(i)))
+    for i in range(k_stages):
+      pl.when(i < n_k)(functools.partial(issue_k, jnp.int32(i)))
 
-      if compute_issues_v:   # K only: each slot refilled as it frees
-        pl.loop(0, n_k)(refill_k)
-      else:
-        @pl.loop(0, n_anchor)
-        def _anchors(kp):
-          refill_k(kp)
+    if compute_issues_v:   # K only: each slot refilled as soon as it frees
+      pl.loop(0, n_k)(refill_k)
+    else:
+      @pl.loop(0, n_anchor)
+      def _anchors(kp):
+        refill_k(kp)
 
-        @pl.loop(0, n)
-        def _stream(vp):
-          slot = v_slot(vp)
+      @pl.loop(0, n)
+      def _stream(vp):
+        slot = v_slot(vp)
 
-          @pl.when(vp >= v_stages)
-          def _():
-            plgpu.barrier_wait(bars.v_free.at[slot])
+        @pl.when(vp >= v_stages)
+        def _():
+          plgpu.barrier_wait(bars.v_free.at[slot])
 
-          if skip_enabled:   # V once the block is kept; else an empty phase.
-            # The vote of block vp is read before K of block vp + k_stages is
-            # issued: its writer cannot overwrite the vote slot too early.
-            vote = k_slot(vp)
-            plgpu.barrier_wait(bars.votes.at[vote])
-            pl.when(sc.votes[vote] != 0)(lambda: issue_v(vp))
-            pl.when(sc.votes[vote] == 0)(
-                lambda: plgpu.barrier_arrive(bars.v.at[slot]))
-          else:
-            issue_v(vp)
+        if skip_enabled:   # V once the block is kept; else an empty phase.
+          # The vote of block vp is read before K of block vp + k_stages is
+          # issued: its writer cannot overwrite the vote slot too early.
+          vote = k_slot(vp)
+          plgpu.barrier_wait(bars.votes.at[vote])
+          pl.when(sc.votes[vote] != 0)(lambda: issue_v(vp))
+          pl.when(sc.votes[vote] == 0)(
+              lambda: plgpu.barrier_arrive(bars.v.at[slot]))
+        else:
+          issue_v(vp)
 
-          refill_k(vp + n_anchor)
+        refill_k(vp + n_anchor)
 
-      # Observe the last releases, so every phase is seen before exit.
-      @pl.loop(jnp.maximum(n_k - k_stages, 0), n_k)
-      def _drain_k(kp):
-        plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
+    # Observe the last releases, so every phase is seen before exit.
+    @pl.loop(jnp.maximum(n_k - k_stages, 0), n_k)
+    def _drain_k(kp):
+      plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
 
-      if not compute_issues_v:
-        @pl.loop(jnp.maximum(n - v_stages, 0), n)
-        def _drain_v(vp):
-          plgpu.barrier_wait(bars.v_free.at[v_slot(vp)])
-
-    if not pooled:   # (else the compute warpgroups copy every page)
-      stream_pages()
+    if not compute_issues_v:
+      @pl.loop(jnp.maximum(n - v_stages, 0), n)
+      def _drain_v(vp):
+        plgpu.barrier_wait(bars.v_free.at[v_slot(vp)])
 
     if merged_refs is not None and not local_merge:
       pl.when(split == num_splits - 1)(load_partials)
@@ -1533,13 +1398,6 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   n_wgs, k_stages, v_stages = pipeline(config, d, block_kv, table_pages,
                                        fp8, g)
   ahead = blocks_ahead(config, n_wgs, v_stages)
-  pool_size = (k_stages + v_stages) // n_wgs
-  if config.pooled_pages and ((k_stages + v_stages) % n_wgs
-                              or not ahead < pool_size <= 2 ** POOL_BITS):
-    raise ValueError(
-        f"`pooled_pages` shares {k_stages} K + {v_stages} V slots among "
-        f"{n_wgs} compute warpgroups: each needs an equal share of "
-        f"{ahead + 1} to {2 ** POOL_BITS} slots; set k_stages / v_stages.")
   log2_thr = jnp.broadcast_to(log_threshold * LOG2E, (b,))
   if config.hand_over_block_max and n_wgs == 2:   # λ > 1 acts as 1 (see
     log2_thr = jnp.minimum(log2_thr, 0.0)          # the config)
@@ -1626,30 +1484,21 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                      transforms=swizzled(2, block_kv))
     else:
       p = None
-    pooled = config.pooled_pages
-    merge_refs = (plgpu.SMEM((rows, d), out_dtype),
-                  plgpu.SMEM((merge_slots, merge_stat_rows(rows), rows),
-                             jnp.float32),
-                  plgpu.SMEM((merge_slots, SLOT), jnp.int32))
     scratch = _Scratch(
         q=plgpu.SMEM((rows, d), dtype, transforms=swizzled(2)),
-        # `pooled`: the output tiles and the merge's (one buffer, as over
-        # the K ring), then its other buffers, over the pool.
-        pool=(plgpu.RefUnion(
-            plgpu.SMEM((k_stages + v_stages, block_kv, d), page_dtype,
-                       transforms=page_swizzle),
-            (plgpu.SMEM((max(n_wgs, merge_slots), *out_shape), jnp.float32),
-             *merge_refs)) if pooled else None),
-        k=None if pooled else plgpu.RefUnion(
+        k=plgpu.RefUnion(
             plgpu.SMEM((k_stages, block_kv, d), page_dtype,
                        transforms=page_swizzle),
             plgpu.SMEM((n_wgs, *out_shape), jnp.float32),
             plgpu.SMEM((merge_slots, *out_shape), jnp.float32)),
         out=None,
-        v=None if pooled else plgpu.RefUnion(
+        v=plgpu.RefUnion(
             plgpu.SMEM((v_stages, block_kv, d), page_dtype,
                        transforms=page_swizzle),
-            merge_refs),
+            (plgpu.SMEM((rows, d), out_dtype),
+             plgpu.SMEM((merge_slots, merge_stat_rows(rows), rows),
+                        jnp.float32),
+             plgpu.SMEM((merge_slots, SLOT), jnp.int32))),
         table=(None if contiguous
                else plgpu.SMEM((table_pages // TABLE_ROW, TABLE_ROW),
                                jnp.int32)),
@@ -1674,9 +1523,9 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
         table=(None if contiguous else plgpu.Barrier(
             num_arrivals=1 + anchor_rows)),
         params=plgpu.Barrier(num_barriers=n_wgs + 1),
-        k=None if pooled else plgpu.Barrier(num_barriers=k_stages),
-        k_free=None if pooled else plgpu.Barrier(num_barriers=k_stages),
-        v=None if pooled else plgpu.Barrier(num_barriers=v_stages),
+        k=plgpu.Barrier(num_barriers=k_stages),
+        k_free=plgpu.Barrier(num_barriers=k_stages),
+        v=plgpu.Barrier(num_barriers=v_stages),
         v_free=(None if config.compute_issues_v
                 else plgpu.Barrier(num_barriers=v_stages)),
         votes=(None if config.compute_issues_v
@@ -1688,19 +1537,11 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
         merged=(tuple(plgpu.Barrier(num_barriers=merge_slots)
                       for _ in range(3)) if merge else None),
         merge_free=(plgpu.Barrier(num_barriers=merge_slots)
-                    if merge else None),
-        pool=(plgpu.Barrier(num_barriers=k_stages + v_stages) if pooled
-              else None))
+                    if merge else None))
 
     def body(sc, bars):
-      if pooled:   # the tiles: the first C output tiles, or merge slots
-        pool, (out_tiles, staged, merge_ml, merge_stats) = sc.pool
-        k_ring = v_ring = None
-        merge_tiles = out_tiles
-        sc = sc._replace(pool=pool)
-      else:
-        k_ring, out_tiles, merge_tiles = sc.k
-        v_ring, (staged, merge_ml, merge_stats) = sc.v
+      k_ring, out_tiles, merge_tiles = sc.k
+      v_ring, (staged, merge_ml, merge_stats) = sc.v
       if merge:
         sc = sc._replace(merge_acc=merge_tiles, merge_ml=merge_ml,
                          merge_stats=merge_stats, staged=staged)
@@ -1720,8 +1561,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               fp8_k_registers=(on_for_fp8(config.fp8_k_in_registers, fp8)
                                and transposed),
               ahead=ahead, window=window, anchor_rows=anchor_rows,
-              heads_first=heads_first, pooled=pooled,
-              interpret=interpret is not None)
+              heads_first=heads_first, interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 

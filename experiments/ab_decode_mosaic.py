@@ -13,7 +13,7 @@ sparsity).
     python -m experiments.ab_decode_mosaic --builds=schedule --rounds=3
     python -m experiments.ab_decode_mosaic --builds=fp8 --fp8 --rounds=3
     python -m experiments.ab_decode_mosaic --builds=waves --shapes=0,1 \
-        --pattern=scattered
+        --scores=scattered
 
 Build sets: "transposed" (the 64-row build, the transposed one with two and
 one compute warpgroups), "rings" (the transposed build's K / V ring depths
@@ -157,8 +157,8 @@ _SHAPES = flags.DEFINE_list("shapes", [], "Indices into SHAPES (all: empty).")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
 _THRESHOLDS = flags.DEFINE_list(
     "thresholds", [], "λs besides 0 for every shape (empty: each shape's).")
-_PATTERN = flags.DEFINE_enum(
-    "pattern", "sink_local", ["sink_local", "scattered"],
+_SCORES = flags.DEFINE_enum(
+    "scores", "sink_local", ["sink_local", "scattered"],
     "Score pattern of the caches: sink + local window, or with relevant "
     "blocks scattered over the context (`patterns.scattered_qkv`).")
 _FP8 = flags.DEFINE_bool(
@@ -174,7 +174,7 @@ def main(argv):
   ids = [int(i) for i in _SHAPES.value] or range(len(SHAPES))
   for i in ids:
     b, hq, hkv, s, d, shape_bkv, lams = SHAPES[i]
-    make_qkv = (patterns.sink_local_qkv if _PATTERN.value == "sink_local"
+    make_qkv = (patterns.sink_local_qkv if _SCORES.value == "sink_local"
                 else patterns.scattered_qkv)
     q, k, v = make_qkv(
         jax.random.PRNGKey(0), batch=b, seq_len=s, q_heads=hq, kv_heads=hkv,
@@ -182,7 +182,7 @@ def main(argv):
     q, n = q[:, -1], jnp.full((b,), s, jnp.int32)
     dense_bytes = 2 * k.size * k.dtype.itemsize
     tag = f"b{b} s{s} h{hq}/{hkv} d{d}" + (
-        " scattered" if _PATTERN.value == "scattered" else "")
+        " scattered" if _SCORES.value == "scattered" else "")
     scales = {}
     if _FP8.value:
       k, scales["k_scale"] = bj.decode.quantize_cache(k)

@@ -29,7 +29,9 @@ maxima handed between the compute warpgroups, Pallas' store barriers left
 out, and both), "fp8" (with `--fp8`: K widened in shared memory; the
 default, for FP8 pages K widened in registers and the memory warpgroup's
 registers handed to the compute warpgroups; each of those two alone; the
-default with the "schedule" options), "ahead" (one or two blocks decided
+default with the "schedule" options), "fp8_pages" (with `--fp8 --shapes=3`:
+FP8 pages at head_dim 64 of 64 and 128 keys, one and two compute warpgroups,
+where a page of 64 keys is 4 KiB), "ahead" (one or two blocks decided
 ahead of the one accumulated, with pages of 64 and 128 keys), "table" (a
 contiguous cache, whose pages the kernel computes, against the same cache
 through a page table), "layout" (pages holding each token's KV heads side by
@@ -119,6 +121,12 @@ BUILDS = {
         "split regs": (None, Config(fp8_k_in_registers=False)),
         "default, both": (None, Config(hand_over_block_max=True,
                                        auto_barriers=False)),
+    },
+    "fp8_pages": {
+        "p64": (64, Config()),
+        "p64 T2": (64, Config(compute_wgs=2)),
+        "p128": (128, Config()),
+        "p128 T1": (128, Config(compute_wgs=1)),
     },
     "ahead": {
         "p64": (64, Config()),

@@ -62,11 +62,12 @@ from blasst_jax.ops.decode import base as decode_base
 
 Config = decode_mosaic.MosaicDecodeConfig
 # name: {build name: (block_kv or None for the shape's, config[, options])}
-# Options: "layout", "NHD" or "HND": through `paged_decode_attention` with
-# the contiguous cache's page table, which the kernel copies into shared
-# memory, over the cache as pages [pages, block, heads, d] or, made once
-# before timing, [pages, heads, block, d]; "waves": the split count times
-# this (default 1: the splits fill one wave of the GPU's SMs).
+# Options (`build_options`): "layout", "NHD" or "HND": through
+# `paged_decode_attention` with the contiguous cache's page table, which the
+# kernel copies into shared memory, over the cache as pages [pages, block,
+# heads, d] or, made once before timing, [pages, heads, block, d]; "waves":
+# the split count times this (default 1: the splits fill one wave of the
+# GPU's SMs).
 BUILDS = {
     "transposed": {
         "rows64": (None, Config(transposed=False)),
@@ -152,6 +153,11 @@ BUILDS = {
         "global semaphores": (None, Config(global_semaphores=True)),
     },
 }
+def build_options(build) -> dict:
+  """The options dict of a BUILDS entry ({} where it has none)."""
+  return build[2] if len(build) > 2 else {}
+
+
 # (batch, q_heads, kv_heads, seq_len, head_dim, block_kv, λs besides 0)
 SHAPES = [(8, 32, 8, 32768, 128, 128, (1e-3, 1e-2)),
           (1, 32, 8, 131072, 128, 128, (1e-3,)),
@@ -201,8 +207,8 @@ def main(argv):
     # The cache as each build reads it, made once before timing:
     # contiguous, or pages (NHD a reshape, HND a transposed copy).
     caches = {}
-    for name, (bkv, _, *options) in builds.items():
-      layout = options[0].get("layout") if options else None
+    for name, build in builds.items():
+      bkv, layout = build[0], build_options(build).get("layout")
       caches[name] = (k, v)
       if layout:
         caches[name] = [decode_base.as_nhd(
@@ -210,11 +216,12 @@ def main(argv):
                         for x in (k, v)]
     fns = {}
     for lam in (0.0, "0 check", *lams):
-      for name, (bkv, cfg, *options) in builds.items():
+      for name, build in builds.items():
+        bkv, cfg = build[:2]
         bkv = bkv or shape_bkv
-        options = options[0] if options else {}
-        layout = options.get("layout")
-        splits = options.get("waves", 1) * bj.decode.default_num_splits(
+        extra = build_options(build)
+        layout = extra.get("layout")
+        splits = extra.get("waves", 1) * bj.decode.default_num_splits(
             b, hkv, s, bkv, implementation="pallas_mosaic")
         kv = caches[name]
         # A static 0.0 builds the dense kernel (no skip check); "0 check"

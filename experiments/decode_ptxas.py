@@ -128,9 +128,9 @@ def main(argv):
   caches = [jnp.dtype(c) for c in _CACHES.value]
   for i in _SHAPE_IDS.value:
     b, hq, hkv, n, d, shape_bkv, _ = ab_decode_mosaic.SHAPES[int(i)]
-    for name, (bkv, config, *options) in ab_decode_mosaic.BUILDS[
-        _SET.value].items():
-      layout = options[0].get("layout") if options else None
+    for name, build in ab_decode_mosaic.BUILDS[_SET.value].items():
+      bkv, config = build[:2]
+      layout = ab_decode_mosaic.build_options(build).get("layout")
       for cache in caches:
         for dense in (True, False):
           r = compile_report(sds, (b, hq, hkv, n, d), cache, dense,

@@ -14,6 +14,7 @@ sparsity).
     python -m experiments.ab_decode_mosaic --builds=fp8 --fp8 --rounds=3
     python -m experiments.ab_decode_mosaic --builds=waves --shapes=0,1 \
         --scores=scattered
+    python -m experiments.ab_decode_mosaic --builds=persistent --shapes=0,1
 
 Build sets: "transposed" (the 64-row build, the transposed one with two and
 one compute warpgroups), "rings" (the transposed build's K / V ring depths
@@ -39,7 +40,10 @@ side, NHD, or each head's rows in one run, HND, through the same page
 table), "waves" (the split count that fills the GPU's SMs once, twice and
 four times: skipping leaves the programs of diffuse heads most of the V
 bytes, and programs in several waves let the block scheduler even the load)
-and "semaphores" (the merge's semaphores in the control block, or from
+"persistent" (a persistent kernel of a program per SM walking the
+items, `MosaicDecodeConfig.programs`, over splits that fill the SMs once,
+twice and four times, beside the grid of one and four waves) and
+"semaphores" (the merge's semaphores in the control block, or from
 `pl.get_global`, which adds the XLA kernel that zeroes them before every
 call).
 Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
@@ -61,6 +65,9 @@ from blasst_jax.kernels import decode_mosaic
 from blasst_jax.ops.decode import base as decode_base
 
 Config = decode_mosaic.MosaicDecodeConfig
+# The persistent builds' programs: an H100's or H200's SMs (fewer SMs cut
+# them to theirs).
+SMS = 132
 # name: {build name: (block_kv or None for the shape's, config[, options])}
 # Options (`build_options`): "layout", "NHD" or "HND": through
 # `paged_decode_attention` with the contiguous cache's page table, which the
@@ -147,6 +154,13 @@ BUILDS = {
         "1 wave": (None, Config()),
         "2 waves": (None, Config(), {"waves": 2}),
         "4 waves": (None, Config(), {"waves": 4}),
+    },
+    "persistent": {
+        "1 wave": (None, Config()),
+        "4 waves": (None, Config(), {"waves": 4}),
+        "P 1 wave": (None, Config(programs=SMS)),
+        "P 2 waves": (None, Config(programs=SMS), {"waves": 2}),
+        "P 4 waves": (None, Config(programs=SMS), {"waves": 4}),
     },
     "semaphores": {
         "control block": (None, Config()),

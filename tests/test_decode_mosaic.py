@@ -368,6 +368,76 @@ def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
   assert int(jnp.sum(skipped)) > 0
 
 
+# A persistent kernel (`MosaicDecodeConfig.programs`): 3 sequences x 2 KV
+# heads x splits of items over fewer programs (interpret mode runs them one
+# after another, so a merge that reads other programs' partials is not
+# race-checked). (programs, splits, merged, λ, max mode, config): one
+# program walking every item, dense with two warpgroups (whose V ring,
+# under the last item's output and merge buffers, must wait for both) and
+# skipping with one; programs with a partial each, handing block maxima;
+# the merge over programs; one split, merged in shared memory; and a
+# windowed page table (`TABLE_ROW` 2), split max mode.
+@pytest.mark.parametrize("programs,num_splits,merged,threshold,max_mode,"
+                         "stages", [
+    (1, 3, True, 0.0, "anchored", dict(compute_wgs=2, k_stages=2,
+                                       v_stages=4)),
+    (1, 3, True, 1e-2, "anchored", dict()),
+    (3, 3, False, 1e-2, "anchored", dict(hand_over_block_max=True,
+                                         compute_wgs=2, k_stages=2,
+                                         v_stages=4)),
+    (6, 3, True, 1e-2, "anchored", dict(compute_wgs=2, k_stages=2,
+                                        v_stages=4)),
+    (2, 1, True, 1e-2, "anchored", dict()),
+    (4, 3, False, 1e-2, "split", dict(window=True))])
+def test_persistent_kernel_matches_oracle(monkeypatch, programs, num_splits,
+                                          merged, threshold, max_mode,
+                                          stages):
+  stages = dict(stages)
+  if stages.pop("window", False):
+    monkeypatch.setattr(decode_mosaic, "TABLE_ROW", 2)
+    assert decode_mosaic.table_window(6, num_splits, False)
+  dtype = jnp.bfloat16
+  q, k, v = testing.DecodeShape(
+      batch=3, q_heads=8, kv_heads=2, max_len=384, head_dim=64).inputs(
+          testing.key_for("decode_mosaic_persistent", programs, num_splits),
+          dtype=dtype)
+  kv_lengths = jnp.array([384, 161, 0], jnp.int32)
+  k = k.at[1, 161:].set(jnp.nan)   # must not leak
+  v = v.at[1, 161:].set(jnp.nan)
+  pool_k, pool_v, table = testing.paged_cache(k, v, 64)
+  race_checked = not merged or programs == 1 or num_splits == 1
+  outs, races = run_race_checked(
+      q, pool_k, pool_v, table, kv_lengths, threshold,
+      num_splits=num_splits, max_mode=max_mode,
+      config=decode_mosaic.MosaicDecodeConfig(programs=programs, **stages),
+      merged=merged, detect_races=race_checked)
+  assert not races, "the race detector found a shared-memory data race"
+  if not merged:
+    assert_partials_match_oracle(
+        outs, q, k, v, kv_lengths, threshold, num_splits=num_splits,
+        max_mode=max_mode, group=4)
+    return
+  out, _, _, skipped, visited = outs
+  oracle = bj.reference.blockwise_decode_attention(
+      q, k, v, kv_lengths, block_kv=64, threshold=threshold,
+      num_splits=num_splits, max_mode=max_mode)
+  testing.assert_close(out, oracle.out, dtype)
+  assert not bool(jnp.any(out[2]))
+  np.testing.assert_array_equal(
+      np.asarray(visited), np.asarray(jnp.sum(oracle.visited_mask, -1)))
+  testing.assert_skips_match(skipped, oracle, threshold, dtype)
+
+
+def test_persistent_programs_fit_the_items_and_the_interpreter():
+  """At most the items; in interpret mode a multiple of the merged splits
+  (every merge's other splits run in earlier programs), else 1."""
+  assert decode_mosaic.persistent_programs(132, 18, 3, True) == 18
+  assert decode_mosaic.persistent_programs(8, 18, 3, True) == 6
+  assert decode_mosaic.persistent_programs(2, 18, 3, True) == 1
+  assert decode_mosaic.persistent_programs(7, 18, 1, True) == 7
+  assert decode_mosaic.persistent_programs(132, 18, 3, False) == 18
+
+
 @pytest.mark.parametrize("max_mode,threshold,num_splits,stages", [
     ("anchored", 1e-2, 3, dict()),
     ("anchored", 1e-2, 3, dict(compute_wgs=2, k_stages=2, v_stages=4)),
@@ -469,6 +539,12 @@ def test_config_rejects_what_cannot_run():
   for bad in (0, 3, True):
     with pytest.raises(ValueError, match="decide_ahead"):
       decode_mosaic.MosaicDecodeConfig(decide_ahead=bad)
+  for bad in (0, 2.0, True):
+    with pytest.raises(ValueError, match="programs"):
+      decode_mosaic.MosaicDecodeConfig(programs=bad)
+  for build in (dict(transposed=False), dict(compute_issues_v=False)):
+    with pytest.raises(ValueError, match="persistent"):
+      decode_mosaic.MosaicDecodeConfig(programs=132, **build)
 
 
 @pytest.mark.parametrize("d,block_kv,fp8,transposed,wgs", [
@@ -724,6 +800,22 @@ def test_64_row_build_lowers_for_cuda(d, block_kv, group, skip, cache):
   lowered = lower_decode(
       d, block_kv, group, skip, "anchored", cache,
       config=decode_mosaic.MosaicDecodeConfig(transposed=False))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+# Persistent: FP8 (registers handed over), a windowed table, a contiguous
+# cache from an initial max, dense at head_dim 64.
+@pytest.mark.parametrize("d,block_kv,group,skip,cache,kwargs", [
+    (128, 128, 4, True, jnp.float8_e4m3fn, dict()),
+    (128, 64, 4, True, jnp.bfloat16, dict(per_seq=4096)),
+    (128, 64, 8, True, jnp.bfloat16, dict(contiguous=True,
+                                          initial_max=True)),
+    (64, 64, 3, False, jnp.bfloat16, dict())])
+def test_persistent_kernel_lowers_for_cuda(d, block_kv, group, skip, cache,
+                                           kwargs):
+  lowered = lower_decode(d, block_kv, group, skip, "anchored", cache,
+                         config=decode_mosaic.MosaicDecodeConfig(
+                             programs=132), **kwargs)
   assert "mosaic_gpu" in lowered.as_text()
 
 

@@ -316,3 +316,37 @@ def test_heads_first_pages_match_nhd_pages(fp8, threshold):
         max_mode="anchored", implementation="pallas_mosaic",
         return_stats=True, kv_layout=layout, **scales))
   assert_same_results(*results, skipping=bool(threshold))
+
+
+# A persistent kernel moves the items onto fewer programs, not the
+# arithmetic: outputs and counts equal the grid's bit for bit. (programs,
+# splits): a program per SM over the default splits; 7 programs over 16
+# splits (rounds, and merges waiting on programs that run later rounds);
+# one program walking every item; one split (merged in shared memory).
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("programs,num_splits", [
+    (132, None), (7, 16), (1, 3), (5, 1)])
+def test_persistent_kernel_matches_the_grid(programs, num_splits, paged,
+                                            fp8):
+  if not bj.api.is_hopper():
+    pytest.skip("needs a Hopper GPU")
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  q, k, v, lengths, scales = ragged_cache("gpu_persistent", fp8)
+  table = None
+  if paged:   # pages in shuffled order through a table
+    k, v, table = testing.paged_cache(k, v, 128)
+  for threshold in (0.0, 1e-3):
+    for max_mode in ("anchored", "split"):
+      results = []
+      for programs_ in (None, programs):
+        call = dict(threshold=threshold, max_mode=max_mode,
+                    num_splits=num_splits, implementation="pallas_mosaic",
+                    return_stats=True, **scales,
+                    kernel_config=decode_mosaic.MosaicDecodeConfig(
+                        programs=programs_))
+        results.append(
+            bj.paged_decode_attention(q, k, v, table, lengths, **call)
+            if paged else
+            bj.decode_attention(q, k, v, lengths, block_kv=128, **call))
+      assert_same_results(*results, skipping=threshold > 0)

@@ -80,6 +80,20 @@ fewer than the whole table's (`table_window`); or, for a contiguous cache
 no table to build, copy or hold (at 512k keys in pages of 128 a whole
 table takes 16 KiB, two V slots' worth; 16 splits' windows 1.4 KiB).
 
+Persistent kernel (`MosaicDecodeConfig.programs`): a grid of P programs
+(at most one per SM) instead of one per item; program p walks the (sequence,
+KV head, split) items p, p + P, p + 2 P, ... (split-minor, so a merging
+item waits only for items of lower index, which every resident program
+reaches first). Each warpgroup loops over its rounds: the memory warpgroup
+streams the next item's K pages into the ring as soon as its slots free
+(a slot's last release is awaited across items), holding the page table
+in two buffers, one per round's parity; the compute warpgroups copy the
+next item's control rows and query tile once they have read their last
+K page, and write their output, and merge, over the V ring, which no V
+copy of the next item enters until both are done (`ring_free`). The
+merging warpgroup loads the partials itself, so that its memory
+warpgroup streams on. Finer splits then cost no program start and end.
+
 Options that only move work in time or place, built for measurement
 (`MosaicDecodeConfig`): `hand_over_block_max` (the two compute warpgroups
 exchange block maxima instead of running maxima, so no decision waits for
@@ -216,6 +230,18 @@ class MosaicDecodeConfig:
       anyway inside a `shard_map` with `check_vma=True`, which admits no
       varying Ref into the kernel. Under `jax.vmap` these semaphores are
       shared by the mapped calls, so do not vmap this build.)
+    programs: a persistent kernel of this many programs (at most the
+      GPU's SMs: a merging program waits for the others' partials, so
+      every program must be resident at once; more are cut to the
+      items). The (sequence, KV head, split) items, split-minor, go
+      round-robin: program p takes items p, p + P, p + 2 P, ..., its
+      memory warpgroup streaming the next item's K pages while the
+      compute warpgroups finish the current one, so finer splits (more
+      items than SMs) cost no program start. The output tiles and the
+      merge's buffers get their own shared memory (they reuse the rings
+      otherwise), and the merging warpgroup loads the partials itself.
+      Needs `transposed` and `compute_issues_v`. None: a program per item
+      (one grid point each).
   """
 
   k_stages: int | None = None
@@ -231,6 +257,7 @@ class MosaicDecodeConfig:
   decide_ahead: int = 1
   auto_barriers: bool = True
   global_semaphores: bool = False
+  programs: int | None = None
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -257,6 +284,16 @@ class MosaicDecodeConfig:
                                                       bool):
       raise ValueError(f"`decide_ahead` must be 1 or 2, got "
                        f"{self.decide_ahead!r}.")
+    if self.programs is not None and (
+        not isinstance(self.programs, int) or isinstance(self.programs, bool)
+        or self.programs < 1):
+      raise ValueError(f"`programs` must be None or an int >= 1, got "
+                       f"{self.programs!r}.")
+    if self.programs is not None and not (self.transposed
+                                          and self.compute_issues_v):
+      raise ValueError(
+          "A persistent kernel (`programs`) needs `transposed=True` and "
+          "`compute_issues_v=True` (its memory warpgroup streams only K).")
     if self.compute_wgs not in (None, 1, 2):
       raise ValueError(f"`compute_wgs` must be None, 1 or 2, got "
                        f"{self.compute_wgs!r}.")
@@ -319,10 +356,29 @@ def merge_bytes(rows: int, head_dim: int, slots: int = None) -> int:
           + _aligned(slots * SLOT * 4))
 
 
+def merge_ring_slots(parts, rows: int, head_dim: int, k_ring: int,
+                     v_ring: int, compute_wgs: int,
+                     persistent: bool = False) -> int:
+  """Partials the in-kernel merge holds at once (1 to MERGE_SLOTS, at most
+  `parts`; None: no bound): as many f32 tiles as the (by then free) K
+  ring's `k_ring` bytes take beside nothing, or (`persistent`, whose K
+  ring streams the next item meanwhile) as the V ring's `v_ring` bytes
+  take beside the output tiles and `merge_bytes`."""
+  tile = rows * head_dim * 4
+  if persistent:
+    budget = v_ring - _aligned(compute_wgs * tile) - merge_bytes(rows,
+                                                                 head_dim)
+  else:
+    budget = max(k_ring, compute_wgs * tile)
+  slots = max(1, min(MERGE_SLOTS, budget // tile))
+  return slots if parts is None else max(1, min(slots, parts))
+
+
 def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
                         v_stages, itemsize=2, fp8=False,
                         compute_wgs=1, cols=None, merge=True,
-                        handoff_slots=HANDOFF_SLOTS, p_slots=2) -> int:
+                        handoff_slots=HANDOFF_SLOTS, p_slots=2,
+                        persistent=False) -> int:
   """q tile + K ring (which the f32 output tiles reuse at the end) + V
   ring + the page table + the running-max hand-over slots + the small
   buffers, each rounded up to Pallas'
@@ -331,7 +387,9 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
   `cols`: the transposed build's query columns (`query_tile`), whose Pᵀ
   tiles (`p_slots` a warpgroup) and column-reduction scratch add to it; None:
   the 64-row build. `merge`: the in-kernel merge, whose buffers reuse the
-  K ring (its tiles) and the V ring (`merge_bytes`)."""
+  K ring (its tiles) and the V ring (`merge_bytes`). `persistent`: the
+  output tiles, the merge's buffers and a second page table of their own
+  (`MosaicDecodeConfig.programs`)."""
   rows = ROWS if cols is None else cols
   page = block_kv * head_dim * (1 if fp8 else itemsize)
   wide = compute_wgs * block_kv * head_dim * 2 if fp8 else 0
@@ -339,10 +397,22 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
   transposed = 0 if cols is None else (
       _aligned(compute_wgs * p_slots * cols * block_kv * itemsize)
       + _aligned(compute_wgs * 4 * mosaic_vote.column_scratch_words(cols)))
-  v_ring = max(v_stages * page, merge_bytes(rows, head_dim) if merge else 0)
+  out_tiles = _aligned(compute_wgs * rows * head_dim * 4)
+  if persistent:   # everything that ends an item over the V ring; two
+    # tables
+    slots = merge_ring_slots(None, rows, head_dim, 0, v_stages * page,
+                             compute_wgs, persistent=True)
+    k_ring = k_stages * page
+    v_ring = max(v_stages * page, out_tiles + (
+        _aligned(slots * rows * head_dim * 4)
+        + merge_bytes(rows, head_dim) if merge else 0))
+    table *= 2
+  else:
+    k_ring = max(k_stages * page, out_tiles)
+    v_ring = max(v_stages * page,
+                 merge_bytes(rows, head_dim) if merge else 0)
   return (_aligned(rows * head_dim * itemsize)
-          + max(k_stages * page, _aligned(compute_wgs * rows * head_dim * 4))
-          + v_ring + wide + _aligned(table) + transposed
+          + k_ring + v_ring + wide + _aligned(table) + transposed
           + _aligned(handoff_slots * rows * 4)
           + SMALL_BUFFERS * SMEM_ALIGNMENT)
 
@@ -356,7 +426,8 @@ def config_bytes(config, head_dim, block_kv, pages_per_seq, fp8, group,
       compute_wgs=compute_wgs,
       cols=query_tile(group, True) if config.transposed else None,
       merge=config.merge_in_kernel, handoff_slots=hand_over_slots(config),
-      p_slots=blocks_ahead(config, compute_wgs, v_stages) + 1)
+      p_slots=blocks_ahead(config, compute_wgs, v_stages) + 1,
+      persistent=config.programs is not None)
 
 
 def on_for_fp8(option, fp8: bool) -> bool:
@@ -477,15 +548,31 @@ def _split_range(kv_len, split, num_splits: int, block_kv: int):
   return start, jnp.minimum(n_blocks, start + per_split), n_blocks
 
 
+def persistent_programs(programs: int, items: int, merged_splits: int,
+                        interpret: bool) -> int:
+  """Programs a persistent kernel runs: `programs`, at most the items and
+  (on a GPU whose SM count jax reports) the SMs, as every program must be
+  resident. In interpret mode, which runs the programs one after another,
+  a count at which every merging item's other splits run first: a
+  multiple of `merged_splits` (the splits merged in the kernel, 1 when
+  none are), else 1 (the results do not depend on it)."""
+  programs = min(programs, items)
+  if interpret:
+    return max(programs - programs % merged_splits, 1)
+  sms = getattr(jax.devices()[0], "core_count", None)
+  return min(programs, sms) if sms else programs
+
+
 class _Scratch(NamedTuple):
   """Shared memory of one program (C = compute warpgroups; R = the query
   tile, ROWS, or the transposed build's N columns)."""
   q: Any         # [R, d] the group's query heads, zero rows below
   k: Any         # [k_stages, block_kv, d] K ring
   out: Any       # f32 [C, R, d] (transposed: [C, d, R]) output tiles, over
-                 # the K ring at the end
+                 # the K ring at the end (persistent: over the V ring)
   v: Any         # [v_stages, block_kv, d] V ring
-  table: Any     # int32 [rows, TABLE_ROW] the sequence's pages: every
+  table: Any     # int32 [T, rows, TABLE_ROW] (T = 1, persistent 2: round
+                 # r's in r % 2) the sequence's pages: every
                  # row, or (`table_window`) the window's rows, then those
                  # of blocks 0 and n_blocks - 1 (None for a contiguous
                  # cache)
@@ -507,7 +594,7 @@ class _Scratch(NamedTuple):
   colred: Any    # transposed: f32 [C, mosaic_vote.column_scratch_words(R)]
   # The in-kernel merge (`merge_in_kernel`; S = merge slots):
   merge_acc: Any    # f32 [S, R, d] (transposed [S, d, R]) partials' tiles,
-                    # over the K ring
+                    # over the K ring (persistent: the V ring)
   # Over the V ring:
   merge_ml: Any     # f32 [S, merge_stat_rows(R), R] their row max (row 0)
                     # and row sums (row 1)
@@ -517,7 +604,9 @@ class _Scratch(NamedTuple):
 
 class _Barriers(NamedTuple):
   q: Any
-  table: Any
+  table: Any     # persistent: [2], a table buffer each
+  table_free: Any  # persistent: [2] the compute warpgroups are done with
+                   # a table buffer (None otherwise)
   params: Any    # [C + 1]
   k: Any         # [k_stages] K copied
   k_free: Any    # [k_stages] K slot read
@@ -527,6 +616,8 @@ class _Barriers(NamedTuple):
   votes: Any     # [k_stages] (None with compute_issues_v)
   handoff: Any   # [H]
   done: Any      # every compute warpgroup has read its last K page
+  ring_free: Any  # persistent: every compute warpgroup is done with the
+                  # round's output and merge buffers (over the V ring)
   rows: Any      # `initial_max` only
   written: Any       # merge: this program's partials are in global memory
   merged: Any        # merge: ([S], [S], [S]) a partial's tile, row
@@ -594,6 +685,23 @@ def float_from_bits(word):
                    value)
 
 
+class _Item(NamedTuple):
+  """One (sequence, KV head, split) item as a program walks it."""
+  batch: Any
+  kv_head: Any
+  split: Any
+  kv_len: Any
+  start: Any       # the split's first block
+  n_blocks: Any    # the sequence's blocks
+  n: Any           # the split's blocks
+  n_anchor: Any    # anchor blocks first in the K stream (0 or 2)
+  n_k: Any         # K stream positions: n_anchor + n
+  table: Any       # this item's table buffer ([rows, TABLE_ROW]) or None
+  table_bar: Any   # its barrier (None without a table)
+  first_row: Any   # the window's first table row (window only)
+  last_row: Any    # the last block's table row (window only)
+
+
 def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
             acc_ref, ml_ref, stats_ref, merged_refs, sem, sc: _Scratch,
             bars: _Barriers, *, sm_scale,
@@ -602,15 +710,15 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
             transposed, kv_heads, merge_slots, pages_per_seq,
             compute_issues_v,
             block_max_handoff, fp8_k_registers, ahead,
-            window, anchor_rows, heads_first, interpret):
+            window, anchor_rows, heads_first, programs, interpret):
   # ctrl_ref [b, hkv, R + CONTROL_ROWS, d] (`control_block`: the query
   # tile, then the words kv_len, log2 λ and, FP8 pages, the K and V
   # scales); k_ref, v_ref [n_pages, block_kv, hkv, d] ("NHD"), or with
   # `heads_first` [n_pages, hkv, block_kv, d] ("HND"); table_ref int32 [b,
   # table_rows, TABLE_ROW] (None: a contiguous cache, pages_per_seq pages
   # a sequence; a program holds `window` rows of it from its split's
-  # first block's, else all); init_ref (`initial_max`, skip build only, else None) f32
-  # [b, hkv, R]. Outputs, one partial per
+  # first block's, else all); init_ref (`initial_max`, skip build only,
+  # else None) f32 [b, hkv, R]. Outputs, one partial per
   # (split, compute warpgroup): acc_ref f32 [b, hkv, splits * C, R, d]
   # (transposed: [..., d, R]), ml_ref f32 [b, hkv, splits * C, 2, R] (row
   # max in log2 units, row sum), stats_ref int32 [b, hkv, splits * C, SLOT]
@@ -620,58 +728,85 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   # visited] over the splits). sem (on a GPU with num_splits > 1, else
   # None): "control", the semaphore word of the control block, or int32
   # semaphores [b * hkv] (`global_semaphores`); every other split's
-  # warpgroups signal it once their partials are written.
+  # warpgroups signal it once their partials are written. programs: None
+  # (the grid is (split, kv_heads, batch): one item a program) or P (the
+  # grid is (P,): a persistent kernel, items split-minor, program p's
+  # round r is item p + r P).
   n_wgs = compute_wgs
-  split = lax.axis_index("split")
-  kv_head = lax.axis_index("kv_heads")
-  batch = lax.axis_index("batch")
   wg = lax.axis_index("wg")
   fp8 = sc.wide is not None
-
   rows = sc.q.shape[0]
-  # Per-sequence scalars, one TMA per warpgroup into its own slot.
-  params = sc.params.at[wg]
-  plgpu.copy_gmem_to_smem(
-      ctrl_ref.at[batch, kv_head, rows, pl.ds(0, CONTROL_HALVES)], params,
-      bars.params.at[wg])
-  plgpu.barrier_wait(bars.params.at[wg])
-  kv_len = control_word(params, 0)
-
-  # The merge's semaphore, chosen once: the control block's word (inline
-  # Mosaic) or this (sequence, KV head)'s `pl.get_global` one.
+  persistent = programs is not None
   control_semaphore = isinstance(sem, str)
-  if control_semaphore:
-    sem = ctrl_ref.at[batch, kv_head, rows, pl.ds(SEMAPHORE_AT, 2)]
-  elif sem is not None:
-    sem = sem.at[batch * kv_heads + kv_head]
+  if persistent:
+    program = lax.axis_index("program")
+    n_items = acc_ref.shape[0] * kv_heads * num_splits
+    n_rounds = lax.div(n_items - program + programs - 1, programs)
 
-  def merge_signal():
-    """This warpgroup's partial is written: one count for the merger."""
-    if control_semaphore:
-      mosaic_merge.semaphore_signal(sem)
-    else:
-      plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+  def item_of(r):
+    """(batch, kv_head, split) of this program's round r."""
+    if not persistent:
+      return (lax.axis_index("batch"), lax.axis_index("kv_heads"),
+              lax.axis_index("split"))
+    t = program + r * programs
+    return (lax.div(t, kv_heads * num_splits),
+            lax.rem(lax.div(t, num_splits), kv_heads), lax.rem(t, num_splits))
 
-  def merge_wait(count):
-    """Until `count` partials are signalled (taking them: the semaphore is
-    0 again when the kernel ends)."""
-    if control_semaphore:
-      mosaic_merge.semaphore_wait(sem, count)
-    else:
-      plgpu.semaphore_wait(sem, count, memory_scope="gpu")
+  def over_rounds(body, carry):
+    """carry = body(r, carry) over this program's rounds."""
+    if not persistent:
+      return body(jnp.int32(0), carry)
+    return lax.fori_loop(0, n_rounds, body, carry)
 
-  start, end, n_blocks = _split_range(kv_len, split, num_splits, block_kv)
-  n = jnp.maximum(end - start, 0)               # this split's blocks
-  # "anchored": the sequence's first and last blocks come first in the K
-  # stream (scored, never accumulated); none for an empty sequence.
-  n_anchor = (jnp.where(n_blocks > 0, 2, 0) if anchored and skip_enabled
-              else jnp.int32(0))
-  n_k = n_anchor + n
+  def next_round(r, *issues):
+    """Each issue(r + 1) where this program has a round r + 1 (persistent),
+    after a proxy fence: this warpgroup's reads of what the copies
+    overwrite are done first."""
+    if persistent:
+      @pl.when(r + 1 < n_rounds)
+      def _():
+        plgpu.commit_smem()
+        for issue in issues:
+          issue(r + 1)
 
-  def k_block(kp):
+  def issue_params(r):
+    """TMA of round r's control row into this warpgroup's own slot."""
+    batch, kv_head, _ = item_of(r)
+    plgpu.copy_gmem_to_smem(
+        ctrl_ref.at[batch, kv_head, rows, pl.ds(0, CONTROL_HALVES)],
+        sc.params.at[wg], bars.params.at[wg])
+
+  def read_params():
+    """This warpgroup's control row, once copied."""
+    plgpu.barrier_wait(bars.params.at[wg])
+    return sc.params.at[wg]
+
+  def item_view(r, kv_len) -> _Item:
+    """Round r's item and the blocks it streams."""
+    batch, kv_head, split = item_of(r)
+    start, end, n_blocks = _split_range(kv_len, split, num_splits, block_kv)
+    n = jnp.maximum(end - start, 0)               # this split's blocks
+    # "anchored": the sequence's first and last blocks come first in the K
+    # stream (scored, never accumulated); none for an empty sequence.
+    n_anchor = (jnp.where(n_blocks > 0, 2, 0) if anchored and skip_enabled
+                else jnp.int32(0))
+    table = table_bar = first_row = last_row = None
+    if sc.table is not None:   # persistent: round r's of two buffers
+      slot = lax.rem(r, 2) if persistent else 0
+      table = sc.table.at[slot]
+      table_bar = bars.table.at[slot] if persistent else bars.table
+    if window:   # the window's first row: never past the table's end
+      first_row = jnp.clip(start // TABLE_ROW, 0,
+                           table_ref.shape[1] - window)
+      last_row = jnp.maximum(n_blocks - 1, 0) // TABLE_ROW
+    return _Item(batch, kv_head, split, kv_len, start, n_blocks, n,
+                 n_anchor, n_anchor + n, table, table_bar, first_row,
+                 last_row)
+
+  def k_block(it, kp):
     """Logical block of K stream position kp."""
-    anchor = jnp.where(kp == 0, 0, n_blocks - 1)
-    return jnp.where(kp < n_anchor, anchor, start + kp - n_anchor)
+    anchor = jnp.where(kp == 0, 0, it.n_blocks - 1)
+    return jnp.where(kp < it.n_anchor, anchor, it.start + kp - it.n_anchor)
 
   def k_slot(kp):
     return lax.rem(kp, jnp.array(k_stages, kp.dtype))
@@ -679,35 +814,55 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   def v_slot(vp):
     return lax.rem(vp, jnp.array(v_stages, vp.dtype))
 
-  if window:   # the window's first row: never past the table's end
-    first_row = jnp.clip(start // TABLE_ROW, 0,
-                         table_ref.shape[1] - window)
-    last_row = jnp.maximum(n_blocks - 1, 0) // TABLE_ROW
-
-  def page(block):
-    """Page of logical block `block` (this split's, or an anchor)."""
-    if sc.table is None:   # a contiguous cache
-      return batch * pages_per_seq + block
+  def page(it, block):
+    """Page of logical block `block` (the item's split's, or an anchor)."""
+    if it.table is None:   # a contiguous cache
+      return it.batch * pages_per_seq + block
     row = block // TABLE_ROW
     if window:   # in the window, else an anchor: block 0's row or the last
-      row = row - first_row
+      row = row - it.first_row
       if anchor_rows:
         row = jnp.where((row >= 0) & (row < window), row,
                         jnp.where(block < TABLE_ROW, window, window + 1))
-    return sc.table[row, block % TABLE_ROW]
+    return it.table[row, block % TABLE_ROW]
 
-  def head_page(ref, block):
+  def head_page(it, ref, block):
     """[block_kv, d]: this KV head's rows of block `block`'s page (rows
     of d apart from the other heads' in NHD pages, one run in HND)."""
     if heads_first:
-      return ref.at[page(block), kv_head]
-    return ref.at[page(block), pl.ds(0, block_kv), kv_head]
+      return ref.at[page(it, block), it.kv_head]
+    return ref.at[page(it, block), pl.ds(0, block_kv), it.kv_head]
 
-  def issue_v(vp):
+  def issue_v(it, vp):
     """TMA of block vp's V page into its slot."""
     slot = v_slot(vp)
-    plgpu.copy_gmem_to_smem(head_page(v_ref, start + vp), sc.v.at[slot],
-                            bars.v.at[slot])
+    plgpu.copy_gmem_to_smem(head_page(it, v_ref, it.start + vp),
+                            sc.v.at[slot], bars.v.at[slot])
+
+  def item_semaphore(it):
+    """The merge's semaphore of the item's (sequence, KV head): the
+    control block's word (inline Mosaic), a `pl.get_global` one, or
+    None."""
+    if control_semaphore:
+      return ctrl_ref.at[it.batch, it.kv_head, rows, pl.ds(SEMAPHORE_AT, 2)]
+    if sem is not None:
+      return sem.at[it.batch * kv_heads + it.kv_head]
+    return None
+
+  def merge_signal(it):
+    """This warpgroup's partial is written: one count for the merger."""
+    if control_semaphore:
+      mosaic_merge.semaphore_signal(item_semaphore(it))
+    else:
+      plgpu.semaphore_signal(item_semaphore(it), 1, memory_scope="gpu")
+
+  def merge_wait(it, count):
+    """Until `count` partials are signalled (taking them: the semaphore is
+    0 again when the kernel ends)."""
+    if control_semaphore:
+      mosaic_merge.semaphore_wait(item_semaphore(it), count)
+    else:
+      plgpu.semaphore_wait(item_semaphore(it), count, memory_scope="gpu")
 
   # The query axis of the score tile (0: [R, block_kv]; transposed 1:
   # [block_kv, R]) and of the output tile ([R, d], or [d, R]).
@@ -720,14 +875,40 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     return lax.broadcast_in_dim(x, shape, [q_axis])
 
   # One split: its program merges its warpgroups' tiles in shared memory;
-  # else the last split merges every part, streamed through the merge ring.
+  # else the last split merges every part, streamed through the merge ring
+  # (by the memory warpgroup; persistent: by the merging warpgroup itself,
+  # so that its memory warpgroup streams on).
   local_merge = num_splits == 1
+  self_load = persistent and not local_merge
+  n_parts = num_splits * n_wgs
 
-  def merge_splits(out_ref, merged_ml_ref, counts_ref):
+  def copy_part(it, p):
+    """Part p's tile, row statistics and counts into merge slot p % S."""
+    slot = lax.rem(p, merge_slots)
+    for src, dst, copied in zip(
+        (acc_ref, ml_ref, stats_ref),
+        (sc.merge_acc.at[slot], sc.merge_ml.at[slot, pl.ds(0, 2)],
+         sc.merge_stats.at[slot]), bars.merged):
+      plgpu.copy_gmem_to_smem(src.at[it.batch, it.kv_head, p], dst,
+                              copied.at[slot])
+
+  def wait_for_parts(it):
+    """Until every split's partials of the item are in global memory (this
+    program's by a barrier, the others' by the semaphore)."""
+    plgpu.barrier_wait(bars.written)
+    if sem is not None:
+      merge_wait(it, (num_splits - 1) * n_wgs)
+    mosaic_merge.async_proxy_fence(interpret=interpret)
+
+  def merge_splits(it, out_ref, merged_ml_ref, counts_ref):
     """The last split's warpgroup 0: every part of this (sequence, KV
     head), combined online at their running max as the splits' own blocks
     are, normalized; writes the output rows, their row max and sums, and
     the block counts."""
+    if self_load:
+      wait_for_parts(it)
+      for p in range(min(merge_slots, n_parts)):
+        copy_part(it, jnp.int32(p))
 
     def read_part(p):
       """Part p's tile, row max, row sums, block counts."""
@@ -743,7 +924,11 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
               plgpu.load(ml.at[0], layout=row_layout, optimized=False),
               plgpu.load(ml.at[1], layout=row_layout, optimized=False),
               stats[0], stats[1])
-      if not local_merge:
+      if self_load:   # every thread has read the slot: refill it
+        mosaic_merge.warpgroup_barrier(interpret=interpret)
+        pl.when(p + merge_slots < n_parts)(
+            lambda: copy_part(it, p + merge_slots))
+      elif not local_merge:
         plgpu.barrier_arrive(bars.merge_free.at[slot])
       return part
 
@@ -764,7 +949,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32),
                             plgpu.Layout.WGMMA)
     acc, l, m, skipped, visited = lax.fori_loop(
-        0, num_splits * n_wgs, combine,
+        0, n_parts, combine,
         (acc, zeros, zeros - jnp.inf, jnp.int32(0), jnp.int32(0)))
     out = acc * over_rows(1.0 / jnp.where(l > 0, l, 1.0),   # 0 if none
                           acc_shape)                         # kept
@@ -784,36 +969,27 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(
         sc.staged.at[pl.ds(0, group)],
-        out_ref.at[batch, pl.ds(kv_head * group, group)])
-    plgpu.copy_smem_to_gmem(sc.ml.at[0], merged_ml_ref.at[batch, kv_head])
-    plgpu.copy_smem_to_gmem(sc.stats.at[0], counts_ref.at[batch, kv_head])
+        out_ref.at[it.batch, pl.ds(it.kv_head * group, group)])
+    plgpu.copy_smem_to_gmem(sc.ml.at[0], merged_ml_ref.at[it.batch,
+                                                          it.kv_head])
+    plgpu.copy_smem_to_gmem(sc.stats.at[0], counts_ref.at[it.batch,
+                                                          it.kv_head])
     plgpu.wait_smem_to_gmem(0)
 
-  def load_partials():
-    """The last split's memory warpgroup: once every split's partials are
-    written (this program's by a barrier, the others' by the semaphore),
-    streams them into the merge ring, part by part."""
-    parts = num_splits * n_wgs
-    plgpu.barrier_wait(bars.written)
-    if sem is not None:
-      merge_wait((num_splits - 1) * n_wgs)
-    mosaic_merge.async_proxy_fence(interpret=interpret)
+  def load_partials(it):
+    """The last split's memory warpgroup (not persistent): once every
+    split's partials are written, streams them into the merge ring, part
+    by part."""
+    wait_for_parts(it)
 
-    @pl.loop(0, parts)
+    @pl.loop(0, n_parts)
     def _parts(p):
-      slot = lax.rem(p, merge_slots)
-
       @pl.when(p >= merge_slots)
       def _():
-        plgpu.barrier_wait(bars.merge_free.at[slot])
-      for src, dst, copied in zip(
-          (acc_ref, ml_ref, stats_ref),
-          (sc.merge_acc.at[slot], sc.merge_ml.at[slot, pl.ds(0, 2)],
-           sc.merge_stats.at[slot]), bars.merged):
-        plgpu.copy_gmem_to_smem(src.at[batch, kv_head, p], dst,
-                                copied.at[slot])
+        plgpu.barrier_wait(bars.merge_free.at[lax.rem(p, merge_slots)])
+      copy_part(it, p)
 
-    @pl.loop(jnp.maximum(parts - merge_slots, 0), parts)
+    @pl.loop(jnp.maximum(n_parts - merge_slots, 0), n_parts)
     def _drain(p):
       plgpu.barrier_wait(bars.merge_free.at[lax.rem(p, merge_slots)])
 
@@ -826,25 +1002,19 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       plgpu.set_max_registers(REGISTERS[0], action="increase")
     w = wg
 
-    @pl.when(w == 0)
-    def _():
+    def issue_query(r):
+      """Warpgroup 0: TMA of round r's query tile (and `initial_max`)."""
+      batch, kv_head, _ = item_of(r)
       plgpu.copy_gmem_to_smem(ctrl_ref.at[batch, kv_head, pl.ds(0, rows)],
                               sc.q, bars.q)
       if sc.rows is not None:   # `initial_max`: read before the first vote
         plgpu.copy_gmem_to_smem(init_ref.at[batch, kv_head], sc.rows,
                                 bars.rows)
-    plgpu.barrier_wait(bars.q)
-    if compute_issues_v and sc.table is not None:   # the pages of the V
-      plgpu.barrier_wait(bars.table)                # copies it issues
-    scale = sm_scale * LOG2E
-    # log2 λ, for the votes (the memory warpgroup needs only kv_len).
-    log2_thr = (float_from_bits(control_word(params, 1)) if skip_enabled
-                else None)
-    v_scale = None
+
+    pl.when(w == 0)(lambda: issue_query(jnp.int32(0)))
+    issue_params(jnp.int32(0))
     wide = p_smem = None
-    if fp8:   # this warpgroup's control row holds the scales
-      scale = scale * float_from_bits(control_word(params, 2))
-      v_scale = float_from_bits(control_word(params, 3))
+    if fp8:
       wide = sc.wide.at[w]
     if sc.p is not None:
       p_smem = sc.p.at[w]
@@ -874,40 +1044,6 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       return mosaic_vote.warpgroup_column_reduce(
           x, op, sc.colred.at[w], interpret=interpret)
 
-    def scores(kp):
-      """Scaled scores (log2 units) of K position kp, [R, block_kv]
-      (transposed: [block_kv, R]), keys past kv_len at -inf; frees its K
-      slot."""
-      slot = k_slot(kp)
-      plgpu.barrier_wait(bars.k.at[slot])
-      k_tile = sc.k.at[slot]
-      if fp8 and fp8_k_registers:   # widened in registers, wgmma's A
-        k8 = plgpu.load(k_tile, layout=plgpu.Layout.WGMMA_UPCAST_2X,
-                        optimized=False)
-        k_tile = plgpu.layout_cast(k8.astype(jnp.float16),
-                                   plgpu.Layout.WGMMA)
-        if interpret:   # whose wgmma takes no register operand
-          wide[...] = k_tile
-          plgpu.commit_smem()
-          k_tile = wide
-        plgpu.barrier_arrive(bars.k_free.at[slot])
-      elif fp8:   # The slot is free once widened.
-        k_tile = widen(k_tile)
-        plgpu.barrier_arrive(bars.k_free.at[slot])
-
-      def qk(acc_ref):
-        if transposed:   # K·qᵀ
-          plgpu.wgmma(acc_ref, k_tile, sc.q.transpose((1, 0)))
-        else:
-          plgpu.wgmma(acc_ref, sc.q, k_tile.transpose((1, 0)))
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
-      if not fp8:
-        plgpu.barrier_arrive(bars.k_free.at[slot])
-      keys = key_iota + k_block(kp) * block_kv
-      return jnp.where(keys < kv_len, s * scale, -jnp.inf)
-
     n_handoff = sc.handoff.shape[0]
 
     def hand_over(j, m):
@@ -924,53 +1060,6 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       plgpu.barrier_wait(bars.handoff.at[slot])
       return plgpu.load(sc.handoff.at[slot], layout=row_layout)
 
-    # The running max before the split's first block: the anchors' row
-    # max ("anchored"; with two warpgroups each scores one anchor and the
-    # second hands its max to the first; handing block maxima, each hands
-    # its own to the other, the first reading the second's at its first
-    # block), else -inf.
-    handing = skip_enabled and n_wgs == 2
-    if anchored and skip_enabled:
-      if n_wgs == 1:
-        m0 = lax.fori_loop(0, n_anchor, lambda kp, m: jnp.maximum(
-            m, key_reduce(scores(kp), "max")), minus_inf)
-      else:
-        own = lax.cond(n_anchor > 0, lambda: key_reduce(scores(w), "max"),
-                       lambda: minus_inf)
-
-        def exchange():   # both ways: each anchor is K position w
-          hand_over(w, own)
-          return lax.cond(w == 1, lambda: jnp.maximum(
-              own, take_over(jnp.int32(0))), lambda: own)
-
-        def first_anchor():
-          pl.when(w == 1)(lambda: hand_over(jnp.int32(-1), own))
-          return lax.cond(w == 0, lambda: jnp.maximum(
-              own, take_over(jnp.int32(-1))), lambda: own)
-        m0 = lax.cond(n_anchor > 0,
-                      exchange if block_max_handoff else first_anchor,
-                      lambda: own)
-    else:
-      m0 = minus_inf
-    if sc.rows is not None:   # A given start: every split begins there.
-      plgpu.barrier_wait(bars.rows)
-      m0 = jnp.maximum(m0, plgpu.load(sc.rows, layout=row_layout,
-                                      optimized=False))
-
-    def probabilities(s, m, vp):
-      """P = 2^(s - m) in the products' dtype, and its row sums: a kept
-      block's weights at the running max m. Transposed, Pᵀ goes to
-      shared memory (the B operand of Vᵀ·Pᵀ), slot i % (ahead + 1) for the
-      warpgroup's i-th block, and the row sums stay per-thread: the f32
-      tile itself."""
-      m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-      p = jnp.exp2(s - over_rows(m_safe, s.shape))
-      if transposed:
-        slot = lax.rem(vp // n_wgs, ahead + 1)
-        p_smem.at[slot].transpose((1, 0))[...] = p.astype(dtype)
-        return None, p
-      return p.astype(dtype), p.sum(axis=1)
-
     def add_product(acc, a, b):
       """acc + a·b by wgmma; in interpret mode, which takes no accumulator
       as input, into a fresh one added to acc."""
@@ -984,64 +1073,6 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         return acc_ref[...]
       return acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
 
-    def accumulate(vp, pending, acc, l, m_acc):
-      """Block vp (its P, row sums, the max they are taken at, and its
-      decision): waits for its V phase, adds P·V if kept, frees the V
-      slot (`compute_issues_v`: waits only for a kept block's copy, and
-      the slot is this warpgroup's own, so nothing is freed). P rather
-      than the f32 scores is what waits a step (64 rows: in registers,
-      half of the scores'; transposed: Pᵀ in shared memory and its f32
-      tile, for the row sums, in registers)."""
-      p16, p_sum, m_p, keep = pending
-      slot = v_slot(vp)
-      if not compute_issues_v:   # copied, or its phase completed empty
-        plgpu.barrier_wait(bars.v.at[slot])
-      v_tile = sc.v.at[slot]
-
-      def zero_past_end(v_tile):
-        # Past kv_len a page may hold anything, NaN included: 0·NaN must
-        # not reach the accumulator. WIDEN_KEYS keys at a time, those
-        # holding a key past kv_len.
-        for first in range(0, block_kv, WIDEN_KEYS):
-          chunk = pl.ds(first, WIDEN_KEYS)
-
-          @pl.when((start + vp) * block_kv + first + WIDEN_KEYS > kv_len)
-          def _():
-            v = plgpu.load(v_tile.at[chunk], layout=plgpu.Layout.WGMMA)
-            keys = plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
-                                          layout=plgpu.Layout.WGMMA)
-            keys = keys + (start + vp) * block_kv + first
-            v_tile.at[chunk][...] = jnp.where(keys < kv_len, v,
-                                              jnp.zeros_like(v))
-        plgpu.commit_smem()
-
-      def kept():
-        if compute_issues_v:   # only a kept block's copy was issued
-          plgpu.barrier_wait(bars.v.at[slot])
-        tile = widen(v_tile) if fp8 else v_tile
-        pl.when((start + vp + 1) * block_kv > kv_len)(
-            lambda: zero_past_end(tile))
-        alpha = jnp.exp2(m_acc - jnp.where(m_p == -jnp.inf, 0.0, m_p))
-        acc_scaled = acc * over_rows(alpha, acc.shape)
-        l_new = l * (over_rows(alpha, l.shape) if transposed else alpha) + p_sum
-        if transposed:   # Vᵀ·Pᵀ, Pᵀ written when block vp was decided
-          p_tile = p_smem.at[lax.rem(vp // n_wgs, ahead + 1)].transpose(
-              (1, 0))
-          plgpu.commit_smem()
-          acc_new = add_product(acc_scaled, tile.transpose((1, 0)), p_tile)
-        elif interpret:   # P through shared memory
-          p_smem[...] = p16
-          plgpu.commit_smem()
-          acc_new = add_product(acc_scaled, p_smem, tile)
-        else:
-          acc_new = add_product(acc_scaled, p16, tile)
-        return acc_new, l_new, m_p
-
-      out = lax.cond(keep, kept, lambda: (acc, l, m_acc))
-      if not compute_issues_v:
-        plgpu.barrier_arrive(bars.v_free.at[slot])
-      return out
-
     zero_tile = plgpu.layout_cast(jnp.zeros(tile, jnp.float32),
                                   plgpu.Layout.WGMMA)
     if transposed:   # (P in shared memory, the row-sum tile)
@@ -1050,7 +1081,6 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       no_probs = (zero_tile.astype(dtype),
                   plgpu.layout_cast(jnp.zeros((rows,), jnp.float32),
                                     row_layout))
-
     # With compute_issues_v, V of block vp goes into slot vp % v_stages
     # (this warpgroup's alone: v_stages is a multiple of C) once block
     # vp - v_stages is accumulated: with v_stages >= (ahead + 1) C that was
@@ -1059,199 +1089,424 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     # after it.
     early_v = compute_issues_v and v_stages >= (ahead + 1) * n_wgs
     assert ahead == 1 or early_v
+    handing = skip_enabled and n_wgs == 2
 
-    def step(i, carry):
-      """Scores and decides this warpgroup's i-th block vp, publishes the
-      decision, takes its P if kept, then accumulates its block `ahead`
-      steps back (whose V copy ran meanwhile)."""
-      acc, l, m_acc, m, n_skipped, pending = carry
-      vp = w + i * n_wgs
-      s = scores(vp + n_anchor)
-      m_blk = key_reduce(s, "max")
-      if skip_enabled:
-        if handing and block_max_handoff:   # its max to the other; the
-          # max of K position kp - 1 from it: m is then the max over
-          # every position before kp.
-          kp = vp + n_anchor
-          hand_over(kp, m_blk)
-          m = lax.cond(kp == 0, lambda: m,
-                       lambda: jnp.maximum(m, take_over(kp - 1)))
-        elif handing:   # The running max after block vp - 1.
-          m = lax.cond(vp == 0, lambda: m, lambda: take_over(vp - 1))
-        # max over real rows of (block max - running max), from the scores
-        # of visible keys; padded rows take no part. A split's first block
-        # without anchors meets m = -inf: gap +inf, kept.
-        real_rows = plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
-                                           layout=row_layout) < group
-        gap = jnp.where(real_rows, m_blk - m, -jnp.inf)
-        if transposed or sc.vote is None:   # transposed: every warp holds
-          # every column (key_reduce), so a warp's own reduction is uniform.
-          keep = gap.max() >= log2_thr
+    def item(r, carry):
+      """Round r's item: its blocks, then its partial (and the merge)."""
+      params = read_params()
+      kv_len = control_word(params, 0)
+      scale = sm_scale * LOG2E
+      # log2 λ, for the votes (the memory warpgroup needs only kv_len).
+      log2_thr = (float_from_bits(control_word(params, 1)) if skip_enabled
+                  else None)
+      v_scale = None
+      if fp8:   # this warpgroup's control row holds the scales
+        scale = scale * float_from_bits(control_word(params, 2))
+        v_scale = float_from_bits(control_word(params, 3))
+      it = item_view(r, kv_len)
+      start, n, n_anchor = it.start, it.n, it.n_anchor
+      plgpu.barrier_wait(bars.q)
+      if persistent:   # the V ring, under the last round's output and
+        # merge buffers, is free once both warpgroups are done with them
+        pl.when(r > 0)(lambda: plgpu.barrier_wait(bars.ring_free))
+      if compute_issues_v and it.table is not None:   # the pages of the V
+        plgpu.barrier_wait(it.table_bar)              # copies it issues
+
+      def scores(kp):
+        """Scaled scores (log2 units) of K position kp, [R, block_kv]
+        (transposed: [block_kv, R]), keys past kv_len at -inf; frees its K
+        slot."""
+        slot = k_slot(kp)
+        plgpu.barrier_wait(bars.k.at[slot])
+        k_tile = sc.k.at[slot]
+        if fp8 and fp8_k_registers:   # widened in registers, wgmma's A
+          k8 = plgpu.load(k_tile, layout=plgpu.Layout.WGMMA_UPCAST_2X,
+                          optimized=False)
+          k_tile = plgpu.layout_cast(k8.astype(jnp.float16),
+                                     plgpu.Layout.WGMMA)
+          if interpret:   # whose wgmma takes no register operand
+            wide[...] = k_tile
+            plgpu.commit_smem()
+            k_tile = wide
+          plgpu.barrier_arrive(bars.k_free.at[slot])
+        elif fp8:   # The slot is free once widened.
+          k_tile = widen(k_tile)
+          plgpu.barrier_arrive(bars.k_free.at[slot])
+
+        def qk(acc_ref):
+          if transposed:   # K·qᵀ
+            plgpu.wgmma(acc_ref, k_tile, sc.q.transpose((1, 0)))
+          else:
+            plgpu.wgmma(acc_ref, sc.q, k_tile.transpose((1, 0)))
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
+        if not fp8:
+          plgpu.barrier_arrive(bars.k_free.at[slot])
+        keys = key_iota + k_block(it, kp) * block_kv
+        return jnp.where(keys < kv_len, s * scale, -jnp.inf)
+
+      # The running max before the split's first block: the anchors' row
+      # max ("anchored"; with two warpgroups each scores one anchor and the
+      # second hands its max to the first; handing block maxima, each hands
+      # its own to the other, the first reading the second's at its first
+      # block), else -inf.
+      if anchored and skip_enabled:
+        if n_wgs == 1:
+          m0 = lax.fori_loop(0, n_anchor, lambda kp, m: jnp.maximum(
+              m, key_reduce(scores(kp), "max")), minus_inf)
         else:
-          keep = mosaic_vote.warpgroup_any(
-              gap, log2_thr, sc.vote.at[w], lax.rem(i, 2),
-              interpret=interpret)
-        if block_max_handoff:   # the same on the real rows: a skipped
-          # block's max lies below m there (log λ < 0)
-          m = jnp.maximum(m, m_blk)
-        else:
-          m = lax.cond(keep, lambda: jnp.maximum(m, m_blk), lambda: m)
-        if handing and not block_max_handoff:
-          hand_over(vp, m)
-        if not compute_issues_v:
-          sc.votes[k_slot(vp)] = keep.astype(jnp.int32)
-          plgpu.barrier_arrive(bars.votes.at[k_slot(vp)])
-        p16, p_sum = lax.cond(keep, lambda: probabilities(s, m, vp),
-                              lambda: no_probs)
+          own = lax.cond(n_anchor > 0,
+                         lambda: key_reduce(scores(w), "max"),
+                         lambda: minus_inf)
+
+          def exchange():   # both ways: each anchor is K position w
+            hand_over(w, own)
+            return lax.cond(w == 1, lambda: jnp.maximum(
+                own, take_over(jnp.int32(0))), lambda: own)
+
+          def first_anchor():
+            pl.when(w == 1)(lambda: hand_over(jnp.int32(-1), own))
+            return lax.cond(w == 0, lambda: jnp.maximum(
+                own, take_over(jnp.int32(-1))), lambda: own)
+          m0 = lax.cond(n_anchor > 0,
+                        exchange if block_max_handoff else first_anchor,
+                        lambda: own)
       else:
-        keep = vp >= 0
-        m = jnp.maximum(m, m_blk)
-        p16, p_sum = probabilities(s, m, vp)
-      if early_v:
-        pl.when(keep)(lambda: issue_v(vp))
-      acc, l, m_acc = lax.cond(
-          i >= ahead,
-          lambda: accumulate(vp - ahead * n_wgs, pending[0], acc, l, m_acc),
-          lambda: (acc, l, m_acc))
-      if compute_issues_v and not early_v:   # into the slot just read
-        pl.when(keep)(lambda: issue_v(vp))
-      return (acc, l, m_acc, m, n_skipped + 1 - keep.astype(jnp.int32),
-              (*pending[1:], (p16, p_sum, m, keep)))
+        m0 = minus_inf
+      if sc.rows is not None:   # A given start: every split begins there.
+        plgpu.barrier_wait(bars.rows)
+        m0 = jnp.maximum(m0, plgpu.load(sc.rows, layout=row_layout,
+                                        optimized=False))
 
-    n_mine = lax.div(jnp.maximum(n - w + n_wgs - 1, 0), n_wgs)
-    acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32),
-                            plgpu.Layout.WGMMA)
-    l = zero_tile if transposed else plgpu.layout_cast(
-        jnp.zeros((rows,), jnp.float32), row_layout)
-    nothing = (*no_probs, minus_inf, n < 0)
-    acc, l, m_acc, m, n_skipped, pending = lax.fori_loop(
-        0, n_mine, step, (acc, l, minus_inf, m0, n * 0, (nothing,) * ahead))
-    if handing:   # The last hand-over is for the other warpgroup.
-      last = n_k - 1 if block_max_handoff else n - 1
+      def probabilities(s, m, vp):
+        """P = 2^(s - m) in the products' dtype, and its row sums: a kept
+        block's weights at the running max m. Transposed, Pᵀ goes to
+        shared memory (the B operand of Vᵀ·Pᵀ), slot i % (ahead + 1) for
+        the warpgroup's i-th block, and the row sums stay per-thread: the
+        f32 tile itself."""
+        m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+        p = jnp.exp2(s - over_rows(m_safe, s.shape))
+        if transposed:
+          slot = lax.rem(vp // n_wgs, ahead + 1)
+          p_smem.at[slot].transpose((1, 0))[...] = p.astype(dtype)
+          return None, p
+        return p.astype(dtype), p.sum(axis=1)
 
-      @pl.when((last >= 0) & (lax.rem(last, 2) != w))
-      def _():
-        take_over(last)
-    for back, last_pending in enumerate(pending):   # the last `ahead`
-      i = n_mine - ahead + back
-      acc, l, m_acc = lax.cond(
-          i >= 0,
-          functools.partial(accumulate, w + i * n_wgs, last_pending, acc, l,
-                            m_acc),
-          lambda acc=acc, l=l, m_acc=m_acc: (acc, l, m_acc))
+      def accumulate(vp, pending, acc, l, m_acc):
+        """Block vp (its P, row sums, the max they are taken at, and its
+        decision): waits for its V phase, adds P·V if kept, frees the V
+        slot (`compute_issues_v`: waits only for a kept block's copy, and
+        the slot is this warpgroup's own, so nothing is freed). P rather
+        than the f32 scores is what waits a step (64 rows: in registers,
+        half of the scores'; transposed: Pᵀ in shared memory and its f32
+        tile, for the row sums, in registers)."""
+        p16, p_sum, m_p, keep = pending
+        slot = v_slot(vp)
+        if not compute_issues_v:   # copied, or its phase completed empty
+          plgpu.barrier_wait(bars.v.at[slot])
+        v_tile = sc.v.at[slot]
 
-    # Every K copy has been read (by both warpgroups): the output tiles
-    # reuse the K ring.
-    if n_wgs > 1:
-      plgpu.barrier_arrive(bars.done)
-      plgpu.barrier_wait(bars.done)
-    if transposed:   # the row sums' per-thread partials, summed
-      l = key_reduce(l, "add")
-    out_tile = sc.out.at[w]
-    out_tile[...] = acc if v_scale is None else acc * v_scale
-    sc.ml.at[w, 0][...] = m_acc
-    sc.ml.at[w, 1][...] = l
-    sc.stats[w, 0] = n_skipped
-    sc.stats[w, 1] = n_mine
-    plgpu.commit_smem()
-    if merged_refs is not None and local_merge:
-      plgpu.barrier_arrive(bars.written)
-      pl.when(w == 0)(lambda: merge_splits(*merged_refs))
-      return
-    part = split * n_wgs + w
-    plgpu.copy_smem_to_gmem(out_tile, acc_ref.at[batch, kv_head, part])
-    plgpu.copy_smem_to_gmem(sc.ml.at[w], ml_ref.at[batch, kv_head, part])
-    plgpu.copy_smem_to_gmem(sc.stats.at[w],
-                            stats_ref.at[batch, kv_head, part])
-    plgpu.wait_smem_to_gmem(0)
-    if merged_refs is None:
-      return
-    # The partial is in global memory: tell the merging program.
-    mosaic_merge.async_proxy_fence(interpret=interpret)
-    merger = split == num_splits - 1
-    if sem is not None:
-      pl.when(~merger)(merge_signal)
-    pl.when(merger)(lambda: plgpu.barrier_arrive(bars.written))
+        def zero_past_end(v_tile):
+          # Past kv_len a page may hold anything, NaN included: 0·NaN must
+          # not reach the accumulator. WIDEN_KEYS keys at a time, those
+          # holding a key past kv_len.
+          for first in range(0, block_kv, WIDEN_KEYS):
+            chunk = pl.ds(first, WIDEN_KEYS)
 
-    @pl.when(merger & (w == 0))
-    def _merge():
-      merge_splits(*merged_refs)
+            @pl.when((start + vp) * block_kv + first + WIDEN_KEYS > kv_len)
+            def _():
+              v = plgpu.load(v_tile.at[chunk], layout=plgpu.Layout.WGMMA)
+              keys = plgpu.broadcasted_iota(jnp.int32, v.shape, 0,
+                                            layout=plgpu.Layout.WGMMA)
+              keys = keys + (start + vp) * block_kv + first
+              v_tile.at[chunk][...] = jnp.where(keys < kv_len, v,
+                                                jnp.zeros_like(v))
+          plgpu.commit_smem()
+
+        def kept():
+          if compute_issues_v:   # only a kept block's copy was issued
+            plgpu.barrier_wait(bars.v.at[slot])
+          tile = widen(v_tile) if fp8 else v_tile
+          pl.when((start + vp + 1) * block_kv > kv_len)(
+              lambda: zero_past_end(tile))
+          alpha = jnp.exp2(m_acc - jnp.where(m_p == -jnp.inf, 0.0, m_p))
+          acc_scaled = acc * over_rows(alpha, acc.shape)
+          l_new = (l * (over_rows(alpha, l.shape) if transposed else alpha)
+                   + p_sum)
+          if transposed:   # Vᵀ·Pᵀ, Pᵀ written when block vp was decided
+            p_tile = p_smem.at[lax.rem(vp // n_wgs, ahead + 1)].transpose(
+                (1, 0))
+            plgpu.commit_smem()
+            acc_new = add_product(acc_scaled, tile.transpose((1, 0)),
+                                  p_tile)
+          elif interpret:   # P through shared memory
+            p_smem[...] = p16
+            plgpu.commit_smem()
+            acc_new = add_product(acc_scaled, p_smem, tile)
+          else:
+            acc_new = add_product(acc_scaled, p16, tile)
+          return acc_new, l_new, m_p
+
+        out = lax.cond(keep, kept, lambda: (acc, l, m_acc))
+        if not compute_issues_v:
+          plgpu.barrier_arrive(bars.v_free.at[slot])
+        return out
+
+      def step(i, carry):
+        """Scores and decides this warpgroup's i-th block vp, publishes
+        the decision, takes its P if kept, then accumulates its block
+        `ahead` steps back (whose V copy ran meanwhile)."""
+        acc, l, m_acc, m, n_skipped, pending = carry
+        vp = w + i * n_wgs
+        s = scores(vp + n_anchor)
+        m_blk = key_reduce(s, "max")
+        if skip_enabled:
+          if handing and block_max_handoff:   # its max to the other; the
+            # max of K position kp - 1 from it: m is then the max over
+            # every position before kp.
+            kp = vp + n_anchor
+            hand_over(kp, m_blk)
+            m = lax.cond(kp == 0, lambda: m,
+                         lambda: jnp.maximum(m, take_over(kp - 1)))
+          elif handing:   # The running max after block vp - 1.
+            m = lax.cond(vp == 0, lambda: m, lambda: take_over(vp - 1))
+          # max over real rows of (block max - running max), from the
+          # scores of visible keys; padded rows take no part. A split's
+          # first block without anchors meets m = -inf: gap +inf, kept.
+          real_rows = plgpu.broadcasted_iota(jnp.int32, (rows,), 0,
+                                             layout=row_layout) < group
+          gap = jnp.where(real_rows, m_blk - m, -jnp.inf)
+          if transposed or sc.vote is None:   # transposed: every warp
+            # holds every column (key_reduce), so a warp's own reduction
+            # is uniform.
+            keep = gap.max() >= log2_thr
+          else:
+            keep = mosaic_vote.warpgroup_any(
+                gap, log2_thr, sc.vote.at[w], lax.rem(i, 2),
+                interpret=interpret)
+          if block_max_handoff:   # the same on the real rows: a skipped
+            # block's max lies below m there (log λ < 0)
+            m = jnp.maximum(m, m_blk)
+          else:
+            m = lax.cond(keep, lambda: jnp.maximum(m, m_blk), lambda: m)
+          if handing and not block_max_handoff:
+            hand_over(vp, m)
+          if not compute_issues_v:
+            sc.votes[k_slot(vp)] = keep.astype(jnp.int32)
+            plgpu.barrier_arrive(bars.votes.at[k_slot(vp)])
+          p16, p_sum = lax.cond(keep, lambda: probabilities(s, m, vp),
+                                lambda: no_probs)
+        else:
+          keep = vp >= 0
+          m = jnp.maximum(m, m_blk)
+          p16, p_sum = probabilities(s, m, vp)
+        if early_v:
+          pl.when(keep)(lambda: issue_v(it, vp))
+        acc, l, m_acc = lax.cond(
+            i >= ahead,
+            lambda: accumulate(vp - ahead * n_wgs, pending[0], acc, l,
+                               m_acc),
+            lambda: (acc, l, m_acc))
+        if compute_issues_v and not early_v:   # into the slot just read
+          pl.when(keep)(lambda: issue_v(it, vp))
+        return (acc, l, m_acc, m, n_skipped + 1 - keep.astype(jnp.int32),
+                (*pending[1:], (p16, p_sum, m, keep)))
+
+      n_mine = lax.div(jnp.maximum(n - w + n_wgs - 1, 0), n_wgs)
+      acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32),
+                              plgpu.Layout.WGMMA)
+      l = zero_tile if transposed else plgpu.layout_cast(
+          jnp.zeros((rows,), jnp.float32), row_layout)
+      nothing = (*no_probs, minus_inf, n < 0)
+      acc, l, m_acc, m, n_skipped, pending = lax.fori_loop(
+          0, n_mine, step,
+          (acc, l, minus_inf, m0, n * 0, (nothing,) * ahead))
+      if handing:   # The last hand-over is for the other warpgroup.
+        last = it.n_k - 1 if block_max_handoff else n - 1
+
+        @pl.when((last >= 0) & (lax.rem(last, 2) != w))
+        def _():
+          take_over(last)
+      for back, last_pending in enumerate(pending):   # the last `ahead`
+        i = n_mine - ahead + back
+        acc, l, m_acc = lax.cond(
+            i >= 0,
+            functools.partial(accumulate, w + i * n_wgs, last_pending, acc,
+                              l, m_acc),
+            lambda acc=acc, l=l, m_acc=m_acc: (acc, l, m_acc))
+
+      # Every K copy has been read (by both warpgroups): the output tiles
+      # reuse the K ring (persistent: the V ring, which no V copy of the
+      # next round enters before `ring_free`; the next round's query and
+      # control rows may be copied in, its table buffer refilled).
+      if n_wgs > 1:
+        plgpu.barrier_arrive(bars.done)
+        plgpu.barrier_wait(bars.done)
+      next_round(r, issue_params, lambda r: pl.when(w == 0)(
+          lambda: issue_query(r)))
+      if persistent:
+        if it.table is not None:
+          plgpu.barrier_arrive(bars.table_free.at[lax.rem(r, 2)])
+      if transposed:   # the row sums' per-thread partials, summed
+        l = key_reduce(l, "add")
+      out_tile = sc.out.at[w]
+      out_tile[...] = acc if v_scale is None else acc * v_scale
+      sc.ml.at[w, 0][...] = m_acc
+      sc.ml.at[w, 1][...] = l
+      sc.stats[w, 0] = n_skipped
+      sc.stats[w, 1] = n_mine
+      plgpu.commit_smem()
+      if merged_refs is not None and local_merge:
+        plgpu.barrier_arrive(bars.written)
+        pl.when(w == 0)(lambda: merge_splits(it, *merged_refs))
+        return free_ring(carry)
+      part = it.split * n_wgs + w
+      plgpu.copy_smem_to_gmem(out_tile,
+                              acc_ref.at[it.batch, it.kv_head, part])
+      plgpu.copy_smem_to_gmem(sc.ml.at[w],
+                              ml_ref.at[it.batch, it.kv_head, part])
+      plgpu.copy_smem_to_gmem(sc.stats.at[w],
+                              stats_ref.at[it.batch, it.kv_head, part])
+      plgpu.wait_smem_to_gmem(0)
+      if merged_refs is None:
+        return free_ring(carry)
+      # The partial is in global memory: tell the merging program.
+      mosaic_merge.async_proxy_fence(interpret=interpret)
+      merger = it.split == num_splits - 1
+      if sem is not None:
+        pl.when(~merger)(lambda: merge_signal(it))
+      pl.when(merger)(lambda: plgpu.barrier_arrive(bars.written))
+      pl.when(merger & (w == 0))(lambda: merge_splits(it, *merged_refs))
+      return free_ring(carry)
+
+    def free_ring(carry):
+      """Persistent: this warpgroup is done with the V ring's output and
+      merge buffers (its stores waited for)."""
+      if persistent:
+        plgpu.barrier_arrive(bars.ring_free)
+      return carry
+
+    over_rounds(item, ())
+    if persistent:   # the last round's
+      plgpu.barrier_wait(bars.ring_free)
 
   @pl.when(wg == n_wgs)
   def _memory():
     if split_registers:
       plgpu.set_max_registers(REGISTERS[1], action="decrease")
-    if sc.table is not None and window:   # (one barrier, one arrival a
-      # copy)
-      plgpu.copy_gmem_to_smem(table_ref.at[batch, pl.ds(first_row, window)],
-                              sc.table.at[pl.ds(0, window)], bars.table)
-      if anchor_rows:
-        assert anchor_rows == ANCHOR_TABLE_ROWS, anchor_rows
-        for i, row in enumerate((0, last_row)):
-          plgpu.copy_gmem_to_smem(table_ref.at[batch, pl.ds(row, 1)],
-                                  sc.table.at[pl.ds(window + i, 1)],
-                                  bars.table)
-      plgpu.barrier_wait(bars.table)
-    elif sc.table is not None:
-      plgpu.copy_gmem_to_smem(table_ref.at[batch], sc.table, bars.table)
-      plgpu.barrier_wait(bars.table)
+    issue_params(jnp.int32(0))
 
-    def issue_k(kp):
+    def copy_table(r, it):
+      """The item's page numbers into its table buffer: the window's rows
+      and the anchors' (one barrier, one arrival a copy), else every row
+      (persistent: once the compute warpgroups are done with the buffer's
+      round r - 2)."""
+      if persistent:
+        pl.when(r >= 2)(
+            lambda: plgpu.barrier_wait(bars.table_free.at[lax.rem(r, 2)]))
+      if window:
+        plgpu.copy_gmem_to_smem(
+            table_ref.at[it.batch, pl.ds(it.first_row, window)],
+            it.table.at[pl.ds(0, window)], it.table_bar)
+        if anchor_rows:
+          assert anchor_rows == ANCHOR_TABLE_ROWS, anchor_rows
+          for i, row in enumerate((0, it.last_row)):
+            plgpu.copy_gmem_to_smem(table_ref.at[it.batch, pl.ds(row, 1)],
+                                    it.table.at[pl.ds(window + i, 1)],
+                                    it.table_bar)
+      else:
+        plgpu.copy_gmem_to_smem(table_ref.at[it.batch], it.table,
+                                it.table_bar)
+      plgpu.barrier_wait(it.table_bar)
+
+    def issue_k(it, kp):
       slot = k_slot(kp)
-      plgpu.copy_gmem_to_smem(head_page(k_ref, k_block(kp)),
+      plgpu.copy_gmem_to_smem(head_page(it, k_ref, k_block(it, kp)),
                               sc.k.at[slot], bars.k.at[slot])
 
-    def refill_k(kp):
-      """K position kp + k_stages into kp's slot once it is free."""
+    def item(r, used):
+      """Round r's K stream. used: the K slots earlier rounds took (a
+      slot's last release is awaited before its next copy)."""
+      kv_len = control_word(read_params(), 0)
+      next_round(r, issue_params)   # (kv_len is all this one reads)
+      it = item_view(r, kv_len)
+      if it.table is not None:
+        copy_table(r, it)
+      n_k, n = it.n_k, it.n
+      if persistent:
+        @pl.loop(0, n_k)
+        def _stream(kp):
+          @pl.when((kp >= k_stages) | (k_slot(kp) < used))
+          def _():
+            plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
+          issue_k(it, kp)
+        return jnp.maximum(used, jnp.minimum(n_k, k_stages))
 
-      @pl.when(kp + k_stages < n_k)
-      def _():
-        plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
-        issue_k(kp + k_stages)
+      def refill_k(kp):
+        """K position kp + k_stages into kp's slot once it is free."""
 
-    for i in range(k_stages):
-      pl.when(i < n_k)(functools.partial(issue_k, jnp.int32(i)))
-
-    if compute_issues_v:   # K only: each slot refilled as soon as it frees
-      pl.loop(0, n_k)(refill_k)
-    else:
-      @pl.loop(0, n_anchor)
-      def _anchors(kp):
-        refill_k(kp)
-
-      @pl.loop(0, n)
-      def _stream(vp):
-        slot = v_slot(vp)
-
-        @pl.when(vp >= v_stages)
+        @pl.when(kp + k_stages < n_k)
         def _():
-          plgpu.barrier_wait(bars.v_free.at[slot])
+          plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
+          issue_k(it, kp + k_stages)
 
-        if skip_enabled:   # V once the block is kept; else an empty phase.
-          # The vote of block vp is read before K of block vp + k_stages is
-          # issued: its writer cannot overwrite the vote slot too early.
-          vote = k_slot(vp)
-          plgpu.barrier_wait(bars.votes.at[vote])
-          pl.when(sc.votes[vote] != 0)(lambda: issue_v(vp))
-          pl.when(sc.votes[vote] == 0)(
-              lambda: plgpu.barrier_arrive(bars.v.at[slot]))
-        else:
-          issue_v(vp)
+      for i in range(k_stages):
+        pl.when(i < n_k)(functools.partial(issue_k, it, jnp.int32(i)))
 
-        refill_k(vp + n_anchor)
+      if compute_issues_v:   # K only: each slot refilled as soon as it frees
+        pl.loop(0, n_k)(refill_k)
+      else:
+        @pl.loop(0, it.n_anchor)
+        def _anchors(kp):
+          refill_k(kp)
 
-    # Observe the last releases, so every phase is seen before exit.
-    @pl.loop(jnp.maximum(n_k - k_stages, 0), n_k)
-    def _drain_k(kp):
-      plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
+        @pl.loop(0, n)
+        def _stream(vp):
+          slot = v_slot(vp)
 
-    if not compute_issues_v:
-      @pl.loop(jnp.maximum(n - v_stages, 0), n)
-      def _drain_v(vp):
-        plgpu.barrier_wait(bars.v_free.at[v_slot(vp)])
+          @pl.when(vp >= v_stages)
+          def _():
+            plgpu.barrier_wait(bars.v_free.at[slot])
 
-    if merged_refs is not None and not local_merge:
-      pl.when(split == num_splits - 1)(load_partials)
+          if skip_enabled:   # V once the block is kept; else an empty
+            # phase. The vote of block vp is read before K of block
+            # vp + k_stages is issued: its writer cannot overwrite the
+            # vote slot too early.
+            vote = k_slot(vp)
+            plgpu.barrier_wait(bars.votes.at[vote])
+            pl.when(sc.votes[vote] != 0)(lambda: issue_v(it, vp))
+            pl.when(sc.votes[vote] == 0)(
+                lambda: plgpu.barrier_arrive(bars.v.at[slot]))
+          else:
+            issue_v(it, vp)
+
+          refill_k(vp + it.n_anchor)
+
+      # Observe the last releases, so every phase is seen before exit.
+      @pl.loop(jnp.maximum(n_k - k_stages, 0), n_k)
+      def _drain_k(kp):
+        plgpu.barrier_wait(bars.k_free.at[k_slot(kp)])
+
+      if not compute_issues_v:
+        @pl.loop(jnp.maximum(n - v_stages, 0), n)
+        def _drain_v(vp):
+          plgpu.barrier_wait(bars.v_free.at[v_slot(vp)])
+
+      if merged_refs is not None and not local_merge:
+        pl.when(it.split == num_splits - 1)(lambda: load_partials(it))
+      return used
+
+    used = over_rounds(item, jnp.int32(0))
+    if persistent:   # every slot's last release, every table buffer's
+      for slot in range(k_stages):
+        pl.when(slot < used)(
+            lambda slot=slot: plgpu.barrier_wait(bars.k_free.at[slot]))
+      if sc.table is not None:
+        for back in (2, 1):   # the last two rounds', in order
+          r = n_rounds - back
+          pl.when(r >= 0)(lambda r=r: plgpu.barrier_wait(
+              bars.table_free.at[lax.rem(r, 2)]))
 
 
 _STATIC = ("group", "sm_scale", "num_splits", "max_mode", "config",
@@ -1435,16 +1690,20 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   parts = num_splits * n_wgs
   out_shape = (d, rows) if transposed else (rows, d)
   # The merge ring takes the K ring's bytes (free by then), up to
-  # MERGE_SLOTS partial tiles.
+  # MERGE_SLOTS partial tiles; a persistent kernel's has its own.
   page_bytes = block_kv * d * jnp.dtype(k_pages.dtype).itemsize
   tile_bytes = rows * d * 4
-  merge_slots = max(1, min(MERGE_SLOTS, parts,
-                           max(k_stages * page_bytes, n_wgs * tile_bytes)
-                           // tile_bytes))
+  persistent = config.programs is not None
+  merge_slots = merge_ring_slots(parts, rows, d, k_stages * page_bytes,
+                                 v_stages * page_bytes, n_wgs, persistent)
   # On a GPU the other splits signal the merging one through a semaphore
   # per (sequence, KV head); Pallas' interpreter runs the grid in order,
   # so there the last split finds the others' partials written.
   use_semaphore = merge and num_splits > 1 and interpret is None
+  programs = (persistent_programs(config.programs, b * hkv * num_splits,
+                                  num_splits if merge else 1,
+                                  interpret is not None)
+              if persistent else None)
   # Inside a shard_map that tracks varying axes (check_vma), a Ref that
   # varies cannot enter the kernel: the semaphores come from pl.get_global.
   axis_type = getattr(jax.typeof(ctrl), "manual_axis_type", None)
@@ -1484,23 +1743,29 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                      transforms=swizzled(2, block_kv))
     else:
       p = None
+    k_ring = plgpu.SMEM((k_stages, block_kv, d), page_dtype,
+                        transforms=page_swizzle)
+    v_ring = plgpu.SMEM((v_stages, block_kv, d), page_dtype,
+                        transforms=page_swizzle)
+    out_tiles = plgpu.SMEM((n_wgs, *out_shape), jnp.float32)
+    merge_tiles = plgpu.SMEM((merge_slots, *out_shape), jnp.float32)
+    merge_rest = (plgpu.SMEM((rows, d), out_dtype),
+                  plgpu.SMEM((merge_slots, merge_stat_rows(rows), rows),
+                             jnp.float32),
+                  plgpu.SMEM((merge_slots, SLOT), jnp.int32))
+    if persistent:   # the K ring streams the next round meanwhile: all
+      # over the V ring
+      rings = dict(k=k_ring, v=plgpu.RefUnion(
+          v_ring, (out_tiles, merge_tiles, *merge_rest)))
+    else:
+      rings = dict(k=plgpu.RefUnion(k_ring, out_tiles, merge_tiles),
+                   v=plgpu.RefUnion(v_ring, merge_rest))
     scratch = _Scratch(
         q=plgpu.SMEM((rows, d), dtype, transforms=swizzled(2)),
-        k=plgpu.RefUnion(
-            plgpu.SMEM((k_stages, block_kv, d), page_dtype,
-                       transforms=page_swizzle),
-            plgpu.SMEM((n_wgs, *out_shape), jnp.float32),
-            plgpu.SMEM((merge_slots, *out_shape), jnp.float32)),
-        out=None,
-        v=plgpu.RefUnion(
-            plgpu.SMEM((v_stages, block_kv, d), page_dtype,
-                       transforms=page_swizzle),
-            (plgpu.SMEM((rows, d), out_dtype),
-             plgpu.SMEM((merge_slots, merge_stat_rows(rows), rows),
-                        jnp.float32),
-             plgpu.SMEM((merge_slots, SLOT), jnp.int32))),
+        out=None, **rings,
         table=(None if contiguous
-               else plgpu.SMEM((table_pages // TABLE_ROW, TABLE_ROW),
+               else plgpu.SMEM((2 if persistent else 1,
+                                table_pages // TABLE_ROW, TABLE_ROW),
                                jnp.int32)),
         params=plgpu.SMEM((n_wgs + 1, CONTROL_HALVES), dtype),
         votes=(None if config.compute_issues_v
@@ -1518,10 +1783,13 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
         colred=(plgpu.SMEM((n_wgs, mosaic_vote.column_scratch_words(rows)),
                            jnp.float32) if transposed else None),
         merge_acc=None, merge_ml=None, merge_stats=None, staged=None)
+    two = dict(num_barriers=2) if persistent else {}   # buffers
     barriers = _Barriers(
         q=plgpu.Barrier(),
         table=(None if contiguous else plgpu.Barrier(
-            num_arrivals=1 + anchor_rows)),
+            num_arrivals=1 + anchor_rows, **two)),
+        table_free=(plgpu.Barrier(num_arrivals=n_wgs, num_barriers=2)
+                    if persistent and not contiguous else None),
         params=plgpu.Barrier(num_barriers=n_wgs + 1),
         k=plgpu.Barrier(num_barriers=k_stages),
         k_free=plgpu.Barrier(num_barriers=k_stages),
@@ -1532,21 +1800,29 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                else plgpu.Barrier(num_barriers=k_stages)),
         handoff=plgpu.Barrier(num_barriers=hand_over_slots(config)),
         done=plgpu.Barrier(num_arrivals=n_wgs),
+        ring_free=(plgpu.Barrier(num_arrivals=n_wgs) if persistent
+                   else None),
         rows=plgpu.Barrier() if given else None,
         written=plgpu.Barrier(num_arrivals=n_wgs) if merge else None,
         merged=(tuple(plgpu.Barrier(num_barriers=merge_slots)
                       for _ in range(3)) if merge else None),
         merge_free=(plgpu.Barrier(num_barriers=merge_slots)
-                    if merge else None))
+                    if merge and not persistent else None))
 
     def body(sc, bars):
-      k_ring, out_tiles, merge_tiles = sc.k
-      v_ring, (staged, merge_ml, merge_stats) = sc.v
+      if persistent:   # the unions' views
+        k_ring = sc.k
+        v_ring, (out_tiles, merge_tiles, staged, merge_ml, merge_stats) = (
+            sc.v)
+      else:
+        k_ring, out_tiles, merge_tiles = sc.k
+        v_ring, (staged, merge_ml, merge_stats) = sc.v
       if merge:
         sc = sc._replace(merge_acc=merge_tiles, merge_ml=merge_ml,
                          merge_stats=merge_stats, staged=staged)
       sc = sc._replace(k=k_ring, out=out_tiles, v=v_ring)
-      _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref, acc_ref, ml_ref, stats_ref, merged_refs, sem,
+      _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref, acc_ref, ml_ref,
+              stats_ref, merged_refs, sem,
               sc, bars, sm_scale=sm_scale,
               block_kv=block_kv, head_dim=d, dtype=dtype, group=g,
               num_splits=num_splits, skip_enabled=skip_enabled,
@@ -1561,7 +1837,8 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               fp8_k_registers=(on_for_fp8(config.fp8_k_in_registers, fp8)
                                and transposed),
               ahead=ahead, window=window, anchor_rows=anchor_rows,
-              heads_first=heads_first, interpret=interpret is not None)
+              heads_first=heads_first, programs=programs,
+              interpret=interpret is not None)
 
     pl.run_scoped(body, scratch, barriers, collective_axes="wg")
 
@@ -1576,8 +1853,9 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   return plgpu.kernel(
       blasst_decode_mosaic,
       out_type=out_type,
-      grid=(num_splits, hkv, b),
-      grid_names=("split", "kv_heads", "batch"),
+      grid=(num_splits, hkv, b) if programs is None else (programs,),
+      grid_names=(("split", "kv_heads", "batch") if programs is None
+                  else ("program",)),
       num_threads=n_wgs + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(

@@ -373,15 +373,14 @@ def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
 # after another, so a merge that reads other programs' partials is not
 # race-checked). (programs, splits, merged, λ, max mode, config): one
 # program walking every item, dense with two warpgroups (whose V ring,
-# under the last item's output and merge buffers, must wait for both) and
-# skipping with one; programs with a partial each, handing block maxima;
+# under the last item's output and merge buffers, must wait for both);
+# programs with a partial each, handing block maxima;
 # the merge over programs; one split, merged in shared memory; and a
 # windowed page table (`TABLE_ROW` 2), split max mode.
 @pytest.mark.parametrize("programs,num_splits,merged,threshold,max_mode,"
                          "stages", [
     (1, 3, True, 0.0, "anchored", dict(compute_wgs=2, k_stages=2,
                                        v_stages=4)),
-    (1, 3, True, 1e-2, "anchored", dict()),
     (3, 3, False, 1e-2, "anchored", dict(hand_over_block_max=True,
                                          compute_wgs=2, k_stages=2,
                                          v_stages=4)),
@@ -567,6 +566,24 @@ def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
   assert decode_mosaic.shared_memory_bytes(
       d, block_kv, 64, k_stages, v_stages, fp8=fp8,
       compute_wgs=n_wgs, cols=cols) <= decode_mosaic.MAX_SHARED_MEMORY
+
+
+# The persistent kernel's output and merge buffers go over the V ring and
+# its table is held twice: the default rings stay.
+@pytest.mark.parametrize("d,block_kv,fp8,group", [
+    (128, 128, False, 4), (128, 64, False, 4), (128, 128, True, 4),
+    (64, 64, False, 3), (64, 64, True, 3), (256, 64, False, 4),
+    (128, 64, False, 64)])
+def test_persistent_kernel_keeps_the_default_rings(d, block_kv, fp8, group):
+  persistent = decode_mosaic.MosaicDecodeConfig(programs=132)
+  for pages in (0, 96):   # a contiguous cache, 3 table rows held
+    rings = decode_mosaic.pipeline(persistent, d, block_kv, pages, fp8,
+                                   group)
+    assert rings == decode_mosaic.pipeline(
+        decode_mosaic.MosaicDecodeConfig(), d, block_kv, pages, fp8, group)
+    assert decode_mosaic.config_bytes(
+        persistent, d, block_kv, pages, fp8, group,
+        *rings) <= decode_mosaic.MAX_SHARED_MEMORY
 
 
 @pytest.mark.parametrize("d,block_kv,issue,want", [
@@ -803,14 +820,12 @@ def test_64_row_build_lowers_for_cuda(d, block_kv, group, skip, cache):
   assert "mosaic_gpu" in lowered.as_text()
 
 
-# Persistent: FP8 (registers handed over), a windowed table, a contiguous
-# cache from an initial max, dense at head_dim 64.
+# Persistent (interpret mode has no register operands nor `setmaxnreg`):
+# FP8, the registers handed over; a contiguous cache from an initial max.
 @pytest.mark.parametrize("d,block_kv,group,skip,cache,kwargs", [
     (128, 128, 4, True, jnp.float8_e4m3fn, dict()),
-    (128, 64, 4, True, jnp.bfloat16, dict(per_seq=4096)),
     (128, 64, 8, True, jnp.bfloat16, dict(contiguous=True,
-                                          initial_max=True)),
-    (64, 64, 3, False, jnp.bfloat16, dict())])
+                                          initial_max=True))])
 def test_persistent_kernel_lowers_for_cuda(d, block_kv, group, skip, cache,
                                            kwargs):
   lowered = lower_decode(d, block_kv, group, skip, "anchored", cache,

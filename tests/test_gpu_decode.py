@@ -321,8 +321,9 @@ def test_heads_first_pages_match_nhd_pages(fp8, threshold):
 # A persistent kernel moves the items onto fewer programs, not the
 # arithmetic: outputs and counts equal the grid's bit for bit. (programs,
 # splits): a program per SM over the default splits; 7 programs over 16
-# splits (rounds, and merges waiting on programs that run later rounds);
-# one program walking every item; one split (merged in shared memory).
+# splits (rounds of items, each merge waiting for splits other programs
+# run); one program walking every item; one split (merged in shared
+# memory).
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("programs,num_splits", [

@@ -230,18 +230,18 @@ class MosaicDecodeConfig:
       anyway inside a `shard_map` with `check_vma=True`, which admits no
       varying Ref into the kernel. Under `jax.vmap` these semaphores are
       shared by the mapped calls, so do not vmap this build.)
-    programs: a persistent kernel of this many programs (at most the
-      GPU's SMs: a merging program waits for the others' partials, so
-      every program must be resident at once; more are cut to the
-      items). The (sequence, KV head, split) items, split-minor, go
-      round-robin: program p takes items p, p + P, p + 2 P, ..., its
-      memory warpgroup streaming the next item's K pages while the
-      compute warpgroups finish the current one, so finer splits (more
-      items than SMs) cost no program start. The output tiles and the
-      merge's buffers get their own shared memory (they reuse the rings
-      otherwise), and the merging warpgroup loads the partials itself.
-      Needs `transposed` and `compute_issues_v`. None: a program per item
-      (one grid point each).
+    programs: a persistent kernel of this many programs (a merging
+      program waits for the others' partials, so every program must be
+      resident at once: more are cut to the GPU's SMs, where jax reports
+      them, and to the items). The (sequence, KV head, split) items,
+      split-minor, go round-robin: program p takes items p, p + P,
+      p + 2 P, ..., its memory warpgroup streaming the next item's K pages
+      while the compute warpgroups finish the current one, so finer splits
+      (more items than SMs) cost no program start. The output tiles and
+      the merge's buffers move from the K ring to the V ring (the K ring
+      streams on meanwhile), and the merging warpgroup loads the partials
+      itself. Needs `transposed` and `compute_issues_v`. None: a program
+      per item (one grid point each).
   """
 
   k_stages: int | None = None
@@ -387,9 +387,9 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
   `cols`: the transposed build's query columns (`query_tile`), whose Pᵀ
   tiles (`p_slots` a warpgroup) and column-reduction scratch add to it; None:
   the 64-row build. `merge`: the in-kernel merge, whose buffers reuse the
-  K ring (its tiles) and the V ring (`merge_bytes`). `persistent`: the
-  output tiles, the merge's buffers and a second page table of their own
-  (`MosaicDecodeConfig.programs`)."""
+  K ring (its tiles) and the V ring (`merge_bytes`). `persistent`
+  (`MosaicDecodeConfig.programs`): the output tiles and the merge's
+  buffers over the V ring, and a second page table."""
   rows = ROWS if cols is None else cols
   page = block_kv * head_dim * (1 if fp8 else itemsize)
   wide = compute_wgs * block_kv * head_dim * 2 if fp8 else 0
@@ -405,7 +405,7 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
     k_ring = k_stages * page
     v_ring = max(v_stages * page, out_tiles + (
         _aligned(slots * rows * head_dim * 4)
-        + merge_bytes(rows, head_dim) if merge else 0))
+        + merge_bytes(rows, head_dim, slots) if merge else 0))
     table *= 2
   else:
     k_ring = max(k_stages * page, out_tiles)
@@ -1106,9 +1106,6 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       it = item_view(r, kv_len)
       start, n, n_anchor = it.start, it.n, it.n_anchor
       plgpu.barrier_wait(bars.q)
-      if persistent:   # the V ring, under the last round's output and
-        # merge buffers, is free once both warpgroups are done with them
-        pl.when(r > 0)(lambda: plgpu.barrier_wait(bars.ring_free))
       if compute_issues_v and it.table is not None:   # the pages of the V
         plgpu.barrier_wait(it.table_bar)              # copies it issues
 
@@ -1313,6 +1310,9 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         return (acc, l, m_acc, m, n_skipped + 1 - keep.astype(jnp.int32),
                 (*pending[1:], (p16, p_sum, m, keep)))
 
+      if persistent:   # the V ring, under the last round's output and
+        # merge buffers, takes V copies once both warpgroups are done there
+        pl.when(r > 0)(lambda: plgpu.barrier_wait(bars.ring_free))
       n_mine = lax.div(jnp.maximum(n - w + n_wgs - 1, 0), n_wgs)
       acc = plgpu.layout_cast(jnp.zeros(acc_shape, jnp.float32),
                               plgpu.Layout.WGMMA)
@@ -1339,7 +1339,8 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       # Every K copy has been read (by both warpgroups): the output tiles
       # reuse the K ring (persistent: the V ring, which no V copy of the
       # next round enters before `ring_free`; the next round's query and
-      # control rows may be copied in, its table buffer refilled).
+      # control rows may be copied in, and its table buffer refilled for
+      # the round after next).
       if n_wgs > 1:
         plgpu.barrier_arrive(bars.done)
         plgpu.barrier_wait(bars.done)
@@ -1690,7 +1691,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   parts = num_splits * n_wgs
   out_shape = (d, rows) if transposed else (rows, d)
   # The merge ring takes the K ring's bytes (free by then), up to
-  # MERGE_SLOTS partial tiles; a persistent kernel's has its own.
+  # MERGE_SLOTS partial tiles; a persistent kernel's the V ring's.
   page_bytes = block_kv * d * jnp.dtype(k_pages.dtype).itemsize
   tile_bytes = rows * d * 4
   persistent = config.programs is not None
@@ -1753,13 +1754,15 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                   plgpu.SMEM((merge_slots, merge_stat_rows(rows), rows),
                              jnp.float32),
                   plgpu.SMEM((merge_slots, SLOT), jnp.int32))
-    if persistent:   # the K ring streams the next round meanwhile: all
-      # over the V ring
-      rings = dict(k=k_ring, v=plgpu.RefUnion(
-          v_ring, (out_tiles, merge_tiles, *merge_rest)))
+    # What ends an item: the output tiles, and the merge's buffers only
+    # where it runs. Over the (by then read) K ring and V ring; persistent,
+    # all over the V ring, as the K ring streams the next item meanwhile.
+    ends = (out_tiles, *((merge_tiles, *merge_rest) if merge else ()))
+    if persistent:
+      rings = dict(k=k_ring, v=plgpu.RefUnion(v_ring, ends))
     else:
-      rings = dict(k=plgpu.RefUnion(k_ring, out_tiles, merge_tiles),
-                   v=plgpu.RefUnion(v_ring, merge_rest))
+      rings = dict(k=plgpu.RefUnion(k_ring, *ends[:2]),
+                   v=plgpu.RefUnion(v_ring, ends[2:]) if merge else v_ring)
     scratch = _Scratch(
         q=plgpu.SMEM((rows, d), dtype, transforms=swizzled(2)),
         out=None, **rings,
@@ -1811,13 +1814,15 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
 
     def body(sc, bars):
       if persistent:   # the unions' views
-        k_ring = sc.k
-        v_ring, (out_tiles, merge_tiles, staged, merge_ml, merge_stats) = (
-            sc.v)
+        k_ring, (v_ring, ends) = sc.k, sc.v
       else:
-        k_ring, out_tiles, merge_tiles = sc.k
-        v_ring, (staged, merge_ml, merge_stats) = sc.v
+        (k_ring, *ends), v_ring = sc.k, sc.v
+        if merge:
+          v_ring, rest = v_ring
+          ends += list(rest)
+      out_tiles, *merge_ends = ends
       if merge:
+        merge_tiles, staged, merge_ml, merge_stats = merge_ends
         sc = sc._replace(merge_acc=merge_tiles, merge_ml=merge_ml,
                          merge_stats=merge_stats, staged=staged)
       sc = sc._replace(k=k_ring, out=out_tiles, v=v_ring)

@@ -350,4 +350,7 @@ def test_persistent_kernel_matches_the_grid(programs, num_splits, paged,
             bj.paged_decode_attention(q, k, v, table, lengths, **call)
             if paged else
             bj.decode_attention(q, k, v, lengths, block_kv=128, **call))
-      assert_same_results(*results, skipping=threshold > 0)
+      # (Many splits skip little here: 2-7 % with 16.)
+      assert_same_results(*results, skipping=False)
+      if threshold > 0:
+        assert int(jnp.sum(results[1][1].skipped_blocks)) > 0

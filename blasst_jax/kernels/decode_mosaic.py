@@ -398,6 +398,7 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
       _aligned(compute_wgs * p_slots * cols * block_kv * itemsize)
       + _aligned(compute_wgs * 4 * mosaic_vote.column_scratch_words(cols)))
   out_tiles = _aligned(compute_wgs * rows * head_dim * 4)
+  small = SMALL_BUFFERS
   if persistent:   # everything that ends an item over the V ring; two
     # tables
     slots = merge_ring_slots(None, rows, head_dim, 0, v_stages * page,
@@ -407,6 +408,7 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
         _aligned(slots * rows * head_dim * 4)
         + merge_bytes(rows, head_dim, slots) if merge else 0))
     table *= 2
+    small += 1   # the merge's ticket
   else:
     k_ring = max(k_stages * page, out_tiles)
     v_ring = max(v_stages * page,
@@ -414,7 +416,7 @@ def shared_memory_bytes(head_dim, block_kv, pages_per_seq, k_stages,
   return (_aligned(rows * head_dim * itemsize)
           + k_ring + v_ring + wide + _aligned(table) + transposed
           + _aligned(handoff_slots * rows * 4)
-          + SMALL_BUFFERS * SMEM_ALIGNMENT)
+          + small * SMEM_ALIGNMENT)
 
 
 def config_bytes(config, head_dim, block_kv, pages_per_seq, fp8, group,
@@ -600,6 +602,9 @@ class _Scratch(NamedTuple):
                     # and row sums (row 1)
   merge_stats: Any  # int32 [S, SLOT] their block counts
   staged: Any       # [R, d] the output rows in the output dtype
+  ticket: Any       # persistent, on a GPU: int32 [SLOT], word 0 the
+                    # item's place among its splits to finish
+                    # (`mosaic_merge.take_ticket`)
 
 
 class _Barriers(NamedTuple):
@@ -881,6 +886,10 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   local_merge = num_splits == 1
   self_load = persistent and not local_merge
   n_parts = num_splits * n_wgs
+  # Persistent, with the control block's counter: the last split to finish
+  # merges (a ticket), so no program waits for another's items; else the
+  # last split waits for the others.
+  ticketed = sc.ticket is not None
 
   def copy_part(it, p):
     """Part p's tile, row statistics and counts into merge slot p % S."""
@@ -906,7 +915,10 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     are, normalized; writes the output rows, their row max and sums, and
     the block counts."""
     if self_load:
-      wait_for_parts(it)
+      if ticketed:   # the ticket ordered every split's partials first
+        mosaic_merge.async_proxy_fence(interpret=interpret)
+      else:
+        wait_for_parts(it)
       for p in range(min(merge_slots, n_parts)):
         copy_part(it, jnp.int32(p))
 
@@ -1374,6 +1386,16 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         return free_ring(carry)
       # The partial is in global memory: tell the merging program.
       mosaic_merge.async_proxy_fence(interpret=interpret)
+      if ticketed:   # both partials stored, warpgroup 0 takes the ticket
+        plgpu.barrier_arrive(bars.written)
+
+        @pl.when(w == 0)
+        def _():
+          plgpu.barrier_wait(bars.written)
+          mosaic_merge.take_ticket(item_semaphore(it), sc.ticket, num_splits)
+          pl.when(sc.ticket[0] == num_splits - 1)(
+              lambda: merge_splits(it, *merged_refs))
+        return free_ring(carry)
       merger = it.split == num_splits - 1
       if sem is not None:
         pl.when(~merger)(lambda: merge_signal(it))
@@ -1785,7 +1807,9 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               else None),
         colred=(plgpu.SMEM((n_wgs, mosaic_vote.column_scratch_words(rows)),
                            jnp.float32) if transposed else None),
-        merge_acc=None, merge_ml=None, merge_stats=None, staged=None)
+        merge_acc=None, merge_ml=None, merge_stats=None, staged=None,
+        ticket=(plgpu.SMEM((SLOT,), jnp.int32)
+                if persistent and control_semaphore else None))
     two = dict(num_barriers=2) if persistent else {}   # buffers
     barriers = _Barriers(
         q=plgpu.Barrier(),

@@ -9,7 +9,8 @@ issues on both sides.
 `semaphore_signal` and `semaphore_wait` do what Pallas' semaphore
 primitives do, on a 32-bit word of an ordinary input (the control block's)
 instead of a `pl.get_global` semaphore, which an XLA kernel zeroes before
-every call. `warpgroup_barrier` is a barrier of the warpgroup's threads.
+every call; `take_ticket` counts on such a word, so that the last of the
+splits to finish, whichever it is, merges them (nobody waits). `warpgroup_barrier` is a barrier of the warpgroup's threads.
 `transpose_cast` turns the transposed build's merged [head_dim, N] f32 tile
 into the [N, head_dim] rows of the output (each of the warpgroup's threads
 moves whole elements, so no layout of Mosaic's is needed for it).
@@ -97,6 +98,34 @@ def semaphore_signal(ref) -> None:
   does for a semaphore of `pl.get_global`, on a word of an input (so no
   kernel zeroes it before the call). GPU only."""
   plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))(_semaphore_signal)(ref)
+
+
+def take_ticket(ref, ticket_ref, count: int) -> None:
+  """Adds 1 to the 32-bit counter at `ref` (as `semaphore_signal`'s: global
+  memory, two 16-bit elements) and writes the count before it to
+  `ticket_ref[0]` (int32, shared memory) for the warpgroup: one thread,
+  acquire and release at GPU scope, so the program that takes ticket
+  `count - 1` (the last of `count`) sees every earlier taker's writes; that
+  one sets the counter back to 0 (no one else adds to it by then). GPU
+  only."""
+  def take(ctx, counter, ticket):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    ptr = mgpu_utils.memref_ptr(counter)
+    mgpu_utils.warpgroup_barrier()   # every thread's part is done
+    with mgpu_utils.single_thread(scope=mgpu_utils.ThreadSubset.WARPGROUP):
+      before = mgpu_utils.inline_ptx(
+          "atom.acq_rel.gpu.global.add.u32 $0, [$1], $2;", ptr,
+          mgpu_utils.c(1, i32), result_types=i32, has_side_effects=True)
+      last = arith.cmpi(arith.CmpIPredicate.eq, before,
+                        mgpu_utils.c(count - 1, i32))
+      mgpu_utils.inline_ptx("st.relaxed.gpu.global.u32 [$0], $1;", ptr,
+                            mgpu_utils.c(0, i32), predicate=last,
+                            has_side_effects=True)
+      memref.store(before, ticket, [mgpu_utils.c(0, ir.IndexType.get())])
+    mgpu_utils.warpgroup_barrier()   # the ticket, for every thread
+  plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))(take)(
+      ref, ticket_ref)
 
 
 def semaphore_wait(ref, count: int) -> None:

@@ -90,9 +90,12 @@ streams the next item's K pages into the ring as soon as its slots free
 in two buffers, one per round's parity; the compute warpgroups copy the
 next item's control rows and query tile once they have read their last
 K page, and write their output, and merge, over the V ring, which no V
-copy of the next item enters until both are done (`ring_free`). The
-merging warpgroup loads the partials itself, so that its memory
-warpgroup streams on. Finer splits then cost no program start and end.
+copy of the next item enters until both are done (`ring_free`). On a GPU
+the split that finishes last merges (`mosaic_merge.take_ticket` on the
+control block's word), so no program waits for another's items (a waiting
+merge held up every later item of its program); its first warpgroup loads
+the partials itself, so that its memory warpgroup streams on. Finer splits
+then cost no program start and end.
 
 Options that only move work in time or place, built for measurement
 (`MosaicDecodeConfig`): `hand_over_block_max` (the two compute warpgroups
@@ -239,9 +242,10 @@ class MosaicDecodeConfig:
       while the compute warpgroups finish the current one, so finer splits
       (more items than SMs) cost no program start. The output tiles and
       the merge's buffers move from the K ring to the V ring (the K ring
-      streams on meanwhile), and the merging warpgroup loads the partials
-      itself. Needs `transposed` and `compute_issues_v`. None: a program
-      per item (one grid point each).
+      streams on meanwhile), and the split that finishes last merges,
+      loading the partials itself (with `global_semaphores`, the last
+      split waits for the others, as in the grid). Needs `transposed` and
+      `compute_issues_v`. None: a program per item (one grid point each).
   """
 
   k_stages: int | None = None

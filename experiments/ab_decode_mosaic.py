@@ -42,7 +42,9 @@ four times: skipping leaves the programs of diffuse heads most of the V
 bytes, and programs in several waves let the block scheduler even the load)
 "persistent" (a persistent kernel of a program per SM walking the
 items, `MosaicDecodeConfig.programs`, over splits that fill the SMs once,
-twice and four times, beside the grid of one and four waves) and
+twice and four times, beside the grid of one and four waves),
+"persistent_probe" (what the persistent kernel's further rounds cost:
+without the in-kernel merge, with pages of 64 keys and a deeper K ring) and
 "semaphores" (the merge's semaphores in the control block, or from
 `pl.get_global`, which adds the XLA kernel that zeroes them before every
 call).
@@ -161,6 +163,17 @@ BUILDS = {
         "P 1 wave": (None, Config(programs=SMS)),
         "P 2 waves": (None, Config(programs=SMS), {"waves": 2}),
         "P 4 waves": (None, Config(programs=SMS), {"waves": 4}),
+    },
+    "persistent_probe": {
+        "1 wave": (None, Config()),
+        "P 1 wave": (None, Config(programs=SMS)),
+        "P 4 waves": (None, Config(programs=SMS), {"waves": 4}),
+        "P 4 waves, XLA merge": (None, Config(programs=SMS,
+                                              merge_in_kernel=False),
+                                 {"waves": 4}),
+        "4 waves, XLA merge": (None, Config(merge_in_kernel=False),
+                               {"waves": 4}),
+        "P 4 waves p64": (64, Config(programs=SMS), {"waves": 4}),
     },
     "semaphores": {
         "control block": (None, Config()),

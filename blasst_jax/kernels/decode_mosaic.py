@@ -1362,13 +1362,22 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         plgpu.barrier_wait(bars.done)
       next_round(r, issue_params, lambda r: pl.when(w == 0)(
           lambda: issue_query(r)))
-      if persistent:
-        if it.table is not None:
-          plgpu.barrier_arrive(bars.table_free.at[lax.rem(r, 2)])
+      if persistent and it.table is not None:
+        plgpu.barrier_arrive(bars.table_free.at[lax.rem(r, 2)])
       if transposed:   # the row sums' per-thread partials, summed
         l = key_reduce(l, "add")
+      write_partial(it, acc if v_scale is None else acc * v_scale, m_acc,
+                    l, n_skipped, n_mine)
+      if persistent:   # done with the V ring's output and merge buffers
+        plgpu.barrier_arrive(bars.ring_free)
+      return carry
+
+    def write_partial(it, acc, m_acc, l, n_skipped, n_mine):
+      """This warpgroup's partial of the item, to global memory (merged
+      with one split, kept in shared memory), then the merge where this
+      program does it (stores waited for)."""
       out_tile = sc.out.at[w]
-      out_tile[...] = acc if v_scale is None else acc * v_scale
+      out_tile[...] = acc
       sc.ml.at[w, 0][...] = m_acc
       sc.ml.at[w, 1][...] = l
       sc.stats[w, 0] = n_skipped
@@ -1377,7 +1386,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       if merged_refs is not None and local_merge:
         plgpu.barrier_arrive(bars.written)
         pl.when(w == 0)(lambda: merge_splits(it, *merged_refs))
-        return free_ring(carry)
+        return
       part = it.split * n_wgs + w
       plgpu.copy_smem_to_gmem(out_tile,
                               acc_ref.at[it.batch, it.kv_head, part])
@@ -1387,7 +1396,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
                               stats_ref.at[it.batch, it.kv_head, part])
       plgpu.wait_smem_to_gmem(0)
       if merged_refs is None:
-        return free_ring(carry)
+        return
       # The partial is in global memory: tell the merging program.
       mosaic_merge.async_proxy_fence(interpret=interpret)
       if ticketed:   # both partials stored, warpgroup 0 takes the ticket
@@ -1399,20 +1408,12 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
           mosaic_merge.take_ticket(item_semaphore(it), sc.ticket, num_splits)
           pl.when(sc.ticket[0] == num_splits - 1)(
               lambda: merge_splits(it, *merged_refs))
-        return free_ring(carry)
+        return
       merger = it.split == num_splits - 1
       if sem is not None:
         pl.when(~merger)(lambda: merge_signal(it))
       pl.when(merger)(lambda: plgpu.barrier_arrive(bars.written))
       pl.when(merger & (w == 0))(lambda: merge_splits(it, *merged_refs))
-      return free_ring(carry)
-
-    def free_ring(carry):
-      """Persistent: this warpgroup is done with the V ring's output and
-      merge buffers (its stores waited for)."""
-      if persistent:
-        plgpu.barrier_arrive(bars.ring_free)
-      return carry
 
     over_rounds(item, ())
     if persistent:   # the last round's

@@ -10,7 +10,8 @@ issues on both sides.
 primitives do, on a 32-bit word of an ordinary input (the control block's)
 instead of a `pl.get_global` semaphore, which an XLA kernel zeroes before
 every call; `take_ticket` counts on such a word, so that the last of the
-splits to finish, whichever it is, merges them (nobody waits). `warpgroup_barrier` is a barrier of the warpgroup's threads.
+splits to finish, whichever it is, merges them (nobody waits).
+`warpgroup_barrier` is a barrier of the warpgroup's threads.
 `transpose_cast` turns the transposed build's merged [head_dim, N] f32 tile
 into the [N, head_dim] rows of the output (each of the warpgroup's threads
 moves whole elements, so no layout of Mosaic's is needed for it).

@@ -17,6 +17,8 @@ under
         experiments.profile_decode --batch=8 --seq_len=32768
 
 for every kernel of a call (the query's fusion before it, the stats after).
+With `--trace`, the GPU's own timeline of 20 queued calls (`jax.profiler`):
+each kernel's duration, the gap before it and the period of a call.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import blasst_jax as bj
 from blasst_jax import patterns
 from blasst_jax import testing
+from experiments import gpu_timeline
 
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 131072, "Cache length (all full).")
@@ -45,6 +48,9 @@ _STATS = flags.DEFINE_bool(
     "stats", True, "The profiled and timed call returns the stats too (a few "
     "small XLA kernels after the kernel); --nostats: the output alone, as "
     "the study times it (the sparsity printed comes from a call before).")
+_TRACE = flags.DEFINE_bool(
+    "trace", False, "Also print the GPU timeline of 20 queued calls: each "
+    "kernel's median duration and the gap before it (jax.profiler).")
 
 
 def main(argv):
@@ -78,6 +84,11 @@ def main(argv):
                                         reps=10)
       wall = f" wall={us:.1f}us"
     print(f"launch: {variant} sparsity={sparsity:.3f}{wall}", flush=True)
+    if _TRACE.value:
+      calls = 20
+      print(gpu_timeline.format_summary(gpu_timeline.summarize(
+          gpu_timeline.kernel_timeline(fn, (q, k, v), calls), calls)),
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -555,3 +555,48 @@ def test_decode_ptxas_reads_the_report_and_captures_file_descriptors():
     os.write(1, b"to stdout ")
     os.write(2, b"to stderr")
   assert out == ["to stdout to stderr"]
+
+
+def test_gpu_timeline_reads_the_busiest_stream_and_splits_the_calls():
+  """`gpu_timeline` keeps the kernels of the GPU stream with the most of
+  them (not the host's events, not a quieter stream), and `summarize` gives
+  each kernel of a call its median duration and gap: random timelines."""
+  from experiments import gpu_timeline  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  durs, gaps = rng.uniform(1, 300, size=3), rng.uniform(0.5, 20, size=3)
+  calls, events, t = 7, [], 0.0
+  for _ in range(calls):
+    for i in range(3):
+      t += gaps[i]
+      events.append(dict(ph="X", pid=2, tid=5, ts=t, dur=durs[i],
+                         name=f"kernel_{i}"))
+      t += durs[i]
+  events += [dict(ph="X", pid=2, tid=6, ts=1.0, dur=2.0, name="memcpy"),
+             dict(ph="X", pid=1, tid=1, ts=0.0, dur=9e3, name="python"),
+             dict(ph="X", pid=1, tid=1, ts=1.0, dur=1.0, name="host")] * 9
+  rng.shuffle(events)
+  meta = [dict(ph="M", pid=2, name="process_name",
+               args=dict(name="/device:GPU:0")),
+          dict(ph="M", pid=1, name="process_name",
+               args=dict(name="/host:CPU")),
+          dict(ph="M", pid=1, tid=1, name="thread_name",
+               args=dict(name="Stream python")),
+          dict(ph="M", pid=2, tid=5, name="thread_name",
+               args=dict(name="Stream #14(Compute)")),
+          dict(ph="M", pid=2, tid=6, name="thread_name",
+               args=dict(name="Stream #15(MemcpyD2D)"))]
+  kernels = gpu_timeline._stream_kernels(  # pylint: disable=protected-access
+      dict(traceEvents=meta + events))
+  assert [k.name for k in kernels] == ["kernel_0", "kernel_1",
+                                       "kernel_2"] * calls
+  summary = gpu_timeline.summarize(kernels, calls)
+  np.testing.assert_allclose([r["dur_us"] for r in summary["kernels"]], durs)
+  np.testing.assert_allclose(
+      [r["gap_before_us"] for r in summary["kernels"]], gaps)
+  np.testing.assert_allclose(summary["period_us"], durs.sum() + gaps.sum())
+  assert "gaps" in gpu_timeline.format_summary(summary)
+  with pytest.raises(ValueError, match="do not split"):
+    gpu_timeline.summarize(kernels[:-1], calls)
+  with pytest.raises(RuntimeError, match="Stream #14"):
+    gpu_timeline._stream_kernels(  # pylint: disable=protected-access
+        dict(traceEvents=meta))

@@ -44,10 +44,15 @@ bytes, and programs in several waves let the block scheduler even the load)
 items, `MosaicDecodeConfig.programs`, over splits that fill the SMs once,
 twice and four times, beside the grid of one and four waves),
 "persistent_probe" (what the persistent kernel's further rounds cost:
-without the in-kernel merge, with pages of 64 keys and a deeper K ring) and
+without the in-kernel merge, with pages of 64 keys and a deeper K ring),
+"parts" (the split-K merge's parts: one a compute warpgroup, or one a split,
+the program's warpgroups combined first, `merge_warpgroups`; at one and four
+waves of splits, and persistent) and
 "semaphores" (the merge's semaphores in the control block, or from
 `pl.get_global`, which adds the XLA kernel that zeroes them before every
 call).
+With `--trace`, each build's GPU timeline too (`gpu_timeline`): the
+kernels' own durations, without the host's start and wait.
 Every build also runs its skip check at λ = 0 ("λ=0 check": the skip
 build, a traced zero) besides the dense build (λ=0); `--fp8` runs them on
 FP8 pages.
@@ -65,6 +70,7 @@ from blasst_jax import patterns
 from blasst_jax import testing
 from blasst_jax.kernels import decode_mosaic
 from blasst_jax.ops.decode import base as decode_base
+from experiments import gpu_timeline
 
 Config = decode_mosaic.MosaicDecodeConfig
 # The persistent builds' programs: an H100's or H200's SMs (fewer SMs cut
@@ -175,6 +181,17 @@ BUILDS = {
                                {"waves": 4}),
         "P 4 waves p64": (64, Config(programs=SMS), {"waves": 4}),
     },
+    "parts": {
+        "a part a wg": (None, Config(merge_warpgroups=False)),
+        "a part a split": (None, Config(merge_warpgroups=True)),
+        "4 waves, a wg": (None, Config(merge_warpgroups=False),
+                          {"waves": 4}),
+        "4 waves, a split": (None, Config(merge_warpgroups=True),
+                             {"waves": 4}),
+        "P 4 waves, a split": (None, Config(programs=SMS,
+                                            merge_warpgroups=True),
+                               {"waves": 4}),
+    },
     "semaphores": {
         "control block": (None, Config()),
         "global semaphores": (None, Config(global_semaphores=True)),
@@ -205,6 +222,10 @@ _SCORES = flags.DEFINE_enum(
 _FP8 = flags.DEFINE_bool(
     "fp8", False, "FP8 (e4m3) pages with per-head scales instead of bf16 "
     "(TB/s-eff still counts the bf16 cache's bytes).")
+_TRACE = flags.DEFINE_bool(
+    "trace", False, "Also print each build's GPU timeline of 20 queued "
+    "calls (jax.profiler): its kernels' median durations and the gaps, so "
+    "that the Mosaic kernel's own time compares without the call's rest.")
 
 
 def main(argv):
@@ -296,6 +317,16 @@ def main(argv):
       print(f"{tag} λ={lam} sparsity {sparsity:.3f} {name:14s} {t:8.1f} us "
             f"(min {min(times[lam, name]):.1f}) "
             f"{dense_bytes / t / 1e6:.2f} TB/s-eff", flush=True)
+    if _TRACE.value:
+      for (lam, name), (fn, _, _) in fns.items():
+        calls = 20
+        summary = gpu_timeline.summarize(
+            gpu_timeline.kernel_timeline(fn, (), calls), calls)
+        longest = max(summary["kernels"], key=lambda r: r["dur_us"])
+        print(f"{tag} λ={lam} {name:14s} timeline: period "
+              f"{summary['period_us']:.1f} us, kernels "
+              f"{summary['busy_us']:.1f} ({len(summary['kernels'])}), the "
+              f"longest {longest['dur_us']:.1f}", flush=True)
 
 
 if __name__ == "__main__":

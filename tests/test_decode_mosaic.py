@@ -98,6 +98,25 @@ def assert_partials_match_oracle(partials, q, k, v, kv_lengths, threshold,
   testing.assert_skips_match(skipped.sum(-1), oracle, threshold, dtype)
 
 
+def test_one_part_a_split_is_race_free_and_matches_oracle():
+  """`merge_warpgroups`: warpgroup 0 joins warpgroup 1's partial (handed
+  over in shared memory, race-checked) and writes one part a split."""
+  q, k, v = testing.DecodeShape(
+      batch=2, q_heads=8, kv_heads=2, max_len=384, head_dim=64).inputs(
+          testing.key_for("decode_mosaic_parts"), dtype=jnp.bfloat16)
+  kv_lengths = jnp.array([384, 161], jnp.int32)
+  pool_k, pool_v, table = testing.paged_cache(k, v, 64)
+  partials, races = run_race_checked(
+      q, pool_k, pool_v, table, kv_lengths, 1e-2, num_splits=3,
+      max_mode="split", config=decode_mosaic.MosaicDecodeConfig(
+          compute_wgs=2, k_stages=2, v_stages=4, merge_warpgroups=True))
+  assert not races, "the race detector found a shared-memory data race"
+  assert partials[0].shape[2] == 3, "one part a split"
+  assert_partials_match_oracle(partials, q, k, v, kv_lengths, 1e-2,
+                               num_splits=3, max_mode="split", group=4)
+  assert int(jnp.sum(partials[3])) > 0
+
+
 # The suite runs the default build (transposed, the compute warpgroups
 # copying V; at head_dim 64 with 64-key pages, one of them); these are the
 # two-warpgroup shapes of it, the 64-row build and the memory warpgroup's
@@ -330,11 +349,18 @@ def test_fp8_k_in_registers_lowers_for_cuda(d, block_kv, group):
 
 # (num_splits, config, merge ring slots): one split merges its two
 # warpgroups' tiles in shared memory (race-checked); more splits stream the
-# parts through the ring, one slot so that every part reuses it.
+# parts through the ring, one slot so that every part reuses it; two
+# warpgroups' partials joined into one part a split (race-checked in
+# `test_race_checked_kernel_matches_oracle`'s partials), or a part each.
+PAIRED = dict(compute_wgs=2, k_stages=2, v_stages=4)
+
+
 @pytest.mark.parametrize("num_splits,stages,slots", [
     (1, dict(), None),
     (1, dict(transposed=False), None),
     (3, dict(), 1),
+    (3, dict(PAIRED, merge_warpgroups=True), 1),
+    (2, PAIRED, 2),
     (2, dict(transposed=False, compute_wgs=1), 1),
     (3, dict(compute_issues_v=False), 1)])
 def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
@@ -880,3 +906,15 @@ def test_default_on_hopper_where_it_runs_the_problem(monkeypatch):
                  dict(kernel_config=decode_triton.DecodeConfig())]:
     assert ops_base.default_op(
         "decode", **{**problem, **change}).name == "pallas_triton", change
+
+
+@pytest.mark.parametrize("merge_in_kernel,programs,cache", [
+    (True, None, jnp.bfloat16), (False, None, jnp.float8_e4m3fn),
+    (True, 132, jnp.bfloat16)])
+def test_one_part_a_split_lowers_for_cuda(merge_in_kernel, programs, cache):
+  lowered = lower_decode(
+      128, 128, 4, True, "anchored", cache,
+      config=decode_mosaic.MosaicDecodeConfig(
+          merge_warpgroups=True, compute_wgs=2,
+          merge_in_kernel=merge_in_kernel, programs=programs))
+  assert "mosaic_gpu" in lowered.as_text()

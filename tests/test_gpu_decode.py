@@ -354,3 +354,34 @@ def test_persistent_kernel_matches_the_grid(programs, num_splits, paged,
       assert_same_results(*results, skipping=False)
       if threshold > 0:
         assert int(jnp.sum(results[1][1].skipped_blocks)) > 0
+
+
+# `merge_warpgroups` changes the order of the merge's sums, not the
+# decisions: counts equal, outputs to rounding. Splits: a few (in the
+# kernel and by XLA), more than the merge ring holds, persistent.
+@pytest.mark.parametrize("merge_in_kernel", [True, False])
+@pytest.mark.parametrize("num_splits,programs", [
+    (3, None), (40, None), (16, 7)])
+def test_one_part_a_split_matches_a_part_a_warpgroup(num_splits, programs,
+                                                     merge_in_kernel):
+  if not bj.api.is_hopper():
+    pytest.skip("needs a Hopper GPU")
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  if programs is not None and not merge_in_kernel:
+    pytest.skip("the persistent build's XLA merge is the grid's")
+  q, k, v, lengths, _ = ragged_cache("gpu_parts", False)
+  results = []
+  for merge_warpgroups in (False, True):
+    config = decode_mosaic.MosaicDecodeConfig(
+        merge_warpgroups=merge_warpgroups, programs=programs,
+        merge_in_kernel=merge_in_kernel)
+    results.append(bj.decode_attention(
+        q, k, v, lengths, threshold=1e-3, num_splits=num_splits,
+        block_kv=128, implementation="pallas_mosaic", return_stats=True,
+        kernel_config=config))
+  (want, want_stats), (got, stats) = results
+  testing.assert_close(got, want, jnp.bfloat16)
+  np.testing.assert_array_equal(stats.skipped_blocks,
+                                want_stats.skipped_blocks)
+  assert not bool(jnp.any(got[2])), "an empty sequence gives zeros"
+  assert int(jnp.sum(stats.skipped_blocks)) > 0

@@ -29,10 +29,11 @@ and last blocks (two K pages more per split, L2 hits across splits).
 
 Split-K merge (`MosaicDecodeConfig.merge_in_kernel`, the default,
 `decode_merged`): every program writes its partials (unnormalized
-accumulator, row max, row sums, block counts; one per compute warpgroup)
-to global memory; the other splits' warpgroups then signal a semaphore of
+accumulator, row max, row sums, block counts; one per compute warpgroup,
+or with `merge_warpgroups` one, the warpgroups' combined by the first in
+shared memory) to global memory; the other splits then signal a semaphore of
 their (sequence, KV head) (a word of the control block), the last split's
-own arrive on a barrier. The
+warpgroups arrive on a barrier. The
 last split's memory warpgroup waits for both and streams every part
 through a ring over the (by then free) K and V rings, and its first compute
 warpgroup combines them online at their running max, normalizes, and
@@ -246,6 +247,13 @@ class MosaicDecodeConfig:
       loading the partials itself (with `global_semaphores`, the last
       split waits for the others, as in the grid). Needs `transposed` and
       `compute_issues_v`. None: a program per item (one grid point each).
+    merge_warpgroups: with two compute warpgroups and several splits, the
+      program combines its warpgroups' partials in shared memory and
+      writes one part a split, so the merge (in the kernel or by XLA)
+      reads half as many (the last split's warpgroup combines them one
+      after another, at about 0.2 us a part on an H200 by the `waves`
+      A/B). False (the default until a GPU times it): one part a
+      warpgroup.
   """
 
   k_stages: int | None = None
@@ -262,6 +270,7 @@ class MosaicDecodeConfig:
   auto_barriers: bool = True
   global_semaphores: bool = False
   programs: int | None = None
+  merge_warpgroups: bool = False
 
   def __post_init__(self):
     for name in ("k_stages", "v_stages"):
@@ -273,7 +282,7 @@ class MosaicDecodeConfig:
     for name in ("split_registers", "one_barrier_vote", "transposed",
                  "merge_in_kernel", "compute_issues_v",
                  "hand_over_block_max", "fp8_k_in_registers",
-                 "auto_barriers", "global_semaphores"):
+                 "auto_barriers", "global_semaphores", "merge_warpgroups"):
       optional = name in ("split_registers", "fp8_k_in_registers")
       if not (isinstance(getattr(self, name), bool)
               or optional and getattr(self, name) is None):
@@ -629,6 +638,8 @@ class _Barriers(NamedTuple):
                   # round's output and merge buffers (over the V ring)
   rows: Any      # `initial_max` only
   written: Any       # merge: this program's partials are in global memory
+  pair: Any          # one part a split (`merge_warpgroups`): warpgroup
+                     # 1's partial is in shared memory for warpgroup 0
   merged: Any        # merge: ([S], [S], [S]) a partial's tile, row
                      # statistics and counts copied in
   merge_free: Any    # merge: [S] its slot read
@@ -889,7 +900,11 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   # so that its memory warpgroup streams on).
   local_merge = num_splits == 1
   self_load = persistent and not local_merge
-  n_parts = num_splits * n_wgs
+  n_parts = acc_ref.shape[2]
+  # `merge_warpgroups`: warpgroup 0 combines the warpgroups' partials and
+  # writes one part a split.
+  part_wgs = n_parts // num_splits
+  pair_merge = part_wgs < n_wgs
   # Persistent, with the control block's counter: the last split to finish
   # merges (a ticket), so no program waits for another's items; else the
   # last split waits for the others.
@@ -910,8 +925,29 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     program's by a barrier, the others' by the semaphore)."""
     plgpu.barrier_wait(bars.written)
     if sem is not None:
-      merge_wait(it, (num_splits - 1) * n_wgs)
+      merge_wait(it, (num_splits - 1) * part_wgs)
     mosaic_merge.async_proxy_fence(interpret=interpret)
+
+  def combine_part(carry, part):
+    """(acc, l, m, skipped, visited) with a part's joined, at their
+    running max (acc and l unnormalized)."""
+    acc, l, m, skipped, visited = carry
+    acc_p, m_p, l_p, skipped_p, visited_p = part
+    m_new = jnp.maximum(m, m_p)     # -inf where no part kept a key yet
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha, beta = jnp.exp2(m - m_safe), jnp.exp2(m_p - m_safe)
+    return (acc * over_rows(alpha, acc_shape)
+            + acc_p * over_rows(beta, acc_shape),
+            l * alpha + l_p * beta, m_new, skipped + skipped_p,
+            visited + visited_p)
+
+  def load_part(tiles, ml, stats):
+    """A part's (tile, row max, row sums, skipped, visited) from shared
+    memory."""
+    return (plgpu.load(tiles, layout=plgpu.Layout.WGMMA, optimized=False),
+            plgpu.load(ml.at[0], layout=row_layout, optimized=False),
+            plgpu.load(ml.at[1], layout=row_layout, optimized=False),
+            stats[0], stats[1])
 
   def merge_splits(it, out_ref, merged_ml_ref, counts_ref):
     """The last split's warpgroup 0: every part of this (sequence, KV
@@ -936,10 +972,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
           plgpu.barrier_wait(copied.at[slot])
         tiles, ml, stats = (sc.merge_acc.at[slot], sc.merge_ml.at[slot],
                             sc.merge_stats.at[slot])
-      part = (plgpu.load(tiles, layout=plgpu.Layout.WGMMA, optimized=False),
-              plgpu.load(ml.at[0], layout=row_layout, optimized=False),
-              plgpu.load(ml.at[1], layout=row_layout, optimized=False),
-              stats[0], stats[1])
+      part = load_part(tiles, ml, stats)
       if self_load:   # every thread has read the slot: refill it
         mosaic_merge.warpgroup_barrier(interpret=interpret)
         pl.when(p + merge_slots < n_parts)(
@@ -949,15 +982,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       return part
 
     def combine(p, carry):
-      acc, l, m, skipped, visited = carry
-      acc_p, m_p, l_p, skipped_p, visited_p = read_part(p)
-      skipped, visited = skipped + skipped_p, visited + visited_p
-      m_new = jnp.maximum(m, m_p)     # -inf where no part kept a key yet
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      alpha, beta = jnp.exp2(m - m_safe), jnp.exp2(m_p - m_safe)
-      return (acc * over_rows(alpha, acc_shape)
-              + acc_p * over_rows(beta, acc_shape),
-              l * alpha + l_p * beta, m_new, skipped, visited)
+      return combine_part(carry, read_part(p))
 
     if local_merge:   # both warpgroups' tiles are in shared memory
       plgpu.barrier_wait(bars.written)
@@ -1387,14 +1412,36 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         plgpu.barrier_arrive(bars.written)
         pl.when(w == 0)(lambda: merge_splits(it, *merged_refs))
         return
-      part = it.split * n_wgs + w
-      plgpu.copy_smem_to_gmem(out_tile,
-                              acc_ref.at[it.batch, it.kv_head, part])
-      plgpu.copy_smem_to_gmem(sc.ml.at[w],
-                              ml_ref.at[it.batch, it.kv_head, part])
-      plgpu.copy_smem_to_gmem(sc.stats.at[w],
-                              stats_ref.at[it.batch, it.kv_head, part])
-      plgpu.wait_smem_to_gmem(0)
+
+      def store(part, tile=w):
+        plgpu.copy_smem_to_gmem(sc.out.at[tile],
+                                acc_ref.at[it.batch, it.kv_head, part])
+        plgpu.copy_smem_to_gmem(sc.ml.at[tile],
+                                ml_ref.at[it.batch, it.kv_head, part])
+        plgpu.copy_smem_to_gmem(sc.stats.at[tile],
+                                stats_ref.at[it.batch, it.kv_head, part])
+        plgpu.wait_smem_to_gmem(0)
+
+      if pair_merge:   # warpgroup 0 joins the others' partials to its own
+        pl.when(w != 0)(lambda: plgpu.barrier_arrive(bars.pair))
+
+        @pl.when(w == 0)
+        def _():
+          plgpu.barrier_wait(bars.pair)
+          carry = (acc, l, m_acc, n_skipped, n_mine)
+          for other in range(1, n_wgs):
+            carry = combine_part(carry, load_part(
+                sc.out.at[other], sc.ml.at[other], sc.stats.at[other]))
+          joined, l_joined, m_joined, skipped, visited = carry
+          out_tile[...] = joined
+          sc.ml.at[0, 0][...] = m_joined
+          sc.ml.at[0, 1][...] = l_joined
+          sc.stats[0, 0] = skipped
+          sc.stats[0, 1] = visited
+          plgpu.commit_smem()
+          store(it.split, tile=0)
+      else:
+        store(it.split * n_wgs + w)
       if merged_refs is None:
         return
       # The partial is in global memory: tell the merging program.
@@ -1410,8 +1457,9 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
               lambda: merge_splits(it, *merged_refs))
         return
       merger = it.split == num_splits - 1
-      if sem is not None:
-        pl.when(~merger)(lambda: merge_signal(it))
+      if sem is not None:   # every part's writer
+        pl.when(~merger & ((w == 0) | (not pair_merge)))(
+            lambda: merge_signal(it))
       pl.when(merger)(lambda: plgpu.barrier_arrive(bars.written))
       pl.when(merger & (w == 0))(lambda: merge_splits(it, *merged_refs))
 
@@ -1581,7 +1629,8 @@ def decode_partials(q, k_pages, v_pages, page_table, kv_lengths,
   Returns:
     acc f32 [batch, kv_heads, parts, R, head_dim] (unnormalized; R = 64,
     or `query_tile` transposed; rows past `group` are padding; parts =
-    splits * compute warpgroups, one per compute warpgroup of a split),
+    splits, or with `merge_warpgroups=False` splits * compute warpgroups,
+    one per compute warpgroup of a split),
     m f32 [batch, kv_heads, parts, R] (row max, log2 units, -inf where a
     part kept nothing), l f32 (row sums); skipped, visited int32 [batch,
     kv_heads, splits].
@@ -1715,7 +1764,11 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
   page_dtype = k_pages.dtype
   page_swizzle = swizzled(jnp.dtype(page_dtype).itemsize)
   given = initial_max is not None and skip_enabled
-  parts = num_splits * n_wgs
+  # One part a split where the program combines its warpgroups' partials
+  # (`merge_warpgroups`; one split merged in the kernel has no parts).
+  part_wgs = (1 if config.merge_warpgroups and not (merge and num_splits == 1)
+              else n_wgs)
+  parts = num_splits * part_wgs
   out_shape = (d, rows) if transposed else (rows, d)
   # The merge ring takes the K ring's bytes (free by then), up to
   # MERGE_SLOTS partial tiles; a persistent kernel's the V ring's.
@@ -1836,6 +1889,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                    else None),
         rows=plgpu.Barrier() if given else None,
         written=plgpu.Barrier(num_arrivals=n_wgs) if merge else None,
+        pair=plgpu.Barrier() if part_wgs < n_wgs else None,
         merged=(tuple(plgpu.Barrier(num_barriers=merge_slots)
                       for _ in range(3)) if merge else None),
         merge_free=(plgpu.Barrier(num_barriers=merge_slots)

@@ -251,8 +251,8 @@ class MosaicDecodeConfig:
       program combines its warpgroups' partials in shared memory and
       writes one part a split, so the merge (in the kernel or by XLA)
       reads half as many (the last split's warpgroup combines them one
-      after another, at about 0.2 us a part on an H200 by the `waves`
-      A/B). False (the default until a GPU times it): one part a
+      after another, at up to about 0.2 us a part on an H200 by the
+      `waves` A/B). False (the default until a GPU times it): one part a
       warpgroup.
   """
 

@@ -351,7 +351,7 @@ def test_fp8_k_in_registers_lowers_for_cuda(d, block_kv, group):
 # warpgroups' tiles in shared memory (race-checked); more splits stream the
 # parts through the ring, one slot so that every part reuses it; two
 # warpgroups' partials joined into one part a split (race-checked in
-# `test_race_checked_kernel_matches_oracle`'s partials), or a part each.
+# `test_one_part_a_split_is_race_free_and_matches_oracle`), or a part each.
 PAIRED = dict(compute_wgs=2, k_stages=2, v_stages=4)
 
 

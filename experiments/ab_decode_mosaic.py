@@ -47,7 +47,10 @@ twice and four times, beside the grid of one and four waves),
 without the in-kernel merge, with pages of 64 keys and a deeper K ring),
 "parts" (the split-K merge's parts: one a compute warpgroup, or one a split,
 the program's warpgroups combined first, `merge_warpgroups`; at one and four
-waves of splits, and persistent) and
+waves of splits, and persistent), "order" (the persistent kernel's items
+split-major, `MosaicDecodeConfig.split_major`, every head's merge in the
+last rounds, or split-minor, a round holding whole heads; beside the grid
+of four waves) and
 "semaphores" (the merge's semaphores in the control block, or from
 `pl.get_global`, which adds the XLA kernel that zeroes them before every
 call).
@@ -191,6 +194,14 @@ BUILDS = {
         "P 4 waves, a split": (None, Config(programs=SMS,
                                             merge_warpgroups=True),
                                {"waves": 4}),
+    },
+    "order": {
+        "4 waves": (None, Config(), {"waves": 4}),
+        "P 4 waves, split-minor": (None, Config(programs=SMS,
+                                                split_major=False),
+                                   {"waves": 4}),
+        "P 4 waves": (None, Config(programs=SMS), {"waves": 4}),
+        "P 1 wave": (None, Config(programs=SMS)),
     },
     "semaphores": {
         "control block": (None, Config()),

@@ -9,9 +9,9 @@ Each variant ("λ:max_mode[:splits]", λ "dense" for the build without the
 skip check) is compiled and run once (the profiler replays the launch); the
 output prints one line per profiled call, in order (with `--nostats`, each
 variant's first call, with the stats, comes before the profiled one). With
-`--wall`, each variant's call is also timed (median µs, 10 calls queued per
-sample), for the time outside the kernels: run it without the profiler, and
-under
+`--wall`, each variant's call is also timed (median µs, 10 and 100 calls
+queued per sample, and the host's time to issue a call), for the time
+outside the kernels: run it without the profiler, and under
 
     ncu --clock-control none --metrics gpu__time_duration.sum python -m \
         experiments.profile_decode --batch=8 --seq_len=32768
@@ -24,6 +24,8 @@ each kernel's duration, the gap before it and the period of a call.
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 
 from absl import app
 from absl import flags
@@ -43,7 +45,8 @@ _VARIANTS = flags.DEFINE_list(
     "variants", ["dense:split", "1e-3:anchored", "1e-3:global"],
     "λ:max_mode[:splits] to run, in order.")
 _WALL = flags.DEFINE_bool(
-    "wall", False, "Also time each variant's call (median µs of 10 calls).")
+    "wall", False, "Also time each variant's call (median µs of 10 and of "
+    "100 queued calls, and the host's time to issue one).")
 _STATS = flags.DEFINE_bool(
     "stats", True, "The profiled and timed call returns the stats too (a few "
     "small XLA kernels after the kernel); --nostats: the output alone, as "
@@ -51,6 +54,21 @@ _STATS = flags.DEFINE_bool(
 _TRACE = flags.DEFINE_bool(
     "trace", False, "Also print the GPU timeline of 20 queued calls: each "
     "kernel's median duration and the gap before it (jax.profiler).")
+
+
+def issue_time_ms(fn, args, *, reps: int, iters: int) -> float:
+  """Median host time to issue one of `reps` queued calls, the wait for
+  them left out: where it reaches the GPU's period of a call, the host,
+  not the GPU, sets the pace of queued calls."""
+  samples = []
+  for _ in range(iters):
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    samples.append((time.perf_counter() - t0) * 1e3 / reps)
+    jax.block_until_ready(out)
+  return statistics.median(samples)
 
 
 def main(argv):
@@ -80,9 +98,12 @@ def main(argv):
       jax.block_until_ready(fn(q, k, v))
     wall = ""
     if _WALL.value:
-      us = 1e3 * testing.median_time_ms(fn, q, k, v, warmup=3, iters=20,
-                                        reps=10)
-      wall = f" wall={us:.1f}us"
+      us = {reps: 1e3 * testing.median_time_ms(fn, q, k, v, warmup=3,
+                                               iters=20, reps=reps)
+            for reps in (10, 100)}
+      issue = 1e3 * issue_time_ms(fn, (q, k, v), reps=10, iters=20)
+      wall = (f" wall={us[10]:.1f}us (100 queued: {us[100]:.1f}; the host "
+              f"issues a call in {issue:.1f})")
     print(f"launch: {variant} sparsity={sparsity:.3f}{wall}", flush=True)
     if _TRACE.value:
       calls = 20

@@ -2,6 +2,8 @@
 interpret mode with race detection, the other ring shapes, what it refuses,
 and its CUDA lowering."""
 
+import functools
+
 import jax
 from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -359,8 +361,8 @@ PAIRED = dict(compute_wgs=2, k_stages=2, v_stages=4)
     (1, dict(), None),
     (1, dict(transposed=False), None),
     (3, dict(), 1),
-    (3, dict(PAIRED, merge_warpgroups=True), 1),
-    (2, PAIRED, 2),
+    (3, PAIRED, 1),
+    (2, dict(PAIRED, merge_warpgroups=False), 2),
     (2, dict(transposed=False, compute_wgs=1), 1),
     (3, dict(compute_issues_v=False), 1)])
 def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
@@ -400,7 +402,9 @@ def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
 # merging, dense with two warpgroups (whose V ring, under the last item's
 # output and merge buffers, must wait for both); programs with a partial
 # each, handing block maxima; one split, merged in shared memory; and a
-# windowed page table (`TABLE_ROW` 2), split max mode. (A merge over other
+# windowed page table (`TABLE_ROW` 2), split max mode (items split-major,
+# the default, in these); items split-minor, merged by one program and as
+# partials over programs. (A merge over other
 # programs' partials: the GPU tests; interpret mode runs the programs one
 # after another and does not order one's writes before another's reads.)
 @pytest.mark.parametrize("programs,num_splits,merged,threshold,max_mode,"
@@ -411,7 +415,9 @@ def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
                                          compute_wgs=2, k_stages=2,
                                          v_stages=4)),
     (2, 1, True, 1e-2, "anchored", dict()),
-    (4, 3, False, 1e-2, "split", dict(window=True))])
+    (4, 3, False, 1e-2, "split", dict(window=True)),
+    (1, 3, True, 1e-2, "anchored", dict(split_major=False)),
+    (4, 3, False, 1e-2, "anchored", dict(split_major=False))])
 def test_persistent_kernel_matches_oracle(monkeypatch, programs, num_splits,
                                           merged, threshold, max_mode,
                                           stages):
@@ -450,14 +456,32 @@ def test_persistent_kernel_matches_oracle(monkeypatch, programs, num_splits,
   testing.assert_skips_match(skipped, oracle, threshold, dtype)
 
 
-def test_persistent_programs_fit_the_items_and_the_interpreter():
-  """At most the items; in interpret mode a multiple of the merged splits
-  (every merge's other splits run in earlier programs), else 1."""
-  assert decode_mosaic.persistent_programs(132, 18, 3, True) == 18
-  assert decode_mosaic.persistent_programs(8, 18, 3, True) == 6
-  assert decode_mosaic.persistent_programs(2, 18, 3, True) == 1
-  assert decode_mosaic.persistent_programs(7, 18, 1, True) == 7
-  assert decode_mosaic.persistent_programs(132, 18, 3, False) == 18
+@pytest.mark.parametrize("split_major", [False, True])
+def test_persistent_programs_fit_the_items_and_the_interpreter(split_major):
+  """At most the items; in interpret mode, merging in the kernel, the most
+  at which every head's other splits run first (earlier programs, or
+  earlier rounds of the same one)."""
+  programs = functools.partial(decode_mosaic.persistent_programs,
+                               split_major=split_major)
+  # 6 heads x 3 splits: items split-minor (head 1's are 3, 4, 5) or
+  # split-major (head 1's are 1, 7, 13), program p's round r item p + r P.
+  assert programs(132, 6, 3, True, interpret=True) == 18
+  # 8 or 7 programs put some head's last split on a program below another
+  # split's (split-minor head 2 over programs 6, 7, 0; split-major head 0
+  # over 0, 6, 4); 6 do not (a head a program, split-major).
+  assert programs(8, 6, 3, True, interpret=True) == 6
+  # Split-minor 2: head 0 over programs 0, 1, 0; split-major: 0, 0, 0.
+  assert programs(2, 6, 3, True, interpret=True) == (2 if split_major
+                                                     else 1)
+  assert programs(7, 6, 3, False, interpret=True) == 7
+  assert programs(7, 12, 1, True, interpret=True) == 7
+  assert programs(132, 6, 3, True, interpret=False) == 18
+  # The order itself: every split of a head once, the last split last.
+  items = [decode_mosaic.item_coords(t, 6, 3, split_major)
+           for t in range(18)]
+  assert sorted(items) == [(h, s) for h in range(6) for s in range(3)]
+  assert items[:3] == ([(0, 0), (1, 0), (2, 0)] if split_major
+                       else [(0, 0), (0, 1), (0, 2)])
 
 
 @pytest.mark.parametrize("max_mode,threshold,num_splits,stages", [
@@ -567,6 +591,8 @@ def test_config_rejects_what_cannot_run():
   for build in (dict(transposed=False), dict(compute_issues_v=False)):
     with pytest.raises(ValueError, match="persistent"):
       decode_mosaic.MosaicDecodeConfig(programs=132, **build)
+  with pytest.raises(ValueError, match="split_major"):
+    decode_mosaic.MosaicDecodeConfig(programs=8, split_major=1)
 
 
 @pytest.mark.parametrize("d,block_kv,fp8,transposed,wgs", [
@@ -844,16 +870,20 @@ def test_64_row_build_lowers_for_cuda(d, block_kv, group, skip, cache):
 
 
 # Persistent (interpret mode has no register operands nor `setmaxnreg`):
-# FP8, the registers handed over; a contiguous cache from an initial max.
+# FP8, the registers handed over; a contiguous cache from an initial max,
+# items split-minor.
 @pytest.mark.parametrize("d,block_kv,group,skip,cache,kwargs", [
     (128, 128, 4, True, jnp.float8_e4m3fn, dict()),
-    (128, 64, 8, True, jnp.bfloat16, dict(contiguous=True,
-                                          initial_max=True))])
+    (128, 64, 8, True, jnp.bfloat16, dict(contiguous=True, initial_max=True,
+                                          split_major=False))])
 def test_persistent_kernel_lowers_for_cuda(d, block_kv, group, skip, cache,
                                            kwargs):
+  kwargs = dict(kwargs)
   lowered = lower_decode(d, block_kv, group, skip, "anchored", cache,
                          config=decode_mosaic.MosaicDecodeConfig(
-                             programs=132), **kwargs)
+                             programs=132,
+                             split_major=kwargs.pop("split_major", True)),
+                         **kwargs)
   assert "mosaic_gpu" in lowered.as_text()
 
 

@@ -323,7 +323,7 @@ def test_heads_first_pages_match_nhd_pages(fp8, threshold):
 # splits): a program per SM over the default splits; 7 programs over 16
 # splits (rounds of items, each merge waiting for splits other programs
 # run); one program walking every item; one split (merged in shared
-# memory).
+# memory). Each also with its items split-minor (`split_major=False`).
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("programs,num_splits", [
@@ -340,18 +340,19 @@ def test_persistent_kernel_matches_the_grid(programs, num_splits, paged,
   for threshold in (0.0, 1e-3):
     for max_mode in ("anchored", "split"):
       results = []
-      for programs_ in (None, programs):
+      for build in (dict(), dict(programs=programs),
+                    dict(programs=programs, split_major=False)):
         call = dict(threshold=threshold, max_mode=max_mode,
                     num_splits=num_splits, implementation="pallas_mosaic",
                     return_stats=True, **scales,
-                    kernel_config=decode_mosaic.MosaicDecodeConfig(
-                        programs=programs_))
+                    kernel_config=decode_mosaic.MosaicDecodeConfig(**build))
         results.append(
             bj.paged_decode_attention(q, k, v, table, lengths, **call)
             if paged else
             bj.decode_attention(q, k, v, lengths, block_kv=128, **call))
       # (Many splits skip little here: 2-7 % with 16.)
-      assert_same_results(*results, skipping=False)
+      for got in results[1:]:
+        assert_same_results(results[0], got, skipping=False)
       if threshold > 0:
         assert int(jnp.sum(results[1][1].skipped_blocks)) > 0
 

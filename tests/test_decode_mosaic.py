@@ -376,6 +376,10 @@ def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
   kv_lengths = jnp.array([384, 0], jnp.int32)   # an empty sequence: zeros
   pool_k, pool_v, table = testing.paged_cache(k, v, 64)
   b, hq, _ = q.shape
+  # Several splits: the detector reports the merging program's copies of
+  # the other programs' partials (global memory), which on a GPU their
+  # semaphore orders; interpret mode has no such semaphore (it runs the
+  # grid in order, and `pl.get_global` does not lower there).
   race_checked = num_splits == 1
   (out, m, l, skipped, visited), races = run_race_checked(
       q, pool_k, pool_v, table, kv_lengths, 1e-2, num_splits=num_splits,

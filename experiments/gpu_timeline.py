@@ -7,6 +7,8 @@ that timeline into the repeating pattern of one call and gives each
 kernel's median duration, the median gap before it, and the period of a
 call (the kernels' time plus the gaps, what a queue of such calls costs the
 GPU, without the host's start and final wait that a wall clock adds).
+`host_events` gives the host's events of the same trace that recur every
+call, by time a call.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Kernel:
   dur_us: float
 
 
-def _stream_kernels(trace: dict) -> list[Kernel]:
+def stream_kernels(trace: dict) -> list[Kernel]:
   """The complete events of the GPU stream with the most of them."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   gpu_pids = {e["pid"] for e in events
@@ -53,8 +55,29 @@ def _stream_kernels(trace: dict) -> list[Kernel]:
   return sorted(kernels, key=lambda k: k.start_us)
 
 
-def kernel_timeline(fn, args, calls: int = 20) -> list[Kernel]:
-  """Kernels of `calls` queued calls of `fn(*args)` (after one warm-up)."""
+def host_events(trace: dict, calls: int, top: int = 8) -> list[dict]:
+  """The host's events that happen once or more a call (outside the GPU's
+  processes), by name: count a call, median duration, the `top` by their
+  product (time a call; the median leaves out the rare long one). Where the host's work a call nears the GPU's period, the host
+  sets the pace of queued calls."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  gpu_pids = {e["pid"] for e in events
+              if e.get("ph") == "M" and e.get("name") == "process_name"
+              and "/device:GPU" in e["args"]["name"]}
+  by_name = {}
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") not in gpu_pids:
+      by_name.setdefault(e["name"], []).append(float(e["dur"]))
+  rows = [{"name": name[:60], "per_call": len(durs) / calls,
+           "dur_us": statistics.median(durs),
+           "us_per_call": statistics.median(durs) * len(durs) / calls}
+          for name, durs in by_name.items() if len(durs) >= calls]
+  return sorted(rows, key=lambda r: -r["us_per_call"])[:top]
+
+
+def trace(fn, args, calls: int = 20) -> dict:
+  """The perfetto trace of `calls` queued calls of `fn(*args)` (after one
+  warm-up)."""
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as log_dir:
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
@@ -64,7 +87,12 @@ def kernel_timeline(fn, args, calls: int = 20) -> list[Kernel]:
     path, = glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"),
                       recursive=True)
     with gzip.open(path) as f:
-      return _stream_kernels(json.load(f))
+      return json.load(f)
+
+
+def kernel_timeline(fn, args, calls: int = 20) -> list[Kernel]:
+  """Kernels of `calls` queued calls of `fn(*args)` (after one warm-up)."""
+  return stream_kernels(trace(fn, args, calls))
 
 
 def summarize(kernels: list[Kernel], calls: int) -> dict:
@@ -99,3 +127,9 @@ def format_summary(summary: dict) -> str:
     lines.append(f"    gap {row['gap_before_us']:6.1f}  kernel "
                  f"{row['dur_us']:7.1f}  {row['name']}")
   return "\n".join(lines)
+
+
+def format_host(rows: list[dict]) -> str:
+  return "\n".join(
+      f"    host {r['us_per_call']:7.1f} us a call ({r['per_call']:.2g} x "
+      f"{r['dur_us']:.1f})  {r['name']}" for r in rows)

@@ -107,8 +107,10 @@ def main(argv):
     print(f"launch: {variant} sparsity={sparsity:.3f}{wall}", flush=True)
     if _TRACE.value:
       calls = 20
+      trace = gpu_timeline.trace(fn, (q, k, v), calls)
       print(gpu_timeline.format_summary(gpu_timeline.summarize(
-          gpu_timeline.kernel_timeline(fn, (q, k, v), calls), calls)),
+          gpu_timeline.stream_kernels(trace), calls)), flush=True)
+      print(gpu_timeline.format_host(gpu_timeline.host_events(trace, calls)),
             flush=True)
 
 

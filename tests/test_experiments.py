@@ -585,8 +585,7 @@ def test_gpu_timeline_reads_the_busiest_stream_and_splits_the_calls():
                args=dict(name="Stream #14(Compute)")),
           dict(ph="M", pid=2, tid=6, name="thread_name",
                args=dict(name="Stream #15(MemcpyD2D)"))]
-  kernels = gpu_timeline._stream_kernels(  # pylint: disable=protected-access
-      dict(traceEvents=meta + events))
+  kernels = gpu_timeline.stream_kernels(dict(traceEvents=meta + events))
   assert [k.name for k in kernels] == ["kernel_0", "kernel_1",
                                        "kernel_2"] * calls
   summary = gpu_timeline.summarize(kernels, calls)
@@ -597,6 +596,12 @@ def test_gpu_timeline_reads_the_busiest_stream_and_splits_the_calls():
   assert "gaps" in gpu_timeline.format_summary(summary)
   with pytest.raises(ValueError, match="do not split"):
     gpu_timeline.summarize(kernels[:-1], calls)
+  # The host's: "python" 9 x 9e3 (more than once a call), "host" 9 x 1;
+  # not the GPU's kernels.
+  host = gpu_timeline.host_events(dict(traceEvents=meta + events), calls)
+  assert [r["name"] for r in host] == ["python", "host"]
+  np.testing.assert_allclose(host[0]["us_per_call"], 9 * 9e3 / calls)
+  assert host[1]["dur_us"] == 1.0 and "python" in gpu_timeline.format_host(
+      host)
   with pytest.raises(RuntimeError, match="Stream #14"):
-    gpu_timeline._stream_kernels(  # pylint: disable=protected-access
-        dict(traceEvents=meta))
+    gpu_timeline.stream_kernels(dict(traceEvents=meta))

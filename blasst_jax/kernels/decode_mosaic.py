@@ -83,8 +83,8 @@ table takes 16 KiB, two V slots' worth; 16 splits' windows 1.4 KiB).
 
 Persistent kernel (`MosaicDecodeConfig.programs`): a grid of P programs
 (at most one per SM) instead of one per item; program p walks the (sequence,
-KV head, split) items p, p + P, p + 2 P, ... (split-minor, or
-split-major with `split_major`: either way a merging item, a head's last
+KV head, split) items p, p + P, p + 2 P, ... (split-major by default,
+`split_major`, else split-minor: either way a merging item, a head's last
 split, waits only for items of lower index, which every resident program
 reaches first). Each warpgroup loops over its rounds: the memory warpgroup
 streams the next item's K pages into the ring as soon as its slots free
@@ -238,8 +238,8 @@ class MosaicDecodeConfig:
     programs: a persistent kernel of this many programs (a merging
       program waits for the others' partials, so every program must be
       resident at once: more are cut to the GPU's SMs, where jax reports
-      them, and to the items). The (sequence, KV head, split) items,
-      split-minor, go round-robin: program p takes items p, p + P,
+      them, and to the items). The (sequence, KV head, split) items, in
+      `split_major` order, go round-robin: program p takes items p, p + P,
       p + 2 P, ..., its memory warpgroup streaming the next item's K pages
       while the compute warpgroups finish the current one, so finer splits
       (more items than SMs) cost no program start. The output tiles and
@@ -790,8 +790,8 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   # semaphores [b * hkv] (`global_semaphores`); every other split's
   # warpgroups signal it once their partials are written. programs: None
   # (the grid is (split, kv_heads, batch): one item a program) or P (the
-  # grid is (P,): a persistent kernel, items split-minor, or `split_major`,
-  # program p's round r is item p + r P).
+  # grid is (P,): a persistent kernel, items split-major or (not
+  # `split_major`) split-minor, program p's round r is item p + r P).
   n_wgs = compute_wgs
   wg = lax.axis_index("wg")
   fp8 = sc.wide is not None

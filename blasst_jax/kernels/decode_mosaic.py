@@ -1442,13 +1442,20 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       """This warpgroup's partial of the item, to global memory (merged
       with one split, kept in shared memory), then the merge where this
       program does it (stores waited for)."""
-      out_tile = sc.out.at[w]
-      out_tile[...] = acc
-      sc.ml.at[w, 0][...] = m_acc
-      sc.ml.at[w, 1][...] = l
-      sc.stats[w, 0] = n_skipped
-      sc.stats[w, 1] = n_mine
-      plgpu.commit_smem()
+      def stage(tile, acc, m, l, skipped, visited):
+        """A partial into shared memory slot `tile`, for the proxy."""
+        sc.out.at[tile][...] = acc
+        sc.ml.at[tile, 0][...] = m
+        sc.ml.at[tile, 1][...] = l
+        sc.stats[tile, 0] = skipped
+        sc.stats[tile, 1] = visited
+        plgpu.commit_smem()
+
+      mine = (acc, m_acc, l, n_skipped, n_mine)
+      if pair_merge:   # warpgroup 0 stages the joined partial only
+        pl.when(w != 0)(lambda: stage(w, *mine))
+      else:
+        stage(w, *mine)
       if merged_refs is not None and local_merge:
         plgpu.barrier_arrive(bars.written)
         pl.when(w == 0)(lambda: merge_splits(it, *merged_refs))
@@ -1474,12 +1481,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
             carry = combine_part(carry, load_part(
                 sc.out.at[other], sc.ml.at[other], sc.stats.at[other]))
           joined, l_joined, m_joined, skipped, visited = carry
-          out_tile[...] = joined
-          sc.ml.at[0, 0][...] = m_joined
-          sc.ml.at[0, 1][...] = l_joined
-          sc.stats[0, 0] = skipped
-          sc.stats[0, 1] = visited
-          plgpu.commit_smem()
+          stage(0, joined, m_joined, l_joined, skipped, visited)
           store(it.split, tile=0)
       else:
         store(it.split * n_wgs + w)

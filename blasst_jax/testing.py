@@ -390,10 +390,13 @@ def paged_cache(k, v, page: int, *, extra_pages: int = 3, seed: int = 1):
   return scatter(k), scatter(v), table
 
 
-def median_time_ms(fn, *args, warmup: int, iters: int, reps: int = 1) -> float:
+def median_time_ms(fn, *args, warmup: int, iters: int, reps: int = 1,
+                   until_issued: bool = False) -> float:
   """Median wall time of one `fn(*args)` call in ms, synchronised on the
   device. With `reps > 1`, each sample queues `reps` calls before waiting, so
-  host dispatch overlaps device work (for calls of ~100 µs)."""
+  host dispatch overlaps device work (for calls of ~100 µs). `until_issued`:
+  the host's time to issue a call, the sample's clock stopped before the
+  wait (where it nears the device's time a call, the host sets the pace)."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   samples = []
@@ -401,8 +404,11 @@ def median_time_ms(fn, *args, warmup: int, iters: int, reps: int = 1) -> float:
     t0 = time.perf_counter()
     for _ in range(reps):
       out = fn(*args)
+    if until_issued:
+      samples.append((time.perf_counter() - t0) * 1e3 / reps)
     jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) * 1e3 / reps)
+    if not until_issued:
+      samples.append((time.perf_counter() - t0) * 1e3 / reps)
   return statistics.median(samples)
 
 

@@ -31,12 +31,17 @@ class Kernel:
   dur_us: float
 
 
+def _events_and_gpu_pids(trace) -> tuple[list, set]:
+  """The trace's events, and the ids of its GPU processes."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  return events, {e["pid"] for e in events
+                  if e.get("ph") == "M" and e.get("name") == "process_name"
+                  and "/device:GPU" in e["args"]["name"]}
+
+
 def stream_kernels(trace: dict) -> list[Kernel]:
   """The complete events of the GPU stream with the most of them."""
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  gpu_pids = {e["pid"] for e in events
-              if e.get("ph") == "M" and e.get("name") == "process_name"
-              and "/device:GPU" in e["args"]["name"]}
+  events, gpu_pids = _events_and_gpu_pids(trace)
   streams = {(e["pid"], e["tid"]) for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"
              and e["pid"] in gpu_pids
@@ -58,12 +63,10 @@ def stream_kernels(trace: dict) -> list[Kernel]:
 def host_events(trace: dict, calls: int, top: int = 8) -> list[dict]:
   """The host's events that happen once or more a call (outside the GPU's
   processes), by name: count a call, median duration, the `top` by their
-  product (time a call; the median leaves out the rare long one). Where the host's work a call nears the GPU's period, the host
-  sets the pace of queued calls."""
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  gpu_pids = {e["pid"] for e in events
-              if e.get("ph") == "M" and e.get("name") == "process_name"
-              and "/device:GPU" in e["args"]["name"]}
+  product (time a call; the median leaves out the rare long one). Where
+  the host's work a call nears the GPU's period, the host sets the pace
+  of queued calls."""
+  events, gpu_pids = _events_and_gpu_pids(trace)
   by_name = {}
   for e in events:
     if e.get("ph") == "X" and e.get("pid") not in gpu_pids:

@@ -24,8 +24,6 @@ each kernel's duration, the gap before it and the period of a call.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -54,21 +52,6 @@ _STATS = flags.DEFINE_bool(
 _TRACE = flags.DEFINE_bool(
     "trace", False, "Also print the GPU timeline of 20 queued calls: each "
     "kernel's median duration and the gap before it (jax.profiler).")
-
-
-def issue_time_ms(fn, args, *, reps: int, iters: int) -> float:
-  """Median host time to issue one of `reps` queued calls, the wait for
-  them left out: where it reaches the GPU's period of a call, the host,
-  not the GPU, sets the pace of queued calls."""
-  samples = []
-  for _ in range(iters):
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    samples.append((time.perf_counter() - t0) * 1e3 / reps)
-    jax.block_until_ready(out)
-  return statistics.median(samples)
 
 
 def main(argv):
@@ -101,7 +84,8 @@ def main(argv):
       us = {reps: 1e3 * testing.median_time_ms(fn, q, k, v, warmup=3,
                                                iters=20, reps=reps)
             for reps in (10, 100)}
-      issue = 1e3 * issue_time_ms(fn, (q, k, v), reps=10, iters=20)
+      issue = 1e3 * testing.median_time_ms(fn, q, k, v, warmup=1, iters=20,
+                                           reps=10, until_issued=True)
       wall = (f" wall={us[10]:.1f}us (100 queued: {us[100]:.1f}; the host "
               f"issues a call in {issue:.1f})")
     print(f"launch: {variant} sparsity={sparsity:.3f}{wall}", flush=True)

@@ -605,3 +605,21 @@ def test_gpu_timeline_reads_the_busiest_stream_and_splits_the_calls():
       host)
   with pytest.raises(RuntimeError, match="Stream #14"):
     gpu_timeline.stream_kernels(dict(traceEvents=meta))
+
+
+def test_median_time_ms_until_issued_stops_before_the_wait():
+  """The wait (here a result whose `block_until_ready` takes 20 ms) counts
+  in the wall time of a call, not in the host's time to issue one."""
+  import time  # pylint: disable=g-import-not-at-top
+  from blasst_jax import testing  # pylint: disable=g-import-not-at-top
+
+  class SlowResult:
+    def block_until_ready(self):
+      time.sleep(0.02)
+      return self
+
+  fn = SlowResult
+  wall = testing.median_time_ms(fn, warmup=1, iters=3, reps=2)
+  issued = testing.median_time_ms(fn, warmup=1, iters=3, reps=2,
+                                  until_issued=True)
+  assert wall >= 20 / 2 and issued < 5

@@ -606,7 +606,8 @@ def test_config_rejects_what_cannot_run():
     # Transposed, registers are no limit: two wherever shared memory fits
     # and a page holds >= 8192 elements.
     (128, 128, False, True, 2), (256, 64, False, True, 2),
-    (64, 64, False, True, 1), (64, 128, True, True, 2),
+    (64, 64, False, True, 1), (64, 64, True, True, 2),   # FP8: 4 KiB pages
+    (64, 128, True, True, 2),
     (256, 128, True, True, 1)])   # two widened f16 tiles would not fit
 def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
                                                            transposed, wgs):

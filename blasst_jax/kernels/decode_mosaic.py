@@ -168,7 +168,8 @@ class MosaicDecodeConfig:
       blocks on alternate warpgroups); with 2, both rings hold an even
       number of pages. None: 2 where registers and shared memory allow
       (64 rows: head_dim + block_kv <= 192; transposed: the query columns'
-      tiles fit and pages hold >= 8192 elements, see `pipeline`), else 1.
+      tiles fit and pages hold >= 8192 elements, 4096 for FP8 pages, see
+      `pipeline`), else 1.
     split_registers: with two compute warpgroups, hand the memory
       warpgroup's registers to them (setmaxnreg `REGISTERS`: 232 / 40 a
       thread instead of 168 each at launch). None: for FP8 pages (with
@@ -497,13 +498,16 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
     # at 128 + 128, where they spill). Transposed, a thread holds
     # (d + 3 block_kv) N / 128 of them (accumulator, scores, row-sum tile,
     # the f32 P carried a step): 32 at N = 8, d = block_kv = 128.
-    # Transposed, two warpgroups also need pages of >= 8192 elements: the
+    # Transposed, two warpgroups also need pages of >= 8192 elements
+    # (4096 for FP8, whose widening makes a page's work twice as long): the
     # running max is handed over every block, which a small page's work
-    # does not cover (H200, d64 / 64 keys, `decode_v_issue_h200.log`: one
-    # warpgroup 7 % faster dense and 1-2 % when skipping 89-99 %).
+    # does not cover (H200, bf16 d64 / 64 keys, `decode_v_issue_h200.log`:
+    # one warpgroup 7 % faster dense and 1-2 % when skipping 89-99 %; H100,
+    # FP8 d64 / 64 keys, `decode_fp8_pages_h100.log`: two 22 % faster
+    # dense, 15 % at the λ = 0 check, level when skipping 97-99 %).
     if config.transposed:
       small = ((head_dim + 3 * block_kv) * cols <= 96 * 128
-               and block_kv * head_dim >= 8192)
+               and block_kv * head_dim >= (4096 if fp8 else 8192))
     else:
       small = head_dim + block_kv <= 192
     even = all(s is None or s % 2 == 0

@@ -32,7 +32,8 @@ default, for FP8 pages K widened in registers and the memory warpgroup's
 registers handed to the compute warpgroups; each of those two alone; the
 default with the "schedule" options), "fp8_pages" (with `--fp8 --shapes=3`:
 FP8 pages at head_dim 64 of 64 and 128 keys, one and two compute warpgroups,
-where a page of 64 keys is 4 KiB), "ahead" (one or two blocks decided
+where a page of 64 keys is 4 KiB), "page_size" (with `--shapes=3`, head_dim
+64: pages of 128 and of 256 keys, bf16 or with `--fp8`), "ahead" (one or two blocks decided
 ahead of the one accumulated, with pages of 64 and 128 keys), "table" (a
 contiguous cache, whose pages the kernel computes, against the same cache
 through a page table), "layout" (pages holding each token's KV heads side by
@@ -147,6 +148,10 @@ BUILDS = {
         "p128": (128, Config()),
         "p128 T1": (128, Config(compute_wgs=1)),
     },
+    "page_size": {
+        "p128": (128, Config()),
+        "p256": (256, Config()),
+    },
     "ahead": {
         "p64": (64, Config()),
         "ahead 2 p64": (64, Config(decide_ahead=2)),
@@ -233,6 +238,9 @@ _SCORES = flags.DEFINE_enum(
 _FP8 = flags.DEFINE_bool(
     "fp8", False, "FP8 (e4m3) pages with per-head scales instead of bf16 "
     "(TB/s-eff still counts the bf16 cache's bytes).")
+_BLOCK_KV = flags.DEFINE_integer(
+    "block_kv", 0, "Keys a page for the builds that leave it to the shape "
+    "(0: the shape's, SHAPES).")
 _TRACE = flags.DEFINE_bool(
     "trace", False, "Also print each build's GPU timeline of 20 queued "
     "calls (jax.profiler): its kernels' median durations and the gaps, so "
@@ -247,6 +255,7 @@ def main(argv):
   ids = [int(i) for i in _SHAPES.value] or range(len(SHAPES))
   for i in ids:
     b, hq, hkv, s, d, shape_bkv, lams = SHAPES[i]
+    shape_bkv = _BLOCK_KV.value or shape_bkv
     make_qkv = (patterns.sink_local_qkv if _SCORES.value == "sink_local"
                 else patterns.scattered_qkv)
     q, k, v = make_qkv(

@@ -19,6 +19,9 @@ outside the kernels: run it without the profiler, and under
 for every kernel of a call (the query's fusion before it, the stats after).
 With `--trace`, the GPU's own timeline of 20 queued calls (`jax.profiler`):
 each kernel's duration, the gap before it and the period of a call.
+`--head_dim` and `--fp8` (an FP8 cache with per-head scales) give the other
+caches of the study, e.g. SmolLM2's shape: `--batch=120 --seq_len=8192
+--q_heads=9 --kv_heads=3 --head_dim=64 --fp8`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Sequences.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 131072, "Cache length (all full).")
 _Q_HEADS = flags.DEFINE_integer("q_heads", 32, "Query heads.")
 _KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "KV heads.")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
+_FP8 = flags.DEFINE_bool(
+    "fp8", False, "FP8 (e4m3) cache with per-head scales "
+    "(`decode.quantize_cache`) instead of bf16.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["dense:split", "1e-3:anchored", "1e-3:global"],
     "λ:max_mode[:splits] to run, in order.")
@@ -59,11 +66,16 @@ def main(argv):
   b, s = _BATCH.value, _SEQ_LEN.value
   q, k, v = patterns.sink_local_qkv(
       jax.random.PRNGKey(0), batch=b, seq_len=s, q_heads=_Q_HEADS.value,
-      kv_heads=_KV_HEADS.value, head_dim=128, dtype=jnp.bfloat16,
+      kv_heads=_KV_HEADS.value, head_dim=_HEAD_DIM.value, dtype=jnp.bfloat16,
       sharpness=(10.0, 14.0, 18.0, 22.0), sink_tokens=4, window=64)
   q, lengths = q[:, -1], jnp.full((b,), s, jnp.int32)
+  scales = {}
+  if _FP8.value:
+    k, scales["k_scale"] = bj.decode.quantize_cache(k)
+    v, scales["v_scale"] = bj.decode.quantize_cache(v)
   print(f"{jax.devices()[0].device_kind} jax {jax.__version__} b{b} s{s} "
-        f"hq{_Q_HEADS.value} hkv{_KV_HEADS.value}", flush=True)
+        f"hq{_Q_HEADS.value} hkv{_KV_HEADS.value} d{_HEAD_DIM.value}"
+        + (" fp8" if _FP8.value else ""), flush=True)
   for variant in _VARIANTS.value:
     thr, mode, *splits = variant.split(":")
     threshold = 0.0 if thr == "dense" else jnp.float32(float(thr))
@@ -71,7 +83,8 @@ def main(argv):
                splits=splits):
       return bj.decode_attention(
           q, k, v, lengths, threshold=threshold, max_mode=mode,
-          num_splits=int(splits[0]) if splits else None, return_stats=stats)
+          num_splits=int(splits[0]) if splits else None, return_stats=stats,
+          **scales)
     with_stats = jax.jit(functools.partial(attend, stats=True))
     _, stats = jax.block_until_ready(with_stats(q, k, v))
     sparsity = float(stats.total_sparsity)

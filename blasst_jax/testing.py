@@ -404,11 +404,10 @@ def median_time_ms(fn, *args, warmup: int, iters: int, reps: int = 1,
     t0 = time.perf_counter()
     for _ in range(reps):
       out = fn(*args)
-    if until_issued:
-      samples.append((time.perf_counter() - t0) * 1e3 / reps)
+    issued = time.perf_counter()
     jax.block_until_ready(out)
-    if not until_issued:
-      samples.append((time.perf_counter() - t0) * 1e3 / reps)
+    end = issued if until_issued else time.perf_counter()
+    samples.append((end - t0) * 1e3 / reps)
   return statistics.median(samples)
 
 

@@ -33,14 +33,15 @@ registers handed to the compute warpgroups; each of those two alone; the
 default with the "schedule" options), "fp8_pages" (with `--fp8 --shapes=3`:
 FP8 pages at head_dim 64 of 64 and 128 keys, one and two compute warpgroups,
 where a page of 64 keys is 4 KiB), "page_size" (with `--shapes=3`, head_dim
-64: pages of 128 and of 256 keys, bf16 or with `--fp8`), "ahead" (one or two blocks decided
-ahead of the one accumulated, with pages of 64 and 128 keys), "table" (a
-contiguous cache, whose pages the kernel computes, against the same cache
-through a page table), "layout" (pages holding each token's KV heads side by
-side, NHD, or each head's rows in one run, HND, through the same page
-table), "waves" (the split count that fills the GPU's SMs once, twice and
-four times: skipping leaves the programs of diffuse heads most of the V
-bytes, and programs in several waves let the block scheduler even the load)
+64: pages of 128 and of 256 keys, bf16 or with `--fp8`), "ahead" (one or two
+blocks decided ahead of the one accumulated, with pages of 64 and 128 keys),
+"table" (a contiguous cache, whose pages the kernel computes, against the
+same cache through a page table), "layout" (pages holding each token's KV
+heads side by side, NHD, or each head's rows in one run, HND, through the
+same page table), "waves" (the split count that fills the GPU's SMs once,
+twice and four times: skipping leaves the programs of diffuse heads most of
+the V bytes, and programs in several waves let the block scheduler even the
+load)
 "persistent" (a persistent kernel of a program per SM walking the
 items, `MosaicDecodeConfig.programs`, over splits that fill the SMs once,
 twice and four times, beside the grid of one and four waves),

@@ -499,7 +499,7 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
     # (d + 3 block_kv) N / 128 of them (accumulator, scores, row-sum tile,
     # the f32 P carried a step): 32 at N = 8, d = block_kv = 128.
     # Transposed, two warpgroups also need pages of >= 8192 elements
-    # (4096 for FP8, whose widening makes a page's work twice as long): the
+    # (4096 for FP8, whose widening lengthens a page's work): the
     # running max is handed over every block, which a small page's work
     # does not cover (H200, bf16 d64 / 64 keys, `decode_v_issue_h200.log`:
     # one warpgroup 7 % faster dense and 1-2 % when skipping 89-99 %; H100,

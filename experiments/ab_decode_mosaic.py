@@ -35,6 +35,8 @@ FP8 pages at head_dim 64 of 64 and 128 keys, one and two compute warpgroups,
 where a page of 64 keys is 4 KiB), "page_size" (with `--shapes=3`, head_dim
 64: pages of 128 and of 256 keys, bf16 or with `--fp8`), "ahead" (one or two
 blocks decided ahead of the one accumulated, with pages of 64 and 128 keys),
+"wgs3" (three compute warpgroups against the default, pages of 64 and 128
+keys, the default K ring of six pages and one of three),
 "table" (a contiguous cache, whose pages the kernel computes, against the
 same cache through a page table), "layout" (pages holding each token's KV
 heads side by side, NHD, or each head's rows in one run, HND, through the
@@ -158,6 +160,13 @@ BUILDS = {
         "ahead 2 p64": (64, Config(decide_ahead=2)),
         "p128": (128, Config()),
         "ahead 2 p128": (128, Config(decide_ahead=2)),
+    },
+    "wgs3": {
+        "p64": (64, Config()),
+        "p64 T3": (64, Config(compute_wgs=3)),
+        "p128": (128, Config()),
+        "p128 T3": (128, Config(compute_wgs=3)),
+        "p128 T3 k3": (128, Config(compute_wgs=3, k_stages=3)),
     },
     "table": {
         "contiguous": (None, Config()),

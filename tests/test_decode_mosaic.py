@@ -138,6 +138,10 @@ def test_one_part_a_split_is_race_free_and_matches_oracle():
     # dense with one split; 64 rows deciding by the max reduction.
     ("anchored", 1, 2, 0.0, (4, 2, 2)),
     ("split", 2, 2, 1e-2, (2, 2, 2, False, False, False)),
+    # Three warpgroups: the anchors on warpgroups 1 and 2, the running max
+    # handed round; V at the decision, and after accumulating (3 V slots).
+    ("anchored", 2, 2, 1e-2, (6, 6, 3)),
+    ("split", 3, 1, 1e-2, (3, 3, 3)),
     # The memory warpgroup copies V as it reads the decisions: transposed,
     # the 64-row build, dense with one warpgroup.
     ("anchored", 2, 2, 1e-2, (2, 2, 2, False, True, True, False, False)),
@@ -364,7 +368,8 @@ PAIRED = dict(compute_wgs=2, k_stages=2, v_stages=4)
     (3, PAIRED, 1),
     (2, dict(PAIRED, merge_warpgroups=False), 2),
     (2, dict(transposed=False, compute_wgs=1), 1),
-    (3, dict(compute_issues_v=False), 1)])
+    (3, dict(compute_issues_v=False), 1),
+    (1, dict(compute_wgs=3), None)])
 def test_in_kernel_merge_matches_oracle(monkeypatch, num_splits, stages,
                                         slots):
   if slots is not None:
@@ -569,10 +574,15 @@ def test_config_rejects_what_cannot_run():
     decode_mosaic.MosaicDecodeConfig(k_stages=1)
   with pytest.raises(ValueError, match="v_stages"):
     decode_mosaic.MosaicDecodeConfig(v_stages="2")
-  with pytest.raises(ValueError, match="compute_wgs"):
-    decode_mosaic.MosaicDecodeConfig(compute_wgs=3)
+  for bad in (4, 0, True):
+    with pytest.raises(ValueError, match="compute_wgs"):
+      decode_mosaic.MosaicDecodeConfig(compute_wgs=bad)
+  with pytest.raises(ValueError, match="transposed=True"):
+    decode_mosaic.MosaicDecodeConfig(compute_wgs=3, transposed=False)
   with pytest.raises(ValueError, match="multiple"):
     decode_mosaic.MosaicDecodeConfig(v_stages=3, compute_wgs=2)
+  with pytest.raises(ValueError, match="multiple"):
+    decode_mosaic.MosaicDecodeConfig(k_stages=4, compute_wgs=3)
   with pytest.raises(ValueError, match="one_barrier_vote"):
     decode_mosaic.MosaicDecodeConfig(one_barrier_vote=1)
   with pytest.raises(ValueError, match="transposed"):
@@ -606,8 +616,9 @@ def test_config_rejects_what_cannot_run():
     # Transposed, registers are no limit: two wherever shared memory fits
     # and a page holds >= 8192 elements.
     (128, 128, False, True, 2), (256, 64, False, True, 2),
-    (64, 64, False, True, 1), (64, 64, True, True, 2),   # FP8: 4 KiB pages
-    (64, 128, True, True, 2),
+    # Three at head_dim 64: FP8 pages of 64 and 128 keys, bf16 of 64.
+    (64, 64, False, True, 3), (64, 64, True, True, 3),
+    (64, 128, True, True, 3), (64, 128, False, True, 2),
     (256, 128, True, True, 1)])   # two widened f16 tiles would not fit
 def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
                                                            transposed, wgs):
@@ -644,7 +655,7 @@ def test_persistent_kernel_keeps_the_default_rings(d, block_kv, fp8, group):
     # Twice the warpgroups' V slots where they fit beside two K pages, then
     # the deepest K ring; 2 V slots without compute_issues_v.
     (128, 128, True, (2, 2, 4)), (128, 128, False, (2, 4, 2)),
-    (64, 64, True, (1, 4, 2)), (128, 64, True, (2, 4, 4)),
+    (64, 64, True, (3, 6, 6)), (128, 64, True, (2, 4, 4)),
     # 64 KiB pages: one warpgroup, two of each.
     (256, 128, True, (1, 2, 2))])
 def test_default_rings(d, block_kv, issue, want):
@@ -654,8 +665,9 @@ def test_default_rings(d, block_kv, issue, want):
 
 @pytest.mark.parametrize("d,block_kv,fp8,want,ahead", [
     # Three V slots a warpgroup where they fit beside two K pages, else
-    # two (and one block decided ahead).
-    (64, 128, False, (2, 4, 6), 2), (64, 64, False, (1, 4, 3), 2),
+    # two (and one block decided ahead); three warpgroups at head_dim 64
+    # and pages of 64 keys.
+    (64, 128, False, (2, 4, 6), 2), (64, 64, False, (3, 6, 9), 2),
     (128, 128, True, (2, 2, 6), 2), (128, 128, False, (2, 2, 4), 1)])
 def test_rings_of_two_blocks_decided_ahead(d, block_kv, fp8, want, ahead):
   config = decode_mosaic.MosaicDecodeConfig(decide_ahead=2)
@@ -709,6 +721,25 @@ def lower_decode(d, block_kv, group, skip, max_mode, cache, *,
 @pytest.mark.parametrize("cache", [jnp.bfloat16, jnp.float8_e4m3fn])
 def test_kernel_lowers_for_cuda(d, block_kv, group, skip, max_mode, cache):
   lowered = lower_decode(d, block_kv, group, skip, max_mode, cache)
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+@pytest.mark.parametrize("d,block_kv,fp8,rings", [
+    (64, 128, True, (3, 6, 6)), (64, 64, False, (3, 6, 6)),
+    (128, 128, False, (3, 3, 3))])   # 32 KiB pages: one a warpgroup
+def test_three_warpgroups_take_rings_of_multiples_of_three(d, block_kv, fp8,
+                                                           rings):
+  config = decode_mosaic.MosaicDecodeConfig(compute_wgs=3)
+  assert decode_mosaic.pipeline(config, d, block_kv, 64, fp8,
+                                group=3) == rings
+  assert decode_mosaic.fits(config, d, block_kv, 64, fp8, group=3)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_three_warpgroups_lower_for_cuda(skip):
+  lowered = lower_decode(64, 128, 3, skip, "anchored", jnp.float8_e4m3fn,
+                         config=decode_mosaic.MosaicDecodeConfig(
+                             compute_wgs=3))
   assert "mosaic_gpu" in lowered.as_text()
 
 

@@ -298,6 +298,46 @@ def test_schedule_options_match_the_default_build(kwargs, fp8):
     assert_same_results(*results, skipping=True)
 
 
+# Three compute warpgroups (block j on warpgroup j % 3) decide as one
+# warpgroup walking the split does: skip counts equal the default build's;
+# the outputs add the same blocks in another order. Head_dim 128 (FP8
+# spills there) and the real-model shape, head_dim 64 at 3 KV heads.
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("head_dim,block_kv,num_splits", [
+    (128, 128, None), (64, 64, None), (64, 128, 1), (64, 128, 5)])
+def test_three_compute_warpgroups_match_the_default_build(head_dim, block_kv,
+                                                          num_splits, fp8):
+  if not bj.api.is_hopper():
+    pytest.skip("needs a Hopper GPU")
+  from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
+  if head_dim == 128:
+    q, k, v, lengths, scales = ragged_cache("gpu_three_wgs", fp8)
+  else:
+    q, k, v = patterns.sink_local_qkv(
+        testing.key_for("gpu_three_wgs_d64", fp8), batch=3, seq_len=8192,
+        q_heads=9, kv_heads=3, head_dim=64, sharpness=(14.0, 20.0),
+        dtype=jnp.bfloat16)
+    q, lengths, scales = q[:, -1], jnp.array([8192, 5111, 1], jnp.int32), {}
+    if fp8:
+      k, scales["k_scale"] = bj.decode.quantize_cache(k)
+      v, scales["v_scale"] = bj.decode.quantize_cache(v)
+  for max_mode, threshold in (("anchored", 1e-3), ("split", 1e-3),
+                              ("anchored", 0.0)):
+    (want, want_stats), (got, stats) = [bj.decode_attention(
+        q, k, v, lengths, threshold=threshold, block_kv=block_kv,
+        num_splits=num_splits, max_mode=max_mode,
+        implementation="pallas_mosaic", return_stats=True,
+        kernel_config=decode_mosaic.MosaicDecodeConfig(compute_wgs=wgs),
+        **scales) for wgs in (None, 3)]
+    testing.assert_close(got, want, jnp.bfloat16)
+    np.testing.assert_array_equal(stats.skipped_blocks,
+                                  want_stats.skipped_blocks)
+    np.testing.assert_array_equal(stats.visited_blocks,
+                                  want_stats.visited_blocks)
+    if threshold and max_mode == "anchored":
+      assert float(stats.total_sparsity) > 0.1
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("threshold", [0.0, 1e-3])
 def test_heads_first_pages_match_nhd_pages(fp8, threshold):

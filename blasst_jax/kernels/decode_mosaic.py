@@ -1,7 +1,7 @@
 """Hopper skip-softmax decode kernel (Pallas Mosaic GPU), paged KV cache.
 
 One program per (split, KV head, sequence) with a memory warpgroup and
-`compute_wgs` (1 or 2) compute warpgroups. The memory warpgroup streams the
+`compute_wgs` (1 to 3) compute warpgroups. The memory warpgroup streams the
 split's K pages into a shared-memory ring with TMA, `k_stages` blocks
 ahead; a V page is copied only once its block has been kept, by the
 compute warpgroup that kept it, into a V slot only that warpgroup uses
@@ -16,11 +16,11 @@ columns), scores its next block j, decides it against the running max and
 publishes the decision, then accumulates its previous block, whose V copy
 ran while block j was scored.
 
-With two compute warpgroups, block j belongs to warpgroup j % 2: the score
-products, softmax and P·V of neighbouring blocks run side by side, and only
-the decision is serial: the running max after block j - 1 is handed over in
-shared memory (one row vector and a barrier), so the decisions are those of
-one warpgroup walking the split in order. Each warpgroup keeps its own
+With C > 1 compute warpgroups, block j belongs to warpgroup j % C: the
+score products, softmax and P·V of neighbouring blocks run side by side,
+and only the decision is serial: the running max after block j - 1 is
+handed over in shared memory (one row vector and a barrier), so the
+decisions are those of one warpgroup walking the split in order. Each warpgroup keeps its own
 accumulator; the two are written as two partials of the split.
 
 Max modes as `reference.blockwise_decode_attention`: "split" starts every
@@ -164,15 +164,18 @@ class MosaicDecodeConfig:
       skipping 30-97 % at head_dim 128, batch 8 and 1; within 1.5 % at
       batch 64), else as many as the warpgroups;
       without it, 2.
-    compute_wgs: compute warpgroups per program, 1 or 2 (neighbouring
-      blocks on alternate warpgroups); with 2, both rings hold an even
-      number of pages. None: 2 where registers and shared memory allow
-      (64 rows: head_dim + block_kv <= 192; transposed: the query columns'
-      tiles fit and pages hold >= 8192 elements, 4096 for FP8 pages, see
-      `pipeline`), else 1.
-    split_registers: with two compute warpgroups, hand the memory
-      warpgroup's registers to them (setmaxnreg `REGISTERS`: 232 / 40 a
-      thread instead of 168 each at launch). None: for FP8 pages (with
+    compute_wgs: compute warpgroups per program, 1, 2 or 3 (block j on
+      warpgroup j % C); both rings then hold a multiple of C pages. 3
+      needs `transposed` (its registers: `REGISTERS`). None: 3 at head_dim
+      64 for FP8 pages of <= 128 keys and 16-bit pages of 64 (transposed,
+      at most 16 query columns); else 2 where registers and shared memory
+      allow (64 rows: head_dim + block_kv <= 192; transposed: the query
+      columns' tiles fit and pages hold >= 8192 elements, 4096 for FP8
+      pages); else 1 (see `pipeline`).
+    split_registers: with two or three compute warpgroups, hand the
+      memory warpgroup's registers to them (setmaxnreg `REGISTERS`: 232 /
+      40 a thread instead of 168 each at launch; three: 152 / 56 instead
+      of 128). None: for FP8 pages (with
       `fp8_k_in_registers`, H200, `decode_fp8_regs_h200.log`: 36 % faster
       dense and 11 % at 70 % skipped than the shared-memory widening),
       not for 16-bit ones.
@@ -321,22 +324,29 @@ class MosaicDecodeConfig:
       raise ValueError(
           "A persistent kernel (`programs`) needs `transposed=True` and "
           "`compute_issues_v=True` (its memory warpgroup streams only K).")
-    if self.compute_wgs not in (None, 1, 2):
-      raise ValueError(f"`compute_wgs` must be None, 1 or 2, got "
+    if self.compute_wgs not in (None, 1, 2, 3) or isinstance(
+        self.compute_wgs, bool):
+      raise ValueError(f"`compute_wgs` must be None, 1, 2 or 3, got "
                        f"{self.compute_wgs!r}.")
+    if self.compute_wgs == 3 and not self.transposed:
+      raise ValueError(
+          "`compute_wgs=3` needs `transposed=True`: the 64-row build's "
+          "tiles do not fit three warpgroups' registers.")
     for name in ("k_stages", "v_stages"):
       value = getattr(self, name)
       if value is not None and self.compute_wgs and value % self.compute_wgs:
         raise ValueError(
             f"With compute_wgs={self.compute_wgs}, `{name}` must be a "
-            f"multiple of it (each warpgroup owns alternate slots), got "
+            f"multiple of it (slot s belongs to one warpgroup), got "
             f"{value}.")
 
 
+# The deepest default K ring: MAX_K_STAGES pages, or two a compute
+# warpgroup where that is more.
 MAX_K_STAGES = 4
-# setmaxnreg with two compute warpgroups (`split_registers`): (compute,
-# memory) registers a thread, 2 x 232 + 40 of the 512 a thread slot allows.
-REGISTERS = (232, 40)
+# setmaxnreg by compute warpgroups (`split_registers`): (compute, memory)
+# registers a thread, C x compute + memory = the 512 a thread slot allows.
+REGISTERS = {2: (232, 40), 3: (152, 56)}
 # Keys of a page widened (FP8) or cleared past the length at a time: a
 # whole page of 128 keys in registers at head_dim 128 spills them.
 WIDEN_KEYS = 64
@@ -346,7 +356,9 @@ SMEM_ALIGNMENT = 1024
 # Buffers of at most 1 KiB (params, votes, ml, stats, FP8 scales,
 # `initial_max` rows, the vote words) and 1 KiB for the barriers.
 SMALL_BUFFERS = 8
-# Running maxima handed between two compute warpgroups, in flight at once;
+# Running maxima handed between compute warpgroups, in flight at once (at
+# least a slot a warpgroup, so that slot j % H has one writer, warpgroup
+# j % C, and one reader, (j + 1) % C: `hand_over_slots`);
 # with `hand_over_block_max`, block maxima: a warpgroup may publish block
 # j + 6 only once the other has read block j, which the other's reading of
 # block j + 2 before it publishes block j + 3 guarantees.
@@ -454,7 +466,8 @@ def config_bytes(config, head_dim, block_kv, pages_per_seq, fp8, group,
       head_dim, block_kv, pages_per_seq, k_stages, v_stages, fp8=fp8,
       compute_wgs=compute_wgs,
       cols=query_tile(group, True) if config.transposed else None,
-      merge=config.merge_in_kernel, handoff_slots=hand_over_slots(config),
+      merge=config.merge_in_kernel,
+      handoff_slots=hand_over_slots(config, compute_wgs),
       p_slots=blocks_ahead(config, compute_wgs, v_stages) + 1,
       persistent=config.programs is not None)
 
@@ -474,10 +487,12 @@ def blocks_ahead(config, compute_wgs, v_stages) -> int:
   return 1
 
 
-def hand_over_slots(config) -> int:
-  """Hand-over slots of the running max (or the block maxima)."""
-  return (BLOCK_MAX_HANDOFF_SLOTS if config.hand_over_block_max
-          else HANDOFF_SLOTS)
+def hand_over_slots(config, compute_wgs=2) -> int:
+  """Hand-over slots of the running max (or, two warpgroups, the block
+  maxima): a multiple of the compute warpgroups."""
+  if config.hand_over_block_max and compute_wgs == 2:
+    return BLOCK_MAX_HANDOFF_SLOTS
+  return max(HANDOFF_SLOTS, compute_wgs)
 
 
 def pipeline(config, head_dim, block_kv, pages_per_seq,
@@ -485,7 +500,8 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
   """(compute warpgroups, K ring depth, V ring depth): config's, else two
   warpgroups where their registers, rings and output tiles fit (even
   rings); V slots as `MosaicDecodeConfig.v_stages` says; then the deepest
-  K ring (<= MAX_K_STAGES) that fits in shared memory."""
+  K ring (a multiple of the warpgroups, <= MAX_K_STAGES or two a
+  warpgroup) that fits in shared memory."""
   cols = query_tile(group, True) if config.transposed else None
 
   def fits(wgs, k_stages, v_stages):
@@ -510,11 +526,29 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
                and block_kv * head_dim >= (4096 if fp8 else 8192))
     else:
       small = head_dim + block_kv <= 192
-    even = all(s is None or s % 2 == 0
-               for s in (config.k_stages, config.v_stages))
-    wgs = 2 if (small and even and fits(2, config.k_stages or 2,
-                                        config.v_stages or 2)) else 1
-  k_min = config.k_stages or 2
+    # Three, transposed at head_dim 64, for FP8 pages of <= 128 keys and
+    # 16-bit pages of 64: the running max then goes round three
+    # warpgroups, so each has two other blocks' work to cover its wait for
+    # it (`decode_wgs3_d64{,_fp8}_h200.log`, against the default: FP8
+    # pages of 64 keys 16 % faster dense and 17 % when skipping 98 %, of
+    # 128 keys 5 % dense, 15 % at the λ = 0 check, 14 % when skipping
+    # 97 %; 16-bit pages of 64 keys 3 % slower dense, 18 % faster at the
+    # check and 11 % when skipping; 16-bit pages of 128 keys 5 % slower,
+    # so they keep two).
+    three = (config.transposed and head_dim == 64 and cols <= 16
+             and block_kv <= (128 if fp8 else 64))
+
+    def multiple_of(n):
+      return all(s is None or s % n == 0
+                 for s in (config.k_stages, config.v_stages))
+    if three and multiple_of(3) and fits(3, config.k_stages or 3,
+                                         config.v_stages or 3):
+      wgs = 3
+    else:
+      wgs = 2 if (small and multiple_of(2)
+                  and fits(2, config.k_stages or 2,
+                           config.v_stages or 2)) else 1
+  k_min = config.k_stages or max(2, wgs)
   if config.v_stages is not None:
     v_stages = config.v_stages
   elif config.compute_issues_v:   # a slot a warpgroup for the block in
@@ -525,11 +559,12 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
     v_stages = next((v for v in (deepest, 2 * wgs)
                      if fits(wgs, k_min, v)), max(wgs, 2))
   else:
-    v_stages = 2
+    v_stages = max(2, wgs)
   if config.k_stages is not None:
     return wgs, config.k_stages, v_stages
-  depth = 2
-  while depth + wgs <= MAX_K_STAGES and fits(wgs, depth + wgs, v_stages):
+  depth = k_min
+  while (depth + wgs <= max(MAX_K_STAGES, 2 * wgs)
+         and fits(wgs, depth + wgs, v_stages)):
     depth += wgs
   return wgs, depth, v_stages
 
@@ -1082,10 +1117,11 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   @pl.when(wg < n_wgs)
   def _compute():
     # Block vp (and K stream position vp + n_anchor) belongs to warpgroup
-    # vp % C; with even rings (and 0 or 2 anchors) each slot has one reader,
-    # so every warpgroup waits on each of its barriers' phases in order.
+    # vp % C (an anchor, K position a, is block a - 2); with rings of a
+    # multiple of C slots each slot has one reader, so every warpgroup
+    # waits on each of its barriers' phases in order.
     if split_registers:
-      plgpu.set_max_registers(REGISTERS[0], action="increase")
+      plgpu.set_max_registers(REGISTERS[n_wgs][0], action="increase")
     w = wg
 
     def issue_query(r):
@@ -1175,7 +1211,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     # after it.
     early_v = compute_issues_v and v_stages >= (ahead + 1) * n_wgs
     assert ahead == 1 or early_v
-    handing = skip_enabled and n_wgs == 2
+    handing = skip_enabled and n_wgs > 1
 
     def item(r, carry):
       """Round r's item: its blocks, then its partial (and the merge)."""
@@ -1233,12 +1269,13 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       # max ("anchored"; with two warpgroups each scores one anchor and the
       # second hands its max to the first; handing block maxima, each hands
       # its own to the other, the first reading the second's at its first
-      # block), else -inf.
+      # block; with three, the anchors are blocks -2 and -1 of the running
+      # max's chain, on warpgroups 1 and 2), else -inf.
       if anchored and skip_enabled:
         if n_wgs == 1:
           m0 = lax.fori_loop(0, n_anchor, lambda kp, m: jnp.maximum(
               m, key_reduce(scores(kp), "max")), minus_inf)
-        else:
+        elif n_wgs == 2:
           own = lax.cond(n_anchor > 0,
                          lambda: key_reduce(scores(w), "max"),
                          lambda: minus_inf)
@@ -1252,9 +1289,23 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
             pl.when(w == 1)(lambda: hand_over(jnp.int32(-1), own))
             return lax.cond(w == 0, lambda: jnp.maximum(
                 own, take_over(jnp.int32(-1))), lambda: own)
+
           m0 = lax.cond(n_anchor > 0,
                         exchange if block_max_handoff else first_anchor,
                         lambda: own)
+        else:
+          def chain():   # -2 (warpgroup C - 2) -> -1 (C - 1) -> block 0
+            first, second = w == n_wgs - 2, w == n_wgs - 1
+            own = lax.cond(first | second, lambda: key_reduce(
+                scores(w - (n_wgs - 2)), "max"), lambda: minus_inf)
+            pl.when(first)(lambda: hand_over(jnp.int32(-2), own))
+            m = lax.cond(second, lambda: jnp.maximum(
+                own, take_over(jnp.int32(-2))), lambda: own)
+            pl.when(second)(lambda: hand_over(jnp.int32(-1), m))
+            return lax.cond(w == 0, lambda: take_over(jnp.int32(-1)),
+                            lambda: m)
+
+          m0 = lax.cond(n_anchor > 0, chain, lambda: minus_inf)
       else:
         m0 = minus_inf
       if sc.rows is not None:   # A given start: every split begins there.
@@ -1408,10 +1459,10 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
       acc, l, m_acc, m, n_skipped, pending = lax.fori_loop(
           0, n_mine, step,
           (acc, l, minus_inf, m0, n * 0, (nothing,) * ahead))
-      if handing:   # The last hand-over is for the other warpgroup.
+      if handing:   # The last hand-over is for the next warpgroup.
         last = it.n_k - 1 if block_max_handoff else n - 1
 
-        @pl.when((last >= 0) & (lax.rem(last, 2) != w))
+        @pl.when((last >= 0) & (lax.rem(last + 1, n_wgs) == w))
         def _():
           take_over(last)
       for back, last_pending in enumerate(pending):   # the last `ahead`
@@ -1517,7 +1568,7 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
   @pl.when(wg == n_wgs)
   def _memory():
     if split_registers:
-      plgpu.set_max_registers(REGISTERS[1], action="decrease")
+      plgpu.set_max_registers(REGISTERS[n_wgs][1], action="decrease")
     issue_params(jnp.int32(0))
 
     def copy_table(r, it):
@@ -1900,7 +1951,8 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
         params=plgpu.SMEM((n_wgs + 1, CONTROL_HALVES), dtype),
         votes=(None if config.compute_issues_v
                else plgpu.SMEM((k_stages,), jnp.int32)),
-        handoff=plgpu.SMEM((hand_over_slots(config), rows), jnp.float32),
+        handoff=plgpu.SMEM((hand_over_slots(config, n_wgs), rows),
+                           jnp.float32),
         ml=plgpu.SMEM((n_wgs, 2, rows), jnp.float32),
         stats=plgpu.SMEM((n_wgs, SLOT), jnp.int32),
         p=p,
@@ -1930,13 +1982,14 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
                 else plgpu.Barrier(num_barriers=v_stages)),
         votes=(None if config.compute_issues_v
                else plgpu.Barrier(num_barriers=k_stages)),
-        handoff=plgpu.Barrier(num_barriers=hand_over_slots(config)),
+        handoff=plgpu.Barrier(num_barriers=hand_over_slots(config, n_wgs)),
         done=plgpu.Barrier(num_arrivals=n_wgs),
         ring_free=(plgpu.Barrier(num_arrivals=n_wgs) if persistent
                    else None),
         rows=plgpu.Barrier() if given else None,
         written=plgpu.Barrier(num_arrivals=n_wgs) if merge else None,
-        pair=plgpu.Barrier() if part_wgs < n_wgs else None,
+        pair=(plgpu.Barrier(num_arrivals=n_wgs - 1) if part_wgs < n_wgs
+              else None),
         merged=(tuple(plgpu.Barrier(num_barriers=merge_slots)
                       for _ in range(3)) if merge else None),
         merge_free=(plgpu.Barrier(num_barriers=merge_slots)
@@ -1964,7 +2017,7 @@ def _launch(q, k_pages, v_pages, page_table, kv_lengths, log_threshold,
               anchored=max_mode == "anchored", k_stages=k_stages,
               v_stages=v_stages, compute_wgs=n_wgs,
               split_registers=on_for_fp8(config.split_registers, fp8)
-              and n_wgs == 2,
+              and n_wgs > 1,
               transposed=transposed, kv_heads=hkv, merge_slots=merge_slots,
               pages_per_seq=pages_per_seq,
               compute_issues_v=config.compute_issues_v,

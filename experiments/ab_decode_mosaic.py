@@ -36,7 +36,8 @@ where a page of 64 keys is 4 KiB), "page_size" (with `--shapes=3`, head_dim
 64: pages of 128 and of 256 keys, bf16 or with `--fp8`), "ahead" (one or two
 blocks decided ahead of the one accumulated, with pages of 64 and 128 keys),
 "wgs3" (three compute warpgroups against the default, pages of 64 and 128
-keys, the default K ring of six pages and one of three),
+keys, the default K ring of six pages and one of three; FP8 K widened in
+shared memory, which the registers of three at head_dim 128 need),
 "table" (a contiguous cache, whose pages the kernel computes, against the
 same cache through a page table), "layout" (pages holding each token's KV
 heads side by side, NHD, or each head's rows in one run, HND, through the
@@ -167,6 +168,8 @@ BUILDS = {
         "p128": (128, Config()),
         "p128 T3": (128, Config(compute_wgs=3)),
         "p128 T3 k3": (128, Config(compute_wgs=3, k_stages=3)),
+        "p128 T3 K smem": (128, Config(compute_wgs=3,
+                                       fp8_k_in_registers=False)),
     },
     "table": {
         "contiguous": (None, Config()),

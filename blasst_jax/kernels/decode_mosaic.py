@@ -20,8 +20,9 @@ With C > 1 compute warpgroups, block j belongs to warpgroup j % C: the
 score products, softmax and P·V of neighbouring blocks run side by side,
 and only the decision is serial: the running max after block j - 1 is
 handed over in shared memory (one row vector and a barrier), so the
-decisions are those of one warpgroup walking the split in order. Each warpgroup keeps its own
-accumulator; the two are written as two partials of the split.
+decisions are those of one warpgroup walking the split in order. Each
+warpgroup keeps its own accumulator; they are written as partials of the
+split (or joined by the first warpgroup, `merge_warpgroups`).
 
 Max modes as `reference.blockwise_decode_attention`: "split" starts every
 split's running max at -inf; "anchored" first scores the sequence's first
@@ -674,8 +675,8 @@ class _Scratch(NamedTuple):
   votes: Any     # int32 [k_stages] keep (1) / skip (0), by block % k_stages
                  # (None with compute_issues_v)
   handoff: Any   # f32 [H, R] running max after block j, in slot j % H
-                 # (H = 2); `hand_over_block_max`: the max of K position
-                 # j (H = 6)
+                 # (H = max(2, C)); `hand_over_block_max`: the max of K
+                 # position j (H = 6)
   ml: Any        # f32 [C, 2, R] row max (log2 units), row sum
   stats: Any     # int32 [C, SLOT] skipped, visited
   p: Any         # interpret mode: [C, ROWS, block_kv] P through memory;

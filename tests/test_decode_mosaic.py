@@ -142,9 +142,10 @@ def test_one_part_a_split_is_race_free_and_matches_oracle():
     # handed round; V at the decision, and after accumulating (3 V slots).
     ("anchored", 2, 2, 1e-2, (6, 6, 3)),
     ("split", 3, 1, 1e-2, (3, 3, 3)),
-    # The memory warpgroup copies V as it reads the decisions: transposed,
-    # the 64-row build, dense with one warpgroup.
+    # The memory warpgroup copies V as it reads the decisions: transposed
+    # (two and three warpgroups), the 64-row build, dense with one.
     ("anchored", 2, 2, 1e-2, (2, 2, 2, False, True, True, False, False)),
+    ("anchored", 2, 2, 1e-2, (3, 3, 3, False, True, True, False, False)),
     ("split", 3, 1, 1e-2, (2, 4, 2, False, True, False, False, False)),
     ("anchored", 1, 2, 0.0, (4, 2, 1, False, True, True, False, False))])
 def test_race_checked_kernel_matches_oracle(max_mode, num_splits, kv_heads,
@@ -237,14 +238,17 @@ def test_decide_ahead_merges_short_splits_in_the_kernel():
   testing.assert_skips_match(skipped, oracle, 1e-2, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_pages_of_128_keys_ending_in_either_half(fp8):
+# bf16 and FP8 at head_dim 64 (FP8: three compute warpgroups), and FP8 at
+# 128 on three, whose K pages are widened in registers 64 keys at a time.
+@pytest.mark.parametrize("fp8,head_dim,wgs", [(False, 64, None),
+                                              (True, 64, None), (True, 128, 3)])
+def test_pages_of_128_keys_ending_in_either_half(fp8, head_dim, wgs):
   """Pages of 128 keys are widened (FP8) and cleared past the length 64
   keys at a time (`WIDEN_KEYS`): lengths ending in a page's first and in
   its second half, NaN past them, race-checked against the oracle (on the
   dequantized cache for FP8). Dense: every block's V is accumulated."""
   shape = testing.DecodeShape(batch=2, q_heads=8, kv_heads=2, max_len=384,
-                              head_dim=64)
+                              head_dim=head_dim)
   key = testing.key_for("decode_mosaic_p128", fp8)
   kv_lengths = jnp.array([128 + 30, 256 + 100], jnp.int32)
   if fp8:
@@ -259,8 +263,8 @@ def test_pages_of_128_keys_ending_in_either_half(fp8):
   pool_k, pool_v, table = testing.paged_cache(k, v, 128)
   partials, races = run_race_checked(
       q, pool_k, pool_v, table, kv_lengths, 0.0, *scales, num_splits=2,
-      max_mode="anchored",
-      config=decode_mosaic.MosaicDecodeConfig(merge_in_kernel=False))
+      max_mode="anchored", config=decode_mosaic.MosaicDecodeConfig(
+          merge_in_kernel=False, compute_wgs=wgs))
   assert not races, "the race detector found a shared-memory data race"
   if fp8:   # the NaN-filled pages, dequantized
     k, v = testing.Fp8Cache(q, k, v, *scales).dequantized()
@@ -619,6 +623,7 @@ def test_config_rejects_what_cannot_run():
     # Three at head_dim 64: FP8 pages of 64 and 128 keys, bf16 of 64.
     (64, 64, False, True, 3), (64, 64, True, True, 3),
     (64, 128, True, True, 3), (64, 128, False, True, 2),
+    (128, 128, True, True, 2),
     (256, 128, True, True, 1)])   # two widened f16 tiles would not fit
 def test_default_pipeline_fits_registers_and_shared_memory(d, block_kv, fp8,
                                                            transposed, wgs):

@@ -169,10 +169,10 @@ class MosaicDecodeConfig:
       warpgroup j % C); both rings then hold a multiple of C pages. 3
       needs `transposed` (its registers: `REGISTERS`). None: 3 at head_dim
       64 for FP8 pages of <= 128 keys and 16-bit pages of 64 (transposed,
-      at most 16 query columns); else 2 where registers and shared memory
-      allow (64 rows: head_dim + block_kv <= 192; transposed: the query
-      columns' tiles fit and pages hold >= 8192 elements, 4096 for FP8
-      pages); else 1 (see `pipeline`).
+      at most 8 query columns); else 2 where
+      registers and shared memory allow (64 rows: head_dim + block_kv <=
+      192; transposed: the query columns' tiles fit and pages hold >= 8192
+      elements, 4096 for FP8 pages); else 1 (see `pipeline`).
     split_registers: with two or three compute warpgroups, hand the
       memory warpgroup's registers to them (setmaxnreg `REGISTERS`: 232 /
       40 a thread instead of 168 each at launch; three: 152 / 56 instead
@@ -348,8 +348,10 @@ MAX_K_STAGES = 4
 # setmaxnreg by compute warpgroups (`split_registers`): (compute, memory)
 # registers a thread, C x compute + memory = the 512 a thread slot allows.
 REGISTERS = {2: (232, 40), 3: (152, 56)}
-# Keys of a page widened (FP8) or cleared past the length at a time: a
-# whole page of 128 keys in registers at head_dim 128 spills them.
+# Keys of a page widened (FP8) or cleared past the length at a time, and
+# of an FP8 K page widened into registers with three compute warpgroups
+# (`k_chunk`): a whole page of 128 keys in registers at head_dim 128 spills
+# them.
 WIDEN_KEYS = 64
 MAX_SHARED_MEMORY = 232448   # per block on H100/H200 (227 KiB)
 # Pallas places every shared-memory buffer at a multiple of 1 KiB.
@@ -527,16 +529,18 @@ def pipeline(config, head_dim, block_kv, pages_per_seq,
                and block_kv * head_dim >= (4096 if fp8 else 8192))
     else:
       small = head_dim + block_kv <= 192
-    # Three, transposed at head_dim 64, for FP8 pages of <= 128 keys and
-    # 16-bit pages of 64: the running max then goes round three
-    # warpgroups, so each has two other blocks' work to cover its wait for
-    # it (`decode_wgs3_d64{,_fp8}_h200.log`, against the default: FP8
-    # pages of 64 keys 16 % faster dense and 17 % when skipping 98 %, of
-    # 128 keys 5 % dense, 15 % at the λ = 0 check, 14 % when skipping
-    # 97 %; 16-bit pages of 64 keys 3 % slower dense, 18 % faster at the
-    # check and 11 % when skipping; 16-bit pages of 128 keys 5 % slower,
-    # so they keep two).
-    three = (config.transposed and head_dim == 64 and cols <= 16
+    # Three, transposed at head_dim 64 for up to 8 query columns, FP8
+    # pages of <= 128 keys and 16-bit pages of 64: the running max then
+    # goes round three warpgroups, so each has two other blocks' work to
+    # cover its wait for it (`decode_wgs3_d64{,_fp8}_h200.log`, against
+    # the default: FP8 pages of 64 keys 16 % faster dense and 17 % when
+    # skipping 98 %, of 128 keys 5 % dense, 15 % at the λ = 0 check, 14 %
+    # when skipping 97 %; 16-bit pages of 64 keys 3 % slower dense, 18 %
+    # faster at the check and 11 % when skipping; 16-bit pages of 128 keys
+    # 5 % slower, so they keep two). FP8 at head_dim 128 keeps two until
+    # an H200 says (H100, `decode_wgs3_d128_fp8_chunks_h100.log`: three
+    # level dense and at the check, 9-12 % faster skipping 92-95 %).
+    three = (config.transposed and head_dim == 64 and cols <= 8
              and block_kv <= (128 if fp8 else 64))
 
     def multiple_of(n):
@@ -1137,6 +1141,12 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
     pl.when(w == 0)(lambda: issue_query(jnp.int32(0)))
     issue_params(jnp.int32(0))
     wide = p_smem = None
+    # FP8 K widened in registers: a whole page, or with three compute
+    # warpgroups and pages of more than 8192 elements (64 registers a
+    # thread at 128 x 128), WIDEN_KEYS keys at a time, which fit their
+    # registers (`REGISTERS`).
+    k_chunk = (WIDEN_KEYS if n_wgs > 2 and block_kv * head_dim > 8192
+               else block_kv)
     if fp8:
       wide = sc.wide.at[w]
     if sc.p is not None:
@@ -1239,29 +1249,44 @@ def _kernel(ctrl_ref, k_ref, v_ref, table_ref, init_ref,
         slot = k_slot(kp)
         plgpu.barrier_wait(bars.k.at[slot])
         k_tile = sc.k.at[slot]
-        if fp8 and fp8_k_registers:   # widened in registers, wgmma's A
-          k8 = plgpu.load(k_tile, layout=plgpu.Layout.WGMMA_UPCAST_2X,
-                          optimized=False)
-          k_tile = plgpu.layout_cast(k8.astype(jnp.float16),
-                                     plgpu.Layout.WGMMA)
-          if interpret:   # whose wgmma takes no register operand
-            wide[...] = k_tile
-            plgpu.commit_smem()
-            k_tile = wide
-          plgpu.barrier_arrive(bars.k_free.at[slot])
+
+        def qk(k_tile):
+          """The score tile of these keys (a whole page, or a chunk of
+          one in registers)."""
+          def product(acc_ref):
+            if transposed:   # K·qᵀ
+              plgpu.wgmma(acc_ref, k_tile, sc.q.transpose((1, 0)))
+            else:
+              plgpu.wgmma(acc_ref, sc.q, k_tile.transpose((1, 0)))
+            return acc_ref[...]
+          shape = ((k_tile.shape[0], rows) if transposed
+                   else (rows, k_tile.shape[0]))
+          return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+        if fp8 and fp8_k_registers:   # widened in registers, wgmma's A,
+          # k_chunk keys at a time, each multiplied before the next loads
+          chunks = []
+          for first in range(0, block_kv, k_chunk):
+            keys = pl.ds(first, k_chunk)
+            k8 = plgpu.load(k_tile.at[keys],
+                            layout=plgpu.Layout.WGMMA_UPCAST_2X,
+                            optimized=False)
+            k16 = plgpu.layout_cast(k8.astype(jnp.float16),
+                                    plgpu.Layout.WGMMA)
+            if interpret:   # whose wgmma takes no register operand
+              wide.at[keys][...] = k16
+              plgpu.commit_smem()
+              k16 = wide.at[keys]
+            if first + k_chunk == block_kv:   # every key is in registers
+              plgpu.barrier_arrive(bars.k_free.at[slot])
+            chunks.append(qk(k16))
+          s = jnp.concatenate(chunks, axis=0) if len(chunks) > 1 else chunks[0]
         elif fp8:   # The slot is free once widened.
-          k_tile = widen(k_tile)
+          k16 = widen(k_tile)
           plgpu.barrier_arrive(bars.k_free.at[slot])
-
-        def qk(acc_ref):
-          if transposed:   # K·qᵀ
-            plgpu.wgmma(acc_ref, k_tile, sc.q.transpose((1, 0)))
-          else:
-            plgpu.wgmma(acc_ref, sc.q, k_tile.transpose((1, 0)))
-          return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
-        if not fp8:
+          s = qk(k16)
+        else:
+          s = qk(k_tile)
           plgpu.barrier_arrive(bars.k_free.at[slot])
         keys = key_iota + k_block(it, kp) * block_kv
         return jnp.where(keys < kv_len, s * scale, -jnp.inf)

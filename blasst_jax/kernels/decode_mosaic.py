@@ -169,10 +169,10 @@ class MosaicDecodeConfig:
       warpgroup j % C); both rings then hold a multiple of C pages. 3
       needs `transposed` (its registers: `REGISTERS`). None: 3 at head_dim
       64 for FP8 pages of <= 128 keys and 16-bit pages of 64 (transposed,
-      at most 8 query columns); else 2 where
-      registers and shared memory allow (64 rows: head_dim + block_kv <=
-      192; transposed: the query columns' tiles fit and pages hold >= 8192
-      elements, 4096 for FP8 pages); else 1 (see `pipeline`).
+      at most 8 query columns); else 2 where registers and shared memory
+      allow (64 rows: head_dim + block_kv <= 192; transposed: the query
+      columns' tiles fit and pages hold >= 8192 elements, 4096 for FP8
+      pages); else 1 (see `pipeline`).
     split_registers: with two or three compute warpgroups, hand the
       memory warpgroup's registers to them (setmaxnreg `REGISTERS`: 232 /
       40 a thread instead of 168 each at launch; three: 152 / 56 instead

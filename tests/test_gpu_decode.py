@@ -299,14 +299,15 @@ def test_schedule_options_match_the_default_build(kwargs, fp8):
 
 
 # Three compute warpgroups (block j on warpgroup j % 3) decide as one
-# warpgroup walking the split does: skip counts equal the default build's;
-# the outputs add the same blocks in another order. Head_dim 128 (FP8
-# spills there) and the real-model shape, head_dim 64 at 3 KV heads.
+# warpgroup walking the split does: skip counts equal a two-warpgroup
+# build's (three are the default at head_dim 64); the outputs add the same
+# blocks in another order. Head_dim 128 (FP8 K widened 64 keys at a time)
+# and the real-model shape, head_dim 64 at 3 KV heads.
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("head_dim,block_kv,num_splits", [
     (128, 128, None), (64, 64, None), (64, 128, 1), (64, 128, 5)])
-def test_three_compute_warpgroups_match_the_default_build(head_dim, block_kv,
-                                                          num_splits, fp8):
+def test_three_compute_warpgroups_match_two(head_dim, block_kv, num_splits,
+                                            fp8):
   if not bj.api.is_hopper():
     pytest.skip("needs a Hopper GPU")
   from blasst_jax.kernels import decode_mosaic  # pylint: disable=g-import-not-at-top
@@ -328,7 +329,7 @@ def test_three_compute_warpgroups_match_the_default_build(head_dim, block_kv,
         num_splits=num_splits, max_mode=max_mode,
         implementation="pallas_mosaic", return_stats=True,
         kernel_config=decode_mosaic.MosaicDecodeConfig(compute_wgs=wgs),
-        **scales) for wgs in (None, 3)]
+        **scales) for wgs in (2, 3)]
     testing.assert_close(got, want, jnp.bfloat16)
     np.testing.assert_array_equal(stats.skipped_blocks,
                                   want_stats.skipped_blocks)

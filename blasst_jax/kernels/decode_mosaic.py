@@ -490,7 +490,7 @@ def blocks_ahead(config, compute_wgs, v_stages) -> int:
   return 1
 
 
-def hand_over_slots(config, compute_wgs=2) -> int:
+def hand_over_slots(config, compute_wgs: int) -> int:
   """Hand-over slots of the running max (or, two warpgroups, the block
   maxima): a multiple of the compute warpgroups."""
   if config.hand_over_block_max and compute_wgs == 2:
